@@ -1,0 +1,339 @@
+"""Configuration: frozen dataclasses, validated once at construction.
+
+A :class:`TableConfig` describes one logical table; a :class:`StoreConfig`
+describes the store around them (budget, pruning policy, utility, tiers).
+:func:`plan_pools` combines both into the fixed memory layout of a store.
+
+Example::
+
+    >>> from fiited_store import TableConfig, StoreConfig, DynamicRatio
+    >>> t = TableConfig("user", dim=64, chunks=4, num_embeddings=1_000)
+    >>> t.chunk_width
+    16
+    >>> cfg = StoreConfig(pruning=DynamicRatio(0.75))
+    >>> plan_pools([t], cfg)[0].slots   # 25% of 1000 rows x 4 chunks
+    1000
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+from typing import Sequence, Union
+
+from .errors import ConfigError
+
+OPTIMIZERS = ("sgd", "adagrad", "rowwise_adagrad")
+INITIALIZERS = ("uniform", "normal", "zeros")
+UTILITY_MODES = ("gradient", "access", "shared")
+MODES = ("prune", "cache")
+EVICT_POLICIES = ("discard", "spill")
+DEVICES = ("cpu", "cuda")
+
+#: bytes of one stored float (pool vectors and optimizer state are float32)
+FLOAT_BYTES = 4
+
+
+def _check(cond: bool, message: str) -> None:
+    if not cond:
+        raise ConfigError(message)
+
+
+def _is_int(x: object) -> bool:
+    return isinstance(x, int) and not isinstance(x, bool)
+
+
+@dataclass(frozen=True)
+class TableConfig:
+    """One logical embedding table.
+
+    Args:
+        name: unique name; requests address the table by it.
+        dim: embedding dimension D.
+        chunks: K, the number of chunks each row is split into; D % K == 0.
+        num_embeddings: declared cardinality. Optional (ids are arbitrary int64
+            and there is no dense id space); needed for a budget given as a
+            fraction of the dense size and for the dense-size statistics.
+        initializer: "uniform" (in [-init_scale, init_scale]), "normal"
+            (std init_scale) or "zeros". Values are a pure function of
+            (seed, table, id, chunk), so a chunk re-initialised after pruning, or
+            initialised on another backend, gets the same values.
+        init_scale: defaults to 1 / sqrt(dim).
+        optimizer: "sgd", "adagrad" (element-wise, as ``torch.optim.Adagrad``) or
+            "rowwise_adagrad" (one accumulator per chunk, as FBGEMM's row-wise
+            Adagrad applied per chunk).
+        learning_rate: step size of the fused optimizer.
+        eps: Adagrad's epsilon.
+    """
+
+    name: str
+    dim: int
+    chunks: int = 4
+    num_embeddings: int | None = None
+    initializer: str = "uniform"
+    init_scale: float | None = None
+    optimizer: str = "rowwise_adagrad"
+    learning_rate: float = 0.01
+    eps: float = 1e-8
+
+    def __post_init__(self) -> None:
+        _check(isinstance(self.name, str) and self.name != "", f"table name must be a non-empty string, got {self.name!r}")
+        _check(_is_int(self.dim) and self.dim > 0, f"table {self.name!r}: dim must be a positive int, got {self.dim!r}")
+        _check(_is_int(self.chunks) and self.chunks > 0, f"table {self.name!r}: chunks must be a positive int, got {self.chunks!r}")
+        _check(self.dim % self.chunks == 0, f"table {self.name!r}: dim {self.dim} is not divisible by chunks {self.chunks}")
+        _check(self.chunks <= 64, f"table {self.name!r}: at most 64 chunks per row, got {self.chunks}")
+        _check(
+            self.num_embeddings is None or (_is_int(self.num_embeddings) and self.num_embeddings > 0),
+            f"table {self.name!r}: num_embeddings must be a positive int or None, got {self.num_embeddings!r}",
+        )
+        _check(self.initializer in INITIALIZERS, f"table {self.name!r}: initializer must be one of {INITIALIZERS}, got {self.initializer!r}")
+        _check(
+            self.init_scale is None or (math.isfinite(self.init_scale) and self.init_scale >= 0),
+            f"table {self.name!r}: init_scale must be a finite number >= 0, got {self.init_scale!r}",
+        )
+        _check(self.optimizer in OPTIMIZERS, f"table {self.name!r}: optimizer must be one of {OPTIMIZERS}, got {self.optimizer!r}")
+        _check(
+            math.isfinite(self.learning_rate) and self.learning_rate >= 0,
+            f"table {self.name!r}: learning_rate must be a finite number >= 0, got {self.learning_rate!r}",
+        )
+        _check(math.isfinite(self.eps) and self.eps > 0, f"table {self.name!r}: eps must be a finite number > 0, got {self.eps!r}")
+
+    @property
+    def chunk_width(self) -> int:
+        """c = D / K, the number of floats in one chunk."""
+        return self.dim // self.chunks
+
+    @property
+    def scale(self) -> float:
+        """The initialiser's bound (uniform) or standard deviation (normal)."""
+        return 1.0 / math.sqrt(self.dim) if self.init_scale is None else float(self.init_scale)
+
+    @property
+    def state_width(self) -> int:
+        """Optimizer floats kept beside each resident chunk."""
+        return {"sgd": 0, "rowwise_adagrad": 1, "adagrad": self.chunk_width}[self.optimizer]
+
+    @property
+    def dense_bytes(self) -> int | None:
+        """Bytes of the equivalent dense float32 table, when the size is declared."""
+        return None if self.num_embeddings is None else self.num_embeddings * self.dim * FLOAT_BYTES
+
+
+@dataclass(frozen=True)
+class ManualRatios:
+    """Manual per-chunk pruning ratios p_0 .. p_{K-1} (paper, section 4.2.1).
+
+    Chunk k of a row is kept when its utility is above the p_k-quantile of the
+    sampled chunk-k utilities. Ratios that rise with k prune the trailing
+    chunks first, which is what keeps the kept dimensions contiguous.
+    """
+
+    per_chunk: tuple[float, ...]
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "per_chunk", tuple(float(p) for p in self.per_chunk))
+        _check(len(self.per_chunk) > 0, "ManualRatios needs at least one ratio")
+        for k, p in enumerate(self.per_chunk):
+            _check(0.0 <= p <= 1.0, f"pruning ratio p_{k} must lie in [0, 1], got {p!r}")
+
+    @property
+    def average(self) -> float:
+        return sum(self.per_chunk) / len(self.per_chunk)
+
+    @classmethod
+    def linear(cls, average: float, chunks: int, steepness: float = 1.0) -> "ManualRatios":
+        """Ratios linear in the chunk index with the given average (paper, section 5.1).
+
+        ``steepness`` in [0, 1] scales the slope between flat (0: every chunk
+        pruned at ``average``) and the steepest line that stays inside [0, 1].
+
+        >>> ManualRatios.linear(0.75, 4).per_chunk
+        (0.5, 0.6666666666666666, 0.8333333333333333, 1.0)
+        """
+        _check(0.0 <= average <= 1.0, f"average pruning ratio must lie in [0, 1], got {average!r}")
+        _check(_is_int(chunks) and chunks > 0, f"chunks must be a positive int, got {chunks!r}")
+        _check(0.0 <= steepness <= 1.0, f"steepness must lie in [0, 1], got {steepness!r}")
+        if chunks == 1:
+            return cls((average,))
+        half_span = min(average, 1.0 - average) * steepness
+        ratios = [average - half_span + 2.0 * half_span * k / (chunks - 1) for k in range(chunks)]
+        return cls(tuple(min(1.0, max(0.0, p)) for p in ratios))
+
+
+@dataclass(frozen=True)
+class DynamicRatio:
+    """One global pruning ratio p: all chunk utilities compete for one threshold."""
+
+    ratio: float
+
+    def __post_init__(self) -> None:
+        _check(0.0 <= float(self.ratio) <= 1.0, f"dynamic pruning ratio must lie in [0, 1], got {self.ratio!r}")
+        object.__setattr__(self, "ratio", float(self.ratio))
+
+    @property
+    def average(self) -> float:
+        return self.ratio
+
+
+PruningPolicy = Union[ManualRatios, DynamicRatio]
+
+
+@dataclass(frozen=True)
+class StoreConfig:
+    """The store around the tables.
+
+    Args:
+        pruning: :class:`ManualRatios` or :class:`DynamicRatio`. Ignored in cache
+            mode, where nothing is pruned.
+        budget_bytes: bytes of resident chunk vectors (the pool), or
+        budget_fraction: the same as a fraction of the dense size of the declared
+            tables. With neither, the budget is ``1 - pruning.average`` of the dense
+            size (the paper's setting). Optimizer state, the entry table and the
+            tiers are reported separately by :meth:`EmbeddingStore.stats`.
+        gamma: utility decay, u = gamma * u + a * g, in (0, 1).
+        prune_period: T; a prune pass runs every T calls of ``step()``; 0 disables it.
+        sample_size: m, utilities sampled to estimate the thresholds.
+        utility: "gradient" (a * ||g_k|| per chunk), "access" (a, one value per row)
+            or "shared" (a * ||g_row||, one value per row: a fixed pruning order).
+        seed: seeds sampling and initialisation.
+        mode: "prune" (the budget is the model size) or "cache" (the budget is the
+            fast tier; every chunk lives in the pool or on disk; nothing is pruned).
+        on_evict: "discard" or "spill" (keep evicted chunks in the disk tier).
+            Defaults to "discard" in prune mode; cache mode always spills.
+        drop_floor: at a prune, entries whose chunks are all absent and whose
+            utility fell below this are dropped (prune mode only).
+        max_load: load factor of the entry table that triggers a rehash.
+        initial_capacity: entry-table slots allocated up front.
+        device: "cpu" (numba njit) or "cuda" (numba.cuda).
+    """
+
+    pruning: PruningPolicy = field(default_factory=lambda: DynamicRatio(0.75))
+    budget_bytes: int | None = None
+    budget_fraction: float | None = None
+    gamma: float = 0.99
+    prune_period: int = 1000
+    sample_size: int = 100_000
+    utility: str = "gradient"
+    seed: int = 0
+    mode: str = "prune"
+    on_evict: str | None = None
+    drop_floor: float = 1e-6
+    max_load: float = 0.75
+    initial_capacity: int = 1024
+    device: str = "cpu"
+
+    def __post_init__(self) -> None:
+        _check(isinstance(self.pruning, (ManualRatios, DynamicRatio)), f"pruning must be ManualRatios or DynamicRatio, got {self.pruning!r}")
+        _check(
+            self.budget_bytes is None or self.budget_fraction is None,
+            f"give budget_bytes or budget_fraction, not both (got {self.budget_bytes!r} and {self.budget_fraction!r})",
+        )
+        _check(
+            self.budget_bytes is None or (_is_int(self.budget_bytes) and self.budget_bytes > 0),
+            f"budget_bytes must be a positive int, got {self.budget_bytes!r}",
+        )
+        _check(
+            self.budget_fraction is None or (0.0 < float(self.budget_fraction) <= 1.0),
+            f"budget_fraction must lie in (0, 1], got {self.budget_fraction!r}",
+        )
+        _check(0.0 < self.gamma < 1.0, f"gamma must lie in (0, 1), got {self.gamma!r}")
+        _check(_is_int(self.prune_period) and self.prune_period >= 0, f"prune_period must be an int >= 0, got {self.prune_period!r}")
+        _check(_is_int(self.sample_size) and self.sample_size >= 1, f"sample_size must be an int >= 1, got {self.sample_size!r}")
+        _check(self.utility in UTILITY_MODES, f"utility must be one of {UTILITY_MODES}, got {self.utility!r}")
+        _check(_is_int(self.seed) and 0 <= self.seed < 2**63, f"seed must be an int in [0, 2**63), got {self.seed!r}")
+        _check(self.mode in MODES, f"mode must be one of {MODES}, got {self.mode!r}")
+        on_evict = self.on_evict if self.on_evict is not None else ("spill" if self.mode == "cache" else "discard")
+        _check(on_evict in EVICT_POLICIES, f"on_evict must be one of {EVICT_POLICIES}, got {self.on_evict!r}")
+        _check(not (self.mode == "cache" and on_evict == "discard"), "cache mode keeps every chunk: on_evict='discard' is not allowed there")
+        object.__setattr__(self, "on_evict", on_evict)
+        _check(math.isfinite(self.drop_floor) and self.drop_floor >= 0, f"drop_floor must be a finite number >= 0, got {self.drop_floor!r}")
+        _check(0.1 <= self.max_load <= 0.95, f"max_load must lie in [0.1, 0.95], got {self.max_load!r}")
+        _check(_is_int(self.initial_capacity) and self.initial_capacity >= 1, f"initial_capacity must be a positive int, got {self.initial_capacity!r}")
+        _check(self.device in DEVICES, f"device must be one of {DEVICES}, got {self.device!r}")
+
+    @property
+    def spills(self) -> bool:
+        return self.on_evict == "spill"
+
+
+@dataclass(frozen=True)
+class PoolPlan:
+    """The fixed layout of one pool: all tables that share a chunk width."""
+
+    group: int
+    chunk_width: int
+    state_width: int
+    slots: int
+    tables: tuple[int, ...]
+
+    @property
+    def vector_bytes(self) -> int:
+        return self.slots * self.chunk_width * FLOAT_BYTES
+
+
+def dense_bytes(tables: Sequence[TableConfig]) -> int | None:
+    """Bytes of the dense float32 tables, or None if any size is undeclared."""
+    sizes = [t.dense_bytes for t in tables]
+    return None if any(s is None for s in sizes) else sum(sizes)  # type: ignore[arg-type]
+
+
+def validate_tables(tables: Sequence[TableConfig], config: StoreConfig) -> None:
+    """Checks that only make sense with both configs in hand."""
+    _check(len(tables) > 0, "a store needs at least one table")
+    _check(len(tables) < 32767, f"at most 32766 tables per store, got {len(tables)}")
+    names = [t.name for t in tables]
+    dup = sorted({n for n in names if names.count(n) > 1})
+    _check(not dup, f"table names must be unique, repeated: {dup}")
+    if isinstance(config.pruning, ManualRatios) and config.mode == "prune":
+        for t in tables:
+            _check(
+                len(config.pruning.per_chunk) == t.chunks,
+                f"table {t.name!r} has {t.chunks} chunks but {len(config.pruning.per_chunk)} manual ratios were given",
+            )
+
+
+def plan_pools(tables: Sequence[TableConfig], config: StoreConfig) -> list[PoolPlan]:
+    """Split the budget into one pool per distinct chunk width.
+
+    The budget goes to each pool in proportion to the dense size of its tables
+    (or, with undeclared sizes, to the sum of their dimensions). A pool that would
+    get no slot is a configuration error: the budget is smaller than one slot.
+    """
+    validate_tables(tables, config)
+    total_dense = dense_bytes(tables)
+    if config.budget_bytes is not None:
+        budget = config.budget_bytes
+    else:
+        fraction = config.budget_fraction
+        if fraction is None:
+            fraction = 1.0 - config.pruning.average if config.mode == "prune" else None
+        _check(fraction is not None, "cache mode needs budget_bytes or budget_fraction")
+        _check(
+            total_dense is not None,
+            "a budget given as a fraction needs num_embeddings on every table; undeclared: "
+            f"{[t.name for t in tables if t.num_embeddings is None]}",
+        )
+        budget = int(fraction * total_dense)  # type: ignore[operator]
+
+    widths: dict[int, list[int]] = {}
+    for i, t in enumerate(tables):
+        widths.setdefault(t.chunk_width, []).append(i)
+
+    def weight(ids: list[int]) -> float:
+        if total_dense is not None:
+            return float(sum(tables[i].dense_bytes for i in ids))  # type: ignore[misc]
+        return float(sum(tables[i].dim for i in ids))
+
+    total_weight = sum(weight(ids) for ids in widths.values())
+    plans = []
+    for g, (c, ids) in enumerate(sorted(widths.items())):
+        share = budget * weight(ids) / total_weight
+        slots = int(share // (c * FLOAT_BYTES))
+        _check(
+            slots >= 1,
+            f"budget of {budget} bytes leaves {int(share)} bytes for the pool of chunk width {c} "
+            f"(tables {[tables[i].name for i in ids]}); one slot needs {c * FLOAT_BYTES} bytes",
+        )
+        state_width = max(tables[i].state_width for i in ids)
+        plans.append(PoolPlan(group=g, chunk_width=c, state_width=state_width, slots=slots, tables=tuple(ids)))
+    return plans

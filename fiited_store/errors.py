@@ -1,0 +1,68 @@
+"""Named exceptions.
+
+Every error a user can provoke with bad input has its own class, carries the
+offending value in its message, and is raised *before* any state changes, so
+that a caught error leaves the store exactly as it was.
+"""
+
+from __future__ import annotations
+
+
+class FiitedError(Exception):
+    """Base class of every error this package raises on purpose."""
+
+
+class ConfigError(FiitedError, ValueError):
+    """A configuration value is out of range or inconsistent with another."""
+
+
+class UnknownTableError(FiitedError, KeyError):
+    """A request names a table that the store does not hold."""
+
+    def __init__(self, table: object, known: list[str]):
+        self.table = table
+        self.known = list(known)
+        super().__init__(f"unknown table {table!r}; this store holds {self.known}")
+
+    def __str__(self) -> str:  # KeyError quotes its argument; keep the sentence readable
+        return self.args[0]
+
+
+class InputDTypeError(FiitedError, TypeError):
+    """An input array has the wrong dtype."""
+
+
+class InputShapeError(FiitedError, ValueError):
+    """An input array has the wrong shape, or offsets that are not a valid partition."""
+
+
+class NonFiniteGradientError(FiitedError, FloatingPointError):
+    """A gradient holds NaN or inf; nothing was updated."""
+
+
+class StaleBatchError(FiitedError, RuntimeError):
+    """A backward pass refers to a forward batch that can no longer be applied."""
+
+
+class PoolCapacityError(FiitedError, RuntimeError):
+    """The operation needs more resident slots than the pool has."""
+
+
+class StorageError(FiitedError, OSError):
+    """A tier or checkpoint could not be read or written."""
+
+
+class StorageFullError(StorageError):
+    """The device holding a tier or checkpoint is full; nothing was lost."""
+
+
+class StoreReadOnlyError(StorageError):
+    """A write was attempted on a store opened read-only or on a read-only directory."""
+
+
+class StoreLockedError(StorageError):
+    """The store directory is already open for writing by another handle or process."""
+
+
+class CorruptStoreError(StorageError):
+    """A store on disk is truncated, corrupt, or not a fiited-store store."""

@@ -1,0 +1,46 @@
+"""Constants of the shared data layout; plain Python, importable by every backend.
+
+Entry table (open addressing, linear probing, the key stored):
+
+- ``keys: int64[cap]`` the id;
+- ``table_ids: int16[cap]`` the table, or EMPTY / TOMBSTONE;
+- ``addr: int32[cap, kmax]`` per chunk: a pool slot (>= 0), ABSENT (-1), or a
+  spilled chunk's tier slot s encoded as ``-2 - s``, so a chunk is in exactly one
+  place and the spilled bitmask is derived, not stored;
+- ``util: float32[cap, U]`` utilities, U = kmax per-chunk, or 1 when the utility is
+  per row ("access", "shared").
+
+Pool (one per distinct chunk width c): ``vectors: float32[slots, c]``,
+``opt_state: float32[slots, w]``, ``owner: int64[slots]`` (``e * kmax + k`` or -1),
+``free_stack: int32[slots]`` and ``n_free: int64[1]``. Optimizer state sits beside
+the slot rather than in the entry: an absent chunk has no trained state to keep.
+"""
+
+EMPTY = -1
+TOMBSTONE = -2
+ABSENT = -1
+
+UTIL_GRADIENT = 0
+UTIL_ACCESS = 1
+UTIL_SHARED = 2
+UTILITY_CODES = {"gradient": UTIL_GRADIENT, "access": UTIL_ACCESS, "shared": UTIL_SHARED}
+
+OPT_SGD = 0
+OPT_ADAGRAD = 1
+OPT_ROWWISE_ADAGRAD = 2
+OPTIMIZER_CODES = {"sgd": OPT_SGD, "adagrad": OPT_ADAGRAD, "rowwise_adagrad": OPT_ROWWISE_ADAGRAD}
+
+INIT_UNIFORM = 0
+INIT_NORMAL = 1
+INIT_ZEROS = 2
+INIT_CODES = {"uniform": INIT_UNIFORM, "normal": INIT_NORMAL, "zeros": INIT_ZEROS}
+
+
+def spilled_code(tier_slot):
+    """addr value of a chunk spilled to ``tier_slot`` (works on arrays too)."""
+    return -2 - tier_slot
+
+
+def tier_slot_of(code):
+    """Inverse of :func:`spilled_code`."""
+    return -2 - code

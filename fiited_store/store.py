@@ -1,0 +1,1066 @@
+"""The store: one Python front over the entry table, the pools, the tiers and the kernels.
+
+Example::
+
+    >>> import numpy as np
+    >>> from fiited_store import EmbeddingStore, TableConfig, StoreConfig, DynamicRatio
+    >>> store = EmbeddingStore([TableConfig("item", dim=8, chunks=2, num_embeddings=100)],
+    ...                        StoreConfig(pruning=DynamicRatio(0.5), prune_period=0))
+    >>> ids = np.array([7, 42, 7], dtype=np.int64)
+    >>> batch = store.pooled_lookup("item", ids, offsets=np.array([0, 2, 3]), train=True)
+    >>> batch.output.shape                      # [bags, D]
+    (2, 8)
+    >>> store.backward(batch, np.ones((2, 8), np.float32))
+    >>> store.step()
+    >>> store.stats()["total"]["entries"]
+    2
+
+All verbs are batched; none loops over keys in Python. Nothing here is thread-safe:
+one thread drives a store (a background thread only reads the disk tier).
+"""
+
+from __future__ import annotations
+
+import math
+import shutil
+import sys
+import tempfile
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, NamedTuple, Sequence
+
+import numpy as np
+
+from .backend import get_backend
+from .config import FLOAT_BYTES, DynamicRatio, ManualRatios, PoolPlan, StoreConfig, TableConfig, plan_pools
+from .entry_table import EntryTable
+from .errors import (
+    ConfigError,
+    InputDTypeError,
+    InputShapeError,
+    NonFiniteGradientError,
+    PoolCapacityError,
+    StaleBatchError,
+    UnknownTableError,
+)
+from .kernels.layout import INIT_CODES, OPTIMIZER_CODES, UTILITY_CODES, tier_slot_of
+from .policy import sample_rate_threshold, thresholds
+from .pool import ChunkPool
+
+#: utilities are stored scaled by gamma**-steps; fold the scale back in before it nears float32's range
+_MAX_GROWTH = 1e18
+
+
+class Grouping(NamedTuple):
+    """Occurrences of a batch grouped by entry (see ``group_occurrences``)."""
+
+    uniq: Any   # int64[U] distinct entries, first occurrence first
+    ptr: Any    # int64[U + 1]
+    order: Any  # int64[nnz] occurrence indices, grouped
+
+
+@dataclass
+class PooledBatch:
+    """One forward pass: its output and what its backward pass needs.
+
+    ``output`` is float32[bags, sum of the features' dims] and shares memory with
+    the store's output buffer (the buffer is reused only once nothing refers to it).
+    """
+
+    output: Any
+    ids: Any
+    offsets: Any
+    weights: Any
+    mean: bool
+    bags_per_feature: int
+    feature_tables: Any
+    feature_col: Any
+    q_tables: Any
+    bag_of_occ: Any
+    entries: Any
+    grouping: Grouping | None
+    generation: int
+    store_id: int
+    consumed: bool = False
+
+    @property
+    def num_bags(self) -> int:
+        return self.bags_per_feature
+
+
+@dataclass
+class StoreCounters:
+    steps: int = 0
+    prunes: int = 0
+    rehashes: int = 0
+    evicted_chunks: int = 0
+    spilled_chunks: int = 0
+    restored_chunks: int = 0
+    initialised_chunks: int = 0
+    sync_fetched_chunks: int = 0
+    prefetched_chunks: int = 0
+    dropped_entries: int = 0
+
+
+@dataclass
+class _Staged:
+    slots: np.ndarray         # ascending tier slots being read in the background
+    future: Any
+    release_count: int
+
+
+def _pow2_at_least(n: int) -> int:
+    p = 1
+    while p < n:
+        p *= 2
+    return p
+
+
+class _OutputBuffers:
+    """Output arrays reused once nothing outside holds them (checked by refcount).
+
+    A fresh multi-megabyte array costs page faults on every step; a ring of reused
+    ones does not, and the refcount check makes reuse safe even when a caller keeps
+    an output (or a tensor sharing it through DLPack) alive.
+    """
+
+    def __init__(self, backend, keep: int = 4):
+        self.backend = backend
+        self.keep = keep
+        self.buffers: list[Any] = []
+
+    def get(self, shape: tuple[int, int]):
+        for i in range(len(self.buffers)):
+            # referenced by the list, the getrefcount argument, and nothing else
+            if self.buffers[i].shape == shape and sys.getrefcount(self.buffers[i]) == 2:
+                return self.buffers[i]
+        a = self.backend.empty(shape, np.float32)
+        if len(self.buffers) >= self.keep:
+            for i in range(len(self.buffers)):
+                if sys.getrefcount(self.buffers[i]) == 2:
+                    del self.buffers[i]
+                    break
+        if len(self.buffers) < self.keep:
+            self.buffers.append(a)
+        return a
+
+
+class EmbeddingStore:
+    """Embedding tables stored as FIITED chunks, inside a fixed memory budget.
+
+    Args:
+        tables: the logical tables (:class:`TableConfig`).
+        config: the store (:class:`StoreConfig`).
+        path: a directory for the disk tier and checkpoints. Without one, a store
+            that needs a disk tier (``on_evict="spill"`` or cache mode) makes a
+            temporary directory that :meth:`close` removes.
+    """
+
+    def __init__(self, tables: Sequence[TableConfig], config: StoreConfig | None = None, *,
+                 path: str | Path | None = None, _restore: Any = None):
+        config = config if config is not None else StoreConfig()
+        if not isinstance(config, StoreConfig):
+            raise ConfigError(f"config must be a StoreConfig, got {type(config).__name__}")
+        tables = tuple(tables)
+        for t in tables:
+            if not isinstance(t, TableConfig):
+                raise ConfigError(f"tables must be TableConfig instances, got {type(t).__name__}")
+        self.plans: list[PoolPlan] = plan_pools(tables, config)
+        self.tables = tables
+        self.config = config
+        self.backend = get_backend(config.device)
+        self.k = self.backend.k
+        self._table_index = {t.name: i for i, t in enumerate(tables)}
+        self.kmax = max(t.chunks for t in tables)
+        self.util_width = self.kmax if config.utility == "gradient" else 1
+        self._util_code = UTILITY_CODES[config.utility]
+        group_of = np.zeros(len(tables), np.int32)
+        for plan in self.plans:
+            group_of[list(plan.tables)] = plan.group
+        meta = dict(
+            table_chunks=np.array([t.chunks for t in tables], np.int32),
+            table_dim=np.array([t.dim for t in tables], np.int64),
+            table_group=group_of,
+            table_opt=np.array([OPTIMIZER_CODES[t.optimizer] for t in tables], np.int8),
+            table_lr=np.array([t.learning_rate for t in tables], np.float32),
+            table_eps=np.array([t.eps for t in tables], np.float32),
+            table_init_kind=np.array([INIT_CODES[t.initializer] for t in tables], np.int8),
+            table_init_scale=np.array([t.scale for t in tables], np.float64),
+        )
+        self._host_meta = meta
+        self._meta = {k: self.backend.from_host(v) for k, v in meta.items()}
+        self.counters = StoreCounters()
+        self.step_count = 0
+        self._scale_origin = 0
+        self._prune_round = 0
+        self._generation = 0
+        self._closed = False
+        self._buffers = _OutputBuffers(self.backend)
+        self._grad_buf = None
+        self._staged: dict[int, _Staged] = {}
+        self._clock = [0] * len(self.plans)
+        self._tmpdir: Path | None = None
+        self.path = Path(path) if path is not None else None
+        self._lock = None
+        self.read_only = False
+        self.tiers: list[Any] = [None] * len(self.plans)
+        if _restore is not None:
+            _restore(self)
+            return
+        self.entries = EntryTable(self.backend, self.kmax, self.util_width, config.initial_capacity, config.max_load)
+        self.pools = [ChunkPool(self.backend, plan) for plan in self.plans]
+        if self.path is not None:
+            from .storage.checkpoint import MANIFEST, acquire_lock
+
+            if (self.path / MANIFEST).exists():
+                raise ConfigError(f"{self.path} already holds a store; open it with EmbeddingStore.open({str(self.path)!r}, 'r+')")
+            self.path.mkdir(parents=True, exist_ok=True)
+            self._lock = acquire_lock(self.path)
+
+    # ------------------------------------------------------------------ context
+    def __enter__(self) -> "EmbeddingStore":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+    def close(self) -> None:
+        """Release the write lock, stop background reads and remove temporary files."""
+        if self._closed:
+            return
+        self._closed = True
+        for st in self._staged.values():
+            st.future.cancel()
+        self._staged.clear()
+        for tier in self.tiers:
+            if tier is not None:
+                tier.close()
+        if self._lock is not None:
+            self._lock.release()
+            self._lock = None
+        if self._tmpdir is not None:
+            shutil.rmtree(self._tmpdir, ignore_errors=True)
+            self._tmpdir = None
+
+    def __del__(self) -> None:
+        try:
+            self.close()
+        except Exception:
+            pass
+
+    # ------------------------------------------------------------------ helpers
+    def table_index(self, name: str) -> int:
+        try:
+            return self._table_index[name]
+        except (KeyError, TypeError):
+            raise UnknownTableError(name, list(self._table_index)) from None
+
+    def _features(self, features: str | Sequence[str]) -> np.ndarray:
+        if isinstance(features, str):
+            features = [features]
+        if len(features) == 0:
+            raise InputShapeError("at least one feature (table name) is needed")
+        return np.array([self.table_index(f) for f in features], np.int32)
+
+    def _check_writable(self) -> None:
+        if self._closed:
+            raise StaleBatchError("the store is closed")
+        if self.read_only:
+            from .errors import StoreReadOnlyError
+
+            raise StoreReadOnlyError(f"store at {self.path} is open read-only")
+
+    def _tier(self, group: int):
+        if self.tiers[group] is None:
+            from .storage.zarr_tier import ZarrTier
+
+            plan = self.plans[group]
+            root = self._tier_root() / f"tier_{group}"
+            self.tiers[group] = ZarrTier(root, plan.chunk_width, plan.state_width, capacity=plan.slots)
+        return self.tiers[group]
+
+    def _tier_root(self) -> Path:
+        if self.path is not None:
+            return self.path / "live"
+        if self._tmpdir is None:
+            self._tmpdir = Path(tempfile.mkdtemp(prefix="fiited-tier-"))
+        return self._tmpdir
+
+    # ------------------------------------------------------------------ input validation
+    @staticmethod
+    def _as_ids(ids: Any, what: str = "ids") -> np.ndarray:
+        a = np.asarray(ids)
+        if a.dtype == np.bool_ or not np.issubdtype(a.dtype, np.integer):
+            raise InputDTypeError(f"{what} must be an integer array (int64 or int32), got dtype {a.dtype}")
+        if a.ndim != 1:
+            raise InputShapeError(f"{what} must be 1-D, got shape {a.shape}")
+        if a.dtype == np.uint64 and a.size and a.max() > np.iinfo(np.int64).max:
+            raise InputDTypeError(f"{what}: uint64 value {int(a.max())} does not fit int64")
+        return np.ascontiguousarray(a, np.int64)
+
+    @staticmethod
+    def _as_offsets(offsets: Any, nnz: int, n_features: int) -> np.ndarray:
+        a = np.asarray(offsets)
+        if a.dtype == np.bool_ or not np.issubdtype(a.dtype, np.integer):
+            raise InputDTypeError(f"offsets must be an integer array, got dtype {a.dtype}")
+        if a.ndim != 1 or a.shape[0] < 1:
+            raise InputShapeError(f"offsets must be 1-D with at least one element, got shape {a.shape}")
+        a = np.ascontiguousarray(a, np.int64)
+        if (a.shape[0] - 1) % n_features != 0:
+            raise InputShapeError(
+                f"offsets has {a.shape[0]} elements: expected features x bags + 1 with {n_features} features"
+            )
+        if a[0] != 0:
+            raise InputShapeError(f"offsets must start at 0, got offsets[0] = {int(a[0])}")
+        if a[-1] != nnz:
+            raise InputShapeError(f"offsets must end at the number of ids ({nnz}), got offsets[-1] = {int(a[-1])}")
+        d = np.diff(a)
+        if np.any(d < 0):
+            i = int(np.argmax(d < 0))
+            raise InputShapeError(f"offsets must not decrease: offsets[{i}] = {int(a[i])} > offsets[{i + 1}] = {int(a[i + 1])}")
+        return a
+
+    @staticmethod
+    def _as_weights(weights: Any, nnz: int, mode: str) -> np.ndarray:
+        if weights is None:
+            return np.empty(0, np.float32)
+        if mode != "sum":
+            raise InputShapeError(f"per_sample_weights are only supported with mode='sum', got mode={mode!r}")
+        a = np.asarray(weights)
+        if not np.issubdtype(a.dtype, np.floating):
+            raise InputDTypeError(f"per_sample_weights must be floating point, got dtype {a.dtype}")
+        if a.shape != (nnz,):
+            raise InputShapeError(f"per_sample_weights must have shape ({nnz},) like the ids, got {a.shape}")
+        a = np.ascontiguousarray(a, np.float32)
+        if not np.all(np.isfinite(a)):
+            i = int(np.argmax(~np.isfinite(a)))
+            raise NonFiniteGradientError(f"per_sample_weights[{i}] = {a[i]} is not finite")
+        return a
+
+    # ------------------------------------------------------------------ resolution
+    def _rehash(self, capacity: int) -> None:
+        old_to_new = self.entries.rehash(capacity)
+        for pool in self.pools:
+            self.k.remap_owner(pool.arrays.owner, old_to_new, self.kmax)
+        host_map = None
+        for tier in self.tiers:
+            if tier is not None:
+                if host_map is None:
+                    host_map = self.backend.to_host(old_to_new)
+                from .kernels import cpu
+
+                cpu.remap_owner(tier.owner, host_map, self.kmax)
+        self._generation += 1
+        self.counters.rehashes += 1
+
+    def _resolve(self, q_tables, ids, insert: bool):
+        entries, n_missing = self.entries.find(q_tables, ids)
+        if not insert or n_missing == 0:
+            return entries
+        if self.entries.needs_rehash(n_missing):
+            self._rehash(self.entries.rehash_capacity(n_missing))
+            entries, n_missing = self.entries.find(q_tables, ids)
+        new = self.entries.insert_missing(q_tables, ids, entries)
+        if self.config.mode == "prune" and new.shape[0]:
+            m = self._meta
+            for pool in self.pools:
+                a = pool.arrays
+                n = self.k.admit_new_chunks(
+                    new, self.entries.arrays.keys, self.entries.arrays.table_ids, self.entries.arrays.addr,
+                    m["table_chunks"], m["table_group"], pool.plan.group, a.vectors, a.opt_state, a.owner,
+                    a.free_stack, a.n_free, self.config.seed, m["table_init_kind"], m["table_init_scale"], self.kmax,
+                )
+                self.counters.initialised_chunks += int(n)
+        return entries
+
+    def _group(self, entries) -> Grouping:
+        n = entries.shape[0]
+        uniq = self.backend.empty(n, np.int64)
+        ptr = self.backend.empty(n + 1, np.int64)
+        order = self.backend.empty(n, np.int64)
+        u = int(self.k.group_occurrences(entries, uniq, ptr, order))
+        return Grouping(uniq[:u], ptr[: u + 1], order)
+
+    # ------------------------------------------------------------------ lookups
+    def pooled_lookup(self, features: str | Sequence[str], ids: Any, offsets: Any, per_sample_weights: Any = None,
+                      mode: str = "sum", *, train: bool = False) -> PooledBatch:
+        """Pooled lookup of one or many features (TorchRec's jagged layout).
+
+        Args:
+            features: a table name, or one table name per feature (a table may serve
+                several features).
+            ids: int64[nnz], the ids of every bag, feature by feature.
+            offsets: int64[F * B + 1], bag boundaries into ``ids``; feature f's bag b
+                is ``ids[offsets[f * B + b] : offsets[f * B + b + 1]]``.
+            per_sample_weights: float32[nnz] or None (``mode="sum"`` only).
+            mode: "sum" or "mean".
+            train: insert unseen keys (their chunks take free slots, or start absent
+                when the pool is full) and keep what :meth:`backward` needs. Without
+                it, unseen keys read as zero vectors and nothing is inserted.
+
+        Returns:
+            a :class:`PooledBatch` whose ``output`` is float32[B, sum of dims], the
+            features' pooled vectors side by side.
+        """
+        if self._closed:
+            raise StaleBatchError("the store is closed")
+        if mode not in ("sum", "mean"):
+            raise InputShapeError(f"mode must be 'sum' or 'mean', got {mode!r}")
+        if train:
+            self._check_writable()
+        feature_tables = self._features(features)
+        ids = self._as_ids(ids)
+        nnz = ids.shape[0]
+        F = feature_tables.shape[0]
+        offsets = self._as_offsets(offsets, nnz, F)
+        weights = self._as_weights(per_sample_weights, nnz, mode)
+        B = (offsets.shape[0] - 1) // F
+        dims = self._host_meta["table_dim"][feature_tables]
+        feature_col = np.concatenate([[0], np.cumsum(dims)[:-1]]).astype(np.int64)
+        b = self.backend
+        ids_d, offsets_d, weights_d = b.from_host(ids), b.from_host(offsets), b.from_host(weights)
+        ft_d, fc_d = b.from_host(feature_tables), b.from_host(feature_col)
+        bag_of_occ = b.empty(nnz, np.int64)
+        q_tables = b.empty(nnz, np.int16)
+        self.k.expand_bags(offsets_d, B, ft_d, bag_of_occ, q_tables)
+        entries = self._resolve(q_tables, ids_d, insert=train)
+        grouping = None
+        if self.config.mode == "cache" and train:
+            grouping = self._group(entries)
+            self._make_resident(grouping.uniq)
+        out = self._buffers.get((B, int(dims.sum())))
+        m = self._meta
+        for pool in self.pools:
+            if self.config.mode == "cache" and not train:
+                sp_slots, sp_vectors = self._read_through(pool, entries)
+            else:
+                sp_slots, sp_vectors = b.empty(0, np.int64), b.empty((0, pool.plan.chunk_width), np.float32)
+            self.k.pooled_forward(
+                entries, offsets_d, weights_d, mode == "mean", B, ft_d, fc_d, self.entries.arrays.addr,
+                pool.arrays.vectors, m["table_chunks"], m["table_group"], pool.plan.group, sp_slots, sp_vectors, out,
+            )
+        return PooledBatch(
+            output=out, ids=ids_d, offsets=offsets_d, weights=weights_d, mean=mode == "mean", bags_per_feature=B,
+            feature_tables=ft_d, feature_col=fc_d, q_tables=q_tables, bag_of_occ=bag_of_occ, entries=entries,
+            grouping=grouping, generation=self._generation, store_id=id(self), consumed=not train,
+        )
+
+    def lookup(self, table: str, ids: Any, *, train: bool = False):
+        """Rows of ``ids`` as float32[n, D], zero-padded where chunks are absent."""
+        n = np.asarray(ids).shape[0] if np.ndim(ids) == 1 else -1
+        offsets = np.arange(max(n, 0) + 1, dtype=np.int64)
+        return self.pooled_lookup(table, ids, offsets, train=train).output
+
+    def find(self, table: str, ids: Any):
+        """(rows float32[n, D], found bool[n]); unknown keys read as zeros and are not inserted."""
+        batch = self.pooled_lookup(table, ids, np.arange(np.asarray(ids).shape[0] + 1), train=False)
+        found = self.backend.to_host(batch.entries) >= 0
+        return batch.output, found
+
+    def find_or_insert(self, table: str, ids: Any):
+        """Rows of ``ids``, inserting unseen keys (they take free slots while any remain)."""
+        self._check_writable()
+        return self.lookup(table, ids, train=True)
+
+    def contains(self, table: str, ids: Any) -> np.ndarray:
+        t = self.table_index(table)
+        ids = self._as_ids(ids)
+        q = self.backend.from_host(np.full(ids.shape[0], t, np.int16))
+        entries, _ = self.entries.find(q, self.backend.from_host(ids))
+        return self.backend.to_host(entries) >= 0
+
+    # ------------------------------------------------------------------ backward
+    def backward(self, batch: PooledBatch, grad_out: Any) -> None:
+        """Utilities and the fused optimizer step from ``grad_out`` (float32[B, sum of dims]).
+
+        Each chunk's utility gets ``a * ||g||`` (accesses in the batch times the L2 norm
+        of its summed gradient); resident chunks take one optimizer step. A NaN or inf
+        anywhere in ``grad_out`` raises :class:`NonFiniteGradientError` before anything
+        changes.
+        """
+        self._check_writable()
+        if batch.store_id != id(self):
+            raise StaleBatchError("this batch was produced by another store")
+        if batch.consumed:
+            raise StaleBatchError("this batch was not produced with train=True, or its backward already ran")
+        g = self._as_grad(grad_out, batch.output.shape)
+        bad = int(self.k.first_nonfinite(g))
+        if bad >= 0:
+            i, j = divmod(bad, g.shape[1])
+            raise NonFiniteGradientError(
+                f"grad_out[{i}, {j}] = {self.backend.to_host(g[i:i + 1, j])[0]} is not finite; nothing was updated"
+            )
+        entries, grouping = batch.entries, batch.grouping
+        if batch.generation != self._generation:
+            # a rehash or an erase moved entries since the forward; find the keys again
+            entries, _ = self.entries.find(batch.q_tables, batch.ids)
+            grouping = None
+        if grouping is None:
+            grouping = self._group(entries)
+        growth = self._growth()
+        U = grouping.uniq.shape[0]
+        dmax = int(self._host_meta["table_dim"].max())
+        if self._grad_buf is None or self._grad_buf.shape[0] < U:
+            self._grad_buf = self.backend.empty((max(U, 1024) * 5 // 4, dmax), np.float32)
+        m = self._meta
+        ea = self.entries.arrays
+        for pool in self.pools:
+            a = pool.arrays
+            self.k.backward_update(
+                grouping.uniq, grouping.ptr, grouping.order, batch.bag_of_occ, batch.weights, batch.mean,
+                batch.offsets, batch.bags_per_feature, batch.feature_col, g, ea.table_ids, ea.addr, ea.util,
+                a.vectors, a.opt_state, m["table_chunks"], m["table_group"], pool.plan.group, m["table_opt"],
+                m["table_lr"], m["table_eps"], self._util_code, growth, self._grad_buf,
+            )
+        batch.consumed = True
+
+    def per_sample_weight_grads(self, batch: PooledBatch, grad_out: Any):
+        """d loss / d per_sample_weights, float32[nnz]; call before :meth:`backward`."""
+        g = self._as_grad(grad_out, batch.output.shape)
+        out = self.backend.full(batch.ids.shape[0], 0.0, np.float32)
+        m = self._meta
+        for pool in self.pools:
+            self.k.per_sample_weight_grads(
+                batch.entries, batch.bag_of_occ, batch.bags_per_feature, batch.feature_col, g,
+                self.entries.arrays.table_ids, self.entries.arrays.addr, pool.arrays.vectors, m["table_chunks"],
+                m["table_group"], pool.plan.group, out,
+            )
+        return out
+
+    def _as_grad(self, grad_out: Any, shape: tuple[int, ...]):
+        a = self.backend.as_input(grad_out) if hasattr(self.backend, "as_input") else np.asarray(grad_out)
+        if a.dtype != np.float32:
+            raise InputDTypeError(f"grad_out must be float32, got dtype {a.dtype}")
+        if tuple(a.shape) != tuple(shape):
+            raise InputShapeError(f"grad_out must have the output's shape {tuple(shape)}, got {tuple(a.shape)}")
+        return self.backend.from_host(a) if isinstance(a, np.ndarray) else a
+
+    # ------------------------------------------------------------------ utilities and steps
+    def _growth(self) -> float:
+        growth = self.config.gamma ** -(self.step_count - self._scale_origin)
+        if growth > _MAX_GROWTH:
+            self._fold_scale()
+            growth = 1.0
+        return growth
+
+    def _fold_scale(self) -> None:
+        steps = self.step_count - self._scale_origin
+        if steps:
+            self.k.scale_utilities(self.entries.arrays.util, self.config.gamma ** steps)
+            self._scale_origin = self.step_count
+
+    def utilities(self, table: str, ids: Any) -> np.ndarray:
+        """True utilities, float32[n, K] (NaN for unknown keys); per-row modes repeat the row's value."""
+        t = self.table_index(table)
+        ids = self._as_ids(ids)
+        q = self.backend.from_host(np.full(ids.shape[0], t, np.int16))
+        entries, _ = self.entries.find(q, self.backend.from_host(ids))
+        e = self.backend.to_host(entries)
+        util = self.backend.to_host(self.entries.arrays.util)
+        K = self.tables[t].chunks
+        out = np.full((ids.shape[0], K), np.nan, np.float32)
+        hit = e >= 0
+        rows = util[e[hit]]
+        rows = rows[:, :K] if rows.shape[1] > 1 else np.repeat(rows, K, axis=1)
+        out[hit] = rows * np.float32(self.config.gamma ** (self.step_count - self._scale_origin))
+        return out
+
+    def step(self) -> None:
+        """End a training step: utilities decay by gamma; every T steps a prune pass runs."""
+        self._check_writable()
+        self.step_count += 1
+        self.counters.steps += 1
+        T = self.config.prune_period
+        if T and self.step_count % T == 0:
+            self.prune()
+
+    # ------------------------------------------------------------------ prune
+    def _chunk_counts(self):
+        T = len(self.tables)
+        entries = np.zeros(T, np.int64)
+        resident = np.zeros((T, self.kmax), np.int64)
+        spilled = np.zeros((T, self.kmax), np.int64)
+        from .kernels import cpu
+
+        ea = self.entries.arrays
+        cpu.count_chunks(self.backend.to_host(ea.table_ids), self.backend.to_host(ea.addr), T, entries, resident, spilled)
+        return entries, resident, spilled
+
+    def prune(self) -> dict[str, Any]:
+        """One pass of Algorithm 1 over every pool; returns what it did.
+
+        Thresholds come from m utilities sampled by key hash; chunks below their
+        threshold lose their slot (discarded or spilled), chunks above it that have
+        none get one (re-initialised, or restored if spilled); when more chunks
+        qualify than there are slots, the highest utilities win. In cache mode it
+        only rebalances: the most useful chunks move into the pool, the rest to disk.
+        """
+        self._check_writable()
+        self._fold_scale()
+        self._prune_round += 1
+        self.counters.prunes += 1
+        entries_per_table, _, _ = self._chunk_counts()
+        report: dict[str, Any] = {"pools": []}
+        for pool in self.pools:
+            report["pools"].append(self._prune_pool(pool, entries_per_table))
+        if self.config.mode == "prune":
+            report["dropped_entries"] = self.drop_dead_entries()
+        return report
+
+    def _declared_chunks(self, plan: PoolPlan) -> tuple[np.ndarray, np.ndarray | None]:
+        declared = np.zeros(self.kmax, np.int64)
+        for t in plan.tables:
+            n = self.tables[t].num_embeddings
+            if n is None:
+                return declared, None
+            declared[: self.tables[t].chunks] += n
+        return declared, declared
+
+    def _prune_pool(self, pool: ChunkPool, entries_per_table: np.ndarray) -> dict[str, Any]:
+        plan = pool.plan
+        g = plan.group
+        b, k, m = self.backend, self.k, self._meta
+        ea = self.entries.arrays
+        n_group = int(sum(entries_per_table[t] for t in plan.tables))
+        info: dict[str, Any] = {"chunk_width": plan.chunk_width, "evicted": 0, "allocated": 0}
+        if n_group == 0:
+            return info
+        if self.config.mode == "cache":
+            thr = np.zeros(self.kmax, np.float32)
+        else:
+            m_size = self.config.sample_size
+            cap = min(n_group, int(m_size + 6 * math.sqrt(m_size) + 64))
+            samples = b.empty((cap, self.kmax), np.float32)
+            n_s = int(k.sample_utilities(ea.keys, ea.table_ids, ea.util, m["table_chunks"], m["table_group"], g,
+                                         sample_rate_threshold(m_size, n_group), self.config.seed,
+                                         self._prune_round, samples))
+            entry_chunks = np.zeros(self.kmax, np.int64)
+            for t in plan.tables:
+                entry_chunks[: self.tables[t].chunks] += entries_per_table[t]
+            _, declared = self._declared_chunks(plan)
+            thr = thresholds(b.to_host(samples[:n_s]), self.config.pruning, entry_chunks, declared)
+            info["sampled"] = n_s
+        info["thresholds"] = thr.tolist()
+        thr_d = b.from_host(thr)
+        util_bits = ea.util.view(np.uint32)
+        keep, cand, drop = (int(x) for x in k.prune_count(ea.table_ids, ea.addr, ea.util, m["table_chunks"],
+                                                          m["table_group"], g, thr_d))
+        use_cutoff = keep + cand > pool.slots
+        cutoff = np.uint64(0)
+        if use_cutoff:
+            comp = b.empty(keep + cand, np.uint64)
+            n_c = int(k.prune_composites(ea.keys, ea.table_ids, ea.addr, ea.util, util_bits, m["table_chunks"],
+                                         m["table_group"], g, thr_d, comp))
+            host = b.to_host(comp[:n_c])
+            cutoff = np.partition(host, n_c - pool.slots)[n_c - pool.slots]
+        n_res = keep + drop
+        ev_e, ev_k = b.empty(max(n_res, 1), np.int64), b.empty(max(n_res, 1), np.int64)
+        al_e, al_k = b.empty(max(cand, 1), np.int64), b.empty(max(cand, 1), np.int64)
+        al_r = b.empty(max(cand, 1), np.uint64)
+        n_ev, n_al = (int(x) for x in k.prune_select(ea.keys, ea.table_ids, ea.addr, ea.util, util_bits,
+                                                     m["table_chunks"], m["table_group"], g, thr_d, use_cutoff,
+                                                     cutoff, ev_e, ev_k, al_e, al_k, al_r))
+        self._evict(pool, ev_e[:n_ev], ev_k[:n_ev])
+        if n_al:
+            order = np.argsort(b.to_host(al_r[:n_al]), kind="stable")[::-1].copy()
+            al_e = b.from_host(b.to_host(al_e[:n_al])[order])
+            al_k = b.from_host(b.to_host(al_k[:n_al])[order])
+            self._allocate(pool, al_e, al_k)
+        info.update(evicted=n_ev, allocated=n_al, oversubscribed=bool(use_cutoff))
+        return info
+
+    def _evict(self, pool: ChunkPool, ev_e, ev_k) -> None:
+        n = int(ev_e.shape[0])
+        if n == 0:
+            return
+        b, a = self.backend, pool.arrays
+        g = pool.plan.group
+        if self.config.spills:
+            codes = b.empty(n, np.int32)
+            self.k.chunk_codes(self.entries.arrays.addr, ev_e, ev_k, codes)
+            vec = b.empty((n, pool.plan.chunk_width), np.float32)
+            st = b.empty((n, pool.plan.state_width), np.float32)
+            self.k.gather_slots(codes, a.vectors, a.opt_state, vec, st)
+            tier = self._tier(g)
+            tslots = tier.allocate(n)
+            try:
+                tier.write(tslots, b.to_host(vec), b.to_host(st))
+            except BaseException:
+                tier.release(tslots)
+                raise
+            self.k.commit_evictions(ev_e, ev_k, b.from_host(tslots), self.entries.arrays.addr, a.owner,
+                                    a.free_stack, a.n_free, self.kmax)
+            tier.owner[tslots] = b.to_host(ev_e) * self.kmax + b.to_host(ev_k)
+            self.counters.spilled_chunks += n
+        else:
+            self.k.commit_evictions(ev_e, ev_k, b.empty(0, np.int64), self.entries.arrays.addr, a.owner,
+                                    a.free_stack, a.n_free, self.kmax)
+        self.counters.evicted_chunks += n
+
+    def _allocate(self, pool: ChunkPool, al_e, al_k, *, fetch_counter: str = "") -> int:
+        """Give slots to chunks in list order; spilled ones come back from the tier."""
+        n = int(al_e.shape[0])
+        if n == 0:
+            return 0
+        b, a, m = self.backend, pool.arrays, self._meta
+        g = pool.plan.group
+        codes_d = b.empty(n, np.int32)
+        self.k.chunk_codes(self.entries.arrays.addr, al_e, al_k, codes_d)
+        codes = b.to_host(codes_d)
+        spilled = codes <= -2
+        n_sp = int(spilled.sum())
+        restore_index = np.full(n, -1, np.int64)
+        restore_index[spilled] = np.arange(n_sp)
+        c, w = pool.plan.chunk_width, pool.plan.state_width
+        vec = np.empty((0, c), np.float32)
+        st = np.empty((0, w), np.float32)
+        tslots = tier_slot_of(codes[spilled]).astype(np.int64)
+        if n_sp:
+            vec, st, n_staged = self._read_tier(g, tslots)
+            if fetch_counter:
+                self.counters.prefetched_chunks += n_staged
+                setattr(self.counters, fetch_counter, getattr(self.counters, fetch_counter) + n_sp - n_staged)
+        placed = int(self.k.commit_allocations(
+            al_e, al_k, b.from_host(restore_index), b.from_host(vec), b.from_host(st),
+            self.entries.arrays.keys, self.entries.arrays.table_ids, self.entries.arrays.addr, a.owner,
+            a.free_stack, a.n_free, a.vectors, a.opt_state, self.config.seed, m["table_init_kind"],
+            m["table_init_scale"], self.kmax,
+        ))
+        placed_spilled = spilled[:placed]
+        if n_sp:
+            self.tiers[g].release(tier_slot_of(codes[:placed][placed_spilled]).astype(np.int64))
+        n_restored = int(placed_spilled.sum())
+        self.counters.restored_chunks += n_restored
+        self.counters.initialised_chunks += placed - n_restored
+        return placed
+
+    def _read_tier(self, group: int, tslots: np.ndarray):
+        """Rows of tier slots, taken from a staged background read where it is still valid."""
+        tier = self.tiers[group]
+        staged = self._staged.pop(group, None)
+        if staged is not None and staged.release_count == tier.release_count and staged.slots.size:
+            s_vec, s_st = staged.future.result()
+            pos = np.searchsorted(staged.slots, tslots)
+            pos = np.minimum(pos, staged.slots.shape[0] - 1)
+            hit = staged.slots[pos] == tslots
+            vec = np.empty((tslots.shape[0], tier.chunk_width), np.float32)
+            st = np.empty((tslots.shape[0], tier.state_width), np.float32)
+            vec[hit], st[hit] = s_vec[pos[hit]], s_st[pos[hit]]
+            if not hit.all():
+                vec[~hit], st[~hit] = tier.read(tslots[~hit])
+            return vec, st, int(hit.sum())
+        if staged is not None:
+            staged.future.cancel()
+        vec, st = tier.read(tslots)
+        return vec, st, 0
+
+    def drop_dead_entries(self) -> int:
+        """Erase entries with no resident chunk whose every utility fell below ``drop_floor``."""
+        self._check_writable()
+        if self.config.mode == "cache":
+            return 0
+        self._fold_scale()
+        ea = self.entries.arrays
+        out = self.backend.empty(max(self.entries.n_live, 1), np.int64)
+        n = int(self.k.find_dead_entries(ea.table_ids, ea.addr, ea.util, np.float32(self.config.drop_floor), out))
+        if n:
+            self._erase_entries(out[:n])
+            self.counters.dropped_entries += n
+        return n
+
+    def _erase_entries(self, entries) -> int:
+        ea = self.entries.arrays
+        m = self._meta
+        total = 0
+        for pool in self.pools:
+            a = pool.arrays
+            tier_out = self.backend.empty(max(int(entries.shape[0]) * self.kmax, 1), np.int64)
+            n, n_t = (int(x) for x in self.k.erase_entries(entries, ea.table_ids, ea.addr, ea.util, a.owner,
+                                                           a.free_stack, a.n_free, m["table_group"],
+                                                           pool.plan.group, self.kmax, tier_out))
+            if n_t:
+                self.tiers[pool.plan.group].release(self.backend.to_host(tier_out[:n_t]))
+            total += n
+        self.entries.n_live -= total
+        self.entries.n_tombstones += total
+        self._generation += 1
+        return total
+
+    def erase(self, table: str, ids: Any) -> int:
+        """Remove keys (their chunks' memory is freed everywhere); returns how many existed."""
+        self._check_writable()
+        t = self.table_index(table)
+        ids = self._as_ids(ids)
+        q = self.backend.from_host(np.full(ids.shape[0], t, np.int16))
+        entries, _ = self.entries.find(q, self.backend.from_host(ids))
+        e = self.backend.to_host(entries)
+        e = np.unique(e[e >= 0])
+        return self._erase_entries(self.backend.from_host(e)) if e.size else 0
+
+    # ------------------------------------------------------------------ writes
+    def insert_or_assign(self, table: str, ids: Any, values: Any) -> None:
+        """Set whole rows: values float32[n, D]; a repeated id takes its last row.
+
+        Every chunk of the given keys becomes resident with the given values and a
+        fresh optimizer state. In prune mode, if the pool lacks the free slots this
+        needs, :class:`PoolCapacityError` is raised and nothing changes.
+        """
+        self._check_writable()
+        t = self.table_index(table)
+        ids = self._as_ids(ids)
+        D = self.tables[t].dim
+        v = np.asarray(values)
+        if v.dtype != np.float32:
+            raise InputDTypeError(f"values must be float32, got dtype {v.dtype}")
+        if v.shape != (ids.shape[0], D):
+            raise InputShapeError(f"values must have shape ({ids.shape[0]}, {D}) for table {table!r}, got {v.shape}")
+        if not np.all(np.isfinite(v)):
+            bad = np.argwhere(~np.isfinite(v))[0]
+            raise NonFiniteGradientError(f"values[{bad[0]}, {bad[1]}] = {v[tuple(bad)]} is not finite")
+        # keep the last occurrence of each id
+        _, last = np.unique(ids[::-1], return_index=True)
+        keep = np.sort(ids.shape[0] - 1 - last)
+        ids, v = ids[keep], np.ascontiguousarray(v[keep])
+        b = self.backend
+        q = b.from_host(np.full(ids.shape[0], t, np.int16))
+        ids_d = b.from_host(ids)
+        g = int(self._host_meta["table_group"][t])
+        pool = self.pools[g]
+        if self.config.mode == "prune":
+            found, n_missing = self.entries.find(q, ids_d)
+            found_h = b.to_host(found)
+            existing = b.from_host(found_h[found_h >= 0])
+            miss_e = b.empty(max(int(existing.shape[0]) * self.kmax, 1), np.int64)
+            miss_k = b.empty(max(int(existing.shape[0]) * self.kmax, 1), np.int64)
+            n_exist_missing = int(self.k.missing_chunks(existing, self.entries.arrays.table_ids, self.entries.arrays.addr,
+                                                        self._meta["table_chunks"], self._meta["table_group"], g,
+                                                        miss_e, miss_k))
+            needed = n_exist_missing + n_missing * self.tables[t].chunks
+            if needed > pool.n_free:
+                raise PoolCapacityError(
+                    f"insert_or_assign into {table!r} needs {needed} free slots of width {pool.chunk_width}, "
+                    f"the pool has {pool.n_free} free of {pool.slots}; nothing was changed"
+                )
+        entries = self._resolve(q, ids_d, insert=True)
+        if self.config.mode == "cache":
+            self._make_resident(entries)
+        else:
+            miss_e = b.empty(ids.shape[0] * self.kmax, np.int64)
+            miss_k = b.empty(ids.shape[0] * self.kmax, np.int64)
+            n = int(self.k.missing_chunks(entries, self.entries.arrays.table_ids, self.entries.arrays.addr,
+                                          self._meta["table_chunks"], self._meta["table_group"], g, miss_e, miss_k))
+            self._allocate(pool, miss_e[:n], miss_k[:n])
+        self.k.assign_rows(entries, b.from_host(v), self.entries.arrays.table_ids, self.entries.arrays.addr,
+                           self._meta["table_chunks"], self._meta["table_group"], g, pool.arrays.vectors,
+                           pool.arrays.opt_state)
+
+    # ------------------------------------------------------------------ cache mode
+    def _make_resident(self, uniq) -> None:
+        """Cache mode: every chunk of these entries into the pool (evicting others to disk)."""
+        b, k, m = self.backend, self.k, self._meta
+        ea = self.entries.arrays
+        n_u = int(uniq.shape[0])
+        if n_u == 0:
+            return
+        for pool in self.pools:
+            g = pool.plan.group
+            miss_e = b.empty(n_u * self.kmax, np.int64)
+            miss_k = b.empty(n_u * self.kmax, np.int64)
+            n = int(k.missing_chunks(uniq, ea.table_ids, ea.addr, m["table_chunks"], m["table_group"], g, miss_e, miss_k))
+            if n == 0:
+                continue
+            if n > pool.n_free:
+                tids = b.to_host(ea.table_ids)[b.to_host(uniq)]
+                in_group = self._host_meta["table_group"][tids] == g
+                batch_chunks = int(self._host_meta["table_chunks"][tids[in_group]].sum())
+                if batch_chunks > pool.slots:
+                    raise PoolCapacityError(
+                        f"a batch needs {batch_chunks} resident chunks of width {pool.chunk_width} but the pool has "
+                        f"{pool.slots} slots; raise the budget or shrink the batch"
+                    )
+                need = n - pool.n_free
+                evictable = pool.n_used - (batch_chunks - n)
+                self._evict_for(pool, np.sort(b.to_host(uniq)), need, min(evictable, need + pool.slots // 32))
+            self._allocate(pool, miss_e[:n], miss_k[:n], fetch_counter="sync_fetched_chunks")
+
+    def _evict_for(self, pool: ChunkPool, pinned_sorted: np.ndarray, need: int, target: int) -> None:
+        """Evict at least ``need`` (aiming at ``target``) low-utility chunks not in the batch."""
+        b, k = self.backend, self.k
+        g = pool.plan.group
+        ea = self.entries.arrays
+        rng = np.random.default_rng([self.config.seed, self.step_count, self.counters.spilled_chunks])
+        positions = rng.integers(0, pool.slots, size=min(4096, pool.slots)).astype(np.int64)
+        sampled = b.empty(positions.shape[0], np.float32)
+        k.slot_utilities(pool.arrays.owner, ea.util, self.kmax, b.from_host(positions), sampled)
+        sampled = b.to_host(sampled)
+        sampled = sampled[~np.isnan(sampled)]
+        q = min(1.0, 1.5 * target / max(pool.n_used, 1))
+        threshold = float(np.quantile(sampled, q)) if sampled.size and q < 1.0 else np.inf
+        pinned = b.from_host(pinned_sorted)
+        done = 0
+        for attempt in range(2):
+            want = target - done
+            out_e = b.empty(want, np.int64)
+            out_k = b.empty(want, np.int64)
+            n, self._clock[g] = (int(x) for x in k.pick_victims(pool.arrays.owner, ea.util, self.kmax, pinned,
+                                                                np.float32(threshold), self._clock[g], out_e, out_k))
+            self._evict(pool, out_e[:n], out_k[:n])
+            done += n
+            if done >= need:
+                return
+            threshold = np.inf
+        raise PoolCapacityError(f"could not free {need} slots of width {pool.chunk_width} (found {done})")
+
+    def prefetch(self, features: str | Sequence[str], ids: Any) -> int:
+        """Cache mode: make every chunk of these keys resident now; returns chunks fetched or initialised.
+
+        Unseen keys are inserted, as the forward pass would. A no-op in prune mode,
+        where a chunk that is not resident is pruned by definition.
+        """
+        self._check_writable()
+        if self.config.mode != "cache":
+            return 0
+        q_tables, ids_d = self._flat_keys(features, ids)
+        entries = self._resolve(q_tables, ids_d, insert=True)
+        before = self.counters.restored_chunks + self.counters.initialised_chunks
+        self._make_resident(self._group(entries).uniq)
+        return self.counters.restored_chunks + self.counters.initialised_chunks - before
+
+    def prefetch_async(self, features: str | Sequence[str], ids: Any) -> int:
+        """Cache mode: start reading, on a background thread, the spilled chunks these keys need.
+
+        The next forward pass installs them without waiting on the disk (if no tier
+        slot was released in between; otherwise it reads them again). Returns the
+        number of chunks being read.
+        """
+        self._check_writable()
+        if self.config.mode != "cache":
+            return 0
+        q_tables, ids_d = self._flat_keys(features, ids)
+        entries, _ = self.entries.find(q_tables, ids_d)
+        e = self.backend.to_host(entries)
+        e = np.unique(e[e >= 0])
+        if e.size == 0:
+            return 0
+        codes = self.backend.to_host(self.entries.arrays.addr)[e]
+        total = 0
+        for pool in self.pools:
+            g = pool.plan.group
+            tids = self.backend.to_host(self.entries.arrays.table_ids)[e]
+            in_group = self._host_meta["table_group"][tids] == g
+            c = codes[in_group]
+            slots = np.sort(tier_slot_of(c[c <= -2]).astype(np.int64))
+            old = self._staged.pop(g, None)
+            if old is not None:
+                old.future.cancel()
+            if slots.size == 0 or self.tiers[g] is None:
+                continue
+            tier = self.tiers[g]
+            self._staged[g] = _Staged(slots, tier.read_async(slots), tier.release_count)
+            total += int(slots.size)
+        return total
+
+    def _read_through(self, pool: ChunkPool, entries):
+        """Cache mode, no training: the tier rows of the batch's spilled chunks, read
+        synchronously without moving anything into the pool."""
+        b = self.backend
+        g = pool.plan.group
+        none = b.empty(0, np.int64), b.empty((0, pool.plan.chunk_width), np.float32)
+        if self.tiers[g] is None:
+            return none
+        uniq = self._group(entries).uniq
+        n_u = int(uniq.shape[0])
+        miss_e = b.empty(max(n_u * self.kmax, 1), np.int64)
+        miss_k = b.empty(max(n_u * self.kmax, 1), np.int64)
+        n = int(self.k.missing_chunks(uniq, self.entries.arrays.table_ids, self.entries.arrays.addr,
+                                      self._meta["table_chunks"], self._meta["table_group"], g, miss_e, miss_k))
+        if n == 0:
+            return none
+        codes = b.empty(n, np.int32)
+        self.k.chunk_codes(self.entries.arrays.addr, miss_e[:n], miss_k[:n], codes)
+        codes = b.to_host(codes)
+        slots = np.unique(tier_slot_of(codes[codes <= -2]).astype(np.int64))
+        if slots.size == 0:
+            return none
+        vec, _ = self.tiers[g].read(slots)
+        self.counters.sync_fetched_chunks += int(slots.size)
+        return b.from_host(slots), b.from_host(vec)
+
+    def _flat_keys(self, features, ids):
+        feats = self._features(features)
+        ids = self._as_ids(ids)
+        if feats.shape[0] == 1:
+            q = np.full(ids.shape[0], feats[0], np.int16)
+        else:
+            raise InputShapeError("prefetch of several features needs pooled_lookup's layout; pass one table name")
+        return self.backend.from_host(q), self.backend.from_host(ids)
+
+    # ------------------------------------------------------------------ stats
+    def stats(self) -> dict[str, Any]:
+        """Entries, chunk residency, kept dimensions and bytes, per table and in total."""
+        entries, resident, spilled = self._chunk_counts()
+        per_table = {}
+        for i, t in enumerate(self.tables):
+            n = int(entries[i])
+            res = resident[i, : t.chunks]
+            kept = float(res.sum() * t.chunk_width / n) if n else 0.0
+            per_table[t.name] = {
+                "entries": n,
+                "dim": t.dim,
+                "chunks": t.chunks,
+                "resident_per_chunk": res.tolist(),
+                "spilled_per_chunk": spilled[i, : t.chunks].tolist(),
+                "absent_per_chunk": (n - res - spilled[i, : t.chunks]).tolist(),
+                "average_kept_dim": kept,
+                "dense_bytes": t.dense_bytes,
+            }
+        pool_vec = sum(p.vector_bytes for p in self.pools)
+        pool_state = sum(p.state_bytes for p in self.pools)
+        pool_mgr = sum(p.manager_bytes for p in self.pools)
+        entry_bytes = self.entries.nbytes
+        dense = sum(t.dense_bytes or 0 for t in self.tables) if all(t.dense_bytes for t in self.tables) else None
+        budget = sum(p.vector_bytes for p in self.pools)
+        tier_bytes = sum(t.nbytes for t in self.tiers if t is not None)
+        total_bytes = pool_vec + pool_state + pool_mgr + entry_bytes
+        n_entries = int(entries.sum())
+        total = {
+            "entries": n_entries,
+            "entry_capacity": self.entries.capacity,
+            "resident_chunks": int(resident.sum()),
+            "spilled_chunks": int(spilled.sum()),
+            "average_kept_dim": float(sum(resident[i].sum() * t.chunk_width for i, t in enumerate(self.tables)) / n_entries)
+            if n_entries else 0.0,
+            "bytes": {
+                "entries": entry_bytes,
+                "pool_vectors": pool_vec,
+                "optimizer_state": pool_state,
+                "address_manager": pool_mgr,
+                "memory_total": total_bytes,
+                "disk_tier": tier_bytes,
+            },
+            "budget_bytes": budget,
+            "dense_bytes": dense,
+            "memory_vs_budget": total_bytes / budget,
+            "memory_vs_dense": (total_bytes / dense) if dense else None,
+            "step": self.step_count,
+        }
+        pools = [
+            {"chunk_width": p.chunk_width, "slots": p.slots, "used": p.n_used, "free": p.n_free,
+             "tier_slots_used": (self.tiers[p.plan.group].n_used if self.tiers[p.plan.group] is not None else 0)}
+            for p in self.pools
+        ]
+        return {"tables": per_table, "total": total, "pools": pools, "counters": dict(vars(self.counters))}
+
+    # ------------------------------------------------------------------ persistence
+    def save(self, path: str | Path | None = None) -> Path:
+        """Write a checkpoint (see :mod:`fiited_store.storage.checkpoint`); returns its directory."""
+        from .storage.checkpoint import save_store
+
+        return save_store(self, Path(path) if path is not None else self.path)
+
+    @classmethod
+    def open(cls, path: str | Path, mode: str = "r", device: str | None = None) -> "EmbeddingStore":
+        """Open a saved store: mode "r" (read-only) or "r+" (takes the write lock)."""
+        from .storage.checkpoint import open_store
+
+        return open_store(Path(path), mode=mode, device=device)

@@ -1,0 +1,7 @@
+"""Tiers below the pool, and checkpoints (imported as ``fiited_store.storage``)."""
+
+from .base import ChunkTier
+from .memory import MemoryTier
+from .zarr_tier import ZarrTier
+
+__all__ = ["ChunkTier", "MemoryTier", "ZarrTier"]

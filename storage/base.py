@@ -1,0 +1,189 @@
+"""The one interface every tier below the pool implements.
+
+A tier keeps chunk vectors, with their optimizer state, in numbered slots. It owns
+its free space: :meth:`ChunkTier.allocate` hands out slots and
+:meth:`ChunkTier.release` takes them back. The store keeps ``owner`` (the
+back-pointer from a tier slot to its chunk) up to date; the tier only grows it.
+
+Reads and writes are batched: a call moves many chunks, so a tier on disk can
+turn them into whole-chunk I/O. Slots are handed out block by block, emptiest
+block first, so that a batch of spilled chunks lands in few blocks.
+"""
+
+from __future__ import annotations
+
+import threading
+from abc import ABC, abstractmethod
+from concurrent.futures import Future, ThreadPoolExecutor
+
+import numpy as np
+
+from ..errors import InputShapeError
+
+
+class ChunkTier(ABC):
+    """Batched slot storage for chunks that left the pool.
+
+    Shapes: ``slots`` int64[n]; ``vectors`` float32[n, chunk_width];
+    ``states`` float32[n, state_width].
+    """
+
+    #: rows per allocation block (a Zarr chunk for the disk tier)
+    block_rows: int = 4096
+
+    def __init__(self, chunk_width: int, state_width: int, capacity: int = 0):
+        self.chunk_width = int(chunk_width)
+        self.state_width = int(state_width)
+        self._lock = threading.RLock()
+        self._executor: ThreadPoolExecutor | None = None
+        capacity = self._round_capacity(capacity)
+        self.owner = np.full(capacity, -1, np.int64)
+        self._free = np.ones(capacity, bool)
+        self._block_free = np.full(capacity // self.block_rows, self.block_rows, np.int64)
+        #: bumped whenever slots are released. A slot's data cannot change while
+        #: it is owned, so a background read stays valid as long as this holds still.
+        self.release_count = 0
+
+    # ----------------------------------------------------------- subclass hooks
+    @abstractmethod
+    def _grow_storage(self, new_capacity: int) -> None:
+        """Make slots [old capacity, new_capacity) addressable."""
+
+    @abstractmethod
+    def _write_sorted(self, slots: np.ndarray, vectors: np.ndarray, states: np.ndarray) -> None:
+        """Write rows at ascending, distinct slots."""
+
+    @abstractmethod
+    def _read_sorted(self, slots: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """Read rows at ascending, distinct slots."""
+
+    @property
+    @abstractmethod
+    def location(self) -> str:
+        """Where the tier keeps its data, for messages."""
+
+    # ------------------------------------------------------------------- sizes
+    def _round_capacity(self, n: int) -> int:
+        r = self.block_rows
+        return ((max(int(n), 0) + r - 1) // r) * r
+
+    @property
+    def capacity(self) -> int:
+        return int(self.owner.shape[0])
+
+    @property
+    def n_free(self) -> int:
+        return int(self._block_free.sum())
+
+    @property
+    def n_used(self) -> int:
+        return self.capacity - self.n_free
+
+    @property
+    def nbytes(self) -> int:
+        """Bytes the tier's data occupies where it lives."""
+        return self.capacity * (self.chunk_width + self.state_width) * 4
+
+    @property
+    def metadata_bytes(self) -> int:
+        return int(self.owner.nbytes + self._free.nbytes + self._block_free.nbytes)
+
+    # ------------------------------------------------------------- free space
+    def allocate(self, n: int) -> np.ndarray:
+        """Reserve n free slots (ascending), growing the tier if it must."""
+        with self._lock:
+            n = int(n)
+            if n == 0:
+                return np.empty(0, np.int64)
+            if n > self.n_free:
+                self._grow(max(2 * self.capacity, self.capacity + n))
+            order = np.argsort(-self._block_free, kind="stable")
+            cum = np.cumsum(self._block_free[order])
+            blocks = np.sort(order[: int(np.searchsorted(cum, n)) + 1])
+            rows = (blocks[:, None] * self.block_rows + np.arange(self.block_rows)[None, :]).ravel()
+            slots = rows[self._free[rows]][:n]
+            self._free[slots] = False
+            self._block_free -= np.bincount(slots // self.block_rows, minlength=self._block_free.shape[0])
+            return slots.astype(np.int64)
+
+    def release(self, slots: np.ndarray) -> None:
+        """Return slots to the free space (their owner must already be cleared)."""
+        with self._lock:
+            slots = np.asarray(slots, np.int64)
+            if slots.size == 0:
+                return
+            self._check_slots(slots)
+            if np.any(self._free[slots]):
+                bad = slots[self._free[slots]][:5]
+                raise InputShapeError(f"tier {self.location}: slots {bad.tolist()} are already free")
+            self._free[slots] = True
+            self.owner[slots] = -1
+            self.release_count += 1
+            self._block_free += np.bincount(slots // self.block_rows, minlength=self._block_free.shape[0])
+
+    def _grow(self, new_capacity: int) -> None:
+        new_capacity = self._round_capacity(new_capacity)
+        old = self.capacity
+        self._grow_storage(new_capacity)
+        self.owner = np.concatenate([self.owner, np.full(new_capacity - old, -1, np.int64)])
+        self._free = np.concatenate([self._free, np.ones(new_capacity - old, bool)])
+        self._block_free = np.concatenate(
+            [self._block_free, np.full((new_capacity - old) // self.block_rows, self.block_rows, np.int64)]
+        )
+
+    def rebuild_free_space(self) -> None:
+        """Derive the free space from ``owner`` (after loading a checkpoint)."""
+        with self._lock:
+            self._free = self.owner < 0
+            self._block_free = np.bincount(
+                np.nonzero(self._free)[0] // self.block_rows, minlength=self.capacity // self.block_rows
+            ).astype(np.int64)
+
+    def _check_slots(self, slots: np.ndarray) -> None:
+        if slots.size and (slots.min() < 0 or slots.max() >= self.capacity):
+            bad = slots[(slots < 0) | (slots >= self.capacity)][:5]
+            raise InputShapeError(f"tier {self.location}: slots {bad.tolist()} are outside [0, {self.capacity})")
+
+    # --------------------------------------------------------------------- I/O
+    def write(self, slots: np.ndarray, vectors: np.ndarray, states: np.ndarray) -> None:
+        slots = np.asarray(slots, np.int64)
+        if vectors.shape != (slots.shape[0], self.chunk_width) or states.shape != (slots.shape[0], self.state_width):
+            raise InputShapeError(
+                f"tier {self.location}: write of {slots.shape[0]} slots got vectors {vectors.shape} and states "
+                f"{states.shape}, expected ({slots.shape[0]}, {self.chunk_width}) and ({slots.shape[0]}, {self.state_width})"
+            )
+        if slots.size == 0:
+            return
+        self._check_slots(slots)
+        order = np.argsort(slots, kind="stable")
+        with self._lock:
+            self._write_sorted(slots[order], vectors[order], states[order])
+
+    def read(self, slots: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        slots = np.asarray(slots, np.int64)
+        if slots.size == 0:
+            return np.empty((0, self.chunk_width), np.float32), np.empty((0, self.state_width), np.float32)
+        self._check_slots(slots)
+        # Sorted reads touch each block once, in file order.
+        order = np.argsort(slots, kind="stable")
+        with self._lock:
+            vec, st = self._read_sorted(slots[order])
+        out_v = np.empty_like(vec)
+        out_s = np.empty_like(st)
+        out_v[order] = vec
+        out_s[order] = st
+        return out_v, out_s
+
+    def read_async(self, slots: np.ndarray) -> Future:
+        """Read on a background thread; the future yields what :meth:`read` returns."""
+        if self._executor is None:
+            self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="fiited-tier")
+        return self._executor.submit(self.read, np.array(slots, np.int64))
+
+    def flush(self) -> None:
+        """Make written data durable where the tier supports it."""
+
+    def close(self) -> None:
+        if self._executor is not None:
+            self._executor.shutdown(wait=True)
+            self._executor = None

@@ -1,0 +1,393 @@
+"""Checkpoints: a store directory, crash-safe, with one writer at a time.
+
+Layout of a store directory::
+
+    PATH/
+      fiited.json          manifest: format, version, and which checkpoint is current
+      ckpt-00000007/       a Zarr v3 group: entry arrays, pools, tier back-pointers,
+        zarr.json            and attributes holding the configs and counters as JSON
+        entries/ pool_0/ tier_0/owner
+        tier_0/data/       a snapshot of the disk tier: hard links to its chunk files
+      live/tier_0/         the disk tier the open store writes to
+      .lock                held (flock) by the one handle open for writing
+
+A save writes ``ckpt-N.partial``, fsyncs it, renames it to ``ckpt-N`` and only then
+replaces the manifest (temporary file, fsync, ``os.replace``); older checkpoints
+are removed last. A crash at any moment leaves the manifest pointing at a
+complete checkpoint. The tier snapshot costs no copy: zarr replaces a chunk file
+by renaming a new one over it, so later writes to the live tier never touch the
+inodes a checkpoint links to.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import errno
+import fcntl
+import json
+import os
+import shutil
+import time
+from pathlib import Path
+from typing import Any, Callable
+
+import numpy as np
+import zarr
+
+from ..config import DynamicRatio, ManualRatios, StoreConfig, TableConfig
+from ..entry_table import EntryArrays, EntryTable
+from ..errors import ConfigError, CorruptStoreError, StorageError, StoreLockedError, StoreReadOnlyError
+from ..pool import ChunkPool, PoolArrays
+from .zarr_tier import ZarrTier, storage_error
+
+FORMAT = "fiited-store"
+FORMAT_VERSION = 1
+MANIFEST = "fiited.json"
+LOCK = ".lock"
+ROWS_PER_CHUNK = 65536
+
+#: a hook the crash-safety tests use to stop a save at a named point
+_save_hook: Callable[[str], None] | None = None
+
+
+def _at(point: str) -> None:
+    if _save_hook is not None:
+        _save_hook(point)
+
+
+# ------------------------------------------------------------------------ lock
+class StoreLock:
+    """An exclusive ``flock`` on PATH/.lock, held while a store is open for writing."""
+
+    def __init__(self, path: Path):
+        self.path = path
+        lock_file = path / LOCK
+        try:
+            self._fd = os.open(lock_file, os.O_RDWR | os.O_CREAT, 0o644)
+        except OSError as exc:
+            raise storage_error(exc, f"cannot open store at {path} for writing") from exc
+        try:
+            fcntl.flock(self._fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError as exc:
+            os.close(self._fd)
+            if exc.errno in (errno.EWOULDBLOCK, errno.EAGAIN, errno.EACCES):
+                raise StoreLockedError(
+                    exc.errno, f"store at {path} is already open for writing (lock {lock_file} is held)"
+                ) from None
+            raise storage_error(exc, f"locking store at {path}") from exc
+        os.ftruncate(self._fd, 0)
+        os.write(self._fd, f"{os.getpid()}\n".encode())
+
+    def release(self) -> None:
+        if self._fd is not None:
+            fcntl.flock(self._fd, fcntl.LOCK_UN)
+            os.close(self._fd)
+            self._fd = None
+
+
+def acquire_lock(path: Path) -> StoreLock:
+    return StoreLock(path)
+
+
+# ------------------------------------------------------------------------ config <-> JSON
+def config_to_json(tables, config: StoreConfig) -> dict[str, Any]:
+    cfg = dataclasses.asdict(config)
+    p = config.pruning
+    cfg["pruning"] = (
+        {"kind": "manual", "per_chunk": list(p.per_chunk)} if isinstance(p, ManualRatios) else {"kind": "dynamic", "ratio": p.ratio}
+    )
+    return {"tables": [dataclasses.asdict(t) for t in tables], "store": cfg}
+
+
+def config_from_json(doc: dict[str, Any]) -> tuple[list[TableConfig], StoreConfig]:
+    try:
+        tables = [TableConfig(**t) for t in doc["tables"]]
+        cfg = dict(doc["store"])
+        p = cfg.pop("pruning")
+        pruning = ManualRatios(tuple(p["per_chunk"])) if p["kind"] == "manual" else DynamicRatio(p["ratio"])
+        return tables, StoreConfig(pruning=pruning, **cfg)
+    except (KeyError, TypeError, ConfigError) as exc:
+        raise CorruptStoreError(f"the saved configuration is not valid: {exc!r}") from exc
+
+
+# ------------------------------------------------------------------------ manifest
+def read_manifest(path: Path) -> dict[str, Any]:
+    f = path / MANIFEST
+    if not path.is_dir():
+        raise CorruptStoreError(f"{path} is not a directory")
+    if not f.exists():
+        raise CorruptStoreError(f"{path} is not a fiited-store store: {MANIFEST} is missing")
+    try:
+        doc = json.loads(f.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+        raise CorruptStoreError(f"{f} is not valid JSON: {exc}") from exc
+    except OSError as exc:
+        raise storage_error(exc, f"reading {f}") from exc
+    if not isinstance(doc, dict) or doc.get("format") != FORMAT:
+        raise CorruptStoreError(f"{f} does not describe a {FORMAT} store")
+    if doc.get("format_version") != FORMAT_VERSION:
+        raise CorruptStoreError(
+            f"{f} has format_version {doc.get('format_version')!r}; this version reads {FORMAT_VERSION}"
+        )
+    if not isinstance(doc.get("checkpoint"), str) or not (path / doc["checkpoint"]).is_dir():
+        raise CorruptStoreError(f"{f} names checkpoint {doc.get('checkpoint')!r}, which does not exist in {path}")
+    return doc
+
+
+def _fsync_path(p: Path, directory: bool = False) -> None:
+    fd = os.open(p, os.O_RDONLY | (os.O_DIRECTORY if directory else 0))
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def _fsync_tree(root: Path) -> None:
+    for dirpath, _dirs, files in os.walk(root):
+        for name in files:
+            _fsync_path(Path(dirpath) / name)
+        _fsync_path(Path(dirpath), directory=True)
+
+
+def write_atomic(target: Path, data: bytes) -> None:
+    tmp = target.with_name(f".{target.name}.tmp")
+    with open(tmp, "wb") as f:
+        f.write(data)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, target)
+    _fsync_path(target.parent, directory=True)
+
+
+def _link_tree(src: Path, dst: Path) -> None:
+    """Hard-link every file of src under dst (copying across file systems)."""
+    for dirpath, _dirs, files in os.walk(src):
+        rel = Path(dirpath).relative_to(src)
+        (dst / rel).mkdir(parents=True, exist_ok=True)
+        for name in files:
+            if name.endswith(".partial"):
+                continue  # a zarr write that never finished
+            s, d = Path(dirpath) / name, dst / rel / name
+            try:
+                os.link(s, d)
+            except OSError as exc:
+                if exc.errno not in (errno.EXDEV, errno.EPERM, errno.EMLINK):
+                    raise
+                shutil.copy2(s, d)
+
+
+def _checkpoint_number(name: str) -> int:
+    try:
+        return int(name.split("-")[1].split(".")[0])
+    except (IndexError, ValueError):
+        return -1
+
+
+# ------------------------------------------------------------------------ save
+def _write_array(group, name: str, data: np.ndarray, fill) -> None:
+    chunks = (min(max(data.shape[0], 1), ROWS_PER_CHUNK),) + tuple(data.shape[1:])
+    arr = group.create_array(name, shape=data.shape, chunks=chunks, dtype=data.dtype, fill_value=fill,
+                             compressors=None, overwrite=True)
+    if data.size:
+        arr[...] = data
+
+
+def save_store(store, path: Path | None) -> Path:
+    """Write ``store`` to ``path`` (its own directory when None); returns the checkpoint directory."""
+    if path is None:
+        raise ConfigError("this store has no directory: pass save(path)")
+    path = Path(path)
+    own = store.path is not None and path.resolve() == store.path.resolve()
+    if own and store.read_only:
+        raise StoreReadOnlyError(errno.EROFS, f"store at {path} is open read-only; save it to another directory")
+    try:
+        path.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        raise storage_error(exc, f"creating store directory {path}") from exc
+    lock = None if own else acquire_lock(path)
+    try:
+        return _save_locked(store, path)
+    finally:
+        if lock is not None:
+            lock.release()
+
+
+def _save_locked(store, path: Path) -> Path:
+    b = store.backend
+    existing = [p.name for p in path.iterdir() if p.name.startswith("ckpt-") and not p.name.endswith(".partial")]
+    number = max([_checkpoint_number(n) for n in existing] + [0]) + 1
+    name = f"ckpt-{number:08d}"
+    partial = path / f"{name}.partial"
+    final = path / name
+    shutil.rmtree(partial, ignore_errors=True)
+    try:
+        root = zarr.open_group(zarr.storage.LocalStore(str(partial)), mode="w")
+        _at("group-created")
+        ea = store.entries.arrays
+        entries = root.create_group("entries")
+        _write_array(entries, "keys", b.to_host(ea.keys), 0)
+        _write_array(entries, "table_ids", b.to_host(ea.table_ids), -1)
+        _write_array(entries, "addr", b.to_host(ea.addr), -1)
+        _write_array(entries, "util", b.to_host(ea.util), 0.0)
+        _at("entries-written")
+        pools_state = []
+        for pool in store.pools:
+            pa = pool.arrays
+            g = root.create_group(f"pool_{pool.plan.group}")
+            _write_array(g, "vectors", b.to_host(pa.vectors), 0.0)
+            _write_array(g, "opt_state", b.to_host(pa.opt_state), 0.0)
+            _write_array(g, "owner", b.to_host(pa.owner), -1)
+            _write_array(g, "free_stack", b.to_host(pa.free_stack), 0)
+            pools_state.append({"n_free": pool.n_free})
+            _at(f"pool-{pool.plan.group}-written")
+        tiers_state = []
+        for gi, tier in enumerate(store.tiers):
+            if tier is None:
+                tiers_state.append(None)
+                continue
+            tg = root.create_group(f"tier_{gi}")
+            _write_array(tg, "owner", tier.owner, -1)
+            tier.flush()
+            _link_tree(tier.root, partial / f"tier_{gi}" / "data")
+            tiers_state.append({"capacity": tier.capacity})
+            _at(f"tier-{gi}-linked")
+        root.attrs.update({
+            "format": FORMAT,
+            "format_version": FORMAT_VERSION,
+            "config": config_to_json(store.tables, store.config),
+            "state": {
+                "step_count": store.step_count,
+                "scale_origin": store._scale_origin,
+                "prune_round": store._prune_round,
+                "counters": dataclasses.asdict(store.counters),
+                "pools": pools_state,
+                "tiers": tiers_state,
+                "saved_at": time.time(),
+            },
+        })
+        _at("attrs-written")
+        _fsync_tree(partial)
+        _at("fsynced")
+        os.rename(partial, final)
+        _fsync_path(path, directory=True)
+        _at("renamed")
+        manifest = {"format": FORMAT, "format_version": FORMAT_VERSION, "checkpoint": name}
+        write_atomic(path / MANIFEST, json.dumps(manifest, indent=2).encode())
+        _at("manifest-replaced")
+    except OSError as exc:
+        shutil.rmtree(partial, ignore_errors=True)
+        raise storage_error(exc, f"saving checkpoint {name} in {path}") from exc
+    except BaseException:
+        shutil.rmtree(partial, ignore_errors=True)
+        raise
+    for p in path.iterdir():
+        if p.name.startswith("ckpt-") and p.name != name:
+            shutil.rmtree(p, ignore_errors=True)
+    return final
+
+
+# ------------------------------------------------------------------------ open
+def _read(group, name: str, dtype, shape: tuple[int, ...], where: str) -> np.ndarray:
+    try:
+        arr = group[name]
+    except KeyError:
+        raise CorruptStoreError(f"{where}/{name} is missing") from None
+    if np.dtype(arr.dtype) != np.dtype(dtype):
+        raise CorruptStoreError(f"{where}/{name} has dtype {arr.dtype}, expected {np.dtype(dtype)}")
+    if tuple(arr.shape) != tuple(shape):
+        raise CorruptStoreError(f"{where}/{name} has shape {tuple(arr.shape)}, expected {tuple(shape)}")
+    try:
+        return np.ascontiguousarray(arr[...])
+    except OSError as exc:
+        raise storage_error(exc, f"reading {where}/{name}") from exc
+    except Exception as exc:  # a codec error on a truncated or corrupt chunk file
+        raise CorruptStoreError(f"{where}/{name} cannot be decoded (truncated or corrupt chunk): {exc}") from exc
+
+
+def open_checkpoint_group(path: Path):
+    doc = read_manifest(path)
+    ckpt = path / doc["checkpoint"]
+    try:
+        root = zarr.open_group(zarr.storage.LocalStore(str(ckpt), read_only=True), mode="r")
+        attrs = dict(root.attrs)
+    except Exception as exc:
+        raise CorruptStoreError(f"checkpoint {ckpt} cannot be opened as a Zarr group: {exc}") from exc
+    if attrs.get("format") != FORMAT or attrs.get("format_version") != FORMAT_VERSION:
+        raise CorruptStoreError(f"checkpoint {ckpt} carries format {attrs.get('format')!r} v{attrs.get('format_version')!r}")
+    return ckpt, root, attrs
+
+
+def open_store(path: Path, mode: str = "r", device: str | None = None):
+    from ..store import EmbeddingStore
+
+    if mode not in ("r", "r+"):
+        raise ConfigError(f"mode must be 'r' or 'r+', got {mode!r}")
+    path = Path(path)
+    lock = acquire_lock(path) if mode == "r+" else None
+    try:
+        ckpt, root, attrs = open_checkpoint_group(path)
+        tables, config = config_from_json(attrs.get("config", {}))
+        if device is not None and device != config.device:
+            config = dataclasses.replace(config, device=device)
+        state = attrs.get("state", {})
+
+        def restore(store) -> None:
+            b = store.backend
+            entries_g = root["entries"] if "entries" in root else None
+            if entries_g is None:
+                raise CorruptStoreError(f"{ckpt}/entries is missing")
+            cap = int(entries_g["keys"].shape[0])
+            if cap & (cap - 1):
+                raise CorruptStoreError(f"{ckpt}/entries/keys has {cap} rows; the capacity must be a power of two")
+            where = f"{ckpt}/entries"
+            arrays = EntryArrays(
+                keys=b.from_host(_read(entries_g, "keys", np.int64, (cap,), where)),
+                table_ids=b.from_host(_read(entries_g, "table_ids", np.int16, (cap,), where)),
+                addr=b.from_host(_read(entries_g, "addr", np.int32, (cap, store.kmax), where)),
+                util=b.from_host(_read(entries_g, "util", np.float32, (cap, store.util_width), where)),
+            )
+            store.entries = EntryTable.from_arrays(b, arrays, config.max_load)
+            store.pools = []
+            for plan, pstate in zip(store.plans, state.get("pools", [])):
+                where = f"{ckpt}/pool_{plan.group}"
+                if f"pool_{plan.group}" not in root:
+                    raise CorruptStoreError(f"{where} is missing")
+                pg = root[f"pool_{plan.group}"]
+                pa = PoolArrays(
+                    vectors=b.from_host(_read(pg, "vectors", np.float32, (plan.slots, plan.chunk_width), where)),
+                    opt_state=b.from_host(_read(pg, "opt_state", np.float32, (plan.slots, plan.state_width), where)),
+                    owner=b.from_host(_read(pg, "owner", np.int64, (plan.slots,), where)),
+                    free_stack=b.from_host(_read(pg, "free_stack", np.int32, (plan.slots,), where)),
+                    n_free=b.from_host(np.array([int(pstate["n_free"])], np.int64)),
+                )
+                store.pools.append(ChunkPool.from_arrays(b, plan, pa))
+            if len(store.pools) != len(store.plans):
+                raise CorruptStoreError(f"{ckpt}: {len(store.plans)} pools expected, state lists {len(state.get('pools', []))}")
+            for gi, tstate in enumerate(state.get("tiers", [])):
+                if tstate is None:
+                    continue
+                where = f"{ckpt}/tier_{gi}"
+                owner = _read(root[f"tier_{gi}"], "owner", np.int64, (int(tstate["capacity"]),), where)
+                snapshot = ckpt / f"tier_{gi}" / "data"
+                if mode == "r":
+                    store.tiers[gi] = ZarrTier.open(snapshot, owner, read_only=True)
+                else:
+                    live = path / "live" / f"tier_{gi}"
+                    shutil.rmtree(live, ignore_errors=True)
+                    _link_tree(snapshot, live)
+                    store.tiers[gi] = ZarrTier.open(live, owner)
+            store.step_count = int(state.get("step_count", 0))
+            store._scale_origin = int(state.get("scale_origin", 0))
+            store._prune_round = int(state.get("prune_round", 0))
+            for k, v in state.get("counters", {}).items():
+                if hasattr(store.counters, k):
+                    setattr(store.counters, k, int(v))
+            store.path = path
+            store.read_only = mode == "r"
+            store._lock = lock
+
+        return EmbeddingStore(tables, config, _restore=restore)
+    except BaseException:
+        if lock is not None:
+            lock.release()
+        raise
