@@ -353,7 +353,7 @@ class EmbeddingStore:
         self._generation += 1
         self.counters.rehashes += 1
 
-    def _resolve(self, q_tables, ids, insert: bool):
+    def _resolve(self, q_tables, ids, insert: bool, new_out: list | None = None):
         entries, n_missing = self.entries.find(q_tables, ids)
         if not insert or n_missing == 0:
             return entries
@@ -361,6 +361,8 @@ class EmbeddingStore:
             self._rehash(self.entries.rehash_capacity(n_missing))
             entries, n_missing = self.entries.find(q_tables, ids)
         new = self.entries.insert_missing(q_tables, ids, entries)
+        if new_out is not None:
+            new_out.append(new)
         if self.config.mode == "prune" and new.shape[0]:
             m = self._meta
             for pool in self.pools:
@@ -423,11 +425,17 @@ class EmbeddingStore:
         bag_of_occ = b.empty(nnz, np.int64)
         q_tables = b.empty(nnz, np.int16)
         self.k.expand_bags(offsets_d, B, ft_d, bag_of_occ, q_tables)
-        entries = self._resolve(q_tables, ids_d, insert=train)
+        new: list = []
+        entries = self._resolve(q_tables, ids_d, insert=train, new_out=new)
         grouping = None
         if self.config.mode == "cache" and train:
             grouping = self._group(entries)
-            self._make_resident(grouping.uniq)
+            try:
+                self._make_resident(grouping.uniq)
+            except PoolCapacityError:
+                if new and new[0].shape[0]:
+                    self._erase_entries(new[0])  # the batch did not happen: forget the keys it added
+                raise
         out = self._buffers.get((B, int(dims.sum())))
         m = self._meta
         for pool in self.pools:

@@ -1,0 +1,45 @@
+"""Small helpers shared by the tests."""
+
+from __future__ import annotations
+
+import numpy as np
+
+
+def snapshot(store) -> dict:
+    """Copies of every array and counter of a store, to prove an error changed nothing."""
+    b = store.backend
+    snap = {f"entries.{k}": np.array(b.to_host(v)) for k, v in store.entries.arrays._asdict().items()}
+    for p in store.pools:
+        for k, v in p.arrays._asdict().items():
+            snap[f"pool{p.plan.group}.{k}"] = np.array(b.to_host(v))
+    for g, t in enumerate(store.tiers):
+        if t is not None:
+            snap[f"tier{g}.owner"] = t.owner.copy()
+            vec, st = t.read(np.arange(t.capacity))
+            snap[f"tier{g}.vectors"], snap[f"tier{g}.states"] = vec, st
+    snap["counters"] = dict(vars(store.counters))
+    snap["step"] = store.step_count
+    snap["n_live"] = store.entries.n_live
+    return snap
+
+
+def assert_unchanged(before: dict, after: dict) -> None:
+    assert before.keys() == after.keys()
+    for k in before:
+        if isinstance(before[k], np.ndarray):
+            np.testing.assert_array_equal(before[k], after[k], err_msg=k)
+        else:
+            assert before[k] == after[k], k
+
+
+def train_steps(store, tables, steps: int, rng, batch: int = 32, id_range: int = 100, prune_every: int = 0) -> None:
+    """A few training steps over every table with random ids and gradients."""
+    names = [t.name for t in tables]
+    for i in range(steps):
+        ids = rng.integers(0, id_range, batch * len(names))
+        offsets = np.arange(batch * len(names) + 1)
+        b = store.pooled_lookup(names, ids, offsets, train=True)
+        store.backward(b, rng.standard_normal(b.output.shape).astype(np.float32))
+        store.step()
+        if prune_every and (i + 1) % prune_every == 0:
+            store.prune()

@@ -1,0 +1,361 @@
+"""A slow, obviously-correct model of the store: a dict of rows, plain Python loops.
+
+It follows the semantics written in DESIGN.md and the docstrings, with the same
+float32 arithmetic in the same order as the kernels (gradient sums in batch order,
+fused multiply-adds where torch's optimizers use them, utilities kept on the same
+gamma**-steps scale), so the two can be compared for exact equality. It shares no
+code with the kernels; it reuses only the configuration objects.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+
+import numpy as np
+
+from fiited_store.config import DynamicRatio, StoreConfig, TableConfig, plan_pools
+
+MASK = (1 << 64) - 1
+GOLDEN = 0x9E3779B97F4A7C15
+C1 = 0xBF58476D1CE4E5B9
+C2 = 0x94D049BB133111EB
+C3 = 0xD6E8FEB86659FD93
+f32 = np.float32
+
+
+def mix64(z: int) -> int:
+    z &= MASK
+    z = ((z ^ (z >> 30)) * C1) & MASK
+    z = ((z ^ (z >> 27)) * C2) & MASK
+    return z ^ (z >> 31)
+
+
+def key_hash(t: int, key: int) -> int:
+    return mix64((key & MASK) ^ (((t + 1) * GOLDEN) & MASK))
+
+
+def chunk_hash31(t: int, key: int, k: int) -> int:
+    return mix64((key_hash(t, key) + k * C3) & MASK) >> 33
+
+
+def unit(h: int) -> float:
+    return (h >> 11) * (1.0 / 9007199254740992.0)
+
+
+def init_value(seed: int, t: int, key: int, k: int, j: int, kind: str, scale: float) -> np.float32:
+    h = mix64(key_hash(t, key) ^ mix64((seed + (((k * 65536 + j) * C3) & MASK)) & MASK))
+    if kind == "uniform":
+        return f32(scale * (2.0 * unit(h) - 1.0))
+    if kind == "normal":
+        u1 = 1.0 - unit(h)
+        u2 = unit(mix64(h ^ GOLDEN))
+        return f32(scale * math.sqrt(-2.0 * math.log(u1)) * math.cos(2.0 * math.pi * u2))
+    return f32(0.0)
+
+
+def fma(a, b, c) -> np.float32:
+    """float32 fused multiply-add (the product of two float32 is exact in float64)."""
+    return f32(float(a) * float(b) + float(c))
+
+
+@dataclass
+class Row:
+    table: int
+    key: int
+    vec: list            # per chunk: float32[c] when resident, else None
+    state: list          # per chunk: optimizer state float32[w] when resident
+    spilled: list        # per chunk: (vec, state) kept on disk, or None
+    util: np.ndarray     # float32[U], on the store's scale
+
+
+@dataclass
+class RefBatch:
+    feats: list
+    ids: np.ndarray
+    offsets: np.ndarray
+    weights: np.ndarray | None
+    mean: bool
+    B: int
+    output: np.ndarray
+
+
+class ReferenceStore:
+    def __init__(self, tables: list[TableConfig], config: StoreConfig):
+        self.tables = tables
+        self.config = config
+        self.plans = plan_pools(tables, config)
+        self.group_of = {t: p.group for p in self.plans for t in p.tables}
+        self.free = {p.group: p.slots for p in self.plans}
+        self.rows: dict[tuple[int, int], Row] = {}
+        self.kmax = max(t.chunks for t in tables)
+        self.U = self.kmax if config.utility == "gradient" else 1
+        self.step_count = 0
+        self.origin = 0
+        self.round = 0
+        self.cache = config.mode == "cache"
+
+    # --------------------------------------------------------------- helpers
+    def _new_chunk(self, r: Row, k: int) -> None:
+        t = self.tables[r.table]
+        c = t.chunk_width
+        r.vec[k] = np.array([init_value(self.config.seed, r.table, r.key, k, j, t.initializer, t.scale) for j in range(c)], f32)
+        r.state[k] = np.zeros(self.plans[self.group_of[r.table]].state_width, f32)
+
+    def _util(self, r: Row, k: int) -> np.float32:
+        return r.util[k] if self.U > 1 else r.util[0]
+
+    def row_values(self, t: int, key: int) -> np.ndarray:
+        tc = self.tables[t]
+        out = np.zeros(tc.dim, f32)
+        r = self.rows.get((t, key))
+        if r is None:
+            return out
+        for k in range(tc.chunks):
+            v = r.vec[k]
+            if v is None and self.cache and r.spilled[k] is not None:
+                v = r.spilled[k][0]
+            if v is not None:
+                out[k * tc.chunk_width:(k + 1) * tc.chunk_width] = v
+        return out
+
+    # --------------------------------------------------------------- forward
+    def pooled_lookup(self, feats, ids, offsets, weights=None, mode="sum", train=False) -> RefBatch:
+        F = len(feats)
+        B = (len(offsets) - 1) // F
+        if train:
+            new = []
+            for bag in range(F * B):
+                t = feats[bag // B]
+                for i in range(offsets[bag], offsets[bag + 1]):
+                    key = int(ids[i])
+                    if (t, key) not in self.rows:
+                        K = self.tables[t].chunks
+                        self.rows[(t, key)] = Row(t, key, [None] * K, [None] * K, [None] * K, np.zeros(self.U, f32))
+                        new.append((t, key))
+            if self.cache:
+                for tk in new:
+                    r = self.rows[tk]
+                    for k in range(len(r.vec)):
+                        self._new_chunk(r, k)
+            else:
+                for tk in new:
+                    r = self.rows[tk]
+                    g = self.group_of[r.table]
+                    for k in range(len(r.vec)):
+                        if self.free[g] == 0:
+                            break
+                        self.free[g] -= 1
+                        self._new_chunk(r, k)
+        dims = [self.tables[t].dim for t in feats]
+        cols = np.concatenate([[0], np.cumsum(dims)[:-1]]).astype(int)
+        out = np.zeros((B, sum(dims)), f32)
+        for bag in range(F * B):
+            f, b = divmod(bag, B)
+            t = feats[f]
+            tc = self.tables[t]
+            c = tc.chunk_width
+            acc = np.zeros(tc.dim, f32)
+            for i in range(offsets[bag], offsets[bag + 1]):
+                r = self.rows.get((t, int(ids[i])))
+                if r is None:
+                    continue
+                for k in range(tc.chunks):
+                    v = r.vec[k]
+                    if v is None and self.cache and r.spilled[k] is not None:
+                        v = r.spilled[k][0]
+                    if v is None:
+                        continue
+                    for j in range(c):
+                        if weights is not None:
+                            acc[k * c + j] = fma(v[j], weights[i], acc[k * c + j])
+                        else:
+                            acc[k * c + j] = f32(acc[k * c + j] + v[j])
+            n = offsets[bag + 1] - offsets[bag]
+            if mode == "mean" and n > 0:
+                acc = (acc / f32(n)).astype(f32)
+            out[b, cols[f]:cols[f] + tc.dim] = acc
+        return RefBatch(list(feats), np.array(ids), np.array(offsets), weights, mode == "mean", B, out)
+
+    # --------------------------------------------------------------- backward
+    def growth(self) -> float:
+        g = self.config.gamma ** -(self.step_count - self.origin)
+        if g > 1e18:
+            self.fold()
+            g = 1.0
+        return g
+
+    def fold(self) -> None:
+        steps = self.step_count - self.origin
+        if steps:
+            factor = self.config.gamma ** steps
+            for r in self.rows.values():
+                r.util = np.array([f32(float(u) * factor) for u in r.util], f32)
+            self.origin = self.step_count
+
+    def backward(self, batch: RefBatch, grad: np.ndarray) -> None:
+        F, B = len(batch.feats), batch.B
+        dims = [self.tables[t].dim for t in batch.feats]
+        cols = np.concatenate([[0], np.cumsum(dims)[:-1]]).astype(int)
+        occ: dict[tuple[int, int], list[int]] = {}
+        bag_of = {}
+        for bag in range(F * B):
+            t = batch.feats[bag // B]
+            for i in range(batch.offsets[bag], batch.offsets[bag + 1]):
+                key = (t, int(batch.ids[i]))
+                if key in self.rows:
+                    occ.setdefault(key, []).append(i)
+                    bag_of[i] = bag
+        growth = self.growth()
+        for key, occs in occ.items():
+            r = self.rows[key]
+            tc = self.tables[r.table]
+            c, D = tc.chunk_width, tc.dim
+            g = np.zeros(D, f32)
+            for i in occs:
+                bag = bag_of[i]
+                f, b = divmod(bag, B)
+                row = grad[b, cols[f]:cols[f] + D]
+                if batch.weights is not None:
+                    g = (g + f32(batch.weights[i]) * row).astype(f32)
+                elif batch.mean:
+                    w = f32(1.0) / f32(batch.offsets[bag + 1] - batch.offsets[bag])
+                    g = (g + row * w).astype(f32)
+                else:
+                    g = (g + row).astype(f32)
+            a = float(len(occs))
+            mode = self.config.utility
+            if mode == "gradient":
+                for k in range(tc.chunks):
+                    sq = sum(float(x) * float(x) for x in g[k * c:(k + 1) * c])
+                    r.util[k] = f32(r.util[k] + f32(a * math.sqrt(sq) * growth))
+            elif mode == "access":
+                r.util[0] = f32(r.util[0] + f32(a * growth))
+            else:
+                sq = sum(float(x) * float(x) for x in g)
+                r.util[0] = f32(r.util[0] + f32(a * math.sqrt(sq) * growth))
+            lr, eps = f32(-tc.learning_rate), f32(tc.eps)
+            for k in range(tc.chunks):
+                v = r.vec[k]
+                if v is None:
+                    continue
+                gk = g[k * c:(k + 1) * c]
+                st = r.state[k]
+                if tc.optimizer == "sgd":
+                    r.vec[k] = np.array([fma(lr, gk[j], v[j]) for j in range(c)], f32)
+                elif tc.optimizer == "adagrad":
+                    new_v = np.empty(c, f32)
+                    for j in range(c):
+                        st[j] = f32(st[j] + f32(gk[j] * gk[j]))
+                        new_v[j] = fma(lr, f32(gk[j] / f32(f32(np.sqrt(st[j])) + eps)), v[j])
+                    r.vec[k] = new_v
+                else:
+                    sq32 = f32(0.0)
+                    for j in range(c):
+                        sq32 = f32(sq32 + f32(gk[j] * gk[j]))
+                    st[0] = f32(st[0] + f32(sq32 / f32(c)))
+                    mult = f32(lr / f32(f32(np.sqrt(st[0])) + eps))
+                    r.vec[k] = np.array([fma(mult, gk[j], v[j]) for j in range(c)], f32)
+
+    def step(self) -> None:
+        self.step_count += 1
+        T = self.config.prune_period
+        if T and self.step_count % T == 0:
+            self.prune()
+
+    # --------------------------------------------------------------- prune
+    def thresholds(self, plan) -> np.ndarray:
+        cfg = self.config
+        kmax = self.kmax
+        rows = [r for r in self.rows.values() if self.group_of[r.table] == plan.group]
+        n = len(rows)
+        if n <= cfg.sample_size:
+            accept = MASK
+        else:
+            accept = int(cfg.sample_size / n * 2.0**64)
+        salt = mix64(cfg.seed ^ mix64(self.round + GOLDEN))
+        sample = [r for r in rows if mix64(key_hash(r.table, r.key) ^ salt) < accept]
+        per_k = [np.array([self._util(r, k) for r in sample if k < len(r.vec)], f32) for k in range(kmax)]
+        entry_chunks = np.array([sum(1 for r in rows if k < len(r.vec)) for k in range(kmax)], float)
+        declared = None
+        if all(self.tables[t].num_embeddings is not None for t in plan.tables):
+            declared = np.array([sum(self.tables[t].num_embeddings for t in plan.tables if k < self.tables[t].chunks)
+                                 for k in range(kmax)], float)
+        pop = entry_chunks if declared is None else np.maximum(entry_chunks, declared)
+        thr = np.zeros(kmax, f32)
+        p = cfg.pruning
+        if isinstance(p, DynamicRatio):
+            values = np.concatenate(per_k)
+            if values.size and entry_chunks.sum():
+                keep = (1.0 - p.ratio) * pop.sum() / entry_chunks.sum()
+                if keep <= 0:
+                    thr[:] = np.inf
+                elif keep < 1:
+                    thr[:] = np.quantile(values, 1.0 - keep)
+            return thr
+        for k in range(kmax):
+            if per_k[k].size == 0 or entry_chunks[k] == 0:
+                continue
+            keep = (1.0 - p.per_chunk[k]) * pop[k] / entry_chunks[k]
+            if keep <= 0:
+                thr[k] = np.inf
+            elif keep < 1:
+                thr[k] = np.quantile(per_k[k], 1.0 - keep)
+        return thr
+
+    def prune(self) -> None:
+        self.fold()
+        self.round += 1
+        if self.cache:
+            return  # cache mode moves chunks between tiers; no value changes
+        for plan in self.plans:
+            g = plan.group
+            rows = [r for r in self.rows.values() if self.group_of[r.table] == g]
+            if not rows:
+                continue
+            thr = self.thresholds(plan)
+            qualify = []
+            for r in rows:
+                for k in range(len(r.vec)):
+                    u = self._util(r, k)
+                    resident = r.vec[k] is not None
+                    if (u >= thr[k]) if resident else (u > thr[k]):
+                        ubits = int(np.array([u], f32).view(np.uint32)[0])
+                        rank = (ubits << 32) | (int(resident) << 31) | chunk_hash31(r.table, r.key, k)
+                        qualify.append((rank, r, k))
+            qualify.sort(key=lambda x: x[0], reverse=True)
+            kept = qualify[: plan.slots]
+            kept_set = {(id(r), k) for _, r, k in kept}
+            for r in rows:
+                for k in range(len(r.vec)):
+                    if r.vec[k] is not None and (id(r), k) not in kept_set:
+                        if self.config.spills:
+                            r.spilled[k] = (r.vec[k], r.state[k])
+                        r.vec[k] = None
+                        r.state[k] = None
+                        self.free[g] += 1
+            for _, r, k in kept:
+                if r.vec[k] is not None:
+                    continue
+                if self.free[g] == 0:
+                    break
+                self.free[g] -= 1
+                if r.spilled[k] is not None:
+                    r.vec[k], r.state[k] = r.spilled[k]
+                    r.spilled[k] = None
+                else:
+                    self._new_chunk(r, k)
+        floor = f32(self.config.drop_floor)
+        for key in [key for key, r in self.rows.items()
+                    if all(v is None for v in r.vec) and all(u < floor for u in r.util)]:
+            del self.rows[key]
+
+    def erase(self, t: int, keys) -> None:
+        for key in keys:
+            r = self.rows.pop((t, int(key)), None)
+            if r is not None:
+                self.free[self.group_of[t]] += sum(v is not None for v in r.vec)
+
+    def resident_mask(self, t: int, key: int) -> list[bool]:
+        r = self.rows.get((t, key))
+        return [] if r is None else [v is not None for v in r.vec]

@@ -1,0 +1,154 @@
+"""The store against the reference model: random sequences of operations (hypothesis).
+
+Every step compares outputs, residency and utilities exactly, and checks every
+invariant of DESIGN.md with ``verify.check_store``.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+from hypothesis import settings
+from hypothesis import strategies as st
+from hypothesis.stateful import RuleBasedStateMachine, initialize, invariant, rule
+
+from fiited_store import DynamicRatio, EmbeddingStore, ManualRatios, PoolCapacityError, StoreConfig, TableConfig
+from fiited_store.verify import check_store
+
+from .reference import ReferenceStore
+
+ID_POOL = [0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 17, 23, -1, -7, 2**62, -(2**63), 12345678901]
+TABLE_SHAPES = [(4, 1), (4, 2), (8, 2), (8, 4), (4, 4)]
+
+
+@st.composite
+def setups(draw):
+    n_tables = draw(st.integers(1, 3))
+    K = draw(st.sampled_from([1, 2, 4]))
+    tables = []
+    for i in range(n_tables):
+        dim = draw(st.sampled_from([d for d, k in TABLE_SHAPES if k == K] or [4 * K]))
+        tables.append(TableConfig(
+            f"t{i}", dim=dim, chunks=K, num_embeddings=draw(st.integers(12, 30)),
+            optimizer=draw(st.sampled_from(["sgd", "adagrad", "rowwise_adagrad"])),
+            learning_rate=draw(st.sampled_from([0.05, 0.5])),
+            initializer=draw(st.sampled_from(["uniform", "normal", "zeros"])),
+        ))
+    mode = draw(st.sampled_from(["prune", "prune", "cache"]))
+    if draw(st.booleans()):
+        pruning = DynamicRatio(draw(st.sampled_from([0.0, 0.25, 0.5, 0.75, 0.9])))
+    else:
+        pruning = ManualRatios.linear(draw(st.sampled_from([0.25, 0.5, 0.75])), K, draw(st.sampled_from([0.0, 0.5, 1.0])))
+    config = StoreConfig(
+        pruning=pruning,
+        budget_fraction=draw(st.sampled_from([0.2, 0.5, 1.0])) if mode == "prune" else draw(st.sampled_from([0.6, 1.0])),
+        gamma=draw(st.sampled_from([0.5, 0.9])),
+        prune_period=draw(st.sampled_from([0, 2, 3])),
+        sample_size=draw(st.sampled_from([3, 1000])),
+        utility=draw(st.sampled_from(["gradient", "access", "shared"])),
+        seed=draw(st.integers(0, 2**32)),
+        mode=mode,
+        on_evict=draw(st.sampled_from(["discard", "spill"])) if mode == "prune" else None,
+        drop_floor=draw(st.sampled_from([0.0, 0.05])),
+        initial_capacity=8,
+    )
+    return tables, config
+
+
+class StoreVsReference(RuleBasedStateMachine):
+    @initialize(setup=setups())
+    def setup(self, setup):
+        self.tables, self.config = setup
+        self.store = EmbeddingStore(self.tables, self.config)
+        self.ref = ReferenceStore(self.tables, self.config)
+
+    def teardown(self):
+        if hasattr(self, "store"):
+            self.store.close()
+
+    def _draw_batch(self, data):
+        T = len(self.tables)
+        feats = data.draw(st.lists(st.integers(0, T - 1), min_size=1, max_size=3))
+        B = data.draw(st.integers(1, 3))
+        lengths = data.draw(st.lists(st.integers(0, 3), min_size=len(feats) * B, max_size=len(feats) * B))
+        offsets = np.concatenate([[0], np.cumsum(lengths)]).astype(np.int64)
+        ids = np.array(data.draw(st.lists(st.sampled_from(ID_POOL), min_size=int(offsets[-1]), max_size=int(offsets[-1]))),
+                       dtype=np.int64)
+        mode = data.draw(st.sampled_from(["sum", "mean", "weighted"]))
+        weights = None
+        if mode == "weighted":
+            weights = np.array(data.draw(st.lists(st.sampled_from([0.5, 1.0, 2.0, -1.5]), min_size=ids.size, max_size=ids.size)),
+                               np.float32)
+            mode = "sum"
+        return feats, ids, offsets, weights, mode
+
+    @rule(data=st.data())
+    def train_step(self, data):
+        feats, ids, offsets, weights, mode = self._draw_batch(data)
+        names = [self.tables[f].name for f in feats]
+        try:
+            batch = self.store.pooled_lookup(names, ids, offsets, weights, mode, train=True)
+        except PoolCapacityError:
+            assert self.config.mode == "cache"
+            return
+        rb = self.ref.pooled_lookup(feats, ids, offsets, weights, mode, train=True)
+        np.testing.assert_array_equal(batch.output, rb.output)
+        grad = np.array(
+            data.draw(st.lists(st.floats(-2, 2, width=32), min_size=batch.output.size, max_size=batch.output.size)),
+            np.float32,
+        ).reshape(batch.output.shape)
+        self.store.backward(batch, grad)
+        self.ref.backward(rb, grad)
+        self.store.step()
+        self.ref.step()
+
+    @rule()
+    def prune(self):
+        self.store.prune()
+        self.ref.prune()
+
+    @rule(data=st.data())
+    def lookup(self, data):
+        feats, ids, offsets, weights, mode = self._draw_batch(data)
+        names = [self.tables[f].name for f in feats]
+        out = self.store.pooled_lookup(names, ids, offsets, weights, mode).output
+        ref = self.ref.pooled_lookup(feats, ids, offsets, weights, mode).output
+        np.testing.assert_array_equal(out, ref)
+
+    @rule(data=st.data())
+    def erase(self, data):
+        t = data.draw(st.integers(0, len(self.tables) - 1))
+        keys = data.draw(st.lists(st.sampled_from(ID_POOL), max_size=4))
+        self.store.erase(self.tables[t].name, np.array(keys, np.int64))
+        self.ref.erase(t, keys)
+
+    @invariant()
+    def store_is_sound(self):
+        if hasattr(self, "store"):
+            assert check_store(self.store) == []
+
+    @invariant()
+    def same_rows(self):
+        if not hasattr(self, "store"):
+            return
+        assert self.store.entries.n_live == len(self.ref.rows)
+        for t, tc in enumerate(self.tables):
+            keys = [k for (tt, k) in self.ref.rows if tt == t]
+            if not keys:
+                continue
+            ids = np.array(keys, np.int64)
+            assert self.store.contains(tc.name, ids).all()
+            values, found = self.store.find(tc.name, ids)
+            expect = np.stack([self.ref.row_values(t, k) for k in keys])
+            np.testing.assert_array_equal(values, expect)
+            stored = self.store.backend.to_host(self.store.entries.arrays.util)
+            e, _ = self.store.entries.find(np.full(len(keys), t, np.int16), ids)
+            for i, key in enumerate(keys):
+                r = self.ref.rows[(t, key)]
+                np.testing.assert_array_equal(stored[e[i]], r.util)
+                if self.config.mode == "prune":
+                    addr = self.store.entries.arrays.addr[e[i], : tc.chunks]
+                    assert (addr >= 0).tolist() == self.ref.resident_mask(t, key)
+
+
+StoreVsReference.TestCase.settings = settings(settings.default, stateful_step_count=25)
+TestStoreVsReference = StoreVsReference.TestCase
