@@ -1,0 +1,118 @@
+"""Cache mode: a pool smaller than the model trains exactly like one that holds it all."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from fiited_store import EmbeddingStore, PoolCapacityError, StoreConfig, TableConfig
+from fiited_store.verify import check_store
+
+from .helpers import assert_unchanged, snapshot
+
+TABLES = [
+    TableConfig("user", dim=16, chunks=4, num_embeddings=400, optimizer="adagrad", learning_rate=0.05),
+    TableConfig("item", dim=8, chunks=2, num_embeddings=600, optimizer="rowwise_adagrad", learning_rate=0.1),
+]
+
+
+def stream(seed: int, steps: int, batch: int = 48):
+    rng = np.random.default_rng(seed)
+    for _ in range(steps):
+        ids = np.concatenate([rng.zipf(1.2, batch) % 400, rng.zipf(1.2, batch) % 600]).astype(np.int64)
+        lengths = rng.integers(1, 3, 2 * (batch // 2))
+        lengths[-1] = 2 * batch - lengths[:-1].sum()
+        offsets = np.concatenate([[0], np.cumsum(lengths)])
+        yield ids[: offsets[-1]], offsets, rng.standard_normal((batch // 2, 24)).astype(np.float32)
+
+
+def train(store, seed: int, steps: int, prefetch: bool = False):
+    batches = list(stream(seed, steps))
+    for i, (ids, offsets, grad) in enumerate(batches):
+        if prefetch and i + 1 < len(batches):
+            nxt_ids, nxt_off, _ = batches[i + 1]
+            half = nxt_off[len(nxt_off) // 2]
+            store.prefetch_async("user", nxt_ids[:half])
+        b = store.pooled_lookup(["user", "item"], ids, offsets, train=True)
+        store.backward(b, grad)
+        store.step()
+
+
+@pytest.mark.parametrize("prefetch", [False, True])
+def test_quarter_pool_on_disk_trains_exactly_like_all_in_memory(prefetch):
+    full = EmbeddingStore(TABLES, StoreConfig(mode="cache", budget_fraction=1.0, prune_period=5, seed=3))
+    small = EmbeddingStore(TABLES, StoreConfig(mode="cache", budget_fraction=0.25, prune_period=5, seed=3))
+    train(full, 7, 40)
+    train(small, 7, 40, prefetch=prefetch)
+    st = small.stats()
+    assert st["total"]["spilled_chunks"] > st["total"]["resident_chunks"]  # most of the model is on disk
+    assert st["counters"]["spilled_chunks"] > 0 and st["counters"]["restored_chunks"] > 0
+    if prefetch:
+        assert st["counters"]["prefetched_chunks"] > 0
+    for t in TABLES:
+        ids = np.arange(t.num_embeddings)
+        np.testing.assert_array_equal(small.lookup(t.name, ids), full.lookup(t.name, ids))
+    assert check_store(small) == []
+    # the spilled optimizer state came back too: training on gives the same values again
+    train(full, 8, 10)
+    train(small, 8, 10)
+    for t in TABLES:
+        ids = np.arange(t.num_embeddings)
+        np.testing.assert_array_equal(small.lookup(t.name, ids), full.lookup(t.name, ids))
+    small.close()
+
+
+def test_lookup_of_a_spilled_chunk_reads_its_true_values_without_moving_it():
+    s = EmbeddingStore(TABLES, StoreConfig(mode="cache", budget_fraction=0.25, prune_period=5))
+    train(s, 1, 20)
+    spilled_entries = np.nonzero((s.entries.arrays.addr <= -2).any(axis=1) & (s.entries.arrays.table_ids == 0))[0]
+    ids = s.entries.arrays.keys[spilled_entries][:20]
+    addr_before = s.entries.arrays.addr.copy()
+    fetched_before = s.counters.sync_fetched_chunks
+    values = s.lookup("user", ids)
+    assert not np.any(np.all(values == 0, axis=1))
+    np.testing.assert_array_equal(s.entries.arrays.addr, addr_before)  # nothing moved into the pool
+    assert s.counters.sync_fetched_chunks > fetched_before
+    # the values are the true ones: make them resident and compare
+    s.prefetch("user", ids)
+    assert np.all(s.entries.arrays.addr[spilled_entries[:20], :4] >= 0)
+    np.testing.assert_array_equal(s.lookup("user", ids), values)
+    s.close()
+
+
+def test_prefetch_makes_the_next_batch_resident():
+    s = EmbeddingStore(TABLES, StoreConfig(mode="cache", budget_fraction=0.25, prune_period=5))
+    train(s, 2, 20)
+    ids = np.arange(150)
+    n = s.prefetch("user", ids)
+    assert n > 0
+    e, _ = s.entries.find(np.zeros(150, np.int16), ids)
+    assert np.all(s.entries.arrays.addr[e, :4] >= 0)
+    fetched = s.counters.sync_fetched_chunks
+    b = s.pooled_lookup("user", ids, np.arange(151), train=True)
+    assert s.counters.sync_fetched_chunks == fetched  # nothing left to fetch synchronously
+    s.backward(b, np.zeros(b.output.shape, np.float32))
+    s.close()
+
+
+def test_prefetch_is_a_no_op_in_prune_mode():
+    s = EmbeddingStore(TABLES, StoreConfig(budget_fraction=0.25))
+    assert s.prefetch("user", np.arange(10)) == 0
+    assert s.entries.n_live == 0
+
+
+def test_a_batch_larger_than_the_pool_is_refused_and_changes_nothing():
+    s = EmbeddingStore(TABLES, StoreConfig(mode="cache", budget_fraction=0.15, prune_period=0))
+    train(s, 3, 3)
+    before = snapshot(s)
+    ids = np.arange(300)  # 300 rows x 4 chunks > 420 slots
+    with pytest.raises(PoolCapacityError, match="needs 1200 resident chunks"):
+        s.pooled_lookup("user", ids, np.arange(301), train=True)
+    after = snapshot(s)
+    # values, owners and residency are untouched; the rolled-back keys left tombstones only
+    for k in before:
+        if k.startswith("pool") or k.startswith("tier"):
+            np.testing.assert_array_equal(before[k], after[k], err_msg=k)
+    assert s.entries.n_live == before["n_live"]
+    assert check_store(s) == []
+    s.close()

@@ -1,0 +1,309 @@
+"""Checkpoints: exact round trips, one writer, crash safety, and clear errors on bad disks."""
+
+from __future__ import annotations
+
+import errno
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import tempfile
+import textwrap
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from fiited_store import (
+    CorruptStoreError,
+    DynamicRatio,
+    EmbeddingStore,
+    StorageFullError,
+    StoreConfig,
+    StoreLockedError,
+    StoreReadOnlyError,
+    TableConfig,
+)
+from fiited_store.storage import checkpoint
+from fiited_store.verify import check_store
+
+from .helpers import assert_unchanged, snapshot, train_steps
+
+TABLES = [TableConfig("a", dim=8, chunks=2, num_embeddings=300, optimizer="adagrad"),
+          TableConfig("b", dim=16, chunks=4, num_embeddings=300)]
+
+CONFIGS = {
+    "prune-discard": StoreConfig(pruning=DynamicRatio(0.75), prune_period=4, sample_size=64),
+    "prune-spill": StoreConfig(pruning=DynamicRatio(0.75), prune_period=4, sample_size=64, on_evict="spill"),
+    "cache": StoreConfig(mode="cache", budget_fraction=0.3, prune_period=4),
+}
+
+
+def all_lookups(store):
+    return {t.name: store.lookup(t.name, np.arange(t.num_embeddings)).copy() for t in TABLES}
+
+
+def assert_lookups_equal(a, b):
+    for k in a:
+        np.testing.assert_array_equal(a[k], b[k], err_msg=k)
+
+
+@pytest.mark.parametrize("name", list(CONFIGS))
+def test_round_trip_is_exact_and_training_continues_identically(tmp_path, name):
+    rng = np.random.default_rng(5)
+    s = EmbeddingStore(TABLES, CONFIGS[name], path=tmp_path / "s")
+    train_steps(s, TABLES, 13, rng, id_range=300)
+    expect = all_lookups(s)
+    s.save()
+    with EmbeddingStore.open(tmp_path / "s", "r") as r:
+        assert_lookups_equal(expect, all_lookups(r))
+        assert r.stats()["total"] == s.stats()["total"] | {"bytes": r.stats()["total"]["bytes"]}
+        assert check_store(r) == []
+    # the writer trains on; a second copy opened from the checkpoint does the same steps
+    copy_dir = tmp_path / "copy"
+    s.save(copy_dir)
+    train_steps(s, TABLES, 9, np.random.default_rng(6), id_range=300)
+    with EmbeddingStore.open(copy_dir, "r+") as c:
+        train_steps(c, TABLES, 9, np.random.default_rng(6), id_range=300)
+        assert_lookups_equal(all_lookups(s), all_lookups(c))
+    s.close()
+
+
+def test_checkpoint_is_isolated_from_later_spills(tmp_path):
+    rng = np.random.default_rng(1)
+    s = EmbeddingStore(TABLES, CONFIGS["cache"], path=tmp_path / "s")
+    train_steps(s, TABLES, 10, rng, id_range=300)
+    expect = all_lookups(s)
+    s.save()
+    train_steps(s, TABLES, 15, rng, id_range=300)  # rewrites tier chunk files the checkpoint links to
+    assert s.counters.spilled_chunks > 0
+    with EmbeddingStore.open(tmp_path / "s", "r") as r:
+        assert_lookups_equal(expect, all_lookups(r))
+    s.close()
+
+
+def test_one_writer_at_a_time(tmp_path):
+    s = EmbeddingStore(TABLES, CONFIGS["prune-spill"], path=tmp_path / "s")
+    s.save()
+    with pytest.raises(StoreLockedError, match="already open for writing"):
+        EmbeddingStore.open(tmp_path / "s", "r+")
+    with EmbeddingStore.open(tmp_path / "s", "r"):
+        pass  # readers need no lock
+    s.close()
+    with EmbeddingStore.open(tmp_path / "s", "r+") as again:
+        with pytest.raises(StoreLockedError):
+            EmbeddingStore.open(tmp_path / "s", "r+")
+        assert again.stats()["total"]["entries"] == 0
+
+
+def test_a_read_only_handle_refuses_writes(tmp_path):
+    rng = np.random.default_rng(2)
+    s = EmbeddingStore(TABLES, CONFIGS["prune-discard"], path=tmp_path / "s")
+    train_steps(s, TABLES, 3, rng, id_range=300)
+    s.save()
+    s.close()
+    with EmbeddingStore.open(tmp_path / "s", "r") as r:
+        before = snapshot(r)
+        for fn in (lambda: r.pooled_lookup("a", np.arange(3), np.arange(4), train=True), r.step, r.prune,
+                   lambda: r.insert_or_assign("a", np.arange(1), np.ones((1, 8), np.float32)), lambda: r.save()):
+            with pytest.raises(StoreReadOnlyError):
+                fn()
+        assert_unchanged(before, snapshot(r))
+
+
+def test_creating_a_store_over_an_existing_one_is_refused(tmp_path):
+    s = EmbeddingStore(TABLES, CONFIGS["prune-discard"], path=tmp_path / "s")
+    s.save()
+    s.close()
+    with pytest.raises(Exception, match="already holds a store"):
+        EmbeddingStore(TABLES, CONFIGS["prune-discard"], path=tmp_path / "s")
+
+
+CRASH_SCRIPT = textwrap.dedent("""
+    import os, signal, sys
+    import numpy as np
+    from fiited_store import EmbeddingStore, StoreConfig, TableConfig, DynamicRatio
+    from fiited_store.storage import checkpoint
+    path, point, out = sys.argv[1], sys.argv[2], sys.argv[3]
+    tables = [TableConfig("a", dim=8, chunks=2, num_embeddings=300), TableConfig("b", dim=16, chunks=4, num_embeddings=300)]
+    s = EmbeddingStore(tables, StoreConfig(mode="cache", budget_fraction=0.3, prune_period=4), path=path)
+    rng = np.random.default_rng(0)
+    def steps(n):
+        for _ in range(n):
+            ids = rng.integers(0, 300, 64)
+            b = s.pooled_lookup(["a", "b"], ids, np.arange(65), train=True)
+            s.backward(b, rng.standard_normal(b.output.shape).astype(np.float32))
+            s.step()
+    def dump(name):
+        np.savez(os.path.join(out, name), a=s.lookup("a", np.arange(300)), b=s.lookup("b", np.arange(300)))
+    steps(8); s.save(); dump("first.npz")
+    steps(8); dump("second.npz")
+    def hook(p):
+        if p == point:
+            os.kill(os.getpid(), signal.SIGKILL)
+    checkpoint._save_hook = hook
+    s.save()
+    print("save finished without reaching", point)
+""")
+
+SAVE_POINTS = ["group-created", "entries-written", "pool-0-written", "tier-0-linked", "attrs-written", "fsynced",
+               "renamed", "manifest-replaced"]
+
+
+@pytest.mark.parametrize("point", SAVE_POINTS)
+def test_sigkill_during_save_leaves_a_whole_checkpoint(tmp_path, point):
+    proc = subprocess.run([sys.executable, "-c", CRASH_SCRIPT, str(tmp_path / "s"), point, str(tmp_path)],
+                          capture_output=True, text=True, timeout=300)
+    assert proc.returncode == -signal.SIGKILL, proc.stdout + proc.stderr
+    expect = np.load(tmp_path / ("second.npz" if point == "manifest-replaced" else "first.npz"))
+    with EmbeddingStore.open(tmp_path / "s", "r+") as s:  # the dead writer's lock died with it
+        assert check_store(s) == []
+        np.testing.assert_array_equal(s.lookup("a", np.arange(300)), expect["a"])
+        np.testing.assert_array_equal(s.lookup("b", np.arange(300)), expect["b"])
+        s.save()  # and the store is writable again; leftovers are cleaned up
+    names = sorted(p.name for p in (tmp_path / "s").iterdir() if p.name.startswith("ckpt"))
+    assert len(names) == 1 and not names[0].endswith(".partial")
+
+
+def test_full_disk_during_save_loses_nothing(tmp_path, monkeypatch):
+    rng = np.random.default_rng(3)
+    s = EmbeddingStore(TABLES, CONFIGS["prune-spill"], path=tmp_path / "s")
+    train_steps(s, TABLES, 8, rng, id_range=300)
+    s.save()
+    saved = all_lookups(s)
+    train_steps(s, TABLES, 4, rng, id_range=300)
+    before = snapshot(s)
+    real = checkpoint._write_array
+    calls = {"n": 0}
+
+    def failing(group, name, data, fill):
+        calls["n"] += 1
+        if calls["n"] == 3:
+            raise OSError(errno.ENOSPC, "No space left on device")
+        return real(group, name, data, fill)
+
+    monkeypatch.setattr(checkpoint, "_write_array", failing)
+    with pytest.raises(StorageFullError, match="device is full"):
+        s.save()
+    monkeypatch.undo()
+    assert_unchanged(before, snapshot(s))
+    assert not any(p.name.endswith(".partial") for p in (tmp_path / "s").iterdir())
+    with EmbeddingStore.open(tmp_path / "s", "r") as r:
+        assert_lookups_equal(saved, all_lookups(r))
+    s.save()  # once space is back, saving works
+    s.close()
+
+
+def test_corrupt_manifest_and_metadata_are_reported(tmp_path):
+    s = EmbeddingStore(TABLES, CONFIGS["prune-discard"], path=tmp_path / "s")
+    s.save()
+    s.close()
+    manifest = tmp_path / "s" / "fiited.json"
+    good = manifest.read_text()
+    manifest.write_text("{not json")
+    with pytest.raises(CorruptStoreError, match="fiited.json is not valid JSON"):
+        EmbeddingStore.open(tmp_path / "s")
+    manifest.write_text(json.dumps({"format": "fiited-store", "format_version": 99, "checkpoint": "x"}))
+    with pytest.raises(CorruptStoreError, match="format_version 99"):
+        EmbeddingStore.open(tmp_path / "s")
+    manifest.write_text(good)
+    ckpt = tmp_path / "s" / json.loads(good)["checkpoint"]
+    meta = ckpt / "zarr.json"
+    doc = json.loads(meta.read_text())
+    doc["attributes"]["config"]["tables"][0]["dim"] = 7
+    meta.write_text(json.dumps(doc))
+    with pytest.raises(CorruptStoreError, match="configuration is not valid"):
+        EmbeddingStore.open(tmp_path / "s")
+    doc["attributes"]["config"]["tables"][0]["dim"] = 16  # valid, but the arrays disagree
+    meta.write_text(json.dumps(doc))
+    with pytest.raises(CorruptStoreError, match="shape"):
+        EmbeddingStore.open(tmp_path / "s")
+    with pytest.raises(CorruptStoreError, match="not a fiited-store store"):
+        EmbeddingStore.open(tmp_path)
+
+
+def test_truncated_array_chunk_is_reported_on_open(tmp_path):
+    rng = np.random.default_rng(4)
+    s = EmbeddingStore(TABLES, CONFIGS["prune-discard"], path=tmp_path / "s")
+    train_steps(s, TABLES, 3, rng, id_range=300)
+    ckpt = s.save()
+    s.close()
+    chunk = next(p for p in (ckpt / "pool_0" / "vectors").rglob("*") if p.is_file() and p.name != "zarr.json")
+    chunk.write_bytes(chunk.read_bytes()[:10])
+    with pytest.raises(CorruptStoreError, match="pool_0/vectors cannot be decoded"):
+        EmbeddingStore.open(tmp_path / "s")
+
+
+READ_ONLY_SCRIPT = textwrap.dedent("""
+    import sys
+    from fiited_store import EmbeddingStore, StoreReadOnlyError
+    path = sys.argv[1]
+    with EmbeddingStore.open(path, "r") as r:
+        r.lookup("a", [1, 2])
+    try:
+        EmbeddingStore.open(path, "r+")
+    except StoreReadOnlyError as e:
+        print("REFUSED", e)
+""")
+
+
+def _run_on_read_only_directory(store_dir: Path) -> subprocess.CompletedProcess | None:
+    """Run READ_ONLY_SCRIPT where store_dir cannot be written: an unprivileged user on a
+    chmod-ed directory, or, as root (who ignores permission bits), a read-only bind
+    mount in a private mount namespace. None when neither is possible here."""
+    cmd = [sys.executable, "-c", READ_ONLY_SCRIPT, str(store_dir)]
+    if os.geteuid() != 0:
+        for root, dirs, files in os.walk(store_dir):
+            os.chmod(root, 0o555)
+        try:
+            return subprocess.run(cmd, capture_output=True, text=True, timeout=300)
+        finally:
+            for root, dirs, files in os.walk(store_dir):
+                os.chmod(root, 0o755)
+    if shutil.which("unshare") is None:
+        return None
+    d = str(store_dir)
+    shell = f'mount --bind "{d}" "{d}" && mount -o remount,ro,bind "{d}" && exec "$@"'
+    proc = subprocess.run(["unshare", "-m", "sh", "-c", shell, "sh", *cmd], capture_output=True, text=True, timeout=300)
+    if proc.returncode != 0 and "REFUSED" not in proc.stdout and ("unshare" in proc.stderr or "mount" in proc.stderr):
+        return None
+    return proc
+
+
+def test_read_only_directory_gives_a_clear_error(tmp_path, monkeypatch):
+    s = EmbeddingStore(TABLES, CONFIGS["prune-discard"], path=tmp_path / "s")
+    train_steps(s, TABLES, 2, np.random.default_rng(0), id_range=300)
+    s.save()
+    s.close()
+    (tmp_path / "s" / ".lock").unlink()
+    proc = _run_on_read_only_directory(tmp_path / "s")
+    if proc is not None:
+        assert "REFUSED" in proc.stdout and "not writable" in proc.stdout, proc.stdout + proc.stderr
+        return
+    # no way to make a directory read-only here: inject the error the kernel would give
+    real_open = os.open
+
+    def read_only_open(path, flags, *args, **kwargs):
+        if str(path).startswith(str(tmp_path)) and flags & (os.O_WRONLY | os.O_RDWR | os.O_CREAT):
+            raise OSError(errno.EROFS, "Read-only file system", str(path))
+        return real_open(path, flags, *args, **kwargs)
+
+    monkeypatch.setattr(os, "open", read_only_open)
+    with pytest.raises(StoreReadOnlyError, match="not writable"):
+        EmbeddingStore.open(tmp_path / "s", "r+")
+
+
+FIXTURE = Path(__file__).parent / "fixtures" / "store_v1"
+
+
+def test_committed_format_fixture_still_decodes():
+    """A store written by format version 1 must open and read the same forever."""
+    expected = json.loads((FIXTURE.parent / "store_v1_expected.json").read_text())
+    with EmbeddingStore.open(FIXTURE, "r") as s:
+        assert check_store(s) == []
+        for name, rows in expected["lookups"].items():
+            np.testing.assert_array_equal(s.lookup(name, np.array(expected["ids"][name])), np.array(rows, np.float32))
+        assert s.step_count == expected["step_count"]
+        assert s.stats()["total"]["spilled_chunks"] == expected["spilled_chunks"]

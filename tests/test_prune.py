@@ -1,0 +1,204 @@
+"""The pruning policy and the budget (Algorithm 1, invariants 2, 3, 4 and 6)."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from fiited_store import DynamicRatio, EmbeddingStore, ManualRatios, StoreConfig, TableConfig
+from fiited_store.config import plan_pools
+from fiited_store.policy import thresholds
+from fiited_store.verify import check_store
+
+from .helpers import train_steps
+
+
+def access(store, table, ids, grad_scale=1.0, rng=None):
+    """One training step in which each id is one bag; gradient of ones (times grad_scale)."""
+    ids = np.asarray(ids, np.int64)
+    b = store.pooled_lookup(table, ids, np.arange(ids.size + 1), train=True)
+    g = np.full(b.output.shape, grad_scale, np.float32) if rng is None else rng.standard_normal(b.output.shape).astype(np.float32)
+    store.backward(b, g)
+    store.step()
+
+
+def resident(store, table, ids):
+    e, _ = store.entries.find(np.full(len(ids), store.table_index(table), np.int16), np.asarray(ids, np.int64))
+    out = np.zeros((len(ids), store.kmax), bool)
+    out[e >= 0] = store.entries.arrays.addr[e[e >= 0]] >= 0
+    return out
+
+
+def test_new_keys_take_free_slots_then_start_absent():
+    s = EmbeddingStore([TableConfig("t", dim=8, chunks=2, num_embeddings=10)], StoreConfig(pruning=DynamicRatio(0.5), prune_period=0))
+    assert s.pools[0].slots == 10
+    access(s, "t", np.arange(7))  # 14 chunks wanted, 10 slots
+    res = resident(s, "t", np.arange(7))
+    assert res[:5].all() and not res[5:].any()  # first come, first served, whole rows first
+    np.testing.assert_array_equal(s.lookup("t", [6]), np.zeros((1, 8), np.float32))  # invariant 3
+    assert check_store(s) == []
+
+
+def test_highest_utilities_win_when_slots_run_short():
+    # access utility: u = number of accesses (gamma close to 1 over few steps); keep-all ratio
+    s = EmbeddingStore([TableConfig("t", dim=4, chunks=1, num_embeddings=40)],
+                       StoreConfig(pruning=DynamicRatio(0.0), budget_bytes=10 * 16, utility="access", prune_period=0, gamma=0.999))
+    ids = np.arange(40)
+    weights = (ids * 7919) % 40 + 1  # a shuffled access count per key, all distinct
+    access(s, "t", np.repeat(ids, weights))
+    s.prune()
+    res = resident(s, "t", ids)[:, 0]
+    top10 = ids[np.argsort(-weights)[:10]]
+    assert set(ids[res]) == set(top10)
+    assert s.pools[0].n_free == 0 and check_store(s) == []
+
+
+def test_budget_holds_through_training_and_prunes(rng):
+    tables = [TableConfig("a", dim=16, chunks=4, num_embeddings=300), TableConfig("b", dim=8, chunks=2, num_embeddings=300)]
+    s = EmbeddingStore(tables, StoreConfig(pruning=DynamicRatio(0.8), prune_period=3, sample_size=50))
+    slots = [p.slots for p in s.pools]
+    vectors = [id(p.arrays.vectors) for p in s.pools]
+    for _ in range(4):
+        train_steps(s, tables, 6, rng, id_range=300)
+        st = s.stats()
+        for p, n in zip(st["pools"], slots):
+            assert p["used"] <= n == p["slots"]
+        assert check_store(s) == []
+    assert [id(p.arrays.vectors) for p in s.pools] == vectors  # the pool was allocated once (invariant 2)
+
+
+def test_manual_ratios_with_shared_utility_keep_a_prefix_of_chunks(rng):
+    K = 4
+    s = EmbeddingStore([TableConfig("t", dim=16, chunks=K, num_embeddings=400)],
+                       StoreConfig(pruning=ManualRatios.linear(0.75, K), utility="shared", prune_period=0, sample_size=10_000))
+    for _ in range(10):
+        access(s, "t", rng.zipf(1.3, 300) % 400, rng=rng)
+    s.prune()
+    res = resident(s, "t", np.arange(400))
+    seen = s.contains("t", np.arange(400))
+    # a row keeps chunks 0..j and loses the rest: the pruning order is fixed
+    prefix = np.all(res[:, 1:] <= res[:, :-1], axis=1)
+    assert prefix[seen].all()
+    kept_per_chunk = res.sum(axis=0)
+    assert kept_per_chunk[0] >= kept_per_chunk[1] >= kept_per_chunk[2] >= kept_per_chunk[3] == 0  # p_3 = 1.0
+
+
+def test_dynamic_ratio_keeps_the_most_useful_chunks_across_chunk_indices(rng):
+    s = EmbeddingStore([TableConfig("t", dim=8, chunks=4, num_embeddings=50)],
+                       StoreConfig(pruning=DynamicRatio(0.5), prune_period=0, sample_size=10_000, gamma=0.999))
+    ids = np.arange(50)
+    access(s, "t", ids, rng=rng)
+    s.prune()
+    util = s.utilities("t", ids)
+    res = resident(s, "t", ids)
+    # one threshold for all chunks: every kept chunk is at least as useful as every pruned one
+    assert util[res].min() >= util[~res].max()
+    assert abs(res.sum() - 100) <= 2
+
+
+def test_non_resident_gradient_changes_only_utility():
+    s = EmbeddingStore([TableConfig("t", dim=8, chunks=2, num_embeddings=10)], StoreConfig(pruning=DynamicRatio(0.5), prune_period=0))
+    access(s, "t", np.arange(5))  # pool full
+    access(s, "t", [9])  # key 9 starts absent
+    pool_before = [a.copy() for a in s.pools[0].arrays]
+    addr_before = s.entries.arrays.addr.copy()
+    u_before = s.utilities("t", [9])
+    access(s, "t", [9], grad_scale=3.0)
+    for before, after in zip(pool_before, s.pools[0].arrays):
+        np.testing.assert_array_equal(before, after)
+    np.testing.assert_array_equal(addr_before, s.entries.arrays.addr)
+    assert np.all(s.utilities("t", [9]) > u_before)  # invariant 4: only the utility moved
+    np.testing.assert_array_equal(s.lookup("t", [9]), np.zeros((1, 8), np.float32))
+
+
+def test_spilled_chunk_comes_back_with_its_trained_values_and_state(rng):
+    tbl = TableConfig("t", dim=8, chunks=2, num_embeddings=20, optimizer="adagrad", learning_rate=0.1)
+    s = EmbeddingStore([tbl], StoreConfig(pruning=DynamicRatio(0.0), budget_bytes=8 * 4 * 4, on_evict="spill",
+                                          utility="access", prune_period=0, gamma=0.5))
+    access(s, "t", [1, 2, 3, 4], rng=rng)   # 8 slots: all four rows resident
+    access(s, "t", [1, 2, 3, 4], rng=rng)
+    trained = s.lookup("t", [1, 2]).copy()
+    states = s.pools[0].arrays.opt_state[s.entries.arrays.addr[s.entries.find(np.zeros(2, np.int16), np.array([1, 2]))[0]].ravel()].copy()
+    for _ in range(4):
+        access(s, "t", [5, 6, 7, 8, 3, 4], rng=rng)  # new keys start absent, then win the prune
+    s.prune()
+    assert not resident(s, "t", [1, 2]).any()
+    assert s.stats()["total"]["spilled_chunks"] >= 4
+    for _ in range(6):
+        access(s, "t", [1, 2] * 3, grad_scale=0.0)  # zero gradient: values stay, utility grows
+    s.prune()
+    assert resident(s, "t", [1, 2]).all()
+    np.testing.assert_array_equal(s.lookup("t", [1, 2]), trained)  # invariant 6
+    e = s.entries.find(np.zeros(2, np.int16), np.array([1, 2]))[0]
+    np.testing.assert_array_equal(s.pools[0].arrays.opt_state[s.entries.arrays.addr[e].ravel()], states)
+    assert check_store(s) == []
+    s.close()
+
+
+def test_discarded_chunk_comes_back_reinitialised(rng):
+    s = EmbeddingStore([TableConfig("t", dim=4, chunks=1, num_embeddings=10)],
+                       StoreConfig(pruning=DynamicRatio(0.0), budget_bytes=2 * 16, utility="access", prune_period=0, gamma=0.5))
+    initial = s.find_or_insert("t", [1, 2])[:1].copy()
+    access(s, "t", [1, 2], grad_scale=1.0)  # training moves row 1
+    assert not np.array_equal(s.lookup("t", [1]), initial)
+    for _ in range(3):
+        access(s, "t", [3, 4, 3, 4])
+    s.prune()
+    np.testing.assert_array_equal(s.lookup("t", [1]), np.zeros((1, 4), np.float32))
+    for _ in range(4):
+        access(s, "t", [1, 1, 1, 2, 2, 2], grad_scale=0.0)
+    s.prune()
+    np.testing.assert_array_equal(s.lookup("t", [1]), initial)  # same key, same deterministic initial values
+
+
+def test_endless_id_stream_keeps_a_bounded_entry_table(rng):
+    s = EmbeddingStore([TableConfig("t", dim=8, chunks=2, num_embeddings=1000)],
+                       StoreConfig(pruning=DynamicRatio(0.9), prune_period=5, gamma=0.5, drop_floor=1e-3))
+    live = []
+    for step in range(200):
+        access(s, "t", np.arange(step * 50, step * 50 + 50), rng=rng)  # never the same id twice
+        live.append(s.entries.n_live)
+    assert max(live[100:]) <= max(live[:100]) <= 1000
+    assert s.counters.dropped_entries > 8000
+    assert check_store(s) == []
+
+
+def test_utilities_follow_the_decay_recurrence(rng):
+    gamma = 0.8
+    s = EmbeddingStore([TableConfig("t", dim=4, chunks=2, num_embeddings=10)],
+                       StoreConfig(pruning=DynamicRatio(0.0), budget_fraction=1.0, gamma=gamma, prune_period=0))
+    expect = np.zeros(2)
+    for step in range(300):  # gamma**-300 is 1e29: the stored scale is folded back on the way
+        if step % 3 == 0:
+            b = s.pooled_lookup("t", np.array([5, 5]), np.array([0, 2]), train=True)
+            g = rng.standard_normal((1, 4)).astype(np.float32)
+            s.backward(b, g)
+            a = 2.0
+            expect += a * np.linalg.norm((2 * g[0].astype(np.float64)).reshape(2, 2), axis=1)
+        s.step()
+        expect *= gamma
+    np.testing.assert_allclose(s.utilities("t", [5])[0], expect, rtol=1e-5)
+
+
+def test_thresholds_are_the_paper_quantiles_on_a_full_table():
+    rng = np.random.default_rng(0)
+    samples = rng.random((10_000, 4)).astype(np.float32)
+    n = np.full(4, 10_000)
+    manual = thresholds(samples, ManualRatios((0.1, 0.5, 0.9, 1.0)), n, n)
+    np.testing.assert_allclose(manual[:3], [0.1, 0.5, 0.9], atol=0.02)
+    assert manual[3] == np.inf
+    dyn = thresholds(samples, DynamicRatio(0.75), n, n)
+    np.testing.assert_allclose(dyn, 0.75, atol=0.02)
+    # with a quarter of the declared rows seen, 25% may be kept: every seen chunk qualifies
+    assert np.all(thresholds(samples, DynamicRatio(0.75), n, n * 4) == 0.0)
+
+
+def test_pools_split_the_budget_by_chunk_width():
+    tables = [TableConfig("a", dim=64, chunks=4, num_embeddings=1000), TableConfig("b", dim=32, chunks=2, num_embeddings=1000),
+              TableConfig("c", dim=8, chunks=1, num_embeddings=3000)]
+    plans = plan_pools(tables, StoreConfig(budget_fraction=0.25))
+    assert [p.chunk_width for p in plans] == [8, 16]
+    assert plans[1].tables == (0, 1)
+    dense = (1000 * 64 + 1000 * 32 + 3000 * 8) * 4
+    assert sum(p.vector_bytes for p in plans) <= 0.25 * dense
+    assert sum(p.vector_bytes for p in plans) > 0.25 * dense - 2 * 64

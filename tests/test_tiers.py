@@ -1,0 +1,146 @@
+"""Every tier passes the same tests (a reusable base class, as zarr's StoreTests)."""
+
+from __future__ import annotations
+
+import errno
+
+import numpy as np
+import pytest
+
+from fiited_store import CorruptStoreError, StorageFullError
+from fiited_store.errors import InputShapeError
+from fiited_store.storage import ChunkTier, MemoryTier, ZarrTier
+
+
+class TierTests:
+    """Subclasses define ``make(tmp_path, capacity=0) -> ChunkTier``."""
+
+    C, W = 4, 1
+
+    def rows(self, rng, n):
+        return rng.standard_normal((n, self.C)).astype(np.float32), rng.standard_normal((n, self.W)).astype(np.float32)
+
+    def test_allocate_hands_out_distinct_ascending_free_slots(self, tmp_path):
+        tier = self.make(tmp_path)
+        a = tier.allocate(100)
+        b = tier.allocate(50)
+        assert np.all(np.diff(a) > 0) and np.all(np.diff(b) > 0)
+        assert np.intersect1d(a, b).size == 0
+        assert tier.n_used == 150
+
+    def test_write_then_read_in_any_order(self, tmp_path, rng):
+        tier = self.make(tmp_path)
+        slots = tier.allocate(300)
+        vec, st = self.rows(rng, 300)
+        perm = rng.permutation(300)
+        tier.write(slots[perm], vec[perm], st[perm])
+        q = rng.permutation(300)[:120]
+        got_v, got_s = tier.read(slots[q])
+        np.testing.assert_array_equal(got_v, vec[q])
+        np.testing.assert_array_equal(got_s, st[q])
+
+    def test_growth_keeps_what_was_written(self, tmp_path, rng):
+        tier = self.make(tmp_path)
+        first = tier.allocate(10)
+        vec, st = self.rows(rng, 10)
+        tier.write(first, vec, st)
+        cap = tier.capacity
+        more = tier.allocate(cap + 5)
+        assert tier.capacity > cap
+        assert np.intersect1d(first, more).size == 0
+        np.testing.assert_array_equal(tier.read(first)[0], vec)
+
+    def test_release_makes_slots_reusable_and_refuses_double_release(self, tmp_path):
+        tier = self.make(tmp_path)
+        slots = tier.allocate(tier.block_rows)
+        tier.release(slots[:10])
+        assert tier.n_used == tier.block_rows - 10
+        with pytest.raises(InputShapeError, match="already free"):
+            tier.release(slots[:1])
+        again = tier.allocate(10)
+        np.testing.assert_array_equal(np.sort(again), np.sort(slots[:10]))
+
+    def test_allocation_fills_the_emptiest_blocks_first(self, tmp_path):
+        tier = self.make(tmp_path, capacity=4 * 4096)
+        r = tier.block_rows
+        slots = tier.allocate(4 * r)
+        tier.release(slots[:r // 2])          # block 0 half empty
+        tier.release(slots[2 * r:3 * r])      # block 2 entirely empty
+        got = tier.allocate(r)
+        assert np.all(got // r == 2)          # one whole block: a whole-chunk write
+
+    def test_out_of_range_slots_are_refused(self, tmp_path):
+        tier = self.make(tmp_path)
+        with pytest.raises(InputShapeError, match=r"\[-1\]"):
+            tier.read(np.array([-1]))
+        with pytest.raises(InputShapeError, match="outside"):
+            tier.write(np.array([tier.capacity]), np.zeros((1, self.C), np.float32), np.zeros((1, self.W), np.float32))
+
+    def test_wrong_row_shape_is_refused(self, tmp_path):
+        tier = self.make(tmp_path)
+        s = tier.allocate(2)
+        with pytest.raises(InputShapeError, match=r"\(2, 3\)"):
+            tier.write(s, np.zeros((2, 3), np.float32), np.zeros((2, self.W), np.float32))
+
+    def test_background_read_equals_read(self, tmp_path, rng):
+        tier = self.make(tmp_path)
+        slots = tier.allocate(500)
+        vec, st = self.rows(rng, 500)
+        tier.write(slots, vec, st)
+        fut = tier.read_async(slots[::3])
+        v, s = fut.result(timeout=30)
+        np.testing.assert_array_equal(v, vec[::3])
+        np.testing.assert_array_equal(s, st[::3])
+        tier.close()
+
+    def test_free_space_is_derived_from_owners(self, tmp_path):
+        tier = self.make(tmp_path)
+        slots = tier.allocate(20)
+        tier.owner[slots[:5]] = np.arange(5)
+        tier.rebuild_free_space()
+        assert tier.n_used == 5
+
+
+class TestMemoryTier(TierTests):
+    def make(self, tmp_path, capacity: int = 0):
+        return MemoryTier(self.C, self.W, capacity)
+
+
+class TestZarrTier(TierTests):
+    def make(self, tmp_path, capacity: int = 0):
+        return ZarrTier(tmp_path / "tier", self.C, self.W, capacity)
+
+    def test_reopen_from_owners(self, tmp_path, rng):
+        tier = self.make(tmp_path)
+        slots = tier.allocate(50)
+        vec, st = self.rows(rng, 50)
+        tier.write(slots, vec, st)
+        tier.owner[slots] = np.arange(50)
+        again = ZarrTier.open(tmp_path / "tier", tier.owner)
+        np.testing.assert_array_equal(again.read(slots)[0], vec)
+        assert again.n_used == 50
+
+    def test_truncated_chunk_file_is_reported(self, tmp_path, rng):
+        tier = self.make(tmp_path)
+        slots = tier.allocate(10)
+        tier.write(slots, *self.rows(rng, 10))
+        chunk = next(p for p in (tmp_path / "tier" / "vectors").rglob("*") if p.is_file() and p.name != "zarr.json")
+        chunk.write_bytes(chunk.read_bytes()[:100])
+        with pytest.raises(CorruptStoreError, match="corrupt"):
+            tier.read(slots)
+
+    def test_full_device_changes_nothing(self, tmp_path, rng, monkeypatch):
+        tier = self.make(tmp_path)
+        slots = tier.allocate(10)
+        vec, st = self.rows(rng, 10)
+        tier.write(slots, vec, st)
+        import zarr.storage._local as local
+
+        def full(*args, **kwargs):
+            raise OSError(errno.ENOSPC, "No space left on device")
+
+        monkeypatch.setattr(local, "_put", full)
+        with pytest.raises(StorageFullError, match="full"):
+            tier.write(slots, vec + 1, st + 1)
+        monkeypatch.undo()
+        np.testing.assert_array_equal(tier.read(slots)[0], vec)
