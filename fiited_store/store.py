@@ -54,9 +54,9 @@ _MAX_GROWTH = 1e18
 class Grouping(NamedTuple):
     """Occurrences of a batch grouped by entry (see ``group_occurrences``)."""
 
-    uniq: Any   # int64[U] distinct entries, first occurrence first
-    ptr: Any    # int64[U + 1]
-    order: Any  # int64[nnz] occurrence indices, grouped
+    uniq: Any    # int64[U] distinct entries, first occurrence first
+    counts: Any  # int64[U] occurrences of each
+    which: Any   # int64[nnz] the distinct entry of each occurrence, -1 for unknown keys
 
 
 @dataclass
@@ -196,6 +196,9 @@ class EmbeddingStore:
         self._generation = 0
         self._closed = False
         self._buffers = _OutputBuffers(self.backend)
+        import numba
+
+        self._threads = numba.get_num_threads()
         self._grad_buf = None
         self._staged: dict[int, _Staged] = {}
         self._clock = [0] * len(self.plans)
@@ -378,10 +381,10 @@ class EmbeddingStore:
     def _group(self, entries) -> Grouping:
         n = entries.shape[0]
         uniq = self.backend.empty(n, np.int64)
-        ptr = self.backend.empty(n + 1, np.int64)
-        order = self.backend.empty(n, np.int64)
-        u = int(self.k.group_occurrences(entries, uniq, ptr, order))
-        return Grouping(uniq[:u], ptr[: u + 1], order)
+        counts = self.backend.empty(n, np.int64)
+        which = self.backend.empty(n, np.int64)
+        u = int(self.k.group_occurrences(entries, uniq, counts, which))
+        return Grouping(uniq[:u], counts[:u], which)
 
     # ------------------------------------------------------------------ lookups
     def pooled_lookup(self, features: str | Sequence[str], ids: Any, offsets: Any, per_sample_weights: Any = None,
@@ -427,9 +430,8 @@ class EmbeddingStore:
         self.k.expand_bags(offsets_d, B, ft_d, bag_of_occ, q_tables)
         new: list = []
         entries = self._resolve(q_tables, ids_d, insert=train, new_out=new)
-        grouping = None
+        grouping = self._group(entries) if train else None
         if self.config.mode == "cache" and train:
-            grouping = self._group(entries)
             try:
                 self._make_resident(grouping.uniq)
             except PoolCapacityError:
@@ -492,12 +494,6 @@ class EmbeddingStore:
         if batch.consumed:
             raise StaleBatchError("this batch was not produced with train=True, or its backward already ran")
         g = self._as_grad(grad_out, batch.output.shape)
-        bad = int(self.k.first_nonfinite(g))
-        if bad >= 0:
-            i, j = divmod(bad, g.shape[1])
-            raise NonFiniteGradientError(
-                f"grad_out[{i}, {j}] = {self.backend.to_host(g[i:i + 1, j])[0]} is not finite; nothing was updated"
-            )
         entries, grouping = batch.entries, batch.grouping
         if batch.generation != self._generation:
             # a rehash or an erase moved entries since the forward; find the keys again
@@ -505,20 +501,37 @@ class EmbeddingStore:
             grouping = None
         if grouping is None:
             grouping = self._group(entries)
-        growth = self._growth()
         U = grouping.uniq.shape[0]
         dmax = int(self._host_meta["table_dim"].max())
         if self._grad_buf is None or self._grad_buf.shape[0] < U:
             self._grad_buf = self.backend.empty((max(U, 1024) * 5 // 4, dmax), np.float32)
         m = self._meta
         ea = self.entries.arrays
+        # phase 1 sums every gradient row an id uses and checks the sums; nothing changes yet
+        self.k.zero_rows(self._grad_buf, U)
+        split = max(1, self._threads // max(len(self.tables), 1))
+        for pool in self.pools:
+            self.k.accumulate_gradients(
+                grouping.which, batch.offsets, batch.weights, batch.mean, batch.bags_per_feature, batch.feature_tables,
+                batch.feature_col, g, m["table_chunks"], m["table_group"], pool.plan.group, pool.plan.chunk_width,
+                len(self.tables), split, self._grad_buf)
+        n_bad = int(self.k.count_nonfinite_rows(self._grad_buf, U))
+        n_bad += int(self.k.nonfinite_in_empty_bags(batch.offsets, batch.bags_per_feature, batch.feature_col,
+                                                     batch.feature_tables, m["table_dim"], g))
+        if n_bad:
+            bad = int(self.k.first_nonfinite(g))
+            i, j = divmod(bad, g.shape[1])
+            raise NonFiniteGradientError(
+                f"grad_out[{i}, {j}] = {self.backend.to_host(g[i:i + 1, j])[0]} is not finite; nothing was updated"
+            )
+        # phase 2: utilities and the fused optimizer step
+        growth = self._growth()
         for pool in self.pools:
             a = pool.arrays
-            self.k.backward_update(
-                grouping.uniq, grouping.ptr, grouping.order, batch.bag_of_occ, batch.weights, batch.mean,
-                batch.offsets, batch.bags_per_feature, batch.feature_col, g, ea.table_ids, ea.addr, ea.util,
-                a.vectors, a.opt_state, m["table_chunks"], m["table_group"], pool.plan.group, m["table_opt"],
-                m["table_lr"], m["table_eps"], self._util_code, growth, self._grad_buf,
+            self.k.apply_gradients(
+                grouping.uniq, grouping.counts, self._grad_buf, ea.table_ids, ea.addr, ea.util, a.vectors, a.opt_state,
+                m["table_chunks"], m["table_group"], pool.plan.group, m["table_opt"], m["table_lr"], m["table_eps"],
+                self._util_code, growth,
             )
         batch.consumed = True
 
@@ -651,14 +664,15 @@ class EmbeddingStore:
         info["thresholds"] = thr.tolist()
         thr_d = b.from_host(thr)
         util_bits = ea.util.view(np.uint32)
+        block_counts = b.empty((k._SCAN_BLOCKS, 3), np.int64)
         keep, cand, drop = (int(x) for x in k.prune_count(ea.table_ids, ea.addr, ea.util, m["table_chunks"],
-                                                          m["table_group"], g, thr_d))
+                                                          m["table_group"], g, thr_d, block_counts))
         use_cutoff = keep + cand > pool.slots
         cutoff = np.uint64(0)
         if use_cutoff:
             comp = b.empty(keep + cand, np.uint64)
             n_c = int(k.prune_composites(ea.keys, ea.table_ids, ea.addr, ea.util, util_bits, m["table_chunks"],
-                                         m["table_group"], g, thr_d, comp))
+                                         m["table_group"], g, thr_d, block_counts, comp))
             host = b.to_host(comp[:n_c])
             cutoff = np.partition(host, n_c - pool.slots)[n_c - pool.slots]
         n_res = keep + drop
@@ -670,9 +684,13 @@ class EmbeddingStore:
                                                      cutoff, ev_e, ev_k, al_e, al_k, al_r))
         self._evict(pool, ev_e[:n_ev], ev_k[:n_ev])
         if n_al:
-            order = np.argsort(b.to_host(al_r[:n_al]), kind="stable")[::-1].copy()
-            al_e = b.from_host(b.to_host(al_e[:n_al])[order])
-            al_k = b.from_host(b.to_host(al_k[:n_al])[order])
+            al_e, al_k = al_e[:n_al], al_k[:n_al]
+            if n_al > pool.n_free:
+                # only when composite ties let more chunks qualify than there are slots:
+                # place the best first
+                order = np.argsort(b.to_host(al_r[:n_al]), kind="stable")[::-1].copy()
+                al_e = b.from_host(b.to_host(al_e)[order])
+                al_k = b.from_host(b.to_host(al_k)[order])
             self._allocate(pool, al_e, al_k)
         info.update(evicted=n_ev, allocated=n_al, oversubscribed=bool(use_cutoff))
         return info
@@ -1058,6 +1076,106 @@ class EmbeddingStore:
             for p in self.pools
         ]
         return {"tables": per_table, "total": total, "pools": pools, "counters": dict(vars(self.counters))}
+
+    # ------------------------------------------------------------------ state as arrays
+    def export_state(self) -> dict[str, np.ndarray]:
+        """Every array of the store, host copies, tier rows included (for ``state_dict``)."""
+        import json
+
+        from .storage.checkpoint import config_to_json
+
+        b = self.backend
+        out: dict[str, np.ndarray] = {}
+        for k, v in self.entries.arrays._asdict().items():
+            out[f"entries.{k}"] = np.array(b.to_host(v))
+        for pool in self.pools:
+            for k, v in pool.arrays._asdict().items():
+                out[f"pool_{pool.plan.group}.{k}"] = np.array(b.to_host(v))
+        for g, tier in enumerate(self.tiers):
+            if tier is None:
+                continue
+            used = np.nonzero(tier.owner >= 0)[0]
+            vec, st = tier.read(used)
+            out[f"tier_{g}.slots"] = used
+            out[f"tier_{g}.owner"] = tier.owner[used].copy()
+            out[f"tier_{g}.vectors"], out[f"tier_{g}.states"] = vec, st
+        out["meta.counters"] = np.array([self.step_count, self._scale_origin, self._prune_round], np.int64)
+        out["meta.config"] = np.frombuffer(json.dumps(config_to_json(self.tables, self.config)).encode(), np.uint8).copy()
+        return out
+
+    def import_state(self, state: dict[str, Any]) -> None:
+        """Replace this store's contents with an :meth:`export_state` of a store of the same configuration."""
+        import dataclasses
+        import json
+
+        from .entry_table import EntryArrays
+        from .pool import PoolArrays
+        from .storage.checkpoint import config_from_json
+
+        self._check_writable()
+        st = {k: np.asarray(v) for k, v in state.items()}
+        if "meta.config" not in st:
+            raise InputShapeError("state has no 'meta.config': not a fiited-store state")
+        tables, config = config_from_json(json.loads(bytes(st["meta.config"].astype(np.uint8)).decode()))
+        mine = dataclasses.replace(self.config, device="cpu")
+        theirs = dataclasses.replace(config, device="cpu")
+        if tuple(tables) != self.tables or mine != theirs:
+            raise ConfigError("state was saved from a store with another configuration: "
+                              f"tables {[t.name for t in tables]} / {theirs} vs {[t.name for t in self.tables]} / {mine}")
+        need = [f"entries.{k}" for k in EntryArrays._fields] + [
+            f"pool_{p.plan.group}.{k}" for p in self.pools for k in PoolArrays._fields]
+        missing = [k for k in need if k not in st]
+        if missing:
+            raise InputShapeError(f"state lacks arrays {missing}")
+        cap = st["entries.keys"].shape[0]
+        expect = {"entries.keys": ((cap,), np.int64), "entries.table_ids": ((cap,), np.int16),
+                  "entries.addr": ((cap, self.kmax), np.int32), "entries.util": ((cap, self.util_width), np.float32)}
+        for p in self.pools:
+            g, plan = p.plan.group, p.plan
+            expect.update({f"pool_{g}.vectors": ((plan.slots, plan.chunk_width), np.float32),
+                           f"pool_{g}.opt_state": ((plan.slots, plan.state_width), np.float32),
+                           f"pool_{g}.owner": ((plan.slots,), np.int64), f"pool_{g}.free_stack": ((plan.slots,), np.int32),
+                           f"pool_{g}.n_free": ((1,), np.int64)})
+        for k, (shape, dtype) in expect.items():
+            if st[k].shape != shape or st[k].dtype != dtype:
+                raise InputShapeError(f"state array {k} is {st[k].dtype}{st[k].shape}, expected {np.dtype(dtype)}{shape}")
+        b = self.backend
+        addr = st["entries.addr"].copy()
+        new_tiers: list[Any] = [None] * len(self.plans)
+        for g in range(len(self.plans)):
+            if f"tier_{g}.slots" not in st:
+                continue
+            plan = self.plans[g]
+            from .storage.zarr_tier import ZarrTier
+
+            root = self._tier_root() / f"tier_{g}.import"
+            tier = ZarrTier(root, plan.chunk_width, plan.state_width, capacity=st[f"tier_{g}.slots"].shape[0])
+            new_slots = tier.allocate(st[f"tier_{g}.slots"].shape[0])
+            tier.write(new_slots, st[f"tier_{g}.vectors"], st[f"tier_{g}.states"])
+            owner = st[f"tier_{g}.owner"]
+            tier.owner[new_slots] = owner
+            addr[owner // self.kmax, owner % self.kmax] = -2 - new_slots  # the rows moved: point at them
+            new_tiers[g] = tier
+        self.entries = EntryTable.from_arrays(b, EntryArrays(
+            keys=b.from_host(st["entries.keys"]), table_ids=b.from_host(st["entries.table_ids"]),
+            addr=b.from_host(addr), util=b.from_host(st["entries.util"])), self.config.max_load)
+        for p in self.pools:
+            g = p.plan.group
+            p.arrays = PoolArrays(*(b.from_host(np.array(st[f"pool_{g}.{k}"])) for k in PoolArrays._fields))
+        for g, tier in enumerate(new_tiers):
+            if self.tiers[g] is not None:
+                self.tiers[g].close()
+                shutil.rmtree(self.tiers[g].root, ignore_errors=True)
+            if tier is not None:
+                final = self._tier_root() / f"tier_{g}"
+                shutil.rmtree(final, ignore_errors=True)
+                tier.root.rename(final)
+                self.tiers[g] = type(tier).open(final, tier.owner)
+            else:
+                self.tiers[g] = None
+        self.step_count, self._scale_origin, self._prune_round = (int(x) for x in st["meta.counters"])
+        self._generation += 1
+        self._staged.clear()
 
     # ------------------------------------------------------------------ persistence
     def save(self, path: str | Path | None = None) -> Path:

@@ -16,6 +16,7 @@ from __future__ import annotations
 import numpy as np
 from llvmlite import ir
 from numba import njit, prange, types
+from numba.core import cgutils
 from numba.extending import intrinsic
 
 from .layout import (
@@ -52,6 +53,36 @@ def fma32(typingctx, a, b, c):
     return sig, codegen
 
 
+@intrinsic
+def prefetch(typingctx, arr, idx):
+    """Ask for the cache line of arr[idx] (of row idx of a 2-D array) ahead of use.
+
+    The kernels chase pointers (entry -> addresses -> chunk rows); issuing the
+    loads a few iterations early hides most of the memory latency.
+    """
+    sig = types.void(arr, idx)
+
+    def codegen(context, builder, signature, args):
+        aty = signature.args[0]
+        ary = context.make_array(aty)(context, builder, args[0])
+        i = context.cast(builder, args[1], signature.args[1], types.intp)
+        index = [i] + [context.get_constant(types.intp, 0)] * (aty.ndim - 1)
+        ptr = cgutils.get_item_pointer(context, builder, aty, ary, index, wraparound=False)
+        i8p = ir.IntType(8).as_pointer()
+        i32 = ir.IntType(32)
+        fn = cgutils.get_or_insert_function(builder.module, ir.FunctionType(ir.VoidType(), [i8p, i32, i32, i32]),
+                                            "llvm.prefetch.p0i8")
+        builder.call(fn, [builder.bitcast(ptr, i8p), ir.Constant(i32, 0), ir.Constant(i32, 3), ir.Constant(i32, 1)])
+        return context.get_dummy_value()
+
+    return sig, codegen
+
+
+#: how far ahead (in output rows) the forward pass prefetches entry addresses and chunk rows
+PREFETCH_ADDR = 16
+PREFETCH_ROWS = 4
+
+
 # --------------------------------------------------------------------------- hashing
 
 
@@ -80,19 +111,36 @@ def _unit(h):
     return np.float64(h >> np.uint64(11)) * (1.0 / 9007199254740992.0)
 
 
+@njit(**_JIT)
+def init_table(seed, kmax, c):
+    """uint64[kmax, c]: the per-(chunk, element) half of the initialiser's hash.
+
+    An initial value is a function of mix64(key_hash ^ table[k, j]), so that it
+    depends on (seed, table, id, chunk, element) only; computing this half once per
+    call leaves one hash per initialised float.
+    """
+    out = np.empty((kmax, c), np.uint64)
+    for k in range(kmax):
+        for j in range(c):
+            out[k, j] = mix64(np.uint64(seed) + np.uint64(k * 65536 + j) * _U64_C3)
+    return out
+
+
 @njit(inline="always")
-def init_value(seed, table, key, k, j, kind, scale):
-    """Initial value of element j of chunk k of (table, key): a pure function."""
+def init_chunk(dst, trow, kh, kind, scale):
+    """Initial values of one chunk: trow = init_table(...)[k], kh = key_hash(table, id)."""
     if kind == INIT_UNIFORM:
-        h = mix64(key_hash(table, key) ^ mix64(np.uint64(seed) + np.uint64(k * 65536 + j) * _U64_C3))
-        return np.float32(scale * (2.0 * _unit(h) - 1.0))
-    if kind == INIT_NORMAL:
-        h1 = mix64(key_hash(table, key) ^ mix64(np.uint64(seed) + np.uint64(k * 65536 + j) * _U64_C3))
-        h2 = mix64(h1 ^ _U64_GOLDEN)
-        u1 = 1.0 - _unit(h1)  # (0, 1]
-        u2 = _unit(h2)
-        return np.float32(scale * np.sqrt(-2.0 * np.log(u1)) * np.cos(2.0 * np.pi * u2))
-    return np.float32(0.0)
+        for j in range(dst.shape[0]):
+            h = mix64(kh ^ trow[j])
+            dst[j] = np.float32(scale * (2.0 * _unit(h) - 1.0))
+    elif kind == INIT_NORMAL:
+        for j in range(dst.shape[0]):
+            h = mix64(kh ^ trow[j])
+            u1 = 1.0 - _unit(h)  # (0, 1]
+            u2 = _unit(mix64(h ^ _U64_GOLDEN))
+            dst[j] = np.float32(scale * np.sqrt(-2.0 * np.log(u1)) * np.cos(2.0 * np.pi * u2))
+    else:
+        dst[:] = 0.0
 
 
 # --------------------------------------------------------------------------- entry table
@@ -224,6 +272,7 @@ def admit_new_chunks(new_entries, keys, table_ids, addr, table_chunks, table_gro
                      owner, free_stack, n_free, seed, table_init_kind, table_init_scale, kmax):
     """Give free slots to the chunks of new keys, in first-occurrence order, while any remain."""
     c = vectors.shape[1]
+    itab = init_table(seed, kmax, c)
     admitted = 0
     for i in range(new_entries.shape[0]):
         e = new_entries[i]
@@ -237,8 +286,7 @@ def admit_new_chunks(new_entries, keys, table_ids, addr, table_chunks, table_gro
             s = free_stack[n_free[0]]
             addr[e, k] = s
             owner[s] = e * kmax + k
-            for j in range(c):
-                vectors[s, j] = init_value(seed, t, keys[e], k, j, table_init_kind[t], table_init_scale[t])
+            init_chunk(vectors[s], itab[k], key_hash(t, keys[e]), table_init_kind[t], table_init_scale[t])
             opt_state[s, :] = 0.0
             admitted += 1
     return admitted
@@ -252,26 +300,27 @@ def gather_slots(slots, vectors, opt_state, out_vectors, out_state):
         out_state[i, :] = opt_state[s, :]
 
 
-@njit(**_JIT)
+@njit(**_PAR)
 def commit_evictions(ev_entries, ev_chunks, tier_slots, addr, owner, free_stack, n_free, kmax):
-    """Evict chunks: their slots go back on the free stack.
+    """Evict chunks: their slots go back on the free stack, in list order.
 
     With tier_slots non-empty the chunk is spilled (addr = -2 - tier slot; the
     caller, who wrote the tier, sets the tier's back-pointers); otherwise it
     becomes absent.
     """
     spill = tier_slots.shape[0] > 0
-    for i in range(ev_entries.shape[0]):
+    top = n_free[0]
+    for i in prange(ev_entries.shape[0]):
         e = ev_entries[i]
         k = ev_chunks[i]
         s = addr[e, k]
         owner[s] = -1
-        free_stack[n_free[0]] = s
-        n_free[0] += 1
+        free_stack[top + i] = s
         if spill:
             addr[e, k] = -2 - tier_slots[i]
         else:
             addr[e, k] = -1
+    n_free[0] = top + ev_entries.shape[0]
 
 
 @njit(**_PAR)
@@ -281,7 +330,7 @@ def chunk_codes(addr, entries, chunks, out):
         out[i] = addr[entries[i], chunks[i]]
 
 
-@njit(**_JIT)
+@njit(**_PAR)
 def commit_allocations(al_entries, al_chunks, restore_index, restored_vectors, restored_state, keys, table_ids,
                        addr, owner, free_stack, n_free, vectors, opt_state, seed, table_init_kind,
                        table_init_scale, kmax):
@@ -289,28 +338,30 @@ def commit_allocations(al_entries, al_chunks, restore_index, restored_vectors, r
 
     restore_index[i] >= 0: the chunk comes back with row restore_index[i] of the
     restored arrays (its trained values and optimizer state); -1: it is initialised.
+    Allocation i takes the i-th slot from the top of the free stack, so the work
+    splits across threads and the result does not depend on their number.
     Returns how many were placed; the caller releases the tier slots of restored ones.
     """
-    c = vectors.shape[1]
-    for i in range(al_entries.shape[0]):
-        if n_free[0] == 0:
-            return i
+    top = n_free[0]
+    placed = min(al_entries.shape[0], top)
+    itab = init_table(seed, kmax, vectors.shape[1])
+    for i in prange(placed):
         e = al_entries[i]
         k = al_chunks[i]
-        n_free[0] -= 1
-        s = free_stack[n_free[0]]
+        s = free_stack[top - 1 - i]
         addr[e, k] = s
         owner[s] = e * kmax + k
         r = restore_index[i]
+        v = vectors[s]
         if r >= 0:
-            vectors[s, :] = restored_vectors[r, :]
-            opt_state[s, :] = restored_state[r, :]
+            v[:] = restored_vectors[r]
+            opt_state[s, :] = restored_state[r]
         else:
             t = table_ids[e]
-            for j in range(c):
-                vectors[s, j] = init_value(seed, t, keys[e], k, j, table_init_kind[t], table_init_scale[t])
+            init_chunk(v, itab[k], key_hash(t, keys[e]), table_init_kind[t], table_init_scale[t])
             opt_state[s, :] = 0.0
-    return al_entries.shape[0]
+    n_free[0] = top - placed
+    return placed
 
 
 @njit(**_PAR)
@@ -356,60 +407,102 @@ def _source_row(s, sp_slots):
     return -1, 0
 
 
+@njit(inline="always")
+def _prefetch_bag(entry_idx, offsets, bag, addr, vectors, sp_slots, deep):
+    """Prefetch the address row of the bag's first id, and (deep) its chunk rows."""
+    lo = offsets[bag]
+    if lo < offsets[bag + 1]:
+        e = entry_idx[lo]
+        if e >= 0:
+            if deep:
+                arow = addr[e]
+                for k in range(arow.shape[0]):
+                    if arow[k] >= 0:
+                        prefetch(vectors, arow[k])
+            else:
+                prefetch(addr, e)
+
+
 @njit(**_PAR)
 def pooled_forward(entry_idx, offsets, weights, mean, bags_per_feature, feature_table, feature_col, addr,
                    vectors, table_chunks, table_group, group, sp_slots, sp_vectors, out):
     """out[b, col_f : col_f + D] = sum (or mean) over the bag of the zero-padded rows.
 
-    Each bag is one feature of one sample; the output slice of a feature is written
-    only by the call for its table's pool group. weights has length 0 or nnz.
-    Spilled chunks read as zeros unless their tier rows are given in
+    Bags are feature-major (bag = f * B + b); the loop runs over output rows b so
+    that each thread writes whole rows of ``out``. The output slice of a feature is
+    written only by the call for its table's pool group. weights has length 0 or
+    nnz. Spilled chunks read as zeros unless their tier rows are given in
     (sp_slots ascending, sp_vectors): the read-through path of cache mode.
     """
     c = vectors.shape[1]
+    B = bags_per_feature
+    F = feature_table.shape[0]
     weighted = weights.shape[0] > 0
-    for bag in prange(offsets.shape[0] - 1):
-        f = bag // bags_per_feature
-        b = bag - f * bags_per_feature
-        t = feature_table[f]
-        if table_group[t] != group:
-            continue
-        col = feature_col[f]
-        K = table_chunks[t]
-        out[b, col:col + K * c] = 0.0
-        for i in range(offsets[bag], offsets[bag + 1]):
-            e = entry_idx[i]
-            if e < 0:
+    for b in prange(B):
+        orow = out[b]
+        for f in range(F):
+            t = feature_table[f]
+            if table_group[t] != group:
                 continue
-            for k in range(K):
-                where, r = _source_row(addr[e, k], sp_slots)
-                if where < 0:
+            bag = f * B + b
+            if b + PREFETCH_ADDR < B:
+                _prefetch_bag(entry_idx, offsets, bag + PREFETCH_ADDR, addr, vectors, sp_slots, False)
+            if b + PREFETCH_ROWS < B:
+                _prefetch_bag(entry_idx, offsets, bag + PREFETCH_ROWS, addr, vectors, sp_slots, True)
+            col = feature_col[f]
+            K = table_chunks[t]
+            lo = offsets[bag]
+            hi = offsets[bag + 1]
+            if hi - lo == 1 and not weighted and entry_idx[lo] >= 0:
+                # one id, no weight: a copy (the common case of one-hot features)
+                arow = addr[entry_idx[lo]]
+                for k in range(K):
+                    dst = orow[col + k * c:col + (k + 1) * c]
+                    where, r = _source_row(arow[k], sp_slots)
+                    if where < 0:
+                        dst[:] = 0.0
+                    else:
+                        src = vectors[r] if where == 0 else sp_vectors[r]
+                        for j in range(c):
+                            dst[j] = src[j]
+                continue
+            orow[col:col + K * c] = 0.0
+            for i in range(lo, hi):
+                e = entry_idx[i]
+                if e < 0:
                     continue
-                src = vectors if where == 0 else sp_vectors
-                base = col + k * c
-                if weighted:
-                    w = weights[i]
-                    for j in range(c):
-                        out[b, base + j] = fma32(src[r, j], w, out[b, base + j])
-                else:
-                    for j in range(c):
-                        out[b, base + j] += src[r, j]
-        n = offsets[bag + 1] - offsets[bag]
-        if mean and n > 0:
-            inv = np.float32(n)
-            for j in range(K * c):
-                out[b, col + j] = out[b, col + j] / inv
+                arow = addr[e]
+                for k in range(K):
+                    where, r = _source_row(arow[k], sp_slots)
+                    if where < 0:
+                        continue
+                    src = vectors[r] if where == 0 else sp_vectors[r]
+                    dst = orow[col + k * c:col + (k + 1) * c]
+                    if weighted:
+                        w = weights[i]
+                        for j in range(c):
+                            dst[j] = fma32(src[j], w, dst[j])
+                    else:
+                        for j in range(c):
+                            dst[j] += src[j]
+            n = hi - lo
+            if mean and n > 0:
+                inv = np.float32(n)
+                dst = orow[col:col + K * c]
+                for j in range(K * c):
+                    dst[j] = dst[j] / inv
 
 
 # --------------------------------------------------------------------------- backward
 
 
 @njit(**_JIT)
-def group_occurrences(entry_idx, uniq, ptr, order):
-    """Counting sort of id occurrences by entry, keeping batch order inside each group.
+def group_occurrences(entry_idx, uniq, counts, which):
+    """Distinct entries of a batch, by first occurrence.
 
-    uniq lists entries by first occurrence; the occurrences of uniq[u] are
-    order[ptr[u]:ptr[u+1]]. Negative entries (unknown keys) are skipped.
+    uniq[u] is the u-th distinct entry, counts[u] how often it occurs and
+    which[i] the u of occurrence i (-1 for unknown keys). A batch-sized hash map
+    keeps this cache-resident whatever the size of the entry table.
     Returns the number of distinct entries.
     """
     n = entry_idx.shape[0]
@@ -418,7 +511,6 @@ def group_occurrences(entry_idx, uniq, ptr, order):
         size *= 2
     hkeys = np.full(size, -1, np.int64)
     hvals = np.empty(size, np.int64)
-    which = np.empty(n, np.int64)
     mask = np.uint64(size - 1)
     n_uniq = 0
     for i in range(n):
@@ -433,24 +525,16 @@ def group_occurrences(entry_idx, uniq, ptr, order):
                 hkeys[pos] = e
                 hvals[pos] = n_uniq
                 uniq[n_uniq] = e
-                ptr[n_uniq + 1] = 0
+                counts[n_uniq] = 1
                 which[i] = n_uniq
                 n_uniq += 1
                 break
             if h == e:
-                which[i] = hvals[pos]
+                u = hvals[pos]
+                which[i] = u
+                counts[u] += 1
                 break
             pos = (pos + np.uint64(1)) & mask
-        ptr[which[i] + 1] += 1
-    ptr[0] = 0
-    for u in range(n_uniq):
-        ptr[u + 1] += ptr[u]
-    fill = ptr[:n_uniq].copy()
-    for i in range(n):
-        u = which[i]
-        if u >= 0:
-            order[fill[u]] = i
-            fill[u] += 1
     return n_uniq
 
 
@@ -465,10 +549,76 @@ def first_nonfinite(a):
 
 
 @njit(**_PAR)
-def backward_update(uniq, ptr, order, bag_of_occ, weights, mean, offsets, bags_per_feature, feature_col,
-                    grad_out, table_ids, addr, util, vectors, opt_state, table_chunks, table_group, group,
-                    table_opt, table_lr, table_eps, util_mode, growth, grad_buf):
-    """Per distinct entry: sum its gradient, update its utilities, and step resident chunks.
+def accumulate_gradients(which, offsets, weights, mean, bags_per_feature, feature_table, feature_col, grad_out,
+                         table_chunks, table_group, group, c, n_tables, split, grad_buf):
+    """grad_buf[u, :D] = the summed gradient of distinct entry u, occurrences in batch order.
+
+    Work is split by table (an entry belongs to one table, so two tables never
+    touch the same row of grad_buf) and, within a table, by u modulo ``split``; each
+    part streams its features' columns of grad_out top to bottom, which the
+    hardware prefetcher follows, and adds into grad_buf rows that stay in cache.
+    Every row of grad_buf must be zero on entry.
+    """
+    B = bags_per_feature
+    F = feature_table.shape[0]
+    weighted = weights.shape[0] > 0
+    for item in prange(n_tables * split):
+        t = item // split
+        part = item - t * split
+        if table_group[t] != group:
+            continue
+        D = table_chunks[t] * c
+        for f in range(F):
+            if feature_table[f] != t:
+                continue
+            col = feature_col[f]
+            for b in range(B):
+                bag = f * B + b
+                lo = offsets[bag]
+                hi = offsets[bag + 1]
+                for i in range(lo, hi):
+                    u = which[i]
+                    if u < 0 or u % split != part:
+                        continue
+                    g = grad_buf[u, :D]
+                    src = grad_out[b, col:col + D]
+                    if weighted:
+                        w = weights[i]
+                        for j in range(D):
+                            g[j] += w * src[j]
+                    elif mean:
+                        w = np.float32(1.0) / np.float32(hi - lo)
+                        for j in range(D):
+                            g[j] += src[j] * w
+                    else:
+                        for j in range(D):
+                            g[j] += src[j]
+
+
+@njit(**_PAR)
+def zero_rows(a, n):
+    for i in prange(n):
+        a[i, :] = 0.0
+
+
+@njit(**_PAR)
+def count_nonfinite_rows(a, n):
+    bad = 0
+    for i in prange(n):
+        row = a[i]
+        ok = True
+        for j in range(row.shape[0]):
+            if not np.isfinite(row[j]):
+                ok = False
+        if not ok:
+            bad += 1
+    return bad
+
+
+@njit(**_PAR)
+def apply_gradients(uniq, counts, grad_buf, table_ids, addr, util, vectors, opt_state, table_chunks, table_group,
+                    group, table_opt, table_lr, table_eps, util_mode, growth):
+    """Per distinct entry: update its utilities and step its resident chunks.
 
     Utilities are stored scaled by ``growth = gamma ** -(steps since the scale was
     last folded in)``, so decaying every utility at every step costs nothing:
@@ -476,73 +626,85 @@ def backward_update(uniq, ptr, order, bag_of_occ, weights, mean, offsets, bags_p
     A chunk that is not resident gets its utility and nothing else (invariant 4).
     """
     c = vectors.shape[1]
-    for u in prange(uniq.shape[0]):
+    U = uniq.shape[0]
+    for u in prange(U):
+        if u + 2 * PREFETCH_ROWS < U:
+            prefetch(addr, uniq[u + 2 * PREFETCH_ROWS])
+        if u + PREFETCH_ROWS < U:
+            ahead = addr[uniq[u + PREFETCH_ROWS]]
+            for k in range(ahead.shape[0]):
+                if ahead[k] >= 0:
+                    prefetch(vectors, ahead[k])
+                    prefetch(opt_state, ahead[k])
         e = uniq[u]
         t = table_ids[e]
         if table_group[t] != group:
             continue
         K = table_chunks[t]
         D = K * c
-        g = grad_buf[u]
-        g[:D] = 0.0
-        for p in range(ptr[u], ptr[u + 1]):
-            i = order[p]
-            bag = bag_of_occ[i]
-            f = bag // bags_per_feature
-            b = bag - f * bags_per_feature
-            col = feature_col[f]
-            if weights.shape[0] > 0:
-                w = weights[i]
-                for j in range(D):
-                    g[j] += w * grad_out[b, col + j]
-            elif mean:
-                w = np.float32(1.0) / np.float32(offsets[bag + 1] - offsets[bag])
-                for j in range(D):
-                    g[j] += grad_out[b, col + j] * w
-            else:
-                for j in range(D):
-                    g[j] += grad_out[b, col + j]
-        accesses = np.float64(ptr[u + 1] - ptr[u])
+        g = grad_buf[u, :D]
+        accesses = np.float64(counts[u])
+        urow = util[e]
         if util_mode == UTIL_GRADIENT:
             for k in range(K):
+                gk = g[k * c:(k + 1) * c]
                 sq = 0.0
-                for j in range(k * c, (k + 1) * c):
-                    sq += np.float64(g[j]) * np.float64(g[j])
-                util[e, k] += np.float32(accesses * np.sqrt(sq) * growth)
+                for j in range(c):
+                    sq += np.float64(gk[j]) * np.float64(gk[j])
+                urow[k] += np.float32(accesses * np.sqrt(sq) * growth)
         elif util_mode == UTIL_ACCESS:
-            util[e, 0] += np.float32(accesses * growth)
+            urow[0] += np.float32(accesses * growth)
         else:
             sq = 0.0
             for j in range(D):
                 sq += np.float64(g[j]) * np.float64(g[j])
-            util[e, 0] += np.float32(accesses * np.sqrt(sq) * growth)
+            urow[0] += np.float32(accesses * np.sqrt(sq) * growth)
 
         opt = table_opt[t]
         neg_lr = np.float32(-table_lr[t])
         eps = np.float32(table_eps[t])
+        arow = addr[e]
         for k in range(K):
-            s = addr[e, k]
+            s = arow[k]
             if s < 0:
                 continue
-            base = k * c
+            gk = g[k * c:(k + 1) * c]
+            v = vectors[s]
+            st = opt_state[s]
             if opt == OPT_SGD:
                 for j in range(c):
-                    vectors[s, j] = fma32(neg_lr, g[base + j], vectors[s, j])
+                    v[j] = fma32(neg_lr, gk[j], v[j])
             elif opt == OPT_ADAGRAD:
                 for j in range(c):
-                    gj = g[base + j]
-                    st = opt_state[s, j] + gj * gj
-                    opt_state[s, j] = st
-                    vectors[s, j] = fma32(neg_lr, gj / (np.sqrt(st) + eps), vectors[s, j])
+                    acc = st[j] + gk[j] * gk[j]
+                    st[j] = acc
+                    v[j] = fma32(neg_lr, gk[j] / (np.sqrt(acc) + eps), v[j])
             elif opt == OPT_ROWWISE_ADAGRAD:
                 sq32 = np.float32(0.0)
                 for j in range(c):
-                    sq32 += g[base + j] * g[base + j]
-                st = opt_state[s, 0] + sq32 / np.float32(c)
-                opt_state[s, 0] = st
-                mult = neg_lr / (np.sqrt(st) + eps)
+                    sq32 += gk[j] * gk[j]
+                acc = st[0] + sq32 / np.float32(c)
+                st[0] = acc
+                mult = neg_lr / (np.sqrt(acc) + eps)
                 for j in range(c):
-                    vectors[s, j] = fma32(mult, g[base + j], vectors[s, j])
+                    v[j] = fma32(mult, gk[j], v[j])
+
+
+@njit(**_PAR)
+def nonfinite_in_empty_bags(offsets, bags_per_feature, feature_col, feature_table, table_dim, grad_out):
+    """Rows of grad_out that no id reads (empty bags) must be finite too; count the bad ones."""
+    n_bad = 0
+    for bag in prange(offsets.shape[0] - 1):
+        if offsets[bag + 1] != offsets[bag]:
+            continue
+        f = bag // bags_per_feature
+        col = feature_col[f]
+        row = grad_out[bag - f * bags_per_feature, col:col + table_dim[feature_table[f]]]
+        for j in range(row.shape[0]):
+            if not np.isfinite(row[j]):
+                n_bad += 1
+                break
+    return n_bad
 
 
 @njit(**_PAR)
@@ -623,61 +785,78 @@ def _composite(ubits, resident, table, key, k):
     return (np.uint64(ubits) << np.uint64(32)) | (r << np.uint64(31)) | chunk_hash31(table, key, k)
 
 
-@njit(**_JIT)
-def prune_count(table_ids, addr, util, table_chunks, table_group, group, thresholds):
-    """(resident chunks that keep, absent/spilled chunks that qualify, resident chunks that fall below)."""
+_SCAN_BLOCKS = 256
+
+
+@njit(inline="always")
+def _block(e_count, blk):
+    step = (e_count + _SCAN_BLOCKS - 1) // _SCAN_BLOCKS
+    lo = blk * step
+    return lo, min(lo + step, e_count)
+
+
+@njit(**_PAR)
+def prune_count(table_ids, addr, util, table_chunks, table_group, group, thresholds, block_counts):
+    """Per block of entries: resident chunks that keep their slot, absent or spilled
+    chunks that qualify for one, resident chunks that fall below their threshold.
+    block_counts is int64[_SCAN_BLOCKS, 3]; returns the three totals."""
     U = util.shape[1]
-    keep = 0
-    cand = 0
-    drop = 0
-    for e in range(table_ids.shape[0]):
-        t = table_ids[e]
-        if t < 0 or table_group[t] != group:
-            continue
-        for k in range(table_chunks[t]):
-            u = util[e, k] if U > 1 else util[e, 0]
-            resident = addr[e, k] >= 0
-            if _keeps(resident, u, thresholds[k]):
-                if resident:
-                    keep += 1
-                else:
-                    cand += 1
-            elif resident:
-                drop += 1
-    return keep, cand, drop
+    cap = table_ids.shape[0]
+    for blk in prange(_SCAN_BLOCKS):
+        lo, hi = _block(cap, blk)
+        keep = 0
+        cand = 0
+        drop = 0
+        for e in range(lo, hi):
+            t = table_ids[e]
+            if t < 0 or table_group[t] != group:
+                continue
+            for k in range(table_chunks[t]):
+                u = util[e, k] if U > 1 else util[e, 0]
+                resident = addr[e, k] >= 0
+                if _keeps(resident, u, thresholds[k]):
+                    if resident:
+                        keep += 1
+                    else:
+                        cand += 1
+                elif resident:
+                    drop += 1
+        block_counts[blk, 0] = keep
+        block_counts[blk, 1] = cand
+        block_counts[blk, 2] = drop
+    return block_counts[:, 0].sum(), block_counts[:, 1].sum(), block_counts[:, 2].sum()
 
 
-@njit(**_JIT)
-def prune_composites(keys, table_ids, addr, util, util_bits, table_chunks, table_group, group, thresholds, out):
-    """Composite ranks of every chunk that qualifies for a slot; returns how many."""
+@njit(**_PAR)
+def prune_composites(keys, table_ids, addr, util, util_bits, table_chunks, table_group, group, thresholds,
+                     block_counts, out):
+    """Composite ranks of every chunk that qualifies for a slot, in entry order; returns how many."""
     U = util.shape[1]
-    n = 0
-    for e in range(table_ids.shape[0]):
-        t = table_ids[e]
-        if t < 0 or table_group[t] != group:
-            continue
-        for k in range(table_chunks[t]):
-            u = util[e, k] if U > 1 else util[e, 0]
-            resident = addr[e, k] >= 0
-            if _keeps(resident, u, thresholds[k]):
-                out[n] = _composite(util_bits[e, k] if U > 1 else util_bits[e, 0], resident, t, keys[e], k)
-                n += 1
-    return n
+    cap = table_ids.shape[0]
+    starts = np.zeros(_SCAN_BLOCKS + 1, np.int64)
+    for blk in range(_SCAN_BLOCKS):
+        starts[blk + 1] = starts[blk] + block_counts[blk, 0] + block_counts[blk, 1]
+    for blk in prange(_SCAN_BLOCKS):
+        lo, hi = _block(cap, blk)
+        n = starts[blk]
+        for e in range(lo, hi):
+            t = table_ids[e]
+            if t < 0 or table_group[t] != group:
+                continue
+            for k in range(table_chunks[t]):
+                u = util[e, k] if U > 1 else util[e, 0]
+                resident = addr[e, k] >= 0
+                if _keeps(resident, u, thresholds[k]):
+                    out[n] = _composite(util_bits[e, k] if U > 1 else util_bits[e, 0], resident, t, keys[e], k)
+                    n += 1
+    return starts[_SCAN_BLOCKS]
 
 
-@njit(**_JIT)
-def prune_select(keys, table_ids, addr, util, util_bits, table_chunks, table_group, group, thresholds, use_cutoff, cutoff,
-                 ev_entries, ev_chunks, al_entries, al_chunks, al_rank):
-    """List the chunks to evict and to allocate.
-
-    A chunk keeps (or wins) a slot when it passes its threshold and, when slots are
-    over-subscribed, ranks at or above ``cutoff``. Allocations carry their composite
-    rank so the caller can place them best-first.
-    """
+@njit(inline="always")
+def _select_block(keys, table_ids, addr, util, util_bits, table_chunks, table_group, group, thresholds, use_cutoff,
+                  cutoff, lo, hi, write, n_ev, n_al, ev_entries, ev_chunks, al_entries, al_chunks, al_rank):
     U = util.shape[1]
-    n_ev = 0
-    n_al = 0
-    for e in range(table_ids.shape[0]):
+    for e in range(lo, hi):
         t = table_ids[e]
         if t < 0 or table_group[t] != group:
             continue
@@ -691,15 +870,47 @@ def prune_select(keys, table_ids, addr, util, util_bits, table_chunks, table_gro
                 if use_cutoff and rank < cutoff:
                     keep = False
             if resident and not keep:
-                ev_entries[n_ev] = e
-                ev_chunks[n_ev] = k
+                if write:
+                    ev_entries[n_ev] = e
+                    ev_chunks[n_ev] = k
                 n_ev += 1
             elif keep and not resident:
-                al_entries[n_al] = e
-                al_chunks[n_al] = k
-                al_rank[n_al] = rank
+                if write:
+                    al_entries[n_al] = e
+                    al_chunks[n_al] = k
+                    al_rank[n_al] = rank
                 n_al += 1
     return n_ev, n_al
+
+
+@njit(**_PAR)
+def prune_select(keys, table_ids, addr, util, util_bits, table_chunks, table_group, group, thresholds, use_cutoff,
+                 cutoff, ev_entries, ev_chunks, al_entries, al_chunks, al_rank):
+    """List the chunks to evict and to allocate, in entry order.
+
+    A chunk keeps (or wins) a slot when it passes its threshold and, when slots are
+    over-subscribed, ranks at or above ``cutoff``. Allocations carry their composite
+    rank so the caller can place them best-first. Two passes over blocks of
+    entries: count, then fill from each block's prefix sum.
+    """
+    cap = table_ids.shape[0]
+    starts = np.zeros((_SCAN_BLOCKS + 1, 2), np.int64)
+    for blk in prange(_SCAN_BLOCKS):
+        lo, hi = _block(cap, blk)
+        n_ev, n_al = _select_block(keys, table_ids, addr, util, util_bits, table_chunks, table_group, group,
+                                   thresholds, use_cutoff, cutoff, lo, hi, False, 0, 0, ev_entries, ev_chunks,
+                                   al_entries, al_chunks, al_rank)
+        starts[blk + 1, 0] = n_ev
+        starts[blk + 1, 1] = n_al
+    for blk in range(_SCAN_BLOCKS):
+        starts[blk + 1, 0] += starts[blk, 0]
+        starts[blk + 1, 1] += starts[blk, 1]
+    for blk in prange(_SCAN_BLOCKS):
+        lo, hi = _block(cap, blk)
+        _select_block(keys, table_ids, addr, util, util_bits, table_chunks, table_group, group, thresholds,
+                      use_cutoff, cutoff, lo, hi, True, starts[blk, 0], starts[blk, 1], ev_entries, ev_chunks,
+                      al_entries, al_chunks, al_rank)
+    return starts[_SCAN_BLOCKS, 0], starts[_SCAN_BLOCKS, 1]
 
 
 @njit(**_JIT)

@@ -1,0 +1,337 @@
+"""``fiited-store bench``: the store against its peers on the README's shape, in one run.
+
+Shape: batch 4096 x 26 features, one id per bag, D = 64, K = 4, Zipf(1.1) ids over
+the Criteo Kaggle cardinalities (33.8M rows, an 8.6 GB dense table at scale 1),
+pool budget 25% of the dense size. Peers: ``torch.nn.functional.embedding_bag`` on
+a dense table, a raw njit gather of the same rows, ``torch.nn.EmbeddingBag(sparse=True)``
+with SGD, and fbgemm-gpu-cpu's table-batched embedding with row-wise Adagrad.
+Every figure is a median over ``repeats`` batches after ``warmup`` batches; the
+ratios compare figures measured in the same run, since this machine is shared.
+"""
+
+from __future__ import annotations
+
+import gc
+import math
+import platform
+import time
+from dataclasses import asdict, dataclass
+from typing import Any, Callable
+
+import numpy as np
+from numba import njit, prange
+from tqdm import tqdm
+
+from .config import DynamicRatio, ManualRatios, StoreConfig, TableConfig
+from .data.synthetic import ZipfIds, scaled_cardinalities
+from .store import EmbeddingStore
+
+
+@dataclass(frozen=True)
+class BenchConfig:
+    scale: float = 1.0
+    batch_size: int = 4096
+    dim: int = 64
+    chunks: int = 4
+    budget_fraction: float = 0.25
+    zipf_s: float = 1.1
+    repeats: int = 20
+    warmup: int = 5
+    train_warmup: int = 30         # steps that fill the store before its timings
+    peers: tuple[str, ...] = ("torch", "gather", "torch-sparse", "fbgemm")
+    prune_entries: int = 10_000_000
+    seed: int = 0
+
+
+@njit(parallel=True, cache=True, nogil=True)
+def dense_gather(table, rows, out):
+    """The memory floor: out[i] = table[rows[i]], nothing else."""
+    for i in prange(rows.shape[0]):
+        out[i, :] = table[rows[i], :]
+
+
+def _timeit(fn: Callable[[int], Any], warmup: int, repeats: int) -> dict[str, float]:
+    for i in range(warmup):
+        fn(i)
+    times = []
+    for i in range(repeats):
+        t0 = time.perf_counter()
+        fn(warmup + i)
+        times.append(time.perf_counter() - t0)
+    t = np.array(times) * 1000.0
+    return {"median_ms": float(np.median(t)), "mean_ms": float(t.mean()), "min_ms": float(t.min()), "max_ms": float(t.max())}
+
+
+class Workload:
+    """Pre-generated batches: ids per table (raw ids) and global rows of a dense table."""
+
+    def __init__(self, cfg: BenchConfig, n_batches: int):
+        self.cards = scaled_cardinalities(cfg.scale)
+        self.names = [f"C{i + 1}" for i in range(len(self.cards))]
+        self.row_offsets = np.concatenate([[0], np.cumsum(self.cards)]).astype(np.int64)
+        self.total_rows = int(self.row_offsets[-1])
+        rng = np.random.default_rng(cfg.seed)
+        zipfs = [ZipfIds(n, cfg.zipf_s, salt=i * 104729 + 17) for i, n in enumerate(self.cards)]
+        B = cfg.batch_size
+        self.ids = []      # int64[26 * B]: per batch, table after table
+        for _ in range(n_batches):
+            self.ids.append(np.concatenate([z.sample(rng, B) for z in zipfs]))
+        table_of = np.repeat(np.arange(len(self.cards)), B)
+        self.rows = [ids + self.row_offsets[table_of] for ids in self.ids]
+        self.offsets = np.arange(len(self.cards) * B + 1, dtype=np.int64)
+        self.grads = [rng.standard_normal((B, len(self.cards) * cfg.dim)).astype(np.float32) * 0.01 for _ in range(4)]
+
+
+def _dense_weights(rows: int, dim: int, seed: int):
+    import torch
+
+    torch.manual_seed(seed)
+    return torch.empty(rows, dim).uniform_(-0.01, 0.01)
+
+
+def bench_torch_and_gather(cfg: BenchConfig, w: Workload, out: dict, bar) -> None:
+    import torch
+
+    W = _dense_weights(w.total_rows, cfg.dim, cfg.seed)
+    Wn = W.numpy()
+    n = len(w.ids)
+    if "gather" in cfg.peers:
+        buf = np.empty((w.rows[0].shape[0], cfg.dim), np.float32)
+        out["gather_lookup"] = _timeit(lambda i: dense_gather(Wn, w.rows[i % n], buf), cfg.warmup, cfg.repeats)
+        bar.update(1)
+    rows_t = [torch.from_numpy(r) for r in w.rows]
+    off_t = torch.from_numpy(w.offsets[:-1])
+    if "torch" in cfg.peers:
+        out["torch_embedding_bag"] = _timeit(
+            lambda i: torch.nn.functional.embedding_bag(rows_t[i % n], W, off_t, mode="sum"), cfg.warmup, cfg.repeats)
+        bar.update(1)
+    if "torch-sparse" in cfg.peers:
+        bag = torch.nn.EmbeddingBag(w.total_rows, cfg.dim, mode="sum", sparse=True, _weight=W)
+        opt = torch.optim.SGD(bag.parameters(), lr=0.01)
+        grads = [torch.from_numpy(g.reshape(-1, cfg.dim)) for g in w.grads]
+
+        def step(i):
+            opt.zero_grad(set_to_none=True)
+            o = bag(rows_t[i % n], off_t)
+            o.backward(grads[i % len(grads)])
+            opt.step()
+
+        out["torch_sparse_sgd_step"] = _timeit(step, cfg.warmup, cfg.repeats)
+        bar.update(1)
+        del bag, opt
+    del W, Wn
+    gc.collect()
+
+
+def bench_fbgemm(cfg: BenchConfig, w: Workload, out: dict, bar) -> None:
+    import torch
+
+    try:
+        from fbgemm_gpu.split_table_batched_embeddings_ops_common import EmbeddingLocation, PoolingMode
+        from fbgemm_gpu.split_table_batched_embeddings_ops_training import (
+            ComputeDevice,
+            EmbeddingLocation as _EL,  # noqa: F401  (older releases export it here)
+            OptimType,
+            SplitTableBatchedEmbeddingBagsCodegen,
+        )
+    except ImportError:
+        try:
+            from fbgemm_gpu.split_table_batched_embeddings_ops import (  # type: ignore
+                ComputeDevice,
+                EmbeddingLocation,
+                OptimType,
+                PoolingMode,
+                SplitTableBatchedEmbeddingBagsCodegen,
+            )
+        except ImportError as exc:
+            out["fbgemm_error"] = f"fbgemm-gpu-cpu is not importable ({exc}); pip install 'fiited-store[bench]'"
+            bar.update(2)
+            return
+    specs = [(n, cfg.dim, EmbeddingLocation.HOST, ComputeDevice.CPU) for n in w.cards]
+    tbe = SplitTableBatchedEmbeddingBagsCodegen(specs, optimizer=OptimType.EXACT_ROWWISE_ADAGRAD, learning_rate=0.01,
+                                                eps=1e-8, pooling_mode=PoolingMode.SUM)
+    B, T = cfg.batch_size, len(w.cards)
+    ids_t = [torch.from_numpy(ids) for ids in w.ids]
+    off_t = torch.arange(0, T * B + 1, dtype=torch.int64)
+    n = len(w.ids)
+    grads = [torch.from_numpy(g) for g in w.grads]
+    with torch.no_grad():
+        out["fbgemm_forward"] = _timeit(lambda i: tbe(ids_t[i % n], off_t), cfg.warmup, cfg.repeats)
+    bar.update(1)
+
+    def step(i):
+        o = tbe(ids_t[i % n], off_t)
+        o.backward(grads[i % len(grads)])
+
+    out["fbgemm_rowwise_adagrad_step"] = _timeit(step, cfg.warmup, cfg.repeats)
+    bar.update(1)
+    del tbe
+    gc.collect()
+
+
+def make_store(cfg: BenchConfig, w: Workload, budget_fraction: float, pruning) -> EmbeddingStore:
+    tables = [TableConfig(name, dim=cfg.dim, chunks=cfg.chunks, num_embeddings=n, optimizer="rowwise_adagrad",
+                          learning_rate=0.01) for name, n in zip(w.names, w.cards)]
+    return EmbeddingStore(tables, StoreConfig(pruning=pruning, budget_fraction=budget_fraction, prune_period=0,
+                                              seed=cfg.seed, initial_capacity=1 << 16))
+
+
+def bench_store(cfg: BenchConfig, w: Workload, out: dict, bar) -> None:
+    store = make_store(cfg, w, cfg.budget_fraction, DynamicRatio(1.0 - cfg.budget_fraction))
+    n = len(w.ids)
+    extra = np.random.default_rng(cfg.seed + 1)
+    zipfs = [ZipfIds(c, cfg.zipf_s, salt=i * 104729 + 17) for i, c in enumerate(w.cards)]
+    # fill the store as training would before timing: warm-up steps on fresh batches, with prunes
+    for s in range(cfg.train_warmup):
+        ids = np.concatenate([z.sample(extra, cfg.batch_size) for z in zipfs])
+        b = store.pooled_lookup(w.names, ids, w.offsets, train=True)
+        store.backward(b, w.grads[s % len(w.grads)])
+        store.step()
+        if (s + 1) % 10 == 0:
+            store.prune()
+    bar.update(1)
+    out["store_lookup"] = _timeit(lambda i: store.pooled_lookup(w.names, w.ids[i % n], w.offsets), cfg.warmup, cfg.repeats)
+    bar.update(1)
+
+    def step(i):
+        b = store.pooled_lookup(w.names, w.ids[i % n], w.offsets, train=True)
+        store.backward(b, w.grads[i % len(w.grads)])
+        store.step()
+
+    out["store_train_step"] = _timeit(step, cfg.warmup, cfg.repeats)
+    # the parts of a step, for the README's breakdown
+    b = store.pooled_lookup(w.names, w.ids[0], w.offsets, train=True)
+    t0 = time.perf_counter()
+    store.backward(b, w.grads[0])
+    out["store_backward_only_ms"] = (time.perf_counter() - t0) * 1000.0
+    out["store_after_training"] = store.stats()["total"]
+    bar.update(1)
+    store.close()
+    gc.collect()
+
+
+def bench_memory(cfg: BenchConfig, w: Workload, out: dict, bar) -> None:
+    """Store bytes at 93.75% pruning (K = 4, D = 64): on the stream, and with every declared row present."""
+    ratio = 0.9375
+    store = make_store(cfg, w, 1.0 - ratio, ManualRatios.linear(ratio, cfg.chunks))
+    rng = np.random.default_rng(cfg.seed + 2)
+    zipfs = [ZipfIds(c, cfg.zipf_s, salt=i * 104729 + 17) for i, c in enumerate(w.cards)]
+    steps = cfg.train_warmup + cfg.repeats
+    for s in range(steps):
+        ids = np.concatenate([z.sample(rng, cfg.batch_size) for z in zipfs])
+        b = store.pooled_lookup(w.names, ids, w.offsets, train=True)
+        store.backward(b, w.grads[s % len(w.grads)])
+        store.step()
+        if (s + 1) % 10 == 0:
+            store.prune()
+    st = store.stats()["total"]
+    dense = st["dense_bytes"]
+    pool_side = st["bytes"]["pool_vectors"] + st["bytes"]["optimizer_state"] + st["bytes"]["address_manager"]
+    per_entry = store.entries.bytes_per_entry
+    # worst case: an entry for every declared row, at the load the table settles at after growth
+    rows = w.total_rows
+    cap_full = 1 << math.ceil(math.log2(rows / (0.6 * store.config.max_load)))
+    cap_tight = 1 << math.ceil(math.log2(rows / store.config.max_load))
+    out["memory_at_93.75"] = {
+        "dense_bytes": dense,
+        "stream": {"steps": steps, "entries": st["entries"], "bytes": st["bytes"]["memory_total"],
+                   "vs_dense": st["bytes"]["memory_total"] / dense},
+        "every_row_after_growth": {"entry_capacity": cap_full, "bytes": pool_side + cap_full * per_entry,
+                                   "vs_dense": (pool_side + cap_full * per_entry) / dense},
+        "every_row_presized": {"entry_capacity": cap_tight, "bytes": pool_side + cap_tight * per_entry,
+                               "vs_dense": (pool_side + cap_tight * per_entry) / dense},
+        "paper_formula_vs_dense": (1 - ratio) + 3 * cfg.chunks / cfg.dim,
+        "bytes_per_entry_slot": per_entry,
+    }
+    bar.update(1)
+    store.close()
+    gc.collect()
+
+
+def bench_prune(cfg: BenchConfig, out: dict, bar) -> None:
+    """One prune pass over ``prune_entries`` entries with trained-looking utilities."""
+    n = cfg.prune_entries
+    K = cfg.chunks
+    table = TableConfig("t", dim=cfg.dim, chunks=K, num_embeddings=n)
+    store = EmbeddingStore([table], StoreConfig(pruning=DynamicRatio(0.75), budget_fraction=0.25, prune_period=0,
+                                                seed=cfg.seed, initial_capacity=1 << math.ceil(math.log2(n / 0.45))))
+    ids = np.arange(n, dtype=np.int64)
+    for lo in range(0, n, 1 << 20):
+        store.lookup("t", ids[lo:lo + (1 << 20)], train=True)
+    rng = np.random.default_rng(cfg.seed)
+    ea = store.entries.arrays
+    live = ea.table_ids >= 0
+    ea.util[live] = rng.pareto(1.1, (int(live.sum()), ea.util.shape[1])).astype(np.float32)
+    t0 = time.perf_counter()
+    report = store.prune()
+    out["prune_pass"] = {"entries": n, "seconds": time.perf_counter() - t0,
+                         "evicted": report["pools"][0]["evicted"], "allocated": report["pools"][0]["allocated"]}
+    t0 = time.perf_counter()
+    report = store.prune()
+    out["prune_pass"]["second_pass_seconds"] = time.perf_counter() - t0
+    bar.update(1)
+    store.close()
+    gc.collect()
+
+
+def run_bench(cfg: BenchConfig, progress: bool = True) -> dict[str, Any]:
+    n_batches = cfg.warmup + cfg.repeats
+    stages = 3 + ("gather" in cfg.peers) + ("torch" in cfg.peers) + ("torch-sparse" in cfg.peers) \
+        + 2 * ("fbgemm" in cfg.peers) + 1 + (cfg.prune_entries > 0) + 1
+    bar = tqdm(total=stages, disable=not progress, desc="bench", unit="stage")
+    w = Workload(cfg, n_batches)
+    bar.update(1)
+    out: dict[str, Any] = {"config": asdict(cfg), "rows": w.total_rows,
+                           "dense_gb": w.total_rows * cfg.dim * 4 / 1e9, "lookups_per_batch": int(w.ids[0].shape[0]),
+                           "machine": {"cpus": __import__("os").cpu_count(), "python": platform.python_version()}}
+    if {"torch", "gather", "torch-sparse"} & set(cfg.peers):
+        bench_torch_and_gather(cfg, w, out, bar)
+    if "fbgemm" in cfg.peers:
+        bench_fbgemm(cfg, w, out, bar)
+    bench_store(cfg, w, out, bar)
+    bench_memory(cfg, w, out, bar)
+    if cfg.prune_entries > 0:
+        bench_prune(cfg, out, bar)
+    bar.close()
+    out["ratios"] = ratios(out)
+    return out
+
+
+def ratios(out: dict[str, Any]) -> dict[str, float]:
+    def med(k):
+        return out[k]["median_ms"] if k in out else None
+
+    r = {}
+    pairs = [("store_lookup", "torch_embedding_bag"), ("store_lookup", "gather_lookup"),
+             ("store_lookup", "fbgemm_forward"), ("store_train_step", "fbgemm_rowwise_adagrad_step"),
+             ("store_train_step", "torch_sparse_sgd_step")]
+    for a, b in pairs:
+        if med(a) is not None and med(b) is not None:
+            r[f"{a} / {b}"] = med(a) / med(b)
+    return r
+
+
+def format_report(out: dict[str, Any]) -> str:
+    lines = [f"{out['rows']:,} rows ({out['dense_gb']:.2f} GB dense at D={out['config']['dim']}), "
+             f"{out['lookups_per_batch']:,} lookups per batch, median of {out['config']['repeats']} batches"]
+    names = [("gather_lookup", "raw njit gather (memory floor)"), ("torch_embedding_bag", "torch embedding_bag, sum"),
+             ("fbgemm_forward", "FBGEMM CPU TBE forward"), ("store_lookup", "fiited-store pooled lookup"),
+             ("torch_sparse_sgd_step", "torch EmbeddingBag(sparse) + SGD step"),
+             ("fbgemm_rowwise_adagrad_step", "FBGEMM TBE fwd+bwd, row-wise Adagrad"),
+             ("store_train_step", "fiited-store step (lookup, backward, Adagrad, utilities)")]
+    for key, label in names:
+        if key in out:
+            lines.append(f"  {label:<58} {out[key]['median_ms']:8.2f} ms")
+    if "fbgemm_error" in out:
+        lines.append(f"  FBGEMM: {out['fbgemm_error']}")
+    for k, v in out["ratios"].items():
+        lines.append(f"  ratio {k:<60} {v:6.3f}")
+    if "prune_pass" in out:
+        p = out["prune_pass"]
+        lines.append(f"  prune pass over {p['entries']:,} entries: {p['seconds']:.2f} s (second pass {p['second_pass_seconds']:.2f} s)")
+    m = out.get("memory_at_93.75")
+    if m:
+        lines.append(f"  store bytes at 93.75% pruning / dense: {m['stream']['vs_dense']:.4f} after {m['stream']['steps']} steps "
+                     f"({m['stream']['entries']:,} entries); {m['every_row_presized']['vs_dense']:.4f} with every row present "
+                     f"(paper's formula: {m['paper_formula_vs_dense']:.4f})")
+    return "\n".join(lines)

@@ -1,0 +1,189 @@
+"""DLRM (Naumov et al., 2019) over any embedding module, and the embedding methods it is compared with.
+
+Methods, all returning float32[B, F * D] (features side by side):
+
+- ``dense``: one ``torch.nn.EmbeddingBag`` per feature, unpruned (the baseline);
+- ``md``: Mixed-Dimension embeddings (Ginart et al.): per-feature dimensions from
+  access frequency by the power-law rule, projected to D by a linear map;
+- ``adaembed``: FIITED with K = 1 (whole rows pruned, AdaEmbed);
+- ``fiited-manual``: FIITED with per-chunk ratios linear in the chunk index;
+- ``fiited-dynamic``: FIITED with one global ratio.
+"""
+
+from __future__ import annotations
+
+from typing import Sequence
+
+import numpy as np
+import torch
+from torch import nn
+
+from ..adapters import FiitedEmbeddingBagCollection
+from ..config import DynamicRatio, ManualRatios, StoreConfig, TableConfig
+
+METHODS = ("dense", "md", "adaembed", "fiited-manual", "fiited-dynamic")
+
+
+def mlp(sizes: Sequence[int], last_activation: bool) -> nn.Sequential:
+    layers: list[nn.Module] = []
+    for i in range(len(sizes) - 1):
+        layers.append(nn.Linear(sizes[i], sizes[i + 1]))
+        if i < len(sizes) - 2 or last_activation:
+            layers.append(nn.ReLU())
+    return nn.Sequential(*layers)
+
+
+class DLRM(nn.Module):
+    """Bottom MLP on dense features, embeddings, pairwise dot interaction, top MLP.
+
+    With no dense features the bottom vector is a learned constant, so the
+    interaction keeps its form.
+
+    >>> import torch
+    >>> emb = DenseEmbeddings([10, 20], dim=4)
+    >>> model = DLRM(emb, num_features=2, dim=4, num_dense=3)
+    >>> from fiited_store.data import Batch
+    >>> b = Batch(torch.zeros(5, 3), ["a", "b"], torch.zeros(10, dtype=torch.int64), torch.ones(10, dtype=torch.int64), torch.zeros(5))
+    >>> model(b).shape
+    torch.Size([5])
+    """
+
+    def __init__(self, embeddings: nn.Module, num_features: int, dim: int, num_dense: int,
+                 bottom: Sequence[int] = (64,), top: Sequence[int] = (128, 64)):
+        super().__init__()
+        self.embeddings = embeddings
+        self.num_features = num_features
+        self.dim = dim
+        self.bottom = mlp([num_dense, *bottom, dim], last_activation=True) if num_dense else None
+        self.constant = None if num_dense else nn.Parameter(torch.zeros(dim))
+        n = num_features + 1
+        self.pairs = torch.triu_indices(n, n, offset=1)
+        self.top = mlp([dim + self.pairs.shape[1], *top, 1], last_activation=False)
+
+    def forward(self, batch) -> torch.Tensor:
+        B = batch.size
+        x = self.bottom(batch.dense) if self.bottom is not None else self.constant.expand(B, self.dim)
+        emb = self.embeddings(batch).view(B, self.num_features, self.dim)
+        z = torch.cat([x.unsqueeze(1), emb], dim=1)
+        dots = torch.bmm(z, z.transpose(1, 2))[:, self.pairs[0], self.pairs[1]]
+        return self.top(torch.cat([x, dots], dim=1)).squeeze(1)
+
+
+class DenseEmbeddings(nn.Module):
+    """One ``torch.nn.EmbeddingBag`` (sparse gradients) per feature: the unpruned baseline."""
+
+    def __init__(self, cardinalities: Sequence[int], dim: int, init_scale: float | None = None):
+        super().__init__()
+        scale = init_scale if init_scale is not None else 1.0 / np.sqrt(dim)
+        self.bags = nn.ModuleList(nn.EmbeddingBag(int(n), dim, mode="sum", sparse=True) for n in cardinalities)
+        for b in self.bags:
+            nn.init.uniform_(b.weight, -scale, scale)
+
+    def forward(self, batch) -> torch.Tensor:
+        return torch.cat([bag(ids, offs[:-1]) for bag, (ids, offs) in zip(self.bags, batch.per_feature())], dim=1)
+
+    def sparse_parameters(self):
+        return list(self.parameters())
+
+    def weight_bytes(self) -> int:
+        return sum(b.weight.numel() * 4 for b in self.bags)
+
+
+def md_dims(counts: Sequence[np.ndarray], cardinalities: Sequence[int], dim: int, budget_fraction: float,
+            alpha: float = 0.3) -> list[int]:
+    """Per-feature dimensions by the power-law rule of Ginart et al.
+
+    A feature whose rows are accessed with average probability p gets
+    d = lambda * p**alpha (popular rows, large dimension), clipped to [1, D];
+    lambda is set by bisection so that the weights fit ``budget_fraction`` of the
+    dense size (the projections are counted too).
+    """
+    n = np.array(cardinalities, np.float64)
+    total = np.array([c.sum() for c in counts], np.float64)
+    p = np.maximum(total / np.maximum(total.sum(), 1.0) / n, 1e-12)  # per-row access probability
+    budget = budget_fraction * float(n.sum()) * dim
+
+    def size(lam: float) -> tuple[float, np.ndarray]:
+        d = np.clip(np.round(lam * p ** alpha), 1, dim)
+        proj = np.where(d < dim, d * dim, 0)
+        return float((n * d).sum() + proj.sum()), d
+
+    lo, hi = 0.0, 1.0
+    while size(hi)[0] < budget and hi < 1e30:
+        hi *= 2
+    for _ in range(100):
+        mid = (lo + hi) / 2
+        lo, hi = (mid, hi) if size(mid)[0] <= budget else (lo, mid)
+    return [int(x) for x in size(lo)[1]]
+
+
+class MixedDimEmbeddings(nn.Module):
+    """Mixed-Dimension embeddings: a d_f-wide table per feature, projected to D."""
+
+    def __init__(self, cardinalities: Sequence[int], dims: Sequence[int], dim: int, init_scale: float | None = None):
+        super().__init__()
+        self.dims = list(dims)
+        self.bags = nn.ModuleList(nn.EmbeddingBag(int(n), int(d), mode="sum", sparse=True)
+                                  for n, d in zip(cardinalities, dims))
+        for b, d in zip(self.bags, dims):
+            nn.init.uniform_(b.weight, -1.0 / np.sqrt(d), 1.0 / np.sqrt(d))
+        self.proj = nn.ModuleList(nn.Identity() if d == dim else nn.Linear(int(d), dim, bias=False) for d in dims)
+
+    def forward(self, batch) -> torch.Tensor:
+        return torch.cat([p(bag(ids, offs[:-1])) for bag, p, (ids, offs) in zip(self.bags, self.proj, batch.per_feature())], 1)
+
+    def sparse_parameters(self):
+        return list(self.bags.parameters())
+
+    def weight_bytes(self) -> int:
+        return sum(p.numel() * 4 for p in self.parameters())
+
+
+class FiitedEmbeddings(nn.Module):
+    """The store behind the DLRM: one table per feature, all in one store."""
+
+    def __init__(self, feature_names: Sequence[str], cardinalities: Sequence[int], dim: int, store_config: StoreConfig,
+                 chunks: int, optimizer: str, learning_rate: float, init_scale: float | None = None, path=None):
+        super().__init__()
+        tables = [TableConfig(f, dim=dim, chunks=chunks, num_embeddings=int(n), optimizer=optimizer,
+                              learning_rate=learning_rate, init_scale=init_scale)
+                  for f, n in zip(feature_names, cardinalities)]
+        self.collection = FiitedEmbeddingBagCollection(tables, store_config, path=path)
+
+    @property
+    def store(self):
+        return self.collection.store
+
+    def forward(self, batch) -> torch.Tensor:
+        return self.collection(batch.features())
+
+    def sparse_parameters(self):
+        return []
+
+    def weight_bytes(self) -> int:
+        return sum(p.vector_bytes for p in self.store.pools)
+
+
+def build_embeddings(method: str, feature_names: Sequence[str], cardinalities: Sequence[int], dim: int, ratio: float,
+                     chunks: int, learning_rate: float, counts: Sequence[np.ndarray] | None = None,
+                     prune_period: int = 100, gamma: float = 0.99, sample_size: int = 100_000, seed: int = 0,
+                     steepness: float = 1.0, utility: str = "gradient", optimizer: str = "adagrad",
+                     mode: str = "prune", path=None) -> nn.Module:
+    """The embedding module of one method at one pruning ratio (fraction of the dense size removed)."""
+    if method == "dense":
+        return DenseEmbeddings(cardinalities, dim)
+    if method == "md":
+        if counts is None:
+            raise ValueError("Mixed-Dimension embeddings need access counts")
+        return MixedDimEmbeddings(cardinalities, md_dims(counts, cardinalities, dim, 1.0 - ratio), dim)
+    if method == "adaembed":
+        chunks, pruning = 1, DynamicRatio(ratio)
+    elif method == "fiited-manual":
+        pruning = ManualRatios.linear(ratio, chunks, steepness)
+    elif method == "fiited-dynamic":
+        pruning = DynamicRatio(ratio)
+    else:
+        raise ValueError(f"method must be one of {METHODS}, got {method!r}")
+    cfg = StoreConfig(pruning=pruning, budget_fraction=max(1.0 - ratio, 1e-6), prune_period=prune_period, gamma=gamma,
+                      sample_size=sample_size, seed=seed, utility=utility, mode=mode)
+    return FiitedEmbeddings(feature_names, cardinalities, dim, cfg, chunks, optimizer, learning_rate, path=path)

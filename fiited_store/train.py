@@ -1,0 +1,268 @@
+"""Training and evaluation of a DLRM with each embedding method (``fiited-store train`` / ``sweep``)."""
+
+from __future__ import annotations
+
+import csv
+import math
+import sys
+import time
+from dataclasses import asdict, dataclass, field, replace
+from pathlib import Path
+from typing import Any, Sequence
+
+import numpy as np
+import torch
+from tqdm import tqdm
+
+from .data import TabularDataset
+from .metrics import accuracy, auc, log_loss
+from .models.dlrm import DLRM, METHODS, FiitedEmbeddings, build_embeddings
+
+DATASETS = ("synthetic", "movielens", "criteo")
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    """One training run. Defaults train the built-in synthetic click stream in well under a minute."""
+
+    dataset: str = "synthetic"
+    path: str | None = None
+    method: str = "fiited-manual"
+    ratio: float = 0.75
+    chunks: int = 4
+    dim: int = 16
+    batch_size: int = 512
+    epochs: int = 3
+    steps: int = 300                 # synthetic stream: training steps
+    synthetic_cap: int = 20_000      # synthetic stream: rows per table at most
+    eval_samples: int = 50_000       # synthetic stream: held-out samples
+    lr_embedding: float = 0.05
+    lr_dense: float = 1e-3
+    prune_period: int = 50
+    gamma: float = 0.9
+    steepness: float = 1.0
+    utility: str = "gradient"
+    criteo_limit: int | None = 1_000_000
+    seed: int = 0
+
+    def __post_init__(self) -> None:
+        if self.dataset not in DATASETS:
+            raise ValueError(f"dataset must be one of {DATASETS}, got {self.dataset!r}")
+        if self.method not in METHODS:
+            raise ValueError(f"method must be one of {METHODS}, got {self.method!r}")
+        if not 0.0 <= self.ratio < 1.0:
+            raise ValueError(f"ratio must lie in [0, 1), got {self.ratio!r}")
+        if self.dataset != "synthetic" and self.path is None:
+            raise ValueError(f"dataset {self.dataset!r} needs --path")
+
+
+def load_dataset(cfg: TrainConfig):
+    """(stream or train set, validation set, test set, feature names, cardinalities, access counts)."""
+    if cfg.dataset == "synthetic":
+        from .data.synthetic import SyntheticClickStream, scaled_cardinalities
+
+        stream = SyntheticClickStream(scaled_cardinalities(cap=cfg.synthetic_cap), seed=cfg.seed)
+        val = stream.dataset(cfg.eval_samples // 2, stream_seed=1)
+        test = stream.dataset(cfg.eval_samples // 2, stream_seed=2)
+        counts = stream.dataset(20_000, stream_seed=3).access_counts()
+        return stream, val, test, stream.feature_names, stream.cardinalities, counts
+    if cfg.dataset == "movielens":
+        from .data.movielens import load_movielens
+
+        full = load_movielens(cfg.path)
+    else:
+        from .data.criteo import load_criteo_tsv
+
+        full = load_criteo_tsv(cfg.path, limit=cfg.criteo_limit)
+    train, val, test = full.split(cfg.seed)
+    return train, val, test, full.feature_names, full.cardinalities, train.access_counts()
+
+
+def evaluate(model: DLRM, data: TabularDataset, batch_size: int = 4096) -> dict[str, float]:
+    model.eval()
+    probs = []
+    with torch.no_grad():
+        for batch in data.batches(batch_size):
+            probs.append(torch.sigmoid(model(batch)).numpy())
+    model.train()
+    p = np.concatenate(probs)
+    return {"auc": auc(data.labels, p), "logloss": log_loss(data.labels, p), "accuracy": accuracy(data.labels, p)}
+
+
+def run(cfg: TrainConfig, progress: bool = True, out=sys.stderr) -> dict[str, Any]:
+    """Train one model; returns quality on the test set, memory and speed."""
+    torch.manual_seed(cfg.seed)
+    np.random.seed(cfg.seed)
+    train, val, test, names, cards, counts = load_dataset(cfg)
+    synthetic = cfg.dataset == "synthetic"
+    emb = build_embeddings(cfg.method, names, cards, cfg.dim, cfg.ratio, cfg.chunks, cfg.lr_embedding, counts=counts,
+                           prune_period=cfg.prune_period, gamma=cfg.gamma, seed=cfg.seed, steepness=cfg.steepness,
+                           utility=cfg.utility)
+    num_dense = test.num_dense
+    model = DLRM(emb, len(names), cfg.dim, num_dense)
+    sparse = set(map(id, emb.sparse_parameters()))
+    dense_params = [p for p in model.parameters() if id(p) not in sparse]
+    dense_opt = torch.optim.Adam(dense_params, lr=cfg.lr_dense)
+    sparse_opt = torch.optim.Adagrad(emb.sparse_parameters(), lr=cfg.lr_embedding) if sparse else None
+    loss_fn = torch.nn.BCEWithLogitsLoss()
+
+    if synthetic:
+        schedule = [range(cfg.steps)]
+        total = cfg.steps
+    else:
+        schedule = [None] * cfg.epochs
+        total = cfg.epochs * train.num_batches(cfg.batch_size)
+    bar = tqdm(total=total, disable=not progress, file=out, desc=f"{cfg.method} p={cfg.ratio:g}", unit="step",
+               dynamic_ncols=True)
+    best = {"val_auc": -math.inf}
+    step_time = 0.0
+    steps = 0
+    losses = []
+
+    def batches(epoch):
+        if synthetic:
+            for s in schedule[0]:
+                yield train.batch(cfg.batch_size, s)
+        else:
+            yield from train.batches(cfg.batch_size, shuffle=True, seed=cfg.seed * 1000 + epoch)
+
+    for epoch in range(len(schedule)):
+        for batch in batches(epoch):
+            t0 = time.perf_counter()
+            dense_opt.zero_grad(set_to_none=True)
+            if sparse_opt is not None:
+                sparse_opt.zero_grad(set_to_none=True)
+            loss = loss_fn(model(batch), batch.labels)
+            loss.backward()   # the store's fused optimizer runs inside this call
+            dense_opt.step()
+            if sparse_opt is not None:
+                sparse_opt.step()
+            step_time += time.perf_counter() - t0
+            steps += 1
+            losses.append(loss.item())
+            bar.update(1)
+            if steps % 20 == 0:
+                bar.set_postfix(loss=f"{np.mean(losses[-20:]):.4f}")
+        v = evaluate(model, val)
+        if v["auc"] > best["val_auc"]:
+            best = {"val_auc": v["auc"], "epoch": epoch, **{f"test_{k}": x for k, x in evaluate(model, test).items()}}
+    bar.close()
+
+    dense_bytes = int(sum(cards) * cfg.dim * 4)
+    # training memory of the dense baseline: weights and Adagrad's per-element state
+    dense_training_bytes = 2 * dense_bytes
+    result: dict[str, Any] = {
+        **asdict(cfg),
+        "auc": best["test_auc"], "logloss": best["test_logloss"], "accuracy": best["test_accuracy"],
+        "val_auc": best["val_auc"], "best_epoch": best["epoch"],
+        "embedding_bytes": emb.weight_bytes(), "dense_embedding_bytes": dense_bytes,
+        "bytes_vs_dense": emb.weight_bytes() / dense_bytes,
+        "step_ms": 1000.0 * step_time / max(steps, 1), "steps": steps,
+        "train_loss_last": float(np.mean(losses[-50:])) if losses else float("nan"),
+    }
+    if synthetic:
+        bayes = 1 / (1 + np.exp(-test.meta["bayes_logits"]))
+        result["bayes_auc"] = auc(test.labels, bayes)
+    if isinstance(emb, FiitedEmbeddings):
+        st = emb.store.stats()["total"]
+        result.update(store_memory_bytes=st["bytes"]["memory_total"], average_kept_dim=st["average_kept_dim"],
+                      entries=st["entries"], store_vs_dense=st["bytes"]["memory_total"] / dense_training_bytes)
+        emb.store.close()
+    return result
+
+
+def format_result(r: dict[str, Any]) -> str:
+    lines = [
+        f"method {r['method']}  pruning ratio {r['ratio']:g}  chunks {r['chunks']}  dim {r['dim']}  dataset {r['dataset']}",
+        f"quality   AUC {r['auc']:.4f}   log loss {r['logloss']:.4f}   accuracy {r['accuracy']:.4f}"
+        + (f"   (Bayes-optimal AUC {r['bayes_auc']:.4f})" if "bayes_auc" in r else ""),
+        f"memory    embedding weights {r['embedding_bytes'] / 2**20:.2f} MiB = {r['bytes_vs_dense']:.3f} x dense "
+        f"({r['dense_embedding_bytes'] / 2**20:.2f} MiB)",
+    ]
+    if "store_memory_bytes" in r:
+        lines.append(f"          training memory of the store (pool, optimizer state, entry table) {r['store_memory_bytes'] / 2**20:.2f} MiB"
+                     f" = {r['store_vs_dense']:.3f} x dense weights + Adagrad state; "
+                     f"average kept dimension {r['average_kept_dim']:.1f} of {r['dim']}")
+    lines.append(f"speed     {r['step_ms']:.2f} ms per training step ({r['steps']} steps of {r['batch_size']})")
+    return "\n".join(lines)
+
+
+SWEEP_RATIOS = (0.5, 0.625, 0.75, 0.8125, 0.875, 0.9375)
+
+
+def sweep(base: TrainConfig, methods: Sequence[str], ratios: Sequence[float], seeds: Sequence[int], out_dir: Path,
+          progress: bool = True) -> list[dict[str, Any]]:
+    """Every method at every ratio and seed (dense once per seed); writes CSV, markdown and a plot."""
+    out_dir.mkdir(parents=True, exist_ok=True)
+    jobs = []
+    for seed in seeds:
+        if "dense" in methods:
+            jobs.append(replace(base, method="dense", ratio=0.0, seed=seed))
+        for m in methods:
+            if m != "dense":
+                jobs.extend(replace(base, method=m, ratio=r, seed=seed) for r in ratios)
+    results = []
+    bar = tqdm(total=len(jobs), disable=not progress, desc="sweep", unit="run", file=sys.stderr)
+    csv_path = out_dir / "sweep.csv"
+    for job in jobs:
+        results.append(run(job, progress=False))
+        bar.update(1)
+        bar.set_postfix(method=job.method, ratio=job.ratio, auc=f"{results[-1]['auc']:.4f}")
+        with open(csv_path, "w", newline="") as f:  # rewritten after every run: a long sweep keeps its results
+            w = csv.DictWriter(f, fieldnames=list(results[0].keys()))
+            w.writeheader()
+            w.writerows(results)
+    bar.close()
+    (out_dir / "sweep.md").write_text(markdown_table(results, methods, ratios))
+    plot_sweep(results, methods, ratios, out_dir / "sweep.png")
+    return results
+
+
+def _stats(results, method, ratio):
+    v = [r["auc"] for r in results if r["method"] == method and (method == "dense" or r["ratio"] == ratio)]
+    return (float(np.mean(v)), float(np.std(v)), len(v)) if v else None
+
+
+def markdown_table(results, methods, ratios) -> str:
+    pruned = [m for m in methods if m != "dense"]
+    head = "| pruning ratio | " + " | ".join(pruned) + " |\n|---|" + "---|" * len(pruned) + "\n"
+    rows = []
+    dense = _stats(results, "dense", 0.0)
+    if dense:
+        rows.append(f"| 0 (dense) | " + " | ".join(f"{dense[0]:.4f} ± {dense[1]:.4f}" for _ in pruned) + " |")
+    for r in ratios:
+        cells = []
+        for m in pruned:
+            s = _stats(results, m, r)
+            cells.append("" if s is None else f"{s[0]:.4f} ± {s[1]:.4f}")
+        rows.append(f"| {r:g} | " + " | ".join(cells) + " |")
+    n = max((_stats(results, m, ratios[0]) or (0, 0, 0))[2] for m in pruned) if pruned else 0
+    return head + "\n".join(rows) + f"\n\nTest AUC, mean ± standard deviation over {n} seeds.\n"
+
+
+def plot_sweep(results, methods, ratios, path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(7, 4.5))
+    dense = _stats(results, "dense", 0.0)
+    if dense:
+        ax.axhline(dense[0], color="black", lw=1, ls="--", label="dense (unpruned)")
+        ax.axhspan(dense[0] - 0.001, dense[0] + 0.001, color="grey", alpha=0.2, label="dense ± 0.001")
+    for m in methods:
+        if m == "dense":
+            continue
+        pts = [(r, *_stats(results, m, r)[:2]) for r in ratios if _stats(results, m, r)]
+        if pts:
+            x, y, e = zip(*pts)
+            ax.errorbar(x, y, yerr=e, marker="o", capsize=3, label=m)
+    ax.set_xlabel("pruning ratio (fraction of the dense embedding size removed)")
+    ax.set_ylabel("test AUC")
+    ax.set_title("Model quality against pruning ratio")
+    ax.legend(fontsize=8)
+    ax.grid(alpha=0.3)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
