@@ -18,7 +18,7 @@ from .config import FLOAT_BYTES, PoolPlan
 class PoolArrays(NamedTuple):
     vectors: np.ndarray     # float32[slots, c]
     opt_state: np.ndarray   # float32[slots, w]; w = 0 (sgd), 1 (row-wise adagrad), c (adagrad)
-    owner: np.ndarray       # int64[slots]; entry * kmax + chunk, or -1 when free
+    owner: np.ndarray       # int32[slots]; the owning entry, or -1 when free
     free_stack: np.ndarray  # int32[slots]; the first n_free entries are free slots
     n_free: np.ndarray      # int64[1]; kept in an array so kernels can pop and push
 
@@ -34,7 +34,7 @@ class ChunkPool:
         self.arrays = PoolArrays(
             vectors=b.full((slots, plan.chunk_width), 0.0, np.float32),
             opt_state=b.full((slots, plan.state_width), 0.0, np.float32),
-            owner=b.full(slots, -1, np.int64),
+            owner=b.full(slots, -1, np.int32),
             free_stack=b.from_host(np.arange(slots - 1, -1, -1, dtype=np.int32)),
             n_free=b.from_host(np.array([slots], dtype=np.int64)),
         )

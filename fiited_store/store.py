@@ -344,7 +344,7 @@ class EmbeddingStore:
     def _rehash(self, capacity: int) -> None:
         old_to_new = self.entries.rehash(capacity)
         for pool in self.pools:
-            self.k.remap_owner(pool.arrays.owner, old_to_new, self.kmax)
+            self.k.remap_owner(pool.arrays.owner, old_to_new)
         host_map = None
         for tier in self.tiers:
             if tier is not None:
@@ -352,7 +352,7 @@ class EmbeddingStore:
                     host_map = self.backend.to_host(old_to_new)
                 from .kernels import cpu
 
-                cpu.remap_owner(tier.owner, host_map, self.kmax)
+                cpu.remap_owner(tier.owner, host_map)
         self._generation += 1
         self.counters.rehashes += 1
 
@@ -378,12 +378,12 @@ class EmbeddingStore:
                 self.counters.initialised_chunks += int(n)
         return entries
 
-    def _group(self, entries) -> Grouping:
+    def _group(self, entries, q_tables) -> Grouping:
         n = entries.shape[0]
         uniq = self.backend.empty(n, np.int64)
         counts = self.backend.empty(n, np.int64)
         which = self.backend.empty(n, np.int64)
-        u = int(self.k.group_occurrences(entries, uniq, counts, which))
+        u = int(self.k.group_occurrences(entries, q_tables, len(self.tables), uniq, counts, which))
         return Grouping(uniq[:u], counts[:u], which)
 
     # ------------------------------------------------------------------ lookups
@@ -430,7 +430,7 @@ class EmbeddingStore:
         self.k.expand_bags(offsets_d, B, ft_d, bag_of_occ, q_tables)
         new: list = []
         entries = self._resolve(q_tables, ids_d, insert=train, new_out=new)
-        grouping = self._group(entries) if train else None
+        grouping = self._group(entries, q_tables) if train else None
         if self.config.mode == "cache" and train:
             try:
                 self._make_resident(grouping.uniq)
@@ -442,9 +442,16 @@ class EmbeddingStore:
         m = self._meta
         for pool in self.pools:
             if self.config.mode == "cache" and not train:
-                sp_slots, sp_vectors = self._read_through(pool, entries)
+                sp_slots, sp_vectors = self._read_through(pool, entries, q_tables)
             else:
                 sp_slots, sp_vectors = b.empty(0, np.int64), b.empty((0, pool.plan.chunk_width), np.float32)
+            if weights.shape[0] == 0 and mode == "sum" and sp_slots.shape[0] == 0:
+                in_group = self._host_meta["table_group"][feature_tables] == pool.plan.group
+                chunks = np.where(in_group, self._host_meta["table_chunks"][feature_tables], 0).astype(np.int64)
+                self.k.pooled_sum_forward(
+                    entries, offsets_d, B, b.from_host(chunks), fc_d, self.entries.arrays.addr.reshape(-1), self.kmax,
+                    pool.arrays.vectors.reshape(-1), pool.plan.chunk_width, out.reshape(-1), out.shape[1])
+                continue
             self.k.pooled_forward(
                 entries, offsets_d, weights_d, mode == "mean", B, ft_d, fc_d, self.entries.arrays.addr,
                 pool.arrays.vectors, m["table_chunks"], m["table_group"], pool.plan.group, sp_slots, sp_vectors, out,
@@ -471,6 +478,17 @@ class EmbeddingStore:
         """Rows of ``ids``, inserting unseen keys (they take free slots while any remain)."""
         self._check_writable()
         return self.lookup(table, ids, train=True)
+
+    def insert(self, table: str, ids: Any) -> int:
+        """Give entries to keys that have none, as a training forward pass would (their
+        chunks take free slots while any remain, in prune mode). Returns how many were new."""
+        self._check_writable()
+        t = self.table_index(table)
+        ids = self._as_ids(ids)
+        q = self.backend.from_host(np.full(ids.shape[0], t, np.int16))
+        before = self.entries.n_live
+        self._resolve(q, self.backend.from_host(ids), insert=True)
+        return self.entries.n_live - before
 
     def contains(self, table: str, ids: Any) -> np.ndarray:
         t = self.table_index(table)
@@ -500,7 +518,7 @@ class EmbeddingStore:
             entries, _ = self.entries.find(batch.q_tables, batch.ids)
             grouping = None
         if grouping is None:
-            grouping = self._group(entries)
+            grouping = self._group(entries, batch.q_tables)
         U = grouping.uniq.shape[0]
         dmax = int(self._host_meta["table_dim"].max())
         if self._grad_buf is None or self._grad_buf.shape[0] < U:
@@ -716,7 +734,7 @@ class EmbeddingStore:
                 raise
             self.k.commit_evictions(ev_e, ev_k, b.from_host(tslots), self.entries.arrays.addr, a.owner,
                                     a.free_stack, a.n_free, self.kmax)
-            tier.owner[tslots] = b.to_host(ev_e) * self.kmax + b.to_host(ev_k)
+            tier.owner[tslots] = b.to_host(ev_e)
             self.counters.spilled_chunks += n
         else:
             self.k.commit_evictions(ev_e, ev_k, b.empty(0, np.int64), self.entries.arrays.addr, a.owner,
@@ -917,7 +935,7 @@ class EmbeddingStore:
         rng = np.random.default_rng([self.config.seed, self.step_count, self.counters.spilled_chunks])
         positions = rng.integers(0, pool.slots, size=min(4096, pool.slots)).astype(np.int64)
         sampled = b.empty(positions.shape[0], np.float32)
-        k.slot_utilities(pool.arrays.owner, ea.util, self.kmax, b.from_host(positions), sampled)
+        k.slot_utilities(pool.arrays.owner, ea.addr, ea.util, b.from_host(positions), sampled)
         sampled = b.to_host(sampled)
         sampled = sampled[~np.isnan(sampled)]
         q = min(1.0, 1.5 * target / max(pool.n_used, 1))
@@ -928,7 +946,7 @@ class EmbeddingStore:
             want = target - done
             out_e = b.empty(want, np.int64)
             out_k = b.empty(want, np.int64)
-            n, self._clock[g] = (int(x) for x in k.pick_victims(pool.arrays.owner, ea.util, self.kmax, pinned,
+            n, self._clock[g] = (int(x) for x in k.pick_victims(pool.arrays.owner, ea.addr, ea.util, pinned,
                                                                 np.float32(threshold), self._clock[g], out_e, out_k))
             self._evict(pool, out_e[:n], out_k[:n])
             done += n
@@ -949,7 +967,7 @@ class EmbeddingStore:
         q_tables, ids_d = self._flat_keys(features, ids)
         entries = self._resolve(q_tables, ids_d, insert=True)
         before = self.counters.restored_chunks + self.counters.initialised_chunks
-        self._make_resident(self._group(entries).uniq)
+        self._make_resident(self._group(entries, q_tables).uniq)
         return self.counters.restored_chunks + self.counters.initialised_chunks - before
 
     def prefetch_async(self, features: str | Sequence[str], ids: Any) -> int:
@@ -986,7 +1004,7 @@ class EmbeddingStore:
             total += int(slots.size)
         return total
 
-    def _read_through(self, pool: ChunkPool, entries):
+    def _read_through(self, pool: ChunkPool, entries, q_tables):
         """Cache mode, no training: the tier rows of the batch's spilled chunks, read
         synchronously without moving anything into the pool."""
         b = self.backend
@@ -994,7 +1012,7 @@ class EmbeddingStore:
         none = b.empty(0, np.int64), b.empty((0, pool.plan.chunk_width), np.float32)
         if self.tiers[g] is None:
             return none
-        uniq = self._group(entries).uniq
+        uniq = self._group(entries, q_tables).uniq
         n_u = int(uniq.shape[0])
         miss_e = b.empty(max(n_u * self.kmax, 1), np.int64)
         miss_k = b.empty(max(n_u * self.kmax, 1), np.int64)
@@ -1134,7 +1152,7 @@ class EmbeddingStore:
             g, plan = p.plan.group, p.plan
             expect.update({f"pool_{g}.vectors": ((plan.slots, plan.chunk_width), np.float32),
                            f"pool_{g}.opt_state": ((plan.slots, plan.state_width), np.float32),
-                           f"pool_{g}.owner": ((plan.slots,), np.int64), f"pool_{g}.free_stack": ((plan.slots,), np.int32),
+                           f"pool_{g}.owner": ((plan.slots,), np.int32), f"pool_{g}.free_stack": ((plan.slots,), np.int32),
                            f"pool_{g}.n_free": ((1,), np.int64)})
         for k, (shape, dtype) in expect.items():
             if st[k].shape != shape or st[k].dtype != dtype:
@@ -1154,14 +1172,16 @@ class EmbeddingStore:
             tier.write(new_slots, st[f"tier_{g}.vectors"], st[f"tier_{g}.states"])
             owner = st[f"tier_{g}.owner"]
             tier.owner[new_slots] = owner
-            addr[owner // self.kmax, owner % self.kmax] = -2 - new_slots  # the rows moved: point at them
+            # the rows moved: point their chunks at the new slots
+            k_of = np.argmax(addr[owner] == (-2 - st[f"tier_{g}.slots"])[:, None], axis=1)
+            addr[owner, k_of] = -2 - new_slots
             new_tiers[g] = tier
         self.entries = EntryTable.from_arrays(b, EntryArrays(
-            keys=b.from_host(st["entries.keys"]), table_ids=b.from_host(st["entries.table_ids"]),
-            addr=b.from_host(addr), util=b.from_host(st["entries.util"])), self.config.max_load)
+            keys=b.persist(st["entries.keys"]), table_ids=b.persist(st["entries.table_ids"]),
+            addr=b.persist(addr), util=b.persist(st["entries.util"])), self.config.max_load)
         for p in self.pools:
             g = p.plan.group
-            p.arrays = PoolArrays(*(b.from_host(np.array(st[f"pool_{g}.{k}"])) for k in PoolArrays._fields))
+            p.arrays = PoolArrays(*(b.persist(st[f"pool_{g}.{k}"]) for k in PoolArrays._fields))
         for g, tier in enumerate(new_tiers):
             if self.tiers[g] is not None:
                 self.tiers[g].close()

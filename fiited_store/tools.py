@@ -177,7 +177,7 @@ def verify_store(path: Path, progress: bool = False) -> list[str]:
 
 def _compact_pools(store: EmbeddingStore) -> None:
     """Pack resident chunks into the lowest slots; zero the rest (it compresses away on disk)."""
-    b, kmax = store.backend, store.kmax
+    b = store.backend
     addr = b.to_host(store.entries.arrays.addr).copy()
     for pool in store.pools:
         a = pool.arrays
@@ -190,7 +190,8 @@ def _compact_pools(store: EmbeddingStore) -> None:
         st[:n] = b.to_host(a.opt_state)[used]
         new_owner = np.full_like(owner, -1)
         new_owner[:n] = owner[used]
-        addr[owner[used] // kmax, owner[used] % kmax] = np.arange(n, dtype=np.int32)
+        k_of = np.argmax(addr[owner[used]] == used[:, None], axis=1)
+        addr[owner[used], k_of] = np.arange(n, dtype=np.int32)
         free = np.arange(pool.slots - 1, n - 1, -1, dtype=np.int32)
         stack = np.zeros(pool.slots, np.int32)
         stack[: free.size] = free
@@ -203,7 +204,7 @@ def _compact_tiers(store: EmbeddingStore, progress: bool) -> None:
     """Rewrite every tier densely (slots 0..used-1) and cut its files to size."""
     from .storage.zarr_tier import ZarrTier
 
-    b, kmax = store.backend, store.kmax
+    b = store.backend
     for g, tier in enumerate(store.tiers):
         if tier is None:
             continue
@@ -219,7 +220,8 @@ def _compact_tiers(store: EmbeddingStore, progress: bool) -> None:
         owner = tier.owner[used]
         fresh.owner[new_slots] = owner
         addr = b.to_host(store.entries.arrays.addr).copy()
-        addr[owner // kmax, owner % kmax] = spilled_code(new_slots).astype(np.int32)
+        k_of = np.argmax(addr[owner] == spilled_code(used)[:, None], axis=1)
+        addr[owner, k_of] = spilled_code(new_slots).astype(np.int32)
         store.entries.arrays = store.entries.arrays._replace(addr=b.from_host(addr))
         tier.close()
         old_root = tier.root

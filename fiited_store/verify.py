@@ -104,24 +104,22 @@ def check_store(store) -> list[str]:
         neither = ~owned & ~on_stack
         if neither.any():
             problems.append(f"{where}: slots {_first(neither)} are neither free nor owned (leaked)")
-        bad_owner = owned & (owner >= cap * kmax)
+        bad_owner = owned & (owner >= cap)
         if bad_owner.any():
             problems.append(f"{where}/owner points past the entry table at slots {_first(bad_owner)}")
             continue
         s_idx = np.nonzero(owned)[0]
-        e, k = owner[s_idx] // kmax, owner[s_idx] % kmax
-        back = addr[e, k] == s_idx
-        if not back.all():
-            i = int(np.argmax(~back))
+        e = owner[s_idx].astype(np.int64)
+        matches = (addr[e] == s_idx[:, None]).sum(axis=1)
+        if np.any(matches != 1):
+            i = int(np.argmax(matches != 1))
             problems.append(
-                f"{where}: slot {int(s_idx[i])} names entry {int(e[i])} chunk {int(k[i])} as owner, "
-                f"but that chunk's address is {int(addr[e[i], k[i]])}"
+                f"{where}: slot {int(s_idx[i])} names entry {int(e[i])} as owner, but {int(matches[i])} of that "
+                f"entry's chunks have this address ({addr[e[i]].tolist()})"
             )
         wrong_group = ~live[e] | (groups[np.maximum(tids[e], 0)] != g)
         if wrong_group.any():
             problems.append(f"{where}: slots {s_idx[wrong_group][:5].tolist()} are owned by entries outside this pool")
-        if np.unique(owner[s_idx]).size != s_idx.size:
-            problems.append(f"{where}: a chunk owns two slots")
         # every resident chunk of this pool points to a slot that names it
         in_group = live & (groups[np.maximum(tids, 0)] == g)
         res = (addr >= 0) & in_group[:, None]
@@ -130,7 +128,7 @@ def check_store(store) -> list[str]:
         if rs.size and rs.max() >= S:
             problems.append(f"{where}: resident addresses past the pool's {S} slots at entries {re[rs >= S][:5].tolist()}")
         else:
-            mismatch = owner[rs] != re * kmax + rk
+            mismatch = owner[rs] != re
             if mismatch.any():
                 i = int(np.argmax(mismatch))
                 problems.append(
@@ -149,7 +147,7 @@ def check_store(store) -> list[str]:
             if ts.size and ts.max() >= tier.capacity:
                 problems.append(f"tier_{g}: spilled chunks point past its {tier.capacity} slots")
             else:
-                wrong = tier.owner[ts] != se * kmax + sk
+                wrong = tier.owner[ts] != se
                 if wrong.any():
                     i = int(np.argmax(wrong))
                     problems.append(f"tier_{g}: slot {int(ts[i])} holds entry {int(se[i])} chunk {int(sk[i])} "

@@ -3,7 +3,8 @@
 A tier keeps chunk vectors, with their optimizer state, in numbered slots. It owns
 its free space: :meth:`ChunkTier.allocate` hands out slots and
 :meth:`ChunkTier.release` takes them back. The store keeps ``owner`` (the
-back-pointer from a tier slot to its chunk) up to date; the tier only grows it.
+back-pointer from a tier slot to the entry whose chunk it holds) up to date; the
+tier only grows it.
 
 Reads and writes are batched: a call moves many chunks, so a tier on disk can
 turn them into whole-chunk I/O. Slots are handed out block by block, emptiest
@@ -37,7 +38,7 @@ class ChunkTier(ABC):
         self._lock = threading.RLock()
         self._executor: ThreadPoolExecutor | None = None
         capacity = self._round_capacity(capacity)
-        self.owner = np.full(capacity, -1, np.int64)
+        self.owner = np.full(capacity, -1, np.int32)
         self._free = np.ones(capacity, bool)
         self._block_free = np.full(capacity // self.block_rows, self.block_rows, np.int64)
         #: bumped whenever slots are released. A slot's data cannot change while
@@ -125,7 +126,7 @@ class ChunkTier(ABC):
         new_capacity = self._round_capacity(new_capacity)
         old = self.capacity
         self._grow_storage(new_capacity)
-        self.owner = np.concatenate([self.owner, np.full(new_capacity - old, -1, np.int64)])
+        self.owner = np.concatenate([self.owner, np.full(new_capacity - old, -1, np.int32)])
         self._free = np.concatenate([self._free, np.ones(new_capacity - old, bool)])
         self._block_free = np.concatenate(
             [self._block_free, np.full((new_capacity - old) // self.block_rows, self.block_rows, np.int64)]

@@ -341,10 +341,10 @@ def open_store(path: Path, mode: str = "r", device: str | None = None):
                 raise CorruptStoreError(f"{ckpt}/entries/keys has {cap} rows; the capacity must be a power of two")
             where = f"{ckpt}/entries"
             arrays = EntryArrays(
-                keys=b.from_host(_read(entries_g, "keys", np.int64, (cap,), where)),
-                table_ids=b.from_host(_read(entries_g, "table_ids", np.int16, (cap,), where)),
-                addr=b.from_host(_read(entries_g, "addr", np.int32, (cap, store.kmax), where)),
-                util=b.from_host(_read(entries_g, "util", np.float32, (cap, store.util_width), where)),
+                keys=b.persist(_read(entries_g, "keys", np.int64, (cap,), where)),
+                table_ids=b.persist(_read(entries_g, "table_ids", np.int16, (cap,), where)),
+                addr=b.persist(_read(entries_g, "addr", np.int32, (cap, store.kmax), where)),
+                util=b.persist(_read(entries_g, "util", np.float32, (cap, store.util_width), where)),
             )
             store.entries = EntryTable.from_arrays(b, arrays, config.max_load)
             store.pools = []
@@ -354,10 +354,10 @@ def open_store(path: Path, mode: str = "r", device: str | None = None):
                     raise CorruptStoreError(f"{where} is missing")
                 pg = root[f"pool_{plan.group}"]
                 pa = PoolArrays(
-                    vectors=b.from_host(_read(pg, "vectors", np.float32, (plan.slots, plan.chunk_width), where)),
-                    opt_state=b.from_host(_read(pg, "opt_state", np.float32, (plan.slots, plan.state_width), where)),
-                    owner=b.from_host(_read(pg, "owner", np.int64, (plan.slots,), where)),
-                    free_stack=b.from_host(_read(pg, "free_stack", np.int32, (plan.slots,), where)),
+                    vectors=b.persist(_read(pg, "vectors", np.float32, (plan.slots, plan.chunk_width), where)),
+                    opt_state=b.persist(_read(pg, "opt_state", np.float32, (plan.slots, plan.state_width), where)),
+                    owner=b.persist(_read(pg, "owner", np.int32, (plan.slots,), where)),
+                    free_stack=b.persist(_read(pg, "free_stack", np.int32, (plan.slots,), where)),
                     n_free=b.from_host(np.array([int(pstate["n_free"])], np.int64)),
                 )
                 store.pools.append(ChunkPool.from_arrays(b, plan, pa))
@@ -367,7 +367,7 @@ def open_store(path: Path, mode: str = "r", device: str | None = None):
                 if tstate is None:
                     continue
                 where = f"{ckpt}/tier_{gi}"
-                owner = _read(root[f"tier_{gi}"], "owner", np.int64, (int(tstate["capacity"]),), where)
+                owner = _read(root[f"tier_{gi}"], "owner", np.int32, (int(tstate["capacity"]),), where)
                 snapshot = ckpt / f"tier_{gi}" / "data"
                 if mode == "r":
                     store.tiers[gi] = ZarrTier.open(snapshot, owner, read_only=True)

@@ -54,5 +54,5 @@ class MemoryTier(ChunkTier):
     def load_arrays(self, vectors: np.ndarray, states: np.ndarray, owner: np.ndarray) -> None:
         self._vectors = np.array(vectors, np.float32)
         self._states = np.array(states, np.float32)
-        self.owner = np.array(owner, np.int64)
+        self.owner = np.array(owner, np.int32)
         self.rebuild_free_space()

@@ -108,7 +108,7 @@ class ZarrTier(ChunkTier):
                    create=False, read_only=read_only)
         if owner.shape != (tier.capacity,):
             raise CorruptStoreError(f"disk tier at {root}: {tier.capacity} slots but the checkpoint lists {owner.shape[0]} owners")
-        tier.owner = np.array(owner, np.int64)
+        tier.owner = np.array(owner, np.int32)
         tier.rebuild_free_space()
         return tier
 

@@ -79,7 +79,8 @@ def plant_slot_owned_twice(path):
     addr = _array(path, "entries/addr")
     a = addr[...]
     e, k = np.nonzero(a >= 0)
-    a[e[1], k[1]] = a[e[0], k[0]]
+    other = int(np.argmax(e != e[0]))  # a chunk of another entry now claims the same slot
+    a[e[other], k[other]] = a[e[0], k[0]]
     addr[...] = a
 
 

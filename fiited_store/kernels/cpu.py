@@ -146,12 +146,21 @@ def init_chunk(dst, trow, kh, kind, scale):
 # --------------------------------------------------------------------------- entry table
 
 
+#: how far ahead the hash probe prefetches the home bucket of a later key
+PREFETCH_PROBE = 16
+
+
 @njit(**_PAR)
 def find_entries(keys, table_ids, q_tables, q_ids, out):
     """out[i] = entry of (q_tables[i], q_ids[i]) or -1. Returns the number missing."""
     mask = np.uint64(keys.shape[0] - 1)
+    n = q_ids.shape[0]
     n_missing = 0
-    for i in prange(q_ids.shape[0]):
+    for i in prange(n):
+        if i + PREFETCH_PROBE < n:
+            ahead = key_hash(q_tables[i + PREFETCH_PROBE], q_ids[i + PREFETCH_PROBE]) & mask
+            prefetch(keys, ahead)
+            prefetch(table_ids, ahead)
         t = q_tables[i]
         key = q_ids[i]
         pos = key_hash(t, key) & mask
@@ -225,11 +234,20 @@ def rehash_into(keys, table_ids, addr, util, new_keys, new_table_ids, new_addr, 
 
 
 @njit(**_PAR)
-def remap_owner(owner, old_to_new, kmax):
+def remap_owner(owner, old_to_new):
     for s in prange(owner.shape[0]):
         o = owner[s]
         if o >= 0:
-            owner[s] = old_to_new[o // kmax] * kmax + o % kmax
+            owner[s] = old_to_new[o]
+
+
+@njit(inline="always")
+def chunk_at(arow, code):
+    """The chunk index k with arow[k] == code (a slot, or a spilled code), or -1."""
+    for k in range(arow.shape[0]):
+        if arow[k] == code:
+            return k
+    return -1
 
 
 @njit(**_JIT)
@@ -285,7 +303,7 @@ def admit_new_chunks(new_entries, keys, table_ids, addr, table_chunks, table_gro
             n_free[0] -= 1
             s = free_stack[n_free[0]]
             addr[e, k] = s
-            owner[s] = e * kmax + k
+            owner[s] = e
             init_chunk(vectors[s], itab[k], key_hash(t, keys[e]), table_init_kind[t], table_init_scale[t])
             opt_state[s, :] = 0.0
             admitted += 1
@@ -350,7 +368,7 @@ def commit_allocations(al_entries, al_chunks, restore_index, restored_vectors, r
         k = al_chunks[i]
         s = free_stack[top - 1 - i]
         addr[e, k] = s
-        owner[s] = e * kmax + k
+        owner[s] = e
         r = restore_index[i]
         v = vectors[s]
         if r >= 0:
@@ -493,49 +511,155 @@ def pooled_forward(entry_idx, offsets, weights, mean, bags_per_feature, feature_
                     dst[j] = dst[j] / inv
 
 
+@njit(**_PAR)
+def pooled_sum_forward(entry_idx, offsets, bags_per_feature, feature_chunks, feature_col, addr_flat, kmax,
+                       vec_flat, c, out_flat, width):
+    """The common case of ``pooled_forward``, lean: unweighted sums, pool rows only.
+
+    Flat arrays indexed with unsigned integers: numba then emits no negative-index
+    fix-ups, and the copies vectorise. ``feature_chunks[f]`` is K of feature f's
+    table, or 0 when that table is in another pool; ``width`` is out's row length.
+    """
+    B = bags_per_feature
+    F = feature_chunks.shape[0]
+    uc = np.uint64(c)
+    ukmax = np.uint64(kmax)
+    for b in prange(B):
+        ob = np.uint64(b) * np.uint64(width)
+        for f in range(F):
+            K = feature_chunks[f]
+            if K == 0:
+                continue
+            bag = f * B + b
+            lo = offsets[bag]
+            hi = offsets[bag + 1]
+            if b + PREFETCH_ADDR < B:
+                a = offsets[bag + PREFETCH_ADDR]
+                if a < offsets[bag + PREFETCH_ADDR + 1] and entry_idx[a] >= 0:
+                    prefetch(addr_flat, np.uint64(entry_idx[a]) * ukmax)
+            if b + PREFETCH_ROWS < B:
+                a = offsets[bag + PREFETCH_ROWS]
+                if a < offsets[bag + PREFETCH_ROWS + 1] and entry_idx[a] >= 0:
+                    ab = np.uint64(entry_idx[a]) * ukmax
+                    for k in range(K):
+                        s = addr_flat[ab + np.uint64(k)]
+                        if s >= 0:
+                            prefetch(vec_flat, np.uint64(s) * uc)
+            o0 = ob + np.uint64(feature_col[f])
+            n = np.uint64(K) * uc
+            if hi - lo == 1 and entry_idx[lo] >= 0:
+                ab = np.uint64(entry_idx[lo]) * ukmax
+                for k in range(K):
+                    s = addr_flat[ab + np.uint64(k)]
+                    o = o0 + np.uint64(k) * uc
+                    if s >= 0:
+                        v = np.uint64(s) * uc
+                        for j in range(c):
+                            out_flat[o + np.uint64(j)] = vec_flat[v + np.uint64(j)]
+                    else:
+                        for j in range(c):
+                            out_flat[o + np.uint64(j)] = 0.0
+                continue
+            for j in range(n):
+                out_flat[o0 + np.uint64(j)] = 0.0
+            for i in range(lo, hi):
+                e = entry_idx[i]
+                if e < 0:
+                    continue
+                ab = np.uint64(e) * ukmax
+                for k in range(K):
+                    s = addr_flat[ab + np.uint64(k)]
+                    if s < 0:
+                        continue
+                    o = o0 + np.uint64(k) * uc
+                    v = np.uint64(s) * uc
+                    for j in range(c):
+                        out_flat[o + np.uint64(j)] += vec_flat[v + np.uint64(j)]
+
+
 # --------------------------------------------------------------------------- backward
 
 
-@njit(**_JIT)
-def group_occurrences(entry_idx, uniq, counts, which):
-    """Distinct entries of a batch, by first occurrence.
+@njit(**_PAR)
+def group_occurrences(entry_idx, table_of_occ, n_tables, uniq, counts, which):
+    """Distinct entries of a batch.
 
     uniq[u] is the u-th distinct entry, counts[u] how often it occurs and
-    which[i] the u of occurrence i (-1 for unknown keys). A batch-sized hash map
-    keeps this cache-resident whatever the size of the entry table.
+    which[i] the u of occurrence i (-1 for unknown keys). An entry belongs to one
+    table, so each table is grouped on its own (in parallel, with a hash map sized
+    to its share of the batch) and the tables' lists are concatenated in table
+    order; within a table, entries are listed by first occurrence.
     Returns the number of distinct entries.
     """
     n = entry_idx.shape[0]
-    size = 1
-    while size < 2 * n + 2:
-        size *= 2
-    hkeys = np.full(size, -1, np.int64)
-    hvals = np.empty(size, np.int64)
-    mask = np.uint64(size - 1)
-    n_uniq = 0
+    per_table = np.zeros(n_tables + 1, np.int64)
     for i in range(n):
-        e = entry_idx[i]
-        if e < 0:
-            which[i] = -1
+        per_table[table_of_occ[i] + 1] += 1
+    occ_start = np.zeros(n_tables + 1, np.int64)
+    for t in range(n_tables):
+        occ_start[t + 1] = occ_start[t] + per_table[t + 1]
+    # occurrences of each table in batch order
+    occ = np.empty(n, np.int64)
+    fill = occ_start[:n_tables].copy()
+    for i in range(n):
+        t = table_of_occ[i]
+        occ[fill[t]] = i
+        fill[t] += 1
+    n_uniq_t = np.zeros(n_tables, np.int64)
+    for t in prange(n_tables):
+        lo = occ_start[t]
+        hi = occ_start[t + 1]
+        if hi == lo:
             continue
-        pos = mix64(np.uint64(e)) & mask
-        while True:
-            h = hkeys[pos]
-            if h == -1:
-                hkeys[pos] = e
-                hvals[pos] = n_uniq
-                uniq[n_uniq] = e
-                counts[n_uniq] = 1
-                which[i] = n_uniq
-                n_uniq += 1
-                break
-            if h == e:
-                u = hvals[pos]
-                which[i] = u
-                counts[u] += 1
-                break
-            pos = (pos + np.uint64(1)) & mask
-    return n_uniq
+        size = 1
+        while size < 2 * (hi - lo) + 2:
+            size *= 2
+        hkeys = np.full(size, -1, np.int64)
+        hvals = np.empty(size, np.int64)
+        mask = np.uint64(size - 1)
+        nu = 0
+        for p in range(lo, hi):
+            i = occ[p]
+            e = entry_idx[i]
+            if e < 0:
+                which[i] = -1
+                continue
+            pos = mix64(np.uint64(e)) & mask
+            while True:
+                h = hkeys[pos]
+                if h == -1:
+                    hkeys[pos] = e
+                    hvals[pos] = nu
+                    # written at the table's block of the output; moved into place below
+                    uniq[lo + nu] = e
+                    counts[lo + nu] = 1
+                    which[i] = nu
+                    nu += 1
+                    break
+                if h == e:
+                    u = hvals[pos]
+                    which[i] = u
+                    counts[lo + u] += 1
+                    break
+                pos = (pos + np.uint64(1)) & mask
+        n_uniq_t[t] = nu
+    # compact the per-table blocks: table t's distinct entries start at base[t]
+    base = np.zeros(n_tables + 1, np.int64)
+    for t in range(n_tables):
+        base[t + 1] = base[t] + n_uniq_t[t]
+    for t in range(n_tables):
+        lo = occ_start[t]
+        if base[t] != lo:
+            for j in range(n_uniq_t[t]):
+                uniq[base[t] + j] = uniq[lo + j]
+                counts[base[t] + j] = counts[lo + j]
+    for t in prange(n_tables):
+        shift = base[t]
+        for p in range(occ_start[t], occ_start[t + 1]):
+            i = occ[p]
+            if which[i] >= 0:
+                which[i] += shift
+    return base[n_tables]
 
 
 @njit(**_JIT)
@@ -630,6 +754,7 @@ def apply_gradients(uniq, counts, grad_buf, table_ids, addr, util, vectors, opt_
     for u in prange(U):
         if u + 2 * PREFETCH_ROWS < U:
             prefetch(addr, uniq[u + 2 * PREFETCH_ROWS])
+            prefetch(util, uniq[u + 2 * PREFETCH_ROWS])
         if u + PREFETCH_ROWS < U:
             ahead = addr[uniq[u + PREFETCH_ROWS]]
             for k in range(ahead.shape[0]):
@@ -958,7 +1083,7 @@ def missing_chunks(uniq, table_ids, addr, table_chunks, table_group, group, out_
 
 
 @njit(**_JIT)
-def pick_victims(owner, util, kmax, pinned_sorted, threshold, start, out_entries, out_chunks):
+def pick_victims(owner, addr, util, pinned_sorted, threshold, start, out_entries, out_chunks):
     """Resident chunks below threshold whose entry is not pinned, scanning from start.
 
     pinned_sorted holds the batch's entries in ascending order. Returns
@@ -970,11 +1095,10 @@ def pick_victims(owner, util, kmax, pinned_sorted, threshold, start, out_entries
     limit = out_entries.shape[0]
     for step in range(S):
         s = (start + step) % S
-        o = owner[s]
-        if o < 0:
+        e = owner[s]
+        if e < 0:
             continue
-        e = o // kmax
-        k = o - e * kmax
+        k = chunk_at(addr[e], s)
         u = util[e, k] if U > 1 else util[e, 0]
         if u >= threshold:
             continue
@@ -990,16 +1114,15 @@ def pick_victims(owner, util, kmax, pinned_sorted, threshold, start, out_entries
 
 
 @njit(**_JIT)
-def slot_utilities(owner, util, kmax, positions, out):
+def slot_utilities(owner, addr, util, positions, out):
     """Utilities of the chunks held by the given slots (NaN for free slots)."""
     U = util.shape[1]
     for i in range(positions.shape[0]):
-        o = owner[positions[i]]
-        if o < 0:
+        e = owner[positions[i]]
+        if e < 0:
             out[i] = np.nan
         else:
-            e = o // kmax
-            k = o - e * kmax
+            k = chunk_at(addr[e], positions[i])
             out[i] = util[e, k] if U > 1 else util[e, 0]
 
 

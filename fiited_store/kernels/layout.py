@@ -11,8 +11,10 @@ Entry table (open addressing, linear probing, the key stored):
   per row ("access", "shared").
 
 Pool (one per distinct chunk width c): ``vectors: float32[slots, c]``,
-``opt_state: float32[slots, w]``, ``owner: int64[slots]`` (``e * kmax + k`` or -1),
-``free_stack: int32[slots]`` and ``n_free: int64[1]``. Optimizer state sits beside
+``opt_state: float32[slots, w]``, ``owner: int32[slots]`` (the entry, or -1 when
+free; the chunk index is the k with ``addr[e, k] == slot``, found in one short row),
+``free_stack: int32[slots]`` and ``n_free: int64[1]``. A tier's ``owner`` is the same
+for tier slots. Optimizer state sits beside
 the slot rather than in the entry: an absent chunk has no trained state to keep.
 """
 
