@@ -25,6 +25,20 @@ from ..store import EmbeddingStore, PooledBatch
 _INDEX_DTYPES = (torch.int64, torch.int32)
 
 
+def share_output(a) -> torch.Tensor:
+    """A tensor over the store's output buffer, without a copy.
+
+    Host arrays cross through DLPack (after the checks DLPack needs); device arrays
+    through ``__cuda_array_interface__``; the CUDA simulator's arrays, which are numpy
+    underneath, through DLPack again.
+    """
+    if isinstance(a, np.ndarray):
+        return from_numpy(a)
+    if hasattr(a, "__cuda_array_interface__"):
+        return torch.as_tensor(a, device="cuda")
+    return torch.from_dlpack(a)
+
+
 def to_numpy(t: torch.Tensor, what: str) -> np.ndarray:
     """A CPU tensor as a numpy array sharing its memory (a copy only when it is not contiguous)."""
     if t.device.type != "cpu":
@@ -48,11 +62,13 @@ class _PooledLookup(torch.autograd.Function):
     @staticmethod
     def forward(ctx, anchor, module, features, ids, offsets, weights, mode, train):
         # grad mode is off in here: whether this is a training step was decided by the caller
-        batch = module.store.pooled_lookup(features, ids, offsets, weights, mode, train=train)
+        on_gpu = module.store.config.device == "cuda"
+        w = None if weights is None else (weights.detach() if on_gpu else to_numpy(weights, "per_sample_weights"))
+        batch = module.store.pooled_lookup(features, ids, offsets, w, mode, train=train)
         ctx.batch = batch
         ctx.module = module
-        ctx.weights_need_grad = weights is not None and module._weights_require_grad
-        out = from_numpy(batch.output)
+        ctx.weights_need_grad = weights is not None and weights.requires_grad
+        out = share_output(batch.output)
         if not train:
             ctx.mark_non_differentiable(out)
         return out
@@ -63,10 +79,13 @@ class _PooledLookup(torch.autograd.Function):
         module = ctx.module
         if grad_out.dtype != torch.float32:
             raise InputDTypeError(f"grad_out must be float32, got {grad_out.dtype}")
-        g = to_numpy(grad_out, "grad_out")
+        # the CPU store takes numpy over the tensor's memory; the CUDA store takes the
+        # CUDA tensor itself (numba views it through __cuda_array_interface__)
+        g = grad_out.contiguous() if module.store.config.device == "cuda" else to_numpy(grad_out, "grad_out")
         weight_grad = None
         if ctx.weights_need_grad:
-            weight_grad = torch.from_numpy(np.array(module.store.per_sample_weight_grads(batch, g)))
+            wg = module.store.per_sample_weight_grads(batch, g)
+            weight_grad = torch.from_numpy(np.array(module.store.backend.to_host(wg)))
         module.store.backward(batch, g)
         module._after_backward()
         return None, None, None, None, None, weight_grad, None, None
@@ -79,7 +98,6 @@ class _StoreModule(torch.nn.Module):
         super().__init__()
         self.store = store
         self.auto_step = auto_step
-        self._weights_require_grad = False
         # autograd calls a Function's backward only if an input requires grad; the
         # embeddings are not torch parameters, so a zero-size tensor stands in
         self._anchor = torch.empty(0, requires_grad=True)
@@ -96,16 +114,15 @@ class _StoreModule(torch.nn.Module):
         return self.store.prune()
 
     def _lookup(self, features, ids, offsets, weights, mode):
-        self._weights_require_grad = weights is not None and weights.requires_grad
-        ids_np = _check_index(ids, "input")
-        off_np = _check_index(offsets, "offsets")
-        w_np = None
+        host = self.store.config.device != "cuda"
+        ids_np = _check_index(ids, "input", host)
+        off_np = _check_index(offsets, "offsets", host)
         if weights is not None:
-            if not torch.is_floating_point(weights):
-                raise InputDTypeError(f"per_sample_weights must be floating point, got {weights.dtype}")
-            w_np = to_numpy(weights.float(), "per_sample_weights")
+            if not isinstance(weights, torch.Tensor) or not torch.is_floating_point(weights):
+                raise InputDTypeError(f"per_sample_weights must be a floating-point tensor, got {getattr(weights, 'dtype', type(weights))}")
+            weights = weights.float()
         train = self.training and torch.is_grad_enabled()
-        return _PooledLookup.apply(self._anchor, self, features, ids_np, off_np, w_np, mode, train)
+        return _PooledLookup.apply(self._anchor, self, features, ids_np, off_np, weights, mode, train)
 
     # state dict: the store's arrays, so that torch.save / torch.load carry the embeddings
     def _save_to_state_dict(self, destination, prefix, keep_vars):
@@ -126,12 +143,12 @@ class _StoreModule(torch.nn.Module):
         super()._load_from_state_dict(rest, prefix, local_metadata, strict, missing_keys, unexpected_keys, error_msgs)
 
 
-def _check_index(t: Any, what: str) -> np.ndarray:
+def _check_index(t: Any, what: str, host: bool = True):
     if not isinstance(t, torch.Tensor):
         t = torch.as_tensor(t)
     if t.dtype not in _INDEX_DTYPES:
         raise InputDTypeError(f"{what} must be int64 or int32 (as torch.nn.EmbeddingBag requires), got {t.dtype}")
-    return to_numpy(t, what)
+    return to_numpy(t, what) if host else t.detach()
 
 
 class FiitedEmbeddingBag(_StoreModule):
@@ -188,7 +205,7 @@ class FiitedEmbeddingBag(_StoreModule):
             if offsets is not None:
                 raise InputShapeError("offsets must be None when input is 2-D (bags of equal length)")
             B, L = input.shape
-            offsets = torch.arange(0, B * L + 1, L, dtype=torch.int64)
+            offsets = torch.arange(0, B * L + 1, L, dtype=torch.int64, device=input.device)
             input = input.reshape(-1)
             if per_sample_weights is not None:
                 per_sample_weights = per_sample_weights.reshape(-1)
@@ -200,7 +217,7 @@ class FiitedEmbeddingBag(_StoreModule):
             if offsets.dtype not in _INDEX_DTYPES:
                 raise InputDTypeError(f"offsets must be int64 or int32, got {offsets.dtype}")
             if not self.include_last_offset:
-                offsets = torch.cat([offsets.to(torch.int64), torch.tensor([input.shape[0]], dtype=torch.int64)])
+                offsets = torch.cat([offsets.to(torch.int64), offsets.new_tensor([input.shape[0]], dtype=torch.int64)])
         else:
             raise InputShapeError(f"input must be 1-D or 2-D, got shape {tuple(input.shape)}")
         return self._lookup(self.table.name, input, offsets, per_sample_weights, self.mode)
@@ -230,10 +247,24 @@ class JaggedFeatures:
         return self.lengths_
 
     def offsets(self) -> torch.Tensor:
-        return torch.cat([torch.zeros(1, dtype=torch.int64), torch.cumsum(self.lengths_.to(torch.int64), 0)])
+        lengths = self.lengths_.to(torch.int64)
+        return torch.cat([lengths.new_zeros(1), torch.cumsum(lengths, 0)])
 
     def weights_or_none(self) -> torch.Tensor | None:
         return self.weights_
+
+    @staticmethod
+    def per_feature_of(features) -> list[tuple[torch.Tensor, torch.Tensor]]:
+        """[(ids, offsets int64[B + 1])] per key of any KeyedJaggedTensor-like object."""
+        keys = list(features.keys())
+        offsets = features.offsets().to(torch.int64)
+        values = features.values()
+        B = (offsets.numel() - 1) // len(keys)
+        out = []
+        for f in range(len(keys)):
+            o = offsets[f * B:(f + 1) * B + 1]
+            out.append((values[int(o[0]):int(o[-1])], o - o[0]))
+        return out
 
     @classmethod
     def from_dict(cls, features: Mapping[str, tuple[torch.Tensor, torch.Tensor]]) -> "JaggedFeatures":

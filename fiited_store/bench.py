@@ -360,3 +360,155 @@ def format_report(out: dict[str, Any]) -> str:
                      f"({m['stream']['entries']:,} entries); {m['every_row_presized']['vs_dense']:.4f} with every row present "
                      f"(paper's formula: {m['paper_formula_vs_dense']:.4f})")
     return "\n".join(lines)
+
+
+# ----------------------------------------------------------------------------- tiers (disk tier, cache mode)
+
+
+@dataclass(frozen=True)
+class TierBenchConfig:
+    chunks: int = 1 << 20            # rows moved in the throughput test
+    batch: int = 1 << 16             # rows per spill / restore call
+    chunk_width: int = 16
+    state_width: int = 1
+    scale: float = 0.05              # cache-mode step: Criteo cardinalities times this
+    batch_size: int = 4096
+    dim: int = 64
+    K: int = 4
+    budget_fraction: float = 0.25
+    steps: int = 30
+    warmup: int = 10
+    seed: int = 0
+    directory: str | None = None     # where the disk tier goes (a temporary directory by default)
+
+
+def bench_tier_throughput(cfg: TierBenchConfig, root, out: dict, bar) -> None:
+    """Spill (write) and restore (random read) chunks/s: the Zarr tier against a numpy.memmap."""
+    from pathlib import Path
+
+    from .storage.zarr_tier import ZarrTier
+
+    rng = np.random.default_rng(cfg.seed)
+    n, w = cfg.chunks, cfg.chunk_width + cfg.state_width
+    vec = rng.standard_normal((cfg.batch, cfg.chunk_width)).astype(np.float32)
+    st = rng.standard_normal((cfg.batch, cfg.state_width)).astype(np.float32)
+    tier = ZarrTier(Path(root) / "zarr_tier", cfg.chunk_width, cfg.state_width)
+    mm = np.lib.format.open_memmap(Path(root) / "memmap.npy", mode="w+", dtype=np.float32, shape=(n, w))
+    rows = np.concatenate([vec, st], axis=1)
+    slots_all = []
+    t0 = time.perf_counter()
+    for _ in range(n // cfg.batch):
+        s = tier.allocate(cfg.batch)
+        tier.write(s, vec, st)
+        slots_all.append(s)
+    tier.flush()
+    t_zarr_w = time.perf_counter() - t0
+    # the memmap gets the same slots (the allocator hands out whole blocks, so they are runs)
+    t0 = time.perf_counter()
+    for s in slots_all:
+        mm[s] = rows
+    mm.flush()
+    t_mm_w = time.perf_counter() - t0
+    bar.update(1)
+    all_slots = np.concatenate(slots_all)
+    reads = [np.sort(rng.choice(all_slots, cfg.batch, replace=False)) for _ in range(8)]
+    t0 = time.perf_counter()
+    for r in reads:
+        tier.read(r)
+    t_zarr_r = time.perf_counter() - t0
+    t0 = time.perf_counter()
+    for r in reads:
+        np.ascontiguousarray(mm[r])
+    t_mm_r = time.perf_counter() - t0
+    total_r = sum(r.size for r in reads)
+    out["tier_throughput"] = {
+        "chunks": n, "batch": cfg.batch, "chunk_bytes": w * 4,
+        "zarr_spill_chunks_per_s": n / t_zarr_w, "memmap_spill_chunks_per_s": n / t_mm_w,
+        "zarr_restore_chunks_per_s": total_r / t_zarr_r, "memmap_restore_chunks_per_s": total_r / t_mm_r,
+    }
+    out["tier_throughput"]["spill_zarr_vs_memmap"] = (n / t_zarr_w) / (n / t_mm_w)
+    out["tier_throughput"]["restore_zarr_vs_memmap"] = (total_r / t_zarr_r) / (total_r / t_mm_r)
+    bar.update(1)
+    tier.close()
+    del mm
+
+
+def bench_cache_mode_step(cfg: TierBenchConfig, root, out: dict, bar) -> None:
+    """A training step with the pool at 25% of the model (rest on disk, prefetch one batch
+    ahead) against the same step with everything in memory, on the same batches."""
+    from pathlib import Path
+
+    cards = scaled_cardinalities(cfg.scale)
+    names = [f"C{i + 1}" for i in range(len(cards))]
+    tables = [TableConfig(nm, dim=cfg.dim, chunks=cfg.K, num_embeddings=n, optimizer="rowwise_adagrad",
+                          learning_rate=0.01) for nm, n in zip(names, cards)]
+    rng = np.random.default_rng(cfg.seed)
+    zipfs = [ZipfIds(n, 1.1, salt=i * 104729 + 17) for i, n in enumerate(cards)]
+    B = cfg.batch_size
+    batches = [np.concatenate([z.sample(rng, B) for z in zipfs]) for _ in range(cfg.warmup + cfg.steps + 1)]
+    offsets = np.arange(len(cards) * B + 1, dtype=np.int64)
+    grads = [rng.standard_normal((B, len(cards) * cfg.dim)).astype(np.float32) * 0.01 for _ in range(4)]
+    results = {}
+    for label, budget, prefetch in (("in_memory", 1.0, False), ("cache_25", cfg.budget_fraction, True)):
+        store = EmbeddingStore(tables, StoreConfig(mode="cache", budget_fraction=budget, prune_period=50, seed=cfg.seed),
+                               path=Path(root) / f"store_{label}")
+        # the model is trained in full first: every chunk of these batches' keys exists, most of it on disk
+        for name, z in zip(names, zipfs):
+            ids = z.sample(rng, 200_000)
+            for lo in range(0, ids.size, 50_000):
+                store.prefetch(name, ids[lo:lo + 50_000])
+        times = []
+        for i in range(cfg.warmup + cfg.steps):
+            t0 = time.perf_counter()
+            if prefetch:
+                # one batch ahead: the reads for step i + 1 overlap with step i
+                store.prefetch_async(names, batches[i + 1], offsets)
+            b = store.pooled_lookup(names, batches[i], offsets, train=True)
+            store.backward(b, grads[i % len(grads)])
+            store.step()
+            times.append(time.perf_counter() - t0)
+        st = store.stats()
+        results[label] = {"median_ms": float(np.median(times[cfg.warmup:]) * 1000),
+                          "resident_chunks": st["total"]["resident_chunks"],
+                          "spilled_chunks": st["total"]["spilled_chunks"],
+                          "counters": st["counters"]}
+        store.close()
+        bar.update(1)
+    results["cache_vs_in_memory"] = results["cache_25"]["median_ms"] / results["in_memory"]["median_ms"]
+    results["model_rows"] = int(sum(cards))
+    out["cache_mode_step"] = results
+
+
+def run_tier_bench(cfg: TierBenchConfig, progress: bool = True) -> dict:
+    import shutil
+    import tempfile
+    from pathlib import Path
+
+    root = Path(tempfile.mkdtemp(prefix="fiited-bench-", dir=cfg.directory))
+    bar = tqdm(total=4, disable=not progress, desc="tier bench", unit="stage")
+    out: dict[str, Any] = {"config": asdict(cfg), "directory": str(root)}
+    try:
+        bench_tier_throughput(cfg, root, out, bar)
+        bench_cache_mode_step(cfg, root, out, bar)
+    finally:
+        bar.close()
+        shutil.rmtree(root, ignore_errors=True)
+    return out
+
+
+def format_tier_report(out: dict) -> str:
+    t = out["tier_throughput"]
+    c = out["cache_mode_step"]
+    return "\n".join([
+        f"disk tier, {t['chunks']:,} chunks of {t['chunk_bytes']} bytes in batches of {t['batch']:,}:",
+        f"  spill   Zarr {t['zarr_spill_chunks_per_s'] / 1e6:6.2f} M chunks/s   memmap {t['memmap_spill_chunks_per_s'] / 1e6:6.2f} M chunks/s"
+        f"   ratio {t['spill_zarr_vs_memmap']:.2f}",
+        f"  restore Zarr {t['zarr_restore_chunks_per_s'] / 1e6:6.2f} M chunks/s   memmap {t['memmap_restore_chunks_per_s'] / 1e6:6.2f} M chunks/s"
+        f"   ratio {t['restore_zarr_vs_memmap']:.2f}",
+        f"cache-mode training step ({c['model_rows']:,} rows, pool {out['config']['budget_fraction']:.0%} of the model, prefetch one batch ahead):",
+        f"  all in memory {c['in_memory']['median_ms']:.2f} ms   cache mode {c['cache_25']['median_ms']:.2f} ms"
+        f"   ratio {c['cache_vs_in_memory']:.2f}",
+        f"  cache mode moved {c['cache_25']['counters']['spilled_chunks']:,} chunks to disk, restored "
+        f"{c['cache_25']['counters']['restored_chunks']:,}, of which {c['cache_25']['counters']['prefetched_chunks']:,} prefetched "
+        f"and {c['cache_25']['counters']['sync_fetched_chunks']:,} fetched synchronously",
+    ])

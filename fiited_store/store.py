@@ -106,7 +106,7 @@ class StoreCounters:
 class _Staged:
     slots: np.ndarray         # ascending tier slots being read in the background
     future: Any
-    release_count: int
+    mark: int                 # the tier's release log position when the read began
 
 
 def _pow2_at_least(n: int) -> int:
@@ -232,8 +232,9 @@ class EmbeddingStore:
         if self._closed:
             return
         self._closed = True
-        for st in self._staged.values():
+        for g, st in self._staged.items():
             st.future.cancel()
+            self.tiers[g].end_read()
         self._staged.clear()
         for tier in self.tiers:
             if tier is not None:
@@ -291,8 +292,17 @@ class EmbeddingStore:
 
     # ------------------------------------------------------------------ input validation
     @staticmethod
+    def _host(x: Any) -> np.ndarray:
+        """Inputs are validated on the host: torch tensors (any device) and device arrays too."""
+        if hasattr(x, "detach") and hasattr(x, "cpu"):
+            return x.detach().cpu().numpy()
+        if hasattr(x, "copy_to_host"):
+            return x.copy_to_host()
+        return np.asarray(x)
+
+    @staticmethod
     def _as_ids(ids: Any, what: str = "ids") -> np.ndarray:
-        a = np.asarray(ids)
+        a = EmbeddingStore._host(ids)
         if a.dtype == np.bool_ or not np.issubdtype(a.dtype, np.integer):
             raise InputDTypeError(f"{what} must be an integer array (int64 or int32), got dtype {a.dtype}")
         if a.ndim != 1:
@@ -303,7 +313,7 @@ class EmbeddingStore:
 
     @staticmethod
     def _as_offsets(offsets: Any, nnz: int, n_features: int) -> np.ndarray:
-        a = np.asarray(offsets)
+        a = EmbeddingStore._host(offsets)
         if a.dtype == np.bool_ or not np.issubdtype(a.dtype, np.integer):
             raise InputDTypeError(f"offsets must be an integer array, got dtype {a.dtype}")
         if a.ndim != 1 or a.shape[0] < 1:
@@ -329,7 +339,7 @@ class EmbeddingStore:
             return np.empty(0, np.float32)
         if mode != "sum":
             raise InputShapeError(f"per_sample_weights are only supported with mode='sum', got mode={mode!r}")
-        a = np.asarray(weights)
+        a = EmbeddingStore._host(weights)
         if not np.issubdtype(a.dtype, np.floating):
             raise InputDTypeError(f"per_sample_weights must be floating point, got dtype {a.dtype}")
         if a.shape != (nnz,):
@@ -619,10 +629,8 @@ class EmbeddingStore:
         entries = np.zeros(T, np.int64)
         resident = np.zeros((T, self.kmax), np.int64)
         spilled = np.zeros((T, self.kmax), np.int64)
-        from .kernels import cpu
-
         ea = self.entries.arrays
-        cpu.count_chunks(self.backend.to_host(ea.table_ids), self.backend.to_host(ea.addr), T, entries, resident, spilled)
+        self.k.count_chunks(ea.table_ids, ea.addr, T, entries, resident, spilled)
         return entries, resident, spilled
 
     def prune(self) -> dict[str, Any]:
@@ -782,21 +790,22 @@ class EmbeddingStore:
         """Rows of tier slots, taken from a staged background read where it is still valid."""
         tier = self.tiers[group]
         staged = self._staged.pop(group, None)
-        if staged is not None and staged.release_count == tier.release_count and staged.slots.size:
+        if staged is None:
+            vec, st = tier.read(tslots)
+            return vec, st, 0
+        try:
             s_vec, s_st = staged.future.result()
-            pos = np.searchsorted(staged.slots, tslots)
-            pos = np.minimum(pos, staged.slots.shape[0] - 1)
-            hit = staged.slots[pos] == tslots
-            vec = np.empty((tslots.shape[0], tier.chunk_width), np.float32)
-            st = np.empty((tslots.shape[0], tier.state_width), np.float32)
-            vec[hit], st[hit] = s_vec[pos[hit]], s_st[pos[hit]]
-            if not hit.all():
-                vec[~hit], st[~hit] = tier.read(tslots[~hit])
-            return vec, st, int(hit.sum())
-        if staged is not None:
-            staged.future.cancel()
-        vec, st = tier.read(tslots)
-        return vec, st, 0
+            pos = np.minimum(np.searchsorted(staged.slots, tslots), staged.slots.shape[0] - 1)
+            # a staged row is good if its slot was not released (and maybe reused) since the read
+            hit = (staged.slots[pos] == tslots) & ~np.isin(tslots, tier.released_since(staged.mark))
+        finally:
+            tier.end_read()
+        vec = np.empty((tslots.shape[0], tier.chunk_width), np.float32)
+        st = np.empty((tslots.shape[0], tier.state_width), np.float32)
+        vec[hit], st[hit] = s_vec[pos[hit]], s_st[pos[hit]]
+        if not hit.all():
+            vec[~hit], st[~hit] = tier.read(tslots[~hit])
+        return vec, st, int(hit.sum())
 
     def drop_dead_entries(self) -> int:
         """Erase entries with no resident chunk whose every utility fell below ``drop_floor``."""
@@ -955,7 +964,7 @@ class EmbeddingStore:
             threshold = np.inf
         raise PoolCapacityError(f"could not free {need} slots of width {pool.chunk_width} (found {done})")
 
-    def prefetch(self, features: str | Sequence[str], ids: Any) -> int:
+    def prefetch(self, features: str | Sequence[str], ids: Any, offsets: Any = None) -> int:
         """Cache mode: make every chunk of these keys resident now; returns chunks fetched or initialised.
 
         Unseen keys are inserted, as the forward pass would. A no-op in prune mode,
@@ -964,43 +973,48 @@ class EmbeddingStore:
         self._check_writable()
         if self.config.mode != "cache":
             return 0
-        q_tables, ids_d = self._flat_keys(features, ids)
+        q_tables, ids_d = self._flat_keys(features, ids, offsets)
         entries = self._resolve(q_tables, ids_d, insert=True)
         before = self.counters.restored_chunks + self.counters.initialised_chunks
         self._make_resident(self._group(entries, q_tables).uniq)
         return self.counters.restored_chunks + self.counters.initialised_chunks - before
 
-    def prefetch_async(self, features: str | Sequence[str], ids: Any) -> int:
+    def prefetch_async(self, features: str | Sequence[str], ids: Any, offsets: Any = None) -> int:
         """Cache mode: start reading, on a background thread, the spilled chunks these keys need.
 
-        The next forward pass installs them without waiting on the disk (if no tier
-        slot was released in between; otherwise it reads them again). Returns the
-        number of chunks being read.
+        ``features``, ``ids`` and ``offsets`` are laid out as for :meth:`pooled_lookup`
+        (offsets may be omitted for one table). The next forward pass installs the
+        rows without waiting on the disk; a row whose slot was released in between is
+        read again. Returns the number of chunks being read.
         """
         self._check_writable()
         if self.config.mode != "cache":
             return 0
-        q_tables, ids_d = self._flat_keys(features, ids)
+        q_tables, ids_d = self._flat_keys(features, ids, offsets)
         entries, _ = self.entries.find(q_tables, ids_d)
-        e = self.backend.to_host(entries)
-        e = np.unique(e[e >= 0])
-        if e.size == 0:
-            return 0
-        codes = self.backend.to_host(self.entries.arrays.addr)[e]
+        uniq = self._group(entries, q_tables).uniq
+        b = self.backend
         total = 0
         for pool in self.pools:
             g = pool.plan.group
-            tids = self.backend.to_host(self.entries.arrays.table_ids)[e]
-            in_group = self._host_meta["table_group"][tids] == g
-            c = codes[in_group]
-            slots = np.sort(tier_slot_of(c[c <= -2]).astype(np.int64))
+            n_u = int(uniq.shape[0])
+            miss_e = b.empty(max(n_u * self.kmax, 1), np.int64)
+            miss_k = b.empty(max(n_u * self.kmax, 1), np.int64)
+            n = int(self.k.missing_chunks(uniq, self.entries.arrays.table_ids, self.entries.arrays.addr,
+                                          self._meta["table_chunks"], self._meta["table_group"], g, miss_e, miss_k))
+            codes = b.empty(max(n, 1), np.int32)
+            self.k.chunk_codes(self.entries.arrays.addr, miss_e[:n], miss_k[:n], codes)
+            c = b.to_host(codes)[:n]
+            slots = np.unique(tier_slot_of(c[c <= -2]).astype(np.int64))
             old = self._staged.pop(g, None)
             if old is not None:
                 old.future.cancel()
+                self.tiers[g].end_read()
             if slots.size == 0 or self.tiers[g] is None:
                 continue
             tier = self.tiers[g]
-            self._staged[g] = _Staged(slots, tier.read_async(slots), tier.release_count)
+            future, mark = tier.read_async(slots)
+            self._staged[g] = _Staged(slots, future, mark)
             total += int(slots.size)
         return total
 
@@ -1030,14 +1044,21 @@ class EmbeddingStore:
         self.counters.sync_fetched_chunks += int(slots.size)
         return b.from_host(slots), b.from_host(vec)
 
-    def _flat_keys(self, features, ids):
+    def _flat_keys(self, features, ids, offsets=None):
+        """(table of each id, ids) for one table, or for features laid out as in pooled_lookup."""
         feats = self._features(features)
         ids = self._as_ids(ids)
-        if feats.shape[0] == 1:
-            q = np.full(ids.shape[0], feats[0], np.int16)
-        else:
-            raise InputShapeError("prefetch of several features needs pooled_lookup's layout; pass one table name")
-        return self.backend.from_host(q), self.backend.from_host(ids)
+        if offsets is None:
+            if feats.shape[0] != 1:
+                raise InputShapeError("several features need offsets, laid out as for pooled_lookup")
+            return self.backend.from_host(np.full(ids.shape[0], feats[0], np.int16)), self.backend.from_host(ids)
+        offsets = self._as_offsets(offsets, ids.shape[0], feats.shape[0])
+        b = self.backend
+        bag_of_occ = b.empty(ids.shape[0], np.int64)
+        q_tables = b.empty(ids.shape[0], np.int16)
+        self.k.expand_bags(b.from_host(offsets), (offsets.shape[0] - 1) // feats.shape[0], b.from_host(feats),
+                           bag_of_occ, q_tables)
+        return q_tables, b.from_host(ids)
 
     # ------------------------------------------------------------------ stats
     def stats(self) -> dict[str, Any]:

@@ -6,6 +6,7 @@ import csv
 import math
 import sys
 import time
+import warnings
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any, Sequence
@@ -93,6 +94,8 @@ def run(cfg: TrainConfig, progress: bool = True, out=sys.stderr) -> dict[str, An
     """Train one model; returns quality on the test set, memory and speed."""
     torch.manual_seed(cfg.seed)
     np.random.seed(cfg.seed)
+    # torch's sparse Adagrad warns on every step about invariant checks it skips
+    warnings.filterwarnings("ignore", message="Sparse invariant checks")
     train, val, test, names, cards, counts = load_dataset(cfg)
     synthetic = cfg.dataset == "synthetic"
     emb = build_embeddings(cfg.method, names, cards, cfg.dim, cfg.ratio, cfg.chunks, cfg.lr_embedding, counts=counts,
@@ -208,8 +211,9 @@ def sweep(base: TrainConfig, methods: Sequence[str], ratios: Sequence[float], se
         results.append(run(job, progress=False))
         bar.update(1)
         bar.set_postfix(method=job.method, ratio=job.ratio, auc=f"{results[-1]['auc']:.4f}")
+        fields = list(dict.fromkeys(k for r in results for k in r))
         with open(csv_path, "w", newline="") as f:  # rewritten after every run: a long sweep keeps its results
-            w = csv.DictWriter(f, fieldnames=list(results[0].keys()))
+            w = csv.DictWriter(f, fieldnames=fields)
             w.writeheader()
             w.writerows(results)
     bar.close()

@@ -41,9 +41,11 @@ class ChunkTier(ABC):
         self.owner = np.full(capacity, -1, np.int32)
         self._free = np.ones(capacity, bool)
         self._block_free = np.full(capacity // self.block_rows, self.block_rows, np.int64)
-        #: bumped whenever slots are released. A slot's data cannot change while
-        #: it is owned, so a background read stays valid as long as this holds still.
-        self.release_count = 0
+        # A slot's data cannot change while it is owned; a background read of owned
+        # slots stays valid for every slot that was not released in the meantime.
+        # While such a read is pending, releases are logged so that it can tell.
+        self._release_log: list[np.ndarray] = []
+        self._log_readers = 0
 
     # ----------------------------------------------------------- subclass hooks
     @abstractmethod
@@ -119,7 +121,8 @@ class ChunkTier(ABC):
                 raise InputShapeError(f"tier {self.location}: slots {bad.tolist()} are already free")
             self._free[slots] = True
             self.owner[slots] = -1
-            self.release_count += 1
+            if self._log_readers:
+                self._release_log.append(slots.copy())
             self._block_free += np.bincount(slots // self.block_rows, minlength=self._block_free.shape[0])
 
     def _grow(self, new_capacity: int) -> None:
@@ -175,11 +178,30 @@ class ChunkTier(ABC):
         out_s[order] = st
         return out_v, out_s
 
-    def read_async(self, slots: np.ndarray) -> Future:
-        """Read on a background thread; the future yields what :meth:`read` returns."""
+    def read_async(self, slots: np.ndarray) -> tuple[Future, int]:
+        """Read on a background thread.
+
+        Returns the future (it yields what :meth:`read` returns) and a mark for
+        :meth:`released_since`, which tells which of the slots were released (and so
+        may hold other data) before the result is used; call :meth:`end_read` after.
+        """
         if self._executor is None:
             self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="fiited-tier")
-        return self._executor.submit(self.read, np.array(slots, np.int64))
+        with self._lock:
+            self._log_readers += 1
+            mark = len(self._release_log)
+        return self._executor.submit(self.read, np.array(slots, np.int64)), mark
+
+    def released_since(self, mark: int) -> np.ndarray:
+        with self._lock:
+            log = self._release_log[mark:]
+        return np.concatenate(log) if log else np.empty(0, np.int64)
+
+    def end_read(self) -> None:
+        with self._lock:
+            self._log_readers = max(0, self._log_readers - 1)
+            if self._log_readers == 0:
+                self._release_log.clear()
 
     def flush(self) -> None:
         """Make written data durable where the tier supports it."""

@@ -1,5 +1,10 @@
 import os
 
+# The CUDA backend's tests run under numba's simulator unless a real GPU run asks
+# otherwise (benchmarks/gpu_check.sh sets NUMBA_ENABLE_CUDASIM=0). numba reads this
+# when it is first imported, so it is set before anything imports numba.
+os.environ.setdefault("NUMBA_ENABLE_CUDASIM", "1")
+
 import numpy as np
 import pytest
 from hypothesis import HealthCheck, settings

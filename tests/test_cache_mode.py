@@ -31,8 +31,7 @@ def train(store, seed: int, steps: int, prefetch: bool = False):
     for i, (ids, offsets, grad) in enumerate(batches):
         if prefetch and i + 1 < len(batches):
             nxt_ids, nxt_off, _ = batches[i + 1]
-            half = nxt_off[len(nxt_off) // 2]
-            store.prefetch_async("user", nxt_ids[:half])
+            store.prefetch_async(["user", "item"], nxt_ids, nxt_off)
         b = store.pooled_lookup(["user", "item"], ids, offsets, train=True)
         store.backward(b, grad)
         store.step()

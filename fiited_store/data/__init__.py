@@ -34,16 +34,9 @@ class Batch:
 
     def per_feature(self) -> list[tuple[torch.Tensor, torch.Tensor]]:
         """[(ids, offsets[B + 1])] per feature, for per-table modules."""
-        B = self.size
-        out = []
-        lengths = self.lengths.view(len(self.keys), B)
-        start = 0
-        for f in range(len(self.keys)):
-            n = int(lengths[f].sum())
-            offs = torch.cat([torch.zeros(1, dtype=torch.int64), torch.cumsum(lengths[f], 0)])
-            out.append((self.values[start:start + n], offs))
-            start += n
-        return out
+        from ..adapters import JaggedFeatures
+
+        return JaggedFeatures.per_feature_of(self.features())
 
 
 def _gather_jagged(values: np.ndarray, offsets: np.ndarray, rows: np.ndarray) -> tuple[np.ndarray, np.ndarray]:

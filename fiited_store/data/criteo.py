@@ -1,9 +1,9 @@
 """Criteo's TSV format: label, 13 integer columns, 26 hexadecimal categorical columns.
 
 Integers become log(1 + max(x, 0)); an empty field is 0. A categorical value is
-its hexadecimal number; the store takes it as it is (ids are arbitrary int64), and
-the dense baselines fold it into the table's hash size. An empty categorical field
-is id -1, its own row.
+its hexadecimal number folded into the table's hash size (Kaggle's cardinalities
+by default), so the dense baselines and the store see the same ids. An empty
+categorical field is -1, which folds into the table's last row.
 """
 
 from __future__ import annotations

@@ -1,0 +1,172 @@
+"""The CUDA backend: same results as the CPU backend on the same inputs.
+
+On a machine without a GPU these run under numba's CUDA simulator (conftest sets
+NUMBA_ENABLE_CUDASIM=1 unless it is set already), which is slow, so the inputs are
+tiny. benchmarks/gpu_check.sh runs this file on a real GPU with the simulator off.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+from fiited_store import DynamicRatio, EmbeddingStore, ManualRatios, NonFiniteGradientError, StoreConfig, TableConfig
+from fiited_store.verify import check_store
+
+from .helpers import assert_unchanged, snapshot
+
+pytestmark = [pytest.mark.cuda, pytest.mark.filterwarnings("ignore::RuntimeWarning")]
+
+TABLES = [TableConfig("a", dim=8, chunks=2, num_embeddings=24, optimizer="adagrad", learning_rate=0.1),
+          TableConfig("b", dim=4, chunks=1, num_embeddings=24, optimizer="rowwise_adagrad", learning_rate=0.1),
+          TableConfig("c", dim=8, chunks=4, num_embeddings=24, optimizer="sgd", learning_rate=0.1)]
+
+# bitwise on a real GPU but for the fused multiply-adds the compiler may form; the
+# simulator emulates fma in two roundings
+TOL = dict(rtol=1e-5, atol=1e-6)
+TWO_CHUNKS = [TABLES[0], TableConfig("d", dim=4, chunks=2, num_embeddings=24, optimizer="sgd", learning_rate=0.1)]
+
+
+def pair(config: StoreConfig, tables=TABLES):
+    cpu = EmbeddingStore(tables, config)
+    gpu = EmbeddingStore(tables, StoreConfig(**{**config.__dict__, "device": "cuda"}))
+    return cpu, gpu
+
+
+def same_stream(stores, steps, seed=0, id_range=24, batch=6, prune_at=()):
+    names = [t.name for t in stores[0].tables]
+    for s in stores:
+        rng = np.random.default_rng(seed)
+        for step in range(steps):
+            lengths = rng.integers(0, 3, len(names) * batch)
+            ids = rng.integers(0, id_range, int(lengths.sum()))
+            offsets = np.concatenate([[0], np.cumsum(lengths)])
+            b = s.pooled_lookup(names, ids, offsets, train=True)
+            s.backward(b, rng.standard_normal(b.output.shape).astype(np.float32))
+            s.step()
+            if step in prune_at:
+                s.prune()
+
+
+def assert_same(cpu, gpu, residency=True):
+    for t in cpu.tables:
+        ids = np.arange(30)
+        np.testing.assert_allclose(gpu.backend.to_host(gpu.lookup(t.name, ids)), cpu.lookup(t.name, ids), **TOL)
+        np.testing.assert_allclose(gpu.utilities(t.name, ids), cpu.utilities(t.name, ids), **TOL)
+        if residency:
+            ec, _ = cpu.entries.find(np.full(30, cpu.table_index(t.name), np.int16), ids)
+            eg, _ = gpu.entries.find(gpu.backend.from_host(np.full(30, gpu.table_index(t.name), np.int16)),
+                                     gpu.backend.from_host(ids))
+            eg = gpu.backend.to_host(eg)
+            np.testing.assert_array_equal(ec >= 0, eg >= 0)
+            ac = cpu.entries.arrays.addr[ec[ec >= 0]] >= 0
+            ag = gpu.backend.to_host(gpu.entries.arrays.addr)[eg[eg >= 0]] >= 0
+            np.testing.assert_array_equal(ac, ag)
+    assert cpu.stats()["total"]["entries"] == gpu.stats()["total"]["entries"]
+    assert check_store(gpu) == []
+
+
+@pytest.mark.parametrize("name, config", [
+    ("prune-discard", StoreConfig(pruning=DynamicRatio(0.6), prune_period=3, sample_size=1000, initial_capacity=16)),
+    ("prune-manual-spill", StoreConfig(pruning=ManualRatios((0.3, 0.9)), budget_fraction=0.4, prune_period=2,
+                                       sample_size=1000, on_evict="spill", utility="shared", initial_capacity=16)),
+])
+def test_prune_mode_matches_the_cpu(name, config):
+    tables = TWO_CHUNKS if "manual" in name else TABLES
+    cpu, gpu = pair(config, tables)
+    same_stream([cpu, gpu], 6, prune_at=(4,))
+    assert_same(cpu, gpu)
+    assert gpu.counters.rehashes >= 1 and gpu.counters.evicted_chunks > 0
+    cpu.close(), gpu.close()
+
+
+def test_cache_mode_matches_the_cpu():
+    cpu, gpu = pair(StoreConfig(mode="cache", budget_fraction=0.5, prune_period=3, initial_capacity=64))
+    same_stream([cpu, gpu], 5, batch=4)
+    assert gpu.counters.spilled_chunks > 0
+    assert_same(cpu, gpu, residency=False)
+    cpu.close(), gpu.close()
+
+
+def test_insert_dedupes_and_survives_one_bucket():
+    from .test_entry_table import home_buckets
+
+    cand = np.arange(200_000, dtype=np.int64)
+    same = cand[home_buckets(0, cand, 64) == 5][:40]
+    ids = np.concatenate([same, same[::-1], same[:7]])  # every key in one bucket, each three times
+    cfg = StoreConfig(budget_bytes=16 * 1024, prune_period=0, initial_capacity=64)
+    cpu, gpu = pair(cfg, [TableConfig("t", dim=4, chunks=1)])
+    a = cpu.find_or_insert("t", ids)
+    b = gpu.backend.to_host(gpu.find_or_insert("t", ids))
+    np.testing.assert_array_equal(a, b)  # same initial values: a function of the key only
+    assert gpu.entries.n_live == cpu.entries.n_live == 40
+    assert check_store(gpu) == []
+
+
+def test_erase_weights_and_dead_entries_match_the_cpu():
+    cfg = StoreConfig(pruning=DynamicRatio(0.8), budget_bytes=64, prune_period=0, gamma=0.5, drop_floor=0.2,
+                      initial_capacity=64)
+    cpu, gpu = pair(cfg, TABLES[:1])
+    ids = np.array([1, 2, 3, 4, 5, 6, 7, 1])
+    w = np.linspace(0.5, 2.0, 8).astype(np.float32)
+    for s in (cpu, gpu):
+        b = s.pooled_lookup("a", ids, np.array([0, 3, 8]), per_sample_weights=w, train=True)
+        g = np.ones((2, 8), np.float32)
+        wg = s.backend.to_host(s.per_sample_weight_grads(b, g))
+        s.backward(b, g)
+        s.step()
+        s.erase("a", np.array([2, 3]))
+        for _ in range(4):
+            s.step()  # utilities decay below the floor
+        s.prune()  # evicts, then drops entries with nothing left
+        s.__dict__.setdefault("_wg", wg)
+    np.testing.assert_allclose(gpu._wg, cpu._wg, **TOL)
+    assert gpu.counters.dropped_entries == cpu.counters.dropped_entries > 0
+    assert_same(cpu, gpu)
+
+
+def test_non_finite_gradient_changes_nothing_on_the_gpu():
+    gpu = EmbeddingStore(TABLES, StoreConfig(budget_fraction=0.5, prune_period=0, device="cuda", initial_capacity=64))
+    same_stream([gpu], 1)
+    b = gpu.pooled_lookup("a", np.array([1, 2]), np.array([0, 1, 2]), train=True)
+    grad = np.ones((2, 8), np.float32)
+    grad[1, 3] = np.nan
+    before = snapshot(gpu)
+    with pytest.raises(NonFiniteGradientError, match=r"grad_out\[1, 3\] = nan"):
+        gpu.backward(b, grad)
+    assert_unchanged(before, snapshot(gpu))
+
+
+def test_a_checkpoint_written_on_the_gpu_opens_on_the_cpu(tmp_path):
+    gpu = EmbeddingStore(TABLES, StoreConfig(pruning=DynamicRatio(0.5), prune_period=3, device="cuda", on_evict="spill",
+                                             initial_capacity=64), path=tmp_path / "s")
+    same_stream([gpu], 4, prune_at=(2,))
+    expect = {t.name: gpu.backend.to_host(gpu.lookup(t.name, np.arange(30))) for t in TABLES}
+    gpu.save()
+    gpu.close()
+    with EmbeddingStore.open(tmp_path / "s", "r", device="cpu") as cpu:
+        for name, rows in expect.items():
+            np.testing.assert_array_equal(cpu.lookup(name, np.arange(30)), rows)
+        assert check_store(cpu) == []
+
+
+def test_adapter_on_the_cuda_backend_matches_the_cpu_module():
+    from fiited_store.adapters import FiitedEmbeddingBag
+
+    mods = [FiitedEmbeddingBag(24, 8, chunks=2, mode="sum", optimizer="sgd", learning_rate=0.1,
+                               store_config=StoreConfig(budget_fraction=1.0, prune_period=0, device=dev,
+                                                        initial_capacity=64)) for dev in ("cpu", "cuda")]
+    rng = np.random.default_rng(0)
+    for _ in range(3):
+        ids = torch.from_numpy(rng.integers(0, 24, 10))
+        offsets = torch.tensor([0, 4, 7])
+        target = torch.randn(3, 8)
+        outs = []
+        for m in mods:
+            out = m(ids, offsets)
+            (out * target).sum().backward()
+            outs.append(out.detach().cpu())
+        torch.testing.assert_close(outs[1], outs[0], **TOL)
+    final = [m.store.backend.to_host(m.store.lookup("table", np.arange(24))) for m in mods]
+    np.testing.assert_allclose(final[1], final[0], **TOL)
