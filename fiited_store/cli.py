@@ -74,13 +74,21 @@ def cmd_sweep(args) -> int:
 
 
 def cmd_bench(args) -> int:
-    from .bench import BenchConfig, format_report, run_bench
+    from .bench import (BenchConfig, TierBenchConfig, format_report, format_tier_report, run_bench,
+                        run_tier_bench)
 
-    report = run_bench(BenchConfig(scale=args.scale, batch_size=args.batch_size, dim=args.dim, chunks=args.chunks,
-                                   budget_fraction=args.budget, repeats=args.repeats, warmup=args.warmup,
-                                   peers=tuple(args.peers), prune_entries=args.prune_entries, seed=args.seed),
-                       progress=not args.no_progress)
-    print(format_report(report))
+    if args.suite == "tiers":
+        report = run_tier_bench(TierBenchConfig(scale=args.scale if args.scale != 1.0 else TierBenchConfig.scale,
+                                                batch_size=args.batch_size, dim=args.dim, K=args.chunks,
+                                                budget_fraction=args.budget, seed=args.seed, directory=args.directory),
+                                progress=not args.no_progress)
+        print(format_tier_report(report))
+    else:
+        report = run_bench(BenchConfig(scale=args.scale, batch_size=args.batch_size, dim=args.dim, chunks=args.chunks,
+                                       budget_fraction=args.budget, repeats=args.repeats, warmup=args.warmup,
+                                       peers=tuple(args.peers), prune_entries=args.prune_entries, seed=args.seed),
+                           progress=not args.no_progress)
+        print(format_report(report))
     if args.json:
         Path(args.json).write_text(json.dumps(report, indent=2, default=float))
         print(f"wrote {args.json}")
@@ -157,7 +165,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=cmd_sweep)
 
     p = sub.add_parser("bench", help="lookup and training-step throughput against the peers, in one run")
-    p.add_argument("--scale", type=float, default=1.0, help="multiply the Criteo Kaggle cardinalities (1.0 = 33.8M rows)")
+    p.add_argument("--suite", choices=("embeddings", "tiers"), default="embeddings",
+                   help="embeddings: lookup, step, prune, memory against the peers; tiers: disk tier and cache mode")
+    p.add_argument("--directory", help="tiers suite: where the disk tier is written (a temporary directory by default)")
+    p.add_argument("--scale", type=float, default=1.0,
+                   help="multiply the Criteo Kaggle cardinalities (1.0 = 33.8M rows; the tiers suite defaults to 0.05)")
     p.add_argument("--batch-size", type=int, default=4096)
     p.add_argument("--dim", type=int, default=64)
     p.add_argument("--chunks", type=int, default=4)

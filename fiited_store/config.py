@@ -205,6 +205,10 @@ class StoreConfig:
         max_load: load factor of the entry table that triggers a rehash.
         initial_capacity: entry-table slots allocated up front.
         device: "cpu" (numba njit) or "cuda" (numba.cuda).
+        host_cache_bytes: host memory in front of the disk tier (a write-back cache,
+            page-locked for a GPU store): chunks leaving the pool land there first and
+            reach the disk only when it fills. None: four times the pool on a GPU,
+            none on the CPU (there the pool already is host memory).
     """
 
     pruning: PruningPolicy = field(default_factory=lambda: DynamicRatio(0.75))
@@ -221,6 +225,7 @@ class StoreConfig:
     max_load: float = 0.75
     initial_capacity: int = 1024
     device: str = "cpu"
+    host_cache_bytes: int | None = None
 
     def __post_init__(self) -> None:
         _check(isinstance(self.pruning, (ManualRatios, DynamicRatio)), f"pruning must be ManualRatios or DynamicRatio, got {self.pruning!r}")
@@ -250,6 +255,10 @@ class StoreConfig:
         _check(0.1 <= self.max_load <= 0.95, f"max_load must lie in [0.1, 0.95], got {self.max_load!r}")
         _check(_is_int(self.initial_capacity) and self.initial_capacity >= 1, f"initial_capacity must be a positive int, got {self.initial_capacity!r}")
         _check(self.device in DEVICES, f"device must be one of {DEVICES}, got {self.device!r}")
+        _check(
+            self.host_cache_bytes is None or (_is_int(self.host_cache_bytes) and self.host_cache_bytes >= 0),
+            f"host_cache_bytes must be an int >= 0 or None, got {self.host_cache_bytes!r}",
+        )
 
     @property
     def spills(self) -> bool:

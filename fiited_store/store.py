@@ -49,6 +49,8 @@ from .pool import ChunkPool
 
 #: utilities are stored scaled by gamma**-steps; fold the scale back in before it nears float32's range
 _MAX_GROWTH = 1e18
+#: target size of one Zarr chunk of a store's disk tier
+TIER_CHUNK_BYTES = 32 << 10
 
 
 class Grouping(NamedTuple):
@@ -200,7 +202,11 @@ class EmbeddingStore:
 
         self._threads = numba.get_num_threads()
         self._grad_buf = None
-        self._staged: dict[int, _Staged] = {}
+        # background reads per pool, newest last: one for the next batch and one for the
+        # batch after it (prefetch one batch ahead is usually called before the forward)
+        self._staged: dict[int, list[_Staged]] = {}
+        # entries of the batch being prefetched: evictions spare them when they can
+        self._upcoming = np.empty(0, np.int64)
         self._clock = [0] * len(self.plans)
         self._tmpdir: Path | None = None
         self.path = Path(path) if path is not None else None
@@ -232,9 +238,10 @@ class EmbeddingStore:
         if self._closed:
             return
         self._closed = True
-        for g, st in self._staged.items():
-            st.future.cancel()
-            self.tiers[g].end_read()
+        for g, reads in self._staged.items():
+            for st in reads:
+                st.future.cancel()
+                self.tiers[g].end_read()
         self._staged.clear()
         for tier in self.tiers:
             if tier is not None:
@@ -274,14 +281,46 @@ class EmbeddingStore:
 
             raise StoreReadOnlyError(f"store at {self.path} is open read-only")
 
+    def _host_cache_rows(self, group: int) -> int:
+        plan = self.plans[group]
+        row = (plan.chunk_width + plan.state_width) * FLOAT_BYTES
+        if self.config.host_cache_bytes is None:
+            return 4 * plan.slots if self.config.device == "cuda" else 0
+        share = self.config.host_cache_bytes * plan.vector_bytes / sum(p.vector_bytes for p in self.plans)
+        return int(share // row)
+
     def _tier(self, group: int):
         if self.tiers[group] is None:
-            from .storage.zarr_tier import ZarrTier
+            from .storage.zarr_tier import StagedZarrTier, ZarrTier
 
             plan = self.plans[group]
             root = self._tier_root() / f"tier_{group}"
-            self.tiers[group] = ZarrTier(root, plan.chunk_width, plan.state_width, capacity=plan.slots)
+            rows = self._host_cache_rows(group)
+            # ~32 KB chunks: restores are scattered, and a chunk is read whole for any of its rows
+            block = int(max(64, TIER_CHUNK_BYTES // ((plan.chunk_width + plan.state_width) * FLOAT_BYTES)))
+            if rows:
+                self.tiers[group] = StagedZarrTier(root, plan.chunk_width, plan.state_width, capacity=plan.slots,
+                                                   cache_rows=rows, pinned=self._pinned_host(), block_rows=block)
+            else:
+                self.tiers[group] = ZarrTier(root, plan.chunk_width, plan.state_width, capacity=plan.slots,
+                                             block_rows=block)
         return self.tiers[group]
+
+    def _pinned_host(self) -> bool:
+        if self.config.device != "cuda":
+            return False
+        from .kernels.cuda import SIMULATED
+
+        return not SIMULATED
+
+    def _open_tier(self, group: int, root: Path, owner: np.ndarray, read_only: bool):
+        """A saved tier, with the host cache this store's configuration asks for."""
+        from .storage.zarr_tier import StagedZarrTier, ZarrTier
+
+        rows = self._host_cache_rows(group)
+        if rows and not read_only:
+            return StagedZarrTier.open(root, owner, cache_rows=rows, pinned=self._pinned_host())
+        return ZarrTier.open(root, owner, read_only=read_only)
 
     def _tier_root(self) -> Path:
         if self.path is not None:
@@ -789,20 +828,19 @@ class EmbeddingStore:
     def _read_tier(self, group: int, tslots: np.ndarray):
         """Rows of tier slots, taken from a staged background read where it is still valid."""
         tier = self.tiers[group]
-        staged = self._staged.pop(group, None)
-        if staged is None:
-            vec, st = tier.read(tslots)
-            return vec, st, 0
-        try:
+        vec = np.empty((tslots.shape[0], tier.chunk_width), np.float32)
+        st = np.empty((tslots.shape[0], tier.state_width), np.float32)
+        hit = np.zeros(tslots.shape[0], bool)
+        for staged in self._staged.get(group, []):
+            # a read still in flight is for a later batch: never wait for it here
+            if not staged.future.done() or staged.future.exception() is not None or staged.slots.size == 0:
+                continue
             s_vec, s_st = staged.future.result()
             pos = np.minimum(np.searchsorted(staged.slots, tslots), staged.slots.shape[0] - 1)
             # a staged row is good if its slot was not released (and maybe reused) since the read
-            hit = (staged.slots[pos] == tslots) & ~np.isin(tslots, tier.released_since(staged.mark))
-        finally:
-            tier.end_read()
-        vec = np.empty((tslots.shape[0], tier.chunk_width), np.float32)
-        st = np.empty((tslots.shape[0], tier.state_width), np.float32)
-        vec[hit], st[hit] = s_vec[pos[hit]], s_st[pos[hit]]
+            good = ~hit & (staged.slots[pos] == tslots) & ~np.isin(tslots, tier.released_since(staged.mark))
+            vec[good], st[good] = s_vec[pos[good]], s_st[pos[good]]
+            hit |= good
         if not hit.all():
             vec[~hit], st[~hit] = tier.read(tslots[~hit])
         return vec, st, int(hit.sum())
@@ -933,11 +971,15 @@ class EmbeddingStore:
                     )
                 need = n - pool.n_free
                 evictable = pool.n_used - (batch_chunks - n)
-                self._evict_for(pool, np.sort(b.to_host(uniq)), need, min(evictable, need + pool.slots // 32))
+                batch = np.sort(b.to_host(uniq))
+                self._evict_for(pool, batch, np.union1d(batch, self._upcoming), need,
+                                min(evictable, need + pool.slots // 32))
             self._allocate(pool, miss_e[:n], miss_k[:n], fetch_counter="sync_fetched_chunks")
 
-    def _evict_for(self, pool: ChunkPool, pinned_sorted: np.ndarray, need: int, target: int) -> None:
-        """Evict at least ``need`` (aiming at ``target``) low-utility chunks not in the batch."""
+    def _evict_for(self, pool: ChunkPool, batch_sorted: np.ndarray, spare_sorted: np.ndarray, need: int,
+                   target: int) -> None:
+        """Evict at least ``need`` (aiming at ``target``) low-utility chunks not in the batch,
+        sparing the next batch's (``spare_sorted``) as long as others can go."""
         b, k = self.backend, self.k
         g = pool.plan.group
         ea = self.entries.arrays
@@ -947,11 +989,13 @@ class EmbeddingStore:
         k.slot_utilities(pool.arrays.owner, ea.addr, ea.util, b.from_host(positions), sampled)
         sampled = b.to_host(sampled)
         sampled = sampled[~np.isnan(sampled)]
-        q = min(1.0, 1.5 * target / max(pool.n_used, 1))
+        # at least a quarter of the residents qualify, so that a call scans a few times
+        # the slots it frees instead of the whole pool; the prune pass still ranks strictly
+        q = min(1.0, max(1.5 * target / max(pool.n_used, 1), 0.25))
         threshold = float(np.quantile(sampled, q)) if sampled.size and q < 1.0 else np.inf
-        pinned = b.from_host(pinned_sorted)
         done = 0
-        for attempt in range(2):
+        for attempt in range(3):
+            pinned = b.from_host(spare_sorted if attempt < 2 else batch_sorted)
             want = target - done
             out_e = b.empty(want, np.int64)
             out_k = b.empty(want, np.int64)
@@ -962,6 +1006,7 @@ class EmbeddingStore:
             if done >= need:
                 return
             threshold = np.inf
+            target = max(target, need)
         raise PoolCapacityError(f"could not free {need} slots of width {pool.chunk_width} (found {done})")
 
     def prefetch(self, features: str | Sequence[str], ids: Any, offsets: Any = None) -> int:
@@ -994,6 +1039,7 @@ class EmbeddingStore:
         entries, _ = self.entries.find(q_tables, ids_d)
         uniq = self._group(entries, q_tables).uniq
         b = self.backend
+        self._upcoming = np.sort(b.to_host(uniq))
         total = 0
         for pool in self.pools:
             g = pool.plan.group
@@ -1006,15 +1052,16 @@ class EmbeddingStore:
             self.k.chunk_codes(self.entries.arrays.addr, miss_e[:n], miss_k[:n], codes)
             c = b.to_host(codes)[:n]
             slots = np.unique(tier_slot_of(c[c <= -2]).astype(np.int64))
-            old = self._staged.pop(g, None)
-            if old is not None:
-                old.future.cancel()
-                self.tiers[g].end_read()
             if slots.size == 0 or self.tiers[g] is None:
                 continue
             tier = self.tiers[g]
+            reads = self._staged.setdefault(g, [])
+            while len(reads) >= 2:
+                old = reads.pop(0)
+                old.future.cancel()
+                tier.end_read()
             future, mark = tier.read_async(slots)
-            self._staged[g] = _Staged(slots, future, mark)
+            reads.append(_Staged(slots, future, mark))
             total += int(slots.size)
         return total
 
@@ -1211,7 +1258,7 @@ class EmbeddingStore:
                 final = self._tier_root() / f"tier_{g}"
                 shutil.rmtree(final, ignore_errors=True)
                 tier.root.rename(final)
-                self.tiers[g] = type(tier).open(final, tier.owner)
+                self.tiers[g] = self._open_tier(g, final, tier.owner, read_only=False)
             else:
                 self.tiers[g] = None
         self.step_count, self._scale_origin, self._prune_round = (int(x) for x in st["meta.counters"])

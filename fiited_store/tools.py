@@ -227,7 +227,7 @@ def _compact_tiers(store: EmbeddingStore, progress: bool) -> None:
         old_root = tier.root
         shutil.rmtree(old_root)
         root.rename(old_root)
-        store.tiers[g] = ZarrTier.open(old_root, fresh.owner)
+        store.tiers[g] = store._open_tier(g, old_root, fresh.owner, read_only=False)
 
 
 def compact_store(path: Path, progress: bool = True) -> dict[str, int]:

@@ -2,6 +2,6 @@
 
 from .base import ChunkTier
 from .memory import MemoryTier
-from .zarr_tier import ZarrTier
+from .zarr_tier import StagedZarrTier, ZarrTier
 
-__all__ = ["ChunkTier", "MemoryTier", "ZarrTier"]
+__all__ = ["ChunkTier", "MemoryTier", "StagedZarrTier", "ZarrTier"]

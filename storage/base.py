@@ -210,3 +210,4 @@ class ChunkTier(ABC):
         if self._executor is not None:
             self._executor.shutdown(wait=True)
             self._executor = None
+

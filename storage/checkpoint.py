@@ -165,8 +165,8 @@ def _link_tree(src: Path, dst: Path) -> None:
         rel = Path(dirpath).relative_to(src)
         (dst / rel).mkdir(parents=True, exist_ok=True)
         for name in files:
-            if name.endswith(".partial"):
-                continue  # a zarr write that never finished
+            if name.endswith(".partial") or name == "staging.f32":
+                continue  # a write that never finished, or a tier's scratch staging map
             s, d = Path(dirpath) / name, dst / rel / name
             try:
                 os.link(s, d)
@@ -370,12 +370,12 @@ def open_store(path: Path, mode: str = "r", device: str | None = None):
                 owner = _read(root[f"tier_{gi}"], "owner", np.int32, (int(tstate["capacity"]),), where)
                 snapshot = ckpt / f"tier_{gi}" / "data"
                 if mode == "r":
-                    store.tiers[gi] = ZarrTier.open(snapshot, owner, read_only=True)
+                    store.tiers[gi] = store._open_tier(gi, snapshot, owner, read_only=True)
                 else:
                     live = path / "live" / f"tier_{gi}"
                     shutil.rmtree(live, ignore_errors=True)
                     _link_tree(snapshot, live)
-                    store.tiers[gi] = ZarrTier.open(live, owner)
+                    store.tiers[gi] = store._open_tier(gi, live, owner, read_only=False)
             store.step_count = int(state.get("step_count", 0))
             store._scale_origin = int(state.get("scale_origin", 0))
             store._prune_round = int(state.get("prune_round", 0))

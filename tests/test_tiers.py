@@ -2,14 +2,30 @@
 
 from __future__ import annotations
 
+import contextlib
 import errno
+import resource
+import signal
 
 import numpy as np
 import pytest
 
 from fiited_store import CorruptStoreError, StorageFullError
 from fiited_store.errors import InputShapeError
-from fiited_store.storage import ChunkTier, MemoryTier, ZarrTier
+from fiited_store.storage import ChunkTier, MemoryTier, StagedZarrTier, ZarrTier
+
+
+@contextlib.contextmanager
+def file_size_limit(nbytes: int):
+    """Make the kernel refuse to grow any file past nbytes (EFBIG), then restore."""
+    soft, hard = resource.getrlimit(resource.RLIMIT_FSIZE)
+    previous = signal.signal(signal.SIGXFSZ, signal.SIG_IGN)
+    resource.setrlimit(resource.RLIMIT_FSIZE, (nbytes, hard))
+    try:
+        yield
+    finally:
+        resource.setrlimit(resource.RLIMIT_FSIZE, (soft, hard))
+        signal.signal(signal.SIGXFSZ, previous)
 
 
 class TierTests:
@@ -119,31 +135,75 @@ class TestZarrTier(TierTests):
         vec, st = self.rows(rng, 50)
         tier.write(slots, vec, st)
         tier.owner[slots] = np.arange(50)
-        again = ZarrTier.open(tmp_path / "tier", tier.owner)
-        np.testing.assert_array_equal(again.read(slots)[0], vec)
-        assert again.n_used == 50
+        tier.flush()  # rows reach the Zarr chunk files at a flush (a checkpoint does it)
+        for read_only in (False, True):
+            again = ZarrTier.open(tmp_path / "tier", tier.owner, read_only=read_only)
+            np.testing.assert_array_equal(again.read(slots)[0], vec)
+            np.testing.assert_array_equal(again.read(slots)[1], st)
+            assert again.n_used == 50
+
+    def test_the_chunk_files_are_plain_zarr(self, tmp_path, rng):
+        import zarr
+
+        tier = self.make(tmp_path)
+        slots = tier.allocate(300)
+        vec, st = self.rows(rng, 300)
+        tier.write(slots, vec, st)
+        tier.flush()
+        arr = zarr.open_array(zarr.storage.LocalStore(str(tmp_path / "tier"), read_only=True), path="vectors", mode="r")
+        np.testing.assert_array_equal(arr.oindex[np.sort(slots), :], vec[np.argsort(slots)])
 
     def test_truncated_chunk_file_is_reported(self, tmp_path, rng):
         tier = self.make(tmp_path)
         slots = tier.allocate(10)
         tier.write(slots, *self.rows(rng, 10))
+        tier.flush()
         chunk = next(p for p in (tmp_path / "tier" / "vectors").rglob("*") if p.is_file() and p.name != "zarr.json")
         chunk.write_bytes(chunk.read_bytes()[:100])
-        with pytest.raises(CorruptStoreError, match="corrupt"):
-            tier.read(slots)
+        again = ZarrTier.open(tmp_path / "tier", tier.owner)  # nothing staged: the chunk must be read
+        with pytest.raises(CorruptStoreError, match="truncated or corrupt"):
+            again.read(slots)
 
-    def test_full_device_changes_nothing(self, tmp_path, rng, monkeypatch):
+    def test_full_device_changes_nothing(self, tmp_path, rng):
         tier = self.make(tmp_path)
         slots = tier.allocate(10)
         vec, st = self.rows(rng, 10)
         tier.write(slots, vec, st)
-        import zarr.storage._local as local
-
-        def full(*args, **kwargs):
-            raise OSError(errno.ENOSPC, "No space left on device")
-
-        monkeypatch.setattr(local, "_put", full)
-        with pytest.raises(StorageFullError, match="full"):
-            tier.write(slots, vec + 1, st + 1)
-        monkeypatch.undo()
+        tier.flush()
+        more = tier.allocate(tier.block_rows)  # a whole new chunk file must be written
+        with file_size_limit(4096):  # the kernel refuses larger files: EFBIG, as a full disk would
+            with pytest.raises(StorageFullError, match="full"):
+                tier.write(more, *self.rows(rng, more.size))
+                tier.flush()
         np.testing.assert_array_equal(tier.read(slots)[0], vec)
+        assert not list(tmp_path.rglob("*.partial"))  # no temporary file left behind
+
+
+class TestStagedZarrTier(TestZarrTier):
+    """The same tests with a host cache small enough that rows go to disk and back."""
+
+    def make(self, tmp_path, capacity: int = 0):
+        return StagedZarrTier(tmp_path / "tier", self.C, self.W, capacity, cache_rows=64)
+
+    def test_reopen_from_owners(self, tmp_path, rng):
+        tier = self.make(tmp_path)
+        slots = tier.allocate(50)
+        vec, st = self.rows(rng, 50)
+        tier.write(slots, vec, st)
+        tier.owner[slots] = np.arange(50)
+        tier.flush()  # what a checkpoint does before it links the files
+        again = ZarrTier.open(tmp_path / "tier", tier.owner)
+        np.testing.assert_array_equal(again.read(slots)[0], vec)
+
+    def test_a_row_released_while_cached_never_reaches_the_disk(self, tmp_path, rng):
+        tier = self.make(tmp_path)
+        slots = tier.allocate(40)
+        vec, st = self.rows(rng, 40)
+        tier.write(slots, vec, st)
+        np.testing.assert_array_equal(tier.read(slots)[0], vec)
+        tier.release(slots)
+        tier.flush()
+        assert tier.disk_writes == 0
+        more = tier.allocate(200)
+        tier.write(more, *self.rows(rng, 200))  # past the cache: straight to disk
+        assert tier.disk_writes == 200

@@ -1082,35 +1082,73 @@ def missing_chunks(uniq, table_ids, addr, table_chunks, table_group, group, out_
     return n
 
 
-@njit(**_JIT)
-def pick_victims(owner, addr, util, pinned_sorted, threshold, start, out_entries, out_chunks):
-    """Resident chunks below threshold whose entry is not pinned, scanning from start.
+@njit(inline="always")
+def _is_victim(owner, addr, util, pinned_sorted, threshold, s):
+    e = owner[s]
+    if e < 0:
+        return False
+    k = chunk_at(addr[e], s)
+    u = util[e, k] if util.shape[1] > 1 else util[e, 0]
+    if u >= threshold:
+        return False
+    j = np.searchsorted(pinned_sorted, e)
+    return not (j < pinned_sorted.shape[0] and pinned_sorted[j] == e)
 
-    pinned_sorted holds the batch's entries in ascending order. Returns
-    (number found, position to resume from).
+
+#: slots examined per parallel window of the victim scan, and blocks per window
+_VICTIM_WINDOW = 1 << 15
+_VICTIM_BLOCKS = 64
+
+
+@njit(**_PAR)
+def pick_victims(owner, addr, util, pinned_sorted, threshold, start, out_entries, out_chunks):
+    """The first resident chunks below threshold whose entry is not pinned, in slot order
+    from ``start`` (wrapping). pinned_sorted holds entries in ascending order.
+
+    The scan goes window by window and stops once enough are found; inside a window,
+    blocks are counted in parallel and filled from their prefix sums, so the result is
+    the sequential scan's. Returns (number found, position to resume from).
     """
     S = owner.shape[0]
-    U = util.shape[1]
-    n = 0
     limit = out_entries.shape[0]
-    for step in range(S):
-        s = (start + step) % S
-        e = owner[s]
-        if e < 0:
-            continue
-        k = chunk_at(addr[e], s)
-        u = util[e, k] if U > 1 else util[e, 0]
-        if u >= threshold:
-            continue
-        j = np.searchsorted(pinned_sorted, e)
-        if j < pinned_sorted.shape[0] and pinned_sorted[j] == e:
-            continue
-        out_entries[n] = e
-        out_chunks[n] = k
-        n += 1
-        if n == limit:
-            return n, (s + 1) % S
-    return n, start
+    step = _VICTIM_WINDOW // _VICTIM_BLOCKS
+    counts = np.zeros(_VICTIM_BLOCKS + 1, np.int64)
+    found = 0
+    w0 = 0
+    while w0 < S and found < limit:
+        for blk in prange(_VICTIM_BLOCKS):
+            n = 0
+            for r in range(w0 + blk * step, min(w0 + (blk + 1) * step, S)):
+                if _is_victim(owner, addr, util, pinned_sorted, threshold, (start + r) % S):
+                    n += 1
+            counts[blk + 1] = n
+        counts[0] = found
+        for blk in range(_VICTIM_BLOCKS):
+            counts[blk + 1] += counts[blk]
+        for blk in prange(_VICTIM_BLOCKS):
+            pos = counts[blk]
+            if pos >= limit:
+                continue
+            for r in range(w0 + blk * step, min(w0 + (blk + 1) * step, S)):
+                s = (start + r) % S
+                if _is_victim(owner, addr, util, pinned_sorted, threshold, s):
+                    e = owner[s]
+                    out_entries[pos] = e
+                    out_chunks[pos] = chunk_at(addr[e], s)
+                    pos += 1
+                    if pos >= limit:
+                        break
+        if counts[_VICTIM_BLOCKS] >= limit:
+            # resume right after the limit-th victim of this window
+            seen = found
+            for r in range(w0, min(w0 + _VICTIM_WINDOW, S)):
+                if _is_victim(owner, addr, util, pinned_sorted, threshold, (start + r) % S):
+                    seen += 1
+                    if seen == limit:
+                        return limit, (start + r + 1) % S
+        found = counts[_VICTIM_BLOCKS]
+        w0 += _VICTIM_WINDOW
+    return min(found, limit), start
 
 
 @njit(**_JIT)
