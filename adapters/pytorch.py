@@ -237,6 +237,10 @@ class JaggedFeatures:
     lengths_: torch.Tensor
     weights_: torch.Tensor | None = None
 
+    def __init__(self, keys: Sequence[str], values: torch.Tensor, lengths: torch.Tensor,
+                 weights: torch.Tensor | None = None):
+        self.keys_, self.values_, self.lengths_, self.weights_ = list(keys), values, lengths, weights
+
     def keys(self) -> list[str]:
         return list(self.keys_)
 

@@ -229,19 +229,20 @@ def _stats(results, method, ratio):
 
 def markdown_table(results, methods, ratios) -> str:
     pruned = [m for m in methods if m != "dense"]
-    head = "| pruning ratio | " + " | ".join(pruned) + " |\n|---|" + "---|" * len(pruned) + "\n"
-    rows = []
+    lines = []
     dense = _stats(results, "dense", 0.0)
     if dense:
-        rows.append(f"| 0 (dense) | " + " | ".join(f"{dense[0]:.4f} ± {dense[1]:.4f}" for _ in pruned) + " |")
+        lines.append(f"Dense (unpruned) test AUC: {dense[0]:.4f} ± {dense[1]:.4f}\n")
+    lines.append("| pruning ratio | " + " | ".join(pruned) + " |")
+    lines.append("|---|" + "---|" * len(pruned))
     for r in ratios:
         cells = []
         for m in pruned:
             s = _stats(results, m, r)
             cells.append("" if s is None else f"{s[0]:.4f} ± {s[1]:.4f}")
-        rows.append(f"| {r:g} | " + " | ".join(cells) + " |")
+        lines.append(f"| {r:g} | " + " | ".join(cells) + " |")
     n = max((_stats(results, m, ratios[0]) or (0, 0, 0))[2] for m in pruned) if pruned else 0
-    return head + "\n".join(rows) + f"\n\nTest AUC, mean ± standard deviation over {n} seeds.\n"
+    return "\n".join(lines) + f"\n\nTest AUC, mean ± standard deviation over {n} seeds.\n"
 
 
 def plot_sweep(results, methods, ratios, path: Path) -> None:
