@@ -149,20 +149,27 @@ def publish_table(table_words, pos, t):
 
 
 @cuda.jit(device=True, inline=True)
+def lower_bound(a, v):
+    """First index i of ascending a with a[i] >= v (a.shape[0] when none)."""
+    lo = 0
+    hi = a.shape[0]
+    while lo < hi:
+        mid = (lo + hi) // 2
+        if a[mid] < v:
+            lo = mid + 1
+        else:
+            hi = mid
+    return lo
+
+
+@cuda.jit(device=True, inline=True)
 def source_row(s, sp_slots):
     """(0, slot) in the pool, (1, j) among read-through rows, (-1, 0) for none."""
     if s >= 0:
         return 0, s
     if s <= -2 and sp_slots.shape[0] > 0:
         ts = -2 - s
-        lo = 0
-        hi = sp_slots.shape[0]
-        while lo < hi:
-            mid = (lo + hi) // 2
-            if sp_slots[mid] < ts:
-                lo = mid + 1
-            else:
-                hi = mid
+        lo = lower_bound(sp_slots, ts)
         if lo < sp_slots.shape[0] and sp_slots[lo] == ts:
             return 1, lo
     return -1, 0
@@ -1204,14 +1211,7 @@ def _victim_flags_kernel(owner, addr, util, pinned_sorted, threshold, start, fla
     k = chunk_at(addr, e, s)
     if util_of(util, e, k) >= threshold:
         return
-    lo = 0
-    hi = pinned_sorted.shape[0]
-    while lo < hi:
-        mid = (lo + hi) // 2
-        if pinned_sorted[mid] < e:
-            lo = mid + 1
-        else:
-            hi = mid
+    lo = lower_bound(pinned_sorted, e)
     if lo < pinned_sorted.shape[0] and pinned_sorted[lo] == e:
         return
     flags[r] = 1
