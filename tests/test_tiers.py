@@ -207,3 +207,111 @@ class TestStagedZarrTier(TestZarrTier):
         more = tier.allocate(200)
         tier.write(more, *self.rows(rng, 200))  # past the cache: straight to disk
         assert tier.disk_writes == 200
+
+
+# --------------------------------------------------------------------------- stateful
+import tempfile  # noqa: E402
+
+from hypothesis import settings  # noqa: E402
+from hypothesis import strategies as st  # noqa: E402
+from hypothesis.stateful import RuleBasedStateMachine, invariant, precondition, rule  # noqa: E402
+
+
+class TierVsModel(RuleBasedStateMachine):
+    """Random allocate / write / overwrite / read / release / flush / reopen against a dict."""
+
+    C, W = 3, 2
+    kind = "zarr"
+
+    def __init__(self):
+        super().__init__()
+        self.dir = tempfile.mkdtemp()
+        self.tier = self.make()
+        self.model: dict[int, tuple[np.ndarray, np.ndarray]] = {}
+
+    def make(self):
+        if self.kind == "memory":
+            return MemoryTier(self.C, self.W)
+        if self.kind == "zarr":
+            return ZarrTier(f"{self.dir}/t", self.C, self.W, block_rows=64)
+        return StagedZarrTier(f"{self.dir}/t", self.C, self.W, block_rows=64, cache_rows=40)
+
+    def teardown(self):
+        self.tier.close()
+
+    @staticmethod
+    def rows(seed, n, w):
+        return np.random.default_rng(seed).standard_normal((n, w)).astype(np.float32)
+
+    @rule(n=st.integers(1, 150), seed=st.integers(0, 2**16))
+    def allocate_and_write(self, n, seed):
+        slots = self.tier.allocate(n)
+        assert np.unique(slots).size == n and not set(slots.tolist()) & set(self.model)
+        vec, sts = self.rows(seed, n, self.C), self.rows(seed + 1, n, self.W)
+        perm = np.random.default_rng(seed).permutation(n)
+        self.tier.write(slots[perm], vec[perm], sts[perm])
+        self.tier.owner[slots] = 0
+        for s, v, t in zip(slots.tolist(), vec, sts):
+            self.model[s] = (v, t)
+
+    @precondition(lambda self: self.model)
+    @rule(data=st.data(), seed=st.integers(0, 2**16))
+    def overwrite(self, data, seed):
+        slots = np.array(data.draw(st.lists(st.sampled_from(sorted(self.model)), min_size=1, max_size=40, unique=True)))
+        vec, sts = self.rows(seed, slots.size, self.C), self.rows(seed + 1, slots.size, self.W)
+        self.tier.write(slots, vec, sts)
+        for s, v, t in zip(slots.tolist(), vec, sts):
+            self.model[s] = (v, t)
+
+    @precondition(lambda self: self.model)
+    @rule(data=st.data())
+    def read(self, data):
+        slots = np.array(data.draw(st.lists(st.sampled_from(sorted(self.model)), min_size=1, max_size=60)))
+        vec, sts = self.tier.read(slots)
+        np.testing.assert_array_equal(vec, np.stack([self.model[s][0] for s in slots.tolist()]))
+        np.testing.assert_array_equal(sts, np.stack([self.model[s][1] for s in slots.tolist()]))
+
+    @precondition(lambda self: self.model)
+    @rule(data=st.data())
+    def release(self, data):
+        slots = np.array(data.draw(st.lists(st.sampled_from(sorted(self.model)), min_size=1, max_size=60, unique=True)))
+        self.tier.owner[slots] = -1
+        self.tier.release(slots)
+        for s in slots.tolist():
+            del self.model[s]
+
+    @rule()
+    def flush(self):
+        self.tier.flush()
+
+    @precondition(lambda self: self.kind != "memory")
+    @rule()
+    def reopen(self):
+        self.tier.flush()
+        owner = self.tier.owner.copy()
+        self.tier.close()
+        cls = type(self.tier)
+        self.tier = (cls.open(f"{self.dir}/t", owner, cache_rows=40) if cls is StagedZarrTier
+                     else cls.open(f"{self.dir}/t", owner))
+
+    @invariant()
+    def counts_agree(self):
+        assert self.tier.n_used == len(self.model)
+        assert int((self.tier.owner >= 0).sum()) == len(self.model)
+
+
+class MemoryTierVsModel(TierVsModel):
+    kind = "memory"
+
+
+class StagedTierVsModel(TierVsModel):
+    kind = "staged"
+
+
+_machine_settings = settings(settings.default, max_examples=25, stateful_step_count=20)
+TestZarrTierVsModel = TierVsModel.TestCase
+TestZarrTierVsModel.settings = _machine_settings
+TestMemoryTierVsModel = MemoryTierVsModel.TestCase
+TestMemoryTierVsModel.settings = _machine_settings
+TestStagedTierVsModel = StagedTierVsModel.TestCase
+TestStagedTierVsModel.settings = _machine_settings

@@ -1181,13 +1181,3 @@ def count_chunks(table_ids, addr, n_tables, entries, resident, spilled):
                 resident[t, k] += 1
             elif a <= -2:
                 spilled[t, k] += 1
-
-
-@njit(**_JIT)
-def entries_of_table(table_ids, table, out):
-    n = 0
-    for e in range(table_ids.shape[0]):
-        if table_ids[e] == table:
-            out[n] = e
-            n += 1
-    return n

@@ -351,16 +351,22 @@ def _missing_flags_kernel(out, flags):
         flags[i] = 1 if out[i] < 0 else 0
 
 
+def _scratch_table(n: int):
+    """An empty open-addressing scratch table (all -1) for n keys, at most half full."""
+    size = 1
+    while size < 2 * n + 2:
+        size *= 2
+    table = cuda.device_array(size, np.int64)
+    fill(table, -1)
+    return table
+
+
 def insert_missing(keys, table_ids, addr, util, q_tables, q_ids, out, new_entries):
     """Insert every key with out[i] == -1; new entries listed by first occurrence."""
     n = q_ids.shape[0]
     if n == 0:
         return 0
-    size = 1
-    while size < 2 * n + 2:
-        size *= 2
-    hslot = cuda.device_array(size, np.int64)
-    fill(hslot, -1)
+    hslot = _scratch_table(n)
     was_missing = cuda.device_array(n, np.int8)
     _missing_flags_kernel[_grid(n)](out, was_missing)
     _dedupe_claim_kernel[_grid(n)](q_tables, q_ids, out, hslot)
@@ -795,15 +801,11 @@ def group_occurrences(entry_idx, table_of_occ, n_tables, uniq, counts, which):
     n = entry_idx.shape[0]
     if n == 0:
         return 0
-    size = 1
-    while size < 2 * n + 2:
-        size *= 2
-    hkeys = cuda.device_array(size, np.int64)
-    fill(hkeys, -1)
-    hvals = cuda.device_array(size, np.int64)
+    hkeys = _scratch_table(n)
+    hvals = cuda.device_array(hkeys.shape[0], np.int64)
     counter = _zeros(1, np.int64)
     _group_claim_kernel[_grid(n)](entry_idx, hkeys)
-    _group_number_kernel[_grid(size)](hkeys, hvals, counter, uniq, counts)
+    _group_number_kernel[_grid(hkeys.shape[0])](hkeys, hvals, counter, uniq, counts)
     _group_assign_kernel[_grid(n)](entry_idx, hkeys, hvals, which, counts)
     return _scalar(counter)
 
