@@ -34,6 +34,7 @@ import numpy as np
 from .backend import get_backend
 from .config import FLOAT_BYTES, DynamicRatio, ManualRatios, PoolPlan, StoreConfig, TableConfig, plan_pools
 from .entry_table import EntryTable
+from .kernels import cpu as host_kernels
 from .errors import (
     ConfigError,
     InputDTypeError,
@@ -397,11 +398,10 @@ class EmbeddingStore:
         host_map = None
         for tier in self.tiers:
             if tier is not None:
+                # tier back-pointers live on the host whatever the device
                 if host_map is None:
                     host_map = self.backend.to_host(old_to_new)
-                from .kernels import cpu
-
-                cpu.remap_owner(tier.owner, host_map)
+                host_kernels.remap_owner(tier.owner, host_map)
         self._generation += 1
         self.counters.rehashes += 1
 
