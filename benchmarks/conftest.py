@@ -7,12 +7,10 @@ README's full-scale comparison in one process and reports ratios.
 
 import os
 
-import numpy as np
 import pytest
 
-from fiited_store.bench import BenchConfig, Workload, make_store, most_popular_ids
+from fiited_store.bench import BenchConfig, Workload, make_store
 from fiited_store.config import DynamicRatio
-from fiited_store.data.synthetic import ZipfIds
 
 SCALE = float(os.environ.get("FIITED_BENCH_SCALE", "0.02"))
 
@@ -31,9 +29,7 @@ def workload(cfg):
 def store(cfg, workload):
     """A store deep into training: the most popular keys fill the pool."""
     s = make_store(cfg, workload, cfg.budget_fraction, DynamicRatio(1 - cfg.budget_fraction))
-    zipfs = [ZipfIds(c, cfg.zipf_s, salt=i * 104729 + 17) for i, c in enumerate(workload.cards)]
-    for name, ids in zip(workload.names, most_popular_ids(zipfs, s.pools[0].slots // cfg.chunks)):
-        s.insert(name, ids)
+    workload.prefill(s, s.pools[0].slots // cfg.chunks)
     yield s
     s.close()
 

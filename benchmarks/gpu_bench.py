@@ -17,8 +17,7 @@ import torch
 from numba import cuda
 
 from fiited_store import DynamicRatio, EmbeddingStore, StoreConfig, TableConfig
-from fiited_store.bench import BenchConfig, Workload, most_popular_ids
-from fiited_store.data.synthetic import ZipfIds
+from fiited_store.bench import BenchConfig, Workload
 
 PEAK_TB_S = {"H200": 4.8, "H100": 3.35, "A100": 2.0}
 
@@ -71,11 +70,8 @@ def main() -> None:
               for n, c in zip(w.names, w.cards)]
     store = EmbeddingStore(tables, StoreConfig(pruning=DynamicRatio(0.75), budget_fraction=0.25, prune_period=0,
                                                device="cuda", initial_capacity=1 << 24))
-    zipfs = [ZipfIds(c, 1.1, salt=i * 104729 + 17) for i, c in enumerate(w.cards)]
     t0 = time.perf_counter()
-    for n, ids in zip(w.names, most_popular_ids(zipfs, store.pools[0].slots // cfg.chunks)):
-        for lo in range(0, ids.size, 1 << 22):
-            store.insert(n, ids[lo:lo + (1 << 22)])
+    w.prefill(store, store.pools[0].slots // cfg.chunks)
     out["prefill_s"] = time.perf_counter() - t0
     ids_d = [torch.from_numpy(i).to(dev) for i in w.ids]
     off_d = torch.from_numpy(w.offsets).to(dev)

@@ -71,15 +71,34 @@ class Workload:
         self.row_offsets = np.concatenate([[0], np.cumsum(self.cards)]).astype(np.int64)
         self.total_rows = int(self.row_offsets[-1])
         rng = np.random.default_rng(cfg.seed)
-        zipfs = [ZipfIds(n, cfg.zipf_s, salt=i * 104729 + 17) for i, n in enumerate(self.cards)]
-        B = cfg.batch_size
+        self.zipfs = [ZipfIds(n, cfg.zipf_s, salt=i * 104729 + 17) for i, n in enumerate(self.cards)]
+        B = self.batch_size = cfg.batch_size
         self.ids = []      # int64[26 * B]: per batch, table after table
         for _ in range(n_batches):
-            self.ids.append(np.concatenate([z.sample(rng, B) for z in zipfs]))
+            self.ids.append(self.sample(rng))
         table_of = np.repeat(np.arange(len(self.cards)), B)
         self.rows = [ids + self.row_offsets[table_of] for ids in self.ids]
         self.offsets = np.arange(len(self.cards) * B + 1, dtype=np.int64)
         self.grads = [rng.standard_normal((B, len(self.cards) * cfg.dim)).astype(np.float32) * 0.01 for _ in range(4)]
+
+    def sample(self, rng: np.random.Generator) -> np.ndarray:
+        """A fresh batch of ids, table after table."""
+        return np.concatenate([z.sample(rng, self.batch_size) for z in self.zipfs])
+
+    def train(self, store: EmbeddingStore, rng: np.random.Generator, steps: int, prune_every: int = 10) -> None:
+        """Training steps on fresh batches, with a prune pass every ``prune_every`` steps."""
+        for s in range(steps):
+            b = store.pooled_lookup(self.names, self.sample(rng), self.offsets, train=True)
+            store.backward(b, self.grads[s % len(self.grads)])
+            store.step()
+            if (s + 1) % prune_every == 0:
+                store.prune()
+
+    def prefill(self, store: EmbeddingStore, rows: int) -> None:
+        """The state of a store deep into training: the globally most popular keys have entries."""
+        for name, ids in zip(self.names, most_popular_ids(self.zipfs, rows)):
+            for lo in range(0, ids.shape[0], 1 << 20):
+                store.insert(name, ids[lo:lo + (1 << 20)])
 
 
 def _dense_weights(rows: int, dim: int, seed: int):
@@ -197,23 +216,13 @@ def make_store(cfg: BenchConfig, w: Workload, budget_fraction: float, pruning) -
 def bench_store(cfg: BenchConfig, w: Workload, out: dict, bar) -> None:
     store = make_store(cfg, w, cfg.budget_fraction, DynamicRatio(1.0 - cfg.budget_fraction))
     n = len(w.ids)
-    extra = np.random.default_rng(cfg.seed + 1)
-    zipfs = [ZipfIds(c, cfg.zipf_s, salt=i * 104729 + 17) for i, c in enumerate(w.cards)]
-    # the state of a store deep into training: the most popular keys of all tables
-    # hold the pool (a long run at this budget converges to that), so timings see a
-    # full pool and an entry table of millions of keys, not a warm, nearly empty one
-    for name, ids in zip(w.names, most_popular_ids(zipfs, store.pools[0].slots // cfg.chunks)):
-        for lo in range(0, ids.shape[0], 1 << 20):
-            store.insert(name, ids[lo:lo + (1 << 20)])
+    # the most popular keys of all tables hold the pool (a long run at this budget
+    # converges to that), so timings see a full pool and an entry table of millions
+    # of keys, not a warm, nearly empty one
+    w.prefill(store, store.pools[0].slots // cfg.chunks)
     out["store_prefill"] = {"entries": store.entries.n_live, "pool_used": store.pools[0].n_used,
                             "pool_slots": store.pools[0].slots}
-    for s in range(cfg.train_warmup):
-        ids = np.concatenate([z.sample(extra, cfg.batch_size) for z in zipfs])
-        b = store.pooled_lookup(w.names, ids, w.offsets, train=True)
-        store.backward(b, w.grads[s % len(w.grads)])
-        store.step()
-        if (s + 1) % 10 == 0:
-            store.prune()
+    w.train(store, np.random.default_rng(cfg.seed + 1), cfg.train_warmup)
     bar.update(1)
     out["store_lookup"] = _timeit(lambda i: store.pooled_lookup(w.names, w.ids[i % n], w.offsets), cfg.warmup, cfg.repeats)
     bar.update(1)
@@ -239,16 +248,8 @@ def bench_memory(cfg: BenchConfig, w: Workload, out: dict, bar) -> None:
     """Store bytes at 93.75% pruning (K = 4, D = 64): on the stream, and with every declared row present."""
     ratio = 0.9375
     store = make_store(cfg, w, 1.0 - ratio, ManualRatios.linear(ratio, cfg.chunks))
-    rng = np.random.default_rng(cfg.seed + 2)
-    zipfs = [ZipfIds(c, cfg.zipf_s, salt=i * 104729 + 17) for i, c in enumerate(w.cards)]
     steps = cfg.train_warmup + cfg.repeats
-    for s in range(steps):
-        ids = np.concatenate([z.sample(rng, cfg.batch_size) for z in zipfs])
-        b = store.pooled_lookup(w.names, ids, w.offsets, train=True)
-        store.backward(b, w.grads[s % len(w.grads)])
-        store.step()
-        if (s + 1) % 10 == 0:
-            store.prune()
+    w.train(store, np.random.default_rng(cfg.seed + 2), steps)
     st = store.stats()["total"]
     dense = st["dense_bytes"]
     pool_side = st["bytes"]["pool_vectors"] + st["bytes"]["optimizer_state"] + st["bytes"]["address_manager"]

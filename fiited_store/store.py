@@ -25,14 +25,14 @@ import math
 import shutil
 import sys
 import tempfile
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, NamedTuple, Sequence
 
 import numpy as np
 
 from .backend import get_backend
-from .config import FLOAT_BYTES, DynamicRatio, ManualRatios, PoolPlan, StoreConfig, TableConfig, plan_pools
+from .config import FLOAT_BYTES, PoolPlan, StoreConfig, TableConfig, plan_pools
 from .entry_table import EntryTable
 from .kernels import cpu as host_kernels
 from .errors import (
@@ -85,10 +85,6 @@ class PooledBatch:
     generation: int
     store_id: int
     consumed: bool = False
-
-    @property
-    def num_bags(self) -> int:
-        return self.bags_per_feature
 
 
 @dataclass
@@ -730,7 +726,7 @@ class EmbeddingStore:
         thr_d = b.from_host(thr)
         util_bits = ea.util.view(np.uint32)
         block_counts = b.empty((k._SCAN_BLOCKS, 3), np.int64)
-        keep, cand, drop = (int(x) for x in k.prune_count(ea.table_ids, ea.addr, ea.util, m["table_chunks"],
+        keep, cand, drop = (int(x) for x in k.prune_count(ea.table_ids, ea.addr, ea.util, util_bits, m["table_chunks"],
                                                           m["table_group"], g, thr_d, block_counts))
         use_cutoff = keep + cand > pool.slots
         cutoff = np.uint64(0)

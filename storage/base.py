@@ -87,10 +87,6 @@ class ChunkTier(ABC):
         """Bytes the tier's data occupies where it lives."""
         return self.capacity * (self.chunk_width + self.state_width) * 4
 
-    @property
-    def metadata_bytes(self) -> int:
-        return int(self.owner.nbytes + self._free.nbytes + self._block_free.nbytes)
-
     # ------------------------------------------------------------- free space
     def allocate(self, n: int) -> np.ndarray:
         """Reserve n free slots (ascending), growing the tier if it must."""

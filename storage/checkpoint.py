@@ -36,9 +36,9 @@ import zarr
 
 from ..config import DynamicRatio, ManualRatios, StoreConfig, TableConfig
 from ..entry_table import EntryArrays, EntryTable
-from ..errors import ConfigError, CorruptStoreError, StorageError, StoreLockedError, StoreReadOnlyError
+from ..errors import ConfigError, CorruptStoreError, StoreLockedError, StoreReadOnlyError
 from ..pool import ChunkPool, PoolArrays
-from .zarr_tier import ZarrTier, storage_error
+from .zarr_tier import storage_error
 
 FORMAT = "fiited-store"
 FORMAT_VERSION = 1

@@ -47,12 +47,3 @@ class MemoryTier(ChunkTier):
 
     def _read_sorted(self, slots):
         return self._vectors[slots], self._states[slots]
-
-    def export_arrays(self) -> tuple[np.ndarray, np.ndarray]:
-        return self._vectors, self._states
-
-    def load_arrays(self, vectors: np.ndarray, states: np.ndarray, owner: np.ndarray) -> None:
-        self._vectors = np.array(vectors, np.float32)
-        self._states = np.array(states, np.float32)
-        self.owner = np.array(owner, np.int32)
-        self.rebuild_free_space()

@@ -318,9 +318,6 @@ class ZarrTier(ChunkTier):
             except FileNotFoundError:
                 pass
 
-    def array_files(self) -> list[Path]:
-        return sorted(f for f in self.root.rglob("*") if f.is_file() and f.name != STAGING_FILE)
-
 
 class StagedZarrTier(ZarrTier):
     """A Zarr tier behind a write-back cache in host memory (page-locked for a GPU store).

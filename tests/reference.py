@@ -10,7 +10,7 @@ code with the kernels; it reuses only the configuration objects.
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 import numpy as np
 

@@ -8,7 +8,7 @@ import pytest
 from fiited_store import EmbeddingStore, PoolCapacityError, StoreConfig, TableConfig
 from fiited_store.verify import check_store
 
-from .helpers import assert_unchanged, snapshot
+from .helpers import snapshot
 
 TABLES = [
     TableConfig("user", dim=16, chunks=4, num_embeddings=400, optimizer="adagrad", learning_rate=0.05),

@@ -3,9 +3,8 @@
 from __future__ import annotations
 
 import numpy as np
-import pytest
 
-from fiited_store import DynamicRatio, EmbeddingStore, StoreConfig, TableConfig
+from fiited_store import EmbeddingStore, StoreConfig, TableConfig
 from fiited_store.verify import check_store
 
 from .reference import key_hash

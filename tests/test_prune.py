@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import numpy as np
-import pytest
 
 from fiited_store import DynamicRatio, EmbeddingStore, ManualRatios, StoreConfig, TableConfig
 from fiited_store.config import plan_pools

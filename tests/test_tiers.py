@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import contextlib
-import errno
 import resource
 import signal
 
@@ -12,7 +11,7 @@ import pytest
 
 from fiited_store import CorruptStoreError, StorageFullError
 from fiited_store.errors import InputShapeError
-from fiited_store.storage import ChunkTier, MemoryTier, StagedZarrTier, ZarrTier
+from fiited_store.storage import MemoryTier, StagedZarrTier, ZarrTier
 
 
 @contextlib.contextmanager

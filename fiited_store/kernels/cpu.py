@@ -900,6 +900,17 @@ def _keeps(resident, u, thr):
 
 
 @njit(inline="always")
+def _classify(addr, util, util_bits, thresholds, e, k):
+    """(resident, passes its threshold, utility bits) of chunk k of entry e."""
+    if util.shape[1] > 1:
+        u, bits = util[e, k], util_bits[e, k]
+    else:
+        u, bits = util[e, 0], util_bits[e, 0]
+    resident = addr[e, k] >= 0
+    return resident, _keeps(resident, u, thresholds[k]), bits
+
+
+@njit(inline="always")
 def _composite(ubits, resident, table, key, k):
     """Total order of chunks: utility, then residents first (no churn on ties), then hash.
 
@@ -921,11 +932,10 @@ def _block(e_count, blk):
 
 
 @njit(**_PAR)
-def prune_count(table_ids, addr, util, table_chunks, table_group, group, thresholds, block_counts):
+def prune_count(table_ids, addr, util, util_bits, table_chunks, table_group, group, thresholds, block_counts):
     """Per block of entries: resident chunks that keep their slot, absent or spilled
     chunks that qualify for one, resident chunks that fall below their threshold.
     block_counts is int64[_SCAN_BLOCKS, 3]; returns the three totals."""
-    U = util.shape[1]
     cap = table_ids.shape[0]
     for blk in prange(_SCAN_BLOCKS):
         lo, hi = _block(cap, blk)
@@ -937,9 +947,8 @@ def prune_count(table_ids, addr, util, table_chunks, table_group, group, thresho
             if t < 0 or table_group[t] != group:
                 continue
             for k in range(table_chunks[t]):
-                u = util[e, k] if U > 1 else util[e, 0]
-                resident = addr[e, k] >= 0
-                if _keeps(resident, u, thresholds[k]):
+                resident, passes, _ = _classify(addr, util, util_bits, thresholds, e, k)
+                if passes:
                     if resident:
                         keep += 1
                     else:
@@ -956,7 +965,6 @@ def prune_count(table_ids, addr, util, table_chunks, table_group, group, thresho
 def prune_composites(keys, table_ids, addr, util, util_bits, table_chunks, table_group, group, thresholds,
                      block_counts, out):
     """Composite ranks of every chunk that qualifies for a slot, in entry order; returns how many."""
-    U = util.shape[1]
     cap = table_ids.shape[0]
     starts = np.zeros(_SCAN_BLOCKS + 1, np.int64)
     for blk in range(_SCAN_BLOCKS):
@@ -969,10 +977,9 @@ def prune_composites(keys, table_ids, addr, util, util_bits, table_chunks, table
             if t < 0 or table_group[t] != group:
                 continue
             for k in range(table_chunks[t]):
-                u = util[e, k] if U > 1 else util[e, 0]
-                resident = addr[e, k] >= 0
-                if _keeps(resident, u, thresholds[k]):
-                    out[n] = _composite(util_bits[e, k] if U > 1 else util_bits[e, 0], resident, t, keys[e], k)
+                resident, passes, bits = _classify(addr, util, util_bits, thresholds, e, k)
+                if passes:
+                    out[n] = _composite(bits, resident, t, keys[e], k)
                     n += 1
     return starts[_SCAN_BLOCKS]
 
@@ -980,18 +987,15 @@ def prune_composites(keys, table_ids, addr, util, util_bits, table_chunks, table
 @njit(inline="always")
 def _select_block(keys, table_ids, addr, util, util_bits, table_chunks, table_group, group, thresholds, use_cutoff,
                   cutoff, lo, hi, write, n_ev, n_al, ev_entries, ev_chunks, al_entries, al_chunks, al_rank):
-    U = util.shape[1]
     for e in range(lo, hi):
         t = table_ids[e]
         if t < 0 or table_group[t] != group:
             continue
         for k in range(table_chunks[t]):
-            u = util[e, k] if U > 1 else util[e, 0]
-            resident = addr[e, k] >= 0
-            keep = _keeps(resident, u, thresholds[k])
+            resident, keep, bits = _classify(addr, util, util_bits, thresholds, e, k)
             rank = np.uint64(0)
             if keep:
-                rank = _composite(util_bits[e, k] if U > 1 else util_bits[e, 0], resident, t, keys[e], k)
+                rank = _composite(bits, resident, t, keys[e], k)
                 if use_cutoff and rank < cutoff:
                     keep = False
             if resident and not keep:

@@ -26,7 +26,6 @@ trained value does (up to the fused multiply-adds the GPU compiler may form).
 from __future__ import annotations
 
 import math
-from types import SimpleNamespace
 from typing import Any
 
 import numpy as np
@@ -1071,7 +1070,7 @@ def _prune_count_kernel(table_ids, addr, util, table_chunks, table_group, group,
             cuda.atomic.add(totals, 2, 1)
 
 
-def prune_count(table_ids, addr, util, table_chunks, table_group, group, thresholds, block_counts):
+def prune_count(table_ids, addr, util, util_bits, table_chunks, table_group, group, thresholds, block_counts):
     totals = _zeros(3, np.int64)
     _prune_count_kernel[_grid(table_ids.shape[0])](table_ids, addr, util, table_chunks, table_group, group, thresholds,
                                                    totals)
