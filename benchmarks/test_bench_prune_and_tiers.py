@@ -13,7 +13,7 @@ def test_prune_pass_one_million_entries(benchmark):
                                    initial_capacity=1 << 22))
     s.insert("t", np.arange(n))
     rng = np.random.default_rng(0)
-    live = s.entries.arrays.table_ids >= 0
+    live = s.entries.table_of_entries() >= 0
 
     def setup():
         s.entries.arrays.util[live] = rng.pareto(1.1, (int(live.sum()), 4)).astype(np.float32)

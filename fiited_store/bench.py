@@ -286,7 +286,7 @@ def bench_prune(cfg: BenchConfig, out: dict, bar) -> None:
         store.lookup("t", ids[lo:lo + (1 << 20)], train=True)
     rng = np.random.default_rng(cfg.seed)
     ea = store.entries.arrays
-    live = ea.table_ids >= 0
+    live = store.entries.table_of_entries() >= 0
     ea.util[live] = rng.pareto(1.1, (int(live.sum()), ea.util.shape[1])).astype(np.float32)
     t0 = time.perf_counter()
     report = store.prune()

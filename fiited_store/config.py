@@ -29,6 +29,7 @@ UTILITY_MODES = ("gradient", "access", "shared")
 MODES = ("prune", "cache")
 EVICT_POLICIES = ("discard", "spill")
 DEVICES = ("cpu", "cuda")
+INDEX_KINDS = ("auto", "direct", "hashed")
 
 #: bytes of one stored float (pool vectors and optimizer state are float32)
 FLOAT_BYTES = 4
@@ -64,6 +65,11 @@ class TableConfig:
             Adagrad applied per chunk).
         learning_rate: step size of the fused optimizer.
         eps: Adagrad's epsilon.
+        index: how an id finds its entry. "direct" (the paper's VHPI): the entry
+            of id i is row i, ids must lie in ``[0, num_embeddings)``, and no key or
+            probe is stored; "hashed": ids are arbitrary int64 values, found by
+            probing a hash table that stores them; "auto" (default): direct when
+            ``num_embeddings`` is declared, hashed otherwise.
     """
 
     name: str
@@ -75,6 +81,7 @@ class TableConfig:
     optimizer: str = "rowwise_adagrad"
     learning_rate: float = 0.01
     eps: float = 1e-8
+    index: str = "auto"
 
     def __post_init__(self) -> None:
         _check(isinstance(self.name, str) and self.name != "", f"table name must be a non-empty string, got {self.name!r}")
@@ -97,6 +104,16 @@ class TableConfig:
             f"table {self.name!r}: learning_rate must be a finite number >= 0, got {self.learning_rate!r}",
         )
         _check(math.isfinite(self.eps) and self.eps > 0, f"table {self.name!r}: eps must be a finite number > 0, got {self.eps!r}")
+        _check(self.index in INDEX_KINDS, f"table {self.name!r}: index must be one of {INDEX_KINDS}, got {self.index!r}")
+        _check(
+            not (self.index == "direct" and self.num_embeddings is None),
+            f"table {self.name!r}: index='direct' needs num_embeddings (the rows of the table)",
+        )
+
+    @property
+    def direct(self) -> bool:
+        """True when ids address rows directly (index "direct", or "auto" with a declared size)."""
+        return self.index == "direct" or (self.index == "auto" and self.num_embeddings is not None)
 
     @property
     def chunk_width(self) -> int:

@@ -1,25 +1,37 @@
-"""The entry table: the paper's VHPI hash table, with the key stored.
+"""The entry table: where each key's chunk addresses and utilities live.
 
-Open addressing with linear probing over flat arrays (see ``kernels/layout.py``).
-Two ids never share an entry. The table grows by rehashing into fresh arrays and
-never overwrites a live entry; erased entries become tombstones that the next
-rehash drops.
+Two index kinds share one entry space, so every kernel addresses an entry by one
+integer whatever its kind (see ``kernels/layout.py``):
+
+- **direct** (the paper's VHPI proper) for tables that declare ``num_embeddings``:
+  row i of table t is entry ``row_base[t] + i``. No key, no table id and no probe
+  are stored or chased; a ``seen`` bit per row says whether the key has an entry
+  (a row that was never looked up in training, or was erased, has none), so both
+  kinds follow the same semantics and a store gives the same results with either.
+- **hashed** for tables without a declared size (arbitrary int64 ids): open
+  addressing with linear probing and the key stored, entries
+  ``row_base[-1] + slot``. It grows by rehashing into fresh arrays and never
+  overwrites a live entry; erased entries become tombstones that the next rehash
+  drops.
 """
 
 from __future__ import annotations
 
-from typing import NamedTuple
+from typing import NamedTuple, Sequence
 
 import numpy as np
 
+from .errors import IdOutOfRangeError
 from .kernels.layout import EMPTY
 
 
 class EntryArrays(NamedTuple):
-    keys: np.ndarray       # int64[cap]
+    row_base: np.ndarray   # int64[T + 1]; direct rows of table t are [row_base[t], row_base[t + 1])
+    seen: np.ndarray       # uint32[ceil(direct rows / 32)]; bit e: direct row e holds a key
+    keys: np.ndarray       # int64[cap]; hashed slots
     table_ids: np.ndarray  # int16[cap]; EMPTY, TOMBSTONE or the table index
-    addr: np.ndarray       # int32[cap, kmax]; slot, ABSENT, or -2 - tier slot
-    util: np.ndarray       # float32[cap, U]; stored utilities (scaled, see store)
+    addr: np.ndarray       # int32[direct rows + cap, kmax]; slot, ABSENT, or -2 - tier slot
+    util: np.ndarray       # float32[direct rows + cap, U]; stored utilities (scaled, see store)
 
 
 def _pow2_at_least(n: int) -> int:
@@ -29,73 +41,137 @@ def _pow2_at_least(n: int) -> int:
     return p
 
 
-class EntryTable:
-    """Batched find / find_or_insert / erase over the entry arrays of one store."""
+def _popcount(words: np.ndarray) -> int:
+    return int(np.unpackbits(np.ascontiguousarray(words).view(np.uint8)).sum()) if words.size else 0
 
-    def __init__(self, backend, kmax: int, util_width: int, capacity: int, max_load: float):
+
+def row_bases(direct_rows: Sequence[int]) -> np.ndarray:
+    """int64[T + 1] prefix sums of the direct rows of each table (0 for hashed tables)."""
+    return np.concatenate([[0], np.cumsum(np.asarray(direct_rows, np.int64))]).astype(np.int64)
+
+
+class EntryTable:
+    """Batched find / insert / erase over the entry arrays of one store.
+
+    Args:
+        direct_rows: per table, its declared rows when it uses the direct index, else 0.
+        table_names: for error messages.
+        capacity: hashed slots to start with (0 when no table is hashed).
+    """
+
+    def __init__(self, backend, direct_rows: Sequence[int], table_names: Sequence[str], kmax: int, util_width: int,
+                 capacity: int, max_load: float):
         self.backend = backend
         self.kmax = kmax
         self.util_width = util_width
         self.max_load = max_load
-        self.arrays = self._allocate(_pow2_at_least(max(capacity, 8)))
-        self.n_live = 0
-        self.n_tombstones = 0
-
-    def _allocate(self, cap: int) -> EntryArrays:
-        b = self.backend
-        return EntryArrays(
+        self.table_names = list(table_names)
+        base = row_bases(direct_rows)
+        self.has_hashed = any(r == 0 for r in direct_rows)
+        cap = _pow2_at_least(max(capacity, 8)) if self.has_hashed else 0
+        nd = int(base[-1])
+        b = backend
+        self.arrays = EntryArrays(
+            row_base=b.from_host(base),
+            seen=b.full(max((nd + 31) // 32, 1), 0, np.uint32),
             keys=b.full(cap, 0, np.int64),
             table_ids=b.full(cap, EMPTY, np.int16),
-            addr=b.full((cap, self.kmax), -1, np.int32),
-            util=b.full((cap, self.util_width), 0.0, np.float32),
+            addr=b.full((nd + cap, kmax), -1, np.int32),
+            util=b.full((nd + cap, util_width), 0.0, np.float32),
         )
+        self._host_base = base
+        self.n_live = 0
+        self.n_hashed = 0
+        self.n_tombstones = 0
 
     @classmethod
-    def from_arrays(cls, backend, arrays: EntryArrays, max_load: float) -> "EntryTable":
+    def from_arrays(cls, backend, arrays: EntryArrays, table_names: Sequence[str], max_load: float) -> "EntryTable":
         table = cls.__new__(cls)
         table.backend = backend
         table.kmax = arrays.addr.shape[1]
         table.util_width = arrays.util.shape[1]
         table.max_load = max_load
+        table.table_names = list(table_names)
         table.arrays = arrays
+        table._host_base = np.array(backend.to_host(arrays.row_base), np.int64)
+        table.has_hashed = bool(np.any(np.diff(table._host_base) == 0))
         tids = backend.to_host(arrays.table_ids)
-        table.n_live = int(np.count_nonzero(tids >= 0))
+        table.n_hashed = int(np.count_nonzero(tids >= 0))
+        table.n_live = table.n_hashed + _popcount(backend.to_host(arrays.seen))
         table.n_tombstones = int(np.count_nonzero(tids == -2))
         return table
 
+    # ------------------------------------------------------------------ sizes
+    @property
+    def direct_rows(self) -> int:
+        """Entries of the direct index (declared rows of all direct tables)."""
+        return int(self._host_base[-1])
+
     @property
     def capacity(self) -> int:
+        """Slots of the hashed index."""
         return int(self.arrays.keys.shape[0])
 
     @property
     def nbytes(self) -> int:
         return int(sum(a.nbytes for a in self.arrays))
 
-    @property
-    def bytes_per_entry(self) -> int:
-        return int(sum(a.nbytes for a in self.arrays) // self.capacity)
+    def is_direct(self, table: int) -> bool:
+        return bool(self._host_base[table + 1] > self._host_base[table])
+
+    def rows_of(self, table: int) -> int:
+        return int(self._host_base[table + 1] - self._host_base[table])
 
     # ------------------------------------------------------------------ verbs
+    def check_range(self, q_tables, q_ids) -> None:
+        """Raise :class:`IdOutOfRangeError` for the first id outside its direct table's rows."""
+        if self.direct_rows == 0 or q_ids.shape[0] == 0:
+            return
+        bad = int(self.backend.k.first_out_of_range(self.arrays.row_base, q_tables, q_ids))
+        if bad >= 0:
+            t = int(self.backend.to_host(q_tables[bad:bad + 1])[0])
+            key = int(self.backend.to_host(q_ids[bad:bad + 1])[0])
+            raise IdOutOfRangeError(self.table_names[t], key, self.rows_of(t), bad)
+
     def find(self, q_tables, q_ids):
-        """Entries of the keys, -1 where absent. Shapes: int16[n], int64[n] -> int64[n]."""
+        """Entries of the keys, -1 where absent. Shapes: int16[n], int64[n] -> (int64[n], missing)."""
+        out, n_missing, _ = self.find_counted(q_tables, q_ids)
+        return out, n_missing
+
+    def find_counted(self, q_tables, q_ids):
+        """As :meth:`find`, also counting the missing keys of hashed tables."""
+        self.check_range(q_tables, q_ids)
         out = self.backend.empty(q_ids.shape[0], np.int64)
-        n_missing = self.backend.k.find_entries(self.arrays.keys, self.arrays.table_ids, q_tables, q_ids, out)
-        return out, int(n_missing)
+        a = self.arrays
+        n_missing, n_hashed = self.backend.k.find_entries(a.row_base, a.seen, a.keys, a.table_ids, q_tables, q_ids,
+                                                          out)
+        return out, int(n_missing), int(n_hashed)
 
-    def needs_rehash(self, n_missing: int) -> bool:
-        return self.n_live + self.n_tombstones + n_missing > self.max_load * self.capacity
+    def needs_rehash(self, n_missing_hashed: int) -> bool:
+        return n_missing_hashed > 0 and (self.n_hashed + self.n_tombstones + n_missing_hashed
+                                         > self.max_load * self.capacity)
 
-    def rehash_capacity(self, n_missing: int) -> int:
+    def rehash_capacity(self, n_missing_hashed: int) -> int:
         # Land at 60% of max_load so that the next growth is a whole doubling away;
         # a rehash forced only by tombstones keeps the capacity.
-        return max(_pow2_at_least(int((self.n_live + n_missing) / (0.6 * self.max_load)) + 1), 8)
+        if not self.has_hashed:
+            return 0
+        return max(_pow2_at_least(int((self.n_hashed + n_missing_hashed) / (0.6 * self.max_load)) + 1), 8)
 
     def rehash(self, new_capacity: int):
-        """Move live entries into fresh arrays; returns old position -> new position."""
+        """Move live hashed entries into fresh slots; returns old entry -> new entry."""
         old = self.arrays
-        new = self._allocate(new_capacity)
-        old_to_new = self.backend.empty(old.keys.shape[0], np.int64)
-        self.backend.k.rehash_into(*old, *new, old_to_new)
+        b = self.backend
+        nd = self.direct_rows
+        new = old._replace(
+            keys=b.full(new_capacity, 0, np.int64),
+            table_ids=b.full(new_capacity, EMPTY, np.int16),
+            addr=b.full((nd + new_capacity, self.kmax), -1, np.int32),
+            util=b.full((nd + new_capacity, self.util_width), 0.0, np.float32),
+        )
+        old_to_new = b.empty(old.addr.shape[0], np.int64)
+        self.backend.k.rehash_into(old.row_base, old.keys, old.table_ids, old.addr, old.util, new.keys,
+                                   new.table_ids, new.addr, new.util, old_to_new)
         self.arrays = new
         self.n_tombstones = 0
         return old_to_new
@@ -103,6 +179,54 @@ class EntryTable:
     def insert_missing(self, q_tables, q_ids, entries):
         """Insert keys whose entry is -1 (the caller made room). Returns new entries, first occurrence first."""
         new_entries = self.backend.empty(q_ids.shape[0], np.int64)
-        n_new = int(self.backend.k.insert_missing(*self.arrays, q_tables, q_ids, entries, new_entries))
+        a = self.arrays
+        n_new, n_hashed = (int(x) for x in self.backend.k.insert_missing(a.row_base, a.seen, a.keys, a.table_ids,
+                                                                         a.addr, a.util, q_tables, q_ids, entries,
+                                                                         new_entries))
         self.n_live += n_new
+        self.n_hashed += n_hashed
         return new_entries[:n_new]
+
+    def erased(self, n: int, n_hashed: int) -> None:
+        """Account for entries erased by a kernel."""
+        self.n_live -= n
+        self.n_hashed -= n_hashed
+        self.n_tombstones += n_hashed
+
+    def keys_of(self, entries: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """(table, id) of live entries, on the host: int64[n] each."""
+        e = np.asarray(entries, np.int64)
+        base = self._host_base
+        nd = int(base[-1])
+        tables = np.empty(e.shape[0], np.int64)
+        ids = np.empty(e.shape[0], np.int64)
+        direct = e < nd
+        if direct.any():
+            t = np.searchsorted(base, e[direct], side="right") - 1
+            tables[direct] = t
+            ids[direct] = e[direct] - base[t]
+        if (~direct).any():
+            h = e[~direct] - nd
+            tables[~direct] = self.backend.to_host(self.arrays.table_ids)[h]
+            ids[~direct] = self.backend.to_host(self.arrays.keys)[h]
+        return tables, ids
+
+    def table_of_entries(self) -> np.ndarray:
+        """int64[direct rows + cap]: the table of every entry, EMPTY / TOMBSTONE where no key is held."""
+        nd = self.direct_rows
+        base = self._host_base
+        seen = self.backend.to_host(self.arrays.seen)
+        bits = np.unpackbits(np.ascontiguousarray(seen).view(np.uint8), bitorder="little")[:nd].astype(bool)
+        out = np.full(nd + self.capacity, EMPTY, np.int64)
+        out[:nd][bits] = np.searchsorted(base, np.nonzero(bits)[0], side="right") - 1
+        out[nd:] = self.backend.to_host(self.arrays.table_ids)
+        return out
+
+    def live_entries(self) -> np.ndarray:
+        """Every live entry, ascending, on the host."""
+        nd = self.direct_rows
+        seen = self.backend.to_host(self.arrays.seen)
+        bits = np.unpackbits(np.ascontiguousarray(seen).view(np.uint8), bitorder="little")[:nd]
+        direct = np.nonzero(bits)[0].astype(np.int64)
+        hashed = np.nonzero(self.backend.to_host(self.arrays.table_ids) >= 0)[0].astype(np.int64) + nd
+        return np.concatenate([direct, hashed])

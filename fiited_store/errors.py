@@ -36,6 +36,20 @@ class InputShapeError(FiitedError, ValueError):
     """An input array has the wrong shape, or offsets that are not a valid partition."""
 
 
+class IdOutOfRangeError(FiitedError, IndexError):
+    """An id lies outside ``[0, num_embeddings)`` of a table with a direct index (as torch raises)."""
+
+    def __init__(self, table: str, id_: int, num_embeddings: int, position: int):
+        self.table = table
+        self.id = id_
+        self.num_embeddings = num_embeddings
+        self.position = position
+        super().__init__(
+            f"id {id_} (at position {position}) is out of range for table {table!r}, which declares "
+            f"num_embeddings={num_embeddings}; nothing was changed"
+        )
+
+
 class NonFiniteGradientError(FiitedError, FloatingPointError):
     """A gradient holds NaN or inf; nothing was updated."""
 

@@ -213,7 +213,9 @@ class EmbeddingStore:
         if _restore is not None:
             _restore(self)
             return
-        self.entries = EntryTable(self.backend, self.kmax, self.util_width, config.initial_capacity, config.max_load)
+        self.entries = EntryTable(self.backend, [t.num_embeddings if t.direct else 0 for t in tables],
+                                  [t.name for t in tables], self.kmax, self.util_width, config.initial_capacity,
+                                  config.max_load)
         self.pools = [ChunkPool(self.backend, plan) for plan in self.plans]
         if self.path is not None:
             from .storage.checkpoint import MANIFEST, acquire_lock
@@ -402,12 +404,12 @@ class EmbeddingStore:
         self.counters.rehashes += 1
 
     def _resolve(self, q_tables, ids, insert: bool, new_out: list | None = None):
-        entries, n_missing = self.entries.find(q_tables, ids)
+        entries, n_missing, n_hashed = self.entries.find_counted(q_tables, ids)
         if not insert or n_missing == 0:
             return entries
-        if self.entries.needs_rehash(n_missing):
-            self._rehash(self.entries.rehash_capacity(n_missing))
-            entries, n_missing = self.entries.find(q_tables, ids)
+        if self.entries.needs_rehash(n_hashed):
+            self._rehash(self.entries.rehash_capacity(n_hashed))
+            entries, n_missing, n_hashed = self.entries.find_counted(q_tables, ids)
         new = self.entries.insert_missing(q_tables, ids, entries)
         if new_out is not None:
             new_out.append(new)
@@ -415,13 +417,19 @@ class EmbeddingStore:
             m = self._meta
             for pool in self.pools:
                 a = pool.arrays
+                ea = self.entries.arrays
                 n = self.k.admit_new_chunks(
-                    new, self.entries.arrays.keys, self.entries.arrays.table_ids, self.entries.arrays.addr,
+                    new, ea.row_base, ea.seen, ea.keys, ea.table_ids, ea.addr,
                     m["table_chunks"], m["table_group"], pool.plan.group, a.vectors, a.opt_state, a.owner,
                     a.free_stack, a.n_free, self.config.seed, m["table_init_kind"], m["table_init_scale"], self.kmax,
                 )
                 self.counters.initialised_chunks += int(n)
         return entries
+
+    def _index_arrays(self):
+        """(row_base, seen, table_ids): what a kernel needs to find an entry's table."""
+        ea = self.entries.arrays
+        return ea.row_base, ea.seen, ea.table_ids
 
     def _group(self, entries, q_tables) -> Grouping:
         n = entries.shape[0]
@@ -592,7 +600,7 @@ class EmbeddingStore:
         for pool in self.pools:
             a = pool.arrays
             self.k.apply_gradients(
-                grouping.uniq, grouping.counts, self._grad_buf, ea.table_ids, ea.addr, ea.util, a.vectors, a.opt_state,
+                grouping.uniq, grouping.counts, self._grad_buf, ea.row_base, ea.seen, ea.table_ids, ea.addr, ea.util, a.vectors, a.opt_state,
                 m["table_chunks"], m["table_group"], pool.plan.group, m["table_opt"], m["table_lr"], m["table_eps"],
                 self._util_code, growth,
             )
@@ -603,10 +611,11 @@ class EmbeddingStore:
         g = self._as_grad(grad_out, batch.output.shape)
         out = self.backend.full(batch.ids.shape[0], 0.0, np.float32)
         m = self._meta
+        ea = self.entries.arrays
         for pool in self.pools:
             self.k.per_sample_weight_grads(
                 batch.entries, batch.bag_of_occ, batch.bags_per_feature, batch.feature_col, g,
-                self.entries.arrays.table_ids, self.entries.arrays.addr, pool.arrays.vectors, m["table_chunks"],
+                ea.row_base, ea.seen, ea.table_ids, ea.addr, pool.arrays.vectors, m["table_chunks"],
                 m["table_group"], pool.plan.group, out,
             )
         return out
@@ -665,7 +674,7 @@ class EmbeddingStore:
         resident = np.zeros((T, self.kmax), np.int64)
         spilled = np.zeros((T, self.kmax), np.int64)
         ea = self.entries.arrays
-        self.k.count_chunks(ea.table_ids, ea.addr, T, entries, resident, spilled)
+        self.k.count_chunks(ea.row_base, ea.seen, ea.table_ids, ea.addr, T, entries, resident, spilled)
         return entries, resident, spilled
 
     def prune(self) -> dict[str, Any]:
@@ -713,7 +722,7 @@ class EmbeddingStore:
             m_size = self.config.sample_size
             cap = min(n_group, int(m_size + 6 * math.sqrt(m_size) + 64))
             samples = b.empty((cap, self.kmax), np.float32)
-            n_s = int(k.sample_utilities(ea.keys, ea.table_ids, ea.util, m["table_chunks"], m["table_group"], g,
+            n_s = int(k.sample_utilities(ea.row_base, ea.seen, ea.keys, ea.table_ids, ea.util, m["table_chunks"], m["table_group"], g,
                                          sample_rate_threshold(m_size, n_group), self.config.seed,
                                          self._prune_round, samples))
             entry_chunks = np.zeros(self.kmax, np.int64)
@@ -726,13 +735,13 @@ class EmbeddingStore:
         thr_d = b.from_host(thr)
         util_bits = ea.util.view(np.uint32)
         block_counts = b.empty((k._SCAN_BLOCKS, 3), np.int64)
-        keep, cand, drop = (int(x) for x in k.prune_count(ea.table_ids, ea.addr, ea.util, util_bits, m["table_chunks"],
+        keep, cand, drop = (int(x) for x in k.prune_count(ea.row_base, ea.seen, ea.table_ids, ea.addr, ea.util, util_bits, m["table_chunks"],
                                                           m["table_group"], g, thr_d, block_counts))
         use_cutoff = keep + cand > pool.slots
         cutoff = np.uint64(0)
         if use_cutoff:
             comp = b.empty(keep + cand, np.uint64)
-            n_c = int(k.prune_composites(ea.keys, ea.table_ids, ea.addr, ea.util, util_bits, m["table_chunks"],
+            n_c = int(k.prune_composites(ea.row_base, ea.seen, ea.keys, ea.table_ids, ea.addr, ea.util, util_bits, m["table_chunks"],
                                          m["table_group"], g, thr_d, block_counts, comp))
             host = b.to_host(comp[:n_c])
             cutoff = np.partition(host, n_c - pool.slots)[n_c - pool.slots]
@@ -740,7 +749,7 @@ class EmbeddingStore:
         ev_e, ev_k = b.empty(max(n_res, 1), np.int64), b.empty(max(n_res, 1), np.int64)
         al_e, al_k = b.empty(max(cand, 1), np.int64), b.empty(max(cand, 1), np.int64)
         al_r = b.empty(max(cand, 1), np.uint64)
-        n_ev, n_al = (int(x) for x in k.prune_select(ea.keys, ea.table_ids, ea.addr, ea.util, util_bits,
+        n_ev, n_al = (int(x) for x in k.prune_select(ea.row_base, ea.seen, ea.keys, ea.table_ids, ea.addr, ea.util, util_bits,
                                                      m["table_chunks"], m["table_group"], g, thr_d, use_cutoff,
                                                      cutoff, ev_e, ev_k, al_e, al_k, al_r))
         self._evict(pool, ev_e[:n_ev], ev_k[:n_ev])
@@ -809,7 +818,7 @@ class EmbeddingStore:
                 setattr(self.counters, fetch_counter, getattr(self.counters, fetch_counter) + n_sp - n_staged)
         placed = int(self.k.commit_allocations(
             al_e, al_k, b.from_host(restore_index), b.from_host(vec), b.from_host(st),
-            self.entries.arrays.keys, self.entries.arrays.table_ids, self.entries.arrays.addr, a.owner,
+            *self.entries.arrays[:5], a.owner,
             a.free_stack, a.n_free, a.vectors, a.opt_state, self.config.seed, m["table_init_kind"],
             m["table_init_scale"], self.kmax,
         ))
@@ -849,7 +858,7 @@ class EmbeddingStore:
         self._fold_scale()
         ea = self.entries.arrays
         out = self.backend.empty(max(self.entries.n_live, 1), np.int64)
-        n = int(self.k.find_dead_entries(ea.table_ids, ea.addr, ea.util, np.float32(self.config.drop_floor), out))
+        n = int(self.k.find_dead_entries(ea.row_base, ea.seen, ea.table_ids, ea.addr, ea.util, np.float32(self.config.drop_floor), out))
         if n:
             self._erase_entries(out[:n])
             self.counters.dropped_entries += n
@@ -862,14 +871,14 @@ class EmbeddingStore:
         for pool in self.pools:
             a = pool.arrays
             tier_out = self.backend.empty(max(int(entries.shape[0]) * self.kmax, 1), np.int64)
-            n, n_t = (int(x) for x in self.k.erase_entries(entries, ea.table_ids, ea.addr, ea.util, a.owner,
-                                                           a.free_stack, a.n_free, m["table_group"],
-                                                           pool.plan.group, self.kmax, tier_out))
+            n, n_h, n_t = (int(x) for x in self.k.erase_entries(entries, ea.row_base, ea.seen, ea.table_ids, ea.addr,
+                                                                ea.util, a.owner, a.free_stack, a.n_free,
+                                                                m["table_group"], pool.plan.group, self.kmax,
+                                                                tier_out))
             if n_t:
                 self.tiers[pool.plan.group].release(self.backend.to_host(tier_out[:n_t]))
+            self.entries.erased(n, n_h)
             total += n
-        self.entries.n_live -= total
-        self.entries.n_tombstones += total
         self._generation += 1
         return total
 
@@ -919,7 +928,7 @@ class EmbeddingStore:
             existing = b.from_host(found_h[found_h >= 0])
             miss_e = b.empty(max(int(existing.shape[0]) * self.kmax, 1), np.int64)
             miss_k = b.empty(max(int(existing.shape[0]) * self.kmax, 1), np.int64)
-            n_exist_missing = int(self.k.missing_chunks(existing, self.entries.arrays.table_ids, self.entries.arrays.addr,
+            n_exist_missing = int(self.k.missing_chunks(existing, *self._index_arrays(), self.entries.arrays.addr,
                                                         self._meta["table_chunks"], self._meta["table_group"], g,
                                                         miss_e, miss_k))
             needed = n_exist_missing + n_missing * self.tables[t].chunks
@@ -934,10 +943,10 @@ class EmbeddingStore:
         else:
             miss_e = b.empty(ids.shape[0] * self.kmax, np.int64)
             miss_k = b.empty(ids.shape[0] * self.kmax, np.int64)
-            n = int(self.k.missing_chunks(entries, self.entries.arrays.table_ids, self.entries.arrays.addr,
+            n = int(self.k.missing_chunks(entries, *self._index_arrays(), self.entries.arrays.addr,
                                           self._meta["table_chunks"], self._meta["table_group"], g, miss_e, miss_k))
             self._allocate(pool, miss_e[:n], miss_k[:n])
-        self.k.assign_rows(entries, b.from_host(v), self.entries.arrays.table_ids, self.entries.arrays.addr,
+        self.k.assign_rows(entries, b.from_host(v), *self._index_arrays(), self.entries.arrays.addr,
                            self._meta["table_chunks"], self._meta["table_group"], g, pool.arrays.vectors,
                            pool.arrays.opt_state)
 
@@ -953,11 +962,11 @@ class EmbeddingStore:
             g = pool.plan.group
             miss_e = b.empty(n_u * self.kmax, np.int64)
             miss_k = b.empty(n_u * self.kmax, np.int64)
-            n = int(k.missing_chunks(uniq, ea.table_ids, ea.addr, m["table_chunks"], m["table_group"], g, miss_e, miss_k))
+            n = int(k.missing_chunks(uniq, ea.row_base, ea.seen, ea.table_ids, ea.addr, m["table_chunks"], m["table_group"], g, miss_e, miss_k))
             if n == 0:
                 continue
             if n > pool.n_free:
-                tids = b.to_host(ea.table_ids)[b.to_host(uniq)]
+                tids, _ = self.entries.keys_of(b.to_host(uniq))
                 in_group = self._host_meta["table_group"][tids] == g
                 batch_chunks = int(self._host_meta["table_chunks"][tids[in_group]].sum())
                 if batch_chunks > pool.slots:
@@ -1042,7 +1051,7 @@ class EmbeddingStore:
             n_u = int(uniq.shape[0])
             miss_e = b.empty(max(n_u * self.kmax, 1), np.int64)
             miss_k = b.empty(max(n_u * self.kmax, 1), np.int64)
-            n = int(self.k.missing_chunks(uniq, self.entries.arrays.table_ids, self.entries.arrays.addr,
+            n = int(self.k.missing_chunks(uniq, *self._index_arrays(), self.entries.arrays.addr,
                                           self._meta["table_chunks"], self._meta["table_group"], g, miss_e, miss_k))
             codes = b.empty(max(n, 1), np.int32)
             self.k.chunk_codes(self.entries.arrays.addr, miss_e[:n], miss_k[:n], codes)
@@ -1073,7 +1082,7 @@ class EmbeddingStore:
         n_u = int(uniq.shape[0])
         miss_e = b.empty(max(n_u * self.kmax, 1), np.int64)
         miss_k = b.empty(max(n_u * self.kmax, 1), np.int64)
-        n = int(self.k.missing_chunks(uniq, self.entries.arrays.table_ids, self.entries.arrays.addr,
+        n = int(self.k.missing_chunks(uniq, *self._index_arrays(), self.entries.arrays.addr,
                                       self._meta["table_chunks"], self._meta["table_group"], g, miss_e, miss_k))
         if n == 0:
             return none
@@ -1210,8 +1219,12 @@ class EmbeddingStore:
         if missing:
             raise InputShapeError(f"state lacks arrays {missing}")
         cap = st["entries.keys"].shape[0]
-        expect = {"entries.keys": ((cap,), np.int64), "entries.table_ids": ((cap,), np.int16),
-                  "entries.addr": ((cap, self.kmax), np.int32), "entries.util": ((cap, self.util_width), np.float32)}
+        nd = self.entries.direct_rows
+        expect = {"entries.row_base": ((len(self.tables) + 1,), np.int64),
+                  "entries.seen": ((max((nd + 31) // 32, 1),), np.uint32),
+                  "entries.keys": ((cap,), np.int64), "entries.table_ids": ((cap,), np.int16),
+                  "entries.addr": ((nd + cap, self.kmax), np.int32),
+                  "entries.util": ((nd + cap, self.util_width), np.float32)}
         for p in self.pools:
             g, plan = p.plan.group, p.plan
             expect.update({f"pool_{g}.vectors": ((plan.slots, plan.chunk_width), np.float32),
@@ -1221,6 +1234,8 @@ class EmbeddingStore:
         for k, (shape, dtype) in expect.items():
             if st[k].shape != shape or st[k].dtype != dtype:
                 raise InputShapeError(f"state array {k} is {st[k].dtype}{st[k].shape}, expected {np.dtype(dtype)}{shape}")
+        if not np.array_equal(st["entries.row_base"], self.backend.to_host(self.entries.arrays.row_base)):
+            raise InputShapeError(f"state's direct index rows {st['entries.row_base'].tolist()} differ from this store's")
         b = self.backend
         addr = st["entries.addr"].copy()
         new_tiers: list[Any] = [None] * len(self.plans)
@@ -1241,8 +1256,10 @@ class EmbeddingStore:
             addr[owner, k_of] = -2 - new_slots
             new_tiers[g] = tier
         self.entries = EntryTable.from_arrays(b, EntryArrays(
+            row_base=b.persist(st["entries.row_base"]), seen=b.persist(st["entries.seen"]),
             keys=b.persist(st["entries.keys"]), table_ids=b.persist(st["entries.table_ids"]),
-            addr=b.persist(addr), util=b.persist(st["entries.util"])), self.config.max_load)
+            addr=b.persist(addr), util=b.persist(st["entries.util"])), [t.name for t in self.tables],
+            self.config.max_load)
         for p in self.pools:
             g = p.plan.group
             p.arrays = PoolArrays(*(b.persist(st[f"pool_{g}.{k}"]) for k in PoolArrays._fields))

@@ -50,7 +50,7 @@ def inspect_store(store: EmbeddingStore) -> dict[str, Any]:
     """Everything ``fiited-store inspect`` shows, as a JSON-able dict."""
     b = store.backend
     st = store.stats()
-    tids = b.to_host(store.entries.arrays.table_ids)
+    tids = store.entries.table_of_entries()
     addr = b.to_host(store.entries.arrays.addr)
     util = b.to_host(store.entries.arrays.util) * np.float32(store.config.gamma ** (store.step_count - store._scale_origin))
     tables = {}
@@ -137,7 +137,7 @@ def plot_inspection(store: EmbeddingStore, info: dict[str, Any], path: Path) -> 
     if len(names) <= 10:
         ax1.legend(fontsize=7)
     util = store.backend.to_host(store.entries.arrays.util)
-    live = store.backend.to_host(store.entries.arrays.table_ids) >= 0
+    live = store.entries.table_of_entries() >= 0
     u = util[live].ravel() * store.config.gamma ** (store.step_count - store._scale_origin)
     u = u[u > 0]
     if u.size:
@@ -283,11 +283,10 @@ def export_store(path: Path, out: Path, fmt: str = "dense", progress: bool = Tru
         shutil.rmtree(tmp, ignore_errors=True)
         root = zarr.open_group(zarr.storage.LocalStore(str(tmp)), mode="w")
         b = store.backend
-        tids = b.to_host(store.entries.arrays.table_ids)
-        keys = b.to_host(store.entries.arrays.keys)
+        tids = store.entries.table_of_entries()
         for i, t in enumerate(tqdm(store.tables, disable=not progress, desc="export", unit="table")):
             e = np.nonzero(tids == i)[0]
-            ids = np.sort(keys[e])
+            ids = np.sort(store.entries.keys_of(e)[1])
             rows = store.lookup(t.name, ids) if ids.size else np.zeros((0, t.dim), np.float32)
             present = rows.reshape(ids.size, t.chunks, t.chunk_width).any(axis=2)
             keep = present.any(axis=1)

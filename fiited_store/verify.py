@@ -20,16 +20,23 @@ def check_store(store) -> list[str]:
     b = store.backend
     problems: list[str] = []
     ea = store.entries.arrays
-    keys, tids = b.to_host(ea.keys), b.to_host(ea.table_ids)
+    keys, h_tids = b.to_host(ea.keys), b.to_host(ea.table_ids)
     addr, util = b.to_host(ea.addr), b.to_host(ea.util)
+    base, seen = np.asarray(b.to_host(ea.row_base)), b.to_host(ea.seen)
     cap, kmax, T = keys.shape[0], store.kmax, len(store.tables)
+    expect_base = np.concatenate([[0], np.cumsum([t.num_embeddings if t.direct else 0 for t in store.tables])])
+    if base.shape != (T + 1,) or not np.array_equal(base, expect_base):
+        return [f"entries/row_base is {base.tolist()}, the tables declare {expect_base.tolist()}"]
+    nd = int(base[-1])
+    n_all = nd + cap
 
     # shapes and dtypes of the entry arrays
     for name, arr, dtype, shape in (
+        ("seen", seen, np.uint32, (max((nd + 31) // 32, 1),)),
         ("keys", keys, np.int64, (cap,)),
-        ("table_ids", tids, np.int16, (cap,)),
-        ("addr", addr, np.int32, (cap, kmax)),
-        ("util", util, np.float32, (cap, store.util_width)),
+        ("table_ids", h_tids, np.int16, (cap,)),
+        ("addr", addr, np.int32, (n_all, kmax)),
+        ("util", util, np.float32, (n_all, store.util_width)),
     ):
         if arr.dtype != dtype or arr.shape != shape:
             problems.append(f"entries/{name} is {arr.dtype}{arr.shape}, expected {np.dtype(dtype)}{shape}")
@@ -38,30 +45,38 @@ def check_store(store) -> list[str]:
     if cap & (cap - 1):
         problems.append(f"entry capacity {cap} is not a power of two")
 
-    bad_tid = (tids != EMPTY) & (tids != TOMBSTONE) & ((tids < 0) | (tids >= T))
+    bad_tid = (h_tids != EMPTY) & (h_tids != TOMBSTONE) & ((h_tids < 0) | (h_tids >= T))
     if bad_tid.any():
-        problems.append(f"entries/table_ids hold unknown tables at positions {_first(bad_tid)}")
+        problems.append(f"entries/table_ids hold unknown tables at hashed slots {_first(bad_tid)}")
+    # the table of every entry, direct rows first (EMPTY where no key holds it)
+    seen_bits = np.unpackbits(np.ascontiguousarray(seen).view(np.uint8), bitorder="little")
+    tids = np.full(n_all, EMPTY, np.int64)
+    direct_live = seen_bits[:nd].astype(bool)
+    tids[:nd][direct_live] = np.searchsorted(base, np.nonzero(direct_live)[0], side="right") - 1
+    tids[nd:] = h_tids
+    if seen_bits[nd:].any():
+        problems.append(f"entries/seen has bits set past the {nd} direct rows")
     live = tids >= 0
     live &= tids < T
     if int(live.sum()) != store.entries.n_live:
         problems.append(f"{int(live.sum())} live entries but the table counts {store.entries.n_live}")
 
-    # every live key is found at its own position (no duplicates, intact probe chains)
-    pos = np.nonzero(live)[0]
+    # every live hashed key is found at its own position (no duplicates, intact probe chains)
+    pos = np.nonzero(live[nd:])[0]
     if pos.size:
-        found, _ = store.entries.find(b.from_host(tids[pos].astype(np.int16)), b.from_host(keys[pos]))
+        found, _ = store.entries.find(b.from_host(h_tids[pos].astype(np.int16)), b.from_host(keys[pos]))
         found = b.to_host(found)
-        wrong = found != pos
+        wrong = found != pos + nd
         if wrong.any():
             i = int(np.argmax(wrong))
             problems.append(
-                f"entry {int(pos[i])} (table {int(tids[pos[i]])}, id {int(keys[pos[i]])}) is found at {int(found[i])}: "
-                "duplicate key or broken probe chain"
+                f"entry {int(pos[i]) + nd} (table {int(h_tids[pos[i]])}, id {int(keys[pos[i]])}) is found at "
+                f"{int(found[i])}: duplicate key or broken probe chain"
             )
 
     chunks = store._host_meta["table_chunks"]
     groups = store._host_meta["table_group"]
-    K_of = np.zeros(cap, np.int64)
+    K_of = np.zeros(n_all, np.int64)
     K_of[live] = chunks[tids[live]]
     beyond = (np.arange(kmax)[None, :] >= K_of[:, None]) & (addr != -1)
     if beyond.any():
@@ -104,7 +119,7 @@ def check_store(store) -> list[str]:
         neither = ~owned & ~on_stack
         if neither.any():
             problems.append(f"{where}: slots {_first(neither)} are neither free nor owned (leaked)")
-        bad_owner = owned & (owner >= cap)
+        bad_owner = owned & (owner >= n_all)
         if bad_owner.any():
             problems.append(f"{where}/owner points past the entry table at slots {_first(bad_owner)}")
             continue

@@ -35,13 +35,16 @@ import numpy as np
 import zarr
 
 from ..config import DynamicRatio, ManualRatios, StoreConfig, TableConfig
-from ..entry_table import EntryArrays, EntryTable
+from ..entry_table import EntryArrays, EntryTable, row_bases
 from ..errors import ConfigError, CorruptStoreError, StoreLockedError, StoreReadOnlyError
 from ..pool import ChunkPool, PoolArrays
 from .zarr_tier import storage_error
 
 FORMAT = "fiited-store"
-FORMAT_VERSION = 1
+#: 2: entries hold a direct index (row_base, seen) beside the hashed one.
+#: Version 1 stores (hashed only) still open: every table is read as hashed.
+FORMAT_VERSION = 2
+READABLE_VERSIONS = (1, 2)
 MANIFEST = "fiited.json"
 LOCK = ".lock"
 ROWS_PER_CHUNK = 65536
@@ -99,9 +102,10 @@ def config_to_json(tables, config: StoreConfig) -> dict[str, Any]:
     return {"tables": [dataclasses.asdict(t) for t in tables], "store": cfg}
 
 
-def config_from_json(doc: dict[str, Any]) -> tuple[list[TableConfig], StoreConfig]:
+def config_from_json(doc: dict[str, Any], version: int = FORMAT_VERSION) -> tuple[list[TableConfig], StoreConfig]:
     try:
-        tables = [TableConfig(**t) for t in doc["tables"]]
+        # a version 1 store has only the hashed index, whatever its tables declare
+        tables = [TableConfig(**({**t, "index": "hashed"} if version < 2 else t)) for t in doc["tables"]]
         cfg = dict(doc["store"])
         p = cfg.pop("pruning")
         pruning = ManualRatios(tuple(p["per_chunk"])) if p["kind"] == "manual" else DynamicRatio(p["ratio"])
@@ -125,9 +129,9 @@ def read_manifest(path: Path) -> dict[str, Any]:
         raise storage_error(exc, f"reading {f}") from exc
     if not isinstance(doc, dict) or doc.get("format") != FORMAT:
         raise CorruptStoreError(f"{f} does not describe a {FORMAT} store")
-    if doc.get("format_version") != FORMAT_VERSION:
+    if doc.get("format_version") not in READABLE_VERSIONS:
         raise CorruptStoreError(
-            f"{f} has format_version {doc.get('format_version')!r}; this version reads {FORMAT_VERSION}"
+            f"{f} has format_version {doc.get('format_version')!r}; this version reads {list(READABLE_VERSIONS)}"
         )
     if not isinstance(doc.get("checkpoint"), str) or not (path / doc["checkpoint"]).is_dir():
         raise CorruptStoreError(f"{f} names checkpoint {doc.get('checkpoint')!r}, which does not exist in {path}")
@@ -225,6 +229,8 @@ def _save_locked(store, path: Path) -> Path:
         _at("group-created")
         ea = store.entries.arrays
         entries = root.create_group("entries")
+        _write_array(entries, "row_base", b.to_host(ea.row_base), 0)
+        _write_array(entries, "seen", b.to_host(ea.seen), 0)
         _write_array(entries, "keys", b.to_host(ea.keys), 0)
         _write_array(entries, "table_ids", b.to_host(ea.table_ids), -1)
         _write_array(entries, "addr", b.to_host(ea.addr), -1)
@@ -312,7 +318,7 @@ def open_checkpoint_group(path: Path):
         attrs = dict(root.attrs)
     except Exception as exc:
         raise CorruptStoreError(f"checkpoint {ckpt} cannot be opened as a Zarr group: {exc}") from exc
-    if attrs.get("format") != FORMAT or attrs.get("format_version") != FORMAT_VERSION:
+    if attrs.get("format") != FORMAT or attrs.get("format_version") not in READABLE_VERSIONS:
         raise CorruptStoreError(f"checkpoint {ckpt} carries format {attrs.get('format')!r} v{attrs.get('format_version')!r}")
     return ckpt, root, attrs
 
@@ -326,7 +332,8 @@ def open_store(path: Path, mode: str = "r", device: str | None = None):
     lock = acquire_lock(path) if mode == "r+" else None
     try:
         ckpt, root, attrs = open_checkpoint_group(path)
-        tables, config = config_from_json(attrs.get("config", {}))
+        version = int(attrs["format_version"])
+        tables, config = config_from_json(attrs.get("config", {}), version)
         if device is not None and device != config.device:
             config = dataclasses.replace(config, device=device)
         state = attrs.get("state", {})
@@ -336,17 +343,30 @@ def open_store(path: Path, mode: str = "r", device: str | None = None):
             entries_g = root["entries"] if "entries" in root else None
             if entries_g is None:
                 raise CorruptStoreError(f"{ckpt}/entries is missing")
+            if "keys" not in entries_g:
+                raise CorruptStoreError(f"{ckpt}/entries/keys is missing")
             cap = int(entries_g["keys"].shape[0])
             if cap & (cap - 1):
                 raise CorruptStoreError(f"{ckpt}/entries/keys has {cap} rows; the capacity must be a power of two")
             where = f"{ckpt}/entries"
+            expect_base = row_bases([t.num_embeddings if t.direct else 0 for t in tables])
+            nd = int(expect_base[-1])
+            if version >= 2:
+                base = _read(entries_g, "row_base", np.int64, expect_base.shape, where)
+                if not np.array_equal(base, expect_base):
+                    raise CorruptStoreError(f"{where}/row_base is {base.tolist()}, the tables declare {expect_base.tolist()}")
+                seen = _read(entries_g, "seen", np.uint32, (max((nd + 31) // 32, 1),), where)
+            else:
+                seen = np.zeros(1, np.uint32)
             arrays = EntryArrays(
+                row_base=b.from_host(expect_base),
+                seen=b.persist(seen),
                 keys=b.persist(_read(entries_g, "keys", np.int64, (cap,), where)),
                 table_ids=b.persist(_read(entries_g, "table_ids", np.int16, (cap,), where)),
-                addr=b.persist(_read(entries_g, "addr", np.int32, (cap, store.kmax), where)),
-                util=b.persist(_read(entries_g, "util", np.float32, (cap, store.util_width), where)),
+                addr=b.persist(_read(entries_g, "addr", np.int32, (nd + cap, store.kmax), where)),
+                util=b.persist(_read(entries_g, "util", np.float32, (nd + cap, store.util_width), where)),
             )
-            store.entries = EntryTable.from_arrays(b, arrays, config.max_load)
+            store.entries = EntryTable.from_arrays(b, arrays, [t.name for t in tables], config.max_load)
             store.pools = []
             for plan, pstate in zip(store.plans, state.get("pools", [])):
                 where = f"{ckpt}/pool_{plan.group}"

@@ -392,6 +392,13 @@ class StagedZarrTier(ZarrTier):
 
     def _write_sorted(self, slots, vectors, states) -> None:
         self._guard_writable()
+        # a slot written again must not keep its old cached row: two dirty rows of one
+        # slot would reach the disk in row order, and the older could win
+        stale = self._row_of[slots]
+        stale = stale[stale >= 0]
+        self._c_slot[stale] = -1
+        self._c_dirty[stale] = False
+        self._row_of[slots] = -1
         if slots.size > self.cache_rows:
             self._disk_write(slots, vectors, states)
             return

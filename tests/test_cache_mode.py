@@ -64,8 +64,8 @@ def test_quarter_pool_on_disk_trains_exactly_like_all_in_memory(prefetch):
 def test_lookup_of_a_spilled_chunk_reads_its_true_values_without_moving_it():
     s = EmbeddingStore(TABLES, StoreConfig(mode="cache", budget_fraction=0.25, prune_period=5))
     train(s, 1, 20)
-    spilled_entries = np.nonzero((s.entries.arrays.addr <= -2).any(axis=1) & (s.entries.arrays.table_ids == 0))[0]
-    ids = s.entries.arrays.keys[spilled_entries][:20]
+    spilled_entries = np.nonzero((s.entries.arrays.addr <= -2).any(axis=1) & (s.entries.table_of_entries() == 0))[0]
+    ids = s.entries.keys_of(spilled_entries[:20])[1]
     addr_before = s.entries.arrays.addr.copy()
     fetched_before = s.counters.sync_fetched_chunks
     values = s.lookup("user", ids)

@@ -306,3 +306,35 @@ def test_committed_format_fixture_still_decodes():
             np.testing.assert_array_equal(s.lookup(name, np.array(expected["ids"][name])), np.array(rows, np.float32))
         assert s.step_count == expected["step_count"]
         assert s.stats()["total"]["spilled_chunks"] == expected["spilled_chunks"]
+
+
+FIXTURE_V2 = Path(__file__).parent / "fixtures" / "store_v2"
+
+
+def test_committed_format_v2_fixture_still_decodes():
+    """Format version 2 (direct and hashed indexes side by side) must open and read the same forever."""
+    expected = json.loads((FIXTURE_V2.parent / "store_v2_expected.json").read_text())
+    with EmbeddingStore.open(FIXTURE_V2, "r") as s:
+        assert check_store(s) == []
+        assert [t.direct for t in s.tables] == [True, False]
+        assert s.entries.direct_rows == 64 and s.entries.capacity > 0
+        for name, rows in expected["lookups"].items():
+            ids = np.array(expected["ids"][name], np.int64)
+            np.testing.assert_array_equal(s.lookup(name, ids), np.array(rows, np.float32))
+        assert s.step_count == expected["step_count"]
+        assert s.stats()["total"]["entries"] == expected["entries"]
+        assert s.stats()["total"]["spilled_chunks"] == expected["spilled_chunks"]
+
+
+def test_a_version_1_store_saved_again_is_version_2_and_reads_the_same(tmp_path):
+    expected = json.loads((FIXTURE.parent / "store_v1_expected.json").read_text())
+    path = tmp_path / "s"
+    shutil.copytree(FIXTURE, path)
+    with EmbeddingStore.open(path, "r+") as s:
+        assert all(t.index == "hashed" for t in s.tables)  # version 1 had only the hashed index
+        s.save()
+    assert json.loads((path / "fiited.json").read_text())["format_version"] == 2
+    with EmbeddingStore.open(path, "r") as s:
+        assert check_store(s) == []
+        for name, rows in expected["lookups"].items():
+            np.testing.assert_array_equal(s.lookup(name, np.array(expected["ids"][name])), np.array(rows, np.float32))

@@ -3,8 +3,9 @@
 from __future__ import annotations
 
 import numpy as np
+import pytest
 
-from fiited_store import EmbeddingStore, StoreConfig, TableConfig
+from fiited_store import ConfigError, DynamicRatio, EmbeddingStore, StoreConfig, TableConfig
 from fiited_store.verify import check_store
 
 from .reference import key_hash
@@ -103,3 +104,76 @@ def test_training_across_a_rehash_applies_to_the_right_keys(rng):
     assert s.counters.rehashes >= 1
     s.backward(first, np.ones((4, 4), np.float32))
     np.testing.assert_allclose(s.lookup("t", np.arange(4)), before - 1.0)
+
+
+# --------------------------------------------------------------------------- direct index
+
+
+def _stream_store(index, config):
+    tables = [TableConfig("a", dim=8, chunks=2, num_embeddings=300, index=index, optimizer="adagrad"),
+              TableConfig("b", dim=8, chunks=4, num_embeddings=77, index=index, optimizer="rowwise_adagrad"),
+              TableConfig("c", dim=4, chunks=1, num_embeddings=500, index=index, optimizer="sgd")]
+    s = EmbeddingStore(tables, config)
+    rng = np.random.default_rng(5)
+    for step in range(30):
+        ids = np.concatenate([rng.zipf(1.2, 40) % 300, rng.integers(0, 77, 40), rng.zipf(1.5, 40) % 500])
+        b = s.pooled_lookup(["a", "b", "c"], ids, np.arange(121), train=True)
+        s.backward(b, rng.standard_normal(b.output.shape).astype(np.float32))
+        s.step()
+        if step == 17:
+            s.erase("a", np.arange(0, 300, 7))
+    return s
+
+
+@pytest.mark.parametrize("config", [
+    StoreConfig(pruning=DynamicRatio(0.7), prune_period=4, sample_size=64, drop_floor=1e-3, gamma=0.8),
+    StoreConfig(pruning=DynamicRatio(0.5), prune_period=5, on_evict="spill", utility="shared"),
+    StoreConfig(mode="cache", budget_fraction=0.6, prune_period=6),
+], ids=["discard", "spill", "cache"])
+def test_direct_and_hashed_indexes_make_the_same_store(config):
+    """Same stream, same decisions: samples, tie-breaks and initial values depend on keys only."""
+    direct, hashed = _stream_store("direct", config), _stream_store("hashed", config)
+    assert direct.entries.capacity == 0 and direct.entries.direct_rows == 877
+    assert hashed.entries.direct_rows == 0
+    for t in direct.tables:
+        ids = np.arange(t.num_embeddings)
+        np.testing.assert_array_equal(direct.lookup(t.name, ids), hashed.lookup(t.name, ids))
+        np.testing.assert_array_equal(direct.utilities(t.name, ids), hashed.utilities(t.name, ids))
+        np.testing.assert_array_equal(direct.contains(t.name, ids), hashed.contains(t.name, ids))
+    assert check_store(direct) == [] and check_store(hashed) == []
+    if config.mode == "cache":
+        # every value is the same; which chunks are resident depends on slot order, as on the GPU
+        return
+    sd, sh = direct.stats(), hashed.stats()
+    assert sd["tables"] == sh["tables"]
+    assert {k: v for k, v in sd["counters"].items() if k != "rehashes"} == \
+        {k: v for k, v in sh["counters"].items() if k != "rehashes"}
+    assert direct.counters.prunes > 0 and direct.counters.evicted_chunks + direct.counters.spilled_chunks > 0
+
+
+@pytest.mark.parametrize("bad", [-1, 300, 2**62, -(2**63)])
+def test_an_id_outside_a_direct_table_raises_and_changes_nothing(bad):
+    from fiited_store import IdOutOfRangeError
+
+    from .helpers import assert_unchanged, snapshot
+
+    s = _stream_store("direct", StoreConfig(pruning=DynamicRatio(0.5), prune_period=4))
+    before = snapshot(s)
+    for call in (lambda: s.pooled_lookup(["a", "b"], np.array([1, bad, 2]), np.array([0, 2, 3]), train=True),
+                 lambda: s.lookup("a", np.array([bad])),
+                 lambda: s.insert("a", np.array([5, bad])),
+                 lambda: s.insert_or_assign("a", np.array([bad]), np.zeros((1, 8), np.float32)),
+                 lambda: s.erase("a", np.array([bad]))):
+        with pytest.raises(IdOutOfRangeError, match=f"id {bad} .* table 'a', which declares num_embeddings=300"):
+            call()
+    assert_unchanged(before, snapshot(s))
+
+
+def test_direct_index_stores_no_key_and_no_probe():
+    t = TableConfig("t", dim=64, chunks=4, num_embeddings=10_000)
+    s = EmbeddingStore([t], StoreConfig(pruning=DynamicRatio(0.9375), prune_period=0))
+    ea = s.entries.arrays
+    assert ea.keys.size == 0 and ea.table_ids.size == 0
+    assert ea.addr.shape == (10_000, 4) and ea.seen.nbytes == 4 * ((10_000 + 31) // 32)
+    with pytest.raises(ConfigError, match="index='direct' needs num_embeddings"):
+        TableConfig("u", dim=8, index="direct")

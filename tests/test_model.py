@@ -11,9 +11,18 @@ from hypothesis import settings
 from hypothesis import strategies as st
 from hypothesis.stateful import RuleBasedStateMachine, initialize, invariant, rule
 
-from fiited_store import DynamicRatio, EmbeddingStore, ManualRatios, PoolCapacityError, StoreConfig, TableConfig
+from fiited_store import (
+    DynamicRatio,
+    EmbeddingStore,
+    IdOutOfRangeError,
+    ManualRatios,
+    PoolCapacityError,
+    StoreConfig,
+    TableConfig,
+)
 from fiited_store.verify import check_store
 
+from .helpers import assert_unchanged, snapshot
 from .reference import ReferenceStore
 
 ID_POOL = [0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 17, 23, -1, -7, 2**62, -(2**63), 12345678901]
@@ -32,6 +41,7 @@ def setups(draw):
             optimizer=draw(st.sampled_from(["sgd", "adagrad", "rowwise_adagrad"])),
             learning_rate=draw(st.sampled_from([0.05, 0.5])),
             initializer=draw(st.sampled_from(["uniform", "normal", "zeros"])),
+            index=draw(st.sampled_from(["direct", "hashed"])),
         ))
     mode = draw(st.sampled_from(["prune", "prune", "cache"]))
     if draw(st.booleans()):
@@ -71,8 +81,12 @@ class StoreVsReference(RuleBasedStateMachine):
         B = data.draw(st.integers(1, 3))
         lengths = data.draw(st.lists(st.integers(0, 3), min_size=len(feats) * B, max_size=len(feats) * B))
         offsets = np.concatenate([[0], np.cumsum(lengths)]).astype(np.int64)
-        ids = np.array(data.draw(st.lists(st.sampled_from(ID_POOL), min_size=int(offsets[-1]), max_size=int(offsets[-1]))),
-                       dtype=np.int64)
+        # a direct table takes only its own rows; a hashed one any int64
+        ids = []
+        for j, f in enumerate(feats):
+            n = int(offsets[(j + 1) * B] - offsets[j * B])
+            ids += data.draw(st.lists(st.sampled_from(self._valid_ids(f)), min_size=n, max_size=n))
+        ids = np.array(ids, dtype=np.int64)
         mode = data.draw(st.sampled_from(["sum", "mean", "weighted"]))
         weights = None
         if mode == "weighted":
@@ -80,6 +94,27 @@ class StoreVsReference(RuleBasedStateMachine):
                                np.float32)
             mode = "sum"
         return feats, ids, offsets, weights, mode
+
+    def _valid_ids(self, t):
+        tc = self.tables[t]
+        return [i for i in ID_POOL if 0 <= i < tc.num_embeddings] if tc.direct else ID_POOL
+
+    @rule(data=st.data())
+    def out_of_range(self, data):
+        direct = [t for t, tc in enumerate(self.tables) if tc.direct]
+        if not direct:
+            return
+        t = data.draw(st.sampled_from(direct))
+        bad = data.draw(st.sampled_from([-1, self.tables[t].num_embeddings, 2**62, -(2**63)]))
+        ids = np.array(self._valid_ids(t)[:2] + [bad], np.int64)
+        before = snapshot(self.store)
+        try:
+            self.store.pooled_lookup(self.tables[t].name, ids, np.array([0, 3]), train=True)
+        except IdOutOfRangeError as exc:
+            assert exc.id == bad and exc.position == 2
+        else:
+            raise AssertionError(f"id {bad} of table {self.tables[t].name!r} was accepted")
+        assert_unchanged(before, snapshot(self.store))
 
     @rule(data=st.data())
     def train_step(self, data):
@@ -117,7 +152,7 @@ class StoreVsReference(RuleBasedStateMachine):
     @rule(data=st.data())
     def erase(self, data):
         t = data.draw(st.integers(0, len(self.tables) - 1))
-        keys = data.draw(st.lists(st.sampled_from(ID_POOL), max_size=4))
+        keys = data.draw(st.lists(st.sampled_from(self._valid_ids(t)), max_size=4))
         self.store.erase(self.tables[t].name, np.array(keys, np.int64))
         self.ref.erase(t, keys)
 

@@ -151,7 +151,8 @@ def test_discarded_chunk_comes_back_reinitialised(rng):
 
 
 def test_endless_id_stream_keeps_a_bounded_entry_table(rng):
-    s = EmbeddingStore([TableConfig("t", dim=8, chunks=2, num_embeddings=1000)],
+    # an endless stream is what the hashed index is for; num_embeddings only sizes the budget
+    s = EmbeddingStore([TableConfig("t", dim=8, chunks=2, num_embeddings=1000, index="hashed")],
                        StoreConfig(pruning=DynamicRatio(0.9), prune_period=5, gamma=0.5, drop_floor=1e-3))
     live = []
     for step in range(200):

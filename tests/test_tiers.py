@@ -194,6 +194,24 @@ class TestStagedZarrTier(TestZarrTier):
         again = ZarrTier.open(tmp_path / "tier", tier.owner)
         np.testing.assert_array_equal(again.read(slots)[0], vec)
 
+    def test_a_slot_overwritten_while_cached_reaches_the_disk_with_its_last_values(self, tmp_path, rng):
+        # found by the state machine: the old cached row of slot 1 sat after the new one
+        # and was flushed over it
+        tier = self.make(tmp_path)
+        slots = tier.allocate(3)
+        tier.write(slots[[2, 0, 1]], *self.rows(rng, 3))
+        tier.owner[slots] = 0
+        tier.owner[0] = -1
+        tier.release(np.array([0]))
+        last = self.rows(rng, 1)
+        tier.write(np.array([1]), *last)
+        tier.flush()
+        owner = tier.owner.copy()
+        tier.close()
+        again = type(tier).open(tier.root, owner, cache_rows=40)
+        np.testing.assert_array_equal(again.read(np.array([1]))[0], last[0])
+        again.close()
+
     def test_a_row_released_while_cached_never_reaches_the_disk(self, tmp_path, rng):
         tier = self.make(tmp_path)
         slots = tier.allocate(40)

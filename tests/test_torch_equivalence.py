@@ -16,12 +16,22 @@ import torch
 from fiited_store import DynamicRatio, EmbeddingStore, StoreConfig, TableConfig
 
 N, D = 50, 16
+#: the index kind under test; every test here runs once per kind (see ``index_kind``)
+INDEX = {"kind": "direct"}
+
+
+@pytest.fixture(autouse=True, params=["direct", "hashed"])
+def index_kind(request):
+    INDEX["kind"] = request.param
+    yield request.param
+    INDEX["kind"] = "direct"
 
 
 def make(optimizer: str, K: int, lr: float = 0.05, eps: float = 1e-10):
     torch.manual_seed(0)
     bag = torch.nn.EmbeddingBag(N, D, mode="sum", sparse=True)
-    table = TableConfig("t", dim=D, chunks=K, num_embeddings=N, optimizer=optimizer, learning_rate=lr, eps=eps)
+    table = TableConfig("t", dim=D, chunks=K, num_embeddings=N, optimizer=optimizer, learning_rate=lr, eps=eps,
+                        index=INDEX["kind"])
     store = EmbeddingStore([table], StoreConfig(pruning=DynamicRatio(0.0), budget_fraction=1.0, prune_period=0))
     store.insert_or_assign("t", np.arange(N), bag.weight.detach().numpy().copy())
     return bag, store
@@ -142,7 +152,8 @@ def test_rowwise_adagrad_is_fbgemm_rule_per_chunk(rng):
 
 
 def test_multi_feature_output_is_embedding_bag_collection_layout(rng):
-    tables = [TableConfig("a", dim=8, chunks=2, num_embeddings=20), TableConfig("b", dim=4, chunks=1, num_embeddings=20)]
+    tables = [TableConfig("a", dim=8, chunks=2, num_embeddings=20, index=INDEX["kind"]),
+              TableConfig("b", dim=4, chunks=1, num_embeddings=20, index=INDEX["kind"])]
     store = EmbeddingStore(tables, StoreConfig(budget_fraction=1.0, prune_period=0))
     wa = rng.standard_normal((20, 8)).astype(np.float32)
     wb = rng.standard_normal((20, 4)).astype(np.float32)

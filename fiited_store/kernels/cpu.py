@@ -146,23 +146,94 @@ def init_chunk(dst, trow, kh, kind, scale):
 # --------------------------------------------------------------------------- entry table
 
 
+@njit(inline="always")
+def entry_table(e, row_base, seen, table_ids):
+    """The table of entry e, or EMPTY / TOMBSTONE when no key holds it.
+
+    Entries below ``row_base[-1]`` are the direct rows of declared tables (row i of
+    table t is entry ``row_base[t] + i``; the ``seen`` bit says whether the key has
+    an entry); above it, the hashed slots. The table of a direct row is found by a
+    binary search over T + 1 bounds, which stay in L1.
+    """
+    T = row_base.shape[0] - 1
+    nd = row_base[T]
+    if e >= nd:
+        return np.int64(table_ids[e - nd])
+    if (seen[e >> 5] >> np.uint32(e & 31)) & np.uint32(1) == np.uint32(0):
+        return np.int64(EMPTY)
+    lo = 0
+    hi = T
+    while hi - lo > 1:
+        mid = (lo + hi) >> 1
+        if row_base[mid] <= e:
+            lo = mid
+        else:
+            hi = mid
+    return np.int64(lo)
+
+
+@njit(inline="always")
+def entry_key(e, t, row_base, keys):
+    """The id held by live entry e of table t."""
+    nd = row_base[row_base.shape[0] - 1]
+    if e < nd:
+        return np.int64(e - row_base[t])
+    return keys[e - nd]
+
+
+@njit(inline="always")
+def _set_seen(seen, e, on):
+    bit = np.uint32(1) << np.uint32(e & 31)
+    if on:
+        seen[e >> 5] |= bit
+    else:
+        seen[e >> 5] &= ~bit
+
+
+@njit(**_JIT)
+def first_out_of_range(row_base, q_tables, q_ids):
+    """Index of the first id outside [0, num_embeddings) of its direct table, or -1."""
+    for i in range(q_ids.shape[0]):
+        t = q_tables[i]
+        n = row_base[t + 1] - row_base[t]
+        if n > 0 and (q_ids[i] < 0 or q_ids[i] >= n):
+            return i
+    return -1
+
+
 #: how far ahead the hash probe prefetches the home bucket of a later key
 PREFETCH_PROBE = 16
 
 
 @njit(**_PAR)
-def find_entries(keys, table_ids, q_tables, q_ids, out):
-    """out[i] = entry of (q_tables[i], q_ids[i]) or -1. Returns the number missing."""
-    mask = np.uint64(keys.shape[0] - 1)
+def find_entries(row_base, seen, keys, table_ids, q_tables, q_ids, out):
+    """out[i] = entry of (q_tables[i], q_ids[i]) or -1.
+
+    A direct table's id is its row: no probe. Ids of direct tables must be in range
+    (``first_out_of_range``). Returns (keys missing, of which in hashed tables).
+    """
+    nd = row_base[row_base.shape[0] - 1]
+    cap = keys.shape[0]
+    mask = np.uint64(max(cap, 1) - 1)
     n = q_ids.shape[0]
     n_missing = 0
+    n_missing_hashed = 0
     for i in prange(n):
+        t = q_tables[i]
+        key = q_ids[i]
+        base = row_base[t]
+        if row_base[t + 1] > base:
+            e = base + key
+            if (seen[e >> 5] >> np.uint32(e & 31)) & np.uint32(1):
+                out[i] = e
+            else:
+                out[i] = -1
+                n_missing += 1
+            continue
         if i + PREFETCH_PROBE < n:
             ahead = key_hash(q_tables[i + PREFETCH_PROBE], q_ids[i + PREFETCH_PROBE]) & mask
             prefetch(keys, ahead)
             prefetch(table_ids, ahead)
-        t = q_tables[i]
-        key = q_ids[i]
         pos = key_hash(t, key) & mask
         res = -1
         while True:
@@ -170,67 +241,92 @@ def find_entries(keys, table_ids, q_tables, q_ids, out):
             if tid == EMPTY:
                 break
             if tid == t and keys[pos] == key:
-                res = np.int64(pos)
+                res = nd + np.int64(pos)
                 break
             pos = (pos + np.uint64(1)) & mask
         out[i] = res
         if res < 0:
             n_missing += 1
-    return n_missing
+            n_missing_hashed += 1
+    return n_missing, n_missing_hashed
 
 
 @njit(**_JIT)
-def insert_missing(keys, table_ids, addr, util, q_tables, q_ids, out, new_entries):
+def insert_missing(row_base, seen, keys, table_ids, addr, util, q_tables, q_ids, out, new_entries):
     """Insert every key with out[i] == -1; duplicates within the batch share one entry.
 
     Sequential on purpose: it only sees the keys that ``find_entries`` missed, and
     inserting in batch order makes ``new_entries`` list new keys by first occurrence.
-    The caller guarantees room (the load factor stays below max_load).
+    A direct row only gets its ``seen`` bit. The caller guarantees room in the
+    hashed slots (the load factor stays below max_load).
+    Returns (new keys, of which in hashed tables).
     """
-    mask = np.uint64(keys.shape[0] - 1)
+    nd = row_base[row_base.shape[0] - 1]
+    mask = np.uint64(max(keys.shape[0], 1) - 1)
     n_new = 0
+    n_new_hashed = 0
     for i in range(q_ids.shape[0]):
         if out[i] >= 0:
             continue
         t = q_tables[i]
         key = q_ids[i]
+        base = row_base[t]
+        if row_base[t + 1] > base:
+            e = base + key
+            if not (seen[e >> 5] >> np.uint32(e & 31)) & np.uint32(1):
+                _set_seen(seen, e, True)
+                addr[e, :] = -1
+                util[e, :] = 0.0
+                new_entries[n_new] = e
+                n_new += 1
+            out[i] = e
+            continue
         pos = key_hash(t, key) & mask
         while True:
             tid = table_ids[pos]
             if tid == EMPTY:
                 keys[pos] = key
                 table_ids[pos] = t
-                addr[pos, :] = -1
-                util[pos, :] = 0.0
-                new_entries[n_new] = pos
+                e = nd + np.int64(pos)
+                addr[e, :] = -1
+                util[e, :] = 0.0
+                new_entries[n_new] = e
                 n_new += 1
-                out[i] = pos
+                n_new_hashed += 1
+                out[i] = e
                 break
             if tid == t and keys[pos] == key:
-                out[i] = pos
+                out[i] = nd + np.int64(pos)
                 break
             pos = (pos + np.uint64(1)) & mask
-    return n_new
+    return n_new, n_new_hashed
 
 
 @njit(**_JIT)
-def rehash_into(keys, table_ids, addr, util, new_keys, new_table_ids, new_addr, new_util, old_to_new):
-    """Move every live entry into fresh arrays (tombstones vanish); old_to_new maps positions."""
+def rehash_into(row_base, keys, table_ids, addr, util, new_keys, new_table_ids, new_addr, new_util, old_to_new):
+    """Move every live hashed entry into fresh slots (tombstones vanish); direct rows
+    keep their place. old_to_new maps entries."""
+    nd = row_base[row_base.shape[0] - 1]
+    for e in range(nd):
+        new_addr[e, :] = addr[e, :]
+        new_util[e, :] = util[e, :]
+        old_to_new[e] = e
     mask = np.uint64(new_keys.shape[0] - 1)
-    for e in range(keys.shape[0]):
-        t = table_ids[e]
+    for h in range(keys.shape[0]):
+        t = table_ids[h]
+        e = nd + h
         if t < 0:
             old_to_new[e] = -1
             continue
-        key = keys[e]
+        key = keys[h]
         pos = key_hash(t, key) & mask
         while new_table_ids[pos] != EMPTY:
             pos = (pos + np.uint64(1)) & mask
         new_keys[pos] = key
         new_table_ids[pos] = t
-        new_addr[pos, :] = addr[e, :]
-        new_util[pos, :] = util[e, :]
-        old_to_new[e] = pos
+        new_addr[nd + pos, :] = addr[e, :]
+        new_util[nd + pos, :] = util[e, :]
+        old_to_new[e] = nd + np.int64(pos)
 
 
 @njit(**_PAR)
@@ -251,17 +347,21 @@ def chunk_at(arow, code):
 
 
 @njit(**_JIT)
-def erase_entries(entries, table_ids, addr, util, owner, free_stack, n_free, table_group, group, kmax, tier_out):
-    """Tombstone the given entries (each once). Pool slots of ``group`` go back on the stack.
+def erase_entries(entries, row_base, seen, table_ids, addr, util, owner, free_stack, n_free, table_group, group, kmax,
+                  tier_out):
+    """Tombstone the given entries (each once); a direct row loses its ``seen`` bit.
+    Pool slots of ``group`` go back on the stack.
 
     Spilled chunks are reported in tier_out (tier slot codes) for the caller to free.
-    Returns (number erased, number of tier slots reported).
+    Returns (number erased, of which hashed, number of tier slots reported).
     """
+    nd = row_base[row_base.shape[0] - 1]
     n_erased = 0
+    n_hashed = 0
     n_tier = 0
     for i in range(entries.shape[0]):
         e = entries[i]
-        t = table_ids[e]
+        t = entry_table(e, row_base, seen, table_ids)
         if t < 0:
             continue
         if table_group[t] != group:
@@ -277,16 +377,20 @@ def erase_entries(entries, table_ids, addr, util, owner, free_stack, n_free, tab
                 n_tier += 1
             addr[e, k] = -1
         util[e, :] = 0.0
-        table_ids[e] = TOMBSTONE
+        if e >= nd:
+            table_ids[e - nd] = TOMBSTONE
+            n_hashed += 1
+        else:
+            _set_seen(seen, e, False)
         n_erased += 1
-    return n_erased, n_tier
+    return n_erased, n_hashed, n_tier
 
 
 # --------------------------------------------------------------------------- pool
 
 
 @njit(**_JIT)
-def admit_new_chunks(new_entries, keys, table_ids, addr, table_chunks, table_group, group, vectors, opt_state,
+def admit_new_chunks(new_entries, row_base, seen, keys, table_ids, addr, table_chunks, table_group, group, vectors, opt_state,
                      owner, free_stack, n_free, seed, table_init_kind, table_init_scale, kmax):
     """Give free slots to the chunks of new keys, in first-occurrence order, while any remain."""
     c = vectors.shape[1]
@@ -294,9 +398,10 @@ def admit_new_chunks(new_entries, keys, table_ids, addr, table_chunks, table_gro
     admitted = 0
     for i in range(new_entries.shape[0]):
         e = new_entries[i]
-        t = table_ids[e]
+        t = entry_table(e, row_base, seen, table_ids)
         if table_group[t] != group:
             continue
+        kh = key_hash(t, entry_key(e, t, row_base, keys))
         for k in range(table_chunks[t]):
             if n_free[0] == 0:
                 return admitted
@@ -304,7 +409,7 @@ def admit_new_chunks(new_entries, keys, table_ids, addr, table_chunks, table_gro
             s = free_stack[n_free[0]]
             addr[e, k] = s
             owner[s] = e
-            init_chunk(vectors[s], itab[k], key_hash(t, keys[e]), table_init_kind[t], table_init_scale[t])
+            init_chunk(vectors[s], itab[k], kh, table_init_kind[t], table_init_scale[t])
             opt_state[s, :] = 0.0
             admitted += 1
     return admitted
@@ -349,8 +454,8 @@ def chunk_codes(addr, entries, chunks, out):
 
 
 @njit(**_PAR)
-def commit_allocations(al_entries, al_chunks, restore_index, restored_vectors, restored_state, keys, table_ids,
-                       addr, owner, free_stack, n_free, vectors, opt_state, seed, table_init_kind,
+def commit_allocations(al_entries, al_chunks, restore_index, restored_vectors, restored_state, row_base, seen, keys,
+                       table_ids, addr, owner, free_stack, n_free, vectors, opt_state, seed, table_init_kind,
                        table_init_scale, kmax):
     """Give slots to chunks, in list order, while free slots remain.
 
@@ -375,20 +480,21 @@ def commit_allocations(al_entries, al_chunks, restore_index, restored_vectors, r
             v[:] = restored_vectors[r]
             opt_state[s, :] = restored_state[r]
         else:
-            t = table_ids[e]
-            init_chunk(v, itab[k], key_hash(t, keys[e]), table_init_kind[t], table_init_scale[t])
+            t = entry_table(e, row_base, seen, table_ids)
+            init_chunk(v, itab[k], key_hash(t, entry_key(e, t, row_base, keys)), table_init_kind[t],
+                       table_init_scale[t])
             opt_state[s, :] = 0.0
     n_free[0] = top - placed
     return placed
 
 
 @njit(**_PAR)
-def assign_rows(entries, values, table_ids, addr, table_chunks, table_group, group, vectors, opt_state):
+def assign_rows(entries, values, row_base, seen, table_ids, addr, table_chunks, table_group, group, vectors, opt_state):
     """Write whole rows into the resident chunks of ``group``; resets their optimizer state."""
     c = vectors.shape[1]
     for i in prange(entries.shape[0]):
         e = entries[i]
-        t = table_ids[e]
+        t = entry_table(e, row_base, seen, table_ids)
         if table_group[t] != group:
             continue
         for k in range(table_chunks[t]):
@@ -740,7 +846,7 @@ def count_nonfinite_rows(a, n):
 
 
 @njit(**_PAR)
-def apply_gradients(uniq, counts, grad_buf, table_ids, addr, util, vectors, opt_state, table_chunks, table_group,
+def apply_gradients(uniq, counts, grad_buf, row_base, seen, table_ids, addr, util, vectors, opt_state, table_chunks, table_group,
                     group, table_opt, table_lr, table_eps, util_mode, growth):
     """Per distinct entry: update its utilities and step its resident chunks.
 
@@ -762,7 +868,7 @@ def apply_gradients(uniq, counts, grad_buf, table_ids, addr, util, vectors, opt_
                     prefetch(vectors, ahead[k])
                     prefetch(opt_state, ahead[k])
         e = uniq[u]
-        t = table_ids[e]
+        t = entry_table(e, row_base, seen, table_ids)
         if table_group[t] != group:
             continue
         K = table_chunks[t]
@@ -833,7 +939,8 @@ def nonfinite_in_empty_bags(offsets, bags_per_feature, feature_col, feature_tabl
 
 
 @njit(**_PAR)
-def per_sample_weight_grads(entry_idx, bag_of_occ, bags_per_feature, feature_col, grad_out, table_ids, addr,
+def per_sample_weight_grads(entry_idx, bag_of_occ, bags_per_feature, feature_col, grad_out, row_base, seen, table_ids,
+                            addr,
                             vectors, table_chunks, table_group, group, out):
     """d loss / d w_i = <grad_out[bag], row_i> over the resident chunks of ``group``."""
     c = vectors.shape[1]
@@ -841,7 +948,7 @@ def per_sample_weight_grads(entry_idx, bag_of_occ, bags_per_feature, feature_col
         e = entry_idx[i]
         if e < 0:
             continue
-        t = table_ids[e]
+        t = entry_table(e, row_base, seen, table_ids)
         if table_group[t] != group:
             continue
         bag = bag_of_occ[i]
@@ -870,17 +977,17 @@ def scale_utilities(util, factor):
 
 
 @njit(**_JIT)
-def sample_utilities(keys, table_ids, util, table_chunks, table_group, group, accept_below, seed, round_id, out):
+def sample_utilities(row_base, seen, keys, table_ids, util, table_chunks, table_group, group, accept_below, seed, round_id, out):
     """Bernoulli sample of entries of ``group`` by key hash: rows of out get their
     utilities (NaN past the table's K). Returns the number sampled (capped by out)."""
     salt = mix64(np.uint64(seed) ^ mix64(np.uint64(round_id) + _U64_GOLDEN))
     n = 0
     U = util.shape[1]
-    for e in range(keys.shape[0]):
-        t = table_ids[e]
+    for e in range(util.shape[0]):
+        t = entry_table(e, row_base, seen, table_ids)
         if t < 0 or table_group[t] != group:
             continue
-        if mix64(key_hash(t, keys[e]) ^ salt) >= accept_below:
+        if mix64(key_hash(t, entry_key(e, t, row_base, keys)) ^ salt) >= accept_below:
             continue
         if n == out.shape[0]:
             return n
@@ -932,18 +1039,18 @@ def _block(e_count, blk):
 
 
 @njit(**_PAR)
-def prune_count(table_ids, addr, util, util_bits, table_chunks, table_group, group, thresholds, block_counts):
+def prune_count(row_base, seen, table_ids, addr, util, util_bits, table_chunks, table_group, group, thresholds, block_counts):
     """Per block of entries: resident chunks that keep their slot, absent or spilled
     chunks that qualify for one, resident chunks that fall below their threshold.
     block_counts is int64[_SCAN_BLOCKS, 3]; returns the three totals."""
-    cap = table_ids.shape[0]
+    cap = addr.shape[0]
     for blk in prange(_SCAN_BLOCKS):
         lo, hi = _block(cap, blk)
         keep = 0
         cand = 0
         drop = 0
         for e in range(lo, hi):
-            t = table_ids[e]
+            t = entry_table(e, row_base, seen, table_ids)
             if t < 0 or table_group[t] != group:
                 continue
             for k in range(table_chunks[t]):
@@ -962,10 +1069,10 @@ def prune_count(table_ids, addr, util, util_bits, table_chunks, table_group, gro
 
 
 @njit(**_PAR)
-def prune_composites(keys, table_ids, addr, util, util_bits, table_chunks, table_group, group, thresholds,
+def prune_composites(row_base, seen, keys, table_ids, addr, util, util_bits, table_chunks, table_group, group, thresholds,
                      block_counts, out):
     """Composite ranks of every chunk that qualifies for a slot, in entry order; returns how many."""
-    cap = table_ids.shape[0]
+    cap = addr.shape[0]
     starts = np.zeros(_SCAN_BLOCKS + 1, np.int64)
     for blk in range(_SCAN_BLOCKS):
         starts[blk + 1] = starts[blk] + block_counts[blk, 0] + block_counts[blk, 1]
@@ -973,29 +1080,29 @@ def prune_composites(keys, table_ids, addr, util, util_bits, table_chunks, table
         lo, hi = _block(cap, blk)
         n = starts[blk]
         for e in range(lo, hi):
-            t = table_ids[e]
+            t = entry_table(e, row_base, seen, table_ids)
             if t < 0 or table_group[t] != group:
                 continue
             for k in range(table_chunks[t]):
                 resident, passes, bits = _classify(addr, util, util_bits, thresholds, e, k)
                 if passes:
-                    out[n] = _composite(bits, resident, t, keys[e], k)
+                    out[n] = _composite(bits, resident, t, entry_key(e, t, row_base, keys), k)
                     n += 1
     return starts[_SCAN_BLOCKS]
 
 
 @njit(inline="always")
-def _select_block(keys, table_ids, addr, util, util_bits, table_chunks, table_group, group, thresholds, use_cutoff,
+def _select_block(row_base, seen, keys, table_ids, addr, util, util_bits, table_chunks, table_group, group, thresholds, use_cutoff,
                   cutoff, lo, hi, write, n_ev, n_al, ev_entries, ev_chunks, al_entries, al_chunks, al_rank):
     for e in range(lo, hi):
-        t = table_ids[e]
+        t = entry_table(e, row_base, seen, table_ids)
         if t < 0 or table_group[t] != group:
             continue
         for k in range(table_chunks[t]):
             resident, keep, bits = _classify(addr, util, util_bits, thresholds, e, k)
             rank = np.uint64(0)
             if keep:
-                rank = _composite(bits, resident, t, keys[e], k)
+                rank = _composite(bits, resident, t, entry_key(e, t, row_base, keys), k)
                 if use_cutoff and rank < cutoff:
                     keep = False
             if resident and not keep:
@@ -1013,7 +1120,7 @@ def _select_block(keys, table_ids, addr, util, util_bits, table_chunks, table_gr
 
 
 @njit(**_PAR)
-def prune_select(keys, table_ids, addr, util, util_bits, table_chunks, table_group, group, thresholds, use_cutoff,
+def prune_select(row_base, seen, keys, table_ids, addr, util, util_bits, table_chunks, table_group, group, thresholds, use_cutoff,
                  cutoff, ev_entries, ev_chunks, al_entries, al_chunks, al_rank):
     """List the chunks to evict and to allocate, in entry order.
 
@@ -1022,11 +1129,11 @@ def prune_select(keys, table_ids, addr, util, util_bits, table_chunks, table_gro
     rank so the caller can place them best-first. Two passes over blocks of
     entries: count, then fill from each block's prefix sum.
     """
-    cap = table_ids.shape[0]
+    cap = addr.shape[0]
     starts = np.zeros((_SCAN_BLOCKS + 1, 2), np.int64)
     for blk in prange(_SCAN_BLOCKS):
         lo, hi = _block(cap, blk)
-        n_ev, n_al = _select_block(keys, table_ids, addr, util, util_bits, table_chunks, table_group, group,
+        n_ev, n_al = _select_block(row_base, seen, keys, table_ids, addr, util, util_bits, table_chunks, table_group, group,
                                    thresholds, use_cutoff, cutoff, lo, hi, False, 0, 0, ev_entries, ev_chunks,
                                    al_entries, al_chunks, al_rank)
         starts[blk + 1, 0] = n_ev
@@ -1036,18 +1143,18 @@ def prune_select(keys, table_ids, addr, util, util_bits, table_chunks, table_gro
         starts[blk + 1, 1] += starts[blk, 1]
     for blk in prange(_SCAN_BLOCKS):
         lo, hi = _block(cap, blk)
-        _select_block(keys, table_ids, addr, util, util_bits, table_chunks, table_group, group, thresholds,
+        _select_block(row_base, seen, keys, table_ids, addr, util, util_bits, table_chunks, table_group, group, thresholds,
                       use_cutoff, cutoff, lo, hi, True, starts[blk, 0], starts[blk, 1], ev_entries, ev_chunks,
                       al_entries, al_chunks, al_rank)
     return starts[_SCAN_BLOCKS, 0], starts[_SCAN_BLOCKS, 1]
 
 
 @njit(**_JIT)
-def find_dead_entries(table_ids, addr, util, floor, out):
+def find_dead_entries(row_base, seen, table_ids, addr, util, floor, out):
     """Entries with no resident chunk and every utility below floor (stored scale)."""
     n = 0
-    for e in range(table_ids.shape[0]):
-        if table_ids[e] < 0:
+    for e in range(addr.shape[0]):
+        if entry_table(e, row_base, seen, table_ids) < 0:
             continue
         alive = False
         for k in range(addr.shape[1]):
@@ -1070,12 +1177,12 @@ def find_dead_entries(table_ids, addr, util, floor, out):
 
 
 @njit(**_JIT)
-def missing_chunks(uniq, table_ids, addr, table_chunks, table_group, group, out_entries, out_chunks):
+def missing_chunks(uniq, row_base, seen, table_ids, addr, table_chunks, table_group, group, out_entries, out_chunks):
     """Chunks of the batch's entries that are not resident (absent or spilled)."""
     n = 0
     for i in range(uniq.shape[0]):
         e = uniq[i]
-        t = table_ids[e]
+        t = entry_table(e, row_base, seen, table_ids)
         if table_group[t] != group:
             continue
         for k in range(table_chunks[t]):
@@ -1172,10 +1279,10 @@ def slot_utilities(owner, addr, util, positions, out):
 
 
 @njit(**_JIT)
-def count_chunks(table_ids, addr, n_tables, entries, resident, spilled):
+def count_chunks(row_base, seen, table_ids, addr, n_tables, entries, resident, spilled):
     """Per table: live entries, and resident / spilled chunks per chunk index."""
-    for e in range(table_ids.shape[0]):
-        t = table_ids[e]
+    for e in range(addr.shape[0]):
+        t = entry_table(e, row_base, seen, table_ids)
         if t < 0:
             continue
         entries[t] += 1

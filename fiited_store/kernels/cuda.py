@@ -148,6 +148,34 @@ def publish_table(table_words, pos, t):
 
 
 @cuda.jit(device=True, inline=True)
+def entry_table(e, row_base, seen, table_ids):
+    """The table of entry e, or EMPTY / TOMBSTONE (see the CPU twin)."""
+    T = row_base.shape[0] - 1
+    nd = row_base[T]
+    if e >= nd:
+        return np.int64(table_ids[e - nd])
+    if (seen[e >> 5] >> np.uint32(e & 31)) & np.uint32(1) == np.uint32(0):
+        return np.int64(EMPTY)
+    lo = 0
+    hi = T
+    while hi - lo > 1:
+        mid = (lo + hi) >> 1
+        if row_base[mid] <= e:
+            lo = mid
+        else:
+            hi = mid
+    return np.int64(lo)
+
+
+@cuda.jit(device=True, inline=True)
+def entry_key(e, t, row_base, keys):
+    nd = row_base[row_base.shape[0] - 1]
+    if e < nd:
+        return np.int64(e - row_base[t])
+    return keys[e - nd]
+
+
+@cuda.jit(device=True, inline=True)
 def lower_bound(a, v):
     """First index i of ascending a with a[i] >= v (a.shape[0] when none)."""
     lo = 0
@@ -244,13 +272,43 @@ def inclusive_scan(x, n: int):
 
 
 @cuda.jit
-def _find_kernel(keys, table_ids, q_tables, q_ids, out, missing):
+def _range_kernel(row_base, q_tables, q_ids, first_bad):
     i = cuda.grid(1)
     if i >= q_ids.shape[0]:
         return
-    mask = np.uint64(keys.shape[0] - 1)
+    t = q_tables[i]
+    n = row_base[t + 1] - row_base[t]
+    if n > 0 and (q_ids[i] < 0 or q_ids[i] >= n):
+        cuda.atomic.min(first_bad, 0, i)
+
+
+def first_out_of_range(row_base, q_tables, q_ids):
+    n = q_ids.shape[0]
+    first_bad = cuda.to_device(np.array([n], np.int64))
+    if n:
+        _range_kernel[_grid(n)](row_base, q_tables, q_ids, first_bad)
+    bad = _scalar(first_bad)
+    return -1 if bad >= n else bad
+
+
+@cuda.jit
+def _find_kernel(row_base, seen, keys, table_ids, q_tables, q_ids, out, missing):
+    i = cuda.grid(1)
+    if i >= q_ids.shape[0]:
+        return
     t = q_tables[i]
     key = q_ids[i]
+    base = row_base[t]
+    if row_base[t + 1] > base:
+        e = base + key
+        if (seen[e >> 5] >> np.uint32(e & 31)) & np.uint32(1):
+            out[i] = e
+        else:
+            out[i] = -1
+            cuda.atomic.add(missing, 0, 1)
+        return
+    nd = row_base[row_base.shape[0] - 1]
+    mask = np.uint64(keys.shape[0] - 1)
     pos = key_hash(t, key) & mask
     res = -1
     while True:
@@ -258,19 +316,21 @@ def _find_kernel(keys, table_ids, q_tables, q_ids, out, missing):
         if tid == EMPTY:
             break
         if tid == t and keys[pos] == key:
-            res = np.int64(pos)
+            res = nd + np.int64(pos)
             break
         pos = (pos + np.uint64(1)) & mask
     out[i] = res
     if res < 0:
         cuda.atomic.add(missing, 0, 1)
+        cuda.atomic.add(missing, 1, 1)
 
 
-def find_entries(keys, table_ids, q_tables, q_ids, out):
-    missing = _zeros(1, np.int64)
+def find_entries(row_base, seen, keys, table_ids, q_tables, q_ids, out):
+    missing = _zeros(2, np.int64)
     if q_ids.shape[0]:
-        _find_kernel[_grid(q_ids.shape[0])](keys, table_ids, q_tables, q_ids, out, missing)
-    return _scalar(missing)
+        _find_kernel[_grid(q_ids.shape[0])](row_base, seen, keys, table_ids, q_tables, q_ids, out, missing)
+    m = missing.copy_to_host()
+    return int(m[0]), int(m[1])
 
 
 @cuda.jit
@@ -315,25 +375,41 @@ def _dedupe_first_kernel(q_tables, q_ids, out, hslot, first_of, is_first):
 
 
 @cuda.jit
-def _insert_first_kernel(keys, table_words, table_ids, addr, util, q_tables, q_ids, is_first, rank, out, new_entries):
+def _insert_first_kernel(row_base, seen, keys, table_words, addr, util, q_tables, q_ids, is_first, rank, out,
+                         new_entries, n_hashed):
     i = cuda.grid(1)
     if i >= q_ids.shape[0] or is_first[i] == 0:
         return
-    mask = np.uint64(keys.shape[0] - 1)
     t = q_tables[i]
     key = q_ids[i]
+    base = row_base[t]
+    if row_base[t + 1] > base:
+        # a direct row: no probe, only its seen bit (other rows share the word: atomic)
+        e = base + key
+        for k in range(addr.shape[1]):
+            addr[e, k] = -1
+        for k in range(util.shape[1]):
+            util[e, k] = 0.0
+        cuda.atomic.or_(seen, e >> 5, np.uint32(1) << np.uint32(e & 31))
+        out[i] = e
+        new_entries[rank[i] - 1] = e
+        return
+    nd = row_base[row_base.shape[0] - 1]
+    mask = np.uint64(keys.shape[0] - 1)
     pos = key_hash(t, key) & mask
     while not claim_entry(table_words, pos):
         pos = (pos + np.uint64(1)) & mask
+    e = nd + np.int64(pos)
     keys[pos] = key
     for k in range(addr.shape[1]):
-        addr[pos, k] = -1
+        addr[e, k] = -1
     for k in range(util.shape[1]):
-        util[pos, k] = 0.0
+        util[e, k] = 0.0
     cuda.threadfence()
     publish_table(table_words, pos, t)
-    out[i] = pos
-    new_entries[rank[i] - 1] = pos
+    out[i] = e
+    new_entries[rank[i] - 1] = e
+    cuda.atomic.add(n_hashed, 0, 1)
 
 
 @cuda.jit
@@ -360,11 +436,12 @@ def _scratch_table(n: int):
     return table
 
 
-def insert_missing(keys, table_ids, addr, util, q_tables, q_ids, out, new_entries):
-    """Insert every key with out[i] == -1; new entries listed by first occurrence."""
+def insert_missing(row_base, seen, keys, table_ids, addr, util, q_tables, q_ids, out, new_entries):
+    """Insert every key with out[i] == -1; new entries listed by first occurrence.
+    Returns (new keys, of which in hashed tables)."""
     n = q_ids.shape[0]
     if n == 0:
-        return 0
+        return 0, 0
     hslot = _scratch_table(n)
     was_missing = cuda.device_array(n, np.int8)
     _missing_flags_kernel[_grid(n)](out, was_missing)
@@ -374,39 +451,59 @@ def insert_missing(keys, table_ids, addr, util, q_tables, q_ids, out, new_entrie
     _dedupe_first_kernel[_grid(n)](q_tables, q_ids, out, hslot, first_of, is_first)
     rank = inclusive_scan(is_first, n)
     n_new = int(rank[n - 1:n].copy_to_host()[0])
-    words = table_ids.view(np.uint32)
-    _insert_first_kernel[_grid(n)](keys, words, table_ids, addr, util, q_tables, q_ids, is_first, rank, out, new_entries)
+    # a 16-bit table id is claimed by a CAS on its 32-bit word; an empty table has no words
+    words = table_ids.view(np.uint32) if table_ids.shape[0] else cuda.device_array(1, np.uint32)
+    n_hashed = _zeros(1, np.int64)
+    _insert_first_kernel[_grid(n)](row_base, seen, keys, words, addr, util, q_tables, q_ids, is_first, rank, out,
+                                   new_entries, n_hashed)
     _insert_copy_kernel[_grid(n)](out, first_of, is_first, was_missing)
-    return n_new
+    return n_new, _scalar(n_hashed)
 
 
 @cuda.jit
-def _rehash_kernel(keys, table_ids, addr, util, new_keys, new_words, new_addr, new_util, old_to_new):
+def _copy_direct_kernel(nd, addr, util, new_addr, new_util, old_to_new):
     e = cuda.grid(1)
-    if e >= keys.shape[0]:
+    if e >= nd:
         return
-    t = table_ids[e]
+    for k in range(addr.shape[1]):
+        new_addr[e, k] = addr[e, k]
+    for k in range(util.shape[1]):
+        new_util[e, k] = util[e, k]
+    old_to_new[e] = e
+
+
+@cuda.jit
+def _rehash_kernel(nd, keys, table_ids, addr, util, new_keys, new_words, new_addr, new_util, old_to_new):
+    h = cuda.grid(1)
+    if h >= keys.shape[0]:
+        return
+    e = nd + h
+    t = table_ids[h]
     if t < 0:
         old_to_new[e] = -1
         return
     mask = np.uint64(new_keys.shape[0] - 1)
-    key = keys[e]
+    key = keys[h]
     pos = key_hash(t, key) & mask
     while not claim_entry(new_words, pos):
         pos = (pos + np.uint64(1)) & mask
     new_keys[pos] = key
     for k in range(addr.shape[1]):
-        new_addr[pos, k] = addr[e, k]
+        new_addr[nd + pos, k] = addr[e, k]
     for k in range(util.shape[1]):
-        new_util[pos, k] = util[e, k]
+        new_util[nd + pos, k] = util[e, k]
     cuda.threadfence()
     publish_table(new_words, pos, t)
-    old_to_new[e] = pos
+    old_to_new[e] = nd + np.int64(pos)
 
 
-def rehash_into(keys, table_ids, addr, util, new_keys, new_table_ids, new_addr, new_util, old_to_new):
-    _rehash_kernel[_grid(keys.shape[0])](keys, table_ids, addr, util, new_keys, new_table_ids.view(np.uint32),
-                                         new_addr, new_util, old_to_new)
+def rehash_into(row_base, keys, table_ids, addr, util, new_keys, new_table_ids, new_addr, new_util, old_to_new):
+    nd = int(row_base[row_base.shape[0] - 1:].copy_to_host()[0])
+    if nd:
+        _copy_direct_kernel[_grid(nd)](nd, addr, util, new_addr, new_util, old_to_new)
+    if keys.shape[0] and new_keys.shape[0]:
+        _rehash_kernel[_grid(keys.shape[0])](nd, keys, table_ids, addr, util, new_keys, new_table_ids.view(np.uint32),
+                                             new_addr, new_util, old_to_new)
 
 
 @cuda.jit
@@ -421,12 +518,13 @@ def remap_owner(owner, old_to_new):
 
 
 @cuda.jit
-def _erase_kernel(entries, table_ids, addr, util, owner, free_stack, n_free, table_group, group, tier_out, counts):
+def _erase_kernel(entries, row_base, seen, table_ids, addr, util, owner, free_stack, n_free, table_group, group,
+                  tier_out, counts):
     i = cuda.grid(1)
     if i >= entries.shape[0]:
         return
     e = entries[i]
-    t = table_ids[e]
+    t = entry_table(e, row_base, seen, table_ids)
     if t < 0 or table_group[t] != group:
         return
     for k in range(addr.shape[1]):
@@ -441,17 +539,23 @@ def _erase_kernel(entries, table_ids, addr, util, owner, free_stack, n_free, tab
         addr[e, k] = -1
     for k in range(util.shape[1]):
         util[e, k] = 0.0
-    table_ids[e] = TOMBSTONE
+    nd = row_base[row_base.shape[0] - 1]
+    if e >= nd:
+        table_ids[e - nd] = TOMBSTONE
+        cuda.atomic.add(counts, 2, 1)
+    else:
+        cuda.atomic.and_(seen, e >> 5, ~(np.uint32(1) << np.uint32(e & 31)))
     cuda.atomic.add(counts, 0, 1)
 
 
-def erase_entries(entries, table_ids, addr, util, owner, free_stack, n_free, table_group, group, kmax, tier_out):
-    counts = _zeros(2, np.int64)
+def erase_entries(entries, row_base, seen, table_ids, addr, util, owner, free_stack, n_free, table_group, group, kmax,
+                  tier_out):
+    counts = _zeros(3, np.int64)
     if entries.shape[0]:
-        _erase_kernel[_grid(entries.shape[0])](entries, table_ids, addr, util, owner, free_stack, n_free, table_group,
-                                               group, tier_out, counts)
+        _erase_kernel[_grid(entries.shape[0])](entries, row_base, seen, table_ids, addr, util, owner, free_stack, n_free,
+                                               table_group, group, tier_out, counts)
     c = counts.copy_to_host()
-    return int(c[0]), int(c[1])
+    return int(c[0]), int(c[2]), int(c[1])
 
 
 # --------------------------------------------------------------------------- pool
@@ -464,23 +568,23 @@ def _init_table(seed: int, kmax: int, c: int):
 
 
 @cuda.jit
-def _group_chunks_kernel(new_entries, table_ids, table_chunks, table_group, group, want):
+def _group_chunks_kernel(new_entries, row_base, seen, table_ids, table_chunks, table_group, group, want):
     r = cuda.grid(1)
     if r < new_entries.shape[0]:
-        t = table_ids[new_entries[r]]
+        t = entry_table(new_entries[r], row_base, seen, table_ids)
         want[r] = table_chunks[t] if table_group[t] == group else 0
 
 
 @cuda.jit
-def _admit_kernel(new_entries, keys, table_ids, addr, want, cum, top, vectors, opt_state, owner, free_stack, itab,
+def _admit_kernel(new_entries, row_base, seen, keys, table_ids, addr, want, cum, top, vectors, opt_state, owner, free_stack, itab,
                   table_init_kind, table_init_scale):
     r = cuda.grid(1)
     if r >= new_entries.shape[0] or want[r] == 0:
         return
     e = new_entries[r]
-    t = table_ids[e]
+    t = entry_table(e, row_base, seen, table_ids)
     start = cum[r] - want[r]
-    kh = key_hash(t, keys[e])
+    kh = key_hash(t, entry_key(e, t, row_base, keys))
     for k in range(want[r]):
         idx = start + k
         if idx >= top:
@@ -500,20 +604,20 @@ def _set_scalar_kernel(a, value):
         a[0] = value
 
 
-def admit_new_chunks(new_entries, keys, table_ids, addr, table_chunks, table_group, group, vectors, opt_state,
+def admit_new_chunks(new_entries, row_base, seen, keys, table_ids, addr, table_chunks, table_group, group, vectors, opt_state,
                      owner, free_stack, n_free, seed, table_init_kind, table_init_scale, kmax):
     """First-occurrence order, entry-major, while free slots remain: as on the CPU."""
     n = new_entries.shape[0]
     if n == 0:
         return 0
     want = cuda.device_array(n, np.int64)
-    _group_chunks_kernel[_grid(n)](new_entries, table_ids, table_chunks, table_group, group, want)
+    _group_chunks_kernel[_grid(n)](new_entries, row_base, seen, table_ids, table_chunks, table_group, group, want)
     cum = inclusive_scan(want, n)
     total = int(cum[n - 1:n].copy_to_host()[0])
     top = _scalar(n_free)
     admitted = min(total, top)
     if admitted:
-        _admit_kernel[_grid(n)](new_entries, keys, table_ids, addr, want, cum, top, vectors, opt_state, owner, free_stack,
+        _admit_kernel[_grid(n)](new_entries, row_base, seen, keys, table_ids, addr, want, cum, top, vectors, opt_state, owner, free_stack,
                                 _init_table(seed, kmax, vectors.shape[1]), table_init_kind, table_init_scale)
         _set_scalar_kernel[1, 1](n_free, top - admitted)
     return admitted
@@ -573,7 +677,8 @@ def chunk_codes(addr, entries, chunks, out):
 
 
 @cuda.jit
-def _allocate_kernel(al_entries, al_chunks, restore_index, restored_vectors, restored_state, keys, table_ids, addr,
+def _allocate_kernel(al_entries, al_chunks, restore_index, restored_vectors, restored_state, row_base, seen, keys,
+                     table_ids, addr,
                      owner, free_stack, top, placed, vectors, opt_state, itab, table_init_kind, table_init_scale):
     i = cuda.grid(1)
     if i >= placed:
@@ -590,16 +695,16 @@ def _allocate_kernel(al_entries, al_chunks, restore_index, restored_vectors, res
         for j in range(opt_state.shape[1]):
             opt_state[s, j] = restored_state[r, j]
     else:
-        t = table_ids[e]
-        kh = key_hash(t, keys[e])
+        t = entry_table(e, row_base, seen, table_ids)
+        kh = key_hash(t, entry_key(e, t, row_base, keys))
         for j in range(vectors.shape[1]):
             vectors[s, j] = init_element(kh, itab[k, j], table_init_kind[t], table_init_scale[t])
         for j in range(opt_state.shape[1]):
             opt_state[s, j] = 0.0
 
 
-def commit_allocations(al_entries, al_chunks, restore_index, restored_vectors, restored_state, keys, table_ids,
-                       addr, owner, free_stack, n_free, vectors, opt_state, seed, table_init_kind,
+def commit_allocations(al_entries, al_chunks, restore_index, restored_vectors, restored_state, row_base, seen, keys,
+                       table_ids, addr, owner, free_stack, n_free, vectors, opt_state, seed, table_init_kind,
                        table_init_scale, kmax):
     n = al_entries.shape[0]
     if n == 0:
@@ -607,20 +712,20 @@ def commit_allocations(al_entries, al_chunks, restore_index, restored_vectors, r
     top = _scalar(n_free)
     placed = min(n, top)
     if placed:
-        _allocate_kernel[_grid(placed)](al_entries, al_chunks, restore_index, restored_vectors, restored_state, keys,
-                                        table_ids, addr, owner, free_stack, top, placed, vectors, opt_state,
+        _allocate_kernel[_grid(placed)](al_entries, al_chunks, restore_index, restored_vectors, restored_state,
+                                        row_base, seen, keys, table_ids, addr, owner, free_stack, top, placed, vectors, opt_state,
                                         _init_table(seed, kmax, vectors.shape[1]), table_init_kind, table_init_scale)
         _set_scalar_kernel[1, 1](n_free, top - placed)
     return placed
 
 
 @cuda.jit
-def _assign_kernel(entries, values, table_ids, addr, table_chunks, table_group, group, vectors, opt_state):
+def _assign_kernel(entries, values, row_base, seen, table_ids, addr, table_chunks, table_group, group, vectors, opt_state):
     i = cuda.grid(1)
     if i >= entries.shape[0]:
         return
     e = entries[i]
-    t = table_ids[e]
+    t = entry_table(e, row_base, seen, table_ids)
     if table_group[t] != group:
         return
     c = vectors.shape[1]
@@ -633,9 +738,9 @@ def _assign_kernel(entries, values, table_ids, addr, table_chunks, table_group, 
                 opt_state[s, j] = 0.0
 
 
-def assign_rows(entries, values, table_ids, addr, table_chunks, table_group, group, vectors, opt_state):
+def assign_rows(entries, values, row_base, seen, table_ids, addr, table_chunks, table_group, group, vectors, opt_state):
     if entries.shape[0]:
-        _assign_kernel[_grid(entries.shape[0])](entries, values, table_ids, addr, table_chunks, table_group, group,
+        _assign_kernel[_grid(entries.shape[0])](entries, values, row_base, seen, table_ids, addr, table_chunks, table_group, group,
                                                 vectors, opt_state)
 
 
@@ -913,13 +1018,13 @@ def nonfinite_in_empty_bags(offsets, bags_per_feature, feature_col, feature_tabl
 
 
 @cuda.jit
-def _apply_kernel(uniq, counts, grad_buf, table_ids, addr, util, vectors, opt_state, table_chunks, table_group, group,
+def _apply_kernel(uniq, counts, grad_buf, row_base, seen, table_ids, addr, util, vectors, opt_state, table_chunks, table_group, group,
                   table_opt, table_lr, table_eps, util_mode, growth):
     u = cuda.grid(1)
     if u >= uniq.shape[0]:
         return
     e = uniq[u]
-    t = table_ids[e]
+    t = entry_table(e, row_base, seen, table_ids)
     if table_group[t] != group:
         return
     c = vectors.shape[1]
@@ -966,16 +1071,16 @@ def _apply_kernel(uniq, counts, grad_buf, table_ids, addr, util, vectors, opt_st
                 vectors[s, j] = cuda.fma(mult, grad_buf[u, base + j], vectors[s, j])
 
 
-def apply_gradients(uniq, counts, grad_buf, table_ids, addr, util, vectors, opt_state, table_chunks, table_group,
-                    group, table_opt, table_lr, table_eps, util_mode, growth):
+def apply_gradients(uniq, counts, grad_buf, row_base, seen, table_ids, addr, util, vectors, opt_state, table_chunks,
+                    table_group, group, table_opt, table_lr, table_eps, util_mode, growth):
     if uniq.shape[0]:
-        _apply_kernel[_grid(uniq.shape[0])](uniq, counts, grad_buf, table_ids, addr, util, vectors, opt_state,
+        _apply_kernel[_grid(uniq.shape[0])](uniq, counts, grad_buf, row_base, seen, table_ids, addr, util, vectors, opt_state,
                                             table_chunks, table_group, group, table_opt, table_lr, table_eps, util_mode,
                                             growth)
 
 
 @cuda.jit
-def _psw_kernel(entry_idx, bag_of_occ, B, feature_col, grad_out, table_ids, addr, vectors, table_chunks, table_group,
+def _psw_kernel(entry_idx, bag_of_occ, B, feature_col, grad_out, row_base, seen, table_ids, addr, vectors, table_chunks, table_group,
                 group, out):
     i = cuda.grid(1)
     if i >= entry_idx.shape[0]:
@@ -983,7 +1088,7 @@ def _psw_kernel(entry_idx, bag_of_occ, B, feature_col, grad_out, table_ids, addr
     e = entry_idx[i]
     if e < 0:
         return
-    t = table_ids[e]
+    t = entry_table(e, row_base, seen, table_ids)
     if table_group[t] != group:
         return
     bag = bag_of_occ[i]
@@ -1000,11 +1105,11 @@ def _psw_kernel(entry_idx, bag_of_occ, B, feature_col, grad_out, table_ids, addr
     out[i] = acc
 
 
-def per_sample_weight_grads(entry_idx, bag_of_occ, bags_per_feature, feature_col, grad_out, table_ids, addr, vectors,
-                            table_chunks, table_group, group, out):
+def per_sample_weight_grads(entry_idx, bag_of_occ, bags_per_feature, feature_col, grad_out, row_base, seen, table_ids,
+                            addr, vectors, table_chunks, table_group, group, out):
     if entry_idx.shape[0]:
         _psw_kernel[_grid(entry_idx.shape[0])](entry_idx, bag_of_occ, bags_per_feature, feature_col, grad_out,
-                                               table_ids, addr, vectors, table_chunks, table_group, group, out)
+                                               row_base, seen, table_ids, addr, vectors, table_chunks, table_group, group, out)
 
 
 @cuda.jit
@@ -1024,14 +1129,15 @@ def scale_utilities(util, factor):
 
 
 @cuda.jit
-def _sample_kernel(keys, table_ids, util, table_chunks, table_group, group, accept_below, salt, out, counter):
+def _sample_kernel(row_base, seen, keys, table_ids, util, table_chunks, table_group, group, accept_below, salt, out,
+                   counter):
     e = cuda.grid(1)
-    if e >= keys.shape[0]:
+    if e >= util.shape[0]:
         return
-    t = table_ids[e]
+    t = entry_table(e, row_base, seen, table_ids)
     if t < 0 or table_group[t] != group:
         return
-    if mix64(key_hash(t, keys[e]) ^ salt) >= accept_below:
+    if mix64(key_hash(t, entry_key(e, t, row_base, keys)) ^ salt) >= accept_below:
         return
     n = cuda.atomic.add(counter, 0, 1)
     if n >= out.shape[0]:
@@ -1043,22 +1149,22 @@ def _sample_kernel(keys, table_ids, util, table_chunks, table_group, group, acce
             out[n, k] = np.nan
 
 
-def sample_utilities(keys, table_ids, util, table_chunks, table_group, group, accept_below, seed, round_id, out):
+def sample_utilities(row_base, seen, keys, table_ids, util, table_chunks, table_group, group, accept_below, seed, round_id, out):
     from .cpu import mix64 as host_mix64
 
     salt = host_mix64(np.uint64(seed) ^ host_mix64(np.uint64(round_id) + np.uint64(0x9E3779B97F4A7C15)))
     counter = _zeros(1, np.int64)
-    _sample_kernel[_grid(keys.shape[0])](keys, table_ids, util, table_chunks, table_group, group,
+    _sample_kernel[_grid(util.shape[0])](row_base, seen, keys, table_ids, util, table_chunks, table_group, group,
                                          np.uint64(accept_below), np.uint64(salt), out, counter)
     return min(_scalar(counter), out.shape[0])
 
 
 @cuda.jit
-def _prune_count_kernel(table_ids, addr, util, table_chunks, table_group, group, thresholds, totals):
+def _prune_count_kernel(row_base, seen, table_ids, addr, util, table_chunks, table_group, group, thresholds, totals):
     e = cuda.grid(1)
-    if e >= table_ids.shape[0]:
+    if e >= addr.shape[0]:
         return
-    t = table_ids[e]
+    t = entry_table(e, row_base, seen, table_ids)
     if t < 0 or table_group[t] != group:
         return
     for k in range(table_chunks[t]):
@@ -1070,21 +1176,22 @@ def _prune_count_kernel(table_ids, addr, util, table_chunks, table_group, group,
             cuda.atomic.add(totals, 2, 1)
 
 
-def prune_count(table_ids, addr, util, util_bits, table_chunks, table_group, group, thresholds, block_counts):
+def prune_count(row_base, seen, table_ids, addr, util, util_bits, table_chunks, table_group, group, thresholds,
+                block_counts):
     totals = _zeros(3, np.int64)
-    _prune_count_kernel[_grid(table_ids.shape[0])](table_ids, addr, util, table_chunks, table_group, group, thresholds,
+    _prune_count_kernel[_grid(addr.shape[0])](row_base, seen, table_ids, addr, util, table_chunks, table_group, group, thresholds,
                                                    totals)
     t = totals.copy_to_host()
     return int(t[0]), int(t[1]), int(t[2])
 
 
 @cuda.jit
-def _composites_kernel(keys, table_ids, addr, util, util_bits, table_chunks, table_group, group, thresholds, out,
-                       counter):
+def _composites_kernel(row_base, seen, keys, table_ids, addr, util, util_bits, table_chunks, table_group, group,
+                       thresholds, out, counter):
     e = cuda.grid(1)
-    if e >= table_ids.shape[0]:
+    if e >= addr.shape[0]:
         return
-    t = table_ids[e]
+    t = entry_table(e, row_base, seen, table_ids)
     if t < 0 or table_group[t] != group:
         return
     for k in range(table_chunks[t]):
@@ -1092,24 +1199,24 @@ def _composites_kernel(keys, table_ids, addr, util, util_bits, table_chunks, tab
         if keeps(resident, util_of(util, e, k), thresholds[k]):
             n = cuda.atomic.add(counter, 0, 1)
             bits = util_bits[e, k] if util_bits.shape[1] > 1 else util_bits[e, 0]
-            out[n] = composite(bits, resident, t, keys[e], k)
+            out[n] = composite(bits, resident, t, entry_key(e, t, row_base, keys), k)
 
 
-def prune_composites(keys, table_ids, addr, util, util_bits, table_chunks, table_group, group, thresholds,
-                     block_counts, out):
+def prune_composites(row_base, seen, keys, table_ids, addr, util, util_bits, table_chunks, table_group, group,
+                     thresholds, block_counts, out):
     counter = _zeros(1, np.int64)
-    _composites_kernel[_grid(table_ids.shape[0])](keys, table_ids, addr, util, util_bits, table_chunks, table_group,
+    _composites_kernel[_grid(addr.shape[0])](row_base, seen, keys, table_ids, addr, util, util_bits, table_chunks, table_group,
                                                   group, thresholds, out, counter)
     return _scalar(counter)
 
 
 @cuda.jit
-def _select_kernel(keys, table_ids, addr, util, util_bits, table_chunks, table_group, group, thresholds, use_cutoff,
-                   cutoff, ev_entries, ev_chunks, al_entries, al_chunks, al_rank, counters):
+def _select_kernel(row_base, seen, keys, table_ids, addr, util, util_bits, table_chunks, table_group, group, thresholds,
+                   use_cutoff, cutoff, ev_entries, ev_chunks, al_entries, al_chunks, al_rank, counters):
     e = cuda.grid(1)
-    if e >= table_ids.shape[0]:
+    if e >= addr.shape[0]:
         return
-    t = table_ids[e]
+    t = entry_table(e, row_base, seen, table_ids)
     if t < 0 or table_group[t] != group:
         return
     for k in range(table_chunks[t]):
@@ -1119,7 +1226,7 @@ def _select_kernel(keys, table_ids, addr, util, util_bits, table_chunks, table_g
         rank = np.uint64(0)
         if keep:
             bits = util_bits[e, k] if util_bits.shape[1] > 1 else util_bits[e, 0]
-            rank = composite(bits, resident, t, keys[e], k)
+            rank = composite(bits, resident, t, entry_key(e, t, row_base, keys), k)
             if use_cutoff and rank < cutoff:
                 keep = False
         if resident and not keep:
@@ -1133,10 +1240,10 @@ def _select_kernel(keys, table_ids, addr, util, util_bits, table_chunks, table_g
             al_rank[n] = rank
 
 
-def prune_select(keys, table_ids, addr, util, util_bits, table_chunks, table_group, group, thresholds, use_cutoff,
-                 cutoff, ev_entries, ev_chunks, al_entries, al_chunks, al_rank):
+def prune_select(row_base, seen, keys, table_ids, addr, util, util_bits, table_chunks, table_group, group, thresholds,
+                 use_cutoff, cutoff, ev_entries, ev_chunks, al_entries, al_chunks, al_rank):
     counters = _zeros(2, np.int64)
-    _select_kernel[_grid(table_ids.shape[0])](keys, table_ids, addr, util, util_bits, table_chunks, table_group, group,
+    _select_kernel[_grid(addr.shape[0])](row_base, seen, keys, table_ids, addr, util, util_bits, table_chunks, table_group, group,
                                               thresholds, bool(use_cutoff), np.uint64(cutoff), ev_entries, ev_chunks,
                                               al_entries, al_chunks, al_rank, counters)
     c = counters.copy_to_host()
@@ -1144,9 +1251,9 @@ def prune_select(keys, table_ids, addr, util, util_bits, table_chunks, table_gro
 
 
 @cuda.jit
-def _dead_kernel(table_ids, addr, util, floor, out, counter):
+def _dead_kernel(row_base, seen, table_ids, addr, util, floor, out, counter):
     e = cuda.grid(1)
-    if e >= table_ids.shape[0] or table_ids[e] < 0:
+    if e >= addr.shape[0] or entry_table(e, row_base, seen, table_ids) < 0:
         return
     for k in range(addr.shape[1]):
         if addr[e, k] >= 0:
@@ -1157,9 +1264,9 @@ def _dead_kernel(table_ids, addr, util, floor, out, counter):
     out[cuda.atomic.add(counter, 0, 1)] = e
 
 
-def find_dead_entries(table_ids, addr, util, floor, out):
+def find_dead_entries(row_base, seen, table_ids, addr, util, floor, out):
     counter = _zeros(1, np.int64)
-    _dead_kernel[_grid(table_ids.shape[0])](table_ids, addr, util, np.float32(floor), out, counter)
+    _dead_kernel[_grid(addr.shape[0])](row_base, seen, table_ids, addr, util, np.float32(floor), out, counter)
     return _scalar(counter)
 
 
@@ -1167,12 +1274,12 @@ def find_dead_entries(table_ids, addr, util, floor, out):
 
 
 @cuda.jit
-def _missing_kernel(uniq, table_ids, addr, table_chunks, table_group, group, out_entries, out_chunks, counter):
+def _missing_kernel(uniq, row_base, seen, table_ids, addr, table_chunks, table_group, group, out_entries, out_chunks, counter):
     i = cuda.grid(1)
     if i >= uniq.shape[0]:
         return
     e = uniq[i]
-    t = table_ids[e]
+    t = entry_table(e, row_base, seen, table_ids)
     if table_group[t] != group:
         return
     for k in range(table_chunks[t]):
@@ -1182,10 +1289,10 @@ def _missing_kernel(uniq, table_ids, addr, table_chunks, table_group, group, out
             out_chunks[n] = k
 
 
-def missing_chunks(uniq, table_ids, addr, table_chunks, table_group, group, out_entries, out_chunks):
+def missing_chunks(uniq, row_base, seen, table_ids, addr, table_chunks, table_group, group, out_entries, out_chunks):
     counter = _zeros(1, np.int64)
     if uniq.shape[0]:
-        _missing_kernel[_grid(uniq.shape[0])](uniq, table_ids, addr, table_chunks, table_group, group, out_entries,
+        _missing_kernel[_grid(uniq.shape[0])](uniq, row_base, seen, table_ids, addr, table_chunks, table_group, group, out_entries,
                                               out_chunks, counter)
     return _scalar(counter)
 
@@ -1264,11 +1371,11 @@ def slot_utilities(owner, addr, util, positions, out):
 
 
 @cuda.jit
-def _count_kernel(table_ids, addr, entries, resident, spilled):
+def _count_kernel(row_base, seen, table_ids, addr, entries, resident, spilled):
     e = cuda.grid(1)
-    if e >= table_ids.shape[0]:
+    if e >= addr.shape[0]:
         return
-    t = table_ids[e]
+    t = entry_table(e, row_base, seen, table_ids)
     if t < 0:
         return
     cuda.atomic.add(entries, t, 1)
@@ -1280,12 +1387,12 @@ def _count_kernel(table_ids, addr, entries, resident, spilled):
             cuda.atomic.add(spilled, (t, k), 1)
 
 
-def count_chunks(table_ids, addr, n_tables, entries, resident, spilled):
+def count_chunks(row_base, seen, table_ids, addr, n_tables, entries, resident, spilled):
     """Per-table counts into the given host arrays."""
     d_entries = cuda.to_device(np.zeros_like(entries))
     d_res = cuda.to_device(np.zeros_like(resident))
     d_sp = cuda.to_device(np.zeros_like(spilled))
-    _count_kernel[_grid(table_ids.shape[0])](table_ids, addr, d_entries, d_res, d_sp)
+    _count_kernel[_grid(addr.shape[0])](row_base, seen, table_ids, addr, d_entries, d_res, d_sp)
     entries += d_entries.copy_to_host()
     resident += d_res.copy_to_host()
     spilled += d_sp.copy_to_host()
