@@ -3,6 +3,7 @@
 import numpy as np
 
 from fiited_store import DynamicRatio, EmbeddingStore, StoreConfig, TableConfig
+from fiited_store.kernels.layout import util_from_float
 from fiited_store.storage import ZarrTier
 
 
@@ -16,7 +17,7 @@ def test_prune_pass_one_million_entries(benchmark):
     live = s.entries.table_of_entries() >= 0
 
     def setup():
-        s.entries.arrays.util[live] = rng.pareto(1.1, (int(live.sum()), 4)).astype(np.float32)
+        s.entries.arrays.util[live] = util_from_float(rng.pareto(1.1, (int(live.sum()), 4)))
 
     benchmark.pedantic(s.prune, setup=setup, rounds=3)
 

@@ -23,6 +23,7 @@ from numba import njit, prange
 from tqdm import tqdm
 
 from .config import DynamicRatio, ManualRatios, StoreConfig, TableConfig
+from .kernels.layout import util_from_float
 from .data.synthetic import ZipfIds, scaled_cardinalities
 from .store import EmbeddingStore
 
@@ -206,25 +207,32 @@ def most_popular_ids(zipfs: list[ZipfIds], n_rows: int) -> list[np.ndarray]:
     return [(np.arange(r, dtype=np.int64) * z.a + z.b) % z.n for z, r in zip(zipfs, ranks)]
 
 
-def make_store(cfg: BenchConfig, w: Workload, budget_fraction: float, pruning) -> EmbeddingStore:
+INDEXES = ("direct", "hashed")
+
+
+def make_store(cfg: BenchConfig, w: Workload, budget_fraction: float, pruning, index: str = "direct") -> EmbeddingStore:
     tables = [TableConfig(name, dim=cfg.dim, chunks=cfg.chunks, num_embeddings=n, optimizer="rowwise_adagrad",
-                          learning_rate=0.01) for name, n in zip(w.names, w.cards)]
+                          learning_rate=0.01, index=index) for name, n in zip(w.names, w.cards)]
     return EmbeddingStore(tables, StoreConfig(pruning=pruning, budget_fraction=budget_fraction, prune_period=0,
                                               seed=cfg.seed, initial_capacity=1 << 16))
 
 
-def bench_store(cfg: BenchConfig, w: Workload, out: dict, bar) -> None:
-    store = make_store(cfg, w, cfg.budget_fraction, DynamicRatio(1.0 - cfg.budget_fraction))
+def bench_store(cfg: BenchConfig, w: Workload, out: dict, bar, index: str = "direct") -> None:
+    """Lookup and training step of the store with the given index; keys ``store_*`` (direct)
+    or ``store_hashed_*``."""
+    store = make_store(cfg, w, cfg.budget_fraction, DynamicRatio(1.0 - cfg.budget_fraction), index)
+    key = "store" if index == "direct" else f"store_{index}"
     n = len(w.ids)
     # the most popular keys of all tables hold the pool (a long run at this budget
     # converges to that), so timings see a full pool and an entry table of millions
     # of keys, not a warm, nearly empty one
     w.prefill(store, store.pools[0].slots // cfg.chunks)
-    out["store_prefill"] = {"entries": store.entries.n_live, "pool_used": store.pools[0].n_used,
-                            "pool_slots": store.pools[0].slots}
+    out[f"{key}_prefill"] = {"entries": store.entries.n_live, "pool_used": store.pools[0].n_used,
+                             "pool_slots": store.pools[0].slots}
     w.train(store, np.random.default_rng(cfg.seed + 1), cfg.train_warmup)
     bar.update(1)
-    out["store_lookup"] = _timeit(lambda i: store.pooled_lookup(w.names, w.ids[i % n], w.offsets), cfg.warmup, cfg.repeats)
+    out[f"{key}_lookup"] = _timeit(lambda i: store.pooled_lookup(w.names, w.ids[i % n], w.offsets), cfg.warmup,
+                                   cfg.repeats)
     bar.update(1)
 
     def step(i):
@@ -232,62 +240,66 @@ def bench_store(cfg: BenchConfig, w: Workload, out: dict, bar) -> None:
         store.backward(b, w.grads[i % len(w.grads)])
         store.step()
 
-    out["store_train_step"] = _timeit(step, cfg.warmup, cfg.repeats)
+    out[f"{key}_train_step"] = _timeit(step, cfg.warmup, cfg.repeats)
     # the parts of a step, for the README's breakdown
     b = store.pooled_lookup(w.names, w.ids[0], w.offsets, train=True)
     t0 = time.perf_counter()
     store.backward(b, w.grads[0])
-    out["store_backward_only_ms"] = (time.perf_counter() - t0) * 1000.0
-    out["store_after_training"] = store.stats()["total"]
+    out[f"{key}_backward_only_ms"] = (time.perf_counter() - t0) * 1000.0
+    out[f"{key}_after_training"] = store.stats()["total"]
     bar.update(1)
     store.close()
     gc.collect()
 
 
 def bench_memory(cfg: BenchConfig, w: Workload, out: dict, bar) -> None:
-    """Store bytes at 93.75% pruning (K = 4, D = 64): on the stream, and with every declared row present."""
+    """Store bytes at 93.75% pruning (K = 4, D = 64) with either index, after training on the stream.
+
+    The direct index holds every declared row from the start: its figure is the
+    paper's case (an entry for every row). The hashed index holds the keys it saw;
+    with every declared row it would need capacity for all of them, which is
+    computed from its bytes per slot.
+    """
     ratio = 0.9375
-    store = make_store(cfg, w, 1.0 - ratio, ManualRatios.linear(ratio, cfg.chunks))
     steps = cfg.train_warmup + cfg.repeats
-    w.train(store, np.random.default_rng(cfg.seed + 2), steps)
-    st = store.stats()["total"]
-    dense = st["dense_bytes"]
-    pool_side = st["bytes"]["pool_vectors"] + st["bytes"]["optimizer_state"] + st["bytes"]["address_manager"]
-    per_entry = store.entries.bytes_per_entry
-    # worst case: an entry for every declared row, at the load the table settles at after growth
-    rows = w.total_rows
-    cap_full = 1 << math.ceil(math.log2(rows / (0.6 * store.config.max_load)))
-    cap_tight = 1 << math.ceil(math.log2(rows / store.config.max_load))
-    out["memory_at_93.75"] = {
-        "dense_bytes": dense,
-        "stream": {"steps": steps, "entries": st["entries"], "bytes": st["bytes"]["memory_total"],
-                   "vs_dense": st["bytes"]["memory_total"] / dense},
-        "every_row_after_growth": {"entry_capacity": cap_full, "bytes": pool_side + cap_full * per_entry,
-                                   "vs_dense": (pool_side + cap_full * per_entry) / dense},
-        "every_row_presized": {"entry_capacity": cap_tight, "bytes": pool_side + cap_tight * per_entry,
-                               "vs_dense": (pool_side + cap_tight * per_entry) / dense},
-        "paper_formula_vs_dense": (1 - ratio) + 3 * cfg.chunks / cfg.dim,
-        "bytes_per_entry_slot": per_entry,
-    }
+    res: dict[str, Any] = {"paper_formula_vs_dense": (1 - ratio) + 3 * cfg.chunks / cfg.dim}
+    for index in INDEXES:
+        store = make_store(cfg, w, 1.0 - ratio, ManualRatios.linear(ratio, cfg.chunks), index)
+        w.train(store, np.random.default_rng(cfg.seed + 2), steps)
+        st = store.stats()["total"]
+        dense = st["dense_bytes"]
+        res["dense_bytes"] = dense
+        res["dense_with_optimizer_bytes"] = st["dense_with_optimizer_bytes"]
+        entry = {"steps": steps, "entries": st["entries"], "bytes": st["bytes"], "vs_dense": st["memory_vs_dense"],
+                 "vs_dense_with_optimizer": st["memory_vs_dense_with_optimizer"]}
+        if index == "hashed":
+            pool_side = st["bytes"]["pool_vectors"] + st["bytes"]["optimizer_state"] + st["bytes"]["address_manager"]
+            # an entry for every declared row, at the load the table settles at after growth
+            cap_full = 1 << math.ceil(math.log2(w.total_rows / (0.6 * store.config.max_load)))
+            every = pool_side + cap_full * store.entries.hashed_slot_bytes
+            entry["every_row"] = {"entry_capacity": cap_full, "bytes": every, "vs_dense": every / dense}
+            entry["bytes_per_slot"] = store.entries.hashed_slot_bytes
+        res[index] = entry
+        store.close()
+        gc.collect()
+    out["memory_at_93.75"] = res
     bar.update(1)
-    store.close()
-    gc.collect()
 
 
 def bench_prune(cfg: BenchConfig, out: dict, bar) -> None:
     """One prune pass over ``prune_entries`` entries with trained-looking utilities."""
     n = cfg.prune_entries
     K = cfg.chunks
-    table = TableConfig("t", dim=cfg.dim, chunks=K, num_embeddings=n)
+    table = TableConfig("t", dim=cfg.dim, chunks=K, num_embeddings=n)  # the direct index
     store = EmbeddingStore([table], StoreConfig(pruning=DynamicRatio(0.75), budget_fraction=0.25, prune_period=0,
-                                                seed=cfg.seed, initial_capacity=1 << math.ceil(math.log2(n / 0.45))))
+                                                seed=cfg.seed))
     ids = np.arange(n, dtype=np.int64)
     for lo in range(0, n, 1 << 20):
         store.lookup("t", ids[lo:lo + (1 << 20)], train=True)
     rng = np.random.default_rng(cfg.seed)
     ea = store.entries.arrays
     live = store.entries.table_of_entries() >= 0
-    ea.util[live] = rng.pareto(1.1, (int(live.sum()), ea.util.shape[1])).astype(np.float32)
+    ea.util[live] = util_from_float(rng.pareto(1.1, (int(live.sum()), ea.util.shape[1])))
     t0 = time.perf_counter()
     report = store.prune()
     out["prune_pass"] = {"entries": n, "seconds": time.perf_counter() - t0,
@@ -302,7 +314,7 @@ def bench_prune(cfg: BenchConfig, out: dict, bar) -> None:
 
 def run_bench(cfg: BenchConfig, progress: bool = True) -> dict[str, Any]:
     n_batches = cfg.warmup + cfg.repeats
-    stages = 3 + ("gather" in cfg.peers) + ("torch" in cfg.peers) + ("torch-sparse" in cfg.peers) \
+    stages = 3 * len(INDEXES) + ("gather" in cfg.peers) + ("torch" in cfg.peers) + ("torch-sparse" in cfg.peers) \
         + 2 * ("fbgemm" in cfg.peers) + 1 + (cfg.prune_entries > 0) + 1
     bar = tqdm(total=stages, disable=not progress, desc="bench", unit="stage")
     w = Workload(cfg, n_batches)
@@ -314,7 +326,8 @@ def run_bench(cfg: BenchConfig, progress: bool = True) -> dict[str, Any]:
         bench_torch_and_gather(cfg, w, out, bar)
     if "fbgemm" in cfg.peers:
         bench_fbgemm(cfg, w, out, bar)
-    bench_store(cfg, w, out, bar)
+    for index in INDEXES:
+        bench_store(cfg, w, out, bar, index)
     bench_memory(cfg, w, out, bar)
     if cfg.prune_entries > 0:
         bench_prune(cfg, out, bar)
@@ -328,9 +341,9 @@ def ratios(out: dict[str, Any]) -> dict[str, float]:
         return out[k]["median_ms"] if k in out else None
 
     r = {}
-    pairs = [("store_lookup", "torch_embedding_bag"), ("store_lookup", "gather_lookup"),
-             ("store_lookup", "fbgemm_forward"), ("store_train_step", "fbgemm_rowwise_adagrad_step"),
-             ("store_train_step", "torch_sparse_sgd_step")]
+    pairs = [(f"{s}_{a}", b) for s in ("store", "store_hashed") for a, b in (
+        ("lookup", "torch_embedding_bag"), ("lookup", "gather_lookup"), ("lookup", "fbgemm_forward"),
+        ("train_step", "fbgemm_rowwise_adagrad_step"), ("train_step", "torch_sparse_sgd_step"))]
     for a, b in pairs:
         if med(a) is not None and med(b) is not None:
             r[f"{a} / {b}"] = med(a) / med(b)
@@ -341,10 +354,12 @@ def format_report(out: dict[str, Any]) -> str:
     lines = [f"{out['rows']:,} rows ({out['dense_gb']:.2f} GB dense at D={out['config']['dim']}), "
              f"{out['lookups_per_batch']:,} lookups per batch, median of {out['config']['repeats']} batches"]
     names = [("gather_lookup", "raw njit gather (memory floor)"), ("torch_embedding_bag", "torch embedding_bag, sum"),
-             ("fbgemm_forward", "FBGEMM CPU TBE forward"), ("store_lookup", "fiited-store pooled lookup"),
+             ("fbgemm_forward", "FBGEMM CPU TBE forward"), ("store_lookup", "fiited-store pooled lookup, direct index"),
+             ("store_hashed_lookup", "fiited-store pooled lookup, hashed index"),
              ("torch_sparse_sgd_step", "torch EmbeddingBag(sparse) + SGD step"),
              ("fbgemm_rowwise_adagrad_step", "FBGEMM TBE fwd+bwd, row-wise Adagrad"),
-             ("store_train_step", "fiited-store step (lookup, backward, Adagrad, utilities)")]
+             ("store_train_step", "fiited-store step, direct index (lookup, backward, Adagrad, utilities)"),
+             ("store_hashed_train_step", "fiited-store step, hashed index")]
     for key, label in names:
         if key in out:
             lines.append(f"  {label:<58} {out[key]['median_ms']:8.2f} ms")
@@ -357,9 +372,12 @@ def format_report(out: dict[str, Any]) -> str:
         lines.append(f"  prune pass over {p['entries']:,} entries: {p['seconds']:.2f} s (second pass {p['second_pass_seconds']:.2f} s)")
     m = out.get("memory_at_93.75")
     if m:
-        lines.append(f"  store bytes at 93.75% pruning / dense: {m['stream']['vs_dense']:.4f} after {m['stream']['steps']} steps "
-                     f"({m['stream']['entries']:,} entries); {m['every_row_presized']['vs_dense']:.4f} with every row present "
-                     f"(paper's formula: {m['paper_formula_vs_dense']:.4f})")
+        d, h = m["direct"], m["hashed"]
+        lines.append(f"  store memory at 93.75% pruning / dense weights (paper's formula {m['paper_formula_vs_dense']:.4f}):")
+        lines.append(f"    direct index, every declared row: {d['vs_dense']:.4f} ({d['vs_dense_with_optimizer']:.4f} of dense "
+                     f"weights + row-wise Adagrad state)")
+        lines.append(f"    hashed index: {h['vs_dense']:.4f} after {h['steps']} steps ({h['entries']:,} entries); "
+                     f"{h['every_row']['vs_dense']:.4f} with every declared row")
     return "\n".join(lines)
 
 

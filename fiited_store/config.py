@@ -202,11 +202,16 @@ class StoreConfig:
     Args:
         pruning: :class:`ManualRatios` or :class:`DynamicRatio`. Ignored in cache
             mode, where nothing is pruned.
-        budget_bytes: bytes of resident chunk vectors (the pool), or
+        budget_bytes: bytes of resident chunk vectors (the pool: the paper's budget), or
         budget_fraction: the same as a fraction of the dense size of the declared
             tables. With neither, the budget is ``1 - pruning.average`` of the dense
-            size (the paper's setting). Optimizer state, the entry table and the
-            tiers are reported separately by :meth:`EmbeddingStore.stats`.
+            size (the paper's setting), unless a memory budget is given.
+        memory_budget_bytes: the whole store's memory (pool vectors, optimizer
+            state, address manager and entry index), or
+        memory_budget_fraction: the same as a fraction of the dense weights.
+            Checked at construction and whenever the hashed index would grow
+            (:class:`MemoryBudgetError`); without a pool budget the pool gets what
+            the index leaves. Tiers on disk are not counted.
         gamma: utility decay, u = gamma * u + a * g, in (0, 1).
         prune_period: T; a prune pass runs every T calls of ``step()``; 0 disables it.
         sample_size: m, utilities sampled to estimate the thresholds.
@@ -220,7 +225,8 @@ class StoreConfig:
         drop_floor: at a prune, entries whose chunks are all absent and whose
             utility fell below this are dropped (prune mode only).
         max_load: load factor of the entry table that triggers a rehash.
-        initial_capacity: entry-table slots allocated up front.
+        initial_capacity: slots of the hashed index allocated up front (tables with
+            a direct index need none); it grows by doubling as live keys need.
         device: "cpu" (numba njit) or "cuda" (numba.cuda).
         host_cache_bytes: host memory in front of the disk tier (a write-back cache,
             page-locked for a GPU store): chunks leaving the pool land there first and
@@ -231,6 +237,8 @@ class StoreConfig:
     pruning: PruningPolicy = field(default_factory=lambda: DynamicRatio(0.75))
     budget_bytes: int | None = None
     budget_fraction: float | None = None
+    memory_budget_bytes: int | None = None
+    memory_budget_fraction: float | None = None
     gamma: float = 0.99
     prune_period: int = 1000
     sample_size: int = 100_000
@@ -240,7 +248,7 @@ class StoreConfig:
     on_evict: str | None = None
     drop_floor: float = 1e-6
     max_load: float = 0.75
-    initial_capacity: int = 1024
+    initial_capacity: int = 64
     device: str = "cpu"
     host_cache_bytes: int | None = None
 
@@ -257,6 +265,19 @@ class StoreConfig:
         _check(
             self.budget_fraction is None or (0.0 < float(self.budget_fraction) <= 1.0),
             f"budget_fraction must lie in (0, 1], got {self.budget_fraction!r}",
+        )
+        _check(
+            self.memory_budget_bytes is None or self.memory_budget_fraction is None,
+            f"give memory_budget_bytes or memory_budget_fraction, not both "
+            f"(got {self.memory_budget_bytes!r} and {self.memory_budget_fraction!r})",
+        )
+        _check(
+            self.memory_budget_bytes is None or (_is_int(self.memory_budget_bytes) and self.memory_budget_bytes > 0),
+            f"memory_budget_bytes must be a positive int, got {self.memory_budget_bytes!r}",
+        )
+        _check(
+            self.memory_budget_fraction is None or (0.0 < float(self.memory_budget_fraction) <= 64.0),
+            f"memory_budget_fraction must lie in (0, 64], got {self.memory_budget_fraction!r}",
         )
         _check(0.0 < self.gamma < 1.0, f"gamma must lie in (0, 1), got {self.gamma!r}")
         _check(_is_int(self.prune_period) and self.prune_period >= 0, f"prune_period must be an int >= 0, got {self.prune_period!r}")
@@ -280,6 +301,31 @@ class StoreConfig:
     @property
     def spills(self) -> bool:
         return self.on_evict == "spill"
+
+
+def optimizer_dense_bytes(t: TableConfig) -> int | None:
+    """Bytes of the optimizer state a dense table of t would keep (row-wise Adagrad: one float per row)."""
+    if t.num_embeddings is None:
+        return None
+    per_row = {"sgd": 0, "rowwise_adagrad": 1, "adagrad": t.dim}[t.optimizer]
+    return t.num_embeddings * per_row * FLOAT_BYTES
+
+
+def memory_budget(tables: Sequence[TableConfig], config: StoreConfig) -> int | None:
+    """The whole-store budget in bytes, or None when none was given."""
+    if config.memory_budget_bytes is not None:
+        return config.memory_budget_bytes
+    if config.memory_budget_fraction is None:
+        return None
+    total_dense = dense_bytes(tables)
+    _check(total_dense is not None, "a memory budget given as a fraction needs num_embeddings on every table; undeclared: "
+           f"{[t.name for t in tables if t.num_embeddings is None]}")
+    return int(config.memory_budget_fraction * total_dense)  # type: ignore[operator]
+
+
+def slot_bytes(chunk_width: int, state_width: int) -> int:
+    """Memory of one pool slot: its vector, its optimizer state, its owner and its free-stack cell."""
+    return (chunk_width + state_width) * FLOAT_BYTES + 8
 
 
 @dataclass(frozen=True)
@@ -327,8 +373,15 @@ def plan_pools(tables: Sequence[TableConfig], config: StoreConfig) -> list[PoolP
     """
     validate_tables(tables, config)
     total_dense = dense_bytes(tables)
+    cap = memory_budget(tables, config)
+    index = index_bytes(tables, config)
+    if cap is not None:
+        _check(index < cap, f"memory budget of {cap} bytes is smaller than the entry index alone ({index} bytes)")
+    by_memory = cap is not None and config.budget_bytes is None and config.budget_fraction is None
     if config.budget_bytes is not None:
         budget = config.budget_bytes
+    elif by_memory:
+        budget = cap - index  # type: ignore[operator]
     else:
         fraction = config.budget_fraction
         if fraction is None:
@@ -354,12 +407,36 @@ def plan_pools(tables: Sequence[TableConfig], config: StoreConfig) -> list[PoolP
     plans = []
     for g, (c, ids) in enumerate(sorted(widths.items())):
         share = budget * weight(ids) / total_weight
-        slots = int(share // (c * FLOAT_BYTES))
+        state_width = max(tables[i].state_width for i in ids)
+        # a memory budget pays for everything a slot brings along; a pool budget for its vector
+        per_slot = slot_bytes(c, state_width) if by_memory else c * FLOAT_BYTES
+        slots = int(max(share - (8 if by_memory else 0), 0) // per_slot)
         _check(
             slots >= 1,
             f"budget of {budget} bytes leaves {int(share)} bytes for the pool of chunk width {c} "
-            f"(tables {[tables[i].name for i in ids]}); one slot needs {c * FLOAT_BYTES} bytes",
+            f"(tables {[tables[i].name for i in ids]}); one slot needs {per_slot} bytes",
         )
-        state_width = max(tables[i].state_width for i in ids)
         plans.append(PoolPlan(group=g, chunk_width=c, state_width=state_width, slots=slots, tables=tuple(ids)))
+    if cap is not None:
+        total = index + sum(p.slots * slot_bytes(p.chunk_width, p.state_width) + 8 for p in plans)
+        _check(total <= cap, f"the store needs {total} bytes (entry index {index}, pools {total - index}) "
+                             f"but the memory budget is {cap} bytes")
     return plans
+
+
+def index_bytes(tables: Sequence[TableConfig], config: StoreConfig) -> int:
+    """Bytes of the entry index as constructed: the direct rows, and the hashed slots at their initial capacity."""
+    kmax = max(t.chunks for t in tables)
+    U = kmax if config.utility == "gradient" else 1
+    direct = sum(t.num_embeddings for t in tables if t.direct)  # type: ignore[misc]
+    cap = hashed_capacity(config.initial_capacity) if any(not t.direct for t in tables) else 0
+    per_entry = kmax * 4 + U * 2   # int32 addresses, bfloat16 utilities
+    return (direct + cap) * per_entry + cap * (8 + 2) + max((direct + 31) // 32, 1) * 4 + (len(tables) + 1) * 8
+
+
+def hashed_capacity(requested: int) -> int:
+    """Slots of a hashed index asked for ``requested``: a power of two, at least 8."""
+    p = 8
+    while p < requested:
+        p *= 2
+    return p

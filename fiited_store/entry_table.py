@@ -21,6 +21,7 @@ from typing import NamedTuple, Sequence
 
 import numpy as np
 
+from .config import hashed_capacity
 from .errors import IdOutOfRangeError
 from .kernels.layout import EMPTY
 
@@ -31,7 +32,7 @@ class EntryArrays(NamedTuple):
     keys: np.ndarray       # int64[cap]; hashed slots
     table_ids: np.ndarray  # int16[cap]; EMPTY, TOMBSTONE or the table index
     addr: np.ndarray       # int32[direct rows + cap, kmax]; slot, ABSENT, or -2 - tier slot
-    util: np.ndarray       # float32[direct rows + cap, U]; stored utilities (scaled, see store)
+    util: np.ndarray       # uint16[direct rows + cap, U]; utilities as bfloat16 (scaled, see store)
 
 
 def _pow2_at_least(n: int) -> int:
@@ -68,7 +69,7 @@ class EntryTable:
         self.table_names = list(table_names)
         base = row_bases(direct_rows)
         self.has_hashed = any(r == 0 for r in direct_rows)
-        cap = _pow2_at_least(max(capacity, 8)) if self.has_hashed else 0
+        cap = hashed_capacity(capacity) if self.has_hashed else 0
         nd = int(base[-1])
         b = backend
         self.arrays = EntryArrays(
@@ -77,7 +78,7 @@ class EntryTable:
             keys=b.full(cap, 0, np.int64),
             table_ids=b.full(cap, EMPTY, np.int16),
             addr=b.full((nd + cap, kmax), -1, np.int32),
-            util=b.full((nd + cap, util_width), 0.0, np.float32),
+            util=b.full((nd + cap, util_width), 0, np.uint16),
         )
         self._host_base = base
         self.n_live = 0
@@ -115,6 +116,11 @@ class EntryTable:
     @property
     def nbytes(self) -> int:
         return int(sum(a.nbytes for a in self.arrays))
+
+    @property
+    def hashed_slot_bytes(self) -> int:
+        """Bytes one hashed slot costs (key, table id, addresses, utilities)."""
+        return 8 + 2 + self.kmax * 4 + self.util_width * 2
 
     def is_direct(self, table: int) -> bool:
         return bool(self._host_base[table + 1] > self._host_base[table])
@@ -167,7 +173,7 @@ class EntryTable:
             keys=b.full(new_capacity, 0, np.int64),
             table_ids=b.full(new_capacity, EMPTY, np.int16),
             addr=b.full((nd + new_capacity, self.kmax), -1, np.int32),
-            util=b.full((nd + new_capacity, self.util_width), 0.0, np.float32),
+            util=b.full((nd + new_capacity, self.util_width), 0, np.uint16),
         )
         old_to_new = b.empty(old.addr.shape[0], np.int64)
         self.backend.k.rehash_into(old.row_base, old.keys, old.table_ids, old.addr, old.util, new.keys,

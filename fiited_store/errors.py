@@ -62,6 +62,10 @@ class PoolCapacityError(FiitedError, RuntimeError):
     """The operation needs more resident slots than the pool has."""
 
 
+class MemoryBudgetError(PoolCapacityError):
+    """The hashed index would have to grow past the store's memory budget; nothing was inserted."""
+
+
 class StorageError(FiitedError, OSError):
     """A tier or checkpoint could not be read or written."""
 

@@ -32,19 +32,28 @@ from typing import Any, NamedTuple, Sequence
 import numpy as np
 
 from .backend import get_backend
-from .config import FLOAT_BYTES, PoolPlan, StoreConfig, TableConfig, plan_pools
+from .config import (
+    FLOAT_BYTES,
+    PoolPlan,
+    StoreConfig,
+    TableConfig,
+    memory_budget,
+    optimizer_dense_bytes,
+    plan_pools,
+)
 from .entry_table import EntryTable
 from .kernels import cpu as host_kernels
 from .errors import (
     ConfigError,
     InputDTypeError,
     InputShapeError,
+    MemoryBudgetError,
     NonFiniteGradientError,
     PoolCapacityError,
     StaleBatchError,
     UnknownTableError,
 )
-from .kernels.layout import INIT_CODES, OPTIMIZER_CODES, UTILITY_CODES, tier_slot_of
+from .kernels.layout import INIT_CODES, OPTIMIZER_CODES, UTILITY_CODES, tier_slot_of, util_to_float
 from .policy import sample_rate_threshold, thresholds
 from .pool import ChunkPool
 
@@ -165,6 +174,7 @@ class EmbeddingStore:
             if not isinstance(t, TableConfig):
                 raise ConfigError(f"tables must be TableConfig instances, got {type(t).__name__}")
         self.plans: list[PoolPlan] = plan_pools(tables, config)
+        self._memory_budget = memory_budget(tables, config)
         self.tables = tables
         self.config = config
         self.backend = get_backend(config.device)
@@ -408,7 +418,9 @@ class EmbeddingStore:
         if not insert or n_missing == 0:
             return entries
         if self.entries.needs_rehash(n_hashed):
-            self._rehash(self.entries.rehash_capacity(n_hashed))
+            capacity = self.entries.rehash_capacity(n_hashed)
+            self._check_memory_budget(capacity)
+            self._rehash(capacity)
             entries, n_missing, n_hashed = self.entries.find_counted(q_tables, ids)
         new = self.entries.insert_missing(q_tables, ids, entries)
         if new_out is not None:
@@ -430,6 +442,21 @@ class EmbeddingStore:
         """(row_base, seen, table_ids): what a kernel needs to find an entry's table."""
         ea = self.entries.arrays
         return ea.row_base, ea.seen, ea.table_ids
+
+    def _check_memory_budget(self, capacity: int) -> None:
+        """Refuse to grow the hashed index to ``capacity`` slots past the memory budget."""
+        if self._memory_budget is None:
+            return
+        grown = self.memory_bytes() + (capacity - self.entries.capacity) * self.entries.hashed_slot_bytes
+        if grown > self._memory_budget:
+            raise MemoryBudgetError(
+                f"inserting these keys needs the hashed index grown to {capacity} slots, {grown} bytes in all, "
+                f"over the memory budget of {self._memory_budget} bytes; nothing was inserted "
+                f"({self.entries.n_hashed} live hashed keys; lower drop_floor's reach or raise the budget)")
+
+    def memory_bytes(self) -> int:
+        """The store's memory now: pool vectors, optimizer state, address manager and entry index."""
+        return sum(p.vector_bytes + p.state_bytes + p.manager_bytes for p in self.pools) + self.entries.nbytes
 
     def _group(self, entries, q_tables) -> Grouping:
         n = entries.shape[0]
@@ -597,12 +624,16 @@ class EmbeddingStore:
             )
         # phase 2: utilities and the fused optimizer step
         growth = self._growth()
+        # rounding bits for the 16-bit utilities: fresh each step, the same on every backend
+        salt = np.uint64(host_kernels.mix64(np.uint64(self.config.seed)
+                                            ^ np.uint64(host_kernels.mix64(np.uint64(self.step_count + 1)))))
         for pool in self.pools:
             a = pool.arrays
             self.k.apply_gradients(
-                grouping.uniq, grouping.counts, self._grad_buf, ea.row_base, ea.seen, ea.table_ids, ea.addr, ea.util, a.vectors, a.opt_state,
+                grouping.uniq, grouping.counts, self._grad_buf, ea.row_base, ea.seen, ea.keys, ea.table_ids, ea.addr,
+                ea.util, a.vectors, a.opt_state,
                 m["table_chunks"], m["table_group"], pool.plan.group, m["table_opt"], m["table_lr"], m["table_eps"],
-                self._util_code, growth,
+                self._util_code, growth, salt,
             )
         batch.consumed = True
 
@@ -649,7 +680,7 @@ class EmbeddingStore:
         q = self.backend.from_host(np.full(ids.shape[0], t, np.int16))
         entries, _ = self.entries.find(q, self.backend.from_host(ids))
         e = self.backend.to_host(entries)
-        util = self.backend.to_host(self.entries.arrays.util)
+        util = util_to_float(self.backend.to_host(self.entries.arrays.util))
         K = self.tables[t].chunks
         out = np.full((ids.shape[0], K), np.nan, np.float32)
         hit = e >= 0
@@ -733,15 +764,14 @@ class EmbeddingStore:
             info["sampled"] = n_s
         info["thresholds"] = thr.tolist()
         thr_d = b.from_host(thr)
-        util_bits = ea.util.view(np.uint32)
         block_counts = b.empty((k._SCAN_BLOCKS, 3), np.int64)
-        keep, cand, drop = (int(x) for x in k.prune_count(ea.row_base, ea.seen, ea.table_ids, ea.addr, ea.util, util_bits, m["table_chunks"],
+        keep, cand, drop = (int(x) for x in k.prune_count(ea.row_base, ea.seen, ea.table_ids, ea.addr, ea.util, m["table_chunks"],
                                                           m["table_group"], g, thr_d, block_counts))
         use_cutoff = keep + cand > pool.slots
         cutoff = np.uint64(0)
         if use_cutoff:
             comp = b.empty(keep + cand, np.uint64)
-            n_c = int(k.prune_composites(ea.row_base, ea.seen, ea.keys, ea.table_ids, ea.addr, ea.util, util_bits, m["table_chunks"],
+            n_c = int(k.prune_composites(ea.row_base, ea.seen, ea.keys, ea.table_ids, ea.addr, ea.util, m["table_chunks"],
                                          m["table_group"], g, thr_d, block_counts, comp))
             host = b.to_host(comp[:n_c])
             cutoff = np.partition(host, n_c - pool.slots)[n_c - pool.slots]
@@ -749,7 +779,7 @@ class EmbeddingStore:
         ev_e, ev_k = b.empty(max(n_res, 1), np.int64), b.empty(max(n_res, 1), np.int64)
         al_e, al_k = b.empty(max(cand, 1), np.int64), b.empty(max(cand, 1), np.int64)
         al_r = b.empty(max(cand, 1), np.uint64)
-        n_ev, n_al = (int(x) for x in k.prune_select(ea.row_base, ea.seen, ea.keys, ea.table_ids, ea.addr, ea.util, util_bits,
+        n_ev, n_al = (int(x) for x in k.prune_select(ea.row_base, ea.seen, ea.keys, ea.table_ids, ea.addr, ea.util,
                                                      m["table_chunks"], m["table_group"], g, thr_d, use_cutoff,
                                                      cutoff, ev_e, ev_k, al_e, al_k, al_r))
         self._evict(pool, ev_e[:n_ev], ev_k[:n_ev])
@@ -1136,7 +1166,9 @@ class EmbeddingStore:
         pool_mgr = sum(p.manager_bytes for p in self.pools)
         entry_bytes = self.entries.nbytes
         dense = sum(t.dense_bytes or 0 for t in self.tables) if all(t.dense_bytes for t in self.tables) else None
+        dense_with_opt = dense + sum(optimizer_dense_bytes(t) for t in self.tables) if dense else None
         budget = sum(p.vector_bytes for p in self.pools)
+        resident_bytes = sum(p.n_used * p.chunk_width * FLOAT_BYTES for p in self.pools)
         tier_bytes = sum(t.nbytes for t in self.tiers if t is not None)
         total_bytes = pool_vec + pool_state + pool_mgr + entry_bytes
         n_entries = int(entries.sum())
@@ -1155,10 +1187,16 @@ class EmbeddingStore:
                 "memory_total": total_bytes,
                 "disk_tier": tier_bytes,
             },
+            # the pool budget (the paper's: resident chunk vectors), and how full the pool is
             "budget_bytes": budget,
+            "resident_vs_budget": resident_bytes / budget,
+            # the whole-store budget, when one was set; memory_total never exceeds it
+            "memory_budget_bytes": self._memory_budget,
+            "memory_vs_budget": (total_bytes / self._memory_budget) if self._memory_budget else None,
             "dense_bytes": dense,
-            "memory_vs_budget": total_bytes / budget,
+            "dense_with_optimizer_bytes": dense_with_opt,
             "memory_vs_dense": (total_bytes / dense) if dense else None,
+            "memory_vs_dense_with_optimizer": (total_bytes / dense_with_opt) if dense_with_opt else None,
             "step": self.step_count,
         }
         pools = [
@@ -1224,7 +1262,7 @@ class EmbeddingStore:
                   "entries.seen": ((max((nd + 31) // 32, 1),), np.uint32),
                   "entries.keys": ((cap,), np.int64), "entries.table_ids": ((cap,), np.int16),
                   "entries.addr": ((nd + cap, self.kmax), np.int32),
-                  "entries.util": ((nd + cap, self.util_width), np.float32)}
+                  "entries.util": ((nd + cap, self.util_width), np.uint16)}
         for p in self.pools:
             g, plan = p.plan.group, p.plan
             expect.update({f"pool_{g}.vectors": ((plan.slots, plan.chunk_width), np.float32),

@@ -11,7 +11,7 @@ import numpy as np
 from tqdm import tqdm
 
 from .errors import CorruptStoreError, FiitedError
-from .kernels.layout import spilled_code
+from .kernels.layout import spilled_code, util_to_float
 from .store import EmbeddingStore
 from .verify import check_store
 
@@ -52,7 +52,7 @@ def inspect_store(store: EmbeddingStore) -> dict[str, Any]:
     st = store.stats()
     tids = store.entries.table_of_entries()
     addr = b.to_host(store.entries.arrays.addr)
-    util = b.to_host(store.entries.arrays.util) * np.float32(store.config.gamma ** (store.step_count - store._scale_origin))
+    util = util_to_float(b.to_host(store.entries.arrays.util)) * np.float32(store.config.gamma ** (store.step_count - store._scale_origin))
     tables = {}
     for i, t in enumerate(store.tables):
         rows = tids == i
@@ -104,9 +104,13 @@ def format_inspection(info: dict[str, Any]) -> str:
         lines.append(f"  {name:<12} " + "  ".join(f"{q}:{v:.3g}" for q, v in t["utility_quantiles"].items()))
     tb = info["total"]["bytes"]
     lines.append("bytes: " + ", ".join(f"{k} {v:,}" for k, v in tb.items()))
-    dense = info["total"]["dense_bytes"]
-    if dense:
-        lines.append(f"memory / dense size: {info['total']['memory_vs_dense']:.4f}   memory / budget: {info['total']['memory_vs_budget']:.4f}")
+    tot = info["total"]
+    if tot["dense_bytes"]:
+        lines.append(f"memory / dense weights: {tot['memory_vs_dense']:.4f}   "
+                     f"memory / (dense weights + optimizer state): {tot['memory_vs_dense_with_optimizer']:.4f}")
+    lines.append(f"pool budget {tot['budget_bytes']:,} bytes, {tot['resident_vs_budget']:.1%} resident"
+                 + (f"; memory budget {tot['memory_budget_bytes']:,} bytes, {tot['memory_vs_budget']:.1%} used"
+                    if tot["memory_budget_bytes"] else ""))
     for p in info["pools"]:
         lines.append(f"pool c={p['chunk_width']}: {p['used']:,}/{p['slots']:,} slots used, {p['free_runs']} free runs, "
                      f"longest {p['longest_free_run']:,}, fragmentation {p['fragmentation']:.3f}")
@@ -136,7 +140,7 @@ def plot_inspection(store: EmbeddingStore, info: dict[str, Any], path: Path) -> 
     ax1.set_title("Kept dimension per row")
     if len(names) <= 10:
         ax1.legend(fontsize=7)
-    util = store.backend.to_host(store.entries.arrays.util)
+    util = util_to_float(store.backend.to_host(store.entries.arrays.util))
     live = store.entries.table_of_entries() >= 0
     u = util[live].ravel() * store.config.gamma ** (store.step_count - store._scale_origin)
     u = u[u > 0]

@@ -24,14 +24,18 @@ DATASETS = ("synthetic", "movielens", "criteo")
 
 @dataclass(frozen=True)
 class TrainConfig:
-    """One training run. Defaults train the built-in synthetic click stream in well under a minute."""
+    """One training run. Defaults train the built-in synthetic click stream in well under a minute.
+
+    D = 32 and K = 2 are the paper's settings on public data: the bookkeeping of a
+    chunk (an int32 address and a 16-bit utility) is small against 16 floats.
+    """
 
     dataset: str = "synthetic"
     path: str | None = None
     method: str = "fiited-manual"
     ratio: float = 0.75
-    chunks: int = 4
-    dim: int = 16
+    chunks: int = 2
+    dim: int = 32
     batch_size: int = 512
     epochs: int = 3
     steps: int = 300                 # synthetic stream: training steps
@@ -152,8 +156,6 @@ def run(cfg: TrainConfig, progress: bool = True, out=sys.stderr) -> dict[str, An
     bar.close()
 
     dense_bytes = int(sum(cards) * cfg.dim * 4)
-    # training memory of the dense baseline: weights and Adagrad's per-element state
-    dense_training_bytes = 2 * dense_bytes
     result: dict[str, Any] = {
         **asdict(cfg),
         "auc": best["test_auc"], "logloss": best["test_logloss"], "accuracy": best["test_accuracy"],
@@ -169,7 +171,8 @@ def run(cfg: TrainConfig, progress: bool = True, out=sys.stderr) -> dict[str, An
     if isinstance(emb, FiitedEmbeddings):
         st = emb.store.stats()["total"]
         result.update(store_memory_bytes=st["bytes"]["memory_total"], average_kept_dim=st["average_kept_dim"],
-                      entries=st["entries"], store_vs_dense=st["bytes"]["memory_total"] / dense_training_bytes)
+                      entries=st["entries"], store_vs_dense=st["memory_vs_dense"],
+                      store_vs_dense_with_optimizer=st["memory_vs_dense_with_optimizer"])
         emb.store.close()
     return result
 
@@ -183,9 +186,9 @@ def format_result(r: dict[str, Any]) -> str:
         f"({r['dense_embedding_bytes'] / 2**20:.2f} MiB)",
     ]
     if "store_memory_bytes" in r:
-        lines.append(f"          training memory of the store (pool, optimizer state, entry table) {r['store_memory_bytes'] / 2**20:.2f} MiB"
-                     f" = {r['store_vs_dense']:.3f} x dense weights + Adagrad state; "
-                     f"average kept dimension {r['average_kept_dim']:.1f} of {r['dim']}")
+        lines.append(f"          training memory of the store (pool, optimizer state, entry index) {r['store_memory_bytes'] / 2**20:.2f} MiB"
+                     f" = {r['store_vs_dense']:.3f} x dense weights, {r['store_vs_dense_with_optimizer']:.3f} x dense weights"
+                     f" + the same optimizer's state; average kept dimension {r['average_kept_dim']:.1f} of {r['dim']}")
     lines.append(f"speed     {r['step_ms']:.2f} ms per training step ({r['steps']} steps of {r['batch_size']})")
     return "\n".join(lines)
 

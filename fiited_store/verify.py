@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from .kernels.layout import EMPTY, TOMBSTONE
+from .kernels.layout import EMPTY, TOMBSTONE, util_to_float
 
 
 def _first(mask: np.ndarray, limit: int = 5) -> list[int]:
@@ -36,7 +36,7 @@ def check_store(store) -> list[str]:
         ("keys", keys, np.int64, (cap,)),
         ("table_ids", h_tids, np.int16, (cap,)),
         ("addr", addr, np.int32, (n_all, kmax)),
-        ("util", util, np.float32, (n_all, store.util_width)),
+        ("util", util, np.uint16, (n_all, store.util_width)),
     ):
         if arr.dtype != dtype or arr.shape != shape:
             problems.append(f"entries/{name} is {arr.dtype}{arr.shape}, expected {np.dtype(dtype)}{shape}")
@@ -85,6 +85,7 @@ def check_store(store) -> list[str]:
     dead_addr = (~live[:, None]) & (addr != -1)
     if dead_addr.any():
         problems.append(f"empty or erased entries {_first(dead_addr.any(axis=1))} still hold addresses")
+    util = util_to_float(util)
     if not np.all(np.isfinite(util)) or np.any(util < 0):
         problems.append(f"utilities are negative or not finite at entries {_first(~(np.isfinite(util) & (util >= 0)).all(axis=1))}")
 

@@ -37,12 +37,14 @@ import zarr
 from ..config import DynamicRatio, ManualRatios, StoreConfig, TableConfig
 from ..entry_table import EntryArrays, EntryTable, row_bases
 from ..errors import ConfigError, CorruptStoreError, StoreLockedError, StoreReadOnlyError
+from ..kernels.layout import util_from_float
 from ..pool import ChunkPool, PoolArrays
 from .zarr_tier import storage_error
 
 FORMAT = "fiited-store"
-#: 2: entries hold a direct index (row_base, seen) beside the hashed one.
-#: Version 1 stores (hashed only) still open: every table is read as hashed.
+#: 2: entries hold a direct index (row_base, seen) beside the hashed one, and
+#: utilities are bfloat16 (uint16). Version 1 stores (hashed only, float32
+#: utilities) still open: every table is read as hashed, utilities are rounded.
 FORMAT_VERSION = 2
 READABLE_VERSIONS = (1, 2)
 MANIFEST = "fiited.json"
@@ -234,7 +236,7 @@ def _save_locked(store, path: Path) -> Path:
         _write_array(entries, "keys", b.to_host(ea.keys), 0)
         _write_array(entries, "table_ids", b.to_host(ea.table_ids), -1)
         _write_array(entries, "addr", b.to_host(ea.addr), -1)
-        _write_array(entries, "util", b.to_host(ea.util), 0.0)
+        _write_array(entries, "util", b.to_host(ea.util), 0)
         _at("entries-written")
         pools_state = []
         for pool in store.pools:
@@ -364,7 +366,9 @@ def open_store(path: Path, mode: str = "r", device: str | None = None):
                 keys=b.persist(_read(entries_g, "keys", np.int64, (cap,), where)),
                 table_ids=b.persist(_read(entries_g, "table_ids", np.int16, (cap,), where)),
                 addr=b.persist(_read(entries_g, "addr", np.int32, (nd + cap, store.kmax), where)),
-                util=b.persist(_read(entries_g, "util", np.float32, (nd + cap, store.util_width), where)),
+                util=b.persist(_read(entries_g, "util", np.uint16, (nd + cap, store.util_width), where)
+                               if version >= 2 else
+                               util_from_float(_read(entries_g, "util", np.float32, (cap, store.util_width), where))),
             )
             store.entries = EntryTable.from_arrays(b, arrays, [t.name for t in tables], config.max_load)
             store.pools = []

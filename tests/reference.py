@@ -54,6 +54,21 @@ def init_value(seed: int, t: int, key: int, k: int, j: int, kind: str, scale: fl
     return f32(0.0)
 
 
+def bf16_round(x, r16: int) -> np.float32:
+    """x >= 0 to bfloat16 (kept as a float32), rounded up with probability (dropped bits) / 2**16."""
+    b = int(np.float32(x).view(np.uint32))
+    return np.array([((b + r16) >> 16) << 16], np.uint32).view(np.float32)[0]
+
+
+def bf16_nearest(x) -> np.float32:
+    b = int(np.float32(x).view(np.uint32))
+    return np.array([((b + 0x7FFF + ((b >> 16) & 1)) >> 16) << 16], np.uint32).view(np.float32)[0]
+
+
+def rand16(kh: int, k: int, salt: int) -> int:
+    return mix64(kh ^ salt ^ (((k + 1) * C3) & MASK)) >> 48
+
+
 def fma(a, b, c) -> np.float32:
     """float32 fused multiply-add (the product of two float32 is exact in float64)."""
     return f32(float(a) * float(b) + float(c))
@@ -190,7 +205,7 @@ class ReferenceStore:
         if steps:
             factor = self.config.gamma ** steps
             for r in self.rows.values():
-                r.util = np.array([f32(float(u) * factor) for u in r.util], f32)
+                r.util = np.array([bf16_nearest(f32(float(u) * factor)) for u in r.util], f32)
             self.origin = self.step_count
 
     def backward(self, batch: RefBatch, grad: np.ndarray) -> None:
@@ -225,15 +240,18 @@ class ReferenceStore:
                     g = (g + row).astype(f32)
             a = float(len(occs))
             mode = self.config.utility
+            # utilities are bfloat16, rounded stochastically with bits from (key, chunk, step)
+            kh = key_hash(r.table, r.key)
+            salt = mix64(self.config.seed ^ mix64(self.step_count + 1))
             if mode == "gradient":
                 for k in range(tc.chunks):
                     sq = sum(float(x) * float(x) for x in g[k * c:(k + 1) * c])
-                    r.util[k] = f32(r.util[k] + f32(a * math.sqrt(sq) * growth))
+                    r.util[k] = bf16_round(f32(r.util[k] + f32(a * math.sqrt(sq) * growth)), rand16(kh, k, salt))
             elif mode == "access":
-                r.util[0] = f32(r.util[0] + f32(a * growth))
+                r.util[0] = bf16_round(f32(r.util[0] + f32(a * growth)), rand16(kh, 0, salt))
             else:
                 sq = sum(float(x) * float(x) for x in g)
-                r.util[0] = f32(r.util[0] + f32(a * math.sqrt(sq) * growth))
+                r.util[0] = bf16_round(f32(r.util[0] + f32(a * math.sqrt(sq) * growth)), rand16(kh, 0, salt))
             lr, eps = f32(-tc.learning_rate), f32(tc.eps)
             for k in range(tc.chunks):
                 v = r.vec[k]

@@ -100,7 +100,7 @@ def plant_wrong_dtype(path):
     (plant_bad_owner, "names entry"),
     (plant_slot_owned_twice, "whose owner is"),
     (plant_truncated_chunk, "corrupt"),
-    (plant_wrong_dtype, "entries/util has dtype float64, expected float32"),
+    (plant_wrong_dtype, "entries/util has dtype float64, expected uint16"),
 ])
 def test_verify_catches_planted_corruption(saved_store, capsys, plant, expect):
     path, _ = saved_store

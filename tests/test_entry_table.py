@@ -177,3 +177,48 @@ def test_direct_index_stores_no_key_and_no_probe():
     assert ea.addr.shape == (10_000, 4) and ea.seen.nbytes == 4 * ((10_000 + 31) // 32)
     with pytest.raises(ConfigError, match="index='direct' needs num_embeddings"):
         TableConfig("u", dim=8, index="direct")
+
+
+# --------------------------------------------------------------------------- memory budget
+
+
+def test_a_memory_budget_covers_the_whole_store_and_the_pool_gets_the_rest():
+    tables = [TableConfig("a", dim=32, chunks=2, num_embeddings=5000), TableConfig("b", dim=32, chunks=2, num_embeddings=800)]
+    s = EmbeddingStore(tables, StoreConfig(memory_budget_fraction=0.3, prune_period=0))
+    st = s.stats()["total"]
+    dense = 5800 * 32 * 4
+    assert st["memory_budget_bytes"] == int(0.3 * dense)
+    assert st["bytes"]["memory_total"] == s.memory_bytes() <= st["memory_budget_bytes"]
+    assert 0.95 < st["memory_vs_budget"] <= 1.0  # nearly all of it, never more
+    # what the direct index costs per row: 2 int32 addresses, 2 bfloat16 utilities, a seen bit
+    assert st["bytes"]["entries"] == 5800 * (8 + 4) + 4 * ((5800 + 31) // 32) + 8 * 3
+    # row-wise Adagrad on a dense table keeps one float per row
+    assert st["dense_with_optimizer_bytes"] == dense + 5800 * 4
+    assert st["memory_vs_dense_with_optimizer"] == st["bytes"]["memory_total"] / (dense + 5800 * 4)
+
+
+def test_pool_and_memory_budgets_together_are_checked_at_construction():
+    t = [TableConfig("a", dim=16, chunks=4, num_embeddings=10_000)]
+    with pytest.raises(ConfigError, match="smaller than the entry index alone"):
+        EmbeddingStore(t, StoreConfig(memory_budget_bytes=10_000))
+    with pytest.raises(ConfigError, match=r"the store needs \d+ bytes .* but the memory budget is 300000 bytes"):
+        EmbeddingStore(t, StoreConfig(budget_fraction=0.5, memory_budget_bytes=300_000))
+    s = EmbeddingStore(t, StoreConfig(budget_fraction=0.25, memory_budget_fraction=0.9))
+    assert s.stats()["total"]["memory_vs_budget"] <= 1.0
+
+
+def test_the_hashed_index_never_grows_past_the_memory_budget():
+    from fiited_store import MemoryBudgetError
+
+    from .helpers import assert_unchanged, snapshot
+
+    t = [TableConfig("a", dim=16, chunks=2, num_embeddings=1000, index="hashed")]
+    s = EmbeddingStore(t, StoreConfig(budget_fraction=0.05, memory_budget_bytes=20_000, prune_period=0,
+                                      initial_capacity=64))
+    s.insert("a", np.arange(40))
+    assert s.stats()["total"]["memory_vs_budget"] <= 1.0
+    before = snapshot(s)
+    with pytest.raises(MemoryBudgetError, match="over the memory budget of 20000 bytes; nothing was inserted"):
+        s.insert("a", np.arange(40, 2000))
+    assert_unchanged(before, snapshot(s))
+    assert s.stats()["total"]["memory_vs_budget"] <= 1.0

@@ -20,6 +20,7 @@ from fiited_store import (
     StoreConfig,
     TableConfig,
 )
+from fiited_store.kernels.layout import util_to_float
 from fiited_store.verify import check_store
 
 from .helpers import assert_unchanged, snapshot
@@ -175,7 +176,7 @@ class StoreVsReference(RuleBasedStateMachine):
             values, found = self.store.find(tc.name, ids)
             expect = np.stack([self.ref.row_values(t, k) for k in keys])
             np.testing.assert_array_equal(values, expect)
-            stored = self.store.backend.to_host(self.store.entries.arrays.util)
+            stored = util_to_float(self.store.backend.to_host(self.store.entries.arrays.util))
             e, _ = self.store.entries.find(np.full(len(keys), t, np.int16), ids)
             for i, key in enumerate(keys):
                 r = self.ref.rows[(t, key)]

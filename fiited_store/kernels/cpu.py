@@ -78,6 +78,61 @@ def prefetch(typingctx, arr, idx):
     return sig, codegen
 
 
+@intrinsic
+def f32_bits(typingctx, x):
+    """The bit pattern of a float32, as uint32."""
+    sig = types.uint32(types.float32)
+
+    def codegen(context, builder, signature, args):
+        return builder.bitcast(args[0], ir.IntType(32))
+
+    return sig, codegen
+
+
+@intrinsic
+def bits_f32(typingctx, b):
+    """The float32 with bit pattern b (uint32)."""
+    sig = types.float32(types.uint32)
+
+    def codegen(context, builder, signature, args):
+        return builder.bitcast(args[0], ir.FloatType())
+
+    return sig, codegen
+
+
+# --------------------------------------------------------------------------- utilities in 16 bits
+# A utility is kept as the top half of its float32 (bfloat16): the float32 range, so the
+# growth scale still fits, and 8 significant bits, which ranking needs. Additions round
+# stochastically with bits drawn from the key, the chunk and the step: an increment far
+# below the stored value's last bit still adds its expected value, where rounding to
+# nearest would drop it (a hot row at gamma = 0.999 would stop gaining utility).
+
+
+@njit(inline="always")
+def util_load(b):
+    """float32 value of a stored (bfloat16) utility."""
+    return bits_f32(np.uint32(b) << np.uint32(16))
+
+
+@njit(inline="always")
+def util_round(x, r16):
+    """bfloat16 of x >= 0, rounded up with probability (dropped bits) / 2**16; r16 is uniform in [0, 2**16)."""
+    return np.uint16((np.uint64(f32_bits(np.float32(x))) + np.uint64(r16)) >> np.uint64(16))
+
+
+@njit(inline="always")
+def util_nearest(x):
+    """bfloat16 of x >= 0, rounded to nearest even."""
+    b = np.uint64(f32_bits(np.float32(x)))
+    return np.uint16((b + np.uint64(0x7FFF) + ((b >> np.uint64(16)) & np.uint64(1))) >> np.uint64(16))
+
+
+@njit(inline="always")
+def util_random16(kh, k, salt):
+    """16 random bits for rounding chunk k's utility of the key with hash kh at this step."""
+    return mix64(kh ^ salt ^ (np.uint64(k + 1) * _U64_C3)) >> np.uint64(48)
+
+
 #: how far ahead (in output rows) the forward pass prefetches entry addresses and chunk rows
 PREFETCH_ADDR = 16
 PREFETCH_ROWS = 4
@@ -276,7 +331,7 @@ def insert_missing(row_base, seen, keys, table_ids, addr, util, q_tables, q_ids,
             if not (seen[e >> 5] >> np.uint32(e & 31)) & np.uint32(1):
                 _set_seen(seen, e, True)
                 addr[e, :] = -1
-                util[e, :] = 0.0
+                util[e, :] = 0
                 new_entries[n_new] = e
                 n_new += 1
             out[i] = e
@@ -289,7 +344,7 @@ def insert_missing(row_base, seen, keys, table_ids, addr, util, q_tables, q_ids,
                 table_ids[pos] = t
                 e = nd + np.int64(pos)
                 addr[e, :] = -1
-                util[e, :] = 0.0
+                util[e, :] = 0
                 new_entries[n_new] = e
                 n_new += 1
                 n_new_hashed += 1
@@ -376,7 +431,7 @@ def erase_entries(entries, row_base, seen, table_ids, addr, util, owner, free_st
                 tier_out[n_tier] = -2 - s
                 n_tier += 1
             addr[e, k] = -1
-        util[e, :] = 0.0
+        util[e, :] = 0
         if e >= nd:
             table_ids[e - nd] = TOMBSTONE
             n_hashed += 1
@@ -846,13 +901,15 @@ def count_nonfinite_rows(a, n):
 
 
 @njit(**_PAR)
-def apply_gradients(uniq, counts, grad_buf, row_base, seen, table_ids, addr, util, vectors, opt_state, table_chunks, table_group,
-                    group, table_opt, table_lr, table_eps, util_mode, growth):
+def apply_gradients(uniq, counts, grad_buf, row_base, seen, keys, table_ids, addr, util, vectors, opt_state,
+                    table_chunks, table_group, group, table_opt, table_lr, table_eps, util_mode, growth, salt):
     """Per distinct entry: update its utilities and step its resident chunks.
 
     Utilities are stored scaled by ``growth = gamma ** -(steps since the scale was
     last folded in)``, so decaying every utility at every step costs nothing:
     adding ``a * g * growth`` is the same as ``u = gamma * u + a * g`` on the true scale.
+    The sum is rounded to 16 bits stochastically (``util_round``), with ``salt``
+    differing from step to step.
     A chunk that is not resident gets its utility and nothing else (invariant 4).
     """
     c = vectors.shape[1]
@@ -876,20 +933,23 @@ def apply_gradients(uniq, counts, grad_buf, row_base, seen, table_ids, addr, uti
         g = grad_buf[u, :D]
         accesses = np.float64(counts[u])
         urow = util[e]
+        kh = key_hash(t, entry_key(e, t, row_base, keys))
         if util_mode == UTIL_GRADIENT:
             for k in range(K):
                 gk = g[k * c:(k + 1) * c]
                 sq = 0.0
                 for j in range(c):
                     sq += np.float64(gk[j]) * np.float64(gk[j])
-                urow[k] += np.float32(accesses * np.sqrt(sq) * growth)
+                urow[k] = util_round(util_load(urow[k]) + np.float32(accesses * np.sqrt(sq) * growth),
+                                     util_random16(kh, k, salt))
         elif util_mode == UTIL_ACCESS:
-            urow[0] += np.float32(accesses * growth)
+            urow[0] = util_round(util_load(urow[0]) + np.float32(accesses * growth), util_random16(kh, 0, salt))
         else:
             sq = 0.0
             for j in range(D):
                 sq += np.float64(g[j]) * np.float64(g[j])
-            urow[0] += np.float32(accesses * np.sqrt(sq) * growth)
+            urow[0] = util_round(util_load(urow[0]) + np.float32(accesses * np.sqrt(sq) * growth),
+                                 util_random16(kh, 0, salt))
 
         opt = table_opt[t]
         neg_lr = np.float32(-table_lr[t])
@@ -970,7 +1030,7 @@ def scale_utilities(util, factor):
     """Fold the growth factor back in: stored utilities become true utilities."""
     for e in prange(util.shape[0]):
         for k in range(util.shape[1]):
-            util[e, k] = np.float32(np.float64(util[e, k]) * factor)
+            util[e, k] = util_nearest(np.float64(util_load(util[e, k])) * factor)
 
 
 # --------------------------------------------------------------------------- prune
@@ -993,9 +1053,9 @@ def sample_utilities(row_base, seen, keys, table_ids, util, table_chunks, table_
             return n
         for k in range(out.shape[1]):
             if U == 1:
-                out[n, k] = util[e, 0] if k < table_chunks[t] else np.nan
+                out[n, k] = util_load(util[e, 0]) if k < table_chunks[t] else np.nan
             else:
-                out[n, k] = util[e, k] if k < table_chunks[t] else np.nan
+                out[n, k] = util_load(util[e, k]) if k < table_chunks[t] else np.nan
         n += 1
     return n
 
@@ -1007,12 +1067,10 @@ def _keeps(resident, u, thr):
 
 
 @njit(inline="always")
-def _classify(addr, util, util_bits, thresholds, e, k):
+def _classify(addr, util, thresholds, e, k):
     """(resident, passes its threshold, utility bits) of chunk k of entry e."""
-    if util.shape[1] > 1:
-        u, bits = util[e, k], util_bits[e, k]
-    else:
-        u, bits = util[e, 0], util_bits[e, 0]
+    bits = util[e, k] if util.shape[1] > 1 else util[e, 0]
+    u = util_load(bits)
     resident = addr[e, k] >= 0
     return resident, _keeps(resident, u, thresholds[k]), bits
 
@@ -1039,7 +1097,7 @@ def _block(e_count, blk):
 
 
 @njit(**_PAR)
-def prune_count(row_base, seen, table_ids, addr, util, util_bits, table_chunks, table_group, group, thresholds, block_counts):
+def prune_count(row_base, seen, table_ids, addr, util, table_chunks, table_group, group, thresholds, block_counts):
     """Per block of entries: resident chunks that keep their slot, absent or spilled
     chunks that qualify for one, resident chunks that fall below their threshold.
     block_counts is int64[_SCAN_BLOCKS, 3]; returns the three totals."""
@@ -1054,7 +1112,7 @@ def prune_count(row_base, seen, table_ids, addr, util, util_bits, table_chunks, 
             if t < 0 or table_group[t] != group:
                 continue
             for k in range(table_chunks[t]):
-                resident, passes, _ = _classify(addr, util, util_bits, thresholds, e, k)
+                resident, passes, _ = _classify(addr, util, thresholds, e, k)
                 if passes:
                     if resident:
                         keep += 1
@@ -1069,7 +1127,7 @@ def prune_count(row_base, seen, table_ids, addr, util, util_bits, table_chunks, 
 
 
 @njit(**_PAR)
-def prune_composites(row_base, seen, keys, table_ids, addr, util, util_bits, table_chunks, table_group, group, thresholds,
+def prune_composites(row_base, seen, keys, table_ids, addr, util, table_chunks, table_group, group, thresholds,
                      block_counts, out):
     """Composite ranks of every chunk that qualifies for a slot, in entry order; returns how many."""
     cap = addr.shape[0]
@@ -1084,7 +1142,7 @@ def prune_composites(row_base, seen, keys, table_ids, addr, util, util_bits, tab
             if t < 0 or table_group[t] != group:
                 continue
             for k in range(table_chunks[t]):
-                resident, passes, bits = _classify(addr, util, util_bits, thresholds, e, k)
+                resident, passes, bits = _classify(addr, util, thresholds, e, k)
                 if passes:
                     out[n] = _composite(bits, resident, t, entry_key(e, t, row_base, keys), k)
                     n += 1
@@ -1092,14 +1150,14 @@ def prune_composites(row_base, seen, keys, table_ids, addr, util, util_bits, tab
 
 
 @njit(inline="always")
-def _select_block(row_base, seen, keys, table_ids, addr, util, util_bits, table_chunks, table_group, group, thresholds, use_cutoff,
+def _select_block(row_base, seen, keys, table_ids, addr, util, table_chunks, table_group, group, thresholds, use_cutoff,
                   cutoff, lo, hi, write, n_ev, n_al, ev_entries, ev_chunks, al_entries, al_chunks, al_rank):
     for e in range(lo, hi):
         t = entry_table(e, row_base, seen, table_ids)
         if t < 0 or table_group[t] != group:
             continue
         for k in range(table_chunks[t]):
-            resident, keep, bits = _classify(addr, util, util_bits, thresholds, e, k)
+            resident, keep, bits = _classify(addr, util, thresholds, e, k)
             rank = np.uint64(0)
             if keep:
                 rank = _composite(bits, resident, t, entry_key(e, t, row_base, keys), k)
@@ -1120,7 +1178,7 @@ def _select_block(row_base, seen, keys, table_ids, addr, util, util_bits, table_
 
 
 @njit(**_PAR)
-def prune_select(row_base, seen, keys, table_ids, addr, util, util_bits, table_chunks, table_group, group, thresholds, use_cutoff,
+def prune_select(row_base, seen, keys, table_ids, addr, util, table_chunks, table_group, group, thresholds, use_cutoff,
                  cutoff, ev_entries, ev_chunks, al_entries, al_chunks, al_rank):
     """List the chunks to evict and to allocate, in entry order.
 
@@ -1133,7 +1191,7 @@ def prune_select(row_base, seen, keys, table_ids, addr, util, util_bits, table_c
     starts = np.zeros((_SCAN_BLOCKS + 1, 2), np.int64)
     for blk in prange(_SCAN_BLOCKS):
         lo, hi = _block(cap, blk)
-        n_ev, n_al = _select_block(row_base, seen, keys, table_ids, addr, util, util_bits, table_chunks, table_group, group,
+        n_ev, n_al = _select_block(row_base, seen, keys, table_ids, addr, util, table_chunks, table_group, group,
                                    thresholds, use_cutoff, cutoff, lo, hi, False, 0, 0, ev_entries, ev_chunks,
                                    al_entries, al_chunks, al_rank)
         starts[blk + 1, 0] = n_ev
@@ -1143,7 +1201,7 @@ def prune_select(row_base, seen, keys, table_ids, addr, util, util_bits, table_c
         starts[blk + 1, 1] += starts[blk, 1]
     for blk in prange(_SCAN_BLOCKS):
         lo, hi = _block(cap, blk)
-        _select_block(row_base, seen, keys, table_ids, addr, util, util_bits, table_chunks, table_group, group, thresholds,
+        _select_block(row_base, seen, keys, table_ids, addr, util, table_chunks, table_group, group, thresholds,
                       use_cutoff, cutoff, lo, hi, True, starts[blk, 0], starts[blk, 1], ev_entries, ev_chunks,
                       al_entries, al_chunks, al_rank)
     return starts[_SCAN_BLOCKS, 0], starts[_SCAN_BLOCKS, 1]
@@ -1164,7 +1222,7 @@ def find_dead_entries(row_base, seen, table_ids, addr, util, floor, out):
         if alive:
             continue
         for k in range(util.shape[1]):
-            if util[e, k] >= floor:
+            if util_load(util[e, k]) >= floor:
                 alive = True
                 break
         if not alive:
@@ -1199,7 +1257,7 @@ def _is_victim(owner, addr, util, pinned_sorted, threshold, s):
     if e < 0:
         return False
     k = chunk_at(addr[e], s)
-    u = util[e, k] if util.shape[1] > 1 else util[e, 0]
+    u = util_load(util[e, k] if util.shape[1] > 1 else util[e, 0])
     if u >= threshold:
         return False
     j = np.searchsorted(pinned_sorted, e)
@@ -1272,7 +1330,7 @@ def slot_utilities(owner, addr, util, positions, out):
             out[i] = np.nan
         else:
             k = chunk_at(addr[e], positions[i])
-            out[i] = util[e, k] if U > 1 else util[e, 0]
+            out[i] = util_load(util[e, k] if U > 1 else util[e, 0])
 
 
 # --------------------------------------------------------------------------- stats and export

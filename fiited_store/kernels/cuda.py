@@ -111,11 +111,60 @@ def composite(ubits, resident, table, key, k):
     return (np.uint64(ubits) << np.uint64(32)) | (r << np.uint64(31)) | chunk_hash31(table, key, k)
 
 
+# The float32 <-> bit pattern bridge: libdevice on a GPU; the simulator runs device
+# functions as Python, where a numpy view does it.
+if SIMULATED:
+    @cuda.jit(device=True)
+    def f32_bits(x):
+        return np.uint32(np.array([x], np.float32).view(np.uint32)[0])
+
+    @cuda.jit(device=True)
+    def bits_f32(b):
+        return np.float32(np.array([b], np.uint32).view(np.float32)[0])
+else:
+    from numba.cuda import libdevice
+
+    @cuda.jit(device=True, inline=True)
+    def f32_bits(x):
+        return np.uint32(libdevice.float_as_int(np.float32(x)))
+
+    @cuda.jit(device=True, inline=True)
+    def bits_f32(b):
+        return libdevice.int_as_float(np.int32(b))
+
+
 @cuda.jit(device=True, inline=True)
-def util_of(util, e, k):
+def util_load(b):
+    """float32 value of a stored (bfloat16) utility (see kernels/cpu.py)."""
+    return bits_f32(np.uint32(b) << np.uint32(16))
+
+
+@cuda.jit(device=True, inline=True)
+def util_round(x, r16):
+    return np.uint16((np.uint64(f32_bits(np.float32(x))) + np.uint64(r16)) >> np.uint64(16))
+
+
+@cuda.jit(device=True, inline=True)
+def util_nearest(x):
+    b = np.uint64(f32_bits(np.float32(x)))
+    return np.uint16((b + np.uint64(0x7FFF) + ((b >> np.uint64(16)) & np.uint64(1))) >> np.uint64(16))
+
+
+@cuda.jit(device=True, inline=True)
+def util_random16(kh, k, salt):
+    return mix64(kh ^ salt ^ (np.uint64(k + 1) * U64_C3)) >> np.uint64(48)
+
+
+@cuda.jit(device=True, inline=True)
+def util_bits_of(util, e, k):
     if util.shape[1] > 1:
         return util[e, k]
     return util[e, 0]
+
+
+@cuda.jit(device=True, inline=True)
+def util_of(util, e, k):
+    return util_load(util_bits_of(util, e, k))
 
 
 @cuda.jit(device=True, inline=True)
@@ -389,7 +438,7 @@ def _insert_first_kernel(row_base, seen, keys, table_words, addr, util, q_tables
         for k in range(addr.shape[1]):
             addr[e, k] = -1
         for k in range(util.shape[1]):
-            util[e, k] = 0.0
+            util[e, k] = 0
         cuda.atomic.or_(seen, e >> 5, np.uint32(1) << np.uint32(e & 31))
         out[i] = e
         new_entries[rank[i] - 1] = e
@@ -404,7 +453,7 @@ def _insert_first_kernel(row_base, seen, keys, table_words, addr, util, q_tables
     for k in range(addr.shape[1]):
         addr[e, k] = -1
     for k in range(util.shape[1]):
-        util[e, k] = 0.0
+        util[e, k] = 0
     cuda.threadfence()
     publish_table(table_words, pos, t)
     out[i] = e
@@ -538,7 +587,7 @@ def _erase_kernel(entries, row_base, seen, table_ids, addr, util, owner, free_st
             tier_out[q] = -2 - s
         addr[e, k] = -1
     for k in range(util.shape[1]):
-        util[e, k] = 0.0
+        util[e, k] = 0
     nd = row_base[row_base.shape[0] - 1]
     if e >= nd:
         table_ids[e - nd] = TOMBSTONE
@@ -1018,8 +1067,8 @@ def nonfinite_in_empty_bags(offsets, bags_per_feature, feature_col, feature_tabl
 
 
 @cuda.jit
-def _apply_kernel(uniq, counts, grad_buf, row_base, seen, table_ids, addr, util, vectors, opt_state, table_chunks, table_group, group,
-                  table_opt, table_lr, table_eps, util_mode, growth):
+def _apply_kernel(uniq, counts, grad_buf, row_base, seen, keys, table_ids, addr, util, vectors, opt_state, table_chunks,
+                  table_group, group, table_opt, table_lr, table_eps, util_mode, growth, salt):
     u = cuda.grid(1)
     if u >= uniq.shape[0]:
         return
@@ -1030,19 +1079,22 @@ def _apply_kernel(uniq, counts, grad_buf, row_base, seen, table_ids, addr, util,
     c = vectors.shape[1]
     K = table_chunks[t]
     accesses = np.float64(counts[u])
+    kh = key_hash(t, entry_key(e, t, row_base, keys))
     if util_mode == UTIL_GRADIENT:
         for k in range(K):
             sq = 0.0
             for j in range(k * c, (k + 1) * c):
                 sq += np.float64(grad_buf[u, j]) * np.float64(grad_buf[u, j])
-            util[e, k] += np.float32(accesses * math.sqrt(sq) * growth)
+            util[e, k] = util_round(util_load(util[e, k]) + np.float32(accesses * math.sqrt(sq) * growth),
+                                    util_random16(kh, k, salt))
     elif util_mode == UTIL_ACCESS:
-        util[e, 0] += np.float32(accesses * growth)
+        util[e, 0] = util_round(util_load(util[e, 0]) + np.float32(accesses * growth), util_random16(kh, 0, salt))
     else:
         sq = 0.0
         for j in range(K * c):
             sq += np.float64(grad_buf[u, j]) * np.float64(grad_buf[u, j])
-        util[e, 0] += np.float32(accesses * math.sqrt(sq) * growth)
+        util[e, 0] = util_round(util_load(util[e, 0]) + np.float32(accesses * math.sqrt(sq) * growth),
+                                util_random16(kh, 0, salt))
     opt = table_opt[t]
     neg_lr = np.float32(-table_lr[t])
     eps = np.float32(table_eps[t])
@@ -1071,12 +1123,12 @@ def _apply_kernel(uniq, counts, grad_buf, row_base, seen, table_ids, addr, util,
                 vectors[s, j] = cuda.fma(mult, grad_buf[u, base + j], vectors[s, j])
 
 
-def apply_gradients(uniq, counts, grad_buf, row_base, seen, table_ids, addr, util, vectors, opt_state, table_chunks,
-                    table_group, group, table_opt, table_lr, table_eps, util_mode, growth):
+def apply_gradients(uniq, counts, grad_buf, row_base, seen, keys, table_ids, addr, util, vectors, opt_state,
+                    table_chunks, table_group, group, table_opt, table_lr, table_eps, util_mode, growth, salt):
     if uniq.shape[0]:
-        _apply_kernel[_grid(uniq.shape[0])](uniq, counts, grad_buf, row_base, seen, table_ids, addr, util, vectors, opt_state,
-                                            table_chunks, table_group, group, table_opt, table_lr, table_eps, util_mode,
-                                            growth)
+        _apply_kernel[_grid(uniq.shape[0])](uniq, counts, grad_buf, row_base, seen, keys, table_ids, addr, util, vectors,
+                                            opt_state, table_chunks, table_group, group, table_opt, table_lr, table_eps,
+                                            util_mode, growth, np.uint64(salt))
 
 
 @cuda.jit
@@ -1118,7 +1170,7 @@ def _scale_kernel(util, factor):
     if g < util.shape[0] * util.shape[1]:
         e = g // util.shape[1]
         k = g - e * util.shape[1]
-        util[e, k] = np.float32(np.float64(util[e, k]) * factor)
+        util[e, k] = util_nearest(np.float64(util_load(util[e, k])) * factor)
 
 
 def scale_utilities(util, factor):
@@ -1176,7 +1228,7 @@ def _prune_count_kernel(row_base, seen, table_ids, addr, util, table_chunks, tab
             cuda.atomic.add(totals, 2, 1)
 
 
-def prune_count(row_base, seen, table_ids, addr, util, util_bits, table_chunks, table_group, group, thresholds,
+def prune_count(row_base, seen, table_ids, addr, util, table_chunks, table_group, group, thresholds,
                 block_counts):
     totals = _zeros(3, np.int64)
     _prune_count_kernel[_grid(addr.shape[0])](row_base, seen, table_ids, addr, util, table_chunks, table_group, group, thresholds,
@@ -1186,7 +1238,7 @@ def prune_count(row_base, seen, table_ids, addr, util, util_bits, table_chunks, 
 
 
 @cuda.jit
-def _composites_kernel(row_base, seen, keys, table_ids, addr, util, util_bits, table_chunks, table_group, group,
+def _composites_kernel(row_base, seen, keys, table_ids, addr, util, table_chunks, table_group, group,
                        thresholds, out, counter):
     e = cuda.grid(1)
     if e >= addr.shape[0]:
@@ -1198,20 +1250,20 @@ def _composites_kernel(row_base, seen, keys, table_ids, addr, util, util_bits, t
         resident = addr[e, k] >= 0
         if keeps(resident, util_of(util, e, k), thresholds[k]):
             n = cuda.atomic.add(counter, 0, 1)
-            bits = util_bits[e, k] if util_bits.shape[1] > 1 else util_bits[e, 0]
+            bits = util_bits_of(util, e, k)
             out[n] = composite(bits, resident, t, entry_key(e, t, row_base, keys), k)
 
 
-def prune_composites(row_base, seen, keys, table_ids, addr, util, util_bits, table_chunks, table_group, group,
+def prune_composites(row_base, seen, keys, table_ids, addr, util, table_chunks, table_group, group,
                      thresholds, block_counts, out):
     counter = _zeros(1, np.int64)
-    _composites_kernel[_grid(addr.shape[0])](row_base, seen, keys, table_ids, addr, util, util_bits, table_chunks, table_group,
+    _composites_kernel[_grid(addr.shape[0])](row_base, seen, keys, table_ids, addr, util, table_chunks, table_group,
                                                   group, thresholds, out, counter)
     return _scalar(counter)
 
 
 @cuda.jit
-def _select_kernel(row_base, seen, keys, table_ids, addr, util, util_bits, table_chunks, table_group, group, thresholds,
+def _select_kernel(row_base, seen, keys, table_ids, addr, util, table_chunks, table_group, group, thresholds,
                    use_cutoff, cutoff, ev_entries, ev_chunks, al_entries, al_chunks, al_rank, counters):
     e = cuda.grid(1)
     if e >= addr.shape[0]:
@@ -1225,7 +1277,7 @@ def _select_kernel(row_base, seen, keys, table_ids, addr, util, util_bits, table
         keep = keeps(resident, u, thresholds[k])
         rank = np.uint64(0)
         if keep:
-            bits = util_bits[e, k] if util_bits.shape[1] > 1 else util_bits[e, 0]
+            bits = util_bits_of(util, e, k)
             rank = composite(bits, resident, t, entry_key(e, t, row_base, keys), k)
             if use_cutoff and rank < cutoff:
                 keep = False
@@ -1240,10 +1292,10 @@ def _select_kernel(row_base, seen, keys, table_ids, addr, util, util_bits, table
             al_rank[n] = rank
 
 
-def prune_select(row_base, seen, keys, table_ids, addr, util, util_bits, table_chunks, table_group, group, thresholds,
+def prune_select(row_base, seen, keys, table_ids, addr, util, table_chunks, table_group, group, thresholds,
                  use_cutoff, cutoff, ev_entries, ev_chunks, al_entries, al_chunks, al_rank):
     counters = _zeros(2, np.int64)
-    _select_kernel[_grid(addr.shape[0])](row_base, seen, keys, table_ids, addr, util, util_bits, table_chunks, table_group, group,
+    _select_kernel[_grid(addr.shape[0])](row_base, seen, keys, table_ids, addr, util, table_chunks, table_group, group,
                                               thresholds, bool(use_cutoff), np.uint64(cutoff), ev_entries, ev_chunks,
                                               al_entries, al_chunks, al_rank, counters)
     c = counters.copy_to_host()
@@ -1259,7 +1311,7 @@ def _dead_kernel(row_base, seen, table_ids, addr, util, floor, out, counter):
         if addr[e, k] >= 0:
             return
     for k in range(util.shape[1]):
-        if util[e, k] >= floor:
+        if util_load(util[e, k]) >= floor:
             return
     out[cuda.atomic.add(counter, 0, 1)] = e
 

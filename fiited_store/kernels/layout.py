@@ -46,3 +46,22 @@ def spilled_code(tier_slot):
 def tier_slot_of(code):
     """Inverse of :func:`spilled_code`."""
     return -2 - code
+
+
+# Utilities are stored as bfloat16 bit patterns (uint16[n, U]): the top half of a float32.
+UTIL_DTYPE = "uint16"
+
+
+def util_to_float(bits):
+    """float32 values of stored utilities (numpy arrays of uint16)."""
+    import numpy as np
+
+    return (np.asarray(bits, np.uint16).astype(np.uint32) << np.uint32(16)).view(np.float32)
+
+
+def util_from_float(values):
+    """Stored (bfloat16) utilities of float32 values >= 0, rounded to nearest even."""
+    import numpy as np
+
+    b = np.ascontiguousarray(values, np.float32).view(np.uint32).astype(np.uint64)
+    return ((b + 0x7FFF + ((b >> 16) & 1)) >> 16).astype(np.uint16)
