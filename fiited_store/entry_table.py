@@ -23,7 +23,7 @@ import numpy as np
 
 from .config import hashed_capacity
 from .errors import IdOutOfRangeError
-from .kernels.layout import EMPTY
+from .kernels.layout import EMPTY, OUT_OF_RANGE
 
 
 class EntryArrays(NamedTuple):
@@ -129,15 +129,11 @@ class EntryTable:
         return int(self._host_base[table + 1] - self._host_base[table])
 
     # ------------------------------------------------------------------ verbs
-    def check_range(self, q_tables, q_ids) -> None:
-        """Raise :class:`IdOutOfRangeError` for the first id outside its direct table's rows."""
-        if self.direct_rows == 0 or q_ids.shape[0] == 0:
-            return
-        bad = int(self.backend.k.first_out_of_range(self.arrays.row_base, q_tables, q_ids))
-        if bad >= 0:
-            t = int(self.backend.to_host(q_tables[bad:bad + 1])[0])
-            key = int(self.backend.to_host(q_ids[bad:bad + 1])[0])
-            raise IdOutOfRangeError(self.table_names[t], key, self.rows_of(t), bad)
+    def _raise_out_of_range(self, q_tables, q_ids, out) -> None:
+        bad = int(np.argmax(self.backend.to_host(out) == OUT_OF_RANGE))
+        t = int(self.backend.to_host(q_tables[bad:bad + 1])[0])
+        key = int(self.backend.to_host(q_ids[bad:bad + 1])[0])
+        raise IdOutOfRangeError(self.table_names[t], key, self.rows_of(t), bad)
 
     def find(self, q_tables, q_ids):
         """Entries of the keys, -1 where absent. Shapes: int16[n], int64[n] -> (int64[n], missing)."""
@@ -145,12 +141,16 @@ class EntryTable:
         return out, n_missing
 
     def find_counted(self, q_tables, q_ids):
-        """As :meth:`find`, also counting the missing keys of hashed tables."""
-        self.check_range(q_tables, q_ids)
+        """As :meth:`find`, also counting the missing keys of hashed tables.
+
+        An id outside its direct table's rows raises :class:`IdOutOfRangeError`
+        (nothing has changed: finding writes nothing but ``out``)."""
         out = self.backend.empty(q_ids.shape[0], np.int64)
         a = self.arrays
-        n_missing, n_hashed = self.backend.k.find_entries(a.row_base, a.seen, a.keys, a.table_ids, q_tables, q_ids,
-                                                          out)
+        n_missing, n_hashed, n_bad = self.backend.k.find_entries(a.row_base, a.seen, a.keys, a.table_ids, q_tables,
+                                                                 q_ids, out)
+        if n_bad:
+            self._raise_out_of_range(q_tables, q_ids, out)
         return out, int(n_missing), int(n_hashed)
 
     def needs_rehash(self, n_missing_hashed: int) -> bool:

@@ -375,9 +375,8 @@ class EmbeddingStore:
             raise InputShapeError(f"offsets must start at 0, got offsets[0] = {int(a[0])}")
         if a[-1] != nnz:
             raise InputShapeError(f"offsets must end at the number of ids ({nnz}), got offsets[-1] = {int(a[-1])}")
-        d = np.diff(a)
-        if np.any(d < 0):
-            i = int(np.argmax(d < 0))
+        i = int(host_kernels.first_decrease(a))
+        if i >= 0:
             raise InputShapeError(f"offsets must not decrease: offsets[{i}] = {int(a[i])} > offsets[{i + 1}] = {int(a[i + 1])}")
         return a
 
@@ -505,7 +504,8 @@ class EmbeddingStore:
         b = self.backend
         ids_d, offsets_d, weights_d = b.from_host(ids), b.from_host(offsets), b.from_host(weights)
         ft_d, fc_d = b.from_host(feature_tables), b.from_host(feature_col)
-        bag_of_occ = b.empty(nnz, np.int64)
+        # bags of occurrences are only needed to train (or to differentiate the weights)
+        bag_of_occ = b.empty(nnz if train or weights.shape[0] else 0, np.int64)
         q_tables = b.empty(nnz, np.int16)
         self.k.expand_bags(offsets_d, B, ft_d, bag_of_occ, q_tables)
         new: list = []

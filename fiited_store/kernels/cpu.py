@@ -21,6 +21,7 @@ from numba.extending import intrinsic
 
 from .layout import (
     EMPTY,
+    OUT_OF_RANGE,
     INIT_NORMAL,
     INIT_UNIFORM,
     OPT_ADAGRAD,
@@ -134,8 +135,8 @@ def util_random16(kh, k, salt):
 
 
 #: how far ahead (in output rows) the forward pass prefetches entry addresses and chunk rows
-PREFETCH_ADDR = 16
-PREFETCH_ROWS = 4
+PREFETCH_ADDR = 8
+PREFETCH_ROWS = 2
 
 
 # --------------------------------------------------------------------------- hashing
@@ -245,15 +246,6 @@ def _set_seen(seen, e, on):
         seen[e >> 5] &= ~bit
 
 
-@njit(**_JIT)
-def first_out_of_range(row_base, q_tables, q_ids):
-    """Index of the first id outside [0, num_embeddings) of its direct table, or -1."""
-    for i in range(q_ids.shape[0]):
-        t = q_tables[i]
-        n = row_base[t + 1] - row_base[t]
-        if n > 0 and (q_ids[i] < 0 or q_ids[i] >= n):
-            return i
-    return -1
 
 
 #: how far ahead the hash probe prefetches the home bucket of a later key
@@ -262,10 +254,11 @@ PREFETCH_PROBE = 16
 
 @njit(**_PAR)
 def find_entries(row_base, seen, keys, table_ids, q_tables, q_ids, out):
-    """out[i] = entry of (q_tables[i], q_ids[i]) or -1.
+    """out[i] = entry of (q_tables[i], q_ids[i]), -1 when absent, OUT_OF_RANGE for an id
+    outside its direct table's rows.
 
-    A direct table's id is its row: no probe. Ids of direct tables must be in range
-    (``first_out_of_range``). Returns (keys missing, of which in hashed tables).
+    A direct table's id is its row: no probe. Returns (keys missing, of which in
+    hashed tables, ids out of range).
     """
     nd = row_base[row_base.shape[0] - 1]
     cap = keys.shape[0]
@@ -273,11 +266,16 @@ def find_entries(row_base, seen, keys, table_ids, q_tables, q_ids, out):
     n = q_ids.shape[0]
     n_missing = 0
     n_missing_hashed = 0
+    n_bad = 0
     for i in prange(n):
         t = q_tables[i]
         key = q_ids[i]
         base = row_base[t]
         if row_base[t + 1] > base:
+            if key < 0 or key >= row_base[t + 1] - base:
+                out[i] = OUT_OF_RANGE
+                n_bad += 1
+                continue
             e = base + key
             if (seen[e >> 5] >> np.uint32(e & 31)) & np.uint32(1):
                 out[i] = e
@@ -303,7 +301,7 @@ def find_entries(row_base, seen, keys, table_ids, q_tables, q_ids, out):
         if res < 0:
             n_missing += 1
             n_missing_hashed += 1
-    return n_missing, n_missing_hashed
+    return n_missing, n_missing_hashed, n_bad
 
 
 @njit(**_JIT)
@@ -563,13 +561,25 @@ def assign_rows(entries, values, row_base, seen, table_ids, addr, table_chunks, 
 # --------------------------------------------------------------------------- forward
 
 
+@njit(**_JIT)
+def first_decrease(a):
+    """The first i with a[i] > a[i + 1], or -1 (offsets must not decrease)."""
+    for i in range(a.shape[0] - 1):
+        if a[i] > a[i + 1]:
+            return i
+    return -1
+
+
 @njit(**_PAR)
 def expand_bags(offsets, bags_per_feature, feature_table, bag_of_occ, table_of_occ):
-    """Per id occurrence: the bag it belongs to and the table it addresses."""
+    """Per id occurrence: the table it addresses, and the bag it belongs to (unless
+    bag_of_occ is empty: a lookup that will not be trained needs no bags)."""
+    with_bags = bag_of_occ.shape[0] > 0
     for bag in prange(offsets.shape[0] - 1):
         t = feature_table[bag // bags_per_feature]
         for i in range(offsets[bag], offsets[bag + 1]):
-            bag_of_occ[i] = bag
+            if with_bags:
+                bag_of_occ[i] = bag
             table_of_occ[i] = t
 
 
@@ -710,6 +720,18 @@ def pooled_sum_forward(entry_idx, offsets, bags_per_feature, feature_chunks, fea
             n = np.uint64(K) * uc
             if hi - lo == 1 and entry_idx[lo] >= 0:
                 ab = np.uint64(entry_idx[lo]) * ukmax
+                # chunks admitted together sit in adjacent slots: then the row is one
+                # contiguous run of the pool, copied like a dense row
+                s0 = addr_flat[ab]
+                run = s0 >= 0
+                for k in range(1, K):
+                    if addr_flat[ab + np.uint64(k)] != s0 + k:
+                        run = False
+                if run:
+                    v = np.uint64(s0) * uc
+                    for j in range(n):
+                        out_flat[o0 + j] = vec_flat[v + j]
+                    continue
                 for k in range(K):
                     s = addr_flat[ab + np.uint64(k)]
                     o = o0 + np.uint64(k) * uc

@@ -34,6 +34,7 @@ from numba import cuda
 
 from .layout import (
     EMPTY,
+    OUT_OF_RANGE,
     INIT_NORMAL,
     INIT_UNIFORM,
     OPT_ADAGRAD,
@@ -321,26 +322,6 @@ def inclusive_scan(x, n: int):
 
 
 @cuda.jit
-def _range_kernel(row_base, q_tables, q_ids, first_bad):
-    i = cuda.grid(1)
-    if i >= q_ids.shape[0]:
-        return
-    t = q_tables[i]
-    n = row_base[t + 1] - row_base[t]
-    if n > 0 and (q_ids[i] < 0 or q_ids[i] >= n):
-        cuda.atomic.min(first_bad, 0, i)
-
-
-def first_out_of_range(row_base, q_tables, q_ids):
-    n = q_ids.shape[0]
-    first_bad = cuda.to_device(np.array([n], np.int64))
-    if n:
-        _range_kernel[_grid(n)](row_base, q_tables, q_ids, first_bad)
-    bad = _scalar(first_bad)
-    return -1 if bad >= n else bad
-
-
-@cuda.jit
 def _find_kernel(row_base, seen, keys, table_ids, q_tables, q_ids, out, missing):
     i = cuda.grid(1)
     if i >= q_ids.shape[0]:
@@ -349,6 +330,10 @@ def _find_kernel(row_base, seen, keys, table_ids, q_tables, q_ids, out, missing)
     key = q_ids[i]
     base = row_base[t]
     if row_base[t + 1] > base:
+        if key < 0 or key >= row_base[t + 1] - base:
+            out[i] = OUT_OF_RANGE
+            cuda.atomic.add(missing, 2, 1)
+            return
         e = base + key
         if (seen[e >> 5] >> np.uint32(e & 31)) & np.uint32(1):
             out[i] = e
@@ -375,11 +360,11 @@ def _find_kernel(row_base, seen, keys, table_ids, q_tables, q_ids, out, missing)
 
 
 def find_entries(row_base, seen, keys, table_ids, q_tables, q_ids, out):
-    missing = _zeros(2, np.int64)
+    missing = _zeros(3, np.int64)
     if q_ids.shape[0]:
         _find_kernel[_grid(q_ids.shape[0])](row_base, seen, keys, table_ids, q_tables, q_ids, out, missing)
     m = missing.copy_to_host()
-    return int(m[0]), int(m[1])
+    return int(m[0]), int(m[1]), int(m[2])
 
 
 @cuda.jit
@@ -803,7 +788,8 @@ def _expand_kernel(offsets, bags_per_feature, feature_table, bag_of_occ, table_o
         return
     t = feature_table[bag // bags_per_feature]
     for i in range(offsets[bag], offsets[bag + 1]):
-        bag_of_occ[i] = bag
+        if bag_of_occ.shape[0] > 0:
+            bag_of_occ[i] = bag
         table_of_occ[i] = t
 
 

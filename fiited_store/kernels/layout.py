@@ -21,6 +21,8 @@ the slot rather than in the entry: an absent chunk has no trained state to keep.
 EMPTY = -1
 TOMBSTONE = -2
 ABSENT = -1
+#: what find_entries writes for an id outside its direct table's rows
+OUT_OF_RANGE = -2
 
 UTIL_GRADIENT = 0
 UTIL_ACCESS = 1
