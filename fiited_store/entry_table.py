@@ -217,6 +217,18 @@ class EntryTable:
             ids[~direct] = self.backend.to_host(self.arrays.keys)[h]
         return tables, ids
 
+    def entries_per_table(self, n_tables: int) -> np.ndarray:
+        """int64[T]: live entries of each table, counted on the host from the bitmap and the table ids."""
+        from .kernels import cpu as host_kernels
+
+        out = np.zeros(n_tables, np.int64)
+        if self.direct_rows:
+            host_kernels.count_seen(self._host_base, np.asarray(self.backend.to_host(self.arrays.seen)), out)
+        if self.capacity:
+            tids = np.asarray(self.backend.to_host(self.arrays.table_ids))
+            out += np.bincount(tids[tids >= 0], minlength=n_tables)[:n_tables]
+        return out
+
     def table_of_entries(self) -> np.ndarray:
         """int64[direct rows + cap]: the table of every entry, EMPTY / TOMBSTONE where no key is held."""
         nd = self.direct_rows

@@ -721,7 +721,7 @@ class EmbeddingStore:
         self._fold_scale()
         self._prune_round += 1
         self.counters.prunes += 1
-        entries_per_table, _, _ = self._chunk_counts()
+        entries_per_table = self.entries.entries_per_table(len(self.tables))
         report: dict[str, Any] = {"pools": []}
         for pool in self.pools:
             report["pools"].append(self._prune_pool(pool, entries_per_table))
@@ -781,7 +781,7 @@ class EmbeddingStore:
         al_r = b.empty(max(cand, 1), np.uint64)
         n_ev, n_al = (int(x) for x in k.prune_select(ea.row_base, ea.seen, ea.keys, ea.table_ids, ea.addr, ea.util,
                                                      m["table_chunks"], m["table_group"], g, thr_d, use_cutoff,
-                                                     cutoff, ev_e, ev_k, al_e, al_k, al_r))
+                                                     cutoff, block_counts, ev_e, ev_k, al_e, al_k, al_r))
         self._evict(pool, ev_e[:n_ev], ev_k[:n_ev])
         if n_al:
             al_e, al_k = al_e[:n_al], al_k[:n_al]

@@ -238,6 +238,61 @@ def entry_key(e, t, row_base, keys):
 
 
 @njit(inline="always")
+def scan_start(lo, row_base):
+    """The table cursor for a scan from entry lo: the direct table holding lo (0 past them)."""
+    T = row_base.shape[0] - 1
+    if lo >= row_base[T]:
+        return 0
+    t = 0
+    hi = T
+    while hi - t > 1:
+        mid = (t + hi) >> 1
+        if row_base[mid] <= lo:
+            t = mid
+        else:
+            hi = mid
+    return t
+
+
+@njit(inline="always")
+def scan_table(e, cursor, row_base, seen, table_ids):
+    """``entry_table`` for scans in ascending e: (table or EMPTY / TOMBSTONE, cursor).
+
+    The cursor moves forward over the direct tables' bounds instead of searching
+    them for every entry.
+    """
+    nd = row_base[row_base.shape[0] - 1]
+    if e >= nd:
+        return np.int64(table_ids[e - nd]), cursor
+    while e >= row_base[cursor + 1]:
+        cursor += 1
+    if (seen[e >> 5] >> np.uint32(e & 31)) & np.uint32(1) == np.uint32(0):
+        return np.int64(EMPTY), cursor
+    return np.int64(cursor), cursor
+
+
+@njit(**_JIT)
+def count_seen(row_base, seen, out):
+    """out[t] += the direct rows of table t that hold a key (whole words of the bitmap at a time)."""
+    for t in range(row_base.shape[0] - 1):
+        lo = row_base[t]
+        hi = row_base[t + 1]
+        e = lo
+        n = 0
+        while e < hi:
+            if (e & 31) == 0 and e + 32 <= hi:
+                w = seen[e >> 5]
+                while w:  # popcount
+                    w &= w - np.uint32(1)
+                    n += 1
+                e += 32
+            else:
+                n += (seen[e >> 5] >> np.uint32(e & 31)) & np.uint32(1)
+                e += 1
+        out[t] += n
+
+
+@njit(inline="always")
 def _set_seen(seen, e, on):
     bit = np.uint32(1) << np.uint32(e & 31)
     if on:
@@ -1058,28 +1113,47 @@ def scale_utilities(util, factor):
 # --------------------------------------------------------------------------- prune
 
 
-@njit(**_JIT)
-def sample_utilities(row_base, seen, keys, table_ids, util, table_chunks, table_group, group, accept_below, seed, round_id, out):
-    """Bernoulli sample of entries of ``group`` by key hash: rows of out get their
-    utilities (NaN past the table's K). Returns the number sampled (capped by out)."""
-    salt = mix64(np.uint64(seed) ^ mix64(np.uint64(round_id) + _U64_GOLDEN))
-    n = 0
+@njit(inline="always")
+def _sample_block(row_base, seen, keys, table_ids, util, table_chunks, table_group, group, accept_below, salt, lo, hi,
+                  write, n, out):
     U = util.shape[1]
-    for e in range(util.shape[0]):
-        t = entry_table(e, row_base, seen, table_ids)
+    cursor = scan_start(lo, row_base)
+    for e in range(lo, hi):
+        t, cursor = scan_table(e, cursor, row_base, seen, table_ids)
         if t < 0 or table_group[t] != group:
             continue
         if mix64(key_hash(t, entry_key(e, t, row_base, keys)) ^ salt) >= accept_below:
             continue
-        if n == out.shape[0]:
-            return n
-        for k in range(out.shape[1]):
-            if U == 1:
-                out[n, k] = util_load(util[e, 0]) if k < table_chunks[t] else np.nan
-            else:
-                out[n, k] = util_load(util[e, k]) if k < table_chunks[t] else np.nan
+        if write and n < out.shape[0]:
+            for k in range(out.shape[1]):
+                if k >= table_chunks[t]:
+                    out[n, k] = np.nan
+                else:
+                    out[n, k] = util_load(util[e, 0] if U == 1 else util[e, k])
         n += 1
     return n
+
+
+@njit(**_PAR)
+def sample_utilities(row_base, seen, keys, table_ids, util, table_chunks, table_group, group, accept_below, seed,
+                     round_id, out):
+    """Bernoulli sample of entries of ``group`` by key hash, in entry order: rows of out get
+    their utilities (NaN past the table's K). Returns the number sampled (capped by out).
+    Blocks of entries are counted, then filled from their prefix sums."""
+    salt = mix64(np.uint64(seed) ^ mix64(np.uint64(round_id) + _U64_GOLDEN))
+    cap = util.shape[0]
+    starts = np.zeros(_SCAN_BLOCKS + 1, np.int64)
+    for blk in prange(_SCAN_BLOCKS):
+        lo, hi = _block(cap, blk)
+        starts[blk + 1] = _sample_block(row_base, seen, keys, table_ids, util, table_chunks, table_group, group,
+                                        accept_below, salt, lo, hi, False, 0, out)
+    for blk in range(_SCAN_BLOCKS):
+        starts[blk + 1] += starts[blk]
+    for blk in prange(_SCAN_BLOCKS):
+        lo, hi = _block(cap, blk)
+        _sample_block(row_base, seen, keys, table_ids, util, table_chunks, table_group, group, accept_below, salt,
+                      lo, hi, True, starts[blk], out)
+    return min(starts[_SCAN_BLOCKS], out.shape[0])
 
 
 @njit(inline="always")
@@ -1129,8 +1203,9 @@ def prune_count(row_base, seen, table_ids, addr, util, table_chunks, table_group
         keep = 0
         cand = 0
         drop = 0
+        cursor = scan_start(lo, row_base)
         for e in range(lo, hi):
-            t = entry_table(e, row_base, seen, table_ids)
+            t, cursor = scan_table(e, cursor, row_base, seen, table_ids)
             if t < 0 or table_group[t] != group:
                 continue
             for k in range(table_chunks[t]):
@@ -1159,8 +1234,9 @@ def prune_composites(row_base, seen, keys, table_ids, addr, util, table_chunks, 
     for blk in prange(_SCAN_BLOCKS):
         lo, hi = _block(cap, blk)
         n = starts[blk]
+        cursor = scan_start(lo, row_base)
         for e in range(lo, hi):
-            t = entry_table(e, row_base, seen, table_ids)
+            t, cursor = scan_table(e, cursor, row_base, seen, table_ids)
             if t < 0 or table_group[t] != group:
                 continue
             for k in range(table_chunks[t]):
@@ -1174,14 +1250,16 @@ def prune_composites(row_base, seen, keys, table_ids, addr, util, table_chunks, 
 @njit(inline="always")
 def _select_block(row_base, seen, keys, table_ids, addr, util, table_chunks, table_group, group, thresholds, use_cutoff,
                   cutoff, lo, hi, write, n_ev, n_al, ev_entries, ev_chunks, al_entries, al_chunks, al_rank):
+    cursor = scan_start(lo, row_base)
     for e in range(lo, hi):
-        t = entry_table(e, row_base, seen, table_ids)
+        t, cursor = scan_table(e, cursor, row_base, seen, table_ids)
         if t < 0 or table_group[t] != group:
             continue
         for k in range(table_chunks[t]):
             resident, keep, bits = _classify(addr, util, thresholds, e, k)
             rank = np.uint64(0)
-            if keep:
+            # the rank (a hash per chunk) is needed for the cut, and for allocations' order
+            if keep and (use_cutoff or (write and not resident)):
                 rank = _composite(bits, resident, t, entry_key(e, t, row_base, keys), k)
                 if use_cutoff and rank < cutoff:
                     keep = False
@@ -1201,21 +1279,26 @@ def _select_block(row_base, seen, keys, table_ids, addr, util, table_chunks, tab
 
 @njit(**_PAR)
 def prune_select(row_base, seen, keys, table_ids, addr, util, table_chunks, table_group, group, thresholds, use_cutoff,
-                 cutoff, ev_entries, ev_chunks, al_entries, al_chunks, al_rank):
+                 cutoff, block_counts, ev_entries, ev_chunks, al_entries, al_chunks, al_rank):
     """List the chunks to evict and to allocate, in entry order.
 
     A chunk keeps (or wins) a slot when it passes its threshold and, when slots are
     over-subscribed, ranks at or above ``cutoff``. Allocations carry their composite
     rank so the caller can place them best-first. Two passes over blocks of
-    entries: count, then fill from each block's prefix sum.
+    entries: count, then fill from each block's prefix sum. Without a cutoff the
+    counts are ``prune_count``'s (``block_counts``: drops are evictions, candidates
+    allocations), and the first pass is skipped.
     """
     cap = addr.shape[0]
     starts = np.zeros((_SCAN_BLOCKS + 1, 2), np.int64)
     for blk in prange(_SCAN_BLOCKS):
-        lo, hi = _block(cap, blk)
-        n_ev, n_al = _select_block(row_base, seen, keys, table_ids, addr, util, table_chunks, table_group, group,
-                                   thresholds, use_cutoff, cutoff, lo, hi, False, 0, 0, ev_entries, ev_chunks,
-                                   al_entries, al_chunks, al_rank)
+        if use_cutoff:
+            lo, hi = _block(cap, blk)
+            n_ev, n_al = _select_block(row_base, seen, keys, table_ids, addr, util, table_chunks, table_group, group,
+                                       thresholds, use_cutoff, cutoff, lo, hi, False, 0, 0, ev_entries, ev_chunks,
+                                       al_entries, al_chunks, al_rank)
+        else:
+            n_ev, n_al = block_counts[blk, 2], block_counts[blk, 1]
         starts[blk + 1, 0] = n_ev
         starts[blk + 1, 1] = n_al
     for blk in range(_SCAN_BLOCKS):
@@ -1229,12 +1312,12 @@ def prune_select(row_base, seen, keys, table_ids, addr, util, table_chunks, tabl
     return starts[_SCAN_BLOCKS, 0], starts[_SCAN_BLOCKS, 1]
 
 
-@njit(**_JIT)
-def find_dead_entries(row_base, seen, table_ids, addr, util, floor, out):
-    """Entries with no resident chunk and every utility below floor (stored scale)."""
-    n = 0
-    for e in range(addr.shape[0]):
-        if entry_table(e, row_base, seen, table_ids) < 0:
+@njit(inline="always")
+def _dead_block(row_base, seen, table_ids, addr, util, floor, lo, hi, write, n, out):
+    cursor = scan_start(lo, row_base)
+    for e in range(lo, hi):
+        t, cursor = scan_table(e, cursor, row_base, seen, table_ids)
+        if t < 0:
             continue
         alive = False
         for k in range(addr.shape[1]):
@@ -1248,9 +1331,26 @@ def find_dead_entries(row_base, seen, table_ids, addr, util, floor, out):
                 alive = True
                 break
         if not alive:
-            out[n] = e
+            if write:
+                out[n] = e
             n += 1
     return n
+
+
+@njit(**_PAR)
+def find_dead_entries(row_base, seen, table_ids, addr, util, floor, out):
+    """Entries with no resident chunk and every utility below floor (stored scale), ascending."""
+    cap = addr.shape[0]
+    starts = np.zeros(_SCAN_BLOCKS + 1, np.int64)
+    for blk in prange(_SCAN_BLOCKS):
+        lo, hi = _block(cap, blk)
+        starts[blk + 1] = _dead_block(row_base, seen, table_ids, addr, util, floor, lo, hi, False, 0, out)
+    for blk in range(_SCAN_BLOCKS):
+        starts[blk + 1] += starts[blk]
+    for blk in prange(_SCAN_BLOCKS):
+        lo, hi = _block(cap, blk)
+        _dead_block(row_base, seen, table_ids, addr, util, floor, lo, hi, True, starts[blk], out)
+    return starts[_SCAN_BLOCKS]
 
 
 # --------------------------------------------------------------------------- cache mode
@@ -1358,17 +1458,33 @@ def slot_utilities(owner, addr, util, positions, out):
 # --------------------------------------------------------------------------- stats and export
 
 
-@njit(**_JIT)
+@njit(**_PAR)
 def count_chunks(row_base, seen, table_ids, addr, n_tables, entries, resident, spilled):
-    """Per table: live entries, and resident / spilled chunks per chunk index."""
-    for e in range(addr.shape[0]):
-        t = entry_table(e, row_base, seen, table_ids)
-        if t < 0:
-            continue
-        entries[t] += 1
-        for k in range(addr.shape[1]):
-            a = addr[e, k]
-            if a >= 0:
-                resident[t, k] += 1
-            elif a <= -2:
-                spilled[t, k] += 1
+    """Per table: live entries, and resident / spilled chunks per chunk index (added to the outputs)."""
+    kmax = addr.shape[1]
+    cap = addr.shape[0]
+    # one partial count per block; fewer blocks when there are many tables
+    nb = max(1, min(_SCAN_BLOCKS, (1 << 22) // (n_tables * (2 * kmax + 1))))
+    step = (cap + nb - 1) // nb
+    part = np.zeros((nb, n_tables, 2 * kmax + 1), np.int64)
+    for blk in prange(nb):
+        lo = blk * step
+        hi = min(lo + step, cap)
+        cursor = scan_start(lo, row_base)
+        for e in range(lo, hi):
+            t, cursor = scan_table(e, cursor, row_base, seen, table_ids)
+            if t < 0:
+                continue
+            part[blk, t, 0] += 1
+            for k in range(kmax):
+                a = addr[e, k]
+                if a >= 0:
+                    part[blk, t, 1 + k] += 1
+                elif a <= -2:
+                    part[blk, t, 1 + kmax + k] += 1
+    for blk in range(nb):
+        for t in range(n_tables):
+            entries[t] += part[blk, t, 0]
+            for k in range(kmax):
+                resident[t, k] += part[blk, t, 1 + k]
+                spilled[t, k] += part[blk, t, 1 + kmax + k]

@@ -1279,7 +1279,7 @@ def _select_kernel(row_base, seen, keys, table_ids, addr, util, table_chunks, ta
 
 
 def prune_select(row_base, seen, keys, table_ids, addr, util, table_chunks, table_group, group, thresholds,
-                 use_cutoff, cutoff, ev_entries, ev_chunks, al_entries, al_chunks, al_rank):
+                 use_cutoff, cutoff, block_counts, ev_entries, ev_chunks, al_entries, al_chunks, al_rank):
     counters = _zeros(2, np.int64)
     _select_kernel[_grid(addr.shape[0])](row_base, seen, keys, table_ids, addr, util, table_chunks, table_group, group,
                                               thresholds, bool(use_cutoff), np.uint64(cutoff), ev_entries, ev_chunks,
