@@ -41,8 +41,9 @@ def run(rows: int, steps: int, gamma: float, batch: int, dim: int, chunks: int, 
         gsum = np.zeros((uniq.size, dim))
         np.add.at(gsum, inv, g.astype(np.float64))
         norms = np.linalg.norm(gsum.reshape(uniq.size, chunks, c), axis=2)
-        exact *= gamma
+        # the store adds in the step and decays when the step ends
         exact[uniq] += counts[:, None] * norms
+        exact *= gamma
     seen = np.nonzero(store.contains("t", np.arange(rows)))[0]
     half = store.utilities("t", seen).astype(np.float64)
     full = exact[seen]

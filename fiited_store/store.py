@@ -198,6 +198,11 @@ class EmbeddingStore:
         )
         self._host_meta = meta
         self._meta = {k: self.backend.from_host(v) for k, v in meta.items()}
+        # per table (row_base, num_embeddings) of its direct index, (0, 0) for a hashed table
+        bases = np.concatenate([[0], np.cumsum([t.num_embeddings if t.direct else 0 for t in tables])])
+        self._direct_rows = np.array([[bases[i], t.num_embeddings if t.direct else 0] for i, t in enumerate(tables)],
+                                     np.int64).reshape(len(tables), 2)
+        self._no_rows = self.backend.from_host(np.zeros((1, 2), np.int64))
         self.counters = StoreCounters()
         self.step_count = 0
         self._scale_origin = 0
@@ -504,6 +509,24 @@ class EmbeddingStore:
         b = self.backend
         ids_d, offsets_d, weights_d = b.from_host(ids), b.from_host(offsets), b.from_host(weights)
         ft_d, fc_d = b.from_host(feature_tables), b.from_host(feature_col)
+        if (not train and weights.shape[0] == 0 and mode == "sum" and self.config.mode == "prune"
+                and self._direct_rows[feature_tables, 1].all()):
+            # every feature has a direct index and nothing will be trained: the rows are
+            # the ids, found inside the gather (no find, no per-occurrence tables)
+            out = self._buffers.get((B, int(dims.sum())))
+            fr_d = b.from_host(self._direct_rows[feature_tables])
+            none = b.empty(0, np.int64)
+            for pool in self.pools:
+                n_bad = self._sum_forward(pool, feature_tables, none, ids_d, fr_d, offsets_d, B, fc_d, out)
+                if n_bad:
+                    q_tables = b.empty(nnz, np.int16)
+                    self.k.expand_bags(offsets_d, B, ft_d, none, q_tables)
+                    self.entries.find(q_tables, ids_d)  # raises IdOutOfRangeError naming the first
+            return PooledBatch(
+                output=out, ids=ids_d, offsets=offsets_d, weights=weights_d, mean=False, bags_per_feature=B,
+                feature_tables=ft_d, feature_col=fc_d, q_tables=None, bag_of_occ=None, entries=None, grouping=None,
+                generation=self._generation, store_id=id(self), consumed=True,
+            )
         # bags of occurrences are only needed to train (or to differentiate the weights)
         bag_of_occ = b.empty(nnz if train or weights.shape[0] else 0, np.int64)
         q_tables = b.empty(nnz, np.int16)
@@ -526,11 +549,7 @@ class EmbeddingStore:
             else:
                 sp_slots, sp_vectors = b.empty(0, np.int64), b.empty((0, pool.plan.chunk_width), np.float32)
             if weights.shape[0] == 0 and mode == "sum" and sp_slots.shape[0] == 0:
-                in_group = self._host_meta["table_group"][feature_tables] == pool.plan.group
-                chunks = np.where(in_group, self._host_meta["table_chunks"][feature_tables], 0).astype(np.int64)
-                self.k.pooled_sum_forward(
-                    entries, offsets_d, B, b.from_host(chunks), fc_d, self.entries.arrays.addr.reshape(-1), self.kmax,
-                    pool.arrays.vectors.reshape(-1), pool.plan.chunk_width, out.reshape(-1), out.shape[1])
+                self._sum_forward(pool, feature_tables, entries, ids_d, self._no_rows, offsets_d, B, fc_d, out)
                 continue
             self.k.pooled_forward(
                 entries, offsets_d, weights_d, mode == "mean", B, ft_d, fc_d, self.entries.arrays.addr,
@@ -542,6 +561,15 @@ class EmbeddingStore:
             grouping=grouping, generation=self._generation, store_id=id(self), consumed=not train,
         )
 
+    def _sum_forward(self, pool: ChunkPool, feature_tables, entries, ids, feature_rows, offsets, B, feature_col, out):
+        """The lean pooled sum over one pool; returns how many ids were out of range (direct rows)."""
+        in_group = self._host_meta["table_group"][feature_tables] == pool.plan.group
+        chunks = np.where(in_group, self._host_meta["table_chunks"][feature_tables], 0).astype(np.int64)
+        return int(self.k.pooled_sum_forward(
+            entries, ids, feature_rows, offsets, B, self.backend.from_host(chunks), feature_col,
+            self.entries.arrays.addr.reshape(-1), self.kmax, pool.arrays.vectors.reshape(-1), pool.plan.chunk_width,
+            out.reshape(-1), out.shape[1]))
+
     def lookup(self, table: str, ids: Any, *, train: bool = False):
         """Rows of ``ids`` as float32[n, D], zero-padded where chunks are absent."""
         n = np.asarray(ids).shape[0] if np.ndim(ids) == 1 else -1
@@ -551,8 +579,7 @@ class EmbeddingStore:
     def find(self, table: str, ids: Any):
         """(rows float32[n, D], found bool[n]); unknown keys read as zeros and are not inserted."""
         batch = self.pooled_lookup(table, ids, np.arange(np.asarray(ids).shape[0] + 1), train=False)
-        found = self.backend.to_host(batch.entries) >= 0
-        return batch.output, found
+        return batch.output, self.contains(table, ids)
 
     def find_or_insert(self, table: str, ids: Any):
         """Rows of ``ids``, inserting unseen keys (they take free slots while any remain)."""

@@ -313,50 +313,56 @@ def find_entries(row_base, seen, keys, table_ids, q_tables, q_ids, out):
     outside its direct table's rows.
 
     A direct table's id is its row: no probe. Returns (keys missing, of which in
-    hashed tables, ids out of range).
+    hashed tables, ids out of range). Counts are kept per block of queries, not as
+    prange reductions, which numba compiles into a slower loop.
     """
     nd = row_base[row_base.shape[0] - 1]
     cap = keys.shape[0]
     mask = np.uint64(max(cap, 1) - 1)
     n = q_ids.shape[0]
-    n_missing = 0
-    n_missing_hashed = 0
-    n_bad = 0
-    for i in prange(n):
-        t = q_tables[i]
-        key = q_ids[i]
-        base = row_base[t]
-        if row_base[t + 1] > base:
-            if key < 0 or key >= row_base[t + 1] - base:
-                out[i] = OUT_OF_RANGE
-                n_bad += 1
+    nb = _FIND_BLOCKS
+    step = (n + nb - 1) // nb
+    counts = np.zeros((nb, 3), np.int64)
+    for blk in prange(nb):
+        for i in range(blk * step, min((blk + 1) * step, n)):
+            t = q_tables[i]
+            key = q_ids[i]
+            base = row_base[t]
+            if row_base[t + 1] > base:
+                if key < 0 or key >= row_base[t + 1] - base:
+                    out[i] = OUT_OF_RANGE
+                    counts[blk, 2] += 1
+                    continue
+                e = base + key
+                if (seen[e >> 5] >> np.uint32(e & 31)) & np.uint32(1):
+                    out[i] = e
+                else:
+                    out[i] = -1
+                    counts[blk, 0] += 1
                 continue
-            e = base + key
-            if (seen[e >> 5] >> np.uint32(e & 31)) & np.uint32(1):
-                out[i] = e
-            else:
-                out[i] = -1
-                n_missing += 1
-            continue
-        if i + PREFETCH_PROBE < n:
-            ahead = key_hash(q_tables[i + PREFETCH_PROBE], q_ids[i + PREFETCH_PROBE]) & mask
-            prefetch(keys, ahead)
-            prefetch(table_ids, ahead)
-        pos = key_hash(t, key) & mask
-        res = -1
-        while True:
-            tid = table_ids[pos]
-            if tid == EMPTY:
-                break
-            if tid == t and keys[pos] == key:
-                res = nd + np.int64(pos)
-                break
-            pos = (pos + np.uint64(1)) & mask
-        out[i] = res
-        if res < 0:
-            n_missing += 1
-            n_missing_hashed += 1
-    return n_missing, n_missing_hashed, n_bad
+            if i + PREFETCH_PROBE < n:
+                ahead = key_hash(q_tables[i + PREFETCH_PROBE], q_ids[i + PREFETCH_PROBE]) & mask
+                prefetch(keys, ahead)
+                prefetch(table_ids, ahead)
+            pos = key_hash(t, key) & mask
+            res = -1
+            while True:
+                tid = table_ids[pos]
+                if tid == EMPTY:
+                    break
+                if tid == t and keys[pos] == key:
+                    res = nd + np.int64(pos)
+                    break
+                pos = (pos + np.uint64(1)) & mask
+            out[i] = res
+            if res < 0:
+                counts[blk, 0] += 1
+                counts[blk, 1] += 1
+    return counts[:, 0].sum(), counts[:, 1].sum(), counts[:, 2].sum()
+
+
+#: query blocks of find_entries (enough for every thread, few enough to count cheaply)
+_FIND_BLOCKS = 64
 
 
 @njit(**_JIT)
@@ -737,10 +743,29 @@ def pooled_forward(entry_idx, offsets, weights, mean, bags_per_feature, feature_
                     dst[j] = dst[j] / inv
 
 
+@njit(inline="always")
+def _occurrence_entry(i, f, entry_idx, ids, feature_rows):
+    """The entry of occurrence i: found already (entry_idx), or, for a feature whose table
+    has a direct index, its row: ``feature_rows[f] = (row_base, num_embeddings)``."""
+    if entry_idx.shape[0] > 0:
+        return entry_idx[i]
+    key = ids[i]
+    if key < 0 or key >= feature_rows[f, 1]:
+        return np.int64(OUT_OF_RANGE)
+    return feature_rows[f, 0] + key
+
+
 @njit(**_PAR)
-def pooled_sum_forward(entry_idx, offsets, bags_per_feature, feature_chunks, feature_col, addr_flat, kmax,
-                       vec_flat, c, out_flat, width):
+def pooled_sum_forward(entry_idx, ids, feature_rows, offsets, bags_per_feature, feature_chunks, feature_col, addr_flat,
+                       kmax, vec_flat, c, out_flat, width):
     """The common case of ``pooled_forward``, lean: unweighted sums, pool rows only.
+
+    Entries come from ``entry_idx``, or, when it is empty (every feature's table has a
+    direct index and nothing will be trained), straight from the ids: the address
+    fetch and the gather are one pass, with no find before it. A row never seen has
+    no chunk, so it reads as zeros without looking at its seen bit. Returns the
+    number of ids outside their table's rows (their rows read as zeros; the caller
+    raises).
 
     Flat arrays indexed with unsigned integers: numba then emits no negative-index
     fix-ups, and the copies vectorise. ``feature_chunks[f]`` is K of feature f's
@@ -750,6 +775,7 @@ def pooled_sum_forward(entry_idx, offsets, bags_per_feature, feature_chunks, fea
     F = feature_chunks.shape[0]
     uc = np.uint64(c)
     ukmax = np.uint64(kmax)
+    bad = np.zeros(B, np.uint8)
     for b in prange(B):
         ob = np.uint64(b) * np.uint64(width)
         for f in range(F):
@@ -761,48 +787,58 @@ def pooled_sum_forward(entry_idx, offsets, bags_per_feature, feature_chunks, fea
             hi = offsets[bag + 1]
             if b + PREFETCH_ADDR < B:
                 a = offsets[bag + PREFETCH_ADDR]
-                if a < offsets[bag + PREFETCH_ADDR + 1] and entry_idx[a] >= 0:
-                    prefetch(addr_flat, np.uint64(entry_idx[a]) * ukmax)
+                if a < offsets[bag + PREFETCH_ADDR + 1]:
+                    ea = _occurrence_entry(a, f, entry_idx, ids, feature_rows)
+                    if ea >= 0:
+                        prefetch(addr_flat, np.uint64(ea) * ukmax)
             if b + PREFETCH_ROWS < B:
                 a = offsets[bag + PREFETCH_ROWS]
-                if a < offsets[bag + PREFETCH_ROWS + 1] and entry_idx[a] >= 0:
-                    ab = np.uint64(entry_idx[a]) * ukmax
-                    for k in range(K):
-                        s = addr_flat[ab + np.uint64(k)]
-                        if s >= 0:
-                            prefetch(vec_flat, np.uint64(s) * uc)
+                if a < offsets[bag + PREFETCH_ROWS + 1]:
+                    ea = _occurrence_entry(a, f, entry_idx, ids, feature_rows)
+                    if ea >= 0:
+                        ab = np.uint64(ea) * ukmax
+                        for k in range(K):
+                            s = addr_flat[ab + np.uint64(k)]
+                            if s >= 0:
+                                prefetch(vec_flat, np.uint64(s) * uc)
             o0 = ob + np.uint64(feature_col[f])
             n = np.uint64(K) * uc
-            if hi - lo == 1 and entry_idx[lo] >= 0:
-                ab = np.uint64(entry_idx[lo]) * ukmax
-                # chunks admitted together sit in adjacent slots: then the row is one
-                # contiguous run of the pool, copied like a dense row
-                s0 = addr_flat[ab]
-                run = s0 >= 0
-                for k in range(1, K):
-                    if addr_flat[ab + np.uint64(k)] != s0 + k:
-                        run = False
-                if run:
-                    v = np.uint64(s0) * uc
-                    for j in range(n):
-                        out_flat[o0 + j] = vec_flat[v + j]
+            if hi - lo == 1:
+                e = _occurrence_entry(lo, f, entry_idx, ids, feature_rows)
+                if e == OUT_OF_RANGE:
+                    bad[b] = 1
+                if e >= 0:
+                    ab = np.uint64(e) * ukmax
+                    # chunks admitted together sit in adjacent slots: then the row is one
+                    # contiguous run of the pool, copied like a dense row
+                    s0 = addr_flat[ab]
+                    run = s0 >= 0
+                    for k in range(1, K):
+                        if addr_flat[ab + np.uint64(k)] != s0 + k:
+                            run = False
+                    if run:
+                        v = np.uint64(s0) * uc
+                        for j in range(n):
+                            out_flat[o0 + j] = vec_flat[v + j]
+                        continue
+                    for k in range(K):
+                        s = addr_flat[ab + np.uint64(k)]
+                        o = o0 + np.uint64(k) * uc
+                        if s >= 0:
+                            v = np.uint64(s) * uc
+                            for j in range(c):
+                                out_flat[o + np.uint64(j)] = vec_flat[v + np.uint64(j)]
+                        else:
+                            for j in range(c):
+                                out_flat[o + np.uint64(j)] = 0.0
                     continue
-                for k in range(K):
-                    s = addr_flat[ab + np.uint64(k)]
-                    o = o0 + np.uint64(k) * uc
-                    if s >= 0:
-                        v = np.uint64(s) * uc
-                        for j in range(c):
-                            out_flat[o + np.uint64(j)] = vec_flat[v + np.uint64(j)]
-                    else:
-                        for j in range(c):
-                            out_flat[o + np.uint64(j)] = 0.0
-                continue
             for j in range(n):
                 out_flat[o0 + np.uint64(j)] = 0.0
             for i in range(lo, hi):
-                e = entry_idx[i]
+                e = _occurrence_entry(i, f, entry_idx, ids, feature_rows)
                 if e < 0:
+                    if e == OUT_OF_RANGE:
+                        bad[b] = 1
                     continue
                 ab = np.uint64(e) * ukmax
                 for k in range(K):
@@ -813,6 +849,7 @@ def pooled_sum_forward(entry_idx, offsets, bags_per_feature, feature_chunks, fea
                     v = np.uint64(s) * uc
                     for j in range(c):
                         out_flat[o + np.uint64(j)] += vec_flat[v + np.uint64(j)]
+    return np.count_nonzero(bad)
 
 
 # --------------------------------------------------------------------------- backward
@@ -965,16 +1002,20 @@ def zero_rows(a, n):
 
 @njit(**_PAR)
 def count_nonfinite_rows(a, n):
-    bad = 0
-    for i in prange(n):
-        row = a[i]
-        ok = True
-        for j in range(row.shape[0]):
-            if not np.isfinite(row[j]):
-                ok = False
-        if not ok:
-            bad += 1
-    return bad
+    """Rows among the first n of a holding a NaN or inf (counted per block, not by a prange reduction)."""
+    nb = _FIND_BLOCKS
+    step = (n + nb - 1) // nb
+    bad = np.zeros(nb, np.int64)
+    for blk in prange(nb):
+        for i in range(blk * step, min((blk + 1) * step, n)):
+            row = a[i]
+            ok = True
+            for j in range(row.shape[0]):
+                if not np.isfinite(row[j]):
+                    ok = False
+            if not ok:
+                bad[blk] += 1
+    return bad.sum()
 
 
 @njit(**_PAR)

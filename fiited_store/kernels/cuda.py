@@ -852,8 +852,8 @@ def pooled_forward(entry_idx, offsets, weights, mean, bags_per_feature, feature_
 
 
 @cuda.jit
-def _sum_forward_kernel(entry_idx, offsets, B, feature_chunks, feature_col, addr_flat, kmax, vec_flat, c, out_flat,
-                        width, dmax):
+def _sum_forward_kernel(entry_idx, ids, feature_rows, offsets, B, feature_chunks, feature_col, addr_flat, kmax,
+                        vec_flat, c, out_flat, width, dmax, bad):
     g = cuda.grid(1)
     n_bags = offsets.shape[0] - 1
     if g >= n_bags * dmax:
@@ -869,7 +869,16 @@ def _sum_forward_kernel(entry_idx, offsets, B, feature_chunks, feature_col, addr
     jj = j - k * c
     acc = np.float32(0.0)
     for i in range(offsets[bag], offsets[bag + 1]):
-        e = entry_idx[i]
+        if entry_idx.shape[0] > 0:
+            e = entry_idx[i]
+        else:
+            # a direct index: the row is the id (see the CPU twin)
+            key = ids[i]
+            if key < 0 or key >= feature_rows[f, 1]:
+                if j == 0:
+                    cuda.atomic.add(bad, 0, 1)
+                continue
+            e = feature_rows[f, 0] + key
         if e < 0:
             continue
         s = addr_flat[e * kmax + k]
@@ -878,13 +887,16 @@ def _sum_forward_kernel(entry_idx, offsets, B, feature_chunks, feature_col, addr
     out_flat[b * width + feature_col[f] + j] = acc
 
 
-def pooled_sum_forward(entry_idx, offsets, bags_per_feature, feature_chunks, feature_col, addr_flat, kmax, vec_flat, c,
-                       out_flat, width):
+def pooled_sum_forward(entry_idx, ids, feature_rows, offsets, bags_per_feature, feature_chunks, feature_col, addr_flat,
+                       kmax, vec_flat, c, out_flat, width):
     n_bags = offsets.shape[0] - 1
     dmax = int(feature_chunks.copy_to_host().max()) * int(c)
+    bad = _zeros(1, np.int64)
     if n_bags and dmax:
-        _sum_forward_kernel[_grid(n_bags * dmax)](entry_idx, offsets, bags_per_feature, feature_chunks, feature_col,
-                                                   addr_flat, kmax, vec_flat, c, out_flat, width, dmax)
+        _sum_forward_kernel[_grid(n_bags * dmax)](entry_idx, ids, feature_rows, offsets, bags_per_feature,
+                                                   feature_chunks, feature_col, addr_flat, kmax, vec_flat, c, out_flat,
+                                                   width, dmax, bad)
+    return _scalar(bad)
 
 
 # --------------------------------------------------------------------------- backward
