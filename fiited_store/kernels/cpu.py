@@ -755,27 +755,79 @@ def _occurrence_entry(i, f, entry_idx, ids, feature_rows):
     return feature_rows[f, 0] + key
 
 
+@njit(inline="always")
+def _row_source(e, K, addr_flat, ukmax):
+    """Where row e's values come from: its first slot when its K chunks are resident in
+    adjacent slots (one contiguous run, copied like a dense row), -1 when it has no
+    entry, -2 - e otherwise (chunk by chunk)."""
+    if e < 0:
+        return np.int64(-1)
+    ab = np.uint64(e) * ukmax
+    s0 = addr_flat[ab]
+    if s0 < 0:
+        return -2 - e
+    for k in range(1, K):
+        if addr_flat[ab + np.uint64(k)] != s0 + k:
+            return -2 - e
+    return np.int64(s0)
+
+
+@njit(inline="always")
+def _add_chunks(e, K, addr_flat, ukmax, vec_flat, uc, c, out_flat, o0):
+    """out[o0 : o0 + K * c] += row e's resident chunks."""
+    ab = np.uint64(e) * ukmax
+    for k in range(K):
+        s = addr_flat[ab + np.uint64(k)]
+        if s < 0:
+            continue
+        o = o0 + np.uint64(k) * uc
+        v = np.uint64(s) * uc
+        for j in range(c):
+            out_flat[o + np.uint64(j)] += vec_flat[v + np.uint64(j)]
+
+
 @njit(**_PAR)
 def pooled_sum_forward(entry_idx, ids, feature_rows, offsets, bags_per_feature, feature_chunks, feature_col, addr_flat,
                        kmax, vec_flat, c, out_flat, width):
     """The common case of ``pooled_forward``, lean: unweighted sums, pool rows only.
 
     Entries come from ``entry_idx``, or, when it is empty (every feature's table has a
-    direct index and nothing will be trained), straight from the ids: the address
-    fetch and the gather are one pass, with no find before it. A row never seen has
-    no chunk, so it reads as zeros without looking at its seen bit. Returns the
-    number of ids outside their table's rows (their rows read as zeros; the caller
-    raises).
+    direct index and nothing will be trained), straight from the ids: no find before
+    it. A row never seen has no chunk, so it reads as zeros without its seen bit.
+    Returns the number of ids outside their table's rows (the caller raises).
 
-    Flat arrays indexed with unsigned integers: numba then emits no negative-index
-    fix-ups, and the copies vectorise. ``feature_chunks[f]`` is K of feature f's
-    table, or 0 when that table is in another pool; ``width`` is out's row length.
+    Two passes, so that neither chases a pointer: the first reads every occurrence's
+    address row (independent loads, in order) and notes where its values start; the
+    second copies rows from those sources like a dense gather, prefetching ahead.
+    ``feature_chunks[f]`` is K of feature f's table, or 0 when that table is in another
+    pool; ``width`` is out's row length. Unsigned flat indexing lets the copies vectorise.
     """
     B = bags_per_feature
     F = feature_chunks.shape[0]
+    nnz = offsets[offsets.shape[0] - 1]
     uc = np.uint64(c)
     ukmax = np.uint64(kmax)
-    bad = np.zeros(B, np.uint8)
+    n_entries = addr_flat.shape[0] // kmax
+    src = np.empty(nnz, np.int64)
+    nb = _FIND_BLOCKS
+    n_bags = offsets.shape[0] - 1
+    step = (n_bags + nb - 1) // nb
+    bad = np.zeros(nb, np.int64)
+    for blk in prange(nb):
+        for bag in range(blk * step, min((blk + 1) * step, n_bags)):
+            f = bag // B
+            K = feature_chunks[f]
+            if K == 0:
+                continue
+            for i in range(offsets[bag], offsets[bag + 1]):
+                if i + PREFETCH_PROBE < nnz:
+                    ea = _occurrence_entry(i + PREFETCH_PROBE, f, entry_idx, ids, feature_rows)
+                    if 0 <= ea < n_entries:  # near a feature's end this may be another table's row: harmless
+                        prefetch(addr_flat, np.uint64(ea) * ukmax)
+                e = _occurrence_entry(i, f, entry_idx, ids, feature_rows)
+                if e == OUT_OF_RANGE:
+                    bad[blk] += 1
+                src[i] = _row_source(e, K, addr_flat, ukmax)
     for b in prange(B):
         ob = np.uint64(b) * np.uint64(width)
         for f in range(F):
@@ -785,71 +837,30 @@ def pooled_sum_forward(entry_idx, ids, feature_rows, offsets, bags_per_feature, 
             bag = f * B + b
             lo = offsets[bag]
             hi = offsets[bag + 1]
-            if b + PREFETCH_ADDR < B:
-                a = offsets[bag + PREFETCH_ADDR]
-                if a < offsets[bag + PREFETCH_ADDR + 1]:
-                    ea = _occurrence_entry(a, f, entry_idx, ids, feature_rows)
-                    if ea >= 0:
-                        prefetch(addr_flat, np.uint64(ea) * ukmax)
+            n = np.uint64(K) * uc
             if b + PREFETCH_ROWS < B:
                 a = offsets[bag + PREFETCH_ROWS]
-                if a < offsets[bag + PREFETCH_ROWS + 1]:
-                    ea = _occurrence_entry(a, f, entry_idx, ids, feature_rows)
-                    if ea >= 0:
-                        ab = np.uint64(ea) * ukmax
-                        for k in range(K):
-                            s = addr_flat[ab + np.uint64(k)]
-                            if s >= 0:
-                                prefetch(vec_flat, np.uint64(s) * uc)
+                if a < offsets[bag + PREFETCH_ROWS + 1] and src[a] >= 0:
+                    v = np.uint64(src[a]) * uc
+                    for j in range(0, K * c, 16):  # every 64-byte line of the run
+                        prefetch(vec_flat, v + np.uint64(j))
             o0 = ob + np.uint64(feature_col[f])
-            n = np.uint64(K) * uc
-            if hi - lo == 1:
-                e = _occurrence_entry(lo, f, entry_idx, ids, feature_rows)
-                if e == OUT_OF_RANGE:
-                    bad[b] = 1
-                if e >= 0:
-                    ab = np.uint64(e) * ukmax
-                    # chunks admitted together sit in adjacent slots: then the row is one
-                    # contiguous run of the pool, copied like a dense row
-                    s0 = addr_flat[ab]
-                    run = s0 >= 0
-                    for k in range(1, K):
-                        if addr_flat[ab + np.uint64(k)] != s0 + k:
-                            run = False
-                    if run:
-                        v = np.uint64(s0) * uc
-                        for j in range(n):
-                            out_flat[o0 + j] = vec_flat[v + j]
-                        continue
-                    for k in range(K):
-                        s = addr_flat[ab + np.uint64(k)]
-                        o = o0 + np.uint64(k) * uc
-                        if s >= 0:
-                            v = np.uint64(s) * uc
-                            for j in range(c):
-                                out_flat[o + np.uint64(j)] = vec_flat[v + np.uint64(j)]
-                        else:
-                            for j in range(c):
-                                out_flat[o + np.uint64(j)] = 0.0
-                    continue
+            if hi - lo == 1 and src[lo] >= 0:
+                v = np.uint64(src[lo]) * uc
+                for j in range(n):
+                    out_flat[o0 + j] = vec_flat[v + j]
+                continue
             for j in range(n):
                 out_flat[o0 + np.uint64(j)] = 0.0
             for i in range(lo, hi):
-                e = _occurrence_entry(i, f, entry_idx, ids, feature_rows)
-                if e < 0:
-                    if e == OUT_OF_RANGE:
-                        bad[b] = 1
-                    continue
-                ab = np.uint64(e) * ukmax
-                for k in range(K):
-                    s = addr_flat[ab + np.uint64(k)]
-                    if s < 0:
-                        continue
-                    o = o0 + np.uint64(k) * uc
-                    v = np.uint64(s) * uc
-                    for j in range(c):
-                        out_flat[o + np.uint64(j)] += vec_flat[v + np.uint64(j)]
-    return np.count_nonzero(bad)
+                r = src[i]
+                if r >= 0:
+                    v = np.uint64(r) * uc
+                    for j in range(n):
+                        out_flat[o0 + j] += vec_flat[v + j]
+                elif r <= -2:
+                    _add_chunks(-2 - r, K, addr_flat, ukmax, vec_flat, uc, c, out_flat, o0)
+    return bad.sum()
 
 
 # --------------------------------------------------------------------------- backward
