@@ -209,7 +209,7 @@ def entry_table(e, row_base, seen, table_ids):
     Entries below ``row_base[-1]`` are the direct rows of declared tables (row i of
     table t is entry ``row_base[t] + i``; the ``seen`` bit says whether the key has
     an entry); above it, the hashed slots. The table of a direct row is found by a
-    binary search over T + 1 bounds, which stay in L1.
+    binary search over T + 1 bounds, which stay in L1 (scans use ``scan_table``).
     """
     T = row_base.shape[0] - 1
     nd = row_base[T]
@@ -217,15 +217,7 @@ def entry_table(e, row_base, seen, table_ids):
         return np.int64(table_ids[e - nd])
     if (seen[e >> 5] >> np.uint32(e & 31)) & np.uint32(1) == np.uint32(0):
         return np.int64(EMPTY)
-    lo = 0
-    hi = T
-    while hi - lo > 1:
-        mid = (lo + hi) >> 1
-        if row_base[mid] <= e:
-            lo = mid
-        else:
-            hi = mid
-    return np.int64(lo)
+    return np.int64(direct_table(e, row_base))
 
 
 @njit(inline="always")
@@ -238,16 +230,16 @@ def entry_key(e, t, row_base, keys):
 
 
 @njit(inline="always")
-def scan_start(lo, row_base):
-    """The table cursor for a scan from entry lo: the direct table holding lo (0 past them)."""
+def direct_table(e, row_base):
+    """The direct table holding row e (0 past the direct rows): a binary search over T + 1 bounds."""
     T = row_base.shape[0] - 1
-    if lo >= row_base[T]:
+    if e >= row_base[T]:
         return 0
     t = 0
     hi = T
     while hi - t > 1:
         mid = (t + hi) >> 1
-        if row_base[mid] <= lo:
+        if row_base[mid] <= e:
             t = mid
         else:
             hi = mid
@@ -1169,7 +1161,7 @@ def scale_utilities(util, factor):
 def _sample_block(row_base, seen, keys, table_ids, util, table_chunks, table_group, group, accept_below, salt, lo, hi,
                   write, n, out):
     U = util.shape[1]
-    cursor = scan_start(lo, row_base)
+    cursor = direct_table(lo, row_base)
     for e in range(lo, hi):
         t, cursor = scan_table(e, cursor, row_base, seen, table_ids)
         if t < 0 or table_group[t] != group:
@@ -1255,7 +1247,7 @@ def prune_count(row_base, seen, table_ids, addr, util, table_chunks, table_group
         keep = 0
         cand = 0
         drop = 0
-        cursor = scan_start(lo, row_base)
+        cursor = direct_table(lo, row_base)
         for e in range(lo, hi):
             t, cursor = scan_table(e, cursor, row_base, seen, table_ids)
             if t < 0 or table_group[t] != group:
@@ -1286,7 +1278,7 @@ def prune_composites(row_base, seen, keys, table_ids, addr, util, table_chunks, 
     for blk in prange(_SCAN_BLOCKS):
         lo, hi = _block(cap, blk)
         n = starts[blk]
-        cursor = scan_start(lo, row_base)
+        cursor = direct_table(lo, row_base)
         for e in range(lo, hi):
             t, cursor = scan_table(e, cursor, row_base, seen, table_ids)
             if t < 0 or table_group[t] != group:
@@ -1302,7 +1294,7 @@ def prune_composites(row_base, seen, keys, table_ids, addr, util, table_chunks, 
 @njit(inline="always")
 def _select_block(row_base, seen, keys, table_ids, addr, util, table_chunks, table_group, group, thresholds, use_cutoff,
                   cutoff, lo, hi, write, n_ev, n_al, ev_entries, ev_chunks, al_entries, al_chunks, al_rank):
-    cursor = scan_start(lo, row_base)
+    cursor = direct_table(lo, row_base)
     for e in range(lo, hi):
         t, cursor = scan_table(e, cursor, row_base, seen, table_ids)
         if t < 0 or table_group[t] != group:
@@ -1366,7 +1358,7 @@ def prune_select(row_base, seen, keys, table_ids, addr, util, table_chunks, tabl
 
 @njit(inline="always")
 def _dead_block(row_base, seen, table_ids, addr, util, floor, lo, hi, write, n, out):
-    cursor = scan_start(lo, row_base)
+    cursor = direct_table(lo, row_base)
     for e in range(lo, hi):
         t, cursor = scan_table(e, cursor, row_base, seen, table_ids)
         if t < 0:
@@ -1522,7 +1514,7 @@ def count_chunks(row_base, seen, table_ids, addr, n_tables, entries, resident, s
     for blk in prange(nb):
         lo = blk * step
         hi = min(lo + step, cap)
-        cursor = scan_start(lo, row_base)
+        cursor = direct_table(lo, row_base)
         for e in range(lo, hi):
             t, cursor = scan_table(e, cursor, row_base, seen, table_ids)
             if t < 0:
