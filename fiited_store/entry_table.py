@@ -122,6 +122,12 @@ class EntryTable:
         """Bytes one hashed slot costs (key, table id, addresses, utilities)."""
         return 8 + 2 + self.kmax * 4 + self.util_width * 2
 
+    @property
+    def table_rows(self) -> np.ndarray:
+        """int64[T, 2] on the host: per table (first entry, rows) of its direct index; (., 0) when hashed."""
+        base = self._host_base
+        return np.stack([base[:-1], np.diff(base)], axis=1)
+
     def is_direct(self, table: int) -> bool:
         return bool(self._host_base[table + 1] > self._host_base[table])
 

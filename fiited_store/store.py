@@ -21,9 +21,7 @@ one thread drives a store (a background thread only reads the disk tier).
 
 from __future__ import annotations
 
-import math
 import shutil
-import sys
 import tempfile
 from dataclasses import dataclass
 from pathlib import Path
@@ -53,8 +51,10 @@ from .errors import (
     StaleBatchError,
     UnknownTableError,
 )
-from .kernels.layout import INIT_CODES, OPTIMIZER_CODES, UTILITY_CODES, tier_slot_of, util_to_float
-from .policy import sample_rate_threshold, thresholds
+from .kernels.layout import INIT_CODES, OPTIMIZER_CODES, UTILITY_CODES, util_to_float
+from . import placement, residency, state_dict
+from .buffers import OutputBuffers
+from .inputs import as_ids, as_offsets, as_weights
 from .pool import ChunkPool
 
 #: utilities are stored scaled by gamma**-steps; fold the scale back in before it nears float32's range
@@ -110,49 +110,6 @@ class StoreCounters:
     dropped_entries: int = 0
 
 
-@dataclass
-class _Staged:
-    slots: np.ndarray         # ascending tier slots being read in the background
-    future: Any
-    mark: int                 # the tier's release log position when the read began
-
-
-def _pow2_at_least(n: int) -> int:
-    p = 1
-    while p < n:
-        p *= 2
-    return p
-
-
-class _OutputBuffers:
-    """Output arrays reused once nothing outside holds them (checked by refcount).
-
-    A fresh multi-megabyte array costs page faults on every step; a ring of reused
-    ones does not, and the refcount check makes reuse safe even when a caller keeps
-    an output (or a tensor sharing it through DLPack) alive.
-    """
-
-    def __init__(self, backend, keep: int = 4):
-        self.backend = backend
-        self.keep = keep
-        self.buffers: list[Any] = []
-
-    def get(self, shape: tuple[int, int]):
-        for i in range(len(self.buffers)):
-            # referenced by the list, the getrefcount argument, and nothing else
-            if self.buffers[i].shape == shape and sys.getrefcount(self.buffers[i]) == 2:
-                return self.buffers[i]
-        a = self.backend.empty(shape, np.float32)
-        if len(self.buffers) >= self.keep:
-            for i in range(len(self.buffers)):
-                if sys.getrefcount(self.buffers[i]) == 2:
-                    del self.buffers[i]
-                    break
-        if len(self.buffers) < self.keep:
-            self.buffers.append(a)
-        return a
-
-
 class EmbeddingStore:
     """Embedding tables stored as FIITED chunks, inside a fixed memory budget.
 
@@ -198,10 +155,6 @@ class EmbeddingStore:
         )
         self._host_meta = meta
         self._meta = {k: self.backend.from_host(v) for k, v in meta.items()}
-        # per table (row_base, num_embeddings) of its direct index, (0, 0) for a hashed table
-        bases = np.concatenate([[0], np.cumsum([t.num_embeddings if t.direct else 0 for t in tables])])
-        self._direct_rows = np.array([[bases[i], t.num_embeddings if t.direct else 0] for i, t in enumerate(tables)],
-                                     np.int64).reshape(len(tables), 2)
         self._no_rows = self.backend.from_host(np.zeros((1, 2), np.int64))
         self.counters = StoreCounters()
         self.step_count = 0
@@ -209,14 +162,14 @@ class EmbeddingStore:
         self._prune_round = 0
         self._generation = 0
         self._closed = False
-        self._buffers = _OutputBuffers(self.backend)
+        self._buffers = OutputBuffers(self.backend)
         import numba
 
         self._threads = numba.get_num_threads()
         self._grad_buf = None
         # background reads per pool, newest last: one for the next batch and one for the
         # batch after it (prefetch one batch ahead is usually called before the forward)
-        self._staged: dict[int, list[_Staged]] = {}
+        self._staged: dict[int, list[residency.Staged]] = {}
         # entries of the batch being prefetched: evictions spare them when they can
         self._upcoming = np.empty(0, np.int64)
         self._clock = [0] * len(self.plans)
@@ -343,65 +296,6 @@ class EmbeddingStore:
             self._tmpdir = Path(tempfile.mkdtemp(prefix="fiited-tier-"))
         return self._tmpdir
 
-    # ------------------------------------------------------------------ input validation
-    @staticmethod
-    def _host(x: Any) -> np.ndarray:
-        """Inputs are validated on the host: torch tensors (any device) and device arrays too."""
-        if hasattr(x, "detach") and hasattr(x, "cpu"):
-            return x.detach().cpu().numpy()
-        if hasattr(x, "copy_to_host"):
-            return x.copy_to_host()
-        return np.asarray(x)
-
-    @staticmethod
-    def _as_ids(ids: Any, what: str = "ids") -> np.ndarray:
-        a = EmbeddingStore._host(ids)
-        if a.dtype == np.bool_ or not np.issubdtype(a.dtype, np.integer):
-            raise InputDTypeError(f"{what} must be an integer array (int64 or int32), got dtype {a.dtype}")
-        if a.ndim != 1:
-            raise InputShapeError(f"{what} must be 1-D, got shape {a.shape}")
-        if a.dtype == np.uint64 and a.size and a.max() > np.iinfo(np.int64).max:
-            raise InputDTypeError(f"{what}: uint64 value {int(a.max())} does not fit int64")
-        return np.ascontiguousarray(a, np.int64)
-
-    @staticmethod
-    def _as_offsets(offsets: Any, nnz: int, n_features: int) -> np.ndarray:
-        a = EmbeddingStore._host(offsets)
-        if a.dtype == np.bool_ or not np.issubdtype(a.dtype, np.integer):
-            raise InputDTypeError(f"offsets must be an integer array, got dtype {a.dtype}")
-        if a.ndim != 1 or a.shape[0] < 1:
-            raise InputShapeError(f"offsets must be 1-D with at least one element, got shape {a.shape}")
-        a = np.ascontiguousarray(a, np.int64)
-        if (a.shape[0] - 1) % n_features != 0:
-            raise InputShapeError(
-                f"offsets has {a.shape[0]} elements: expected features x bags + 1 with {n_features} features"
-            )
-        if a[0] != 0:
-            raise InputShapeError(f"offsets must start at 0, got offsets[0] = {int(a[0])}")
-        if a[-1] != nnz:
-            raise InputShapeError(f"offsets must end at the number of ids ({nnz}), got offsets[-1] = {int(a[-1])}")
-        i = int(host_kernels.first_decrease(a))
-        if i >= 0:
-            raise InputShapeError(f"offsets must not decrease: offsets[{i}] = {int(a[i])} > offsets[{i + 1}] = {int(a[i + 1])}")
-        return a
-
-    @staticmethod
-    def _as_weights(weights: Any, nnz: int, mode: str) -> np.ndarray:
-        if weights is None:
-            return np.empty(0, np.float32)
-        if mode != "sum":
-            raise InputShapeError(f"per_sample_weights are only supported with mode='sum', got mode={mode!r}")
-        a = EmbeddingStore._host(weights)
-        if not np.issubdtype(a.dtype, np.floating):
-            raise InputDTypeError(f"per_sample_weights must be floating point, got dtype {a.dtype}")
-        if a.shape != (nnz,):
-            raise InputShapeError(f"per_sample_weights must have shape ({nnz},) like the ids, got {a.shape}")
-        a = np.ascontiguousarray(a, np.float32)
-        if not np.all(np.isfinite(a)):
-            i = int(np.argmax(~np.isfinite(a)))
-            raise NonFiniteGradientError(f"per_sample_weights[{i}] = {a[i]} is not finite")
-        return a
-
     # ------------------------------------------------------------------ resolution
     def _rehash(self, capacity: int) -> None:
         old_to_new = self.entries.rehash(capacity)
@@ -441,11 +335,6 @@ class EmbeddingStore:
                 )
                 self.counters.initialised_chunks += int(n)
         return entries
-
-    def _index_arrays(self):
-        """(row_base, seen, table_ids): what a kernel needs to find an entry's table."""
-        ea = self.entries.arrays
-        return ea.row_base, ea.seen, ea.table_ids
 
     def _check_memory_budget(self, capacity: int) -> None:
         """Refuse to grow the hashed index to ``capacity`` slots past the memory budget."""
@@ -498,11 +387,11 @@ class EmbeddingStore:
         if train:
             self._check_writable()
         feature_tables = self._features(features)
-        ids = self._as_ids(ids)
+        ids = as_ids(ids)
         nnz = ids.shape[0]
         F = feature_tables.shape[0]
-        offsets = self._as_offsets(offsets, nnz, F)
-        weights = self._as_weights(per_sample_weights, nnz, mode)
+        offsets = as_offsets(offsets, nnz, F)
+        weights = as_weights(per_sample_weights, nnz, mode)
         B = (offsets.shape[0] - 1) // F
         dims = self._host_meta["table_dim"][feature_tables]
         feature_col = np.concatenate([[0], np.cumsum(dims)[:-1]]).astype(np.int64)
@@ -510,11 +399,11 @@ class EmbeddingStore:
         ids_d, offsets_d, weights_d = b.from_host(ids), b.from_host(offsets), b.from_host(weights)
         ft_d, fc_d = b.from_host(feature_tables), b.from_host(feature_col)
         if (not train and weights.shape[0] == 0 and mode == "sum" and self.config.mode == "prune"
-                and self._direct_rows[feature_tables, 1].all()):
+                and self.entries.table_rows[feature_tables, 1].all()):
             # every feature has a direct index and nothing will be trained: the rows are
             # the ids, found inside the gather (no find, no per-occurrence tables)
             out = self._buffers.get((B, int(dims.sum())))
-            fr_d = b.from_host(self._direct_rows[feature_tables])
+            fr_d = b.from_host(self.entries.table_rows[feature_tables])
             none = b.empty(0, np.int64)
             for pool in self.pools:
                 n_bad = self._sum_forward(pool, feature_tables, none, ids_d, fr_d, offsets_d, B, fc_d, out)
@@ -536,16 +425,16 @@ class EmbeddingStore:
         grouping = self._group(entries, q_tables) if train else None
         if self.config.mode == "cache" and train:
             try:
-                self._make_resident(grouping.uniq)
+                residency.make_resident(self, grouping.uniq)
             except PoolCapacityError:
                 if new and new[0].shape[0]:
-                    self._erase_entries(new[0])  # the batch did not happen: forget the keys it added
+                    placement.erase_entries(self, new[0])  # the batch did not happen: forget the keys it added
                 raise
         out = self._buffers.get((B, int(dims.sum())))
         m = self._meta
         for pool in self.pools:
             if self.config.mode == "cache" and not train:
-                sp_slots, sp_vectors = self._read_through(pool, entries, q_tables)
+                sp_slots, sp_vectors = residency.read_through(self, pool, entries, q_tables)
             else:
                 sp_slots, sp_vectors = b.empty(0, np.int64), b.empty((0, pool.plan.chunk_width), np.float32)
             if weights.shape[0] == 0 and mode == "sum" and sp_slots.shape[0] == 0:
@@ -591,7 +480,7 @@ class EmbeddingStore:
         chunks take free slots while any remain, in prune mode). Returns how many were new."""
         self._check_writable()
         t = self.table_index(table)
-        ids = self._as_ids(ids)
+        ids = as_ids(ids)
         q = self.backend.from_host(np.full(ids.shape[0], t, np.int16))
         before = self.entries.n_live
         self._resolve(q, self.backend.from_host(ids), insert=True)
@@ -599,7 +488,7 @@ class EmbeddingStore:
 
     def contains(self, table: str, ids: Any) -> np.ndarray:
         t = self.table_index(table)
-        ids = self._as_ids(ids)
+        ids = as_ids(ids)
         q = self.backend.from_host(np.full(ids.shape[0], t, np.int16))
         entries, _ = self.entries.find(q, self.backend.from_host(ids))
         return self.backend.to_host(entries) >= 0
@@ -703,7 +592,7 @@ class EmbeddingStore:
     def utilities(self, table: str, ids: Any) -> np.ndarray:
         """True utilities, float32[n, K] (NaN for unknown keys); per-row modes repeat the row's value."""
         t = self.table_index(table)
-        ids = self._as_ids(ids)
+        ids = as_ids(ids)
         q = self.backend.from_host(np.full(ids.shape[0], t, np.int16))
         entries, _ = self.entries.find(q, self.backend.from_host(ids))
         e = self.backend.to_host(entries)
@@ -751,204 +640,25 @@ class EmbeddingStore:
         entries_per_table = self.entries.entries_per_table(len(self.tables))
         report: dict[str, Any] = {"pools": []}
         for pool in self.pools:
-            report["pools"].append(self._prune_pool(pool, entries_per_table))
+            report["pools"].append(placement.prune_pool(self, pool, entries_per_table))
         if self.config.mode == "prune":
             report["dropped_entries"] = self.drop_dead_entries()
         return report
 
-    def _declared_chunks(self, plan: PoolPlan) -> tuple[np.ndarray, np.ndarray | None]:
-        declared = np.zeros(self.kmax, np.int64)
-        for t in plan.tables:
-            n = self.tables[t].num_embeddings
-            if n is None:
-                return declared, None
-            declared[: self.tables[t].chunks] += n
-        return declared, declared
-
-    def _prune_pool(self, pool: ChunkPool, entries_per_table: np.ndarray) -> dict[str, Any]:
-        plan = pool.plan
-        g = plan.group
-        b, k, m = self.backend, self.k, self._meta
-        ea = self.entries.arrays
-        n_group = int(sum(entries_per_table[t] for t in plan.tables))
-        info: dict[str, Any] = {"chunk_width": plan.chunk_width, "evicted": 0, "allocated": 0}
-        if n_group == 0:
-            return info
-        if self.config.mode == "cache":
-            thr = np.zeros(self.kmax, np.float32)
-        else:
-            m_size = self.config.sample_size
-            cap = min(n_group, int(m_size + 6 * math.sqrt(m_size) + 64))
-            samples = b.empty((cap, self.kmax), np.float32)
-            n_s = int(k.sample_utilities(ea.row_base, ea.seen, ea.keys, ea.table_ids, ea.util, m["table_chunks"], m["table_group"], g,
-                                         sample_rate_threshold(m_size, n_group), self.config.seed,
-                                         self._prune_round, samples))
-            entry_chunks = np.zeros(self.kmax, np.int64)
-            for t in plan.tables:
-                entry_chunks[: self.tables[t].chunks] += entries_per_table[t]
-            _, declared = self._declared_chunks(plan)
-            thr = thresholds(b.to_host(samples[:n_s]), self.config.pruning, entry_chunks, declared)
-            info["sampled"] = n_s
-        info["thresholds"] = thr.tolist()
-        thr_d = b.from_host(thr)
-        block_counts = b.empty((k._SCAN_BLOCKS, 3), np.int64)
-        keep, cand, drop = (int(x) for x in k.prune_count(ea.row_base, ea.seen, ea.table_ids, ea.addr, ea.util, m["table_chunks"],
-                                                          m["table_group"], g, thr_d, block_counts))
-        use_cutoff = keep + cand > pool.slots
-        cutoff = np.uint64(0)
-        if use_cutoff:
-            comp = b.empty(keep + cand, np.uint64)
-            n_c = int(k.prune_composites(ea.row_base, ea.seen, ea.keys, ea.table_ids, ea.addr, ea.util, m["table_chunks"],
-                                         m["table_group"], g, thr_d, block_counts, comp))
-            host = b.to_host(comp[:n_c])
-            cutoff = np.partition(host, n_c - pool.slots)[n_c - pool.slots]
-        n_res = keep + drop
-        ev_e, ev_k = b.empty(max(n_res, 1), np.int64), b.empty(max(n_res, 1), np.int64)
-        al_e, al_k = b.empty(max(cand, 1), np.int64), b.empty(max(cand, 1), np.int64)
-        al_r = b.empty(max(cand, 1), np.uint64)
-        n_ev, n_al = (int(x) for x in k.prune_select(ea.row_base, ea.seen, ea.keys, ea.table_ids, ea.addr, ea.util,
-                                                     m["table_chunks"], m["table_group"], g, thr_d, use_cutoff,
-                                                     cutoff, block_counts, ev_e, ev_k, al_e, al_k, al_r))
-        self._evict(pool, ev_e[:n_ev], ev_k[:n_ev])
-        if n_al:
-            al_e, al_k = al_e[:n_al], al_k[:n_al]
-            if n_al > pool.n_free:
-                # only when composite ties let more chunks qualify than there are slots:
-                # place the best first
-                order = np.argsort(b.to_host(al_r[:n_al]), kind="stable")[::-1].copy()
-                al_e = b.from_host(b.to_host(al_e)[order])
-                al_k = b.from_host(b.to_host(al_k)[order])
-            self._allocate(pool, al_e, al_k)
-        info.update(evicted=n_ev, allocated=n_al, oversubscribed=bool(use_cutoff))
-        return info
-
-    def _evict(self, pool: ChunkPool, ev_e, ev_k) -> None:
-        n = int(ev_e.shape[0])
-        if n == 0:
-            return
-        b, a = self.backend, pool.arrays
-        g = pool.plan.group
-        if self.config.spills:
-            codes = b.empty(n, np.int32)
-            self.k.chunk_codes(self.entries.arrays.addr, ev_e, ev_k, codes)
-            vec = b.empty((n, pool.plan.chunk_width), np.float32)
-            st = b.empty((n, pool.plan.state_width), np.float32)
-            self.k.gather_slots(codes, a.vectors, a.opt_state, vec, st)
-            tier = self._tier(g)
-            tslots = tier.allocate(n)
-            try:
-                tier.write(tslots, b.to_host(vec), b.to_host(st))
-            except BaseException:
-                tier.release(tslots)
-                raise
-            self.k.commit_evictions(ev_e, ev_k, b.from_host(tslots), self.entries.arrays.addr, a.owner,
-                                    a.free_stack, a.n_free, self.kmax)
-            tier.owner[tslots] = b.to_host(ev_e)
-            self.counters.spilled_chunks += n
-        else:
-            self.k.commit_evictions(ev_e, ev_k, b.empty(0, np.int64), self.entries.arrays.addr, a.owner,
-                                    a.free_stack, a.n_free, self.kmax)
-        self.counters.evicted_chunks += n
-
-    def _allocate(self, pool: ChunkPool, al_e, al_k, *, fetch_counter: str = "") -> int:
-        """Give slots to chunks in list order; spilled ones come back from the tier."""
-        n = int(al_e.shape[0])
-        if n == 0:
-            return 0
-        b, a, m = self.backend, pool.arrays, self._meta
-        g = pool.plan.group
-        codes_d = b.empty(n, np.int32)
-        self.k.chunk_codes(self.entries.arrays.addr, al_e, al_k, codes_d)
-        codes = b.to_host(codes_d)
-        spilled = codes <= -2
-        n_sp = int(spilled.sum())
-        restore_index = np.full(n, -1, np.int64)
-        restore_index[spilled] = np.arange(n_sp)
-        c, w = pool.plan.chunk_width, pool.plan.state_width
-        vec = np.empty((0, c), np.float32)
-        st = np.empty((0, w), np.float32)
-        tslots = tier_slot_of(codes[spilled]).astype(np.int64)
-        if n_sp:
-            vec, st, n_staged = self._read_tier(g, tslots)
-            if fetch_counter:
-                self.counters.prefetched_chunks += n_staged
-                setattr(self.counters, fetch_counter, getattr(self.counters, fetch_counter) + n_sp - n_staged)
-        placed = int(self.k.commit_allocations(
-            al_e, al_k, b.from_host(restore_index), b.from_host(vec), b.from_host(st),
-            *self.entries.arrays[:5], a.owner,
-            a.free_stack, a.n_free, a.vectors, a.opt_state, self.config.seed, m["table_init_kind"],
-            m["table_init_scale"], self.kmax,
-        ))
-        placed_spilled = spilled[:placed]
-        if n_sp:
-            self.tiers[g].release(tier_slot_of(codes[:placed][placed_spilled]).astype(np.int64))
-        n_restored = int(placed_spilled.sum())
-        self.counters.restored_chunks += n_restored
-        self.counters.initialised_chunks += placed - n_restored
-        return placed
-
-    def _read_tier(self, group: int, tslots: np.ndarray):
-        """Rows of tier slots, taken from a staged background read where it is still valid."""
-        tier = self.tiers[group]
-        vec = np.empty((tslots.shape[0], tier.chunk_width), np.float32)
-        st = np.empty((tslots.shape[0], tier.state_width), np.float32)
-        hit = np.zeros(tslots.shape[0], bool)
-        for staged in self._staged.get(group, []):
-            # a read still in flight is for a later batch: never wait for it here
-            if not staged.future.done() or staged.future.exception() is not None or staged.slots.size == 0:
-                continue
-            s_vec, s_st = staged.future.result()
-            pos = np.minimum(np.searchsorted(staged.slots, tslots), staged.slots.shape[0] - 1)
-            # a staged row is good if its slot was not released (and maybe reused) since the read
-            good = ~hit & (staged.slots[pos] == tslots) & ~np.isin(tslots, tier.released_since(staged.mark))
-            vec[good], st[good] = s_vec[pos[good]], s_st[pos[good]]
-            hit |= good
-        if not hit.all():
-            vec[~hit], st[~hit] = tier.read(tslots[~hit])
-        return vec, st, int(hit.sum())
-
     def drop_dead_entries(self) -> int:
         """Erase entries with no resident chunk whose every utility fell below ``drop_floor``."""
-        self._check_writable()
-        if self.config.mode == "cache":
-            return 0
-        self._fold_scale()
-        ea = self.entries.arrays
-        out = self.backend.empty(max(self.entries.n_live, 1), np.int64)
-        n = int(self.k.find_dead_entries(ea.row_base, ea.seen, ea.table_ids, ea.addr, ea.util, np.float32(self.config.drop_floor), out))
-        if n:
-            self._erase_entries(out[:n])
-            self.counters.dropped_entries += n
-        return n
-
-    def _erase_entries(self, entries) -> int:
-        ea = self.entries.arrays
-        m = self._meta
-        total = 0
-        for pool in self.pools:
-            a = pool.arrays
-            tier_out = self.backend.empty(max(int(entries.shape[0]) * self.kmax, 1), np.int64)
-            n, n_h, n_t = (int(x) for x in self.k.erase_entries(entries, ea.row_base, ea.seen, ea.table_ids, ea.addr,
-                                                                ea.util, a.owner, a.free_stack, a.n_free,
-                                                                m["table_group"], pool.plan.group, self.kmax,
-                                                                tier_out))
-            if n_t:
-                self.tiers[pool.plan.group].release(self.backend.to_host(tier_out[:n_t]))
-            self.entries.erased(n, n_h)
-            total += n
-        self._generation += 1
-        return total
+        return placement.drop_dead_entries(self)
 
     def erase(self, table: str, ids: Any) -> int:
         """Remove keys (their chunks' memory is freed everywhere); returns how many existed."""
         self._check_writable()
         t = self.table_index(table)
-        ids = self._as_ids(ids)
+        ids = as_ids(ids)
         q = self.backend.from_host(np.full(ids.shape[0], t, np.int16))
         entries, _ = self.entries.find(q, self.backend.from_host(ids))
         e = self.backend.to_host(entries)
         e = np.unique(e[e >= 0])
-        return self._erase_entries(self.backend.from_host(e)) if e.size else 0
+        return placement.erase_entries(self, self.backend.from_host(e)) if e.size else 0
 
     # ------------------------------------------------------------------ writes
     def insert_or_assign(self, table: str, ids: Any, values: Any) -> None:
@@ -960,7 +670,7 @@ class EmbeddingStore:
         """
         self._check_writable()
         t = self.table_index(table)
-        ids = self._as_ids(ids)
+        ids = as_ids(ids)
         D = self.tables[t].dim
         v = np.asarray(values)
         if v.dtype != np.float32:
@@ -983,11 +693,7 @@ class EmbeddingStore:
             found, n_missing = self.entries.find(q, ids_d)
             found_h = b.to_host(found)
             existing = b.from_host(found_h[found_h >= 0])
-            miss_e = b.empty(max(int(existing.shape[0]) * self.kmax, 1), np.int64)
-            miss_k = b.empty(max(int(existing.shape[0]) * self.kmax, 1), np.int64)
-            n_exist_missing = int(self.k.missing_chunks(existing, *self._index_arrays(), self.entries.arrays.addr,
-                                                        self._meta["table_chunks"], self._meta["table_group"], g,
-                                                        miss_e, miss_k))
+            n_exist_missing = int(placement.missing_chunks(self, existing, g)[0].shape[0])
             needed = n_exist_missing + n_missing * self.tables[t].chunks
             if needed > pool.n_free:
                 raise PoolCapacityError(
@@ -996,172 +702,33 @@ class EmbeddingStore:
                 )
         entries = self._resolve(q, ids_d, insert=True)
         if self.config.mode == "cache":
-            self._make_resident(entries)
+            residency.make_resident(self, entries)
         else:
-            miss_e = b.empty(ids.shape[0] * self.kmax, np.int64)
-            miss_k = b.empty(ids.shape[0] * self.kmax, np.int64)
-            n = int(self.k.missing_chunks(entries, *self._index_arrays(), self.entries.arrays.addr,
-                                          self._meta["table_chunks"], self._meta["table_group"], g, miss_e, miss_k))
-            self._allocate(pool, miss_e[:n], miss_k[:n])
-        self.k.assign_rows(entries, b.from_host(v), *self._index_arrays(), self.entries.arrays.addr,
+            placement.allocate(self, pool, *placement.missing_chunks(self, entries, g))
+        ea = self.entries.arrays
+        self.k.assign_rows(entries, b.from_host(v), ea.row_base, ea.seen, ea.table_ids, ea.addr,
                            self._meta["table_chunks"], self._meta["table_group"], g, pool.arrays.vectors,
                            pool.arrays.opt_state)
 
     # ------------------------------------------------------------------ cache mode
-    def _make_resident(self, uniq) -> None:
-        """Cache mode: every chunk of these entries into the pool (evicting others to disk)."""
-        b, k, m = self.backend, self.k, self._meta
-        ea = self.entries.arrays
-        n_u = int(uniq.shape[0])
-        if n_u == 0:
-            return
-        for pool in self.pools:
-            g = pool.plan.group
-            miss_e = b.empty(n_u * self.kmax, np.int64)
-            miss_k = b.empty(n_u * self.kmax, np.int64)
-            n = int(k.missing_chunks(uniq, ea.row_base, ea.seen, ea.table_ids, ea.addr, m["table_chunks"], m["table_group"], g, miss_e, miss_k))
-            if n == 0:
-                continue
-            if n > pool.n_free:
-                tids, _ = self.entries.keys_of(b.to_host(uniq))
-                in_group = self._host_meta["table_group"][tids] == g
-                batch_chunks = int(self._host_meta["table_chunks"][tids[in_group]].sum())
-                if batch_chunks > pool.slots:
-                    raise PoolCapacityError(
-                        f"a batch needs {batch_chunks} resident chunks of width {pool.chunk_width} but the pool has "
-                        f"{pool.slots} slots; raise the budget or shrink the batch"
-                    )
-                need = n - pool.n_free
-                evictable = pool.n_used - (batch_chunks - n)
-                batch = np.sort(b.to_host(uniq))
-                self._evict_for(pool, batch, np.union1d(batch, self._upcoming), need,
-                                min(evictable, need + pool.slots // 32))
-            self._allocate(pool, miss_e[:n], miss_k[:n], fetch_counter="sync_fetched_chunks")
-
-    def _evict_for(self, pool: ChunkPool, batch_sorted: np.ndarray, spare_sorted: np.ndarray, need: int,
-                   target: int) -> None:
-        """Evict at least ``need`` (aiming at ``target``) low-utility chunks not in the batch,
-        sparing the next batch's (``spare_sorted``) as long as others can go."""
-        b, k = self.backend, self.k
-        g = pool.plan.group
-        ea = self.entries.arrays
-        rng = np.random.default_rng([self.config.seed, self.step_count, self.counters.spilled_chunks])
-        positions = rng.integers(0, pool.slots, size=min(4096, pool.slots)).astype(np.int64)
-        sampled = b.empty(positions.shape[0], np.float32)
-        k.slot_utilities(pool.arrays.owner, ea.addr, ea.util, b.from_host(positions), sampled)
-        sampled = b.to_host(sampled)
-        sampled = sampled[~np.isnan(sampled)]
-        # at least a quarter of the residents qualify, so that a call scans a few times
-        # the slots it frees instead of the whole pool; the prune pass still ranks strictly
-        q = min(1.0, max(1.5 * target / max(pool.n_used, 1), 0.25))
-        threshold = float(np.quantile(sampled, q)) if sampled.size and q < 1.0 else np.inf
-        done = 0
-        for attempt in range(3):
-            pinned = b.from_host(spare_sorted if attempt < 2 else batch_sorted)
-            want = target - done
-            out_e = b.empty(want, np.int64)
-            out_k = b.empty(want, np.int64)
-            n, self._clock[g] = (int(x) for x in k.pick_victims(pool.arrays.owner, ea.addr, ea.util, pinned,
-                                                                np.float32(threshold), self._clock[g], out_e, out_k))
-            self._evict(pool, out_e[:n], out_k[:n])
-            done += n
-            if done >= need:
-                return
-            threshold = np.inf
-            target = max(target, need)
-        raise PoolCapacityError(f"could not free {need} slots of width {pool.chunk_width} (found {done})")
-
     def prefetch(self, features: str | Sequence[str], ids: Any, offsets: Any = None) -> int:
-        """Cache mode: make every chunk of these keys resident now; returns chunks fetched or initialised.
-
-        Unseen keys are inserted, as the forward pass would. A no-op in prune mode,
-        where a chunk that is not resident is pruned by definition.
-        """
-        self._check_writable()
-        if self.config.mode != "cache":
-            return 0
-        q_tables, ids_d = self._flat_keys(features, ids, offsets)
-        entries = self._resolve(q_tables, ids_d, insert=True)
-        before = self.counters.restored_chunks + self.counters.initialised_chunks
-        self._make_resident(self._group(entries, q_tables).uniq)
-        return self.counters.restored_chunks + self.counters.initialised_chunks - before
+        """Cache mode: make every chunk of these keys resident now (see :func:`residency.prefetch`)."""
+        return residency.prefetch(self, features, ids, offsets)
 
     def prefetch_async(self, features: str | Sequence[str], ids: Any, offsets: Any = None) -> int:
-        """Cache mode: start reading, on a background thread, the spilled chunks these keys need.
-
-        ``features``, ``ids`` and ``offsets`` are laid out as for :meth:`pooled_lookup`
-        (offsets may be omitted for one table). The next forward pass installs the
-        rows without waiting on the disk; a row whose slot was released in between is
-        read again. Returns the number of chunks being read.
-        """
-        self._check_writable()
-        if self.config.mode != "cache":
-            return 0
-        q_tables, ids_d = self._flat_keys(features, ids, offsets)
-        entries, _ = self.entries.find(q_tables, ids_d)
-        uniq = self._group(entries, q_tables).uniq
-        b = self.backend
-        self._upcoming = np.sort(b.to_host(uniq))
-        total = 0
-        for pool in self.pools:
-            g = pool.plan.group
-            n_u = int(uniq.shape[0])
-            miss_e = b.empty(max(n_u * self.kmax, 1), np.int64)
-            miss_k = b.empty(max(n_u * self.kmax, 1), np.int64)
-            n = int(self.k.missing_chunks(uniq, *self._index_arrays(), self.entries.arrays.addr,
-                                          self._meta["table_chunks"], self._meta["table_group"], g, miss_e, miss_k))
-            codes = b.empty(max(n, 1), np.int32)
-            self.k.chunk_codes(self.entries.arrays.addr, miss_e[:n], miss_k[:n], codes)
-            c = b.to_host(codes)[:n]
-            slots = np.unique(tier_slot_of(c[c <= -2]).astype(np.int64))
-            if slots.size == 0 or self.tiers[g] is None:
-                continue
-            tier = self.tiers[g]
-            reads = self._staged.setdefault(g, [])
-            while len(reads) >= 2:
-                old = reads.pop(0)
-                old.future.cancel()
-                tier.end_read()
-            future, mark = tier.read_async(slots)
-            reads.append(_Staged(slots, future, mark))
-            total += int(slots.size)
-        return total
-
-    def _read_through(self, pool: ChunkPool, entries, q_tables):
-        """Cache mode, no training: the tier rows of the batch's spilled chunks, read
-        synchronously without moving anything into the pool."""
-        b = self.backend
-        g = pool.plan.group
-        none = b.empty(0, np.int64), b.empty((0, pool.plan.chunk_width), np.float32)
-        if self.tiers[g] is None:
-            return none
-        uniq = self._group(entries, q_tables).uniq
-        n_u = int(uniq.shape[0])
-        miss_e = b.empty(max(n_u * self.kmax, 1), np.int64)
-        miss_k = b.empty(max(n_u * self.kmax, 1), np.int64)
-        n = int(self.k.missing_chunks(uniq, *self._index_arrays(), self.entries.arrays.addr,
-                                      self._meta["table_chunks"], self._meta["table_group"], g, miss_e, miss_k))
-        if n == 0:
-            return none
-        codes = b.empty(n, np.int32)
-        self.k.chunk_codes(self.entries.arrays.addr, miss_e[:n], miss_k[:n], codes)
-        codes = b.to_host(codes)
-        slots = np.unique(tier_slot_of(codes[codes <= -2]).astype(np.int64))
-        if slots.size == 0:
-            return none
-        vec, _ = self.tiers[g].read(slots)
-        self.counters.sync_fetched_chunks += int(slots.size)
-        return b.from_host(slots), b.from_host(vec)
+        """Cache mode: read the spilled chunks of these keys on a background thread
+        (see :func:`residency.prefetch_async`); returns the chunks being read."""
+        return residency.prefetch_async(self, features, ids, offsets)
 
     def _flat_keys(self, features, ids, offsets=None):
         """(table of each id, ids) for one table, or for features laid out as in pooled_lookup."""
         feats = self._features(features)
-        ids = self._as_ids(ids)
+        ids = as_ids(ids)
         if offsets is None:
             if feats.shape[0] != 1:
                 raise InputShapeError("several features need offsets, laid out as for pooled_lookup")
             return self.backend.from_host(np.full(ids.shape[0], feats[0], np.int16)), self.backend.from_host(ids)
-        offsets = self._as_offsets(offsets, ids.shape[0], feats.shape[0])
+        offsets = as_offsets(offsets, ids.shape[0], feats.shape[0])
         b = self.backend
         bag_of_occ = b.empty(ids.shape[0], np.int64)
         q_tables = b.empty(ids.shape[0], np.int16)
@@ -1236,112 +803,11 @@ class EmbeddingStore:
     # ------------------------------------------------------------------ state as arrays
     def export_state(self) -> dict[str, np.ndarray]:
         """Every array of the store, host copies, tier rows included (for ``state_dict``)."""
-        import json
+        return state_dict.export_state(self)
 
-        from .storage.checkpoint import config_to_json
-
-        b = self.backend
-        out: dict[str, np.ndarray] = {}
-        for k, v in self.entries.arrays._asdict().items():
-            out[f"entries.{k}"] = np.array(b.to_host(v))
-        for pool in self.pools:
-            for k, v in pool.arrays._asdict().items():
-                out[f"pool_{pool.plan.group}.{k}"] = np.array(b.to_host(v))
-        for g, tier in enumerate(self.tiers):
-            if tier is None:
-                continue
-            used = np.nonzero(tier.owner >= 0)[0]
-            vec, st = tier.read(used)
-            out[f"tier_{g}.slots"] = used
-            out[f"tier_{g}.owner"] = tier.owner[used].copy()
-            out[f"tier_{g}.vectors"], out[f"tier_{g}.states"] = vec, st
-        out["meta.counters"] = np.array([self.step_count, self._scale_origin, self._prune_round], np.int64)
-        out["meta.config"] = np.frombuffer(json.dumps(config_to_json(self.tables, self.config)).encode(), np.uint8).copy()
-        return out
-
-    def import_state(self, state: dict[str, Any]) -> None:
+    def import_state(self, arrays: dict[str, Any]) -> None:
         """Replace this store's contents with an :meth:`export_state` of a store of the same configuration."""
-        import dataclasses
-        import json
-
-        from .entry_table import EntryArrays
-        from .pool import PoolArrays
-        from .storage.checkpoint import config_from_json
-
-        self._check_writable()
-        st = {k: np.asarray(v) for k, v in state.items()}
-        if "meta.config" not in st:
-            raise InputShapeError("state has no 'meta.config': not a fiited-store state")
-        tables, config = config_from_json(json.loads(bytes(st["meta.config"].astype(np.uint8)).decode()))
-        mine = dataclasses.replace(self.config, device="cpu")
-        theirs = dataclasses.replace(config, device="cpu")
-        if tuple(tables) != self.tables or mine != theirs:
-            raise ConfigError("state was saved from a store with another configuration: "
-                              f"tables {[t.name for t in tables]} / {theirs} vs {[t.name for t in self.tables]} / {mine}")
-        need = [f"entries.{k}" for k in EntryArrays._fields] + [
-            f"pool_{p.plan.group}.{k}" for p in self.pools for k in PoolArrays._fields]
-        missing = [k for k in need if k not in st]
-        if missing:
-            raise InputShapeError(f"state lacks arrays {missing}")
-        cap = st["entries.keys"].shape[0]
-        nd = self.entries.direct_rows
-        expect = {"entries.row_base": ((len(self.tables) + 1,), np.int64),
-                  "entries.seen": ((max((nd + 31) // 32, 1),), np.uint32),
-                  "entries.keys": ((cap,), np.int64), "entries.table_ids": ((cap,), np.int16),
-                  "entries.addr": ((nd + cap, self.kmax), np.int32),
-                  "entries.util": ((nd + cap, self.util_width), np.uint16)}
-        for p in self.pools:
-            g, plan = p.plan.group, p.plan
-            expect.update({f"pool_{g}.vectors": ((plan.slots, plan.chunk_width), np.float32),
-                           f"pool_{g}.opt_state": ((plan.slots, plan.state_width), np.float32),
-                           f"pool_{g}.owner": ((plan.slots,), np.int32), f"pool_{g}.free_stack": ((plan.slots,), np.int32),
-                           f"pool_{g}.n_free": ((1,), np.int64)})
-        for k, (shape, dtype) in expect.items():
-            if st[k].shape != shape or st[k].dtype != dtype:
-                raise InputShapeError(f"state array {k} is {st[k].dtype}{st[k].shape}, expected {np.dtype(dtype)}{shape}")
-        if not np.array_equal(st["entries.row_base"], self.backend.to_host(self.entries.arrays.row_base)):
-            raise InputShapeError(f"state's direct index rows {st['entries.row_base'].tolist()} differ from this store's")
-        b = self.backend
-        addr = st["entries.addr"].copy()
-        new_tiers: list[Any] = [None] * len(self.plans)
-        for g in range(len(self.plans)):
-            if f"tier_{g}.slots" not in st:
-                continue
-            plan = self.plans[g]
-            from .storage.zarr_tier import ZarrTier
-
-            root = self._tier_root() / f"tier_{g}.import"
-            tier = ZarrTier(root, plan.chunk_width, plan.state_width, capacity=st[f"tier_{g}.slots"].shape[0])
-            new_slots = tier.allocate(st[f"tier_{g}.slots"].shape[0])
-            tier.write(new_slots, st[f"tier_{g}.vectors"], st[f"tier_{g}.states"])
-            owner = st[f"tier_{g}.owner"]
-            tier.owner[new_slots] = owner
-            # the rows moved: point their chunks at the new slots
-            k_of = np.argmax(addr[owner] == (-2 - st[f"tier_{g}.slots"])[:, None], axis=1)
-            addr[owner, k_of] = -2 - new_slots
-            new_tiers[g] = tier
-        self.entries = EntryTable.from_arrays(b, EntryArrays(
-            row_base=b.persist(st["entries.row_base"]), seen=b.persist(st["entries.seen"]),
-            keys=b.persist(st["entries.keys"]), table_ids=b.persist(st["entries.table_ids"]),
-            addr=b.persist(addr), util=b.persist(st["entries.util"])), [t.name for t in self.tables],
-            self.config.max_load)
-        for p in self.pools:
-            g = p.plan.group
-            p.arrays = PoolArrays(*(b.persist(st[f"pool_{g}.{k}"]) for k in PoolArrays._fields))
-        for g, tier in enumerate(new_tiers):
-            if self.tiers[g] is not None:
-                self.tiers[g].close()
-                shutil.rmtree(self.tiers[g].root, ignore_errors=True)
-            if tier is not None:
-                final = self._tier_root() / f"tier_{g}"
-                shutil.rmtree(final, ignore_errors=True)
-                tier.root.rename(final)
-                self.tiers[g] = self._open_tier(g, final, tier.owner, read_only=False)
-            else:
-                self.tiers[g] = None
-        self.step_count, self._scale_origin, self._prune_round = (int(x) for x in st["meta.counters"])
-        self._generation += 1
-        self._staged.clear()
+        state_dict.import_state(self, arrays)
 
     # ------------------------------------------------------------------ persistence
     def save(self, path: str | Path | None = None) -> Path:

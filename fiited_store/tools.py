@@ -286,7 +286,6 @@ def export_store(path: Path, out: Path, fmt: str = "dense", progress: bool = Tru
         tmp = out.parent / f".{out.name}.partial"
         shutil.rmtree(tmp, ignore_errors=True)
         root = zarr.open_group(zarr.storage.LocalStore(str(tmp)), mode="w")
-        b = store.backend
         tids = store.entries.table_of_entries()
         for i, t in enumerate(tqdm(store.tables, disable=not progress, desc="export", unit="table")):
             e = np.nonzero(tids == i)[0]

@@ -1,0 +1,222 @@
+"""Applying a prune: which chunks lose their slot and which win one, and moving them.
+
+Algorithm 1 over one pool (:func:`prune_pool`): sampled utilities give thresholds
+(:mod:`fiited_store.policy`), the kernels classify every chunk, and the chunks that
+change place are evicted (discarded, or spilled to the disk tier) and allocated
+(re-initialised, or restored from the tier). The same moves serve cache mode
+(:mod:`fiited_store.residency`) and the erasure of entries. Functions of the store
+they act on; the store's verbs call them.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any
+
+import numpy as np
+
+from .config import PoolPlan
+from .kernels.layout import tier_slot_of
+from .policy import sample_rate_threshold, thresholds
+from .pool import ChunkPool
+
+
+def missing_chunks(store, entries, group: int):
+    """(entries, chunk indexes) of the chunks of ``entries`` in pool ``group`` that are not resident."""
+    b = store.backend
+    size = max(int(entries.shape[0]) * store.kmax, 1)
+    miss_e, miss_k = b.empty(size, np.int64), b.empty(size, np.int64)
+    ea, m = store.entries.arrays, store._meta
+    n = int(store.k.missing_chunks(entries, ea.row_base, ea.seen, ea.table_ids, ea.addr, m["table_chunks"],
+                                   m["table_group"], group, miss_e, miss_k))
+    return miss_e[:n], miss_k[:n]
+
+
+def declared_chunks(store, plan: PoolPlan) -> tuple[np.ndarray, np.ndarray | None]:
+    declared = np.zeros(store.kmax, np.int64)
+    for t in plan.tables:
+        n = store.tables[t].num_embeddings
+        if n is None:
+            return declared, None
+        declared[: store.tables[t].chunks] += n
+    return declared, declared
+
+
+def prune_pool(store, pool: ChunkPool, entries_per_table: np.ndarray) -> dict[str, Any]:
+    plan = pool.plan
+    g = plan.group
+    b, k, m = store.backend, store.k, store._meta
+    ea = store.entries.arrays
+    n_group = int(sum(entries_per_table[t] for t in plan.tables))
+    info: dict[str, Any] = {"chunk_width": plan.chunk_width, "evicted": 0, "allocated": 0}
+    if n_group == 0:
+        return info
+    if store.config.mode == "cache":
+        thr = np.zeros(store.kmax, np.float32)
+    else:
+        m_size = store.config.sample_size
+        cap = min(n_group, int(m_size + 6 * math.sqrt(m_size) + 64))
+        samples = b.empty((cap, store.kmax), np.float32)
+        n_s = int(k.sample_utilities(ea.row_base, ea.seen, ea.keys, ea.table_ids, ea.util, m["table_chunks"], m["table_group"], g,
+                                     sample_rate_threshold(m_size, n_group), store.config.seed,
+                                     store._prune_round, samples))
+        entry_chunks = np.zeros(store.kmax, np.int64)
+        for t in plan.tables:
+            entry_chunks[: store.tables[t].chunks] += entries_per_table[t]
+        _, declared = declared_chunks(store, plan)
+        thr = thresholds(b.to_host(samples[:n_s]), store.config.pruning, entry_chunks, declared)
+        info["sampled"] = n_s
+    info["thresholds"] = thr.tolist()
+    thr_d = b.from_host(thr)
+    block_counts = b.empty((k._SCAN_BLOCKS, 3), np.int64)
+    keep, cand, drop = (int(x) for x in k.prune_count(ea.row_base, ea.seen, ea.table_ids, ea.addr, ea.util, m["table_chunks"],
+                                                      m["table_group"], g, thr_d, block_counts))
+    use_cutoff = keep + cand > pool.slots
+    cutoff = np.uint64(0)
+    if use_cutoff:
+        comp = b.empty(keep + cand, np.uint64)
+        n_c = int(k.prune_composites(ea.row_base, ea.seen, ea.keys, ea.table_ids, ea.addr, ea.util, m["table_chunks"],
+                                     m["table_group"], g, thr_d, block_counts, comp))
+        host = b.to_host(comp[:n_c])
+        cutoff = np.partition(host, n_c - pool.slots)[n_c - pool.slots]
+    n_res = keep + drop
+    ev_e, ev_k = b.empty(max(n_res, 1), np.int64), b.empty(max(n_res, 1), np.int64)
+    al_e, al_k = b.empty(max(cand, 1), np.int64), b.empty(max(cand, 1), np.int64)
+    al_r = b.empty(max(cand, 1), np.uint64)
+    n_ev, n_al = (int(x) for x in k.prune_select(ea.row_base, ea.seen, ea.keys, ea.table_ids, ea.addr, ea.util,
+                                                 m["table_chunks"], m["table_group"], g, thr_d, use_cutoff,
+                                                 cutoff, block_counts, ev_e, ev_k, al_e, al_k, al_r))
+    evict(store, pool, ev_e[:n_ev], ev_k[:n_ev])
+    if n_al:
+        al_e, al_k = al_e[:n_al], al_k[:n_al]
+        if n_al > pool.n_free:
+            # only when composite ties let more chunks qualify than there are slots:
+            # place the best first
+            order = np.argsort(b.to_host(al_r[:n_al]), kind="stable")[::-1].copy()
+            al_e = b.from_host(b.to_host(al_e)[order])
+            al_k = b.from_host(b.to_host(al_k)[order])
+        allocate(store, pool, al_e, al_k)
+    info.update(evicted=n_ev, allocated=n_al, oversubscribed=bool(use_cutoff))
+    return info
+
+
+def evict(store, pool: ChunkPool, ev_e, ev_k) -> None:
+    n = int(ev_e.shape[0])
+    if n == 0:
+        return
+    b, a = store.backend, pool.arrays
+    g = pool.plan.group
+    if store.config.spills:
+        codes = b.empty(n, np.int32)
+        store.k.chunk_codes(store.entries.arrays.addr, ev_e, ev_k, codes)
+        vec = b.empty((n, pool.plan.chunk_width), np.float32)
+        st = b.empty((n, pool.plan.state_width), np.float32)
+        store.k.gather_slots(codes, a.vectors, a.opt_state, vec, st)
+        tier = store._tier(g)
+        tslots = tier.allocate(n)
+        try:
+            tier.write(tslots, b.to_host(vec), b.to_host(st))
+        except BaseException:
+            tier.release(tslots)
+            raise
+        store.k.commit_evictions(ev_e, ev_k, b.from_host(tslots), store.entries.arrays.addr, a.owner,
+                                a.free_stack, a.n_free, store.kmax)
+        tier.owner[tslots] = b.to_host(ev_e)
+        store.counters.spilled_chunks += n
+    else:
+        store.k.commit_evictions(ev_e, ev_k, b.empty(0, np.int64), store.entries.arrays.addr, a.owner,
+                                a.free_stack, a.n_free, store.kmax)
+    store.counters.evicted_chunks += n
+
+
+def allocate(store, pool: ChunkPool, al_e, al_k, *, fetch_counter: str = "") -> int:
+    """Give slots to chunks in list order; spilled ones come back from the tier."""
+    n = int(al_e.shape[0])
+    if n == 0:
+        return 0
+    b, a, m, ea = store.backend, pool.arrays, store._meta, store.entries.arrays
+    g = pool.plan.group
+    codes_d = b.empty(n, np.int32)
+    store.k.chunk_codes(store.entries.arrays.addr, al_e, al_k, codes_d)
+    codes = b.to_host(codes_d)
+    spilled = codes <= -2
+    n_sp = int(spilled.sum())
+    restore_index = np.full(n, -1, np.int64)
+    restore_index[spilled] = np.arange(n_sp)
+    c, w = pool.plan.chunk_width, pool.plan.state_width
+    vec = np.empty((0, c), np.float32)
+    st = np.empty((0, w), np.float32)
+    tslots = tier_slot_of(codes[spilled]).astype(np.int64)
+    if n_sp:
+        vec, st, n_staged = read_tier(store, g, tslots)
+        if fetch_counter:
+            store.counters.prefetched_chunks += n_staged
+            setattr(store.counters, fetch_counter, getattr(store.counters, fetch_counter) + n_sp - n_staged)
+    placed = int(store.k.commit_allocations(
+        al_e, al_k, b.from_host(restore_index), b.from_host(vec), b.from_host(st),
+        ea.row_base, ea.seen, ea.keys, ea.table_ids, ea.addr, a.owner,
+        a.free_stack, a.n_free, a.vectors, a.opt_state, store.config.seed, m["table_init_kind"],
+        m["table_init_scale"], store.kmax,
+    ))
+    placed_spilled = spilled[:placed]
+    if n_sp:
+        store.tiers[g].release(tier_slot_of(codes[:placed][placed_spilled]).astype(np.int64))
+    n_restored = int(placed_spilled.sum())
+    store.counters.restored_chunks += n_restored
+    store.counters.initialised_chunks += placed - n_restored
+    return placed
+
+
+def read_tier(store, group: int, tslots: np.ndarray):
+    """Rows of tier slots, taken from a staged background read where it is still valid."""
+    tier = store.tiers[group]
+    vec = np.empty((tslots.shape[0], tier.chunk_width), np.float32)
+    st = np.empty((tslots.shape[0], tier.state_width), np.float32)
+    hit = np.zeros(tslots.shape[0], bool)
+    for staged in store._staged.get(group, []):
+        # a read still in flight is for a later batch: never wait for it here
+        if not staged.future.done() or staged.future.exception() is not None or staged.slots.size == 0:
+            continue
+        s_vec, s_st = staged.future.result()
+        pos = np.minimum(np.searchsorted(staged.slots, tslots), staged.slots.shape[0] - 1)
+        # a staged row is good if its slot was not released (and maybe reused) since the read
+        good = ~hit & (staged.slots[pos] == tslots) & ~np.isin(tslots, tier.released_since(staged.mark))
+        vec[good], st[good] = s_vec[pos[good]], s_st[pos[good]]
+        hit |= good
+    if not hit.all():
+        vec[~hit], st[~hit] = tier.read(tslots[~hit])
+    return vec, st, int(hit.sum())
+
+
+def drop_dead_entries(store) -> int:
+    """Erase entries with no resident chunk whose every utility fell below ``drop_floor``."""
+    store._check_writable()
+    if store.config.mode == "cache":
+        return 0
+    store._fold_scale()
+    ea = store.entries.arrays
+    out = store.backend.empty(max(store.entries.n_live, 1), np.int64)
+    n = int(store.k.find_dead_entries(ea.row_base, ea.seen, ea.table_ids, ea.addr, ea.util, np.float32(store.config.drop_floor), out))
+    if n:
+        erase_entries(store, out[:n])
+        store.counters.dropped_entries += n
+    return n
+
+
+def erase_entries(store, entries) -> int:
+    ea = store.entries.arrays
+    m = store._meta
+    total = 0
+    for pool in store.pools:
+        a = pool.arrays
+        tier_out = store.backend.empty(max(int(entries.shape[0]) * store.kmax, 1), np.int64)
+        n, n_h, n_t = (int(x) for x in store.k.erase_entries(entries, ea.row_base, ea.seen, ea.table_ids, ea.addr,
+                                                            ea.util, a.owner, a.free_stack, a.n_free,
+                                                            m["table_group"], pool.plan.group, store.kmax,
+                                                            tier_out))
+        if n_t:
+            store.tiers[pool.plan.group].release(store.backend.to_host(tier_out[:n_t]))
+        store.entries.erased(n, n_h)
+        total += n
+    store._generation += 1
+    return total

@@ -1,0 +1,127 @@
+"""The store as a flat dict of host arrays and back (what ``state_dict`` carries).
+
+:func:`export_state` copies every array, tier rows included; :func:`import_state`
+checks a dict against the store's configuration and layout before it replaces
+anything.
+"""
+
+from __future__ import annotations
+
+import shutil
+from typing import Any
+
+import numpy as np
+
+from .entry_table import EntryTable
+from .errors import ConfigError, InputShapeError
+
+
+def export_state(store) -> dict[str, np.ndarray]:
+    """Every array of the store, host copies, tier rows included (for ``state_dict``)."""
+    import json
+
+    from .storage.checkpoint import config_to_json
+
+    b = store.backend
+    out: dict[str, np.ndarray] = {}
+    for k, v in store.entries.arrays._asdict().items():
+        out[f"entries.{k}"] = np.array(b.to_host(v))
+    for pool in store.pools:
+        for k, v in pool.arrays._asdict().items():
+            out[f"pool_{pool.plan.group}.{k}"] = np.array(b.to_host(v))
+    for g, tier in enumerate(store.tiers):
+        if tier is None:
+            continue
+        used = np.nonzero(tier.owner >= 0)[0]
+        vec, st = tier.read(used)
+        out[f"tier_{g}.slots"] = used
+        out[f"tier_{g}.owner"] = tier.owner[used].copy()
+        out[f"tier_{g}.vectors"], out[f"tier_{g}.states"] = vec, st
+    out["meta.counters"] = np.array([store.step_count, store._scale_origin, store._prune_round], np.int64)
+    out["meta.config"] = np.frombuffer(json.dumps(config_to_json(store.tables, store.config)).encode(), np.uint8).copy()
+    return out
+
+
+def import_state(store, state: dict[str, Any]) -> None:
+    """Replace this store's contents with an :meth:`export_state` of a store of the same configuration."""
+    import dataclasses
+    import json
+
+    from .entry_table import EntryArrays
+    from .pool import PoolArrays
+    from .storage.checkpoint import config_from_json
+
+    store._check_writable()
+    st = {k: np.asarray(v) for k, v in state.items()}
+    if "meta.config" not in st:
+        raise InputShapeError("state has no 'meta.config': not a fiited-store state")
+    tables, config = config_from_json(json.loads(bytes(st["meta.config"].astype(np.uint8)).decode()))
+    mine = dataclasses.replace(store.config, device="cpu")
+    theirs = dataclasses.replace(config, device="cpu")
+    if tuple(tables) != store.tables or mine != theirs:
+        raise ConfigError("state was saved from a store with another configuration: "
+                          f"tables {[t.name for t in tables]} / {theirs} vs {[t.name for t in store.tables]} / {mine}")
+    need = [f"entries.{k}" for k in EntryArrays._fields] + [
+        f"pool_{p.plan.group}.{k}" for p in store.pools for k in PoolArrays._fields]
+    missing = [k for k in need if k not in st]
+    if missing:
+        raise InputShapeError(f"state lacks arrays {missing}")
+    cap = st["entries.keys"].shape[0]
+    nd = store.entries.direct_rows
+    expect = {"entries.row_base": ((len(store.tables) + 1,), np.int64),
+              "entries.seen": ((max((nd + 31) // 32, 1),), np.uint32),
+              "entries.keys": ((cap,), np.int64), "entries.table_ids": ((cap,), np.int16),
+              "entries.addr": ((nd + cap, store.kmax), np.int32),
+              "entries.util": ((nd + cap, store.util_width), np.uint16)}
+    for p in store.pools:
+        g, plan = p.plan.group, p.plan
+        expect.update({f"pool_{g}.vectors": ((plan.slots, plan.chunk_width), np.float32),
+                       f"pool_{g}.opt_state": ((plan.slots, plan.state_width), np.float32),
+                       f"pool_{g}.owner": ((plan.slots,), np.int32), f"pool_{g}.free_stack": ((plan.slots,), np.int32),
+                       f"pool_{g}.n_free": ((1,), np.int64)})
+    for k, (shape, dtype) in expect.items():
+        if st[k].shape != shape or st[k].dtype != dtype:
+            raise InputShapeError(f"state array {k} is {st[k].dtype}{st[k].shape}, expected {np.dtype(dtype)}{shape}")
+    if not np.array_equal(st["entries.row_base"], store.backend.to_host(store.entries.arrays.row_base)):
+        raise InputShapeError(f"state's direct index rows {st['entries.row_base'].tolist()} differ from this store's")
+    b = store.backend
+    addr = st["entries.addr"].copy()
+    new_tiers: list[Any] = [None] * len(store.plans)
+    for g in range(len(store.plans)):
+        if f"tier_{g}.slots" not in st:
+            continue
+        plan = store.plans[g]
+        from .storage.zarr_tier import ZarrTier
+
+        root = store._tier_root() / f"tier_{g}.import"
+        tier = ZarrTier(root, plan.chunk_width, plan.state_width, capacity=st[f"tier_{g}.slots"].shape[0])
+        new_slots = tier.allocate(st[f"tier_{g}.slots"].shape[0])
+        tier.write(new_slots, st[f"tier_{g}.vectors"], st[f"tier_{g}.states"])
+        owner = st[f"tier_{g}.owner"]
+        tier.owner[new_slots] = owner
+        # the rows moved: point their chunks at the new slots
+        k_of = np.argmax(addr[owner] == (-2 - st[f"tier_{g}.slots"])[:, None], axis=1)
+        addr[owner, k_of] = -2 - new_slots
+        new_tiers[g] = tier
+    store.entries = EntryTable.from_arrays(b, EntryArrays(
+        row_base=b.persist(st["entries.row_base"]), seen=b.persist(st["entries.seen"]),
+        keys=b.persist(st["entries.keys"]), table_ids=b.persist(st["entries.table_ids"]),
+        addr=b.persist(addr), util=b.persist(st["entries.util"])), [t.name for t in store.tables],
+        store.config.max_load)
+    for p in store.pools:
+        g = p.plan.group
+        p.arrays = PoolArrays(*(b.persist(st[f"pool_{g}.{k}"]) for k in PoolArrays._fields))
+    for g, tier in enumerate(new_tiers):
+        if store.tiers[g] is not None:
+            store.tiers[g].close()
+            shutil.rmtree(store.tiers[g].root, ignore_errors=True)
+        if tier is not None:
+            final = store._tier_root() / f"tier_{g}"
+            shutil.rmtree(final, ignore_errors=True)
+            tier.root.rename(final)
+            store.tiers[g] = store._open_tier(g, final, tier.owner, read_only=False)
+        else:
+            store.tiers[g] = None
+    store.step_count, store._scale_origin, store._prune_round = (int(x) for x in st["meta.counters"])
+    store._generation += 1
+    store._staged.clear()
