@@ -35,13 +35,6 @@ class EntryArrays(NamedTuple):
     util: np.ndarray       # uint16[direct rows + cap, U]; utilities as bfloat16 (scaled, see store)
 
 
-def _pow2_at_least(n: int) -> int:
-    p = 1
-    while p < n:
-        p *= 2
-    return p
-
-
 def _popcount(words: np.ndarray) -> int:
     return int(np.unpackbits(np.ascontiguousarray(words).view(np.uint8)).sum()) if words.size else 0
 
@@ -168,7 +161,7 @@ class EntryTable:
         # a rehash forced only by tombstones keeps the capacity.
         if not self.has_hashed:
             return 0
-        return max(_pow2_at_least(int((self.n_hashed + n_missing_hashed) / (0.6 * self.max_load)) + 1), 8)
+        return hashed_capacity(int((self.n_hashed + n_missing_hashed) / (0.6 * self.max_load)) + 1)
 
     def rehash(self, new_capacity: int):
         """Move live hashed entries into fresh slots; returns old entry -> new entry."""
@@ -245,12 +238,3 @@ class EntryTable:
         out[:nd][bits] = np.searchsorted(base, np.nonzero(bits)[0], side="right") - 1
         out[nd:] = self.backend.to_host(self.arrays.table_ids)
         return out
-
-    def live_entries(self) -> np.ndarray:
-        """Every live entry, ascending, on the host."""
-        nd = self.direct_rows
-        seen = self.backend.to_host(self.arrays.seen)
-        bits = np.unpackbits(np.ascontiguousarray(seen).view(np.uint8), bitorder="little")[:nd]
-        direct = np.nonzero(bits)[0].astype(np.int64)
-        hashed = np.nonzero(self.backend.to_host(self.arrays.table_ids) >= 0)[0].astype(np.int64) + nd
-        return np.concatenate([direct, hashed])

@@ -49,11 +49,8 @@ def check_store(store) -> list[str]:
     if bad_tid.any():
         problems.append(f"entries/table_ids hold unknown tables at hashed slots {_first(bad_tid)}")
     # the table of every entry, direct rows first (EMPTY where no key holds it)
+    tids = store.entries.table_of_entries()
     seen_bits = np.unpackbits(np.ascontiguousarray(seen).view(np.uint8), bitorder="little")
-    tids = np.full(n_all, EMPTY, np.int64)
-    direct_live = seen_bits[:nd].astype(bool)
-    tids[:nd][direct_live] = np.searchsorted(base, np.nonzero(direct_live)[0], side="right") - 1
-    tids[nd:] = h_tids
     if seen_bits[nd:].any():
         problems.append(f"entries/seen has bits set past the {nd} direct rows")
     live = tids >= 0
