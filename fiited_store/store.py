@@ -54,7 +54,7 @@ from .errors import (
 from .kernels.layout import INIT_CODES, OPTIMIZER_CODES, UTILITY_CODES, util_to_float
 from . import placement, residency, state_dict
 from .buffers import OutputBuffers
-from .inputs import as_ids, as_offsets, as_weights
+from .inputs import as_ids, as_offsets, request_arrays
 from .pool import ChunkPool
 
 #: utilities are stored scaled by gamma**-steps; fold the scale back in before it nears float32's range
@@ -387,18 +387,15 @@ class EmbeddingStore:
         if train:
             self._check_writable()
         feature_tables = self._features(features)
-        ids = as_ids(ids)
-        nnz = ids.shape[0]
         F = feature_tables.shape[0]
-        offsets = as_offsets(offsets, nnz, F)
-        weights = as_weights(per_sample_weights, nnz, mode)
-        B = (offsets.shape[0] - 1) // F
+        b = self.backend
+        ids_d, offsets_d, weights_d = request_arrays(b, ids, offsets, per_sample_weights, F, mode)
+        nnz = ids_d.shape[0]
+        B = (offsets_d.shape[0] - 1) // F
         dims = self._host_meta["table_dim"][feature_tables]
         feature_col = np.concatenate([[0], np.cumsum(dims)[:-1]]).astype(np.int64)
-        b = self.backend
-        ids_d, offsets_d, weights_d = b.from_host(ids), b.from_host(offsets), b.from_host(weights)
         ft_d, fc_d = b.from_host(feature_tables), b.from_host(feature_col)
-        if (not train and weights.shape[0] == 0 and mode == "sum" and self.config.mode == "prune"
+        if (not train and weights_d.shape[0] == 0 and mode == "sum" and self.config.mode == "prune"
                 and self.entries.table_rows[feature_tables, 1].all()):
             # every feature has a direct index and nothing will be trained: the rows are
             # the ids, found inside the gather (no find, no per-occurrence tables)
@@ -417,7 +414,7 @@ class EmbeddingStore:
                 generation=self._generation, store_id=id(self), consumed=True,
             )
         # bags of occurrences are only needed to train (or to differentiate the weights)
-        bag_of_occ = b.empty(nnz if train or weights.shape[0] else 0, np.int64)
+        bag_of_occ = b.empty(nnz if train or weights_d.shape[0] else 0, np.int64)
         q_tables = b.empty(nnz, np.int16)
         self.k.expand_bags(offsets_d, B, ft_d, bag_of_occ, q_tables)
         new: list = []
@@ -437,7 +434,7 @@ class EmbeddingStore:
                 sp_slots, sp_vectors = residency.read_through(self, pool, entries, q_tables)
             else:
                 sp_slots, sp_vectors = b.empty(0, np.int64), b.empty((0, pool.plan.chunk_width), np.float32)
-            if weights.shape[0] == 0 and mode == "sum" and sp_slots.shape[0] == 0:
+            if weights_d.shape[0] == 0 and mode == "sum" and sp_slots.shape[0] == 0:
                 self._sum_forward(pool, feature_tables, entries, ids_d, self._no_rows, offsets_d, B, fc_d, out)
                 continue
             self.k.pooled_forward(

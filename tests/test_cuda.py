@@ -13,7 +13,8 @@ import numpy as np
 import pytest
 import torch
 
-from fiited_store import DynamicRatio, EmbeddingStore, ManualRatios, NonFiniteGradientError, StoreConfig, TableConfig
+from fiited_store import (DynamicRatio, EmbeddingStore, InputDTypeError, InputShapeError, ManualRatios,
+                          NonFiniteGradientError, StoreConfig, TableConfig)
 from fiited_store.verify import check_store
 
 from .helpers import assert_unchanged, snapshot
@@ -192,3 +193,94 @@ def test_adapter_on_the_cuda_backend_matches_the_cpu_module():
         torch.testing.assert_close(outs[1], outs[0], **TOL)
     final = [m.store.backend.to_host(m.store.lookup("table", np.arange(24))) for m in mods]
     np.testing.assert_allclose(final[1], final[0], **TOL)
+
+
+# ------------------------------------------------------------------ requests checked on the device
+
+def _device_kinds():
+    from fiited_store.kernels.cuda import SIMULATED
+
+    # torch CUDA tensors exist only on a real GPU; numba device arrays exist on both
+    return ["numba"] if SIMULATED else ["numba", "torch"]
+
+
+def to_device(a, kind):
+    from numba import cuda
+
+    return cuda.to_device(np.ascontiguousarray(a)) if kind == "numba" else torch.from_numpy(np.ascontiguousarray(a)).cuda()
+
+
+@pytest.fixture
+def no_host_copies(monkeypatch):
+    """Fail any request check that would bring a device array to the host."""
+    import fiited_store.inputs as inputs
+
+    def refuse(x):
+        if isinstance(x, np.ndarray):
+            return x
+        raise AssertionError(f"{type(x).__name__} was copied to the host for checking")
+
+    monkeypatch.setattr(inputs, "as_host", refuse)
+
+
+@pytest.mark.parametrize("kind", _device_kinds())
+def test_device_inputs_are_checked_on_the_device_and_train_like_host_inputs(kind, no_host_copies):
+    cfg = StoreConfig(pruning=DynamicRatio(0.5), prune_period=2, device="cuda", initial_capacity=64)
+    fed_host, fed_device = (EmbeddingStore(TABLES, cfg) for _ in range(2))
+    names = [t.name for t in TABLES]
+    rng = np.random.default_rng(3)
+    for step in range(4):
+        lengths = rng.integers(0, 3, len(names) * 4)
+        ids = rng.integers(0, 24, int(lengths.sum()))
+        offsets = np.concatenate([[0], np.cumsum(lengths)])
+        weights = rng.random(ids.shape[0])
+        grad = rng.standard_normal((4, 20)).astype(np.float32)
+        a = fed_host.pooled_lookup(names, ids, offsets, weights.astype(np.float32), train=True)
+        # int32 ids and int32 offsets and float64 weights: widened on the device
+        b = fed_device.pooled_lookup(names, to_device(ids.astype(np.int32), kind),
+                                     to_device(offsets.astype(np.int32), kind), to_device(weights, kind), train=True)
+        np.testing.assert_array_equal(fed_device.backend.to_host(b.output), fed_host.backend.to_host(a.output))
+        fed_host.backward(a, grad)
+        fed_device.backward(b, grad)
+        fed_host.step()
+        fed_device.step()
+        # the direct-index fast path (no training, plain sum) takes device ids too
+        np.testing.assert_array_equal(
+            fed_device.backend.to_host(fed_device.pooled_lookup(names, to_device(ids, kind), to_device(offsets, kind)).output),
+            fed_host.backend.to_host(fed_host.pooled_lookup(names, ids, offsets).output))
+    for t in TABLES:
+        np.testing.assert_array_equal(fed_device.backend.to_host(fed_device.lookup(t.name, np.arange(24))),
+                                      fed_host.backend.to_host(fed_host.lookup(t.name, np.arange(24))))
+
+
+BAD_REQUESTS = {
+    "offsets not from 0": (np.array([1, 2, 3]), np.array([1, 2, 3, 3]), None),
+    "offsets not to nnz": (np.array([1, 2, 3]), np.array([0, 1, 2, 2]), None),
+    "offsets decrease": (np.array([1, 2, 3]), np.array([0, 2, 1, 3]), None),
+    "nan weight": (np.array([1, 2, 3]), np.array([0, 1, 2, 3]), np.array([0.5, np.nan, 1.0], np.float32)),
+    "inf weight, float64": (np.array([1, 2, 3]), np.array([0, 1, 2, 3]), np.array([0.5, 1.0, -np.inf])),
+    "float ids": (np.array([1.0, 2.0, 3.0]), np.array([0, 1, 2, 3]), None),
+    "2-D ids": (np.array([[1, 2, 3]]), np.array([0, 1, 2, 3]), None),
+    "bool offsets": (np.array([1, 2, 3]), np.array([False, True, True, True]), None),
+    "weights of another length": (np.array([1, 2, 3]), np.array([0, 1, 2, 3]), np.ones(2, np.float32)),
+    "offsets of another feature count": (np.array([1, 2, 3]), np.array([0, 1, 3]), None),
+    "uint64 id past int64": (np.array([1, 2**63 + 5, 3], np.uint64), np.array([0, 1, 2, 3]), None),
+}
+
+
+@pytest.mark.parametrize("case, kind", [(c, k) for c in sorted(BAD_REQUESTS) for k in _device_kinds()
+                                          if not (k == "torch" and BAD_REQUESTS[c][0].dtype == np.uint64)])
+def test_bad_device_requests_raise_the_host_error_and_change_nothing(case, kind, no_host_copies):
+    ids, offsets, weights = BAD_REQUESTS[case]
+    gpu = EmbeddingStore(TABLES, StoreConfig(budget_fraction=0.5, prune_period=0, device="cuda", initial_capacity=64))
+    names = ["a", "b", "c"]
+    same_stream([gpu], 1)
+    before = snapshot(gpu)
+    with pytest.raises(Exception) as host_err:
+        gpu.pooled_lookup(names, ids, offsets, weights, train=True)
+    dev = [to_device(a, kind) if a is not None else None for a in (ids, offsets, weights)]
+    assert isinstance(host_err.value, (InputDTypeError, InputShapeError, NonFiniteGradientError))
+    with pytest.raises(type(host_err.value)) as dev_err:
+        gpu.pooled_lookup(names, *dev, train=True)
+    assert str(dev_err.value) == str(host_err.value)
+    assert_unchanged(before, snapshot(gpu))

@@ -255,7 +255,7 @@ def source_row(s, sp_slots):
 # --------------------------------------------------------------------------- small utilities
 
 
-@cuda.jit
+@cuda.jit(cache=True)
 def _fill_kernel(flat, value):
     i = cuda.grid(1)
     if i < flat.shape[0]:
@@ -277,7 +277,7 @@ def _scalar(a) -> int:
     return int(a.copy_to_host()[0])
 
 
-@cuda.jit
+@cuda.jit(cache=True)
 def _scan_block_kernel(x, out, sums, n):
     tmp = cuda.shared.array(SCAN_TPB, dtype=np.int64)
     i = cuda.grid(1)
@@ -297,7 +297,7 @@ def _scan_block_kernel(x, out, sums, n):
         sums[cuda.blockIdx.x] = tmp[t]
 
 
-@cuda.jit
+@cuda.jit(cache=True)
 def _scan_add_kernel(out, offsets, n):
     i = cuda.grid(1)
     if i < n and cuda.blockIdx.x > 0:
@@ -321,7 +321,7 @@ def inclusive_scan(x, n: int):
 # --------------------------------------------------------------------------- entry table
 
 
-@cuda.jit
+@cuda.jit(cache=True)
 def _find_kernel(row_base, seen, keys, table_ids, q_tables, q_ids, out, missing):
     i = cuda.grid(1)
     if i >= q_ids.shape[0]:
@@ -367,7 +367,7 @@ def find_entries(row_base, seen, keys, table_ids, q_tables, q_ids, out):
     return int(m[0]), int(m[1]), int(m[2])
 
 
-@cuda.jit
+@cuda.jit(cache=True)
 def _dedupe_claim_kernel(q_tables, q_ids, out, hslot):
     """Missing occurrences register in a scratch hash; equal keys keep the first index."""
     i = cuda.grid(1)
@@ -387,7 +387,7 @@ def _dedupe_claim_kernel(q_tables, q_ids, out, hslot):
         h = (h + np.uint64(1)) & mask
 
 
-@cuda.jit
+@cuda.jit(cache=True)
 def _dedupe_first_kernel(q_tables, q_ids, out, hslot, first_of, is_first):
     i = cuda.grid(1)
     if i >= q_ids.shape[0]:
@@ -408,7 +408,7 @@ def _dedupe_first_kernel(q_tables, q_ids, out, hslot, first_of, is_first):
         h = (h + np.uint64(1)) & mask
 
 
-@cuda.jit
+@cuda.jit(cache=True)
 def _insert_first_kernel(row_base, seen, keys, table_words, addr, util, q_tables, q_ids, is_first, rank, out,
                          new_entries, n_hashed):
     i = cuda.grid(1)
@@ -446,14 +446,14 @@ def _insert_first_kernel(row_base, seen, keys, table_words, addr, util, q_tables
     cuda.atomic.add(n_hashed, 0, 1)
 
 
-@cuda.jit
+@cuda.jit(cache=True)
 def _insert_copy_kernel(out, first_of, is_first, missing_before):
     i = cuda.grid(1)
     if i < out.shape[0] and missing_before[i] and is_first[i] == 0:
         out[i] = out[first_of[i]]
 
 
-@cuda.jit
+@cuda.jit(cache=True)
 def _missing_flags_kernel(out, flags):
     i = cuda.grid(1)
     if i < out.shape[0]:
@@ -494,7 +494,7 @@ def insert_missing(row_base, seen, keys, table_ids, addr, util, q_tables, q_ids,
     return n_new, _scalar(n_hashed)
 
 
-@cuda.jit
+@cuda.jit(cache=True)
 def _copy_direct_kernel(nd, addr, util, new_addr, new_util, old_to_new):
     e = cuda.grid(1)
     if e >= nd:
@@ -506,7 +506,7 @@ def _copy_direct_kernel(nd, addr, util, new_addr, new_util, old_to_new):
     old_to_new[e] = e
 
 
-@cuda.jit
+@cuda.jit(cache=True)
 def _rehash_kernel(nd, keys, table_ids, addr, util, new_keys, new_words, new_addr, new_util, old_to_new):
     h = cuda.grid(1)
     if h >= keys.shape[0]:
@@ -540,7 +540,7 @@ def rehash_into(row_base, keys, table_ids, addr, util, new_keys, new_table_ids, 
                                              new_addr, new_util, old_to_new)
 
 
-@cuda.jit
+@cuda.jit(cache=True)
 def _remap_owner_kernel(owner, old_to_new):
     s = cuda.grid(1)
     if s < owner.shape[0] and owner[s] >= 0:
@@ -551,7 +551,7 @@ def remap_owner(owner, old_to_new):
     _remap_owner_kernel[_grid(owner.shape[0])](owner, old_to_new)
 
 
-@cuda.jit
+@cuda.jit(cache=True)
 def _erase_kernel(entries, row_base, seen, table_ids, addr, util, owner, free_stack, n_free, table_group, group,
                   tier_out, counts):
     i = cuda.grid(1)
@@ -601,7 +601,7 @@ def _init_table(seed: int, kmax: int, c: int):
     return cuda.to_device(init_table(seed, kmax, c))
 
 
-@cuda.jit
+@cuda.jit(cache=True)
 def _group_chunks_kernel(new_entries, row_base, seen, table_ids, table_chunks, table_group, group, want):
     r = cuda.grid(1)
     if r < new_entries.shape[0]:
@@ -609,7 +609,7 @@ def _group_chunks_kernel(new_entries, row_base, seen, table_ids, table_chunks, t
         want[r] = table_chunks[t] if table_group[t] == group else 0
 
 
-@cuda.jit
+@cuda.jit(cache=True)
 def _admit_kernel(new_entries, row_base, seen, keys, table_ids, addr, want, cum, top, vectors, opt_state, owner, free_stack, itab,
                   table_init_kind, table_init_scale):
     r = cuda.grid(1)
@@ -632,7 +632,7 @@ def _admit_kernel(new_entries, row_base, seen, keys, table_ids, addr, want, cum,
             opt_state[s, j] = 0.0
 
 
-@cuda.jit
+@cuda.jit(cache=True)
 def _set_scalar_kernel(a, value):
     if cuda.grid(1) == 0:
         a[0] = value
@@ -657,7 +657,7 @@ def admit_new_chunks(new_entries, row_base, seen, keys, table_ids, addr, table_c
     return admitted
 
 
-@cuda.jit
+@cuda.jit(cache=True)
 def _gather_kernel(slots, vectors, opt_state, out_vectors, out_state):
     i = cuda.grid(1)
     if i < slots.shape[0]:
@@ -673,7 +673,7 @@ def gather_slots(slots, vectors, opt_state, out_vectors, out_state):
         _gather_kernel[_grid(slots.shape[0])](slots, vectors, opt_state, out_vectors, out_state)
 
 
-@cuda.jit
+@cuda.jit(cache=True)
 def _evict_kernel(ev_entries, ev_chunks, tier_slots, spill, addr, owner, free_stack, top):
     i = cuda.grid(1)
     if i >= ev_entries.shape[0]:
@@ -698,7 +698,7 @@ def commit_evictions(ev_entries, ev_chunks, tier_slots, addr, owner, free_stack,
     _set_scalar_kernel[1, 1](n_free, top + n)
 
 
-@cuda.jit
+@cuda.jit(cache=True)
 def _codes_kernel(addr, entries, chunks, out):
     i = cuda.grid(1)
     if i < entries.shape[0]:
@@ -710,7 +710,7 @@ def chunk_codes(addr, entries, chunks, out):
         _codes_kernel[_grid(entries.shape[0])](addr, entries, chunks, out)
 
 
-@cuda.jit
+@cuda.jit(cache=True)
 def _allocate_kernel(al_entries, al_chunks, restore_index, restored_vectors, restored_state, row_base, seen, keys,
                      table_ids, addr,
                      owner, free_stack, top, placed, vectors, opt_state, itab, table_init_kind, table_init_scale):
@@ -753,7 +753,7 @@ def commit_allocations(al_entries, al_chunks, restore_index, restored_vectors, r
     return placed
 
 
-@cuda.jit
+@cuda.jit(cache=True)
 def _assign_kernel(entries, values, row_base, seen, table_ids, addr, table_chunks, table_group, group, vectors, opt_state):
     i = cuda.grid(1)
     if i >= entries.shape[0]:
@@ -781,7 +781,7 @@ def assign_rows(entries, values, row_base, seen, table_ids, addr, table_chunks, 
 # --------------------------------------------------------------------------- forward
 
 
-@cuda.jit
+@cuda.jit(cache=True)
 def _expand_kernel(offsets, bags_per_feature, feature_table, bag_of_occ, table_of_occ):
     bag = cuda.grid(1)
     if bag >= offsets.shape[0] - 1:
@@ -798,7 +798,7 @@ def expand_bags(offsets, bags_per_feature, feature_table, bag_of_occ, table_of_o
         _expand_kernel[_grid(offsets.shape[0] - 1)](offsets, bags_per_feature, feature_table, bag_of_occ, table_of_occ)
 
 
-@cuda.jit
+@cuda.jit(cache=True)
 def _forward_kernel(entry_idx, offsets, weights, mean, B, feature_table, feature_col, addr, vectors, table_chunks,
                     table_group, group, sp_slots, sp_vectors, out, dmax):
     """One thread per output element (bag, column): the bag's ids summed in order."""
@@ -851,7 +851,7 @@ def pooled_forward(entry_idx, offsets, weights, mean, bags_per_feature, feature_
                                                 sp_vectors, out, width)
 
 
-@cuda.jit
+@cuda.jit(cache=True)
 def _sum_forward_kernel(entry_idx, ids, feature_rows, offsets, B, feature_chunks, feature_col, addr_flat, kmax,
                         vec_flat, c, out_flat, width, dmax, bad):
     g = cuda.grid(1)
@@ -902,7 +902,7 @@ def pooled_sum_forward(entry_idx, ids, feature_rows, offsets, bags_per_feature, 
 # --------------------------------------------------------------------------- backward
 
 
-@cuda.jit
+@cuda.jit(cache=True)
 def _group_claim_kernel(entry_idx, hkeys):
     i = cuda.grid(1)
     if i >= entry_idx.shape[0]:
@@ -919,7 +919,7 @@ def _group_claim_kernel(entry_idx, hkeys):
         h = (h + np.uint64(1)) & mask
 
 
-@cuda.jit
+@cuda.jit(cache=True)
 def _group_number_kernel(hkeys, hvals, counter, uniq, counts):
     h = cuda.grid(1)
     if h < hkeys.shape[0] and hkeys[h] >= 0:
@@ -929,7 +929,7 @@ def _group_number_kernel(hkeys, hvals, counter, uniq, counts):
         counts[u] = 0
 
 
-@cuda.jit
+@cuda.jit(cache=True)
 def _group_assign_kernel(entry_idx, hkeys, hvals, which, counts):
     i = cuda.grid(1)
     if i >= entry_idx.shape[0]:
@@ -961,13 +961,78 @@ def group_occurrences(entry_idx, table_of_occ, n_tables, uniq, counts, which):
     return _scalar(counter)
 
 
+@cuda.jit(cache=True)
+def _first_nonfinite_kernel(flat, first):
+    i = cuda.grid(1)
+    if i < flat.shape[0] and not math.isfinite(flat[i]):
+        cuda.atomic.min(first, 0, i)
+
+
 def first_nonfinite(a):
-    host = a.copy_to_host()
-    bad = np.nonzero(~np.isfinite(host).ravel())[0]
-    return int(bad[0]) if bad.size else -1
+    """The first flat position of a NaN or inf in a, or -1; only that integer crosses to the host."""
+    flat = a.reshape(-1)
+    n = flat.shape[0]
+    first = cuda.to_device(np.array([n], np.int64))
+    if n:
+        _first_nonfinite_kernel[_grid(n)](flat, first)
+    i = _scalar(first)
+    return -1 if i >= n else i
 
 
-@cuda.jit
+# --------------------------------------------------------------------------- request checks on the device
+# A CUDA store fed device tensors checks them where they are: one kernel widens what
+# needs widening, one checks every rule, and five integers cross back.
+
+#: status words of check_request
+REQ_UINT64_OVER = 0   # first id of a uint64 request above int64's range (nnz if none)
+REQ_DECREASE = 1      # first i with offsets[i] > offsets[i + 1] (len(offsets) if none)
+REQ_NONFINITE = 2     # first non-finite per-sample weight (nnz if none)
+REQ_FIRST = 3         # offsets[0]
+REQ_LAST = 4          # offsets[-1]
+
+
+@cuda.jit(cache=True)
+def _widen_kernel(src, dst):
+    i = cuda.grid(1)
+    if i < src.shape[0]:
+        dst[i] = src[i]
+
+
+@cuda.jit(cache=True)
+def _check_request_kernel(ids, unsigned64, offsets, weights, status):
+    i = cuda.grid(1)
+    n_off = offsets.shape[0]
+    if i == 0:
+        status[REQ_FIRST] = offsets[0]
+        status[REQ_LAST] = offsets[n_off - 1]
+    # a uint64 id past int64's range wrapped to a negative int64 when it was widened
+    if unsigned64 and i < ids.shape[0] and ids[i] < 0:
+        cuda.atomic.min(status, REQ_UINT64_OVER, i)
+    if i + 1 < n_off and offsets[i] > offsets[i + 1]:
+        cuda.atomic.min(status, REQ_DECREASE, i)
+    if i < weights.shape[0] and not math.isfinite(weights[i]):
+        cuda.atomic.min(status, REQ_NONFINITE, i)
+
+
+def widen(a, dtype):
+    """a as a new device array of dtype (bit patterns of uint64 kept as int64)."""
+    out = cuda.device_array(a.shape[0], dtype)
+    if a.shape[0]:
+        src = a.view(np.int64) if a.dtype == np.uint64 else a
+        _widen_kernel[_grid(a.shape[0])](src, out)
+    return out
+
+
+def check_request(ids, unsigned64, offsets, weights):
+    """Status words (host int64[5], see REQ_*) for int64 ids, int64 offsets, float32 weights."""
+    nnz, n_off = ids.shape[0], offsets.shape[0]
+    status = cuda.to_device(np.array([nnz, n_off, max(weights.shape[0], 1), 0, 0], np.int64))
+    n = max(nnz, n_off, weights.shape[0])
+    _check_request_kernel[_grid(n)](ids, bool(unsigned64), offsets, weights, status)
+    return status.copy_to_host()
+
+
+@cuda.jit(cache=True)
 def _accumulate_kernel(which, offsets, weights, mean, B, feature_table, feature_col, grad_out, table_chunks,
                        table_group, group, c, n_tables, split, grad_buf):
     """Thread (table, part, column): walks the batch in order, adding its column into
@@ -1014,7 +1079,7 @@ def accumulate_gradients(which, offsets, weights, mean, bags_per_feature, featur
                                                         n_tables, split, grad_buf)
 
 
-@cuda.jit
+@cuda.jit(cache=True)
 def _zero_rows_kernel(a, n):
     g = cuda.grid(1)
     if g < n * a.shape[1]:
@@ -1026,7 +1091,7 @@ def zero_rows(a, n):
         _zero_rows_kernel[_grid(n * a.shape[1])](a, n)
 
 
-@cuda.jit
+@cuda.jit(cache=True)
 def _nonfinite_rows_kernel(a, n, bad):
     i = cuda.grid(1)
     if i < n:
@@ -1043,7 +1108,7 @@ def count_nonfinite_rows(a, n):
     return _scalar(bad)
 
 
-@cuda.jit
+@cuda.jit(cache=True)
 def _empty_bags_kernel(offsets, B, feature_col, feature_table, table_dim, grad_out, bad):
     bag = cuda.grid(1)
     if bag >= offsets.shape[0] - 1 or offsets[bag + 1] != offsets[bag]:
@@ -1064,7 +1129,7 @@ def nonfinite_in_empty_bags(offsets, bags_per_feature, feature_col, feature_tabl
     return _scalar(bad)
 
 
-@cuda.jit
+@cuda.jit(cache=True)
 def _apply_kernel(uniq, counts, grad_buf, row_base, seen, keys, table_ids, addr, util, vectors, opt_state, table_chunks,
                   table_group, group, table_opt, table_lr, table_eps, util_mode, growth, salt):
     u = cuda.grid(1)
@@ -1129,7 +1194,7 @@ def apply_gradients(uniq, counts, grad_buf, row_base, seen, keys, table_ids, add
                                             util_mode, growth, np.uint64(salt))
 
 
-@cuda.jit
+@cuda.jit(cache=True)
 def _psw_kernel(entry_idx, bag_of_occ, B, feature_col, grad_out, row_base, seen, table_ids, addr, vectors, table_chunks, table_group,
                 group, out):
     i = cuda.grid(1)
@@ -1162,7 +1227,7 @@ def per_sample_weight_grads(entry_idx, bag_of_occ, bags_per_feature, feature_col
                                                row_base, seen, table_ids, addr, vectors, table_chunks, table_group, group, out)
 
 
-@cuda.jit
+@cuda.jit(cache=True)
 def _scale_kernel(util, factor):
     g = cuda.grid(1)
     if g < util.shape[0] * util.shape[1]:
@@ -1178,7 +1243,7 @@ def scale_utilities(util, factor):
 # --------------------------------------------------------------------------- prune
 
 
-@cuda.jit
+@cuda.jit(cache=True)
 def _sample_kernel(row_base, seen, keys, table_ids, util, table_chunks, table_group, group, accept_below, salt, out,
                    counter):
     e = cuda.grid(1)
@@ -1209,7 +1274,7 @@ def sample_utilities(row_base, seen, keys, table_ids, util, table_chunks, table_
     return min(_scalar(counter), out.shape[0])
 
 
-@cuda.jit
+@cuda.jit(cache=True)
 def _prune_count_kernel(row_base, seen, table_ids, addr, util, table_chunks, table_group, group, thresholds, totals):
     e = cuda.grid(1)
     if e >= addr.shape[0]:
@@ -1235,7 +1300,7 @@ def prune_count(row_base, seen, table_ids, addr, util, table_chunks, table_group
     return int(t[0]), int(t[1]), int(t[2])
 
 
-@cuda.jit
+@cuda.jit(cache=True)
 def _composites_kernel(row_base, seen, keys, table_ids, addr, util, table_chunks, table_group, group,
                        thresholds, out, counter):
     e = cuda.grid(1)
@@ -1260,7 +1325,7 @@ def prune_composites(row_base, seen, keys, table_ids, addr, util, table_chunks, 
     return _scalar(counter)
 
 
-@cuda.jit
+@cuda.jit(cache=True)
 def _select_kernel(row_base, seen, keys, table_ids, addr, util, table_chunks, table_group, group, thresholds,
                    use_cutoff, cutoff, ev_entries, ev_chunks, al_entries, al_chunks, al_rank, counters):
     e = cuda.grid(1)
@@ -1300,7 +1365,7 @@ def prune_select(row_base, seen, keys, table_ids, addr, util, table_chunks, tabl
     return int(c[0]), int(c[1])
 
 
-@cuda.jit
+@cuda.jit(cache=True)
 def _dead_kernel(row_base, seen, table_ids, addr, util, floor, out, counter):
     e = cuda.grid(1)
     if e >= addr.shape[0] or entry_table(e, row_base, seen, table_ids) < 0:
@@ -1323,7 +1388,7 @@ def find_dead_entries(row_base, seen, table_ids, addr, util, floor, out):
 # --------------------------------------------------------------------------- cache mode, stats
 
 
-@cuda.jit
+@cuda.jit(cache=True)
 def _missing_kernel(uniq, row_base, seen, table_ids, addr, table_chunks, table_group, group, out_entries, out_chunks, counter):
     i = cuda.grid(1)
     if i >= uniq.shape[0]:
@@ -1355,7 +1420,7 @@ def chunk_at(addr, e, code):
     return -1
 
 
-@cuda.jit
+@cuda.jit(cache=True)
 def _victim_flags_kernel(owner, addr, util, pinned_sorted, threshold, start, flags):
     r = cuda.grid(1)
     S = owner.shape[0]
@@ -1375,7 +1440,7 @@ def _victim_flags_kernel(owner, addr, util, pinned_sorted, threshold, start, fla
     flags[r] = 1
 
 
-@cuda.jit
+@cuda.jit(cache=True)
 def _victim_take_kernel(owner, addr, start, flags, rank, limit, out_entries, out_chunks, last):
     r = cuda.grid(1)
     S = owner.shape[0]
@@ -1403,7 +1468,7 @@ def pick_victims(owner, addr, util, pinned_sorted, threshold, start, out_entries
     return n, nxt
 
 
-@cuda.jit
+@cuda.jit(cache=True)
 def _slot_util_kernel(owner, addr, util, positions, out):
     i = cuda.grid(1)
     if i >= positions.shape[0]:
@@ -1420,7 +1485,7 @@ def slot_utilities(owner, addr, util, positions, out):
         _slot_util_kernel[_grid(positions.shape[0])](owner, addr, util, positions, out)
 
 
-@cuda.jit
+@cuda.jit(cache=True)
 def _count_kernel(row_base, seen, table_ids, addr, entries, resident, spilled):
     e = cuda.grid(1)
     if e >= addr.shape[0]:
@@ -1517,6 +1582,27 @@ class CudaBackend:
 
     def as_input(self, a: Any):
         return as_device(a)
+
+    def device_view(self, a: Any):
+        """A device array over a (no copy) when a already lives on this GPU, else None.
+
+        Torch CUDA tensors are made contiguous on the device; a tensor whose dtype
+        numba cannot view (bfloat16, say) answers None and takes the host path.
+        """
+        if SIMULATED:
+            return a if is_device_array(a) else None
+        try:
+            import torch
+        except ImportError:  # pragma: no cover - torch is a dependency
+            torch = None
+        if torch is not None and isinstance(a, torch.Tensor):
+            if a.device.type != "cuda":
+                return None
+            try:
+                return cuda.as_cuda_array(a.detach().contiguous())
+            except (TypeError, ValueError, NotImplementedError):
+                return None
+        return a if is_device_array(a) else None
 
     def synchronize(self) -> None:
         cuda.synchronize()
