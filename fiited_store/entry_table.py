@@ -11,8 +11,9 @@ integer whatever its kind (see ``kernels/layout.py``):
 - **hashed** for tables without a declared size (arbitrary int64 ids): open
   addressing with linear probing and the key stored, entries
   ``row_base[-1] + slot``. It grows by rehashing into fresh arrays and never
-  overwrites a live entry; erased entries become tombstones that the next rehash
-  drops.
+  overwrites a live entry. Erasing keys rebuilds it (see :meth:`EntryTable.capacity_after_erase`),
+  so no tombstone is ever left to lengthen probes or count toward growth, and it
+  shrinks when most of what it held is gone.
 """
 
 from __future__ import annotations
@@ -153,8 +154,21 @@ class EntryTable:
         return out, int(n_missing), int(n_hashed)
 
     def needs_rehash(self, n_missing_hashed: int) -> bool:
+        # tombstones exist only in stores saved before erasing rebuilt the index
         return n_missing_hashed > 0 and (self.n_hashed + self.n_tombstones + n_missing_hashed
                                          > self.max_load * self.capacity)
+
+    def capacity_after_erase(self) -> int:
+        """Slots to rebuild the hashed index into once keys were erased from it.
+
+        The rebuild drops what a tombstone would have marked, so erasing never
+        lengthens a probe chain and memory falls with the keys held. The index
+        shrinks to the size a rehash would land at only when that is at most half
+        of today's, so that erasing and re-inserting a few keys does not make it
+        oscillate.
+        """
+        sized = self.rehash_capacity(0)
+        return sized if sized <= self.capacity // 2 else self.capacity
 
     def rehash_capacity(self, n_missing_hashed: int) -> int:
         # Land at 60% of max_load so that the next growth is a whole doubling away;

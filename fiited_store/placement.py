@@ -206,7 +206,7 @@ def drop_dead_entries(store) -> int:
 def erase_entries(store, entries) -> int:
     ea = store.entries.arrays
     m = store._meta
-    total = 0
+    total = hashed_erased = 0
     for pool in store.pools:
         a = pool.arrays
         tier_out = store.backend.empty(max(int(entries.shape[0]) * store.kmax, 1), np.int64)
@@ -218,5 +218,9 @@ def erase_entries(store, entries) -> int:
             store.tiers[pool.plan.group].release(store.backend.to_host(tier_out[:n_t]))
         store.entries.erased(n, n_h)
         total += n
+        hashed_erased += n_h
     store._generation += 1
+    if hashed_erased:
+        # no tombstones: the hashed index is rebuilt from its live keys (see EntryTable)
+        store._rehash(store.entries.capacity_after_erase())
     return total

@@ -108,7 +108,7 @@ def test_a_batch_larger_than_the_pool_is_refused_and_changes_nothing():
     with pytest.raises(PoolCapacityError, match="needs 1200 resident chunks"):
         s.pooled_lookup("user", ids, np.arange(301), train=True)
     after = snapshot(s)
-    # values, owners and residency are untouched; the rolled-back keys left tombstones only
+    # values, owners and residency are untouched; the rolled-back keys are gone
     for k in before:
         if k.startswith("pool") or k.startswith("tier"):
             np.testing.assert_array_equal(before[k], after[k], err_msg=k)

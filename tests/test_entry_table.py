@@ -45,10 +45,10 @@ def test_every_key_in_one_bucket():
     np.testing.assert_array_equal(s.lookup("t", same[::-1]), values[::-1])
     assert not s.contains("t", candidates[home_buckets(0, candidates, cap) == 17][700:720]).any()
     assert check_store(s) == []
-    s.erase("t", same[::2])  # tombstones in the middle of the chain
+    s.erase("t", same[::2])  # holes in the middle of the chain: the rebuild closes them
     np.testing.assert_array_equal(s.lookup("t", same[1::2]), values[1::2])
     np.testing.assert_array_equal(s.lookup("t", same[::2]), np.zeros((350, 4), np.float32))
-    s.find_or_insert("t", same[::2])  # re-inserted past the tombstones, not on top of live keys
+    s.find_or_insert("t", same[::2])  # re-inserted after the live keys, never on top of them
     assert s.entries.n_live == 700 and check_store(s) == []
 
 
@@ -82,16 +82,38 @@ def test_growth_by_rehash_keeps_every_key_and_value(rng):
     assert s.entries.n_live / s.entries.capacity <= s.config.max_load
 
 
-def test_rehash_purges_tombstones(rng):
+def test_erasing_leaves_no_tombstone_and_never_grows_the_index(rng):
+    from fiited_store.kernels.layout import TOMBSTONE
+
     s = store_for(256)
     for round_ in range(10):
         ids = np.arange(round_ * 150, round_ * 150 + 150)
         s.find_or_insert("t", ids)
-        s.erase("t", ids)
-    assert s.entries.n_live == 0
-    # 1500 keys went through; tombstones forced same-size rehashes instead of growth
-    assert s.entries.capacity == 512
-    assert s.entries.n_tombstones < 0.75 * 512
+        # sized by the 150 live keys alone (the first round fits the initial 256 slots; later
+        # rounds start from an emptied, minimal index and land at 45% load): 1500 keys went through
+        assert s.entries.capacity == (256 if round_ == 0 else 512)
+        s.erase("t", ids[50:])
+        s.erase("t", ids[:50])
+        assert not np.any(s.backend.to_host(s.entries.arrays.table_ids) == TOMBSTONE)
+        assert check_store(s) == []
+    assert s.entries.n_live == 0 and s.entries.n_tombstones == 0
+    assert s.entries.capacity == 8  # 1500 keys went through; nothing is held, so the index is minimal
+
+
+def test_erasing_most_keys_shrinks_the_index_and_keeps_the_rest(rng):
+    s = store_for(8)
+    ids = rng.choice(2**40, 3000, replace=False).astype(np.int64)
+    values = rng.standard_normal((3000, 4)).astype(np.float32)
+    s.insert_or_assign("t", ids, values)
+    grown, before = s.entries.capacity, s.memory_bytes()
+    assert grown >= 4096
+    assert grown == 8192
+    s.erase("t", ids[2500:])     # 2500 left: a rehash would land at 8192 slots too, so it stays
+    assert s.entries.capacity == grown
+    s.erase("t", ids[100:2500])  # 100 left: rebuilt into 256 slots
+    assert s.entries.capacity == 256 and s.memory_bytes() < before
+    np.testing.assert_array_equal(s.lookup("t", ids[:100]), values[:100])
+    assert not s.contains("t", ids[100:]).any()
     assert check_store(s) == []
 
 
