@@ -83,9 +83,11 @@ def prune_pool(store, pool: ChunkPool, entries_per_table: np.ndarray) -> dict[st
     ev_e, ev_k = b.empty(max(n_res, 1), np.int64), b.empty(max(n_res, 1), np.int64)
     al_e, al_k = b.empty(max(cand, 1), np.int64), b.empty(max(cand, 1), np.int64)
     al_r = b.empty(max(cand, 1), np.uint64)
+    # allocations are placed best-first only when they may outnumber the free slots
+    rank_allocations = use_cutoff or cand > pool.n_free + drop
     n_ev, n_al = (int(x) for x in k.prune_select(ea.row_base, ea.seen, ea.keys, ea.table_ids, ea.addr, ea.util,
                                                  m["table_chunks"], m["table_group"], g, thr_d, use_cutoff,
-                                                 cutoff, block_counts, ev_e, ev_k, al_e, al_k, al_r))
+                                                 cutoff, rank_allocations, block_counts, ev_e, ev_k, al_e, al_k, al_r))
     evict(store, pool, ev_e[:n_ev], ev_k[:n_ev])
     if n_al:
         al_e, al_k = al_e[:n_al], al_k[:n_al]
@@ -195,7 +197,7 @@ def drop_dead_entries(store) -> int:
         return 0
     store._fold_scale()
     ea = store.entries.arrays
-    out = store.backend.empty(max(store.entries.n_live, 1), np.int64)
+    out = store.backend.empty(max(int(ea.addr.shape[0]), 1), np.int64)
     n = int(store.k.find_dead_entries(ea.row_base, ea.seen, ea.table_ids, ea.addr, ea.util, np.float32(store.config.drop_floor), out))
     if n:
         erase_entries(store, out[:n])

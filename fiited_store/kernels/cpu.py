@@ -1293,7 +1293,8 @@ def prune_composites(row_base, seen, keys, table_ids, addr, util, table_chunks, 
 
 @njit(inline="always")
 def _select_block(row_base, seen, keys, table_ids, addr, util, table_chunks, table_group, group, thresholds, use_cutoff,
-                  cutoff, lo, hi, write, n_ev, n_al, ev_entries, ev_chunks, al_entries, al_chunks, al_rank):
+                  cutoff, rank_allocations, lo, hi, write, n_ev, n_al, ev_entries, ev_chunks, al_entries, al_chunks,
+                  al_rank):
     cursor = direct_table(lo, row_base)
     for e in range(lo, hi):
         t, cursor = scan_table(e, cursor, row_base, seen, table_ids)
@@ -1303,7 +1304,8 @@ def _select_block(row_base, seen, keys, table_ids, addr, util, table_chunks, tab
             resident, keep, bits = _classify(addr, util, thresholds, e, k)
             rank = np.uint64(0)
             # the rank (a hash per chunk) is needed for the cut, and for allocations' order
-            if keep and (use_cutoff or (write and not resident)):
+            # when they may outnumber the free slots
+            if keep and (use_cutoff or (rank_allocations and write and not resident)):
                 rank = _composite(bits, resident, t, entry_key(e, t, row_base, keys), k)
                 if use_cutoff and rank < cutoff:
                     keep = False
@@ -1323,7 +1325,7 @@ def _select_block(row_base, seen, keys, table_ids, addr, util, table_chunks, tab
 
 @njit(**_PAR)
 def prune_select(row_base, seen, keys, table_ids, addr, util, table_chunks, table_group, group, thresholds, use_cutoff,
-                 cutoff, block_counts, ev_entries, ev_chunks, al_entries, al_chunks, al_rank):
+                 cutoff, rank_allocations, block_counts, ev_entries, ev_chunks, al_entries, al_chunks, al_rank):
     """List the chunks to evict and to allocate, in entry order.
 
     A chunk keeps (or wins) a slot when it passes its threshold and, when slots are
@@ -1339,7 +1341,8 @@ def prune_select(row_base, seen, keys, table_ids, addr, util, table_chunks, tabl
         if use_cutoff:
             lo, hi = _block(cap, blk)
             n_ev, n_al = _select_block(row_base, seen, keys, table_ids, addr, util, table_chunks, table_group, group,
-                                       thresholds, use_cutoff, cutoff, lo, hi, False, 0, 0, ev_entries, ev_chunks,
+                                       thresholds, use_cutoff, cutoff, rank_allocations, lo, hi, False, 0, 0,
+                                       ev_entries, ev_chunks,
                                        al_entries, al_chunks, al_rank)
         else:
             n_ev, n_al = block_counts[blk, 2], block_counts[blk, 1]
@@ -1351,7 +1354,8 @@ def prune_select(row_base, seen, keys, table_ids, addr, util, table_chunks, tabl
     for blk in prange(_SCAN_BLOCKS):
         lo, hi = _block(cap, blk)
         _select_block(row_base, seen, keys, table_ids, addr, util, table_chunks, table_group, group, thresholds,
-                      use_cutoff, cutoff, lo, hi, True, starts[blk, 0], starts[blk, 1], ev_entries, ev_chunks,
+                      use_cutoff, cutoff, rank_allocations, lo, hi, True, starts[blk, 0], starts[blk, 1], ev_entries,
+                      ev_chunks,
                       al_entries, al_chunks, al_rank)
     return starts[_SCAN_BLOCKS, 0], starts[_SCAN_BLOCKS, 1]
 
@@ -1383,18 +1387,23 @@ def _dead_block(row_base, seen, table_ids, addr, util, floor, lo, hi, write, n, 
 
 @njit(**_PAR)
 def find_dead_entries(row_base, seen, table_ids, addr, util, floor, out):
-    """Entries with no resident chunk and every utility below floor (stored scale), ascending."""
+    """Entries with no resident chunk and every utility below floor (stored scale), ascending.
+
+    out is int64[entries]: each block writes its dead entries from its own first
+    entry on, in one pass, and they are then moved to the front (few are dead in a
+    prune, and untouched pages of out are never faulted in)."""
     cap = addr.shape[0]
-    starts = np.zeros(_SCAN_BLOCKS + 1, np.int64)
+    counts = np.zeros(_SCAN_BLOCKS, np.int64)
     for blk in prange(_SCAN_BLOCKS):
         lo, hi = _block(cap, blk)
-        starts[blk + 1] = _dead_block(row_base, seen, table_ids, addr, util, floor, lo, hi, False, 0, out)
+        counts[blk] = _dead_block(row_base, seen, table_ids, addr, util, floor, lo, hi, True, lo, out) - lo
+    n = 0
     for blk in range(_SCAN_BLOCKS):
-        starts[blk + 1] += starts[blk]
-    for blk in prange(_SCAN_BLOCKS):
-        lo, hi = _block(cap, blk)
-        _dead_block(row_base, seen, table_ids, addr, util, floor, lo, hi, True, starts[blk], out)
-    return starts[_SCAN_BLOCKS]
+        lo, _ = _block(cap, blk)
+        for j in range(counts[blk]):  # n <= lo + j: every position written was read already
+            out[n] = out[lo + j]
+            n += 1
+    return n
 
 
 # --------------------------------------------------------------------------- cache mode

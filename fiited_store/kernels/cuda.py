@@ -1327,7 +1327,7 @@ def prune_composites(row_base, seen, keys, table_ids, addr, util, table_chunks, 
 
 @cuda.jit(cache=True)
 def _select_kernel(row_base, seen, keys, table_ids, addr, util, table_chunks, table_group, group, thresholds,
-                   use_cutoff, cutoff, ev_entries, ev_chunks, al_entries, al_chunks, al_rank, counters):
+                   use_cutoff, cutoff, rank_allocations, ev_entries, ev_chunks, al_entries, al_chunks, al_rank, counters):
     e = cuda.grid(1)
     if e >= addr.shape[0]:
         return
@@ -1339,7 +1339,7 @@ def _select_kernel(row_base, seen, keys, table_ids, addr, util, table_chunks, ta
         resident = addr[e, k] >= 0
         keep = keeps(resident, u, thresholds[k])
         rank = np.uint64(0)
-        if keep:
+        if keep and (use_cutoff or (rank_allocations and not resident)):
             bits = util_bits_of(util, e, k)
             rank = composite(bits, resident, t, entry_key(e, t, row_base, keys), k)
             if use_cutoff and rank < cutoff:
@@ -1356,10 +1356,12 @@ def _select_kernel(row_base, seen, keys, table_ids, addr, util, table_chunks, ta
 
 
 def prune_select(row_base, seen, keys, table_ids, addr, util, table_chunks, table_group, group, thresholds,
-                 use_cutoff, cutoff, block_counts, ev_entries, ev_chunks, al_entries, al_chunks, al_rank):
+                 use_cutoff, cutoff, rank_allocations, block_counts, ev_entries, ev_chunks, al_entries, al_chunks,
+                 al_rank):
     counters = _zeros(2, np.int64)
     _select_kernel[_grid(addr.shape[0])](row_base, seen, keys, table_ids, addr, util, table_chunks, table_group, group,
-                                              thresholds, bool(use_cutoff), np.uint64(cutoff), ev_entries, ev_chunks,
+                                              thresholds, bool(use_cutoff), np.uint64(cutoff), bool(rank_allocations),
+                                              ev_entries, ev_chunks,
                                               al_entries, al_chunks, al_rank, counters)
     c = counters.copy_to_host()
     return int(c[0]), int(c[1])
