@@ -93,24 +93,43 @@ def as_weights(weights: Any, nnz: int, mode: str) -> np.ndarray:
     return a
 
 
-def request_arrays(backend: Any, ids: Any, offsets: Any, weights: Any, n_features: int, mode: str):
+def request_arrays(backend: Any, ids: Any, offsets: Any, weights: Any, n_features: int, mode: str, *,
+                   own: bool = False):
     """(ids int64[nnz], offsets int64[F * B + 1], weights float32[nnz] or [0]) on the backend.
 
     When the backend is a GPU and every given array already lives on it, the checks
     run there: dtypes and shapes from the arrays' metadata, values in one kernel
     (ranges, monotone offsets, finite weights) that reports the first bad position.
     Otherwise the arrays are checked on the host and copied to the backend.
+
+    With ``own``, no returned array shares memory with the caller's: a batch kept
+    for its backward must not change when the caller refills a reused input buffer.
     """
     view = getattr(backend, "device_view", None)
     if view is not None:
         d_ids, d_off = view(ids), view(offsets)
         d_w = None if weights is None else view(weights)
         if d_ids is not None and d_off is not None and (weights is None or d_w is not None):
-            return _device_request(backend, d_ids, d_off, d_w, n_features, mode)
-    ids = as_ids(ids)
-    offsets = as_offsets(offsets, ids.shape[0], n_features)
-    weights = as_weights(weights, ids.shape[0], mode)
-    return backend.from_host(ids), backend.from_host(offsets), backend.from_host(weights)
+            out = _device_request(backend, d_ids, d_off, d_w, n_features, mode)
+            if own:
+                # a widened array is fresh already; a view of the caller's tensor is not
+                out = tuple(backend.copy(o) if o is v else o for o, v in zip(out, (d_ids, d_off, d_w)))
+            return out
+    h_ids = as_ids(ids)
+    h_off = as_offsets(offsets, h_ids.shape[0], n_features)
+    h_w = as_weights(weights, h_ids.shape[0], mode)
+    if own and backend.name == "cpu":  # another backend copies them to the device anyway
+        h_ids, h_off, h_w = (_unshared(a, src) for a, src in ((h_ids, ids), (h_off, offsets), (h_w, weights)))
+    return backend.from_host(h_ids), backend.from_host(h_off), backend.from_host(h_w)
+
+
+def _unshared(a: np.ndarray, src: Any) -> np.ndarray:
+    """a, or a copy of it when it may share memory with the caller's src."""
+    if hasattr(src, "detach") and hasattr(src, "cpu"):
+        shared = src.device.type == "cpu"  # .numpy() of a CPU tensor is a view
+    else:
+        shared = isinstance(src, np.ndarray) and np.may_share_memory(a, src)
+    return a.copy() if shared else a
 
 
 def _device_request(backend: Any, ids: Any, offsets: Any, weights: Any, n_features: int, mode: str):

@@ -389,7 +389,9 @@ class EmbeddingStore:
         feature_tables = self._features(features)
         F = feature_tables.shape[0]
         b = self.backend
-        ids_d, offsets_d, weights_d = request_arrays(b, ids, offsets, per_sample_weights, F, mode)
+        # a batch kept for backward (or for weight gradients) owns its inputs
+        ids_d, offsets_d, weights_d = request_arrays(b, ids, offsets, per_sample_weights, F, mode,
+                                                     own=train or per_sample_weights is not None)
         nnz = ids_d.shape[0]
         B = (offsets_d.shape[0] - 1) // F
         dims = self._host_meta["table_dim"][feature_tables]

@@ -90,9 +90,9 @@ def test_two_dimensional_input_and_include_last_offset(rng):
 def test_output_shares_memory_with_the_store_buffer(rng):
     _, ours, _ = twin()
     out = ours(torch.arange(6), torch.tensor([0, 2, 4]))
-    pointers = {buf.ctypes.data for buf in ours.store._buffers.buffers}
+    pointers = {buf.ctypes.data for buf in ours.store._buffers.arrays()}
     assert out.data_ptr() in pointers  # no copy between the kernel and torch
-    buf = next(b for b in ours.store._buffers.buffers if b.ctypes.data == out.data_ptr())
+    buf = next(b for b in ours.store._buffers.arrays() if b.ctypes.data == out.data_ptr())
     with torch.no_grad():
         out[0, 0] = 1234.5
     assert buf[0, 0] == 1234.5
