@@ -533,6 +533,13 @@ class EmbeddingStore:
                                                      batch.feature_tables, m["table_dim"], g))
         if n_bad:
             bad = int(self.k.first_nonfinite(g))
+            if bad < 0:  # finite, but an id's summed gradient squares past float32
+                host = np.abs(self.backend.to_host(g))
+                i, j = np.unravel_index(int(np.argmax(host)), host.shape)
+                raise NonFiniteGradientError(
+                    f"grad_out[{i}, {j}] = {self.backend.to_host(g[i:i + 1, j])[0]}: the gradients summed per id "
+                    f"overflow float32 when squared (the optimizer state and utilities would become inf); "
+                    f"nothing was updated")
             i, j = divmod(bad, g.shape[1])
             raise NonFiniteGradientError(
                 f"grad_out[{i}, {j}] = {self.backend.to_host(g[i:i + 1, j])[0]} is not finite; nothing was updated"

@@ -87,6 +87,23 @@ def test_non_finite_gradient_changes_nothing(store, rng, bad):
     store.backward(b, grad)  # the same batch still trains once the gradient is clean
 
 
+@pytest.mark.parametrize("big, ids", [
+    (3e38, [5, 6, 7, 8]),        # finite, but its square is not
+    (1e19, [5, 5, 5, 5]),        # each square fits; the square of one id's summed gradient does not
+])
+def test_gradient_whose_square_overflows_changes_nothing(store, rng, big, ids):
+    from fiited_store.verify import check_store
+
+    b = store.pooled_lookup("user", np.array(ids), np.arange(5), train=True)
+    grad = rng.standard_normal(b.output.shape).astype(np.float32)
+    grad[:, 3] = big if len(set(ids)) < 4 else 0.0
+    grad[2, 3] = big
+    call_leaves_store_unchanged(store, lambda: store.backward(b, grad), NonFiniteGradientError,
+                                r"grad_out\[\d, 3\] = .*overflow float32 when squared")
+    store.backward(b, np.clip(grad, -1, 1))  # the same batch trains once the gradient is sane
+    assert check_store(store) == []
+
+
 @pytest.mark.parametrize("grad, exc, match", [
     (np.ones((4, 16), np.float64), InputDTypeError, "float64"),
     (np.ones((4, 8), np.float32), InputShapeError, r"\(4, 8\)"),

@@ -161,6 +161,18 @@ def test_non_finite_gradient_changes_nothing_on_the_gpu():
     assert_unchanged(before, snapshot(gpu))
 
 
+def test_a_gradient_whose_square_overflows_changes_nothing_on_the_gpu():
+    gpu = EmbeddingStore(TABLES, StoreConfig(budget_fraction=0.5, prune_period=0, device="cuda", initial_capacity=64))
+    same_stream([gpu], 1)
+    b = gpu.pooled_lookup("a", np.array([1, 2]), np.array([0, 1, 2]), train=True)
+    grad = np.ones((2, 8), np.float32)
+    grad[1, 3] = 3e38
+    before = snapshot(gpu)
+    with pytest.raises(NonFiniteGradientError, match=r"grad_out\[1, 3\] = .*overflow float32 when squared"):
+        gpu.backward(b, grad)
+    assert_unchanged(before, snapshot(gpu))
+
+
 def test_a_checkpoint_written_on_the_gpu_opens_on_the_cpu(tmp_path):
     gpu = EmbeddingStore(TABLES, StoreConfig(pruning=DynamicRatio(0.5), prune_period=3, device="cuda", on_evict="spill",
                                              initial_capacity=64), path=tmp_path / "s")

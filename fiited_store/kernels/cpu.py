@@ -1005,18 +1005,19 @@ def zero_rows(a, n):
 
 @njit(**_PAR)
 def count_nonfinite_rows(a, n):
-    """Rows among the first n of a holding a NaN or inf (counted per block, not by a prange reduction)."""
+    """Rows among the first n of a holding a NaN or inf, or values whose squares overflow
+    float32 (a finite 3e38 would turn Adagrad's state and the utilities into inf);
+    counted per block, not by a prange reduction."""
     nb = _FIND_BLOCKS
     step = (n + nb - 1) // nb
     bad = np.zeros(nb, np.int64)
     for blk in prange(nb):
         for i in range(blk * step, min((blk + 1) * step, n)):
             row = a[i]
-            ok = True
+            ss = np.float32(0.0)
             for j in range(row.shape[0]):
-                if not np.isfinite(row[j]):
-                    ok = False
-            if not ok:
+                ss += row[j] * row[j]  # NaN or inf in, or an overflow: ss is not finite
+            if not np.isfinite(ss):
                 bad[blk] += 1
     return bad.sum()
 

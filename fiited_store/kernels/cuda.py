@@ -1095,10 +1095,11 @@ def zero_rows(a, n):
 def _nonfinite_rows_kernel(a, n, bad):
     i = cuda.grid(1)
     if i < n:
+        ss = np.float32(0.0)
         for j in range(a.shape[1]):
-            if not math.isfinite(a[i, j]):
-                cuda.atomic.add(bad, 0, 1)
-                return
+            ss += a[i, j] * a[i, j]  # NaN or inf in, or a square past float32: ss is not finite
+        if not math.isfinite(ss):
+            cuda.atomic.add(bad, 0, 1)
 
 
 def count_nonfinite_rows(a, n):
