@@ -141,7 +141,7 @@ def prefetch_async(store, features: str | Sequence[str], ids: Any, offsets: Any 
         while len(reads) >= 2:
             old = reads.pop(0)
             old.future.cancel()
-            tier.end_read()
+            tier.end_read(old.mark)
         future, mark = tier.read_async(slots)
         reads.append(Staged(slots, future, mark))
         total += int(slots.size)

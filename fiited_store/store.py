@@ -208,7 +208,7 @@ class EmbeddingStore:
         for g, reads in self._staged.items():
             for st in reads:
                 st.future.cancel()
-                self.tiers[g].end_read()
+                self.tiers[g].end_read(st.mark)
         self._staged.clear()
         for tier in self.tiers:
             if tier is not None:

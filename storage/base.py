@@ -44,8 +44,11 @@ class ChunkTier(ABC):
         # A slot's data cannot change while it is owned; a background read of owned
         # slots stays valid for every slot that was not released in the meantime.
         # While such a read is pending, releases are logged so that it can tell.
+        # Marks are absolute positions in the log: entry i of the list is position
+        # _log_base + i, and the log keeps only what the oldest pending read needs.
         self._release_log: list[np.ndarray] = []
-        self._log_readers = 0
+        self._log_base = 0
+        self._reader_marks: list[int] = []
 
     # ----------------------------------------------------------- subclass hooks
     @abstractmethod
@@ -117,7 +120,7 @@ class ChunkTier(ABC):
                 raise InputShapeError(f"tier {self.location}: slots {bad.tolist()} are already free")
             self._free[slots] = True
             self.owner[slots] = -1
-            if self._log_readers:
+            if self._reader_marks:
                 self._release_log.append(slots.copy())
             self._block_free += np.bincount(slots // self.block_rows, minlength=self._block_free.shape[0])
 
@@ -179,25 +182,40 @@ class ChunkTier(ABC):
 
         Returns the future (it yields what :meth:`read` returns) and a mark for
         :meth:`released_since`, which tells which of the slots were released (and so
-        may hold other data) before the result is used; call :meth:`end_read` after.
+        may hold other data) before the result is used; call :meth:`end_read` with
+        the mark after.
         """
         if self._executor is None:
             self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="fiited-tier")
         with self._lock:
-            self._log_readers += 1
-            mark = len(self._release_log)
+            mark = self._log_base + len(self._release_log)
+            self._reader_marks.append(mark)
         return self._executor.submit(self.read, np.array(slots, np.int64)), mark
 
     def released_since(self, mark: int) -> np.ndarray:
         with self._lock:
-            log = self._release_log[mark:]
+            log = self._release_log[max(0, mark - self._log_base):]
         return np.concatenate(log) if log else np.empty(0, np.int64)
 
-    def end_read(self) -> None:
+    def end_read(self, mark: int | None = None) -> None:
+        """The read of ``mark`` (the oldest pending one when None) is no longer used.
+
+        Releases logged before every pending read's mark are dropped, so a steady
+        stream of overlapping reads keeps the log as short as the reads' overlap.
+        """
         with self._lock:
-            self._log_readers = max(0, self._log_readers - 1)
-            if self._log_readers == 0:
-                self._release_log.clear()
+            if not self._reader_marks:
+                return
+            self._reader_marks.remove(min(self._reader_marks) if mark is None else mark)
+            keep_from = min(self._reader_marks) if self._reader_marks else self._log_base + len(self._release_log)
+            del self._release_log[:keep_from - self._log_base]
+            self._log_base = keep_from
+
+    @property
+    def logged_releases(self) -> int:
+        """Slots in the release log (what pending background reads may need to know)."""
+        with self._lock:
+            return int(sum(a.size for a in self._release_log))
 
     def flush(self) -> None:
         """Make written data durable where the tier supports it."""

@@ -108,7 +108,34 @@ class TierTests:
         np.testing.assert_array_equal(v, vec[::3])
         np.testing.assert_array_equal(s, st[::3])
         np.testing.assert_array_equal(np.sort(tier.released_since(mark)), np.sort(slots[:3]))
-        tier.end_read()
+        tier.end_read(mark)
+        assert tier.logged_releases == 0
+        tier.close()
+
+    def test_overlapping_background_reads_keep_the_release_log_short(self, tmp_path, rng):
+        # a prefetch one batch ahead keeps two reads pending at all times: the log must
+        # hold only what the older of them can still ask about, not every release ever
+        tier = self.make(tmp_path)
+        slots = tier.allocate(400)
+        tier.write(slots, *self.rows(rng, 400))
+        pending = []
+        for step in range(40):
+            fut, mark = tier.read_async(slots[step * 10:step * 10 + 10])
+            pending.append((fut, mark))
+            tier.release(slots[step * 10:step * 10 + 5])
+            if len(pending) > 2:
+                old_fut, old_mark = pending.pop(0)
+                old_fut.result(timeout=30)
+                tier.end_read(old_mark)
+            assert tier.logged_releases <= 10  # the releases since the older pending read
+        # what each pending read asks about is still exact
+        _, mark = pending[0]
+        np.testing.assert_array_equal(np.sort(tier.released_since(mark)),
+                                      np.sort(np.concatenate([slots[s * 10:s * 10 + 5] for s in (38, 39)])))
+        for fut, mark in pending:
+            fut.result(timeout=30)
+            tier.end_read(mark)
+        assert tier.logged_releases == 0
         tier.close()
 
     def test_free_space_is_derived_from_owners(self, tmp_path):
