@@ -226,6 +226,10 @@ def _compact_tiers(store: EmbeddingStore, progress: bool) -> None:
         k_of = np.argmax(addr[owner] == spilled_code(used)[:, None], axis=1)
         addr[owner, k_of] = spilled_code(new_slots).astype(np.int32)
         store.entries.arrays = store.entries.arrays._replace(addr=b.from_host(addr))
+        # the packed rows sit in fresh's staging file until flushed into its Zarr chunks;
+        # reopened from the files alone, unflushed rows would be gone
+        fresh.flush()
+        fresh.close()
         tier.close()
         old_root = tier.root
         shutil.rmtree(old_root)

@@ -193,16 +193,23 @@ class ZarrTier(ChunkTier):
     def _chunk_file(self, name: str, block: int) -> str:
         return f"{self._prefix}/{name}/c/{block}/0"
 
-    def _load_block(self, name: str, block: int, width: int) -> np.ndarray:
+    def _load_block(self, name: str, block: int, width: int, owned=None) -> np.ndarray:
         """One chunk's rows, float32[block_rows, width]; a chunk never written is zeros.
 
         With the ``bytes`` codec a chunk file is its rows, little-endian: the file zarr
-        itself would read and write.
+        itself would read and write. ``owned``: slots of this chunk that the caller
+        knows were written (a saved tier's owned rows); a missing file is then
+        corruption, never zeros.
         """
         path = self._chunk_file(name, block)
         try:
             data = np.fromfile(path, dtype="<f4")
         except FileNotFoundError:
+            if owned is not None and len(owned):
+                raise CorruptStoreError(
+                    f"disk tier at {self.root}: Zarr chunk {name}/c/{block}/0 is missing, but it holds the owned "
+                    f"slots {np.asarray(owned)[:5].tolist()} (deleted, or a writer removed the checkpoint this "
+                    f"store was opened from)") from None
             return np.zeros((self.block_rows, width), np.float32)
         except OSError as exc:
             raise storage_error(exc, f"reading Zarr chunk {name}/c/{block}/0 of disk tier at {self.root}") from exc
@@ -272,7 +279,9 @@ class ZarrTier(ChunkTier):
             if width == 0:
                 continue
             for block, lo, hi in self._blocks(slots):
-                out[lo:hi] = self._load_block(name, block, width)[slots[lo:hi] - block * r]
+                # a read-only tier is a saved one: every owned row of it was written
+                owned = slots[lo:hi][self.owner[slots[lo:hi]] >= 0]
+                out[lo:hi] = self._load_block(name, block, width, owned)[slots[lo:hi] - block * r]
         return vec, st
 
     def flush(self) -> None:

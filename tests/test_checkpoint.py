@@ -83,6 +83,40 @@ def test_checkpoint_is_isolated_from_later_spills(tmp_path):
     s.close()
 
 
+def test_a_reader_whose_checkpoint_was_removed_raises_instead_of_reading_zeros(tmp_path):
+    from fiited_store import CorruptStoreError
+
+    rng = np.random.default_rng(1)
+    s = EmbeddingStore(TABLES, CONFIGS["cache"], path=tmp_path / "s")
+    train_steps(s, TABLES, 10, rng, id_range=300)
+    s.save()
+    s.close()
+    reader = EmbeddingStore.open(tmp_path / "s", "r")
+    on_disk = reader.stats()["total"]["spilled_chunks"]
+    assert on_disk > 0
+    with EmbeddingStore.open(tmp_path / "s", "r+") as w:  # another writer trains and saves twice
+        for _ in range(2):
+            train_steps(w, TABLES, 3, rng, id_range=300)
+            w.save()
+    with pytest.raises(CorruptStoreError, match=r"Zarr chunk vectors/c/\d+/0 is missing, but it holds the owned"):
+        all_lookups(reader)
+    reader.close()
+
+
+def test_a_deleted_tier_chunk_file_is_named_not_read_as_zeros(tmp_path):
+    from fiited_store import CorruptStoreError
+
+    s = EmbeddingStore(TABLES, CONFIGS["cache"], path=tmp_path / "s")
+    train_steps(s, TABLES, 10, np.random.default_rng(1), id_range=300)
+    s.save()
+    s.close()
+    chunk = sorted((tmp_path / "s").glob("ckpt-*/tier_*/data/vectors/c/*/0"))[0]
+    chunk.unlink()
+    with EmbeddingStore.open(tmp_path / "s", "r") as r:
+        with pytest.raises(CorruptStoreError, match=rf"vectors/c/{chunk.parent.name}/0 is missing"):
+            all_lookups(r)
+
+
 def test_one_writer_at_a_time(tmp_path):
     s = EmbeddingStore(TABLES, CONFIGS["prune-spill"], path=tmp_path / "s")
     s.save()
