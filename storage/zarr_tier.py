@@ -157,13 +157,26 @@ class ZarrTier(ChunkTier):
     def _width(self) -> int:
         return self.chunk_width + self.state_width
 
-    def _map_staging(self, capacity: int) -> None:
+    def _reserve_staging(self, capacity: int) -> str:
+        """Size the staging file for ``capacity`` slots and reserve its blocks on disk.
+
+        A sparse file written through a memory map gets its blocks at the first store
+        to each page, and a full device answers that store with SIGBUS, which kills
+        the process. Reserving every block here turns a full device into
+        StorageFullError before anything is written."""
         path = os.path.join(self._prefix, STAGING_FILE)
+        size = capacity * self._width * 4
         try:
             with open(path, "ab") as f:
-                f.truncate(capacity * self._width * 4)
+                if size and hasattr(os, "posix_fallocate"):  # Linux; elsewhere the map stays sparse
+                    os.posix_fallocate(f.fileno(), 0, size)
+                f.truncate(size)
         except OSError as exc:
-            raise storage_error(exc, f"sizing the staging file of disk tier at {self.root}") from exc
+            raise storage_error(exc, f"reserving {size} bytes for the staging file of disk tier at {self.root}") from exc
+        return path
+
+    def _map_staging(self, capacity: int) -> None:
+        path = self._reserve_staging(capacity)
         self._stage = np.memmap(path, dtype="<f4", mode="r+", shape=(capacity, self._width))
 
     def _ensure_staged(self, blocks: np.ndarray) -> None:
@@ -178,6 +191,7 @@ class ZarrTier(ChunkTier):
 
     def _grow_storage(self, new_capacity: int) -> None:
         self._guard_writable()
+        self._reserve_staging(new_capacity)  # first: a full device then changes nothing
         try:
             self._vectors.resize((new_capacity, self.chunk_width))
             self._states.resize((new_capacity, self._states.shape[1]))

@@ -205,6 +205,33 @@ class TestZarrTier(TierTests):
         assert not list(tmp_path.rglob("*.partial"))  # no temporary file left behind
 
 
+    def test_a_device_too_full_to_reserve_the_staging_file_raises_and_changes_nothing(self, tmp_path, rng, monkeypatch):
+        import errno
+        import os
+
+        # a sparse staging file would take its blocks at the first store through the
+        # map, and a full device answers that with SIGBUS; the blocks are reserved first
+        tier = self.make(tmp_path)
+        slots = tier.allocate(10)
+        vec, st = self.rows(rng, 10)
+        tier.write(slots, vec, st)
+        cap = tier.capacity
+
+        def full(fd, offset, length):
+            raise OSError(errno.ENOSPC, "No space left on device")
+
+        monkeypatch.setattr(os, "posix_fallocate", full)
+        with pytest.raises(StorageFullError, match="staging file .* the device is full"):
+            tier.allocate(cap + 10)  # needs the tier to grow
+        monkeypatch.undo()
+        assert tier.capacity == cap and tier.n_free == cap - 10
+        np.testing.assert_array_equal(tier.read(slots)[0], vec)
+        more = tier.allocate(cap + 10)  # with room again it grows
+        tier.write(more, *self.rows(rng, more.size))
+        np.testing.assert_array_equal(tier.read(slots)[0], vec)
+        tier.close()
+
+
 class TestStagedZarrTier(TestZarrTier):
     """The same tests with a host cache small enough that rows go to disk and back."""
 
