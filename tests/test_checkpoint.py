@@ -83,14 +83,19 @@ def test_checkpoint_is_isolated_from_later_spills(tmp_path):
     s.close()
 
 
+def saved_after_training(path, config, steps, rng):
+    """A store at path, trained for steps on ids below 300, saved and closed."""
+    s = EmbeddingStore(TABLES, config, path=path)
+    train_steps(s, TABLES, steps, rng, id_range=300)
+    s.save()
+    s.close()
+
+
 def test_a_reader_whose_checkpoint_was_removed_raises_instead_of_reading_zeros(tmp_path):
     from fiited_store import CorruptStoreError
 
     rng = np.random.default_rng(1)
-    s = EmbeddingStore(TABLES, CONFIGS["cache"], path=tmp_path / "s")
-    train_steps(s, TABLES, 10, rng, id_range=300)
-    s.save()
-    s.close()
+    saved_after_training(tmp_path / "s", CONFIGS["cache"], 10, rng)
     reader = EmbeddingStore.open(tmp_path / "s", "r")
     on_disk = reader.stats()["total"]["spilled_chunks"]
     assert on_disk > 0
@@ -106,10 +111,7 @@ def test_a_reader_whose_checkpoint_was_removed_raises_instead_of_reading_zeros(t
 def test_a_deleted_tier_chunk_file_is_named_not_read_as_zeros(tmp_path):
     from fiited_store import CorruptStoreError
 
-    s = EmbeddingStore(TABLES, CONFIGS["cache"], path=tmp_path / "s")
-    train_steps(s, TABLES, 10, np.random.default_rng(1), id_range=300)
-    s.save()
-    s.close()
+    saved_after_training(tmp_path / "s", CONFIGS["cache"], 10, np.random.default_rng(1))
     chunk = sorted((tmp_path / "s").glob("ckpt-*/tier_*/data/vectors/c/*/0"))[0]
     chunk.unlink()
     with EmbeddingStore.open(tmp_path / "s", "r") as r:
@@ -133,10 +135,7 @@ def test_one_writer_at_a_time(tmp_path):
 
 def test_a_read_only_handle_refuses_writes(tmp_path):
     rng = np.random.default_rng(2)
-    s = EmbeddingStore(TABLES, CONFIGS["prune-discard"], path=tmp_path / "s")
-    train_steps(s, TABLES, 3, rng, id_range=300)
-    s.save()
-    s.close()
+    saved_after_training(tmp_path / "s", CONFIGS["prune-discard"], 3, rng)
     with EmbeddingStore.open(tmp_path / "s", "r") as r:
         before = snapshot(r)
         for fn in (lambda: r.pooled_lookup("a", np.arange(3), np.arange(4), train=True), r.step, r.prune,
