@@ -18,13 +18,10 @@ def _memory_chain(a: Any) -> tuple:
     chain = [a]
     x = a
     for _ in range(8):
-        nxt = getattr(x, "base", None) if isinstance(x, np.ndarray) else None
-        if nxt is None and not isinstance(x, np.ndarray):
-            # device arrays: numba's allocation (and the pointer a slice shares), the simulator's host array
-            for attr in ("gpu_data", "owner", "_ary"):
-                nxt = getattr(x, attr, None)
-                if nxt is not None:
-                    break
+        if isinstance(x, np.ndarray):
+            nxt = x.base
+        else:  # device arrays: numba's allocation (and the pointer a slice shares), the simulator's host array
+            nxt = next((getattr(x, n) for n in ("gpu_data", "owner", "_ary") if getattr(x, n, None) is not None), None)
         if nxt is None or any(nxt is c for c in chain):
             break
         chain.append(nxt)
@@ -70,9 +67,6 @@ class OutputBuffers:
                     break
         chain = _memory_chain(self.backend.empty(shape, np.float32))
         if len(self.buffers) < self.keep:
-            entry = (chain, ())
-            self.buffers.append(entry)
-            del entry
-            # counted while only the ring holds the chain, as _free will count it
-            self.buffers[-1] = (chain, self._counts(chain))
+            # counted while only the chain refers to its objects, as _free will count them
+            self.buffers.append((chain, self._counts(chain)))
         return chain[0]
