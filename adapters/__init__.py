@@ -1,5 +1,11 @@
-"""Framework adapters (imported as ``fiited_store.adapters``)."""
+"""Framework adapters (imported as ``fiited_store.adapters``).
 
-from .pytorch import FiitedEmbeddingBag, FiitedEmbeddingBagCollection, JaggedFeatures
+pytorch.py   FiitedEmbeddingBag, FiitedEmbeddingBagCollection (torch.nn modules)
+ops.py       the lookup and update as torch.library custom operators (torch.compile)
+keyed.py     JaggedFeatures and KeyedTensor, TorchRec's shapes without torchrec
+"""
 
-__all__ = ["FiitedEmbeddingBag", "FiitedEmbeddingBagCollection", "JaggedFeatures"]
+from .keyed import JaggedFeatures, KeyedTensor
+from .pytorch import FiitedEmbeddingBag, FiitedEmbeddingBagCollection
+
+__all__ = ["FiitedEmbeddingBag", "FiitedEmbeddingBagCollection", "JaggedFeatures", "KeyedTensor"]

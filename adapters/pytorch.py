@@ -8,99 +8,48 @@ itself. One forward and one backward make a training step; by default the module
 then calls ``store.step()`` itself (``auto_step=True``), which also runs the prune
 pass every T steps. With gradient accumulation, or several forwards per step, pass
 ``auto_step=False`` and call :meth:`step` after the optimizer step.
+
+The lookup and the update are PyTorch custom operators (:mod:`.ops`), so a model
+holding these modules runs under ``torch.compile`` (the store inside the graph, or
+behind a graph break) with the same outputs and updates as in eager mode.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+import functools
 from typing import Any, Mapping, Sequence
 
 import numpy as np
 import torch
 
 from ..config import StoreConfig, TableConfig
-from ..errors import InputDTypeError, InputShapeError
-from ..store import EmbeddingStore, PooledBatch
+from ..errors import ConfigError, InputDTypeError, InputShapeError, UnknownTableError
+from ..store import EmbeddingStore
+from . import ops
+from .keyed import JaggedFeatures, KeyedTensor, keyed_tensor_class
+from .ops import from_numpy, share_output, to_numpy  # noqa: F401 - the adapter's public bridges
+
+__all__ = ["FiitedEmbeddingBag", "FiitedEmbeddingBagCollection", "JaggedFeatures", "KeyedTensor",
+           "from_numpy", "share_output", "to_numpy"]
 
 _INDEX_DTYPES = (torch.int64, torch.int32)
 
 
-def share_output(a) -> torch.Tensor:
-    """A tensor over the store's output buffer, without a copy.
-
-    Host arrays cross through DLPack (after the checks DLPack needs); device arrays
-    through ``__cuda_array_interface__``; the CUDA simulator's arrays, which are numpy
-    underneath, through DLPack again.
-    """
-    if isinstance(a, np.ndarray):
-        return from_numpy(a)
-    if hasattr(a, "__cuda_array_interface__"):
-        return torch.as_tensor(a, device="cuda")
-    return torch.from_dlpack(a)
-
-
-def to_numpy(t: torch.Tensor, what: str) -> np.ndarray:
-    """A CPU tensor as a numpy array sharing its memory (a copy only when it is not contiguous)."""
-    if t.device.type != "cpu":
-        raise InputShapeError(f"{what} is on {t.device}; this store runs on the CPU")
-    t = t.detach()
-    if not t.is_contiguous():
-        t = t.contiguous()
-    return np.from_dlpack(t)
-
-
-def from_numpy(a: np.ndarray) -> torch.Tensor:
-    """A tensor over a numpy array, sharing memory; refuses arrays DLPack would mishandle."""
-    if not a.flags.writeable or any(s < 0 for s in a.strides):
-        raise InputShapeError("refusing to share a read-only or negative-stride array through DLPack")
-    return torch.from_dlpack(a)
-
-
-class _PooledLookup(torch.autograd.Function):
-    """Forward: the store's pooled lookup. Backward: the store's fused update."""
-
-    @staticmethod
-    def forward(ctx, anchor, module, features, ids, offsets, weights, mode, train):
-        # grad mode is off in here: whether this is a training step was decided by the caller
-        on_gpu = module.store.config.device == "cuda"
-        w = None if weights is None else (weights.detach() if on_gpu else to_numpy(weights, "per_sample_weights"))
-        batch = module.store.pooled_lookup(features, ids, offsets, w, mode, train=train)
-        ctx.batch = batch
-        ctx.module = module
-        ctx.weights_need_grad = weights is not None and weights.requires_grad
-        out = share_output(batch.output)
-        if not train:
-            ctx.mark_non_differentiable(out)
-        return out
-
-    @staticmethod
-    def backward(ctx, grad_out):
-        batch: PooledBatch = ctx.batch
-        module = ctx.module
-        if grad_out.dtype != torch.float32:
-            raise InputDTypeError(f"grad_out must be float32, got {grad_out.dtype}")
-        # the CPU store takes numpy over the tensor's memory; the CUDA store takes the
-        # CUDA tensor itself (numba views it through __cuda_array_interface__)
-        g = grad_out.contiguous() if module.store.config.device == "cuda" else to_numpy(grad_out, "grad_out")
-        weight_grad = None
-        if ctx.weights_need_grad:
-            wg = module.store.per_sample_weight_grads(batch, g)
-            weight_grad = torch.from_numpy(np.array(module.store.backend.to_host(wg)))
-        module.store.backward(batch, g)
-        module._after_backward()
-        return None, None, None, None, None, weight_grad, None, None
-
-
 class _StoreModule(torch.nn.Module):
-    """What the two modules share: the store, the step schedule and the state dict."""
+    """What the two modules share: the store, the step schedule, the operators' handle and the state dict."""
 
     def __init__(self, store: EmbeddingStore, auto_step: bool):
         super().__init__()
         self.store = store
         self.auto_step = auto_step
-        # autograd calls a Function's backward only if an input requires grad; the
+        # autograd calls an operator's backward only if an input requires grad; the
         # embeddings are not torch parameters, so a zero-size tensor stands in
         self._anchor = torch.empty(0, requires_grad=True)
+        # held so that the anchor's gradient accumulator stays the node autograd uses:
+        # the backward operator asks whether this backward pass will execute it
+        self._anchor_node = torch.autograd.graph.get_gradient_edge(self._anchor).node
+        self._pending: dict[int, Any] = {}
+        self._handle = ops.register(self)
 
     def _after_backward(self) -> None:
         if self.auto_step:
@@ -113,16 +62,33 @@ class _StoreModule(torch.nn.Module):
     def prune(self) -> dict:
         return self.store.prune()
 
-    def _lookup(self, features, ids, offsets, weights, mode):
-        host = self.store.config.device != "cuda"
-        ids_np = _check_index(ids, "input", host)
-        off_np = _check_index(offsets, "offsets", host)
+    def _lookup(self, tables: list[int], ids, offsets, weights, mode):
+        _check_index(ids, "input")
+        _check_index(offsets, "offsets")
         if weights is not None:
             if not isinstance(weights, torch.Tensor) or not torch.is_floating_point(weights):
                 raise InputDTypeError(f"per_sample_weights must be a floating-point tensor, got {getattr(weights, 'dtype', type(weights))}")
             weights = weights.float()
+        anchor = self._anchor
         train = self.training and torch.is_grad_enabled()
-        return _PooledLookup.apply(self._anchor, self, features, ids_np, off_np, weights, mode, train)
+        if not train:  # nothing to differentiate: the output is a plain tensor
+            anchor = anchor.detach()
+            weights = None if weights is None else weights.detach()
+        out, _token = torch.ops.fiited_store.pooled_lookup(anchor, self._handle, tables, ids, offsets, weights, mode, train)
+        return out
+
+    def _store_summary(self) -> str:
+        c = self.store.config
+        pool = sum(p.vector_bytes for p in self.store.pools)
+        dense = sum(t.num_embeddings * t.dim * 4 for t in self.store.tables if t.num_embeddings is not None)
+        share = f" = {pool / dense:.3g} x dense" if dense and all(t.num_embeddings for t in self.store.tables) else ""
+        return (f"budget {_mib(pool)} of chunk vectors{share}, store_mode={c.mode!r}, pruning={c.pruning!r}, "
+                f"device={c.device!r}; embeddings in .store, not parameters (state_dict keys 'store.*')")
+
+    @staticmethod
+    def _table_summary(t: TableConfig) -> str:
+        rows = "any int64 id" if t.num_embeddings is None else f"{t.num_embeddings:,} rows"
+        return f"{t.name}: {rows} x {t.dim}, chunks={t.chunks}, index={t.index}, optimizer={t.optimizer}"
 
     # state dict: the store's arrays, so that torch.save / torch.load carry the embeddings
     def _save_to_state_dict(self, destination, prefix, keep_vars):
@@ -143,58 +109,145 @@ class _StoreModule(torch.nn.Module):
         super()._load_from_state_dict(rest, prefix, local_metadata, strict, missing_keys, unexpected_keys, error_msgs)
 
 
-def _check_index(t: Any, what: str, host: bool = True):
+def _mib(n: int) -> str:
+    return f"{n / 2**20:.2f} MiB" if n >= 2**20 else f"{n / 2**10:.1f} KiB"
+
+
+def _check_index(t: Any, what: str) -> None:
     if not isinstance(t, torch.Tensor):
-        t = torch.as_tensor(t)
+        raise InputDTypeError(f"{what} must be a torch.Tensor, got {type(t).__name__}")
     if t.dtype not in _INDEX_DTYPES:
         raise InputDTypeError(f"{what} must be int64 or int32 (as torch.nn.EmbeddingBag requires), got {t.dtype}")
-    return to_numpy(t, what) if host else t.detach()
+
+
+def _store_config_on(store_config: StoreConfig | None, device: Any) -> StoreConfig | None:
+    """``device`` (torch's argument) folded into the store's config; a conflict is refused."""
+    if device is None:
+        return store_config
+    kind = torch.device(device).type
+    if store_config is None:
+        return StoreConfig(device=kind)
+    if store_config.device != kind:
+        raise ConfigError(f"device={device!r} disagrees with store_config.device={store_config.device!r}")
+    return store_config
 
 
 class FiitedEmbeddingBag(_StoreModule):
     """A drop-in ``torch.nn.EmbeddingBag`` whose table is a FIITED store.
 
+    The arguments ``torch.nn.EmbeddingBag`` has come first, in its order and with
+    its defaults; FIITED's own options are keyword-only.
+
     Args:
-        num_embeddings: declared rows (ids may still be any int64).
+        num_embeddings: declared rows (ids must lie in ``[0, num_embeddings)``, as
+            in torch); ``None`` for a hashed table of arbitrary int64 ids.
         embedding_dim: D.
+        max_norm, norm_type, scale_grad_by_freq: refused unless left at torch's
+            defaults (a row's chunks are updated by the store's fused optimizer,
+            which neither renormalises nor rescales by frequency).
+        mode: "sum" or "mean" (torch's default); "max" is refused.
+        sparse: accepted and without effect: the store's update is sparse anyway.
+        _weight: float32[num_embeddings, D] initial rows (as torch's ``_weight``);
+            the pool must be able to hold them all.
+        include_last_offset, padding_idx: as in ``torch.nn.EmbeddingBag``.
+        device: "cpu" or "cuda": where the store lives (``store_config.device``).
+        dtype: float32 only.
         chunks: K, D % K == 0.
-        mode: "sum" or "mean" (``torch.nn.EmbeddingBag``'s default is "mean").
-        include_last_offset: as in ``torch.nn.EmbeddingBag``.
-        optimizer, learning_rate, eps, initializer, init_scale: see :class:`TableConfig`.
+        optimizer, learning_rate, eps, initializer, init_scale, index: see :class:`TableConfig`.
         store_config: the :class:`StoreConfig` (budget, pruning, utility ...).
         path: directory for the disk tier and checkpoints.
         auto_step: call ``store.step()`` after every backward pass.
+
+    The embeddings live in ``self.store`` and are not torch parameters: ``state_dict()``
+    carries every array of the store (keys ``store.*``), and :attr:`weight` gives the
+    table as a dense copy.
 
     Example::
 
         >>> import torch
         >>> from fiited_store import StoreConfig, DynamicRatio
         >>> from fiited_store.adapters import FiitedEmbeddingBag
-        >>> bag = FiitedEmbeddingBag(1000, 16, chunks=4, mode="sum",
+        >>> bag = FiitedEmbeddingBag(1000, 16, mode="sum", chunks=4,
         ...                          store_config=StoreConfig(pruning=DynamicRatio(0.75)))
         >>> out = bag(torch.tensor([3, 1, 4, 1, 5]), torch.tensor([0, 2]))  # two bags
         >>> out.shape
         torch.Size([2, 16])
         >>> out.sum().backward()   # fused optimizer step inside the store
+        >>> bag.store.step_count
+        1
     """
 
-    def __init__(self, num_embeddings: int | None, embedding_dim: int, chunks: int = 4, mode: str = "mean", *,
-                 include_last_offset: bool = False, optimizer: str = "rowwise_adagrad", learning_rate: float = 0.01,
-                 eps: float = 1e-8, initializer: str = "uniform", init_scale: float | None = None,
+    def __init__(self, num_embeddings: int | None, embedding_dim: int, max_norm: float | None = None,
+                 norm_type: float = 2.0, scale_grad_by_freq: bool = False, mode: str = "mean", sparse: bool = False,
+                 _weight: torch.Tensor | None = None, include_last_offset: bool = False, padding_idx: int | None = None,
+                 device: Any = None, dtype: torch.dtype | None = None, *, chunks: int = 4,
+                 optimizer: str = "rowwise_adagrad", learning_rate: float = 0.01, eps: float = 1e-8,
+                 initializer: str = "uniform", init_scale: float | None = None, index: str = "auto",
                  store_config: StoreConfig | None = None, path: Any = None, auto_step: bool = True,
                  name: str = "table"):
-        table = TableConfig(name, dim=embedding_dim, chunks=chunks, num_embeddings=num_embeddings, optimizer=optimizer,
-                            learning_rate=learning_rate, eps=eps, initializer=initializer, init_scale=init_scale)
-        super().__init__(EmbeddingStore([table], store_config, path=path), auto_step)
+        if max_norm is not None:
+            raise ConfigError(f"max_norm={max_norm!r} is not supported: a FIITED row is updated chunk by chunk by the "
+                              f"store's fused optimizer, which does not renormalise rows; leave max_norm=None")
+        if scale_grad_by_freq:
+            raise ConfigError("scale_grad_by_freq=True is not supported: the store's optimizer sums a batch's gradients "
+                              "per id without rescaling by frequency")
         if mode not in ("sum", "mean"):
-            raise InputShapeError(f"mode must be 'sum' or 'mean', got {mode!r}")
+            raise ConfigError(f"mode must be 'sum' or 'mean' (torch's 'max' is not supported), got {mode!r}")
+        if dtype is not None and dtype != torch.float32:
+            raise ConfigError(f"dtype must be torch.float32 (the store keeps float32 chunks), got {dtype}")
+        if padding_idx is not None:
+            if not isinstance(padding_idx, int) or isinstance(padding_idx, bool):
+                raise ConfigError(f"padding_idx must be an int or None, got {padding_idx!r}")
+            if num_embeddings is None:
+                if padding_idx < 0:
+                    raise ConfigError(f"padding_idx={padding_idx} is negative and the table declares no num_embeddings")
+            elif not -num_embeddings <= padding_idx < num_embeddings:
+                raise ConfigError(f"padding_idx must be within [-{num_embeddings}, {num_embeddings}), got {padding_idx}")
+            elif padding_idx < 0:
+                padding_idx += num_embeddings
+        table = TableConfig(name, dim=embedding_dim, chunks=chunks, num_embeddings=num_embeddings, optimizer=optimizer,
+                            learning_rate=learning_rate, eps=eps, initializer=initializer, init_scale=init_scale,
+                            index=index)
+        super().__init__(EmbeddingStore([table], _store_config_on(store_config, device), path=path), auto_step)
         self.table = table
         self.mode = mode
+        self.sparse = sparse
         self.include_last_offset = include_last_offset
+        self.padding_idx = padding_idx
+        if _weight is not None:
+            if not isinstance(_weight, torch.Tensor) or _weight.dtype != torch.float32:
+                raise InputDTypeError(f"_weight must be a float32 tensor, got {getattr(_weight, 'dtype', type(_weight))}")
+            if num_embeddings is None or tuple(_weight.shape) != (num_embeddings, embedding_dim):
+                raise InputShapeError(f"_weight must have shape ({num_embeddings}, {embedding_dim}), got {tuple(_weight.shape)}")
+            self.store.insert_or_assign(name, np.arange(num_embeddings), _weight.detach().cpu().numpy())
+
+    @property
+    def num_embeddings(self) -> int | None:
+        return self.table.num_embeddings
 
     @property
     def embedding_dim(self) -> int:
         return self.table.dim
+
+    @property
+    def weight(self) -> torch.Tensor:
+        """The table as a dense float32[num_embeddings, D] copy (zeros where chunks are pruned).
+
+        Not a parameter and not a view: it costs num_embeddings x D x 4 bytes, and
+        writing to it changes nothing (use ``store.insert_or_assign``).
+        """
+        if self.table.num_embeddings is None:
+            raise ConfigError(f"table {self.table.name!r} declares no num_embeddings, so it has no dense weight; "
+                              f"read rows with store.find")
+        rows = self.store.lookup(self.table.name, np.arange(self.table.num_embeddings, dtype=np.int64))
+        return torch.from_numpy(np.array(self.store.backend.to_host(rows)))
+
+    def extra_repr(self) -> str:
+        t = self.table
+        rows = "None" if t.num_embeddings is None else str(t.num_embeddings)
+        pad = "" if self.padding_idx is None else f", padding_idx={self.padding_idx}"
+        return (f"{rows}, {t.dim}, mode={self.mode!r}{pad}, chunks={t.chunks}, index={t.index!r}, "
+                f"optimizer={t.optimizer!r}, {self._store_summary()}")
 
     def forward(self, input: torch.Tensor, offsets: torch.Tensor | None = None,
                 per_sample_weights: torch.Tensor | None = None) -> torch.Tensor:
@@ -212,6 +265,8 @@ class FiitedEmbeddingBag(_StoreModule):
         elif input.dim() == 1:
             if offsets is None:
                 raise InputShapeError("offsets are required when input is 1-D")
+            if not isinstance(offsets, torch.Tensor):
+                raise InputDTypeError(f"offsets must be a torch.Tensor, got {type(offsets).__name__}")
             if offsets.dim() != 1:
                 raise InputShapeError(f"offsets must be 1-D, got shape {tuple(offsets.shape)}")
             if offsets.dtype not in _INDEX_DTYPES:
@@ -220,85 +275,45 @@ class FiitedEmbeddingBag(_StoreModule):
                 offsets = torch.cat([offsets.to(torch.int64), offsets.new_tensor([input.shape[0]], dtype=torch.int64)])
         else:
             raise InputShapeError(f"input must be 1-D or 2-D, got shape {tuple(input.shape)}")
-        return self._lookup(self.table.name, input, offsets, per_sample_weights, self.mode)
+        if self.padding_idx is not None:
+            input, offsets, per_sample_weights = _drop_padding(input, offsets, per_sample_weights, self.padding_idx)
+        return self._lookup([0], input, offsets, per_sample_weights, self.mode)
 
 
-@dataclass
-class JaggedFeatures:
-    """A minimal ``KeyedJaggedTensor``: per key, B bags, stored key after key.
-
-    ``values`` int64[nnz]; ``lengths`` int[F * B] (bag sizes, key-major);
-    ``weights`` float32[nnz] or None. TorchRec's ``KeyedJaggedTensor`` has the same
-    methods, so either can be passed to :class:`FiitedEmbeddingBagCollection`.
-    """
-
-    keys_: Sequence[str]
-    values_: torch.Tensor
-    lengths_: torch.Tensor
-    weights_: torch.Tensor | None = None
-
-    def __init__(self, keys: Sequence[str], values: torch.Tensor, lengths: torch.Tensor,
-                 weights: torch.Tensor | None = None):
-        self.keys_, self.values_, self.lengths_, self.weights_ = list(keys), values, lengths, weights
-
-    def keys(self) -> list[str]:
-        return list(self.keys_)
-
-    def values(self) -> torch.Tensor:
-        return self.values_
-
-    def lengths(self) -> torch.Tensor:
-        return self.lengths_
-
-    def offsets(self) -> torch.Tensor:
-        lengths = self.lengths_.to(torch.int64)
-        return torch.cat([lengths.new_zeros(1), torch.cumsum(lengths, 0)])
-
-    def weights_or_none(self) -> torch.Tensor | None:
-        return self.weights_
-
-    @staticmethod
-    def per_feature_of(features) -> list[tuple[torch.Tensor, torch.Tensor]]:
-        """[(ids, offsets int64[B + 1])] per key of any KeyedJaggedTensor-like object."""
-        keys = list(features.keys())
-        offsets = features.offsets().to(torch.int64)
-        values = features.values()
-        B = (offsets.numel() - 1) // len(keys)
-        out = []
-        for f in range(len(keys)):
-            o = offsets[f * B:(f + 1) * B + 1]
-            out.append((values[int(o[0]):int(o[-1])], o - o[0]))
-        return out
-
-    @classmethod
-    def from_dict(cls, features: Mapping[str, tuple[torch.Tensor, torch.Tensor]]) -> "JaggedFeatures":
-        """{feature: (ids int[n], offsets int[B] or int[B + 1])} -> one jagged batch."""
-        keys, values, lengths = [], [], []
-        B = None
-        for k, (ids, offs) in features.items():
-            offs = offs.to(torch.int64)
-            if offs.numel() == 0 or offs[-1] != ids.numel():
-                offs = torch.cat([offs, torch.tensor([ids.numel()])])
-            if B is not None and offs.numel() - 1 != B:
-                raise InputShapeError(f"feature {k!r} has {offs.numel() - 1} bags, the others {B}")
-            B = offs.numel() - 1
-            keys.append(k)
-            values.append(ids.to(torch.int64))
-            lengths.append(torch.diff(offs))
-        return cls(keys, torch.cat(values), torch.cat(lengths))
+def _drop_padding(ids: torch.Tensor, offsets: torch.Tensor, weights: torch.Tensor | None, padding_idx: int):
+    """The bags without their ``padding_idx`` entries: they add nothing, count for no mean, get no gradient (torch's rule)."""
+    keep = ids != padding_idx
+    offsets = offsets.to(torch.int64)
+    lengths = torch.diff(offsets)
+    bag = torch.repeat_interleave(torch.arange(lengths.shape[0], device=ids.device), lengths)
+    kept = torch.zeros(lengths.shape[0], dtype=torch.int64, device=ids.device).index_add_(0, bag, keep.to(torch.int64))
+    offsets = torch.cat([offsets[:1], offsets[:1] + torch.cumsum(kept, 0)])
+    return ids[keep], offsets, (None if weights is None else weights[keep])
 
 
 class FiitedEmbeddingBagCollection(_StoreModule):
     """Many tables in one store, read like TorchRec's ``EmbeddingBagCollection``.
 
     Args:
-        tables: the :class:`TableConfig` of every table.
+        tables: :class:`TableConfig` objects, or TorchRec ``EmbeddingBagConfig``
+            objects (their ``feature_names``, ``pooling``, ``num_embeddings`` and
+            ``embedding_dim`` are used; ``chunks`` gives K).
+        is_weighted: the features carry per-sample weights (TorchRec's argument).
+        device: "cpu" or "cuda": where the store lives.
         store_config: the :class:`StoreConfig`.
-        feature_to_table: feature name -> table name; by default each table serves
-            the feature of the same name.
-        mode: "sum" or "mean" pooling.
-        output: "concat" (float32[B, sum of dims], features side by side in the
+        feature_to_table: feature name -> table name; by default each
+            :class:`TableConfig` serves the feature of its own name, and each
+            TorchRec config its ``feature_names``.
+        mode: "sum" or "mean" pooling; by default the TorchRec configs' pooling, or "sum".
+        output: "keyed" (TorchRec's ``KeyedTensor`` when torchrec is installed, else
+            :class:`KeyedTensor` with the same methods; keys in the tables' order, as
+            TorchRec orders them), "concat" (float32[B, sum of dims], features in the
             order of the input's keys) or "dict" ({feature: float32[B, D]}).
+        chunks: K for TorchRec configs (an int, or {table name: K}).
+
+    ``output="concat"`` and a "keyed" output whose input keys are already in the
+    tables' order share memory with the store's output buffer; a "keyed" output that
+    must reorder columns is a copy.
 
     Example::
 
@@ -307,41 +322,117 @@ class FiitedEmbeddingBagCollection(_StoreModule):
         >>> from fiited_store.adapters import FiitedEmbeddingBagCollection, JaggedFeatures
         >>> ebc = FiitedEmbeddingBagCollection(
         ...     [TableConfig("user", 16, chunks=4, num_embeddings=100), TableConfig("item", 8, chunks=2, num_embeddings=50)],
-        ...     StoreConfig(budget_fraction=0.5))
+        ...     store_config=StoreConfig(budget_fraction=0.5))
         >>> kjt = JaggedFeatures(["user", "item"], torch.tensor([1, 2, 7, 3]), torch.tensor([1, 1, 2, 0]))
-        >>> ebc(kjt).shape            # 2 samples, 16 + 8 columns
+        >>> pooled = ebc(kjt)
+        >>> pooled.values().shape     # 2 samples, 16 + 8 columns
         torch.Size([2, 24])
+        >>> pooled["item"].shape
+        torch.Size([2, 8])
     """
 
-    def __init__(self, tables: Sequence[TableConfig], store_config: StoreConfig | None = None, *,
-                 feature_to_table: Mapping[str, str] | None = None, mode: str = "sum", output: str = "concat",
+    def __init__(self, tables: Sequence[Any], is_weighted: bool = False, device: Any = None, *,
+                 store_config: StoreConfig | None = None, feature_to_table: Mapping[str, str] | None = None,
+                 mode: str | None = None, output: str = "keyed", chunks: int | Mapping[str, int] = 4,
                  path: Any = None, auto_step: bool = True):
-        super().__init__(EmbeddingStore(tables, store_config, path=path), auto_step)
+        if isinstance(is_weighted, StoreConfig):
+            raise ConfigError("the second positional argument is is_weighted (TorchRec's order); "
+                              "pass the StoreConfig as store_config=...")
+        configs, features, poolings = [], {}, set()
+        for t in tables:
+            if isinstance(t, TableConfig):
+                configs.append(t)
+                features.setdefault(t.name, t.name)
+            else:
+                cfg, feats, pooling = _from_torchrec(t, chunks)
+                configs.append(cfg)
+                for f in feats:
+                    features[f] = cfg.name
+                poolings.add(pooling)
+        if len(poolings) > 1:
+            raise ConfigError(f"the tables ask for different poolings {sorted(poolings)}; one collection pools one way")
+        if mode is None:
+            mode = poolings.pop() if poolings else "sum"
         if mode not in ("sum", "mean"):
-            raise InputShapeError(f"mode must be 'sum' or 'mean', got {mode!r}")
-        if output not in ("concat", "dict"):
-            raise InputShapeError(f"output must be 'concat' or 'dict', got {output!r}")
-        self.tables = list(tables)
+            raise ConfigError(f"mode must be 'sum' or 'mean', got {mode!r}")
+        if output not in ("keyed", "concat", "dict"):
+            raise ConfigError(f"output must be 'keyed', 'concat' or 'dict', got {output!r}")
+        super().__init__(EmbeddingStore(configs, _store_config_on(store_config, device), path=path), auto_step)
+        self.tables = configs
+        self.is_weighted = bool(is_weighted)
         self.mode = mode
         self.output = output
-        self.feature_to_table = dict(feature_to_table) if feature_to_table is not None else {t.name: t.name for t in tables}
+        self.feature_to_table = dict(feature_to_table) if feature_to_table is not None else features
+        self._table_index = {t.name: i for i, t in enumerate(configs)}
         for f, t in self.feature_to_table.items():
             self.store.table_index(t)  # unknown table: a clear error now, not at the first batch
-        self._dims = {t.name: t.dim for t in tables}
+        self._dims = {f: configs[self._table_index[t]].dim for f, t in self.feature_to_table.items()}
+        # TorchRec's output order: table after table, each table's features in order
+        self._embedding_names = sorted(self.feature_to_table, key=lambda f: self._table_index[self.feature_to_table[f]])
 
-    def forward(self, features: Any) -> torch.Tensor | dict[str, torch.Tensor]:
+    def embedding_names(self) -> list[str]:
+        """The features, in the order a keyed output lists them."""
+        return list(self._embedding_names)
+
+    def extra_repr(self) -> str:
+        tables = "; ".join(self._table_summary(t) for t in self.tables)
+        return (f"tables=[{tables}], features={self.feature_to_table}, mode={self.mode!r}, output={self.output!r}, "
+                f"is_weighted={self.is_weighted}, {self._store_summary()}")
+
+    def forward(self, features: Any) -> Any:
         """features: a ``JaggedFeatures``, a TorchRec ``KeyedJaggedTensor``, or {feature: (ids, offsets)}."""
         if isinstance(features, Mapping):
             features = JaggedFeatures.from_dict(features)
         keys = list(features.keys())
         unknown = [k for k in keys if k not in self.feature_to_table]
         if unknown:
-            from ..errors import UnknownTableError
-
             raise UnknownTableError(unknown[0], list(self.feature_to_table))
-        tables = [self.feature_to_table[k] for k in keys]
-        out = self._lookup(tables, features.values(), features.offsets(), features.weights_or_none(), self.mode)
+        weights = features.weights_or_none()
+        if self.is_weighted and weights is None:
+            raise InputShapeError("the collection was built with is_weighted=True but the features carry no weights")
+        if not self.is_weighted and weights is not None:
+            raise InputShapeError("the features carry weights but the collection was built with is_weighted=False")
+        tables = [self._table_index[self.feature_to_table[k]] for k in keys]
+        out = self._lookup(tables, features.values(), features.offsets(), weights, self.mode)
+        dims = [self._dims[k] for k in keys]
         if self.output == "concat":
             return out
-        dims = [self._dims[t] for t in tables]
-        return dict(zip(keys, torch.split(out, dims, dim=1)))
+        if self.output == "dict":
+            return dict(zip(keys, torch.split(out, dims, dim=1)))
+        order = [k for k in self._embedding_names if k in keys]
+        if order != keys:
+            start = dict(zip(keys, np.concatenate([[0], np.cumsum(dims)[:-1]]).tolist()))
+            cols = torch.cat([torch.arange(start[k], start[k] + self._dims[k]) for k in order]).to(out.device)
+            out = out.index_select(1, cols)
+        return keyed_tensor_class()(keys=order, length_per_key=[self._dims[k] for k in order], values=out)
+
+
+def _from_torchrec(t: Any, chunks: int | Mapping[str, int]) -> tuple[TableConfig, list[str], str]:
+    """(TableConfig, feature names, pooling) of a TorchRec ``EmbeddingBagConfig``-like object."""
+    for attr in ("name", "embedding_dim", "num_embeddings", "feature_names"):
+        if not hasattr(t, attr):
+            raise ConfigError(f"tables must be TableConfig or TorchRec EmbeddingBagConfig objects; {t!r} has no {attr!r}")
+    pooling = str(getattr(getattr(t, "pooling", "sum"), "name", getattr(t, "pooling", "sum"))).lower()
+    if pooling not in ("sum", "mean"):
+        raise ConfigError(f"table {t.name!r}: pooling {pooling!r} is not supported (SUM or MEAN)")
+    data_type = str(getattr(getattr(t, "data_type", "FP32"), "name", getattr(t, "data_type", "FP32")))
+    if data_type.upper() not in ("FP32", "FLOAT32"):
+        raise ConfigError(f"table {t.name!r}: data_type {data_type} is not supported (FP32 only)")
+    lo, hi = getattr(t, "weight_init_min", None), getattr(t, "weight_init_max", None)
+    fn = getattr(t, "init_fn", None)
+    if fn is not None:
+        # TorchRec fills in init_fn = partial(uniform_, a=min, b=max); a symmetric uniform is the store's own
+        if isinstance(fn, functools.partial) and fn.func is torch.nn.init.uniform_ and set(fn.keywords) == {"a", "b"}:
+            lo, hi = fn.keywords["a"], fn.keywords["b"]
+        else:
+            raise ConfigError(f"table {t.name!r}: init_fn {fn!r} is not supported; the store initialises chunks "
+                              f"itself (a symmetric uniform, TableConfig's init_scale)")
+    scale = None
+    if lo is not None or hi is not None:
+        if lo is None or hi is None or lo != -hi:
+            raise ConfigError(f"table {t.name!r}: the initial range must be symmetric (-s, s), got ({lo}, {hi})")
+        scale = float(hi)
+    k = chunks.get(t.name, 4) if isinstance(chunks, Mapping) else chunks
+    cfg = TableConfig(t.name, dim=int(t.embedding_dim), chunks=k, num_embeddings=int(t.num_embeddings), init_scale=scale)
+    feats = list(t.feature_names) or [t.name]
+    return cfg, feats, pooling

@@ -20,6 +20,7 @@ from .errors import (
     StoreLockedError,
     StoreReadOnlyError,
     UnknownTableError,
+    UnsupportedAutogradError,
 )
 from .store import EmbeddingStore, PooledBatch
 
@@ -47,4 +48,5 @@ __all__ = [
     "StoreReadOnlyError",
     "TableConfig",
     "UnknownTableError",
+    "UnsupportedAutogradError",
 ]

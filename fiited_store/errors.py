@@ -58,6 +58,10 @@ class StaleBatchError(FiitedError, RuntimeError):
     """A backward pass refers to a forward batch that can no longer be applied."""
 
 
+class UnsupportedAutogradError(FiitedError, RuntimeError):
+    """An autograd request the store cannot honour (double backward); nothing was updated."""
+
+
 class PoolCapacityError(FiitedError, RuntimeError):
     """The operation needs more resident slots than the pool has."""
 

@@ -174,7 +174,7 @@ def test_state_dict_of_another_configuration_is_refused():
 def make_collection(**kw):
     tables = [TableConfig("user", dim=8, chunks=2, num_embeddings=30, optimizer="sgd", learning_rate=0.1),
               TableConfig("item", dim=4, chunks=1, num_embeddings=30, optimizer="sgd", learning_rate=0.1)]
-    return FiitedEmbeddingBagCollection(tables, FULL, **kw), tables
+    return FiitedEmbeddingBagCollection(tables, store_config=FULL, **kw), tables
 
 
 def test_collection_equals_one_embedding_bag_per_table(rng):
@@ -207,7 +207,7 @@ def test_collection_equals_one_embedding_bag_per_table(rng):
 def test_collection_accepts_a_dict_and_keyed_jagged_tensor_like_objects(rng):
     ebc, _ = make_collection()
     d = {"user": (torch.tensor([1, 2, 3]), torch.tensor([0, 1])), "item": (torch.tensor([4, 5]), torch.tensor([0, 1]))}
-    out = ebc(d)
+    out = ebc(d).values()
     assert out.shape == (2, 12)
 
     class KJTLike:  # the methods TorchRec's KeyedJaggedTensor offers, nothing else
@@ -223,6 +223,6 @@ def test_collection_accepts_a_dict_and_keyed_jagged_tensor_like_objects(rng):
         def weights_or_none(self):
             return None
 
-    torch.testing.assert_close(ebc(KJTLike()), out, rtol=0, atol=0)
+    torch.testing.assert_close(ebc(KJTLike()).values(), out, rtol=0, atol=0)
     with pytest.raises(UnknownTableError, match="'ads'"):
         ebc({"ads": (torch.tensor([1]), torch.tensor([0]))})

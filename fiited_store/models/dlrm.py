@@ -148,7 +148,7 @@ class FiitedEmbeddings(nn.Module):
         tables = [TableConfig(f, dim=dim, chunks=chunks, num_embeddings=int(n), optimizer=optimizer,
                               learning_rate=learning_rate, init_scale=init_scale)
                   for f, n in zip(feature_names, cardinalities)]
-        self.collection = FiitedEmbeddingBagCollection(tables, store_config, path=path)
+        self.collection = FiitedEmbeddingBagCollection(tables, store_config=store_config, output="concat", path=path)
 
     @property
     def store(self):
