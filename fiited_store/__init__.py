@@ -22,9 +22,18 @@ from .errors import (
     UnknownTableError,
     UnsupportedAutogradError,
 )
-from .store import EmbeddingStore, PooledBatch
 
 __version__ = "0.1.0"
+
+
+def __getattr__(name: str):
+    # the store imports numba and compiles nothing until asked; importing it lazily
+    # keeps `import fiited_store` (and `fiited-store --help`) free of numba's start-up
+    if name in ("EmbeddingStore", "PooledBatch"):
+        from . import store
+
+        return getattr(store, name)
+    raise AttributeError(f"module 'fiited_store' has no attribute {name!r}")
 
 __all__ = [
     "ConfigError",

@@ -8,6 +8,7 @@ store above is written once against this pair.
 from __future__ import annotations
 
 import mmap
+import os
 from types import ModuleType
 from typing import Any
 
@@ -80,6 +81,17 @@ class CpuBackend:
 
     def synchronize(self) -> None:
         pass
+
+    def memory_bytes(self) -> int:
+        """Physical memory of this machine: what a store's arrays can hold once touched."""
+        return host_memory_bytes()
+
+
+def host_memory_bytes() -> int:
+    try:
+        return int(os.sysconf("SC_PHYS_PAGES") * os.sysconf("SC_PAGE_SIZE"))
+    except (ValueError, OSError, AttributeError):  # not POSIX: no up-front check
+        return 1 << 62
 
 
 def get_backend(device: str):

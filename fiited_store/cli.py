@@ -14,39 +14,99 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
+import os
 import sys
 from pathlib import Path
-from typing import Sequence
+from typing import Callable, Sequence
 
+from . import __version__
 from .errors import FiitedError
+from .train_config import DATASETS, METHODS, SWEEP_RATIOS, UTILITIES, TrainConfig
+
+# Nothing here imports torch, numba or zarr at module level: `fiited-store --help`
+# and argument errors answer at once, and every command imports what it needs.
+
+
+class _HelpFormatter(argparse.ArgumentDefaultsHelpFormatter, argparse.RawDescriptionHelpFormatter):
+    """Defaults shown beside every option; the description keeps its line breaks."""
+
+
+def _number(kind: Callable, what: str, ok: Callable[[float], bool]) -> Callable[[str], float]:
+    def parse(text: str):
+        try:
+            v = kind(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"must be {what}, got {text!r}") from None
+        if (isinstance(v, float) and not math.isfinite(v)) or not ok(v):
+            raise argparse.ArgumentTypeError(f"must be {what}, got {text!r}")
+        return v
+
+    parse.__name__ = what  # argparse names the type in its messages
+    return parse
+
+
+positive_int = _number(int, "a positive int", lambda v: v > 0)
+nonnegative_int = _number(int, "an int >= 0", lambda v: v >= 0)
+positive_float = _number(float, "a finite number > 0", lambda v: v > 0)
+pruning_ratio = _number(float, "a ratio in [0, 1)", lambda v: 0 <= v < 1)
+fraction = _number(float, "a fraction in (0, 1]", lambda v: 0 < v <= 1)
+unit_interval = _number(float, "a number in [0, 1]", lambda v: 0 <= v <= 1)
+open_unit = _number(float, "a number in (0, 1)", lambda v: 0 < v < 1)
+
+
+def _writable_file(text: str) -> str:
+    """A file path that can be written now, so that a long run does not fail at its end."""
+    p = Path(text)
+    if p.is_dir():
+        raise argparse.ArgumentTypeError(f"{text!r} is a directory, not a file")
+    if p.exists():
+        if not os.access(p, os.W_OK):
+            raise argparse.ArgumentTypeError(f"{text!r} is not writable")
+    elif not p.parent.is_dir() or not os.access(p.parent, os.W_OK | os.X_OK):
+        raise argparse.ArgumentTypeError(f"cannot create {text!r}: {str(p.parent)!r} is not a writable directory")
+    return text
+
+
+def _writable_dir(text: str) -> str:
+    """A directory that exists and is writable, or that can be created (with its parents)."""
+    p = Path(text)
+    if p.exists() and not p.is_dir():
+        raise argparse.ArgumentTypeError(f"{text!r} exists and is not a directory")
+    probe = p
+    while not probe.exists():
+        probe = probe.parent
+    if not probe.is_dir() or not os.access(probe, os.W_OK | os.X_OK):
+        raise argparse.ArgumentTypeError(f"cannot write into {text!r}: {str(probe)!r} is not writable")
+    return text
 
 
 def _train_args(p: argparse.ArgumentParser) -> None:
-    from .models.dlrm import METHODS
-    from .train import DATASETS, TrainConfig
-
     d = TrainConfig()
-    p.add_argument("--dataset", choices=DATASETS, default=d.dataset, help="synthetic (built in, no download), movielens or criteo")
-    p.add_argument("--path", help="dataset directory (MovieLens: RecBole atomic files or u.data/u.user/u.item; Criteo: TSV)")
-    p.add_argument("--chunks", type=int, default=d.chunks, help="K, chunks per row")
-    p.add_argument("--dim", type=int, default=d.dim, help="D, embedding dimension")
-    p.add_argument("--batch-size", type=int, default=d.batch_size)
-    p.add_argument("--epochs", type=int, default=d.epochs, help="passes over a dataset's training split")
-    p.add_argument("--steps", type=int, default=d.steps, help="training steps on the synthetic stream")
-    p.add_argument("--lr-embedding", type=float, default=d.lr_embedding)
-    p.add_argument("--lr-dense", type=float, default=d.lr_dense)
-    p.add_argument("--prune-period", type=int, default=d.prune_period, help="T, steps between prune passes")
-    p.add_argument("--gamma", type=float, default=d.gamma, help="utility decay")
-    p.add_argument("--steepness", type=float, default=d.steepness, help="slope of the manual per-chunk ratios, 0..1")
-    p.add_argument("--utility", choices=("gradient", "access", "shared"), default=d.utility)
-    p.add_argument("--criteo-limit", type=int, default=d.criteo_limit, help="lines of Criteo to read")
-    p.add_argument("--no-progress", action="store_true")
-    p.set_defaults(methods_choices=METHODS)
+    p.add_argument("--dataset", choices=DATASETS, default=d.dataset,
+                   help="synthetic (built in, no download), movielens or criteo")
+    p.add_argument("--path", help="dataset directory (MovieLens: RecBole atomic files or u.data/u.user/u.item; "
+                                  "Criteo: TSV); needed by movielens and criteo")
+    p.add_argument("--chunks", type=positive_int, default=d.chunks, help="K, chunks per row (dim %% chunks == 0)")
+    p.add_argument("--dim", type=positive_int, default=d.dim, help="D, embedding dimension")
+    p.add_argument("--batch-size", type=positive_int, default=d.batch_size, help="samples per training step")
+    p.add_argument("--epochs", type=positive_int, default=d.epochs, help="passes over a dataset's training split")
+    p.add_argument("--steps", type=positive_int, default=d.steps, help="training steps on the synthetic stream")
+    p.add_argument("--lr-embedding", type=positive_float, default=d.lr_embedding,
+                   help="learning rate of the embeddings' optimizer (Adagrad)")
+    p.add_argument("--lr-dense", type=positive_float, default=d.lr_dense, help="learning rate of the dense layers (Adam)")
+    p.add_argument("--prune-period", type=nonnegative_int, default=d.prune_period,
+                   help="T, steps between prune passes (0: never prune)")
+    p.add_argument("--gamma", type=open_unit, default=d.gamma, help="utility decay per step")
+    p.add_argument("--steepness", type=unit_interval, default=d.steepness,
+                   help="slope of the manual per-chunk ratios: 0 flat, 1 steepest")
+    p.add_argument("--utility", choices=UTILITIES, default=d.utility,
+                   help="what a chunk's utility counts: gradient norms times accesses, accesses, or one per row")
+    p.add_argument("--criteo-limit", type=positive_int, default=d.criteo_limit, help="lines of Criteo to read")
+    p.add_argument("--no-progress", action="store_true", help="no progress bar")
 
 
-def _config_from(args, **override):
-    from .train import TrainConfig
-
+def _config_from(args, **override) -> TrainConfig:
     return TrainConfig(dataset=args.dataset, path=args.path, chunks=args.chunks, dim=args.dim, batch_size=args.batch_size,
                        epochs=args.epochs, steps=args.steps, lr_embedding=args.lr_embedding, lr_dense=args.lr_dense,
                        prune_period=args.prune_period, gamma=args.gamma, steepness=args.steepness,
@@ -56,7 +116,9 @@ def _config_from(args, **override):
 def cmd_train(args) -> int:
     from .train import format_result, run
 
-    result = run(_config_from(args, method=args.method, ratio=args.ratio, seed=args.seed), progress=not args.no_progress)
+    # dense does not prune: its ratio is 0 whatever --ratio says
+    ratio = 0.0 if args.method == "dense" else args.ratio
+    result = run(_config_from(args, method=args.method, ratio=ratio, seed=args.seed), progress=not args.no_progress)
     print(format_result(result))
     if args.json:
         Path(args.json).write_text(json.dumps(result, indent=2, default=float))
@@ -66,7 +128,7 @@ def cmd_train(args) -> int:
 def cmd_sweep(args) -> int:
     from .train import markdown_table, sweep
 
-    base = _config_from(args)
+    base = _config_from(args)  # every value checked before the first run
     results = sweep(base, args.methods, args.ratios, args.seeds, Path(args.out), progress=not args.no_progress)
     print(markdown_table(results, args.methods, args.ratios))
     print(f"wrote {args.out}/sweep.csv, sweep.md and sweep.png")
@@ -142,77 +204,91 @@ def cmd_export(args) -> int:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    from .models.dlrm import METHODS
-    from .train import SWEEP_RATIOS
+    parser = argparse.ArgumentParser(prog="fiited-store", description=__doc__, formatter_class=_HelpFormatter)
+    parser.add_argument("--version", action="version", version=f"%(prog)s {__version__}")
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
-    parser = argparse.ArgumentParser(prog="fiited-store", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    sub = parser.add_subparsers(dest="command", required=True)
+    def command(name: str, help: str) -> argparse.ArgumentParser:
+        return sub.add_parser(name, help=help, description=help, formatter_class=_HelpFormatter)
 
-    p = sub.add_parser("train", help="train a DLRM and print quality, memory and speed")
+    p = command("train", "train a DLRM and print quality, memory and speed")
     _train_args(p)
-    p.add_argument("--method", choices=METHODS, default="fiited-manual")
-    p.add_argument("--ratio", type=float, default=0.75, help="pruning ratio: fraction of the dense embedding size removed")
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--json", help="also write the result as JSON")
+    p.add_argument("--method", choices=METHODS, default="fiited-manual", help="embedding method")
+    p.add_argument("--ratio", type=pruning_ratio, default=0.75,
+                   help="pruning ratio: fraction of the dense embedding size removed (ignored by dense)")
+    p.add_argument("--seed", type=int, default=0, help="seed of data order, initialisation and sampling")
+    p.add_argument("--json", type=_writable_file, help="also write the result as JSON to this file")
     p.set_defaults(func=cmd_train)
 
-    p = sub.add_parser("sweep", help="every method x ratio x seed; CSV, markdown table and AUC-vs-ratio plot")
+    p = command("sweep", "every method x ratio x seed; CSV, markdown table and AUC-vs-ratio plot")
     _train_args(p)
-    p.add_argument("--methods", nargs="+", choices=METHODS, default=list(METHODS))
-    p.add_argument("--ratios", nargs="+", type=float, default=list(SWEEP_RATIOS))
-    p.add_argument("--seeds", nargs="+", type=int, default=[0, 1, 2])
-    p.add_argument("--out", default="results/sweep")
+    p.add_argument("--methods", nargs="+", choices=METHODS, default=list(METHODS), help="methods to compare")
+    p.add_argument("--ratios", nargs="+", type=pruning_ratio, default=list(SWEEP_RATIOS), help="pruning ratios")
+    p.add_argument("--seeds", nargs="+", type=int, default=[0, 1, 2], help="one run per seed at every point")
+    p.add_argument("--out", type=_writable_dir, default="results/sweep",
+                   help="directory for sweep.csv, sweep.md and sweep.png")
     p.set_defaults(func=cmd_sweep)
 
-    p = sub.add_parser("bench", help="lookup and training-step throughput against the peers, in one run")
+    p = command("bench", "lookup and training-step throughput against the peers, in one run")
     p.add_argument("--suite", choices=("embeddings", "tiers"), default="embeddings",
                    help="embeddings: lookup, step, prune, memory against the peers; tiers: disk tier and cache mode")
-    p.add_argument("--directory", help="tiers suite: where the disk tier is written (a temporary directory by default)")
-    p.add_argument("--scale", type=float, default=1.0,
+    p.add_argument("--directory", type=_writable_dir,
+                   help="tiers suite: where the disk tier is written (default: a temporary directory)")
+    p.add_argument("--scale", type=positive_float, default=1.0,
                    help="multiply the Criteo Kaggle cardinalities (1.0 = 33.8M rows; the tiers suite defaults to 0.05)")
-    p.add_argument("--batch-size", type=int, default=4096)
-    p.add_argument("--dim", type=int, default=64)
-    p.add_argument("--chunks", type=int, default=4)
-    p.add_argument("--budget", type=float, default=0.25, help="pool budget as a fraction of the dense size")
-    p.add_argument("--repeats", type=int, default=20)
-    p.add_argument("--warmup", type=int, default=5)
-    p.add_argument("--prune-entries", type=int, default=10_000_000, help="entries for the prune-pass measurement")
-    p.add_argument("--peers", nargs="*", default=["torch", "gather", "torch-sparse", "fbgemm"],
+    p.add_argument("--batch-size", type=positive_int, default=4096, help="samples per batch")
+    p.add_argument("--dim", type=positive_int, default=64, help="D, embedding dimension")
+    p.add_argument("--chunks", type=positive_int, default=4, help="K, chunks per row")
+    p.add_argument("--budget", type=fraction, default=0.25, help="pool budget as a fraction of the dense size")
+    p.add_argument("--repeats", type=positive_int, default=20, help="timed repetitions of each measurement")
+    p.add_argument("--warmup", type=nonnegative_int, default=5, help="untimed repetitions before them")
+    p.add_argument("--prune-entries", type=positive_int, default=10_000_000, help="entries for the prune-pass measurement")
+    p.add_argument("--peers", nargs="*", choices=("torch", "gather", "torch-sparse", "fbgemm"),
+                   default=["torch", "gather", "torch-sparse", "fbgemm"],
                    help="which peers to run (fbgemm needs fbgemm-gpu-cpu==1.8.0)")
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--json", help="write every figure and ratio to this file")
-    p.add_argument("--no-progress", action="store_true")
+    p.add_argument("--seed", type=int, default=0, help="seed of the ids and gradients")
+    p.add_argument("--json", type=_writable_file, help="write every figure and ratio to this file")
+    p.add_argument("--no-progress", action="store_true", help="no progress bar")
     p.set_defaults(func=cmd_bench)
 
-    p = sub.add_parser("inspect", help="tables, residency, kept dimensions, utilities, bytes, fragmentation")
-    p.add_argument("path")
-    p.add_argument("--json", action="store_true")
-    p.add_argument("--plot", help="draw the kept-dimension and utility histograms to this PNG")
+    p = command("inspect", "tables, residency, kept dimensions, utilities, bytes, fragmentation")
+    p.add_argument("path", help="store directory")
+    p.add_argument("--json", action="store_true", help="print the report as JSON")
+    p.add_argument("--plot", type=_writable_file,
+                   help="draw the kept-dimension and utility histograms, one colour per table, to this PNG")
     p.set_defaults(func=cmd_inspect)
 
-    p = sub.add_parser("verify", help="check every invariant and array; exit 1 naming what is wrong")
-    p.add_argument("path")
-    p.add_argument("--no-progress", action="store_true")
+    p = command("verify", "check every invariant and array; exit 1 naming what is wrong")
+    p.add_argument("path", help="store directory")
+    p.add_argument("--no-progress", action="store_true", help="no progress bar")
     p.set_defaults(func=cmd_verify)
 
-    p = sub.add_parser("compact", help="drop dead entries, defragment pool and disk tier, shrink the files")
-    p.add_argument("path")
-    p.add_argument("--no-progress", action="store_true")
+    p = command("compact", "drop dead entries, defragment pool and disk tier, shrink the files")
+    p.add_argument("path", help="store directory (opened for writing)")
+    p.add_argument("--no-progress", action="store_true", help="no progress bar")
     p.set_defaults(func=cmd_compact)
 
-    p = sub.add_parser("export", help="an inference export without utilities or optimizer state")
-    p.add_argument("path")
-    p.add_argument("out")
-    p.add_argument("--format", choices=("dense", "compact"), default="dense")
-    p.add_argument("--no-progress", action="store_true")
+    p = command("export", "an inference export without utilities or optimizer state")
+    p.add_argument("path", help="store directory")
+    p.add_argument("out", help="new directory to write (never overwritten)")
+    p.add_argument("--format", choices=("dense", "compact"), default="dense",
+                   help="dense rows, or only the kept chunks and a chunk mask")
+    p.add_argument("--no-progress", action="store_true", help="no progress bar")
     p.set_defaults(func=cmd_export)
     return parser
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+    parser = build_parser()
+    args = parser.parse_args(argv)
     try:
         return args.func(args)
+    except BrokenPipeError:
+        # the reader went away (`inspect --json | head`): nothing more to say, and
+        # stdout must not raise again when Python flushes it at exit
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, sys.stdout.fileno())
+        return 0
     except FiitedError as exc:
         print(f"fiited-store {args.command}: {type(exc).__name__}: {exc}", file=sys.stderr)
         return 2

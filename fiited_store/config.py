@@ -343,6 +343,18 @@ class PoolPlan:
         return self.slots * self.chunk_width * FLOAT_BYTES
 
 
+def planned_bytes(tables: Sequence[TableConfig], plans: Sequence[PoolPlan], config: StoreConfig) -> int:
+    """About what a new store allocates up front: pools (vectors, optimizer state, owners) and entry arrays."""
+    kmax = max(t.chunks for t in tables)
+    util_width = kmax if config.utility == "gradient" else 1
+    per_entry = 4 * kmax + 2 * util_width  # int32 address and 16-bit utility per chunk
+    direct = sum(t.num_embeddings for t in tables if t.direct)
+    hashed = config.initial_capacity if any(not t.direct for t in tables) else 0
+    entries = direct * per_entry + direct // 8 + hashed * (per_entry + 8 + 2)
+    pools = sum(p.slots * (4 * p.chunk_width + 4 * p.state_width + 8) for p in plans)
+    return int(entries + pools)
+
+
 def dense_bytes(tables: Sequence[TableConfig]) -> int | None:
     """Bytes of the dense float32 tables, or None if any size is undeclared."""
     sizes = [t.dense_bytes for t in tables]

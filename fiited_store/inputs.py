@@ -67,7 +67,11 @@ def _nonfinite_weight(i: int, value: float) -> NonFiniteGradientError:
 
 
 def as_ids(ids: Any, what: str = "ids") -> np.ndarray:
+    if ids is None:
+        raise InputDTypeError(f"{what} must be an integer array (int64 or int32), got None")
     a = as_host(ids)
+    if a.ndim == 0 and a.dtype != object:
+        raise InputShapeError(f"{what} must be 1-D, got the scalar {a.item()!r} (pass [{a.item()!r}] for one id)")
     _check_ids_meta(a.dtype, a.shape, what)
     if a.dtype == np.uint64 and a.size and a.max() > np.iinfo(np.int64).max:
         raise InputDTypeError(f"{what}: uint64 value {int(a.max())} does not fit int64")

@@ -38,6 +38,7 @@ from .config import (
     memory_budget,
     optimizer_dense_bytes,
     plan_pools,
+    planned_bytes,
 )
 from .entry_table import EntryTable
 from .kernels import cpu as host_kernels
@@ -181,10 +182,20 @@ class EmbeddingStore:
         if _restore is not None:
             _restore(self)
             return
-        self.entries = EntryTable(self.backend, [t.num_embeddings if t.direct else 0 for t in tables],
-                                  [t.name for t in tables], self.kmax, self.util_width, config.initial_capacity,
-                                  config.max_load)
-        self.pools = [ChunkPool(self.backend, plan) for plan in self.plans]
+        need = planned_bytes(tables, self.plans, config)
+        available = self.backend.memory_bytes()
+        if need > available:
+            raise ConfigError(f"this configuration needs about {need:,} bytes ({need / 2**30:.1f} GiB) for its entry "
+                              f"arrays and pool, more than the {available:,} bytes of {config.device} memory; declare "
+                              f"fewer rows, use the hashed index (index='hashed'), or lower the budget")
+        try:
+            self.entries = EntryTable(self.backend, [t.num_embeddings if t.direct else 0 for t in tables],
+                                      [t.name for t in tables], self.kmax, self.util_width, config.initial_capacity,
+                                      config.max_load)
+            self.pools = [ChunkPool(self.backend, plan) for plan in self.plans]
+        except (MemoryError, OSError) as exc:  # the allocator said no (overcommit limits, a full device)
+            raise ConfigError(f"could not allocate the about {need:,} bytes ({need / 2**30:.1f} GiB) this "
+                              f"configuration needs: {exc}") from None
         if self.path is not None:
             from .storage.checkpoint import MANIFEST, acquire_lock
 
@@ -236,6 +247,8 @@ class EmbeddingStore:
     def _features(self, features: str | Sequence[str]) -> np.ndarray:
         if isinstance(features, str):
             features = [features]
+        if not isinstance(features, (list, tuple, np.ndarray)):
+            raise UnknownTableError(features, list(self._table_index))
         if len(features) == 0:
             raise InputShapeError("at least one feature (table name) is needed")
         return np.array([self.table_index(f) for f in features], np.int32)
@@ -460,13 +473,16 @@ class EmbeddingStore:
 
     def lookup(self, table: str, ids: Any, *, train: bool = False):
         """Rows of ``ids`` as float32[n, D], zero-padded where chunks are absent."""
+        if ids is None or np.ndim(ids) == 0:
+            as_ids(ids)  # the named error, with the value
         n = np.asarray(ids).shape[0] if np.ndim(ids) == 1 else -1
         offsets = np.arange(max(n, 0) + 1, dtype=np.int64)
         return self.pooled_lookup(table, ids, offsets, train=train).output
 
     def find(self, table: str, ids: Any):
         """(rows float32[n, D], found bool[n]); unknown keys read as zeros and are not inserted."""
-        batch = self.pooled_lookup(table, ids, np.arange(np.asarray(ids).shape[0] + 1), train=False)
+        ids = as_ids(ids)
+        batch = self.pooled_lookup(table, ids, np.arange(ids.shape[0] + 1), train=False)
         return batch.output, self.contains(table, ids)
 
     def find_or_insert(self, table: str, ids: Any):

@@ -121,7 +121,8 @@ def format_inspection(info: dict[str, Any]) -> str:
     return "\n".join(lines)
 
 
-def plot_inspection(store: EmbeddingStore, info: dict[str, Any], path: Path) -> None:
+def plot_inspection(store: EmbeddingStore, info: dict[str, Any], path: Path) -> dict[str, list[str]]:
+    """Kept-dimension and utility histograms, one colour per table, to ``path``; returns each panel's legend."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -138,20 +139,28 @@ def plot_inspection(store: EmbeddingStore, info: dict[str, Any], path: Path) -> 
     ax1.set_xlabel("kept dimension")
     ax1.set_ylabel("rows")
     ax1.set_title("Kept dimension per row")
-    if len(names) <= 10:
-        ax1.legend(fontsize=7)
+    ax1.legend(title="table", fontsize=7, ncol=1 + len(names) // 10)
     util = util_to_float(store.backend.to_host(store.entries.arrays.util))
-    live = store.entries.table_of_entries() >= 0
-    u = util[live].ravel() * store.config.gamma ** (store.step_count - store._scale_origin)
-    u = u[u > 0]
-    if u.size:
-        ax2.hist(np.log10(u), bins=60, color="tab:orange")
+    tids = store.entries.table_of_entries()
+    scale = store.config.gamma ** (store.step_count - store._scale_origin)
+    logs = {}
+    for name in names:
+        u = util[tids == store.table_index(name)].ravel() * scale
+        logs[name] = np.log10(u[u > 0])
+    spread = np.concatenate([v for v in logs.values() if v.size] or [np.zeros(1)])
+    bins = np.linspace(spread.min(), spread.max() + 1e-6, 61)
+    for name, v in logs.items():  # one outline per table, so that every table stays visible
+        ax2.hist(v, bins=bins, histtype="step", lw=1.2, label=f"{name} ({v.size:,} chunks)")
+    ax2.legend(title="table", fontsize=7, ncol=1 + len(names) // 10)
     ax2.set_xlabel("log10 utility (chunks with utility > 0)")
     ax2.set_ylabel("chunks")
     ax2.set_title("Utility distribution")
     fig.tight_layout()
     fig.savefig(path, dpi=110)
+    legends = {"kept_dim": [t.get_text() for t in ax1.get_legend().get_texts()],
+               "utility": [t.get_text() for t in ax2.get_legend().get_texts()]}
     plt.close(fig)
+    return legends
 
 
 def verify_store(path: Path, progress: bool = False) -> list[str]:
@@ -269,14 +278,18 @@ def compact_store(path: Path, progress: bool = True) -> dict[str, int]:
 
 
 EXPORT_FORMAT = "fiited-store-export"
+#: 2: the compact form keeps a chunk mask (version 1 kept an int32 index per chunk; still read)
+EXPORT_VERSION = 2
 
 
 def export_store(path: Path, out: Path, fmt: str = "dense", progress: bool = True) -> dict[str, Any]:
     """An inference export: no utilities, no optimizer state.
 
     ``dense``: per table ``ids`` int64[n] and ``weights`` float32[n, D] (absent chunks are zeros).
-    ``compact``: per table ``ids`` int64[n], ``chunk_index`` int32[n, K] (-1 absent, else a row of
-    ``values``) and ``values`` float32[m, c]: an overhead of one int32 per chunk, the paper's K/D.
+    ``compact``: per table ``ids`` int64[n], ``chunk_mask`` bool[n, K] (which chunks the row
+    keeps) and ``values`` float32[m, c], the kept chunks row after row: one bit of
+    information per chunk (a byte before compression, K / 4D of a dense row), and no
+    bytes at all for an absent chunk, where the dense form stores zeros.
     Rows that keep no chunk read as zeros and are left out of both.
     """
     import zarr
@@ -305,15 +318,13 @@ def export_store(path: Path, out: Path, fmt: str = "dense", progress: bool = Tru
                 g.create_array("weights", data=rows, chunks=(max(min(ids.size, 65536), 1), t.dim))
                 nbytes = rows.nbytes
             else:
-                index = np.full(present.shape, -1, np.int32)
-                index[present] = np.arange(int(present.sum()), dtype=np.int32)
                 values = rows.reshape(-1, t.chunks, t.chunk_width)[present]
-                g.create_array("chunk_index", data=index, chunks=(max(min(ids.size, 65536), 1), t.chunks))
+                g.create_array("chunk_mask", data=present, chunks=(max(min(ids.size, 65536), 1), t.chunks))
                 g.create_array("values", data=values, chunks=(max(min(values.shape[0], 65536), 1), t.chunk_width))
-                nbytes = index.nbytes + values.nbytes
+                nbytes = present.nbytes + values.nbytes
             summary["tables"][t.name] = {"rows": int(ids.size), "bytes": int(nbytes + ids.nbytes),
                                          "kept_chunks": int(present.sum())}
-        root.attrs.update({"format": EXPORT_FORMAT, "kind": fmt, "format_version": 1})
+        root.attrs.update({"format": EXPORT_FORMAT, "kind": fmt, "format_version": EXPORT_VERSION})
         tmp.rename(out)
     summary["bytes_on_disk"] = directory_bytes(out)
     return summary
@@ -333,8 +344,12 @@ def read_export(out: Path) -> dict[str, tuple[np.ndarray, np.ndarray]]:
             result[name] = (ids, g["weights"][...])
         else:
             K, D = int(g.attrs["chunks"]), int(g.attrs["dim"])
-            index, values = g["chunk_index"][...], g["values"][...]
+            values = g["values"][...]
             w = np.zeros((ids.size, K, D // K), np.float32)
-            w[index >= 0] = values[index[index >= 0]]
+            if "chunk_mask" in g:
+                w[g["chunk_mask"][...]] = values
+            else:  # version 1
+                index = g["chunk_index"][...]
+                w[index >= 0] = values[index[index >= 0]]
             result[name] = (ids, w.reshape(ids.size, D))
     return result

@@ -17,49 +17,8 @@ from tqdm import tqdm
 
 from .data import TabularDataset
 from .metrics import accuracy, auc, log_loss
-from .models.dlrm import DLRM, METHODS, FiitedEmbeddings, build_embeddings
-
-DATASETS = ("synthetic", "movielens", "criteo")
-
-
-@dataclass(frozen=True)
-class TrainConfig:
-    """One training run. Defaults train the built-in synthetic click stream in well under a minute.
-
-    D = 32 and K = 2 are the paper's settings on public data: the bookkeeping of a
-    chunk (an int32 address and a 16-bit utility) is small against 16 floats.
-    """
-
-    dataset: str = "synthetic"
-    path: str | None = None
-    method: str = "fiited-manual"
-    ratio: float = 0.75
-    chunks: int = 2
-    dim: int = 32
-    batch_size: int = 512
-    epochs: int = 3
-    steps: int = 300                 # synthetic stream: training steps
-    synthetic_cap: int = 20_000      # synthetic stream: rows per table at most
-    eval_samples: int = 50_000       # synthetic stream: held-out samples
-    lr_embedding: float = 0.05
-    lr_dense: float = 1e-3
-    prune_period: int = 50
-    gamma: float = 0.9
-    steepness: float = 1.0
-    utility: str = "gradient"
-    criteo_limit: int | None = 1_000_000
-    seed: int = 0
-
-    def __post_init__(self) -> None:
-        if self.dataset not in DATASETS:
-            raise ValueError(f"dataset must be one of {DATASETS}, got {self.dataset!r}")
-        if self.method not in METHODS:
-            raise ValueError(f"method must be one of {METHODS}, got {self.method!r}")
-        if not 0.0 <= self.ratio < 1.0:
-            raise ValueError(f"ratio must lie in [0, 1), got {self.ratio!r}")
-        if self.dataset != "synthetic" and self.path is None:
-            raise ValueError(f"dataset {self.dataset!r} needs --path")
-
+from .models.dlrm import DLRM, FiitedEmbeddings, build_embeddings
+from .train_config import DATASETS, METHODS, SWEEP_RATIOS, TrainConfig  # noqa: F401 - re-exported
 
 def load_dataset(cfg: TrainConfig):
     """(stream or train set, validation set, test set, feature names, cardinalities, access counts)."""
@@ -179,7 +138,8 @@ def run(cfg: TrainConfig, progress: bool = True, out=sys.stderr) -> dict[str, An
 
 def format_result(r: dict[str, Any]) -> str:
     lines = [
-        f"method {r['method']}  pruning ratio {r['ratio']:g}  chunks {r['chunks']}  dim {r['dim']}  dataset {r['dataset']}",
+        f"method {r['method']}  " + ("no pruning" if r["method"] == "dense" else f"pruning ratio {r['ratio']:g}  chunks {r['chunks']}")
+        + f"  dim {r['dim']}  dataset {r['dataset']}",
         f"quality   AUC {r['auc']:.4f}   log loss {r['logloss']:.4f}   accuracy {r['accuracy']:.4f}"
         + (f"   (Bayes-optimal AUC {r['bayes_auc']:.4f})" if "bayes_auc" in r else ""),
         f"memory    embedding weights {r['embedding_bytes'] / 2**20:.2f} MiB = {r['bytes_vs_dense']:.3f} x dense "
@@ -191,9 +151,6 @@ def format_result(r: dict[str, Any]) -> str:
                      f" + the same optimizer's state; average kept dimension {r['average_kept_dim']:.1f} of {r['dim']}")
     lines.append(f"speed     {r['step_ms']:.2f} ms per training step ({r['steps']} steps of {r['batch_size']})")
     return "\n".join(lines)
-
-
-SWEEP_RATIOS = (0.5, 0.625, 0.75, 0.8125, 0.875, 0.9375)
 
 
 def sweep(base: TrainConfig, methods: Sequence[str], ratios: Sequence[float], seeds: Sequence[int], out_dir: Path,
@@ -230,22 +187,29 @@ def _stats(results, method, ratio):
     return (float(np.mean(v)), float(np.std(v)), len(v)) if v else None
 
 
+def _cell(s) -> str:
+    """mean ± sd over seeds; a single run has no spread to show."""
+    return f"{s[0]:.4f}" if s[2] == 1 else f"{s[0]:.4f} ± {s[1]:.4f}"
+
+
 def markdown_table(results, methods, ratios) -> str:
     pruned = [m for m in methods if m != "dense"]
     lines = []
     dense = _stats(results, "dense", 0.0)
     if dense:
-        lines.append(f"Dense (unpruned) test AUC: {dense[0]:.4f} ± {dense[1]:.4f}\n")
+        lines.append(f"Dense (unpruned) test AUC: {_cell(dense)}\n")
     lines.append("| pruning ratio | " + " | ".join(pruned) + " |")
     lines.append("|---|" + "---|" * len(pruned))
     for r in ratios:
         cells = []
         for m in pruned:
             s = _stats(results, m, r)
-            cells.append("" if s is None else f"{s[0]:.4f} ± {s[1]:.4f}")
+            cells.append("" if s is None else _cell(s))
         lines.append(f"| {r:g} | " + " | ".join(cells) + " |")
-    n = max((_stats(results, m, ratios[0]) or (0, 0, 0))[2] for m in pruned) if pruned else 0
-    return "\n".join(lines) + f"\n\nTest AUC, mean ± standard deviation over {n} seeds.\n"
+    counts = [(_stats(results, m, r) or (0, 0, 0))[2] for m in methods for r in (ratios if m != "dense" else [0.0])]
+    n = max(counts, default=0)
+    what = "one seed, so no spread" if n == 1 else f"mean ± standard deviation over {n} seeds"
+    return "\n".join(lines) + f"\n\nTest AUC, {what}.\n"
 
 
 def plot_sweep(results, methods, ratios, path: Path) -> None:

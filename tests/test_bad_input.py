@@ -66,6 +66,11 @@ OFF = np.array([0, 1, 2, 3], np.int64)
     (lambda s: s.insert_or_assign("user", IDS, np.full((3, 8), np.inf, np.float32)), NonFiniteGradientError, "inf"),
     (lambda s: s.erase("ads", IDS), UnknownTableError, "'ads'"),
     (lambda s: s.utilities("ads", IDS), UnknownTableError, "'ads'"),
+    (lambda s: s.pooled_lookup(None, IDS, OFF), UnknownTableError, "unknown table None"),
+    (lambda s: s.pooled_lookup("user", None, OFF, train=True), InputDTypeError, "got None"),
+    (lambda s: s.find("user", 5), InputShapeError, "the scalar 5"),
+    (lambda s: s.lookup("user", 5), InputShapeError, "the scalar 5"),
+    (lambda s: s.contains("user", 5), InputShapeError, "the scalar 5"),
 ])
 def test_bad_request_is_named_and_changes_nothing(store, fn, exc, match):
     call_leaves_store_unchanged(store, lambda: fn(store), exc, match)
@@ -152,6 +157,22 @@ def test_insert_or_assign_without_room_changes_nothing(rng):
 def test_bad_configuration_is_named(make, match):
     with pytest.raises(ConfigError, match=match):
         make()
+
+
+def test_a_store_larger_than_memory_is_refused_naming_its_bytes_before_allocating():
+    with pytest.raises(ConfigError, match=r"needs about 52,125,000,000,000 bytes .* more than the [0-9,]+ bytes of cpu memory"):
+        EmbeddingStore([TableConfig("t", dim=16, num_embeddings=10**12)])
+
+
+def test_an_allocation_the_system_refuses_is_a_config_error_with_the_bytes(monkeypatch):
+    import fiited_store.store as store_module
+
+    def refuse(*args, **kwargs):
+        raise OSError(12, "Cannot allocate memory")
+
+    monkeypatch.setattr(store_module, "ChunkPool", refuse)
+    with pytest.raises(ConfigError, match=r"could not allocate the about [0-9,]+ bytes .*Cannot allocate memory"):
+        EmbeddingStore([TableConfig("t", dim=16, num_embeddings=1000)])
 
 
 def test_configs_are_frozen():

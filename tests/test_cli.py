@@ -158,12 +158,44 @@ def test_export_round_trips_and_compact_overhead_is_k_over_d(saved_store, tmp_pa
         np.testing.assert_array_equal(np.sort(ids), np.nonzero(kept)[0])
     if fmt == "compact":
         g = zarr.open_group(zarr.storage.LocalStore(str(out)), mode="r")["user"]
-        index, values = g["chunk_index"], g["values"]
-        assert index.dtype == np.int32 and index.shape[1] == 4
-        # one int32 address per chunk: K / D of the dense row's bytes
-        assert index.nbytes / (index.shape[0] * 16 * 4) == pytest.approx(4 / 16)
-        assert values.shape[0] == int((index[...] >= 0).sum())
+        mask, values = g["chunk_mask"], g["values"]
+        assert mask.dtype == np.bool_ and mask.shape[1] == 4
+        # one byte per chunk before compression: K / 4D of the dense row's bytes
+        assert mask.nbytes / (mask.shape[0] * 16 * 4) == pytest.approx(4 / (4 * 16))
+        assert values.shape[0] == int(mask[...].sum())
     assert main(["export", str(path), str(out), "--no-progress"]) == 2  # never overwrites
+
+
+def test_the_compact_export_is_smaller_than_the_dense_one(saved_store, tmp_path):
+    from fiited_store.tools import export_store
+
+    path, _ = saved_store
+    small = {fmt: export_store(path, tmp_path / fmt, fmt, progress=False) for fmt in ("dense", "compact")}
+    for name in ("user", "item"):  # held bytes: the compact form stores nothing for an absent chunk
+        assert small["compact"]["tables"][name]["bytes"] < small["dense"]["tables"][name]["bytes"]
+    # on disk Zarr compresses the dense form's zero chunks too; past a few thousand rows the
+    # compact form still wins (below that, its one extra array's metadata decides)
+    big = tmp_path / "big"
+    tables = [TableConfig("user", 16, chunks=4, num_embeddings=5000)]
+    s = EmbeddingStore(tables, StoreConfig(pruning=DynamicRatio(0.8), prune_period=4, sample_size=500), path=big)
+    train_steps(s, tables, 8, np.random.default_rng(0), batch=2048, id_range=5000)
+    s.save()
+    s.close()
+    disk = {fmt: export_store(big, tmp_path / f"big-{fmt}", fmt, progress=False)["bytes_on_disk"] for fmt in ("dense", "compact")}
+    assert disk["compact"] < disk["dense"], disk
+
+
+def test_a_version_1_compact_export_still_reads(tmp_path):
+    root = zarr.open_group(zarr.storage.LocalStore(str(tmp_path / "v1")), mode="w")
+    root.attrs.update({"format": "fiited-store-export", "kind": "compact", "format_version": 1})
+    g = root.create_group("t")
+    g.attrs.update({"dim": 4, "chunks": 2})
+    g.create_array("ids", data=np.array([3, 9]))
+    g.create_array("chunk_index", data=np.array([[1, -1], [0, 2]], np.int32))
+    g.create_array("values", data=np.arange(6, dtype=np.float32).reshape(3, 2))
+    ids, w = read_export(tmp_path / "v1")["t"]
+    np.testing.assert_array_equal(ids, [3, 9])
+    np.testing.assert_array_equal(w, [[2, 3, 0, 0], [0, 1, 4, 5]])
 
 
 def test_commands_on_a_missing_store_fail_clearly(tmp_path, capsys):
@@ -180,3 +212,115 @@ def test_train_on_the_builtin_default_prints_quality_memory_and_speed(capsys, tm
     assert "AUC" in out and "MiB" in out and "ms per training step" in out
     r = json.loads((tmp_path / "r.json").read_text())
     assert 0.5 < r["auc"] <= 1.0 and r["bytes_vs_dense"] == pytest.approx(0.25, abs=0.01)
+
+
+# --- the command line explains itself and checks its arguments before any work ------------------------------------
+
+def _subparsers():
+    import argparse
+
+    from fiited_store.cli import build_parser
+
+    parser = build_parser()
+    action = next(a for a in parser._actions if isinstance(a, argparse._SubParsersAction))
+    return parser, action.choices
+
+
+def test_every_option_has_help_and_shows_its_default():
+    import argparse
+
+    parser, commands = _subparsers()
+    assert set(commands) == {"train", "sweep", "bench", "inspect", "verify", "compact", "export"}
+    for name, p in commands.items():
+        text = p.format_help()
+        for a in p._actions:
+            if isinstance(a, argparse._HelpAction):
+                continue
+            assert a.help and a.help != argparse.SUPPRESS, (name, a.dest)
+            if a.option_strings and a.default not in (None, False, argparse.SUPPRESS):
+                assert "(default:" in text, (name, a.dest)
+    assert "(default: 512)" in commands["train"].format_help()
+
+
+def test_version_and_a_help_that_imports_neither_torch_nor_numba(capsys):
+    import subprocess
+    import sys
+
+    with pytest.raises(SystemExit) as info:
+        main(["--version"])
+    assert info.value.code == 0 and capsys.readouterr().out.strip() == "fiited-store 0.1.0"
+    code = ("import sys\nfrom fiited_store.cli import main\n"
+            "for argv in (['--help'], ['train', '--help'], ['bench', '--help']):\n"
+            "    try:\n        main(argv)\n    except SystemExit:\n        pass\n"
+            "print('HEAVY', sorted(m for m in ('torch', 'numba', 'zarr', 'matplotlib') if m in sys.modules))")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
+    assert "HEAVY []" in out
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["train", "--steps", "0"], "--steps: must be a positive int, got '0'"),
+    (["train", "--batch-size", "0"], "--batch-size: must be a positive int, got '0'"),
+    (["train", "--batch-size", "-5"], "--batch-size: must be a positive int, got '-5'"),
+    (["train", "--dataset", "movielens", "--path", ".", "--epochs", "0"], "--epochs: must be a positive int, got '0'"),
+    (["train", "--ratio", "1"], "--ratio: must be a ratio in [0, 1), got '1'"),
+    (["train", "--gamma", "nan"], "--gamma: must be a number in (0, 1), got 'nan'"),
+    (["train", "--json", "/nonexistent-dir/r.json"], "--json: cannot create '/nonexistent-dir/r.json'"),
+    (["bench", "--repeats", "0"], "--repeats: must be a positive int, got '0'"),
+    (["bench", "--peers", "faiss"], "invalid choice: 'faiss'"),
+])
+def test_bad_arguments_are_refused_before_any_work(argv, message, capsys):
+    with pytest.raises(SystemExit) as info:
+        main(argv)
+    assert info.value.code == 2
+    assert message in capsys.readouterr().err
+
+
+def test_inconsistent_training_values_are_refused_before_any_work(capsys, monkeypatch):
+    import fiited_store.train as train
+
+    monkeypatch.setattr(train, "run", lambda *a, **k: pytest.fail("training started"))
+    assert main(["train", "--dim", "10", "--chunks", "4", "--no-progress"]) == 2
+    assert "dim 10 is not divisible by chunks 4" in capsys.readouterr().err
+    assert main(["train", "--dataset", "movielens"]) == 2
+    assert "needs --path" in capsys.readouterr().err
+    with pytest.raises(SystemExit):
+        main(["sweep", "--out", __file__])  # a file where sweep wants a directory
+    assert "exists and is not a directory" in capsys.readouterr().err
+
+
+def test_dense_says_it_does_not_prune_and_one_seed_shows_no_spread(capsys, tmp_path):
+    from fiited_store.train import markdown_table
+
+    assert main(["train", "--method", "dense", "--steps", "5", "--batch-size", "64", "--no-progress"]) == 0
+    first = capsys.readouterr().out.splitlines()[0]
+    assert "no pruning" in first and "ratio" not in first
+    results = [{"method": "dense", "ratio": 0.0, "auc": 0.78}, {"method": "fiited-manual", "ratio": 0.5, "auc": 0.77}]
+    table = markdown_table(results, ["dense", "fiited-manual"], [0.5])
+    assert "±" not in table and "one seed" in table and "| 0.5 | 0.7700 |" in table
+    two = results + [{"method": "dense", "ratio": 0.0, "auc": 0.80}, {"method": "fiited-manual", "ratio": 0.5, "auc": 0.79}]
+    assert "0.7800 ± 0.0100" in markdown_table(two, ["dense", "fiited-manual"], [0.5])
+    assert "over 2 seeds" in markdown_table(two, ["dense", "fiited-manual"], [0.5])
+
+
+def test_inspect_into_a_closed_pipe_exits_quietly(saved_store):
+    import subprocess
+    import sys
+
+    path, _ = saved_store
+    proc = subprocess.Popen([sys.executable, "-m", "fiited_store.cli", "inspect", str(path), "--json"],
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    proc.stdout.close()  # the reader is gone before the first line is written, as with `| head -0`
+    err = proc.stderr.read().decode()
+    assert proc.wait() == 0, err
+    assert "Traceback" not in err and "BrokenPipe" not in err
+
+
+def test_inspect_plot_labels_every_table(saved_store, tmp_path):
+    from fiited_store.tools import inspect_store, plot_inspection
+
+    path, _ = saved_store
+    with EmbeddingStore.open(path, "r") as s:
+        legends = plot_inspection(s, inspect_store(s), tmp_path / "p.png")
+    assert (tmp_path / "p.png").stat().st_size > 0
+    for panel in ("kept_dim", "utility"):
+        assert [label.split(" ")[0] for label in legends[panel]] == ["user", "item"], legends

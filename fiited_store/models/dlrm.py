@@ -20,8 +20,8 @@ from torch import nn
 
 from ..adapters import FiitedEmbeddingBagCollection
 from ..config import DynamicRatio, ManualRatios, StoreConfig, TableConfig
+from ..train_config import METHODS
 
-METHODS = ("dense", "md", "adaembed", "fiited-manual", "fiited-dynamic")
 
 
 def mlp(sizes: Sequence[int], last_activation: bool) -> nn.Sequential:
