@@ -1608,13 +1608,14 @@ class CudaBackend:
         return a if is_device_array(a) else None
 
     def memory_bytes(self) -> int:
-        """Total memory of the current GPU (the simulator: the host's)."""
-        try:
-            return int(cuda.current_context().get_memory_info().total)
-        except (AttributeError, NotImplementedError, RuntimeError):  # the simulator has no memory info
-            from ..backend import host_memory_bytes
+        """Total memory of the current GPU (the simulator, which reports none or infinity: the host's)."""
+        from ..backend import host_memory_bytes
 
+        try:
+            total = float(cuda.current_context().get_memory_info().total)
+        except (AttributeError, NotImplementedError, RuntimeError):
             return host_memory_bytes()
+        return int(total) if np.isfinite(total) else host_memory_bytes()
 
     def synchronize(self) -> None:
         cuda.synchronize()
