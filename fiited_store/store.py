@@ -177,6 +177,9 @@ class EmbeddingStore:
         self._tmpdir: Path | None = None
         self.path = Path(path) if path is not None else None
         self._lock = None
+        self._pin = None  # a read-only handle's shared lock on the checkpoint it reads
+        #: the checkpoint this handle was opened from, or last saved to its own directory
+        self.checkpoint: str | None = None
         self.read_only = False
         self.tiers: list[Any] = [None] * len(self.plans)
         if _restore is not None:
@@ -227,6 +230,9 @@ class EmbeddingStore:
         if self._lock is not None:
             self._lock.release()
             self._lock = None
+        if self._pin is not None:
+            self._pin.release()
+            self._pin = None
         if self._tmpdir is not None:
             shutil.rmtree(self._tmpdir, ignore_errors=True)
             self._tmpdir = None
@@ -836,7 +842,10 @@ class EmbeddingStore:
         """Write a checkpoint (see :mod:`fiited_store.storage.checkpoint`); returns its directory."""
         from .storage.checkpoint import save_store
 
-        return save_store(self, Path(path) if path is not None else self.path)
+        ckpt = save_store(self, Path(path) if path is not None else self.path)
+        if path is None or (self.path is not None and Path(path).resolve() == self.path.resolve()):
+            self.checkpoint = ckpt.name
+        return ckpt
 
     @classmethod
     def open(cls, path: str | Path, mode: str = "r", device: str | None = None) -> "EmbeddingStore":

@@ -94,6 +94,66 @@ def acquire_lock(path: Path) -> StoreLock:
     return StoreLock(path)
 
 
+class CheckpointPin:
+    """A shared ``flock`` on a checkpoint's directory, held by a read-only handle.
+
+    A save removes an older checkpoint only when it can lock that directory
+    exclusively, so a checkpoint stays whole, tier files included, for as long as a
+    reader holds it; the next save after the reader closes removes it.
+    """
+
+    def __init__(self, fd: int, checkpoint: Path):
+        self._fd: int | None = fd
+        self.checkpoint = checkpoint
+
+    def release(self) -> None:
+        if self._fd is not None:
+            os.close(self._fd)  # closing the descriptor drops the lock
+            self._fd = None
+
+
+def pin_current_checkpoint(path: Path, attempts: int = 50) -> CheckpointPin:
+    """Pin the checkpoint the manifest names, retrying while a concurrent save replaces it."""
+    for attempt in range(attempts):
+        doc = read_manifest(path, check_checkpoint=attempt == attempts - 1)
+        ckpt = path / doc["checkpoint"]
+        try:
+            fd = os.open(ckpt, os.O_RDONLY | os.O_DIRECTORY)
+        except FileNotFoundError:  # replaced and removed since the manifest was read
+            time.sleep(0.001 * attempt)
+            continue
+        except OSError as exc:
+            raise storage_error(exc, f"opening checkpoint {ckpt}") from exc
+        fcntl.flock(fd, fcntl.LOCK_SH)
+        try:  # the lock holds only if the directory was not removed before it was taken
+            if os.stat(ckpt).st_ino == os.fstat(fd).st_ino:
+                return CheckpointPin(fd, ckpt)
+        except FileNotFoundError:
+            pass
+        os.close(fd)
+    raise CorruptStoreError(f"{path}: the checkpoint the manifest names kept disappearing ({attempts} attempts)")
+
+
+def _remove_unpinned(ckpt: Path) -> bool:
+    """Remove an old checkpoint unless a reader pins it; True when it is gone."""
+    try:
+        fd = os.open(ckpt, os.O_RDONLY | os.O_DIRECTORY)
+    except FileNotFoundError:
+        return True
+    except OSError:
+        return False
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except OSError:
+        os.close(fd)
+        return False  # a reader holds it: kept until a later save
+    try:
+        shutil.rmtree(ckpt, ignore_errors=True)
+    finally:
+        os.close(fd)
+    return not ckpt.exists()
+
+
 # ------------------------------------------------------------------------ config <-> JSON
 def config_to_json(tables, config: StoreConfig) -> dict[str, Any]:
     cfg = dataclasses.asdict(config)
@@ -117,7 +177,7 @@ def config_from_json(doc: dict[str, Any], version: int = FORMAT_VERSION) -> tupl
 
 
 # ------------------------------------------------------------------------ manifest
-def read_manifest(path: Path) -> dict[str, Any]:
+def read_manifest(path: Path, check_checkpoint: bool = True) -> dict[str, Any]:
     f = path / MANIFEST
     if not path.is_dir():
         raise CorruptStoreError(f"{path} is not a directory")
@@ -135,7 +195,7 @@ def read_manifest(path: Path) -> dict[str, Any]:
         raise CorruptStoreError(
             f"{f} has format_version {doc.get('format_version')!r}; this version reads {list(READABLE_VERSIONS)}"
         )
-    if not isinstance(doc.get("checkpoint"), str) or not (path / doc["checkpoint"]).is_dir():
+    if not isinstance(doc.get("checkpoint"), str) or (check_checkpoint and not (path / doc["checkpoint"]).is_dir()):
         raise CorruptStoreError(f"{f} names checkpoint {doc.get('checkpoint')!r}, which does not exist in {path}")
     return doc
 
@@ -290,7 +350,10 @@ def _save_locked(store, path: Path) -> Path:
         raise
     for p in path.iterdir():
         if p.name.startswith("ckpt-") and p.name != name:
-            shutil.rmtree(p, ignore_errors=True)
+            if p.name.endswith(".partial"):  # a save that crashed: never pinned
+                shutil.rmtree(p, ignore_errors=True)
+            else:
+                _remove_unpinned(p)
     return final
 
 
@@ -312,9 +375,8 @@ def _read(group, name: str, dtype, shape: tuple[int, ...], where: str) -> np.nda
         raise CorruptStoreError(f"{where}/{name} cannot be decoded (truncated or corrupt chunk): {exc}") from exc
 
 
-def open_checkpoint_group(path: Path):
-    doc = read_manifest(path)
-    ckpt = path / doc["checkpoint"]
+def open_checkpoint_group(path: Path, pin: CheckpointPin | None = None):
+    ckpt = pin.checkpoint if pin is not None else path / read_manifest(path)["checkpoint"]
     try:
         root = zarr.open_group(zarr.storage.LocalStore(str(ckpt), read_only=True), mode="r")
         attrs = dict(root.attrs)
@@ -331,9 +393,14 @@ def open_store(path: Path, mode: str = "r", device: str | None = None):
     if mode not in ("r", "r+"):
         raise ConfigError(f"mode must be 'r' or 'r+', got {mode!r}")
     path = Path(path)
+    # a writer holds the store's lock, so nothing removes its checkpoint; a reader pins its own
     lock = acquire_lock(path) if mode == "r+" else None
+    pin = None
     try:
-        ckpt, root, attrs = open_checkpoint_group(path)
+        if mode == "r":
+            read_manifest(path, check_checkpoint=False)  # a missing or foreign store is named before any retry
+            pin = pin_current_checkpoint(path)
+        ckpt, root, attrs = open_checkpoint_group(path, pin)
         version = int(attrs["format_version"])
         tables, config = config_from_json(attrs.get("config", {}), version)
         if device is not None and device != config.device:
@@ -409,9 +476,13 @@ def open_store(path: Path, mode: str = "r", device: str | None = None):
             store.path = path
             store.read_only = mode == "r"
             store._lock = lock
+            store._pin = pin
+            store.checkpoint = ckpt.name
 
         return EmbeddingStore(tables, config, _restore=restore)
     except BaseException:
         if lock is not None:
             lock.release()
+        if pin is not None:
+            pin.release()
         raise

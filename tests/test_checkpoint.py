@@ -91,15 +91,36 @@ def saved_after_training(path, config, steps, rng):
     s.close()
 
 
-def test_a_reader_whose_checkpoint_was_removed_raises_instead_of_reading_zeros(tmp_path):
+def test_a_reader_keeps_reading_its_checkpoint_while_a_writer_saves(tmp_path):
+    rng = np.random.default_rng(1)
+    saved_after_training(tmp_path / "s", CONFIGS["cache"], 10, rng)
+    reader = EmbeddingStore.open(tmp_path / "s", "r")
+    pinned = reader.checkpoint
+    assert reader.stats()["total"]["spilled_chunks"] > 0
+    with EmbeddingStore.open(tmp_path / "s", "r") as first:
+        expect = all_lookups(first)
+    with EmbeddingStore.open(tmp_path / "s", "r+") as w:  # another writer trains and saves twice
+        for _ in range(2):
+            train_steps(w, TABLES, 3, rng, id_range=300)
+            w.save()
+        assert (tmp_path / "s" / pinned).is_dir()  # kept: a reader holds it
+        latest = w.checkpoint
+    assert_lookups_equal(expect, all_lookups(reader))  # the values it opened, tier chunks included
+    reader.close()
+    with EmbeddingStore.open(tmp_path / "s", "r+") as w:
+        w.save()  # nobody pins the old checkpoint any more: removed
+    names = sorted(p.name for p in (tmp_path / "s").glob("ckpt-*"))
+    assert pinned not in names and latest not in names and len(names) == 1
+
+
+def test_a_reader_of_a_vanished_checkpoint_raises_instead_of_reading_zeros(tmp_path):
     from fiited_store import CorruptStoreError
 
     rng = np.random.default_rng(1)
     saved_after_training(tmp_path / "s", CONFIGS["cache"], 10, rng)
     reader = EmbeddingStore.open(tmp_path / "s", "r")
-    on_disk = reader.stats()["total"]["spilled_chunks"]
-    assert on_disk > 0
-    with EmbeddingStore.open(tmp_path / "s", "r+") as w:  # another writer trains and saves twice
+    reader._pin.release()  # as if it had never pinned it (a store saved by an older version)
+    with EmbeddingStore.open(tmp_path / "s", "r+") as w:
         for _ in range(2):
             train_steps(w, TABLES, 3, rng, id_range=300)
             w.save()
@@ -371,3 +392,69 @@ def test_a_version_1_store_saved_again_is_version_2_and_reads_the_same(tmp_path)
         assert check_store(s) == []
         for name, rows in expected["lookups"].items():
             np.testing.assert_array_equal(s.lookup(name, np.array(expected["ids"][name])), np.array(rows, np.float32))
+
+
+WRITER = """
+import sys, time, numpy as np
+sys.path.insert(0, {root!r})
+from fiited_store import EmbeddingStore
+from tests.helpers import train_steps
+from tests.test_checkpoint import TABLES, all_lookups
+path, expected, seconds = sys.argv[1], sys.argv[2], float(sys.argv[3])
+rng = np.random.default_rng(7)
+with EmbeddingStore.open(path, "r+") as w:
+    end = time.time() + seconds
+    while time.time() < end:
+        train_steps(w, TABLES, 2, rng, id_range=300)
+        ckpt = w.save().name
+        np.savez(f"{{expected}}/{{ckpt}}.tmp.npz", **all_lookups(w))
+        import os; os.replace(f"{{expected}}/{{ckpt}}.tmp.npz", f"{{expected}}/{{ckpt}}.npz")
+print("saves", len(__import__("os").listdir(expected)))
+"""
+
+
+@pytest.mark.slow
+def test_readers_open_and_read_consistently_while_another_process_saves(tmp_path):
+    import subprocess
+    import sys
+    import time
+    from pathlib import Path
+
+    saved_after_training(tmp_path / "s", CONFIGS["cache"], 6, np.random.default_rng(1))
+    expected = tmp_path / "expected"
+    expected.mkdir()
+    root = str(Path(__file__).resolve().parents[1])
+    writer = subprocess.Popen([sys.executable, "-c", WRITER.format(root=root), str(tmp_path / "s"), str(expected), "6"],
+                              stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    opened, held, errors, observed = 0, [], [], []
+    try:
+        while writer.poll() is None:
+            try:
+                r = EmbeddingStore.open(tmp_path / "s", "r")
+            except Exception as exc:  # noqa: BLE001 - every failure to open is what this test counts
+                errors.append(repr(exc))
+                continue
+            opened += 1
+            held.append((r, r.checkpoint, all_lookups(r)))
+            observed.append(held[-1][1:])
+            if len(held) > 3:  # keep a few readers open across several saves
+                r0, name, first = held.pop(0)
+                assert_lookups_equal(first, all_lookups(r0))  # still its checkpoint's values
+                r0.close()
+            time.sleep(0.01)
+    finally:
+        out, err = writer.communicate(timeout=60)
+    assert writer.returncode == 0, err
+    assert errors == [] and opened > 10, (errors[:3], opened, out)
+    for r, name, seen in held:
+        assert_lookups_equal(seen, all_lookups(r))
+        r.close()
+    checked = 0
+    for name, seen in observed:  # what each reader read against what the writer saved in that checkpoint
+        f = expected / f"{name}.npz"
+        if f.exists():  # the first checkpoint was saved before the writer started recording
+            with np.load(f) as saved:
+                assert_lookups_equal(dict(saved), seen)
+            checked += 1
+    assert checked > 5, (checked, opened)
+    assert int(out.split()[-1]) > 3, out
