@@ -295,6 +295,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     except (ValueError, FileExistsError, FileNotFoundError) as exc:
         print(f"fiited-store {args.command}: {exc}", file=sys.stderr)
         return 2
+    except OSError as exc:  # one line naming the file, not a traceback
+        where = f": {exc.filename}" if exc.filename else ""
+        print(f"fiited-store {args.command}: {exc.strerror or exc}{where}", file=sys.stderr)
+        return 2
 
 
 if __name__ == "__main__":

@@ -11,6 +11,7 @@ import numpy as np
 from tqdm import tqdm
 
 from .errors import CorruptStoreError, FiitedError
+from .storage.zarr_tier import storage_error
 from .kernels.layout import spilled_code, util_to_float
 from .store import EmbeddingStore
 from .verify import check_store
@@ -164,13 +165,26 @@ def plot_inspection(store: EmbeddingStore, info: dict[str, Any], path: Path) -> 
 
 
 def verify_store(path: Path, progress: bool = False) -> list[str]:
-    """Every problem found in the store at ``path`` (empty when it is sound)."""
+    """Every problem found in the store at ``path`` (empty when it is sound).
+
+    Every byte is read: the files the checkpoint lists (present, same size), every
+    array and tier chunk through its crc32c, every invariant, and finite values in
+    vectors and optimizer state.
+    """
+    from .storage.checkpoint import check_files, open_checkpoint_group, open_store
+
+    problems: list[str] = []
     try:
-        store = EmbeddingStore.open(path, "r")
+        ckpt, _root, attrs = open_checkpoint_group(Path(path))
+        if int(attrs["format_version"]) >= 3:
+            problems += check_files(ckpt, attrs.get("files") or {})
+            if not attrs.get("files"):
+                problems.append(f"checkpoint {ckpt} does not list its files")
+        store = open_store(Path(path), "r", check_listed_files=False)
     except FiitedError as exc:
-        return [str(exc)]
+        return problems + [str(exc)]
     with store:
-        problems = check_store(store)
+        problems += check_store(store)
         for g, tier in enumerate(store.tiers):
             if tier is None:
                 continue
@@ -183,7 +197,9 @@ def verify_store(path: Path, progress: bool = False) -> list[str]:
                     continue
                 used = tier.owner[lo:lo + step] >= 0
                 if not np.all(np.isfinite(vec[used])):
-                    problems.append(f"tier_{g}: NaN or inf in slots {lo}..{lo + step - 1}")
+                    problems.append(f"tier_{g}: NaN or inf in the vectors of slots {lo}..{lo + step - 1}")
+                if not np.all(np.isfinite(st[used])):
+                    problems.append(f"tier_{g}: NaN or inf in the optimizer state of slots {lo}..{lo + step - 1}")
     return problems
 
 
@@ -290,17 +306,39 @@ def export_store(path: Path, out: Path, fmt: str = "dense", progress: bool = Tru
     keeps) and ``values`` float32[m, c], the kept chunks row after row: one bit of
     information per chunk (a byte before compression, K / 4D of a dense row), and no
     bytes at all for an absent chunk, where the dense form stores zeros.
-    Rows that keep no chunk read as zeros and are left out of both.
+    Rows that keep no chunk read as zeros and are left out of both. A store that
+    fails :func:`verify_store` is refused (``CorruptStoreError``), and a failed export
+    leaves nothing behind.
     """
-    import zarr
-
     if fmt not in ("dense", "compact"):
         raise ValueError(f"format must be 'dense' or 'compact', got {fmt!r}")
     if out.exists():
         raise FileExistsError(f"{out} exists; export writes a new directory")
+    # every byte checked (checksums, files, finite values) before a row is exported
+    problems = verify_store(path, progress=progress)
+    if problems:
+        more = f" (and {len(problems) - 1} more; run fiited-store verify)" if len(problems) > 1 else ""
+        raise CorruptStoreError(f"{path} fails verification, nothing exported: {problems[0]}{more}")
     summary: dict[str, Any] = {"format": fmt, "tables": {}}
+    tmp = out.parent / f".{out.name}.partial"
+    try:
+        summary = _export_verified(path, out, tmp, fmt, progress, summary)
+    except OSError as exc:
+        shutil.rmtree(tmp, ignore_errors=True)  # no half-written export left behind
+        if isinstance(exc, FiitedError):
+            raise
+        raise storage_error(exc, f"writing export {out}") from exc
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    summary["bytes_on_disk"] = directory_bytes(out)
+    return summary
+
+
+def _export_verified(path: Path, out: Path, tmp: Path, fmt: str, progress: bool, summary: dict[str, Any]) -> dict[str, Any]:
+    import zarr
+
     with EmbeddingStore.open(path, "r") as store:
-        tmp = out.parent / f".{out.name}.partial"
         shutil.rmtree(tmp, ignore_errors=True)
         root = zarr.open_group(zarr.storage.LocalStore(str(tmp)), mode="w")
         tids = store.entries.table_of_entries()
@@ -326,7 +364,6 @@ def export_store(path: Path, out: Path, fmt: str = "dense", progress: bool = Tru
                                          "kept_chunks": int(present.sum())}
         root.attrs.update({"format": EXPORT_FORMAT, "kind": fmt, "format_version": EXPORT_VERSION})
         tmp.rename(out)
-    summary["bytes_on_disk"] = directory_bytes(out)
     return summary
 
 

@@ -102,6 +102,9 @@ def check_store(store) -> list[str]:
             continue
         if not np.all(np.isfinite(vectors)):
             problems.append(f"{where}/vectors hold NaN or inf at slots {_first(~np.isfinite(vectors).all(axis=1))}")
+        opt_state = b.to_host(pool.arrays.opt_state)
+        if not np.all(np.isfinite(opt_state)):
+            problems.append(f"{where}/opt_state holds NaN or inf at slots {_first(~np.isfinite(opt_state).all(axis=1))}")
         stack = free_stack[:n_free].astype(np.int64)
         if stack.size and (stack.min() < 0 or stack.max() >= S):
             problems.append(f"{where}/free_stack holds slots outside [0, {S})")

@@ -33,6 +33,7 @@ from typing import Any, Callable
 
 import numpy as np
 import zarr
+from zarr.codecs import Crc32cCodec
 
 from ..config import DynamicRatio, ManualRatios, StoreConfig, TableConfig
 from ..entry_table import EntryArrays, EntryTable, row_bases
@@ -45,8 +46,11 @@ FORMAT = "fiited-store"
 #: 2: entries hold a direct index (row_base, seen) beside the hashed one, and
 #: utilities are bfloat16 (uint16). Version 1 stores (hashed only, float32
 #: utilities) still open: every table is read as hashed, utilities are rounded.
-FORMAT_VERSION = 2
-READABLE_VERSIONS = (1, 2)
+#: 3: every array carries crc32c checksums (Zarr's codec, the disk tier's chunk files
+#: too), every chunk is written even when it holds only fill values, and the root
+#: attributes list every file of the checkpoint with its size.
+FORMAT_VERSION = 3
+READABLE_VERSIONS = (1, 2, 3)
 MANIFEST = "fiited.json"
 LOCK = ".lock"
 ROWS_PER_CHUNK = 65536
@@ -251,11 +255,41 @@ def _checkpoint_number(name: str) -> int:
 
 # ------------------------------------------------------------------------ save
 def _write_array(group, name: str, data: np.ndarray, fill) -> None:
+    # every chunk is written, even one of fill values only, so that a missing chunk
+    # file is always damage; each carries its crc32c
     chunks = (min(max(data.shape[0], 1), ROWS_PER_CHUNK),) + tuple(data.shape[1:])
     arr = group.create_array(name, shape=data.shape, chunks=chunks, dtype=data.dtype, fill_value=fill,
-                             compressors=None, overwrite=True)
+                             compressors=[Crc32cCodec()], overwrite=True, config={"write_empty_chunks": True})
     if data.size:
         arr[...] = data
+
+
+def _file_sizes(root: Path) -> dict[str, int]:
+    """{path relative to root: bytes} of every file under root, but root's own zarr.json."""
+    out = {}
+    for dirpath, _dirs, files in os.walk(root):
+        for name in files:
+            rel = os.path.relpath(os.path.join(dirpath, name), root)
+            if rel != "zarr.json":
+                out[rel] = os.stat(os.path.join(dirpath, name)).st_size
+    return out
+
+
+def check_files(ckpt: Path, files: dict[str, int]) -> list[str]:
+    """What is missing or resized among the files a checkpoint listed when it was saved (stat only)."""
+    problems = []
+    for rel, size in files.items():
+        try:
+            actual = os.stat(ckpt / rel).st_size
+        except FileNotFoundError:
+            problems.append(f"{ckpt}/{rel} is missing (the checkpoint lists it)")
+            continue
+        except OSError as exc:
+            problems.append(f"{ckpt}/{rel} cannot be read: {exc}")
+            continue
+        if actual != size:
+            problems.append(f"{ckpt}/{rel} has {actual} bytes, the checkpoint lists {size} (truncated or rewritten)")
+    return problems
 
 
 def save_store(store, path: Path | None) -> Path:
@@ -323,6 +357,7 @@ def _save_locked(store, path: Path) -> Path:
             "format": FORMAT,
             "format_version": FORMAT_VERSION,
             "config": config_to_json(store.tables, store.config),
+            "files": _file_sizes(partial),
             "state": {
                 "step_count": store.step_count,
                 "scale_origin": store._scale_origin,
@@ -387,7 +422,9 @@ def open_checkpoint_group(path: Path, pin: CheckpointPin | None = None):
     return ckpt, root, attrs
 
 
-def open_store(path: Path, mode: str = "r", device: str | None = None):
+def open_store(path: Path, mode: str = "r", device: str | None = None, *, check_listed_files: bool = True):
+    """Open a store directory (see ``EmbeddingStore.open``); ``check_listed_files=False`` lets ``verify``
+    go past missing or resized files to report what else is wrong."""
     from ..store import EmbeddingStore
 
     if mode not in ("r", "r+"):
@@ -402,6 +439,13 @@ def open_store(path: Path, mode: str = "r", device: str | None = None):
             pin = pin_current_checkpoint(path)
         ckpt, root, attrs = open_checkpoint_group(path, pin)
         version = int(attrs["format_version"])
+        if version >= 3 and check_listed_files:
+            listed = attrs.get("files")
+            if not isinstance(listed, dict) or not listed:
+                raise CorruptStoreError(f"checkpoint {ckpt} does not list its files")
+            problems = check_files(ckpt, listed)
+            if problems:
+                raise CorruptStoreError(problems[0] + (f" (and {len(problems) - 1} more)" if len(problems) > 1 else ""))
         tables, config = config_from_json(attrs.get("config", {}), version)
         if device is not None and device != config.device:
             config = dataclasses.replace(config, device=device)

@@ -22,8 +22,10 @@ import os
 import uuid
 from pathlib import Path
 
+import google_crc32c  # a dependency of zarr (its crc32c codec)
 import numpy as np
 import zarr
+from zarr.codecs import Crc32cCodec
 
 from ..errors import CorruptStoreError, StorageError, StorageFullError, StoreReadOnlyError
 from .base import ChunkTier
@@ -77,13 +79,13 @@ class ZarrTier(ChunkTier):
                 cap = max(self._round_capacity_static(capacity, self.block_rows), self.block_rows)
                 self._vectors = zarr.create_array(
                     store=self._store, name="vectors", shape=(cap, chunk_width), chunks=(self.block_rows, chunk_width),
-                    dtype="float32", fill_value=0.0, compressors=None, overwrite=True,
+                    dtype="float32", fill_value=0.0, compressors=[Crc32cCodec()], overwrite=True,
                     attributes={"chunk_width": chunk_width, "state_width": state_width},
                 )
                 self._states = zarr.create_array(
                     store=self._store, name="states", shape=(cap, max(state_width, 1)),
                     chunks=(self.block_rows, max(state_width, 1)), dtype="float32", fill_value=0.0,
-                    compressors=None, overwrite=True,
+                    compressors=[Crc32cCodec()], overwrite=True,
                 )
             else:
                 mode = "r" if read_only else "r+"
@@ -95,6 +97,9 @@ class ZarrTier(ChunkTier):
         except (ValueError, KeyError, FileNotFoundError, TypeError) as exc:
             raise CorruptStoreError(f"disk tier at {self.root} cannot be opened: {exc}") from exc
         super().__init__(chunk_width, state_width, cap)
+        # a tier written since format 3 ends each chunk file with its crc32c (Zarr's codec);
+        # older tiers have bare rows
+        self._crc = any(isinstance(c, Crc32cCodec) for c in self._vectors.metadata.codecs)
         self._prefix = str(self.root)
         self._stage = None
         if not read_only:
@@ -210,14 +215,16 @@ class ZarrTier(ChunkTier):
     def _load_block(self, name: str, block: int, width: int, owned=None) -> np.ndarray:
         """One chunk's rows, float32[block_rows, width]; a chunk never written is zeros.
 
-        With the ``bytes`` codec a chunk file is its rows, little-endian: the file zarr
-        itself would read and write. ``owned``: slots of this chunk that the caller
+        With the ``bytes`` codec a chunk file is its rows, little-endian, followed by
+        their crc32c (Zarr's ``crc32c`` codec; tiers older than format 3 have none): the
+        file zarr itself would read and write. ``owned``: slots of this chunk that the caller
         knows were written (a saved tier's owned rows); a missing file is then
         corruption, never zeros.
         """
         path = self._chunk_file(name, block)
         try:
-            data = np.fromfile(path, dtype="<f4")
+            with open(path, "rb") as f:
+                raw = f.read()
         except FileNotFoundError:
             if owned is not None and len(owned):
                 raise CorruptStoreError(
@@ -227,12 +234,21 @@ class ZarrTier(ChunkTier):
             return np.zeros((self.block_rows, width), np.float32)
         except OSError as exc:
             raise storage_error(exc, f"reading Zarr chunk {name}/c/{block}/0 of disk tier at {self.root}") from exc
-        if data.size != self.block_rows * width:
+        expect = self.block_rows * width * 4 + (4 if self._crc else 0)
+        if len(raw) != expect:
             raise CorruptStoreError(
-                f"disk tier at {self.root}: Zarr chunk {name}/c/{block}/0 holds {data.size * 4} bytes, expected "
-                f"{self.block_rows * width * 4} (truncated or corrupt)"
+                f"disk tier at {self.root}: Zarr chunk {name}/c/{block}/0 holds {len(raw)} bytes, expected "
+                f"{expect} (truncated or corrupt)"
             )
-        return data.reshape(self.block_rows, width)
+        if self._crc:
+            stored = int.from_bytes(raw[-4:], "little")
+            computed = google_crc32c.value(raw[:-4])
+            if stored != computed:
+                raise CorruptStoreError(
+                    f"disk tier at {self.root}: Zarr chunk {name}/c/{block}/0 fails its checksum (stored crc32c "
+                    f"{stored:#010x}, computed {computed:#010x}): the file is corrupt")
+            raw = raw[:-4]
+        return np.frombuffer(raw, dtype="<f4").reshape(self.block_rows, width).copy()
 
     def _store_block(self, name: str, block: int, rows: np.ndarray) -> None:
         """Replace one chunk file, atomically: a temporary file renamed over it (as zarr does)."""
@@ -242,8 +258,11 @@ class ZarrTier(ChunkTier):
         try:
             # a buffered write either writes everything or raises with the OS's errno
             # (ENOSPC, EFBIG, EROFS ...); ndarray.tofile reports a short write without it
+            data = np.ascontiguousarray(rows, dtype="<f4").tobytes()
             with open(tmp, "wb") as f:
-                f.write(memoryview(np.ascontiguousarray(rows, dtype="<f4")).cast("B"))
+                f.write(data)
+                if self._crc:
+                    f.write(google_crc32c.value(data).to_bytes(4, "little"))
             os.replace(tmp, path)
         except BaseException:
             if os.path.exists(tmp):

@@ -135,9 +135,26 @@ def test_a_deleted_tier_chunk_file_is_named_not_read_as_zeros(tmp_path):
     saved_after_training(tmp_path / "s", CONFIGS["cache"], 10, np.random.default_rng(1))
     chunk = sorted((tmp_path / "s").glob("ckpt-*/tier_*/data/vectors/c/*/0"))[0]
     chunk.unlink()
-    with EmbeddingStore.open(tmp_path / "s", "r") as r:
-        with pytest.raises(CorruptStoreError, match=rf"vectors/c/{chunk.parent.name}/0 is missing"):
-            all_lookups(r)
+    with pytest.raises(CorruptStoreError, match=rf"vectors/c/{chunk.parent.name}/0 is missing \(the checkpoint lists it\)"):
+        EmbeddingStore.open(tmp_path / "s", "r")
+
+
+@pytest.mark.parametrize("victim", ["pool_*/vectors/c/0/0", "entries/addr/c/0/0", "entries/util/c/0/0",
+                                    "pool_*/opt_state/c/0/0", "tier_*/owner/c/0"])
+def test_a_deleted_or_truncated_array_chunk_file_is_named_on_open(tmp_path, victim):
+    from fiited_store import CorruptStoreError
+    from fiited_store.tools import verify_store
+
+    saved_after_training(tmp_path / "s", CONFIGS["cache"], 10, np.random.default_rng(1))
+    f = sorted((tmp_path / "s").glob(f"ckpt-*/{victim}"))[0]
+    data = f.read_bytes()
+    f.write_bytes(data[: len(data) // 2])
+    with pytest.raises(CorruptStoreError, match=r"has \d+ bytes, the checkpoint lists \d+"):
+        EmbeddingStore.open(tmp_path / "s", "r")
+    f.unlink()
+    with pytest.raises(CorruptStoreError, match=r"is missing \(the checkpoint lists it\)"):
+        EmbeddingStore.open(tmp_path / "s", "r")
+    assert any("is missing" in p for p in verify_store(tmp_path / "s"))
 
 
 def test_one_writer_at_a_time(tmp_path):
@@ -285,8 +302,38 @@ def test_truncated_array_chunk_is_reported_on_open(tmp_path):
     s.close()
     chunk = next(p for p in (ckpt / "pool_0" / "vectors").rglob("*") if p.is_file() and p.name != "zarr.json")
     chunk.write_bytes(chunk.read_bytes()[:10])
-    with pytest.raises(CorruptStoreError, match="pool_0/vectors cannot be decoded"):
+    with pytest.raises(CorruptStoreError, match=r"pool_0/vectors/c/0/0 has 10 bytes, the checkpoint lists \d+"):
         EmbeddingStore.open(tmp_path / "s")
+
+
+def _flip_one_bit(f: Path, at: int = 100) -> None:
+    data = bytearray(f.read_bytes())
+    data[at] ^= 0x01  # a float's lowest mantissa bit: finite, and the same size
+    f.write_bytes(bytes(data))
+
+
+def test_a_flipped_bit_in_an_array_fails_its_checksum_on_open(tmp_path):
+    rng = np.random.default_rng(4)
+    s = EmbeddingStore(TABLES, CONFIGS["prune-discard"], path=tmp_path / "s")
+    train_steps(s, TABLES, 3, rng, id_range=300)
+    ckpt = s.save()
+    s.close()
+    _flip_one_bit(ckpt / "pool_0" / "vectors" / "c" / "0" / "0")
+    with pytest.raises(CorruptStoreError, match=r"pool_0/vectors cannot be decoded .*checksum"):
+        EmbeddingStore.open(tmp_path / "s")
+
+
+def test_a_flipped_bit_in_a_tier_chunk_is_found_by_verify_and_refused_by_export(tmp_path):
+    from fiited_store.tools import export_store, verify_store
+
+    saved_after_training(tmp_path / "s", CONFIGS["cache"], 10, np.random.default_rng(1))
+    chunk = sorted((tmp_path / "s").glob("ckpt-*/tier_*/data/vectors/c/*/0"))[0]
+    _flip_one_bit(chunk)
+    problems = verify_store(tmp_path / "s")
+    assert any("fails its checksum" in p and "vectors/c/" in p for p in problems), problems
+    with pytest.raises(CorruptStoreError, match="fails its checksum"):
+        export_store(tmp_path / "s", tmp_path / "out", progress=False)
+    assert not (tmp_path / "out").exists() and not list(tmp_path.glob(".out*"))
 
 
 READ_ONLY_SCRIPT = textwrap.dedent("""
@@ -380,14 +427,35 @@ def test_committed_format_v2_fixture_still_decodes():
         assert s.stats()["total"]["spilled_chunks"] == expected["spilled_chunks"]
 
 
-def test_a_version_1_store_saved_again_is_version_2_and_reads_the_same(tmp_path):
+FIXTURE_V3 = Path(__file__).parent / "fixtures" / "store_v3"
+
+
+def test_committed_format_v3_fixture_still_decodes_and_verifies():
+    """Format version 3 (checksums, every chunk written, the file list) must open, read and verify the same forever."""
+    from fiited_store.tools import verify_store
+
+    expected = json.loads((FIXTURE_V3.parent / "store_v3_expected.json").read_text())
+    assert json.loads((FIXTURE_V3 / "fiited.json").read_text())["format_version"] == 3
+    with EmbeddingStore.open(FIXTURE_V3, "r") as s:
+        assert check_store(s) == []
+        assert [t.direct for t in s.tables] == [True, False]
+        for name, rows in expected["lookups"].items():
+            ids = np.array(expected["ids"][name], np.int64)
+            np.testing.assert_array_equal(s.lookup(name, ids), np.array(rows, np.float32))
+        assert s.step_count == expected["step_count"]
+        assert s.stats()["total"]["entries"] == expected["entries"]
+        assert s.stats()["total"]["spilled_chunks"] == expected["spilled_chunks"] > 0
+    assert verify_store(FIXTURE_V3) == []
+
+
+def test_a_version_1_store_saved_again_is_the_current_version_and_reads_the_same(tmp_path):
     expected = json.loads((FIXTURE.parent / "store_v1_expected.json").read_text())
     path = tmp_path / "s"
     shutil.copytree(FIXTURE, path)
     with EmbeddingStore.open(path, "r+") as s:
         assert all(t.index == "hashed" for t in s.tables)  # version 1 had only the hashed index
         s.save()
-    assert json.loads((path / "fiited.json").read_text())["format_version"] == 2
+    assert json.loads((path / "fiited.json").read_text())["format_version"] == checkpoint.FORMAT_VERSION == 3
     with EmbeddingStore.open(path, "r") as s:
         assert check_store(s) == []
         for name, rows in expected["lookups"].items():

@@ -99,7 +99,7 @@ def plant_wrong_dtype(path):
 @pytest.mark.parametrize("plant, expect", [
     (plant_bad_owner, "names entry"),
     (plant_slot_owned_twice, "whose owner is"),
-    (plant_truncated_chunk, "corrupt"),
+    (plant_truncated_chunk, "has 77 bytes, the checkpoint lists"),
     (plant_wrong_dtype, "entries/util has dtype float64, expected uint16"),
 ])
 def test_verify_catches_planted_corruption(saved_store, capsys, plant, expect):
@@ -324,3 +324,39 @@ def test_inspect_plot_labels_every_table(saved_store, tmp_path):
     assert (tmp_path / "p.png").stat().st_size > 0
     for panel in ("kept_dim", "utility"):
         assert [label.split(" ")[0] for label in legends[panel]] == ["user", "item"], legends
+
+
+@pytest.mark.parametrize("array", ["pool_0/vectors", "pool_0/opt_state"])
+def test_a_planted_nan_is_reported_by_verify_and_refused_by_export(saved_store, tmp_path, capsys, array):
+    path, _ = saved_store
+    arr = _array(path, array)
+    a = arr[...]
+    assert a.size > 0  # both pools keep row-wise Adagrad state
+    a[3, 0] = np.nan
+    arr[...] = a  # rewritten through zarr: a valid checksum, the same size
+    assert main(["verify", str(path), "--no-progress"]) == 1
+    assert "NaN or inf at slots [3]" in capsys.readouterr().out
+    assert main(["export", str(path), str(tmp_path / "out"), "--no-progress"]) == 2
+    err = capsys.readouterr().err
+    assert "fails verification, nothing exported" in err and "NaN" in err
+    assert not (tmp_path / "out").exists() and not list(tmp_path.glob(".out*"))
+
+
+def test_an_os_error_is_one_line_naming_the_file(saved_store, capsys):
+    path, _ = saved_store
+    assert main(["export", str(path), "/proc/fiited-out", "--no-progress"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.count("\n") == 0 and "Traceback" not in err and "/proc/" in err, err
+
+
+def test_export_onto_a_full_device_is_a_storage_full_error_and_leaves_nothing(saved_store, tmp_path):
+    from fiited_store import StorageFullError
+    from fiited_store.tools import export_store
+
+    from .test_tiers import file_size_limit
+
+    path, _ = saved_store
+    with file_size_limit(2048), pytest.raises(StorageFullError, match="writing export .* the device is full"):
+        export_store(path, tmp_path / "out", "dense", progress=False)
+    assert not (tmp_path / "out").exists() and not list(tmp_path.glob(".out*"))
+    export_store(path, tmp_path / "out", "dense", progress=False)  # room again: it works
