@@ -9,8 +9,10 @@ as that checkpoint holds them. Reader processes open the store read-only, read
 the probes, keep the handle across several of the writer's saves, read again, and
 close. Reported: reader errors (target 0), reads that differ from what the writer
 saved in the checkpoint the reader opened (target 0), reads of a held handle that
-changed while it was held (target 0), and the writer's resident memory after the
-first save and at the end (target: within 10%).
+changed while it was held (target 0), and the writer's resident memory at every
+save: after the first save, once a tenth of the run has passed (the index and the
+tier have grown to the working set by then), and at the end (target: within 10%),
+with the store directory's bytes on disk at the same points.
 """
 
 from __future__ import annotations
@@ -45,6 +47,11 @@ def _tables():
 
     return [TableConfig("user", D, chunks=K, num_embeddings=50_000, optimizer="adagrad"),
             TableConfig("stream", D, chunks=K, index="hashed", optimizer="adagrad")]
+
+
+def _disk_bytes(root: Path) -> int:
+    return sum(os.stat(os.path.join(d, f)).st_blocks * 512 for d, _, fs in os.walk(root) for f in fs
+               if os.path.exists(os.path.join(d, f)))
 
 
 def _probe_ids():
@@ -97,8 +104,9 @@ def writer(path: Path, expected: Path, seconds: float, save_every: int, batch: i
     rng = np.random.default_rng(0)
     store = EmbeddingStore(_tables(), cfg, path=path)
     saves = steps = 0
-    rss_first = None
-    end = time.time() + seconds
+    samples: list[tuple[float, int, int]] = []  # (seconds since start, writer RSS, bytes on disk) at each save
+    start = time.time()
+    end = start + seconds
     bar = tqdm(total=int(seconds), disable=not progress, unit="s", desc="soak")
     last = time.time()
     while time.time() < end:
@@ -116,13 +124,16 @@ def writer(path: Path, expected: Path, seconds: float, save_every: int, batch: i
             np.savez(expected / f"{ckpt}.tmp.npz", **_probe(store))
             os.replace(expected / f"{ckpt}.tmp.npz", expected / f"{ckpt}.npz")
             saves += 1
-            if rss_first is None:
-                rss_first = _rss_bytes()
+            samples.append((time.time() - start, _rss_bytes(), _disk_bytes(path)))
         now = time.time()
         bar.update(int(now - last))
         last += int(now - last)
     bar.close()
-    out = {"steps": steps, "saves": saves, "writer_rss_first_save": rss_first, "writer_rss_end": _rss_bytes(),
+    warm = next(x for x in samples if x[0] >= seconds / 10) if samples[-1][0] >= seconds / 10 else samples[-1]
+    out = {"steps": steps, "saves": saves,
+           "writer_rss_first_save": samples[0][1], "writer_rss_after_a_tenth": warm[1], "writer_rss_end": samples[-1][1],
+           "disk_bytes_first_save": samples[0][2], "disk_bytes_after_a_tenth": warm[2], "disk_bytes_end": samples[-1][2],
+           "rss_samples": [(round(t, 1), r) for t, r, _ in samples[:: max(len(samples) // 40, 1)]],
            "entries_end": store.stats()["total"]["entries"], "dropped_entries": store.counters.dropped_entries,
            "spilled_chunks": store.counters.spilled_chunks}
     store.close()
@@ -158,9 +169,10 @@ def main(argv=None) -> int:
     for p in procs:
         p.join(timeout=60)
     readers = {k: sum(r[k] for r in per_reader) for k in ("opened", "errors", "mismatches", "changed_while_held", "checked")}
-    rss0, rss1 = figures["writer_rss_first_save"], figures["writer_rss_end"]
+    rss0, rss_warm, rss1 = figures["writer_rss_first_save"], figures["writer_rss_after_a_tenth"], figures["writer_rss_end"]
     report = {"minutes": args.minutes, "readers": args.readers, **figures, **readers,
-              "writer_rss_growth": (rss1 / rss0 - 1.0) if rss0 else None,
+              "writer_rss_growth_from_first_save": rss1 / rss0 - 1.0,
+              "writer_rss_growth_after_a_tenth": rss1 / rss_warm - 1.0,
               "reader_messages": [m for r in per_reader for m in r["messages"]][:5]}
     print(json.dumps(report, indent=2))
     if args.json:

@@ -239,21 +239,26 @@ def _compact_tiers(store: EmbeddingStore, progress: bool) -> None:
         used = np.nonzero(tier.owner >= 0)[0]
         root = tier.root.parent / f"{tier.root.name}.compact"
         shutil.rmtree(root, ignore_errors=True)
-        fresh = ZarrTier(root, tier.chunk_width, tier.state_width, capacity=max(used.size, 1), block_rows=tier.block_rows)
-        new_slots = fresh.allocate(used.size)
-        step = 16 * tier.block_rows
-        for lo in tqdm(range(0, used.size, step), disable=not progress, desc=f"tier_{g}", unit="block"):
-            vec, st = tier.read(used[lo:lo + step])
-            fresh.write(new_slots[lo:lo + step], vec, st)
+        try:
+            fresh = ZarrTier(root, tier.chunk_width, tier.state_width, capacity=max(used.size, 1),
+                             block_rows=tier.block_rows)
+            new_slots = fresh.allocate(used.size)
+            step = 16 * tier.block_rows
+            for lo in tqdm(range(0, used.size, step), disable=not progress, desc=f"tier_{g}", unit="block"):
+                vec, st = tier.read(used[lo:lo + step])
+                fresh.write(new_slots[lo:lo + step], vec, st)
+            # the packed rows sit in fresh's staging file until flushed into its Zarr chunks;
+            # reopened from the files alone, unflushed rows would be gone
+            fresh.flush()
+        except BaseException:
+            shutil.rmtree(root, ignore_errors=True)  # the live tier is untouched; nothing half-done stays
+            raise
         owner = tier.owner[used]
         fresh.owner[new_slots] = owner
         addr = b.to_host(store.entries.arrays.addr).copy()
         k_of = np.argmax(addr[owner] == spilled_code(used)[:, None], axis=1)
         addr[owner, k_of] = spilled_code(new_slots).astype(np.int32)
         store.entries.arrays = store.entries.arrays._replace(addr=b.from_host(addr))
-        # the packed rows sit in fresh's staging file until flushed into its Zarr chunks;
-        # reopened from the files alone, unflushed rows would be gone
-        fresh.flush()
         fresh.close()
         tier.close()
         old_root = tier.root

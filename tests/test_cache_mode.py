@@ -128,3 +128,44 @@ def test_a_batch_larger_than_the_pool_is_refused_and_changes_nothing():
     assert s.entries.n_live == before["n_live"]
     assert check_store(s) == []
     s.close()
+
+
+FULL_DEVICE_SCRIPT = """
+import resource, signal, sys
+import numpy as np
+from fiited_store import EmbeddingStore, StorageFullError, StoreConfig, TableConfig
+tables = [TableConfig("t", 16, chunks=4, num_embeddings=20_000)]
+s = EmbeddingStore(tables, StoreConfig(mode="cache", budget_fraction=0.05, prune_period=0), path=sys.argv[1])
+rng = np.random.default_rng(0)
+def step(lo, hi):
+    ids = rng.integers(lo, hi, 512)
+    b = s.pooled_lookup("t", ids, np.arange(513), train=True)
+    s.backward(b, np.ones((512, 16), np.float32))
+for _ in range(4):
+    step(0, 2000)  # the tier holds what these spilled
+before = s.lookup("t", np.arange(2000)).copy()
+signal.signal(signal.SIGXFSZ, signal.SIG_IGN)
+resource.setrlimit(resource.RLIMIT_FSIZE, (1 << 20, resource.RLIM_INFINITY))  # the device is now full
+try:
+    for i in range(200):  # new ids keep spilling until the tier must grow
+        step(2000 + 512 * i, 2000 + 512 * (i + 1))
+    print("NEVER FULL")
+except StorageFullError as exc:
+    print("FULL", exc)
+resource.setrlimit(resource.RLIMIT_FSIZE, (resource.RLIM_INFINITY, resource.RLIM_INFINITY))
+assert np.array_equal(s.lookup("t", np.arange(2000)), before), "rows changed"
+step(0, 20_000)  # room again: training goes on
+s.save()
+s.close()
+print("OK")
+"""
+
+
+def test_training_onto_a_full_device_raises_storage_full_and_the_store_goes_on(tmp_path):
+    """The case that died of SIGBUS in the tier's staging write: a real process, a real EFBIG."""
+    import subprocess
+    import sys
+
+    run = subprocess.run([sys.executable, "-c", FULL_DEVICE_SCRIPT, str(tmp_path / "s")], capture_output=True, text=True)
+    assert run.returncode == 0, (run.returncode, run.stdout[-1000:], run.stderr[-2000:])
+    assert "FULL" in run.stdout and "the device is full" in run.stdout and run.stdout.strip().endswith("OK"), run.stdout

@@ -360,3 +360,32 @@ def test_export_onto_a_full_device_is_a_storage_full_error_and_leaves_nothing(sa
         export_store(path, tmp_path / "out", "dense", progress=False)
     assert not (tmp_path / "out").exists() and not list(tmp_path.glob(".out*"))
     export_store(path, tmp_path / "out", "dense", progress=False)  # room again: it works
+
+
+def test_compact_on_a_full_device_exits_with_a_storage_error_and_loses_nothing(tmp_path):
+    """The case that used to die of SIGBUS (exit 135): a real process, a real EFBIG from the kernel."""
+    import resource
+    import subprocess
+    import sys
+
+    path = tmp_path / "store"
+    s = EmbeddingStore(TABLES, StoreConfig(mode="cache", budget_fraction=0.3, prune_period=4), path=path)
+    train_steps(s, TABLES, 12, np.random.default_rng(0), id_range=400)
+    s.save()
+    expect = {t.name: s.lookup(t.name, np.arange(400)).copy() for t in TABLES}
+    s.close()
+
+    def limit():
+        import signal
+
+        signal.signal(signal.SIGXFSZ, signal.SIG_IGN)
+        resource.setrlimit(resource.RLIMIT_FSIZE, (4096, resource.RLIM_INFINITY))
+
+    run = subprocess.run([sys.executable, "-m", "fiited_store.cli", "compact", str(path), "--no-progress"],
+                         capture_output=True, text=True, preexec_fn=limit)
+    assert run.returncode == 2, (run.returncode, run.stderr[-2000:])
+    assert "StorageFullError" in run.stderr and "Traceback" not in run.stderr
+    assert not list(path.rglob("*.partial")) and not list(path.rglob("*.compact"))
+    with EmbeddingStore.open(path, "r") as again:
+        for t in TABLES:
+            np.testing.assert_array_equal(again.lookup(t.name, np.arange(400)), expect[t.name])
