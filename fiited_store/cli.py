@@ -22,7 +22,7 @@ from typing import Callable, Sequence
 
 from . import __version__
 from .errors import FiitedError
-from .train_config import DATASETS, METHODS, SWEEP_RATIOS, UTILITIES, TrainConfig
+from .train_config import DATASETS, METHODS, NORMALIZATIONS, SWEEP_RATIOS, UTILITIES, TrainConfig
 
 # Nothing here imports torch, numba or zarr at module level: `fiited-store --help`
 # and argument errors answer at once, and every command imports what it needs.
@@ -84,7 +84,8 @@ def _writable_dir(text: str) -> str:
 def _train_args(p: argparse.ArgumentParser) -> None:
     d = TrainConfig()
     p.add_argument("--dataset", choices=DATASETS, default=d.dataset,
-                   help="synthetic (built in, no download), movielens or criteo")
+                   help="synthetic (built in, no download), mixed (built in: small predictive features beside "
+                        "long-tailed ones), movielens or criteo")
     p.add_argument("--path", help="dataset directory (MovieLens: RecBole atomic files or u.data/u.user/u.item; "
                                   "Criteo: TSV); needed by movielens and criteo")
     p.add_argument("--chunks", type=positive_int, default=d.chunks, help="K, chunks per row (dim %% chunks == 0)")
@@ -103,6 +104,11 @@ def _train_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--utility", choices=UTILITIES, default=d.utility,
                    help="what a chunk's utility counts: gradient norms times accesses, accesses, or one per row")
     p.add_argument("--criteo-limit", type=positive_int, default=d.criteo_limit, help="lines of Criteo to read")
+    p.add_argument("--normalization", choices=NORMALIZATIONS, default=d.table_normalization,
+                   help="FIITED: none (the paper's rule, one scale for every table) or mean (each table's "
+                        "utilities divided by its own mean)")
+    p.add_argument("--small-table-rows", type=nonnegative_int, default=d.small_table_rows,
+                   help="FIITED: tables of at most this many rows keep every chunk (0: off)")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
 
 
@@ -110,7 +116,8 @@ def _config_from(args, **override) -> TrainConfig:
     return TrainConfig(dataset=args.dataset, path=args.path, chunks=args.chunks, dim=args.dim, batch_size=args.batch_size,
                        epochs=args.epochs, steps=args.steps, lr_embedding=args.lr_embedding, lr_dense=args.lr_dense,
                        prune_period=args.prune_period, gamma=args.gamma, steepness=args.steepness,
-                       utility=args.utility, criteo_limit=args.criteo_limit, **override)
+                       utility=args.utility, criteo_limit=args.criteo_limit,
+                       table_normalization=args.normalization, small_table_rows=args.small_table_rows, **override)
 
 
 def cmd_train(args) -> int:

@@ -70,6 +70,9 @@ class TableConfig:
             probe is stored; "hashed": ids are arbitrary int64 values, found by
             probing a hash table that stores them; "auto" (default): direct when
             ``num_embeddings`` is declared, hashed otherwise.
+        min_chunks: a floor: every row of this table that holds an entry keeps at
+            least its first ``min_chunks`` chunks, whatever the thresholds (they are
+            taken from the budget first). 0 (default) is the paper's rule.
     """
 
     name: str
@@ -82,6 +85,7 @@ class TableConfig:
     learning_rate: float = 0.01
     eps: float = 1e-8
     index: str = "auto"
+    min_chunks: int = 0
 
     def __post_init__(self) -> None:
         _check(isinstance(self.name, str) and self.name != "", f"table name must be a non-empty string, got {self.name!r}")
@@ -105,6 +109,10 @@ class TableConfig:
         )
         _check(math.isfinite(self.eps) and self.eps > 0, f"table {self.name!r}: eps must be a finite number > 0, got {self.eps!r}")
         _check(self.index in INDEX_KINDS, f"table {self.name!r}: index must be one of {INDEX_KINDS}, got {self.index!r}")
+        _check(
+            _is_int(self.min_chunks) and 0 <= self.min_chunks <= self.chunks,
+            f"table {self.name!r}: min_chunks must be an int in [0, chunks={self.chunks}], got {self.min_chunks!r}",
+        )
         _check(
             not (self.index == "direct" and self.num_embeddings is None),
             f"table {self.name!r}: index='direct' needs num_embeddings (the rows of the table)",
@@ -193,6 +201,16 @@ class DynamicRatio:
 
 
 PruningPolicy = Union[ManualRatios, DynamicRatio]
+TABLE_NORMALIZATIONS = ("none", "mean")
+
+
+def table_floors(tables, config: "StoreConfig") -> list[int]:
+    """The chunks every row of each table keeps whatever the thresholds (its floor)."""
+    out = []
+    for t in tables:
+        small = config.small_table_rows and t.num_embeddings is not None and t.num_embeddings <= config.small_table_rows
+        out.append(t.chunks if small else t.min_chunks)
+    return out
 
 
 @dataclass(frozen=True)
@@ -232,6 +250,15 @@ class StoreConfig:
             page-locked for a GPU store): chunks leaving the pool land there first and
             reach the disk only when it fills. None: four times the pool on a GPU,
             none on the CPU (there the pool already is host memory).
+        table_normalization: how utilities of different tables compare at a prune.
+            "none" (the paper's rule): raw utilities against shared thresholds.
+            "mean": each table's utilities are divided by the mean of its own sampled
+            utilities before the thresholds are found, so a row competes by how much
+            it matters within its table (feature-aware pruning, paper section 4.2.2).
+        small_table_rows: tables that declare at most this many rows keep every
+            chunk of every row (a floor of K; they cost little and are often the
+            most predictive features). 0 disables it; a table's ``min_chunks`` is
+            the floor otherwise.
     """
 
     pruning: PruningPolicy = field(default_factory=lambda: DynamicRatio(0.75))
@@ -251,6 +278,8 @@ class StoreConfig:
     initial_capacity: int = 64
     device: str = "cpu"
     host_cache_bytes: int | None = None
+    table_normalization: str = "none"
+    small_table_rows: int = 0
 
     def __post_init__(self) -> None:
         _check(isinstance(self.pruning, (ManualRatios, DynamicRatio)), f"pruning must be ManualRatios or DynamicRatio, got {self.pruning!r}")
@@ -293,6 +322,10 @@ class StoreConfig:
         _check(0.1 <= self.max_load <= 0.95, f"max_load must lie in [0.1, 0.95], got {self.max_load!r}")
         _check(_is_int(self.initial_capacity) and self.initial_capacity >= 1, f"initial_capacity must be a positive int, got {self.initial_capacity!r}")
         _check(self.device in DEVICES, f"device must be one of {DEVICES}, got {self.device!r}")
+        _check(self.table_normalization in TABLE_NORMALIZATIONS,
+               f"table_normalization must be one of {TABLE_NORMALIZATIONS}, got {self.table_normalization!r}")
+        _check(_is_int(self.small_table_rows) and self.small_table_rows >= 0,
+               f"small_table_rows must be an int >= 0, got {self.small_table_rows!r}")
         _check(
             self.host_cache_bytes is None or (_is_int(self.host_cache_bytes) and self.host_cache_bytes >= 0),
             f"host_cache_bytes must be an int >= 0 or None, got {self.host_cache_bytes!r}",

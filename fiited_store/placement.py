@@ -15,7 +15,7 @@ from typing import Any
 
 import numpy as np
 
-from .config import PoolPlan
+from .config import PoolPlan, table_floors
 from .kernels.layout import tier_slot_of
 from .policy import sample_rate_threshold, thresholds
 from .pool import ChunkPool
@@ -32,16 +32,6 @@ def missing_chunks(store, entries, group: int):
     return miss_e[:n], miss_k[:n]
 
 
-def declared_chunks(store, plan: PoolPlan) -> tuple[np.ndarray, np.ndarray | None]:
-    declared = np.zeros(store.kmax, np.int64)
-    for t in plan.tables:
-        n = store.tables[t].num_embeddings
-        if n is None:
-            return declared, None
-        declared[: store.tables[t].chunks] += n
-    return declared, declared
-
-
 def prune_pool(store, pool: ChunkPool, entries_per_table: np.ndarray) -> dict[str, Any]:
     plan = pool.plan
     g = plan.group
@@ -51,22 +41,29 @@ def prune_pool(store, pool: ChunkPool, entries_per_table: np.ndarray) -> dict[st
     info: dict[str, Any] = {"chunk_width": plan.chunk_width, "evicted": 0, "allocated": 0}
     if n_group == 0:
         return info
+    T = len(store.tables)
     if store.config.mode == "cache":
-        thr = np.zeros(store.kmax, np.float32)
+        thr = np.zeros((T, store.kmax), np.float32)
     else:
         m_size = store.config.sample_size
         cap = min(n_group, int(m_size + 6 * math.sqrt(m_size) + 64))
         samples = b.empty((cap, store.kmax), np.float32)
+        sample_tables = b.empty(cap, np.int32)
         n_s = int(k.sample_utilities(ea.row_base, ea.seen, ea.keys, ea.table_ids, ea.util, m["table_chunks"], m["table_group"], g,
                                      sample_rate_threshold(m_size, n_group), store.config.seed,
-                                     store._prune_round, samples))
-        entry_chunks = np.zeros(store.kmax, np.int64)
-        for t in plan.tables:
-            entry_chunks[: store.tables[t].chunks] += entries_per_table[t]
-        _, declared = declared_chunks(store, plan)
-        thr = thresholds(b.to_host(samples[:n_s]), store.config.pruning, entry_chunks, declared)
+                                     store._prune_round, samples, sample_tables))
+        in_pool = np.zeros(T, bool)
+        in_pool[list(plan.tables)] = True
+        chunks = np.where(in_pool, [t.chunks for t in store.tables], 0)
+        entries = np.where(in_pool, entries_per_table, 0)
+        sizes = [store.tables[t].num_embeddings for t in plan.tables]
+        declared = None if any(n is None for n in sizes) else np.where(
+            in_pool, [t.num_embeddings or 0 for t in store.tables], 0)
+        thr = thresholds(b.to_host(samples[:n_s]), b.to_host(sample_tables[:n_s]), store.config.pruning, chunks,
+                         entries, declared, np.array(table_floors(store.tables, store.config)),
+                         store.config.table_normalization)
         info["sampled"] = n_s
-    info["thresholds"] = thr.tolist()
+    info["thresholds"] = {store.tables[t].name: thr[t, :store.tables[t].chunks].tolist() for t in plan.tables}
     thr_d = b.from_host(thr)
     block_counts = b.empty((k._SCAN_BLOCKS, 3), np.int64)
     keep, cand, drop = (int(x) for x in k.prune_count(ea.row_base, ea.seen, ea.table_ids, ea.addr, ea.util, m["table_chunks"],

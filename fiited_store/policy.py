@@ -11,6 +11,8 @@ the paper's rule.
 
 from __future__ import annotations
 
+import math
+
 import numpy as np
 
 from .config import DynamicRatio, ManualRatios
@@ -25,43 +27,81 @@ def sample_rate_threshold(sample_size: int, n_entries: int) -> np.uint64:
 
 def thresholds(
     samples: np.ndarray,
+    sample_tables: np.ndarray,
     pruning: ManualRatios | DynamicRatio,
-    entry_chunks: np.ndarray,
-    declared_chunks: np.ndarray | None,
+    table_chunks: np.ndarray,
+    entries: np.ndarray,
+    declared: np.ndarray | None,
+    floors: np.ndarray,
+    normalization: str = "none",
 ) -> np.ndarray:
-    """Per-chunk-index thresholds, float32[kmax].
+    """Thresholds per table and chunk index, float32[tables, kmax].
 
     Args:
         samples: float32[n, kmax] sampled utilities, NaN past a table's K.
+        sample_tables: int[n], the table of each sample.
         pruning: manual per-chunk ratios or a dynamic global ratio.
-        entry_chunks: int64[kmax], chunks of index k held by entries of this pool.
-        declared_chunks: int64[kmax], chunks of index k in the declared tables, or
-            None when a size is undeclared (then the population is the entries).
+        table_chunks: int[tables], K of each table; 0 for tables outside this pool.
+        entries: int[tables], entries each table holds.
+        declared: int[tables], each table's declared rows, or None when a size is
+            undeclared (then the population is the entries).
+        floors: int[tables], the chunks every row of a table keeps: their threshold
+            is -inf, and they are taken from the budget before the others compete.
+        normalization: "none" (the paper's rule: raw utilities, shared thresholds) or
+            "mean" (each table's utilities divided by its sampled mean: a shared
+            threshold on that scale is a per-table threshold on the raw one).
     """
-    kmax = samples.shape[1]
-    out = np.zeros(kmax, np.float32)
-    population = entry_chunks.astype(np.float64)
-    if declared_chunks is not None:
-        population = np.maximum(population, declared_chunks.astype(np.float64))
-    if isinstance(pruning, DynamicRatio):
-        values = samples[~np.isnan(samples)]
-        held = float(entry_chunks.sum())
-        if values.size == 0 or held == 0:
-            return out
-        keep = (1.0 - pruning.ratio) * float(population.sum()) / held
+    T, kmax = table_chunks.shape[0], samples.shape[1]
+    out = np.zeros((T, kmax), np.float32)
+    K = table_chunks.astype(np.int64)
+    floors = np.minimum(floors.astype(np.int64), K)
+    held = entries.astype(np.float64)
+    population = held if declared is None else np.maximum(held, declared.astype(np.float64))
+    ks = np.arange(kmax)
+    in_table = ks[None, :] < K[:, None]                 # [T, kmax]: chunk k exists in table t
+    floor_chunk = ks[None, :] < floors[:, None]         # [T, kmax]: chunk k is a floor chunk of t
+    competes = in_table & ~floor_chunk
+    out[floor_chunk] = -np.inf
+
+    # each sample scaled by its table's mean utility (1 without normalisation)
+    scale = np.ones(T, np.float64)
+    tables_of = sample_tables.astype(np.int64)
+    if normalization == "mean" and samples.shape[0]:
+        for t in np.unique(tables_of):
+            v = samples[tables_of == t]
+            v = v[~np.isnan(v)]
+            m = math.fsum(v.tolist()) / v.size if v.size else 0.0  # exact: independent of the samples' order
+            scale[t] = m if m > 0.0 else 1.0
+    sample_competes = competes[tables_of] if samples.shape[0] else np.zeros((0, kmax), bool)
+    scaled = samples / scale[tables_of, None].astype(np.float32) if normalization == "mean" else samples
+
+    def cut(values: np.ndarray, budget: float, contenders: float) -> float:
+        """The threshold that keeps ``budget`` of ``contenders`` chunks, on the sampled scale."""
+        if values.size == 0 or contenders <= 0:
+            return 0.0
+        keep = budget / contenders
         if keep <= 0.0:
-            out[:] = np.inf
-        elif keep < 1.0:
-            out[:] = np.quantile(values, 1.0 - keep)
+            return np.inf
+        if keep >= 1.0:
+            return 0.0
+        return float(np.quantile(values, 1.0 - keep))
+
+    if isinstance(pruning, DynamicRatio):
+        budget = (1.0 - pruning.ratio) * float((population[:, None] * in_table).sum())
+        budget -= float((held[:, None] * floor_chunk).sum())
+        contenders = float((held[:, None] * competes).sum())
+        q = cut(scaled[sample_competes & ~np.isnan(scaled)], budget, contenders)
+        per_table = (q * scale).astype(np.float32) if normalization == "mean" else np.full(T, q, np.float32)
+        out[competes] = np.broadcast_to(per_table[:, None], (T, kmax))[competes]
         return out
     for k in range(kmax):
-        column = samples[:, k]
-        values = column[~np.isnan(column)]
-        if values.size == 0 or entry_chunks[k] == 0:
+        if not in_table[:, k].any():
             continue
-        keep = (1.0 - pruning.per_chunk[k]) * population[k] / float(entry_chunks[k])
-        if keep <= 0.0:
-            out[k] = np.inf  # p_k = 1: no chunk of index k may hold a slot
-        elif keep < 1.0:
-            out[k] = np.quantile(values, 1.0 - keep)
+        p = pruning.per_chunk[k] if k < len(pruning.per_chunk) else 1.0
+        budget = (1.0 - p) * float((population * in_table[:, k]).sum()) - float((held * floor_chunk[:, k]).sum())
+        contenders = float((held * competes[:, k]).sum())
+        column = scaled[:, k][sample_competes[:, k]]
+        q = cut(column[~np.isnan(column)], budget, contenders)
+        for t in np.nonzero(competes[:, k])[0]:
+            out[t, k] = np.float32(q * scale[t]) if normalization == "mean" else np.float32(q)
     return out

@@ -22,10 +22,11 @@ from .train_config import DATASETS, METHODS, SWEEP_RATIOS, TrainConfig  # noqa: 
 
 def load_dataset(cfg: TrainConfig):
     """(stream or train set, validation set, test set, feature names, cardinalities, access counts)."""
-    if cfg.dataset == "synthetic":
-        from .data.synthetic import SyntheticClickStream, scaled_cardinalities
+    if cfg.dataset in ("synthetic", "mixed"):
+        from .data.synthetic import SyntheticClickStream, mixed_stream, scaled_cardinalities
 
-        stream = SyntheticClickStream(scaled_cardinalities(cap=cfg.synthetic_cap), seed=cfg.seed)
+        stream = (mixed_stream(cfg.seed) if cfg.dataset == "mixed"
+                  else SyntheticClickStream(scaled_cardinalities(cap=cfg.synthetic_cap), seed=cfg.seed))
         val = stream.dataset(cfg.eval_samples // 2, stream_seed=1)
         test = stream.dataset(cfg.eval_samples // 2, stream_seed=2)
         counts = stream.dataset(20_000, stream_seed=3).access_counts()
@@ -60,10 +61,11 @@ def run(cfg: TrainConfig, progress: bool = True, out=sys.stderr) -> dict[str, An
     # torch's sparse Adagrad warns on every step about invariant checks it skips
     warnings.filterwarnings("ignore", message="Sparse invariant checks")
     train, val, test, names, cards, counts = load_dataset(cfg)
-    synthetic = cfg.dataset == "synthetic"
+    synthetic = cfg.dataset in ("synthetic", "mixed")
     emb = build_embeddings(cfg.method, names, cards, cfg.dim, cfg.ratio, cfg.chunks, cfg.lr_embedding, counts=counts,
                            prune_period=cfg.prune_period, gamma=cfg.gamma, seed=cfg.seed, steepness=cfg.steepness,
-                           utility=cfg.utility)
+                           utility=cfg.utility, table_normalization=cfg.table_normalization,
+                           small_table_rows=cfg.small_table_rows)
     num_dense = test.num_dense
     model = DLRM(emb, len(names), cfg.dim, num_dense)
     sparse = set(map(id, emb.sparse_parameters()))

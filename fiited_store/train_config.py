@@ -11,8 +11,10 @@ from dataclasses import dataclass
 
 from .errors import ConfigError
 
-DATASETS = ("synthetic", "movielens", "criteo")
-METHODS = ("dense", "md", "adaembed", "fiited-manual", "fiited-dynamic")
+DATASETS = ("synthetic", "mixed", "movielens", "criteo")
+#: small-dim: dense embeddings of dimension D x (1 - ratio) for every row (the uniform baseline)
+METHODS = ("dense", "small-dim", "md", "adaembed", "fiited-manual", "fiited-dynamic")
+NORMALIZATIONS = ("none", "mean")
 UTILITIES = ("gradient", "access", "shared")
 SWEEP_RATIOS = (0.5, 0.625, 0.75, 0.8125, 0.875, 0.9375)
 
@@ -45,6 +47,8 @@ class TrainConfig:
     utility: str = "gradient"
     criteo_limit: int | None = 1_000_000
     seed: int = 0
+    table_normalization: str = "none"   # FIITED: "none" is the paper's rule
+    small_table_rows: int = 0           # FIITED: tables of at most this many rows keep every chunk
 
     def __post_init__(self) -> None:
         def check(cond: bool, message: str) -> None:
@@ -69,7 +73,11 @@ class TrainConfig:
             check(math.isfinite(v) and v > 0, f"{name} must be a finite number > 0, got {v!r}")
         check(0.0 < self.gamma < 1.0, f"gamma must lie in (0, 1), got {self.gamma!r}")
         check(0.0 <= self.steepness <= 1.0, f"steepness must lie in [0, 1], got {self.steepness!r}")
-        check(self.dataset == "synthetic" or self.path is not None, f"dataset {self.dataset!r} needs --path")
+        check(self.dataset in ("synthetic", "mixed") or self.path is not None, f"dataset {self.dataset!r} needs --path")
+        check(self.table_normalization in NORMALIZATIONS,
+              f"table_normalization must be one of {NORMALIZATIONS}, got {self.table_normalization!r}")
+        check(isinstance(self.small_table_rows, int) and self.small_table_rows >= 0,
+              f"small_table_rows must be an int >= 0, got {self.small_table_rows!r}")
 
     @property
     def pruned(self) -> bool:

@@ -282,9 +282,15 @@ class ReferenceStore:
             self.prune()
 
     # --------------------------------------------------------------- prune
+    def floors(self) -> list[int]:
+        small = self.config.small_table_rows
+        return [t.chunks if small and t.num_embeddings is not None and t.num_embeddings <= small else t.min_chunks
+                for t in self.tables]
+
     def thresholds(self, plan) -> np.ndarray:
+        """float32[tables, kmax]: -inf for a table's floor chunks; per-table scales under "mean"."""
         cfg = self.config
-        kmax = self.kmax
+        kmax, T = self.kmax, len(self.tables)
         rows = [r for r in self.rows.values() if self.group_of[r.table] == plan.group]
         n = len(rows)
         if n <= cfg.sample_size:
@@ -293,32 +299,60 @@ class ReferenceStore:
             accept = int(cfg.sample_size / n * 2.0**64)
         salt = mix64(cfg.seed ^ mix64(self.round + GOLDEN))
         sample = [r for r in rows if mix64(key_hash(r.table, r.key) ^ salt) < accept]
-        per_k = [np.array([self._util(r, k) for r in sample if k < len(r.vec)], f32) for k in range(kmax)]
-        entry_chunks = np.array([sum(1 for r in rows if k < len(r.vec)) for k in range(kmax)], float)
-        declared = None
-        if all(self.tables[t].num_embeddings is not None for t in plan.tables):
-            declared = np.array([sum(self.tables[t].num_embeddings for t in plan.tables if k < self.tables[t].chunks)
-                                 for k in range(kmax)], float)
-        pop = entry_chunks if declared is None else np.maximum(entry_chunks, declared)
-        thr = np.zeros(kmax, f32)
+        K = [self.tables[t].chunks if t in plan.tables else 0 for t in range(T)]
+        held = [sum(1 for r in rows if r.table == t) for t in range(T)]
+        undeclared = any(self.tables[t].num_embeddings is None for t in plan.tables)
+        pop = [held[t] if undeclared or t not in plan.tables else max(held[t], self.tables[t].num_embeddings)
+               for t in range(T)]
+        floors = [min(f, K[t]) for t, f in enumerate(self.floors())]
+        scale = [1.0] * T
+        if cfg.table_normalization == "mean":
+            for t in range(T):
+                v = [self._util(r, k) for r in sample if r.table == t for k in range(len(r.vec))]
+                m = math.fsum(float(x) for x in v) / len(v) if v else 0.0
+                scale[t] = m if m > 0 else 1.0
+        thr = np.zeros((T, kmax), f32)
+        for t in range(T):
+            thr[t, :floors[t]] = -np.inf
+
+        def value(r, k):
+            u = self._util(r, k)
+            return u / f32(scale[r.table]) if cfg.table_normalization == "mean" else u
+
+        def cut(values, budget, contenders):
+            if len(values) == 0 or contenders <= 0:
+                return 0.0
+            keep = budget / contenders
+            if keep <= 0:
+                return np.inf
+            if keep >= 1:
+                return 0.0
+            return float(np.quantile(np.array(values, f32), 1.0 - keep))
+
+        def put(t, k, q):
+            thr[t, k] = f32(q * scale[t]) if cfg.table_normalization == "mean" else f32(q)
+
         p = cfg.pruning
         if isinstance(p, DynamicRatio):
-            values = np.concatenate(per_k)
-            if values.size and entry_chunks.sum():
-                keep = (1.0 - p.ratio) * pop.sum() / entry_chunks.sum()
-                if keep <= 0:
-                    thr[:] = np.inf
-                elif keep < 1:
-                    thr[:] = np.quantile(values, 1.0 - keep)
+            budget = (1.0 - p.ratio) * sum(pop[t] * K[t] for t in range(T)) - sum(held[t] * floors[t] for t in range(T))
+            contenders = sum(held[t] * (K[t] - floors[t]) for t in range(T))
+            values = [value(r, k) for r in sample for k in range(floors[r.table], len(r.vec))]
+            q = cut(values, budget, contenders)
+            for t in range(T):
+                for k in range(floors[t], K[t]):
+                    put(t, k, q)
             return thr
         for k in range(kmax):
-            if per_k[k].size == 0 or entry_chunks[k] == 0:
+            if not any(k < K[t] for t in range(T)):
                 continue
-            keep = (1.0 - p.per_chunk[k]) * pop[k] / entry_chunks[k]
-            if keep <= 0:
-                thr[k] = np.inf
-            elif keep < 1:
-                thr[k] = np.quantile(per_k[k], 1.0 - keep)
+            budget = ((1.0 - p.per_chunk[k]) * sum(pop[t] for t in range(T) if k < K[t])
+                      - sum(held[t] for t in range(T) if k < floors[t]))
+            contenders = sum(held[t] for t in range(T) if floors[t] <= k < K[t])
+            values = [value(r, k) for r in sample if floors[r.table] <= k < len(r.vec)]
+            q = cut(values, budget, contenders)
+            for t in range(T):
+                if floors[t] <= k < K[t]:
+                    put(t, k, q)
         return thr
 
     def prune(self) -> None:
@@ -337,8 +371,10 @@ class ReferenceStore:
                 for k in range(len(r.vec)):
                     u = self._util(r, k)
                     resident = r.vec[k] is not None
-                    if (u >= thr[k]) if resident else (u > thr[k]):
-                        ubits = int(np.array([u], f32).view(np.uint32)[0])
+                    t_k = thr[r.table, k]
+                    if t_k == -np.inf or ((u >= t_k) if resident else (u > t_k)):
+                        # a floor chunk ranks above every utility
+                        ubits = 0xFFFFFFFF if t_k == -np.inf else int(np.array([u], f32).view(np.uint32)[0])
                         rank = (ubits << 32) | (int(resident) << 31) | chunk_hash31(r.table, r.key, k)
                         qualify.append((rank, r, k))
             qualify.sort(key=lambda x: x[0], reverse=True)

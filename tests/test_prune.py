@@ -197,3 +197,56 @@ def test_sixteen_bit_utilities_keep_growing_where_rounding_to_nearest_would_stal
     got = s.utilities("t", np.arange(n))[:, 0].astype(np.float64)
     assert abs(got.mean() - expect) / expect < 0.02, (got.mean(), expect)
     assert np.all(np.abs(got - expect) / expect < 0.2), (got.min(), got.max(), expect)
+
+
+# --- feature-aware pruning: floors and per-table normalisation ----------------------------------------------------
+
+def _two_tables(config_kw, small_kw=None):
+    """A tiny table whose gradients are 1000x smaller than a large table's: the global threshold strips it."""
+    tables = [TableConfig("small", dim=8, chunks=4, num_embeddings=8, **(small_kw or {})),
+              TableConfig("big", dim=8, chunks=4, num_embeddings=400)]
+    s = EmbeddingStore(tables, StoreConfig(pruning=DynamicRatio(0.75), prune_period=0, sample_size=10_000, **config_kw))
+    rng = np.random.default_rng(0)
+    for _ in range(6):
+        access(s, "small", np.repeat(np.arange(8), np.arange(1, 9)), grad_scale=1e-3)  # row i seen i + 1 times
+        access(s, "big", rng.integers(0, 400, 200), grad_scale=1.0)
+    s.prune()
+    assert check_store(s) == []
+    return s, resident(s, "small", np.arange(8)), resident(s, "big", np.arange(400))
+
+
+def test_the_papers_rule_strips_a_small_table_under_a_global_threshold():
+    _, small, big = _two_tables({})
+    assert small.sum() == 0 and big.sum() > 0
+
+
+def test_a_small_table_keeps_its_floor_under_a_global_threshold_that_would_strip_it():
+    s, small, big = _two_tables({}, {"min_chunks": 2})
+    assert small[:, :2].all() and not small[:, 2:].any()  # exactly the floor: its utilities lose the rest
+    assert s.pools[0].slots - s.pools[0].n_free <= s.pools[0].slots  # inside the budget
+    s, small, _ = _two_tables({"small_table_rows": 8})
+    assert small.all()  # a table of at most small_table_rows rows keeps every chunk
+
+
+def test_mean_normalisation_lets_every_table_compete_on_its_own_scale():
+    _, small, big = _two_tables({"table_normalization": "mean"})
+    assert 0 < small.sum() < small.size  # some, not all: its best chunks, judged against its own mean
+    held_big = np.count_nonzero(big.any(axis=1))
+    assert big.sum() > 0 and held_big > 0
+
+
+def test_thresholds_per_table_reduce_to_the_papers_without_floors_or_normalisation():
+    rng = np.random.default_rng(3)
+    samples = rng.random((500, 4)).astype(np.float32)
+    samples[:100, 2:] = np.nan  # table 0 has K = 2
+    tables_of = np.where(np.arange(500) < 100, 0, 1)
+    args = (np.array([2, 4]), np.array([100, 400]), np.array([1000, 1000]), np.array([0, 0]))
+    thr = thresholds(samples, tables_of, DynamicRatio(0.9), *args)
+    expect = np.quantile(samples[~np.isnan(samples)], 1 - 0.1 * (2 * 1000 + 4 * 1000) / (2 * 100 + 4 * 400))
+    np.testing.assert_allclose(thr[0, :2], expect, rtol=1e-6)
+    np.testing.assert_allclose(thr[1], expect, rtol=1e-6)
+    floors = thresholds(samples, tables_of, DynamicRatio(0.8), *args[:3], np.array([2, 1]))
+    assert np.isneginf(floors[0, :2]).all() and np.isneginf(floors[1, 0]) and np.isfinite(floors[1, 1:]).all()
+    manual = thresholds(samples, tables_of, ManualRatios((0.9, 0.92, 0.95, 0.97)), *args, normalization="mean")
+    means = [np.nanmean(samples[tables_of == t].astype(np.float64)) for t in (0, 1)]
+    np.testing.assert_allclose(manual[0, :2] / manual[1, :2], means[0] / means[1], rtol=1e-5)

@@ -72,15 +72,16 @@ class SyntheticClickStream:
     """
 
     def __init__(self, cardinalities: list[int], zipf_s: float = 1.1, n_dense: int = 13, seed: int = 0,
-                 strength: float = 0.6):
+                 strength: float = 0.6, strengths: list[float] | None = None, feature_names: list[str] | None = None):
         self.cardinalities = list(cardinalities)
-        self.feature_names = [f"C{i + 1}" for i in range(len(cardinalities))]
+        self.feature_names = list(feature_names) if feature_names else [f"C{i + 1}" for i in range(len(cardinalities))]
         self.n_dense = n_dense
         self.seed = seed
         self.ids = [ZipfIds(n, zipf_s, salt=seed * 7919 + i * 104729) for i, n in enumerate(cardinalities)]
         rng = np.random.default_rng([seed, 99])
-        # a few strong features, many weak ones, as in real click logs
-        self.strength = strength * rng.permutation(np.geomspace(1.0, 0.05, len(cardinalities)))
+        # a few strong features, many weak ones, as in real click logs (or the caller's strengths)
+        self.strength = (np.asarray(strengths, np.float64) if strengths is not None
+                         else strength * rng.permutation(np.geomspace(1.0, 0.05, len(cardinalities))))
         self.dense_weights = rng.normal(0, 0.3, n_dense).astype(np.float32)
         self.bias = 0.0
         probe = self._logits(rng, 20_000)[0]
@@ -117,3 +118,26 @@ class SyntheticClickStream:
         offsets = [np.arange(n + 1, dtype=np.int64)] * len(ids)
         return TabularDataset("synthetic", list(self.feature_names), list(self.cardinalities), ids, offsets, dense,
                               labels, {"bayes_logits": logit})
+
+
+#: the mixed stream: small features that carry most of the signal, long-tailed ones that carry little per id
+MIXED_SMALL = [3, 7, 12, 40, 100, 300]
+MIXED_LONG = [20_000] * 8
+
+
+def mixed_stream(seed: int = 0) -> SyntheticClickStream:
+    """Six small, highly predictive features (3 to 300 ids) beside eight long-tailed ones of 20,000 ids.
+
+    Built to separate pruning methods: a shared threshold judges rows of every
+    table on one scale, and the small tables' rows, each seen often but carrying a
+    moderate gradient, can lose to the hot head of the long tails. A planted ground
+    truth as in :class:`SyntheticClickStream`.
+
+    >>> s = mixed_stream(0)
+    >>> s.feature_names[:2], s.cardinalities[:2]
+    (['S1', 'S2'], [3, 7])
+    """
+    names = [f"S{i + 1}" for i in range(len(MIXED_SMALL))] + [f"L{i + 1}" for i in range(len(MIXED_LONG))]
+    strengths = [0.8] * len(MIXED_SMALL) + list(0.6 * np.geomspace(1.0, 0.2, len(MIXED_LONG)))
+    return SyntheticClickStream(MIXED_SMALL + MIXED_LONG, zipf_s=1.1, seed=seed, strengths=strengths,
+                                feature_names=names)

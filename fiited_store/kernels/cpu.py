@@ -21,6 +21,7 @@ from numba.extending import intrinsic
 
 from .layout import (
     EMPTY,
+    FLOOR_RANK_BITS as _FLOOR_RANK_BITS,
     OUT_OF_RANGE,
     INIT_NORMAL,
     INIT_UNIFORM,
@@ -36,6 +37,7 @@ _JIT = dict(cache=True, nogil=True)
 _PAR = dict(cache=True, nogil=True, parallel=True)
 
 _U64_GOLDEN = np.uint64(0x9E3779B97F4A7C15)
+FLOOR_RANK_BITS = np.uint16(_FLOOR_RANK_BITS)
 _U64_C1 = np.uint64(0xBF58476D1CE4E5B9)
 _U64_C2 = np.uint64(0x94D049BB133111EB)
 _U64_C3 = np.uint64(0xD6E8FEB86659FD93)
@@ -1160,7 +1162,7 @@ def scale_utilities(util, factor):
 
 @njit(inline="always")
 def _sample_block(row_base, seen, keys, table_ids, util, table_chunks, table_group, group, accept_below, salt, lo, hi,
-                  write, n, out):
+                  write, n, out, out_tables):
     U = util.shape[1]
     cursor = direct_table(lo, row_base)
     for e in range(lo, hi):
@@ -1170,6 +1172,7 @@ def _sample_block(row_base, seen, keys, table_ids, util, table_chunks, table_gro
         if mix64(key_hash(t, entry_key(e, t, row_base, keys)) ^ salt) >= accept_below:
             continue
         if write and n < out.shape[0]:
+            out_tables[n] = t
             for k in range(out.shape[1]):
                 if k >= table_chunks[t]:
                     out[n, k] = np.nan
@@ -1181,9 +1184,10 @@ def _sample_block(row_base, seen, keys, table_ids, util, table_chunks, table_gro
 
 @njit(**_PAR)
 def sample_utilities(row_base, seen, keys, table_ids, util, table_chunks, table_group, group, accept_below, seed,
-                     round_id, out):
+                     round_id, out, out_tables):
     """Bernoulli sample of entries of ``group`` by key hash, in entry order: rows of out get
-    their utilities (NaN past the table's K). Returns the number sampled (capped by out).
+    their utilities (NaN past the table's K), out_tables their table. Returns the number
+    sampled (capped by out).
     Blocks of entries are counted, then filled from their prefix sums."""
     salt = mix64(np.uint64(seed) ^ mix64(np.uint64(round_id) + _U64_GOLDEN))
     cap = util.shape[0]
@@ -1191,13 +1195,13 @@ def sample_utilities(row_base, seen, keys, table_ids, util, table_chunks, table_
     for blk in prange(_SCAN_BLOCKS):
         lo, hi = _block(cap, blk)
         starts[blk + 1] = _sample_block(row_base, seen, keys, table_ids, util, table_chunks, table_group, group,
-                                        accept_below, salt, lo, hi, False, 0, out)
+                                        accept_below, salt, lo, hi, False, 0, out, out_tables)
     for blk in range(_SCAN_BLOCKS):
         starts[blk + 1] += starts[blk]
     for blk in prange(_SCAN_BLOCKS):
         lo, hi = _block(cap, blk)
         _sample_block(row_base, seen, keys, table_ids, util, table_chunks, table_group, group, accept_below, salt,
-                      lo, hi, True, starts[blk], out)
+                      lo, hi, True, starts[blk], out, out_tables)
     return min(starts[_SCAN_BLOCKS], out.shape[0])
 
 
@@ -1208,12 +1212,19 @@ def _keeps(resident, u, thr):
 
 
 @njit(inline="always")
-def _classify(addr, util, thresholds, e, k):
-    """(resident, passes its threshold, utility bits) of chunk k of entry e."""
+def _classify(addr, util, thresholds, t, e, k):
+    """(resident, passes its threshold, rank bits) of chunk k of entry e of table t.
+
+    ``thresholds`` is float32[tables, kmax]; -inf marks a table's floor chunk, which
+    always passes and ranks above every utility (FLOOR_RANK_BITS) when slots are short.
+    """
     bits = util[e, k] if util.shape[1] > 1 else util[e, 0]
     u = util_load(bits)
     resident = addr[e, k] >= 0
-    return resident, _keeps(resident, u, thresholds[k]), bits
+    thr = thresholds[t, k]
+    if thr == -np.inf:
+        return resident, True, FLOOR_RANK_BITS
+    return resident, _keeps(resident, u, thr), bits
 
 
 @njit(inline="always")
@@ -1254,7 +1265,7 @@ def prune_count(row_base, seen, table_ids, addr, util, table_chunks, table_group
             if t < 0 or table_group[t] != group:
                 continue
             for k in range(table_chunks[t]):
-                resident, passes, _ = _classify(addr, util, thresholds, e, k)
+                resident, passes, _ = _classify(addr, util, thresholds, t, e, k)
                 if passes:
                     if resident:
                         keep += 1
@@ -1285,7 +1296,7 @@ def prune_composites(row_base, seen, keys, table_ids, addr, util, table_chunks, 
             if t < 0 or table_group[t] != group:
                 continue
             for k in range(table_chunks[t]):
-                resident, passes, bits = _classify(addr, util, thresholds, e, k)
+                resident, passes, bits = _classify(addr, util, thresholds, t, e, k)
                 if passes:
                     out[n] = _composite(bits, resident, t, entry_key(e, t, row_base, keys), k)
                     n += 1
@@ -1302,7 +1313,7 @@ def _select_block(row_base, seen, keys, table_ids, addr, util, table_chunks, tab
         if t < 0 or table_group[t] != group:
             continue
         for k in range(table_chunks[t]):
-            resident, keep, bits = _classify(addr, util, thresholds, e, k)
+            resident, keep, bits = _classify(addr, util, thresholds, t, e, k)
             rank = np.uint64(0)
             # the rank (a hash per chunk) is needed for the cut, and for allocations' order
             # when they may outnumber the free slots

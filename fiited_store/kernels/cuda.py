@@ -34,6 +34,7 @@ from numba import cuda
 
 from .layout import (
     EMPTY,
+    FLOOR_RANK_BITS,
     OUT_OF_RANGE,
     INIT_NORMAL,
     INIT_UNIFORM,
@@ -104,6 +105,14 @@ def keeps(resident, u, thr):
     if resident:
         return u >= thr
     return u > thr
+
+
+@cuda.jit(device=True, inline=True)
+def rank_bits(util, thr, e, k):
+    """The bits a chunk ranks by: its utility's, or above every utility for a floor chunk (thr = -inf)."""
+    if thr == -np.inf:
+        return np.uint16(FLOOR_RANK_BITS)
+    return util_bits_of(util, e, k)
 
 
 @cuda.jit(device=True, inline=True)
@@ -1246,7 +1255,7 @@ def scale_utilities(util, factor):
 
 @cuda.jit(cache=True)
 def _sample_kernel(row_base, seen, keys, table_ids, util, table_chunks, table_group, group, accept_below, salt, out,
-                   counter):
+                   out_tables, counter):
     e = cuda.grid(1)
     if e >= util.shape[0]:
         return
@@ -1258,6 +1267,7 @@ def _sample_kernel(row_base, seen, keys, table_ids, util, table_chunks, table_gr
     n = cuda.atomic.add(counter, 0, 1)
     if n >= out.shape[0]:
         return
+    out_tables[n] = t
     for k in range(out.shape[1]):
         if k < table_chunks[t]:
             out[n, k] = util_of(util, e, k)
@@ -1265,13 +1275,14 @@ def _sample_kernel(row_base, seen, keys, table_ids, util, table_chunks, table_gr
             out[n, k] = np.nan
 
 
-def sample_utilities(row_base, seen, keys, table_ids, util, table_chunks, table_group, group, accept_below, seed, round_id, out):
+def sample_utilities(row_base, seen, keys, table_ids, util, table_chunks, table_group, group, accept_below, seed, round_id, out,
+                     out_tables):
     from .cpu import mix64 as host_mix64
 
     salt = host_mix64(np.uint64(seed) ^ host_mix64(np.uint64(round_id) + np.uint64(0x9E3779B97F4A7C15)))
     counter = _zeros(1, np.int64)
     _sample_kernel[_grid(util.shape[0])](row_base, seen, keys, table_ids, util, table_chunks, table_group, group,
-                                         np.uint64(accept_below), np.uint64(salt), out, counter)
+                                         np.uint64(accept_below), np.uint64(salt), out, out_tables, counter)
     return min(_scalar(counter), out.shape[0])
 
 
@@ -1286,7 +1297,7 @@ def _prune_count_kernel(row_base, seen, table_ids, addr, util, table_chunks, tab
     for k in range(table_chunks[t]):
         u = util_of(util, e, k)
         resident = addr[e, k] >= 0
-        if keeps(resident, u, thresholds[k]):
+        if keeps(resident, u, thresholds[t, k]):
             cuda.atomic.add(totals, 0 if resident else 1, 1)
         elif resident:
             cuda.atomic.add(totals, 2, 1)
@@ -1312,9 +1323,9 @@ def _composites_kernel(row_base, seen, keys, table_ids, addr, util, table_chunks
         return
     for k in range(table_chunks[t]):
         resident = addr[e, k] >= 0
-        if keeps(resident, util_of(util, e, k), thresholds[k]):
+        if keeps(resident, util_of(util, e, k), thresholds[t, k]):
             n = cuda.atomic.add(counter, 0, 1)
-            bits = util_bits_of(util, e, k)
+            bits = rank_bits(util, thresholds[t, k], e, k)
             out[n] = composite(bits, resident, t, entry_key(e, t, row_base, keys), k)
 
 
@@ -1338,10 +1349,10 @@ def _select_kernel(row_base, seen, keys, table_ids, addr, util, table_chunks, ta
     for k in range(table_chunks[t]):
         u = util_of(util, e, k)
         resident = addr[e, k] >= 0
-        keep = keeps(resident, u, thresholds[k])
+        keep = keeps(resident, u, thresholds[t, k])
         rank = np.uint64(0)
         if keep and (use_cutoff or (rank_allocations and not resident)):
-            bits = util_bits_of(util, e, k)
+            bits = rank_bits(util, thresholds[t, k], e, k)
             rank = composite(bits, resident, t, entry_key(e, t, row_base, keys), k)
             if use_cutoff and rank < cutoff:
                 keep = False

@@ -53,6 +53,10 @@ def tier_slot_of(code):
 # Utilities are stored as bfloat16 bit patterns (uint16[n, U]): the top half of a float32.
 UTIL_DTYPE = "uint16"
 
+#: the rank bits of a table's floor chunk (threshold -inf) when slots are short: above
+#: every utility's bit pattern (the largest finite bfloat16 is 0x7F7F, infinity 0x7F80)
+FLOOR_RANK_BITS = 0xFFFF
+
 
 def util_to_float(bits):
     """float32 values of stored utilities (numpy arrays of uint16)."""

@@ -168,10 +168,13 @@ def build_embeddings(method: str, feature_names: Sequence[str], cardinalities: S
                      chunks: int, learning_rate: float, counts: Sequence[np.ndarray] | None = None,
                      prune_period: int = 100, gamma: float = 0.99, sample_size: int = 100_000, seed: int = 0,
                      steepness: float = 1.0, utility: str = "gradient", optimizer: str = "adagrad",
-                     mode: str = "prune", path=None) -> nn.Module:
+                     mode: str = "prune", path=None, table_normalization: str = "none",
+                     small_table_rows: int = 0) -> nn.Module:
     """The embedding module of one method at one pruning ratio (fraction of the dense size removed)."""
     if method == "dense":
         return DenseEmbeddings(cardinalities, dim)
+    if method == "small-dim":  # every row gets D x (1 - ratio) dimensions, projected to D
+        return MixedDimEmbeddings(cardinalities, [max(1, round(dim * (1.0 - ratio)))] * len(cardinalities), dim)
     if method == "md":
         if counts is None:
             raise ValueError("Mixed-Dimension embeddings need access counts")
@@ -185,5 +188,6 @@ def build_embeddings(method: str, feature_names: Sequence[str], cardinalities: S
     else:
         raise ValueError(f"method must be one of {METHODS}, got {method!r}")
     cfg = StoreConfig(pruning=pruning, budget_fraction=max(1.0 - ratio, 1e-6), prune_period=prune_period, gamma=gamma,
-                      sample_size=sample_size, seed=seed, utility=utility, mode=mode)
+                      sample_size=sample_size, seed=seed, utility=utility, mode=mode,
+                      table_normalization=table_normalization, small_table_rows=small_table_rows)
     return FiitedEmbeddings(feature_names, cardinalities, dim, cfg, chunks, optimizer, learning_rate, path=path)
