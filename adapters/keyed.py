@@ -139,6 +139,6 @@ def keyed_tensor_class():
                 from torchrec.sparse.jagged_tensor import KeyedTensor as _KT
 
                 _torchrec_keyed = _KT
-            except Exception:  # noqa: BLE001 - a torchrec that does not load beside this torch: use ours
+            except (ImportError, OSError, RuntimeError):  # a torchrec that does not load beside this torch: ours
                 pass
     return _torchrec_keyed

@@ -83,12 +83,13 @@ def test_checkpoint_is_isolated_from_later_spills(tmp_path):
     s.close()
 
 
-def saved_after_training(path, config, steps, rng):
-    """A store at path, trained for steps on ids below 300, saved and closed."""
+def saved_after_training(path, config, steps, rng) -> Path:
+    """A store at path, trained for steps on ids below 300, saved and closed; returns its checkpoint."""
     s = EmbeddingStore(TABLES, config, path=path)
     train_steps(s, TABLES, steps, rng, id_range=300)
-    s.save()
+    ckpt = s.save()
     s.close()
+    return ckpt
 
 
 def test_a_reader_keeps_reading_its_checkpoint_while_a_writer_saves(tmp_path):
@@ -295,11 +296,7 @@ def test_corrupt_manifest_and_metadata_are_reported(tmp_path):
 
 
 def test_truncated_array_chunk_is_reported_on_open(tmp_path):
-    rng = np.random.default_rng(4)
-    s = EmbeddingStore(TABLES, CONFIGS["prune-discard"], path=tmp_path / "s")
-    train_steps(s, TABLES, 3, rng, id_range=300)
-    ckpt = s.save()
-    s.close()
+    ckpt = saved_after_training(tmp_path / "s", CONFIGS["prune-discard"], 3, np.random.default_rng(4))
     chunk = next(p for p in (ckpt / "pool_0" / "vectors").rglob("*") if p.is_file() and p.name != "zarr.json")
     chunk.write_bytes(chunk.read_bytes()[:10])
     with pytest.raises(CorruptStoreError, match=r"pool_0/vectors/c/0/0 has 10 bytes, the checkpoint lists \d+"):
@@ -313,11 +310,7 @@ def _flip_one_bit(f: Path, at: int = 100) -> None:
 
 
 def test_a_flipped_bit_in_an_array_fails_its_checksum_on_open(tmp_path):
-    rng = np.random.default_rng(4)
-    s = EmbeddingStore(TABLES, CONFIGS["prune-discard"], path=tmp_path / "s")
-    train_steps(s, TABLES, 3, rng, id_range=300)
-    ckpt = s.save()
-    s.close()
+    ckpt = saved_after_training(tmp_path / "s", CONFIGS["prune-discard"], 3, np.random.default_rng(4))
     _flip_one_bit(ckpt / "pool_0" / "vectors" / "c" / "0" / "0")
     with pytest.raises(CorruptStoreError, match=r"pool_0/vectors cannot be decoded .*checksum"):
         EmbeddingStore.open(tmp_path / "s")
