@@ -54,6 +54,11 @@ class NonFiniteGradientError(FiitedError, FloatingPointError):
     """A gradient holds NaN or inf; nothing was updated."""
 
 
+class PeerRankError(FiitedError, RuntimeError):
+    """Another rank of a sharded store refused its part of a collective verb (bad input,
+    a full index); this rank raises too, so that no rank waits forever, and nothing changed."""
+
+
 class StaleBatchError(FiitedError, RuntimeError):
     """A backward pass refers to a forward batch that can no longer be applied."""
 

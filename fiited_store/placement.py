@@ -33,6 +33,9 @@ def missing_chunks(store, entries, group: int):
 
 
 def prune_pool(store, pool: ChunkPool, entries_per_table: np.ndarray) -> dict[str, Any]:
+    """Algorithm 1 over one pool. ``entries_per_table`` counts the whole store's entries
+    (every shard's, for a shard of a sharded store), so every early return below is
+    taken by all shards alike."""
     plan = pool.plan
     g = plan.group
     b, k, m = store.backend, store.k, store._meta
@@ -59,7 +62,12 @@ def prune_pool(store, pool: ChunkPool, entries_per_table: np.ndarray) -> dict[st
         sizes = [store.tables[t].num_embeddings for t in plan.tables]
         declared = None if any(n is None for n in sizes) else np.where(
             in_pool, [t.num_embeddings or 0 for t in store.tables], 0)
-        thr = thresholds(b.to_host(samples[:n_s]), b.to_host(sample_tables[:n_s]), store.config.pruning, chunks,
+        samples_h, sample_tables_h = b.to_host(samples[:n_s]), b.to_host(sample_tables[:n_s])
+        if store.collective is not None:
+            # each shard sampled at the global rate: together they hold one store's sample
+            samples_h, sample_tables_h = store.collective.gather_samples(samples_h, sample_tables_h)
+            n_s = int(samples_h.shape[0])
+        thr = thresholds(samples_h, sample_tables_h, store.config.pruning, chunks,
                          entries, declared, np.array(table_floors(store.tables, store.config)),
                          store.config.table_normalization)
         info["sampled"] = n_s

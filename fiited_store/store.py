@@ -158,6 +158,9 @@ class EmbeddingStore:
         self._meta = {k: self.backend.from_host(v) for k, v in meta.items()}
         self._no_rows = self.backend.from_host(np.zeros((1, 2), np.int64))
         self.counters = StoreCounters()
+        #: set by a sharded store (:mod:`fiited_store.distributed`): sums counts and gathers
+        #: sampled utilities across shards, so that this shard prunes as part of one store
+        self.collective = None
         self.step_count = 0
         self._scale_origin = 0
         self._prune_round = 0
@@ -567,6 +570,15 @@ class EmbeddingStore:
                 f"grad_out[{i}, {j}] = {self.backend.to_host(g[i:i + 1, j])[0]} is not finite; nothing was updated"
             )
         # phase 2: utilities and the fused optimizer step
+        self._apply_summed(grouping.uniq, grouping.counts, self._grad_buf)
+        batch.consumed = True
+
+    def _apply_summed(self, uniq, counts, grad_buf) -> None:
+        """Utilities and the fused optimizer step of distinct entries ``uniq`` (int64[U]),
+        accessed ``counts`` times (int64[U]), from their summed, checked gradients
+        ``grad_buf[:U]``: the second phase of :meth:`backward` (and of a sharded one)."""
+        m = self._meta
+        ea = self.entries.arrays
         growth = self._growth()
         # rounding bits for the 16-bit utilities: fresh each step, the same on every backend
         salt = np.uint64(host_kernels.mix64(np.uint64(self.config.seed)
@@ -574,12 +586,11 @@ class EmbeddingStore:
         for pool in self.pools:
             a = pool.arrays
             self.k.apply_gradients(
-                grouping.uniq, grouping.counts, self._grad_buf, ea.row_base, ea.seen, ea.keys, ea.table_ids, ea.addr,
+                uniq, counts, grad_buf, ea.row_base, ea.seen, ea.keys, ea.table_ids, ea.addr,
                 ea.util, a.vectors, a.opt_state,
                 m["table_chunks"], m["table_group"], pool.plan.group, m["table_opt"], m["table_lr"], m["table_eps"],
                 self._util_code, growth, salt,
             )
-        batch.consumed = True
 
     def per_sample_weight_grads(self, batch: PooledBatch, grad_out: Any):
         """d loss / d per_sample_weights, float32[nnz]; call before :meth:`backward`."""
@@ -666,6 +677,9 @@ class EmbeddingStore:
         self._prune_round += 1
         self.counters.prunes += 1
         entries_per_table = self.entries.entries_per_table(len(self.tables))
+        if self.collective is not None:
+            # every shard takes part, with or without entries: the thresholds are global
+            entries_per_table = self.collective.sum_counts(entries_per_table)
         report: dict[str, Any] = {"pools": []}
         for pool in self.pools:
             report["pools"].append(placement.prune_pool(self, pool, entries_per_table))

@@ -1553,3 +1553,198 @@ def count_chunks(row_base, seen, table_ids, addr, n_tables, entries, resident, s
             for k in range(kmax):
                 resident[t, k] += part[blk, t, 1 + k]
                 spilled[t, k] += part[blk, t, 1 + kmax + k]
+
+
+# --------------------------------------------------------------------------- sharding
+# The requester's and the owner's halves of a sharded lookup (fiited_store.distributed).
+# Their arithmetic mirrors pooled_forward and accumulate_gradients operation for
+# operation, so that a sharded store fed a global batch in pieces computes what one
+# store fed the whole batch computes, to the bit.
+
+
+@njit(**_JIT)
+def dedupe_keys(tables, ids, first, inverse):
+    """Distinct (table, id) keys in first-occurrence order.
+
+    first[u] is the position of key u's first occurrence, inverse[i] the key of
+    occurrence i. Returns the number of distinct keys. Shapes: int16[n], int64[n] ->
+    int64[n] (first n entries used), int64[n].
+    """
+    n = ids.shape[0]
+    size = 16
+    while size < 2 * n:
+        size *= 2
+    slot_key = np.full(size, -1, np.int64)
+    mask = np.uint64(size - 1)
+    nu = 0
+    for i in range(n):
+        t = tables[i]
+        key = ids[i]
+        pos = key_hash(t, key) & mask
+        while True:
+            u = slot_key[pos]
+            if u == -1:
+                slot_key[pos] = nu
+                first[nu] = i
+                inverse[i] = nu
+                nu += 1
+                break
+            j = first[u]
+            if ids[j] == key and tables[j] == t:
+                inverse[i] = u
+                break
+            pos = (pos + np.uint64(1)) & mask
+    return nu
+
+
+@njit(**_PAR)
+def key_buckets(tables, ids, salt, n_buckets, out):
+    """out[i] = the virtual bucket of key (tables[i], ids[i]): a salted hash modulo n_buckets.
+
+    The salt keeps routing independent of prune sampling (which hashes the same keys):
+    with one hash for both, every sampled key would sit on one shard."""
+    nb = np.uint64(n_buckets)
+    for i in prange(ids.shape[0]):
+        out[i] = np.int64(mix64(key_hash(tables[i], ids[i]) ^ salt) % nb)
+
+
+@njit(**_PAR)
+def gather_entry_rows(entries, q_tables, addr, vectors, table_chunks, table_group, group, sp_slots, sp_vectors,
+                      row_start, out):
+    """out[row_start[i] : + K * c] = entry i's chunks of pool ``group``, zeros where absent.
+
+    Rows are packed at each key's own width (``row_start`` from the tables' dims);
+    spilled chunks read as zeros unless their tier rows are given (cache-mode reads)."""
+    c = vectors.shape[1]
+    for i in prange(entries.shape[0]):
+        t = q_tables[i]
+        if table_group[t] != group:
+            continue
+        K = table_chunks[t]
+        s0 = row_start[i]
+        e = entries[i]
+        for k in range(K):
+            dst = out[s0 + k * c:s0 + (k + 1) * c]
+            if e < 0:
+                dst[:] = 0.0
+                continue
+            where, r = _source_row(addr[e, k], sp_slots)
+            if where < 0:
+                dst[:] = 0.0
+            else:
+                src = vectors[r] if where == 0 else sp_vectors[r]
+                for j in range(c):
+                    dst[j] = src[j]
+
+
+@njit(**_PAR)
+def pool_key_rows(key_of_occ, offsets, weights, mean, bags_per_feature, feature_dim, feature_col, rows, row_start,
+                  out):
+    """out[b, col_f : col_f + D_f] = the sum (or mean, or weighted sum) of bag (f, b)'s rows.
+
+    ``rows`` holds one packed row per distinct key (``row_start[u]``); the
+    arithmetic is pooled_forward's: a lone unweighted id is copied, weights enter by
+    fused multiply-add, a mean divides the sum."""
+    B = bags_per_feature
+    F = feature_dim.shape[0]
+    weighted = weights.shape[0] > 0
+    for b in prange(B):
+        for f in range(F):
+            bag = f * B + b
+            lo = offsets[bag]
+            hi = offsets[bag + 1]
+            D = feature_dim[f]
+            dst = out[b, feature_col[f]:feature_col[f] + D]
+            if hi - lo == 1 and not weighted:
+                s = row_start[key_of_occ[lo]]
+                for j in range(D):
+                    dst[j] = rows[s + j]
+                continue
+            dst[:] = 0.0
+            for i in range(lo, hi):
+                s = row_start[key_of_occ[i]]
+                if weighted:
+                    w = weights[i]
+                    for j in range(D):
+                        dst[j] = fma32(rows[s + j], w, dst[j])
+                else:
+                    for j in range(D):
+                        dst[j] += rows[s + j]
+            n = hi - lo
+            if mean and n > 0:
+                inv = np.float32(n)
+                for j in range(D):
+                    dst[j] = dst[j] / inv
+
+
+@njit(inline="always")
+def _occurrence_gradient(g, src, weighted, w_occ, mean, inv_n, D):
+    """g[:D] += the gradient one occurrence contributes (accumulate_gradients' arithmetic)."""
+    if weighted:
+        for j in range(D):
+            g[j] += w_occ * src[j]
+    elif mean:
+        for j in range(D):
+            g[j] += src[j] * inv_n
+    else:
+        for j in range(D):
+            g[j] += src[j]
+
+
+@njit(**_JIT)
+def sum_key_gradients(key_of_occ, offsets, weights, mean, bags_per_feature, feature_dim, feature_col, grad_out,
+                      row_start, out):
+    """out[row_start[u] : + D] += every gradient row key u's occurrences receive, in batch
+    order (feature, bag, position). ``out`` must be zero on entry."""
+    B = bags_per_feature
+    weighted = weights.shape[0] > 0
+    for f in range(feature_dim.shape[0]):
+        D = feature_dim[f]
+        col = feature_col[f]
+        for b in range(B):
+            bag = f * B + b
+            lo = offsets[bag]
+            hi = offsets[bag + 1]
+            inv_n = np.float32(1.0) / np.float32(max(hi - lo, 1))
+            src = grad_out[b, col:col + D]
+            for i in range(lo, hi):
+                s = row_start[key_of_occ[i]]
+                _occurrence_gradient(out[s:s + D], src, weighted, weights[i] if weighted else np.float32(0.0),
+                                     mean, inv_n, D)
+
+
+@njit(**_PAR)
+def occurrence_gradients(offsets, weights, mean, bags_per_feature, feature_dim, feature_col, grad_out, occ_start,
+                         out):
+    """out[occ_start[i] : + D] = the gradient row occurrence i contributes (weighted, or
+    divided by its bag's size), for owners that sum them in the single-store order."""
+    B = bags_per_feature
+    weighted = weights.shape[0] > 0
+    for bag in prange(offsets.shape[0] - 1):
+        f = bag // B
+        b = bag - f * B
+        D = feature_dim[f]
+        col = feature_col[f]
+        lo = offsets[bag]
+        hi = offsets[bag + 1]
+        inv_n = np.float32(1.0) / np.float32(max(hi - lo, 1))
+        src = grad_out[b, col:col + D]
+        for i in range(lo, hi):
+            s = occ_start[i]
+            dst = out[s:s + D]
+            dst[:] = 0.0
+            _occurrence_gradient(dst, src, weighted, weights[i] if weighted else np.float32(0.0), mean, inv_n, D)
+
+
+@njit(**_JIT)
+def sum_rows_by_group(order, group_of, row_start, row_dim, rows, grad_buf):
+    """grad_buf[group_of[i], :D] += row i, rows taken in ``order``; grad_buf zero on entry."""
+    for p in range(order.shape[0]):
+        i = order[p]
+        u = group_of[i]
+        if u < 0:
+            continue
+        s = row_start[i]
+        g = grad_buf[u]
+        for j in range(row_dim[i]):
+            g[j] += rows[s + j]

@@ -1,0 +1,105 @@
+"""The owner's half of a sharded lookup: rows for the keys it received, updates from
+the gradients it received. Functions of the shard (an ordinary EmbeddingStore) they
+act on, like :mod:`fiited_store.placement`; the sharded front calls them.
+"""
+
+from __future__ import annotations
+
+from typing import Any, NamedTuple
+
+import numpy as np
+
+from .. import placement, residency
+from ..kernels import cpu as host_kernels
+
+
+class OwnerRows(NamedTuple):
+    entries: np.ndarray     # int64[n]: the entry of each received key in the shard, -1 if unknown
+    rows: np.ndarray        # float32[sum of dims]: each key's row at its own width, zeros where absent
+    row_start: np.ndarray   # int64[n]: where each key's row starts in ``rows``
+    new: np.ndarray         # int64[m]: entries this lookup inserted (erased again if a peer fails)
+
+
+def key_widths(store, q_tables: np.ndarray) -> np.ndarray:
+    return store._host_meta["table_dim"][q_tables.astype(np.int64)]
+
+
+def owner_rows(store, q_tables: np.ndarray, ids: np.ndarray, train: bool) -> OwnerRows:
+    """Find (and when training, insert) the keys, and gather their rows.
+
+    Training inserts unseen keys as a single store's training lookup does (their
+    chunks take free slots, or start absent when the pool is full) and, in cache
+    mode, makes every chunk of the keys resident."""
+    b = store.backend
+    dims = key_widths(store, q_tables)
+    row_start = np.zeros(dims.shape[0], np.int64)
+    np.cumsum(dims[:-1], out=row_start[1:])
+    rows = np.empty(int(dims.sum()), np.float32)
+    new: list = []
+    entries = store._resolve(q_tables, ids, insert=train, new_out=new)
+    new_entries = new[0] if new else np.empty(0, np.int64)
+    if store.config.mode == "cache" and train and entries.shape[0]:
+        try:
+            residency.make_resident(store, store._group(entries, q_tables).uniq)
+        except BaseException:
+            if new_entries.shape[0]:
+                placement.erase_entries(store, new_entries)
+            raise
+    m = store._meta
+    for pool in store.pools:
+        if store.config.mode == "cache" and not train and entries.shape[0]:
+            sp_slots, sp_vectors = residency.read_through(store, pool, entries, q_tables)
+        else:
+            sp_slots, sp_vectors = np.empty(0, np.int64), np.empty((0, pool.plan.chunk_width), np.float32)
+        host_kernels.gather_entry_rows(entries, q_tables, store.entries.arrays.addr, pool.arrays.vectors,
+                                       m["table_chunks"], m["table_group"], pool.plan.group, sp_slots, sp_vectors,
+                                       row_start, rows)
+    return OwnerRows(entries, rows, row_start, new_entries)
+
+
+def forget(store, new_entries: np.ndarray) -> None:
+    """Undo the insertions of a lookup that a peer's failure cancelled."""
+    if new_entries.shape[0]:
+        placement.erase_entries(store, new_entries)
+
+
+def current_entries(store, entries: np.ndarray, generation: int, q_tables: np.ndarray, ids: np.ndarray) -> np.ndarray:
+    """The received keys' entries now (a rehash or an erase since the lookup moves them)."""
+    if generation == store._generation:
+        return entries
+    found, _ = store.entries.find(q_tables, ids)
+    return found
+
+
+class Gradients(NamedTuple):
+    uniq: Any        # int64[U] distinct entries
+    counts: Any      # int64[U] accesses of each, summed over every rank's batch
+    grad_buf: Any    # float32[>= U, dmax] their summed gradients
+    n_bad: int       # rows whose sums are not finite, or square past float32
+
+
+def sum_gradients(store, entries: np.ndarray, q_tables: np.ndarray, order: np.ndarray, row_key: np.ndarray,
+                  row_start: np.ndarray, row_dim: np.ndarray, rows: np.ndarray, row_count: np.ndarray) -> Gradients:
+    """Sum received gradient rows per entry; nothing in the shard changes.
+
+    Row i belongs to received key ``row_key[i]``, holds ``row_dim[i]`` floats at
+    ``row_start[i]`` and stands for ``row_count[i]`` accesses; rows are added in
+    ``order`` (the single-store order when the requesters sent one row per
+    occurrence)."""
+    grouping = store._group(entries, q_tables)
+    U = int(grouping.uniq.shape[0])
+    dmax = int(store._host_meta["table_dim"].max())
+    if store._grad_buf is None or store._grad_buf.shape[0] < U:
+        store._grad_buf = store.backend.empty((max(U, 1024) * 5 // 4, dmax), np.float32)
+    host_kernels.zero_rows(store._grad_buf, U)
+    which = grouping.which[row_key] if row_key.shape[0] else np.empty(0, np.int64)
+    host_kernels.sum_rows_by_group(order, which, row_start, row_dim, rows, store._grad_buf)
+    counts = np.bincount(which[which >= 0], weights=row_count[which >= 0], minlength=U).astype(np.int64)[:U] \
+        if U else np.zeros(0, np.int64)
+    n_bad = int(host_kernels.count_nonfinite_rows(store._grad_buf, U))
+    return Gradients(grouping.uniq, counts, store._grad_buf, n_bad)
+
+
+def apply_gradients(store, grads: Gradients) -> None:
+    """Utilities and the fused optimizer step, as EmbeddingStore.backward's second phase."""
+    store._apply_summed(grads.uniq, grads.counts, grads.grad_buf)

@@ -1,0 +1,249 @@
+"""Scenarios run on every rank of a gloo world (see dist_harness); each asserts.
+
+The reference is one EmbeddingStore fed the global batch: feature by feature, the
+bags of rank 0, then rank 1, and so on. Every rank builds it (it is deterministic)
+and compares its own part of every result with it.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+
+from fiited_store import DynamicRatio, EmbeddingStore, StoreConfig, TableConfig
+from fiited_store.errors import IdOutOfRangeError, NonFiniteGradientError, PeerRankError
+from fiited_store.distributed import ShardedEmbeddingStore
+from fiited_store.distributed.batches import while_every_rank_has
+
+TABLES = [
+    TableConfig("user", dim=8, chunks=2, num_embeddings=40, optimizer="adagrad", learning_rate=0.05),
+    TableConfig("item", dim=16, chunks=4, num_embeddings=300, learning_rate=0.1),
+    TableConfig("tag", dim=16, chunks=4, optimizer="sgd", learning_rate=0.1),  # undeclared: arbitrary int64 ids
+]
+FEATURES = ["user", "item", "item", "tag"]  # "item" serves two features
+DIMS = np.array([8, 16, 16, 16])
+TAG_IDS = np.random.default_rng(99).integers(-2**62, 2**62, size=150)
+
+
+def config(**kw) -> StoreConfig:
+    base = dict(pruning=DynamicRatio(0.5), budget_bytes=400_000, prune_period=3, gamma=0.9, sample_size=60, seed=7)
+    base.update(kw)
+    return StoreConfig(**base)
+
+
+def rank_batch(step: int, rank: int, bags: int, seed: int = 0):
+    """(lengths int64[F, B], ids, weights float32, grad float32[B, sum dims]) of one rank at one step."""
+    rng = np.random.default_rng([seed, step, rank])
+    lengths = rng.integers(0, 4, size=(len(FEATURES), bags))
+    ids = []
+    for f, name in enumerate(FEATURES):
+        n = int(lengths[f].sum())
+        if name == "user":
+            ids.append(rng.integers(0, 40, n))
+        elif name == "item":
+            # both features of "item" draw often from its first 20 rows: one id summed from
+            # two features and several ranks, where the order of the sum shows
+            ids.append(rng.integers(0, 300 if (f == 1 and step % 2) else 20, n))
+        else:
+            ids.append(TAG_IDS[rng.integers(0, TAG_IDS.size, n)])
+    ids = np.concatenate(ids).astype(np.int64)
+    weights = rng.uniform(0.5, 2.0, ids.size).astype(np.float32)
+    grad = rng.normal(0, 1, (bags, int(DIMS.sum()))).astype(np.float32)
+    return lengths, ids, weights, grad
+
+
+def offsets_of(lengths: np.ndarray) -> np.ndarray:
+    return np.concatenate([[0], np.cumsum(lengths.reshape(-1))]).astype(np.int64)
+
+
+def global_batch(parts):
+    """The single-store batch of every rank's parts: per feature, rank 0's bags first."""
+    F = len(FEATURES)
+    lengths = np.concatenate([p[0] for p in parts], axis=1)
+    ids, weights = [], []
+    for f in range(F):
+        for lens, pid, pw, _ in parts:
+            start = int(lens[:f].sum())
+            n = int(lens[f].sum())
+            ids.append(pid[start:start + n])
+            weights.append(pw[start:start + n])
+    grad = np.concatenate([p[3] for p in parts], axis=0)
+    return lengths, np.concatenate(ids), np.concatenate(weights), grad
+
+
+def bags_of(step: int, rank: int) -> int:
+    if step == 4 and rank == 1:
+        return 0  # an empty batch on one rank
+    return 3 + rank + step % 2
+
+
+def all_keys():
+    return {"user": np.arange(40), "item": np.arange(300), "tag": TAG_IDS}
+
+
+def check_same(a, b, exact: bool, what: str):
+    if exact:
+        np.testing.assert_array_equal(a, b, err_msg=what)
+    else:
+        np.testing.assert_allclose(a, b, rtol=2e-5, atol=2e-6, err_msg=what)
+
+
+def _train_and_compare(rank, world, exact: bool, steps: int = 8):
+    cfg = config()
+    single = EmbeddingStore(TABLES, cfg)
+    sharded = ShardedEmbeddingStore(TABLES, cfg, exact=exact)
+    assert (sharded.rank, sharded.world) == (rank, world)
+    for step in range(steps):
+        parts = [rank_batch(step, r, bags_of(step, r)) for r in range(world)]
+        lengths, ids, weights, grad = parts[rank]
+        g_len, g_ids, g_w, g_grad = global_batch(parts)
+        kind = ("sum", "weighted", "mean")[step % 3]
+        mode = "mean" if kind == "mean" else "sum"
+        w_local = weights if kind == "weighted" else None
+        w_global = g_w if kind == "weighted" else None
+        mine = sharded.pooled_lookup(FEATURES, ids, offsets_of(lengths), w_local, mode, train=True)
+        ref = single.pooled_lookup(FEATURES, g_ids, offsets_of(g_len), w_global, mode, train=True)
+        start = sum(bags_of(step, r) for r in range(rank))
+        check_same(mine.output, ref.output[start:start + lengths.shape[1]], exact, f"forward, step {step}")
+        if kind == "weighted":
+            wg_mine = sharded.per_sample_weight_grads(mine, grad)
+            wg_ref = single.per_sample_weight_grads(ref, g_grad)
+            # this rank's occurrences sit, feature by feature, after the earlier ranks' ones
+            pos = np.concatenate([
+                int(g_len[f, :start].sum()) + int(g_len[:f].sum()) + np.arange(int(lengths[f].sum()))
+                for f in range(len(FEATURES))]).astype(np.int64)
+            np.testing.assert_allclose(wg_mine, wg_ref[pos], rtol=1e-5, atol=1e-6)
+        sharded.backward(mine, grad)
+        single.backward(ref, g_grad)
+        sharded.step()
+        single.step()
+    return single, sharded
+
+
+def _compare_state(single, sharded, rank, world, exact):
+    keys = all_keys()
+    for name, ids in keys.items():
+        check_same(sharded.lookup(name, ids), single.lookup(name, ids), exact, f"rows of {name}")
+        mine = sharded.routing.owners(np.full(ids.size, sharded.table_index(name), np.int16), ids, world) == rank
+        check_same(sharded.shard.utilities(name, ids[mine]), single.utilities(name, ids[mine]), exact,
+                   f"utilities of {name}")
+    s_stats, r_stats = sharded.stats(), single.stats()
+    for name in keys:
+        for field in ("entries", "resident_per_chunk", "spilled_per_chunk"):
+            assert s_stats["tables"][name][field] == r_stats["tables"][name][field], (name, field)
+    assert s_stats["total"]["world_size"] == world
+    thr_s = sharded.prune()["pools"][0]["thresholds"]
+    thr_r = single.prune()["pools"][0]["thresholds"]
+    if exact:
+        assert thr_s == thr_r, (thr_s, thr_r)
+    else:
+        for name in thr_r:
+            np.testing.assert_allclose(thr_s[name], thr_r[name], rtol=1e-3)
+
+
+def scenario_exact_equals_single_store(rank, world, scratch: Path):
+    single, sharded = _train_and_compare(rank, world, exact=True)
+    assert single.counters.prunes == sharded.shard.counters.prunes == 2
+    _compare_state(single, sharded, rank, world, exact=True)
+
+
+def scenario_deduplicated_matches_single_store(rank, world, scratch: Path):
+    # one summed row per key: exact in a world of one, float tolerance beyond
+    single, sharded = _train_and_compare(rank, world, exact=False)
+    _compare_state(single, sharded, rank, world, exact=world == 1)
+
+
+def scenario_nan_on_one_rank_raises_everywhere(rank, world, scratch: Path):
+    sharded = ShardedEmbeddingStore(TABLES, config())
+    for step in range(2):
+        lengths, ids, _, grad = rank_batch(step, rank, 4)
+        b = sharded.pooled_lookup(FEATURES, ids, offsets_of(lengths), train=True)
+        sharded.backward(b, grad)
+        sharded.step()
+    lengths, ids, _, grad = rank_batch(5, rank, 4)
+    b = sharded.pooled_lookup(FEATURES, ids, offsets_of(lengths), train=True)
+    before = {n: sharded.lookup(n, ids) for n, ids in all_keys().items()}
+    util_before = sharded.shard.utilities("item", np.arange(300))
+    if rank == world - 1:
+        grad[1, 3] = np.nan
+    try:
+        sharded.backward(b, grad)
+    except NonFiniteGradientError as exc:
+        assert f"rank(s) [{world - 1}]" in str(exc) or "nan" in str(exc), str(exc)
+    else:
+        raise AssertionError("a NaN on one rank must raise NonFiniteGradientError on every rank")
+    for n, ids in all_keys().items():
+        np.testing.assert_array_equal(sharded.lookup(n, ids), before[n])
+    np.testing.assert_array_equal(sharded.shard.utilities("item", np.arange(300)), util_before)
+    # the batch is still pending and the world still works: a finite gradient applies it
+    grad[1, 3] = 0.0
+    sharded.backward(b, grad)
+    sharded.step()
+
+
+def scenario_bad_input_on_one_rank_raises_everywhere(rank, world, scratch: Path):
+    sharded = ShardedEmbeddingStore(TABLES, config())
+    lengths, ids, _, grad = rank_batch(0, rank, 4)
+    b = sharded.pooled_lookup(FEATURES, ids, offsets_of(lengths), train=True)
+    sharded.backward(b, grad)
+    before = sharded.stats()["total"]["entries"]
+    bad = ids.copy()
+    if rank == 0:
+        bad[int(lengths[0].sum()) - 1 if lengths[0].sum() else 0] = 40  # user declares 40 rows
+    try:
+        sharded.pooled_lookup(FEATURES, bad, offsets_of(lengths), train=True)
+    except IdOutOfRangeError as exc:
+        assert rank == 0 and exc.id == 40
+    except PeerRankError as exc:
+        assert rank != 0 and "[0]" in str(exc)
+    else:
+        raise AssertionError("an id out of range on rank 0 must raise on every rank")
+    assert sharded.stats()["total"]["entries"] == before
+    # a backward with the wrong shape on the last rank: every rank raises, nothing changes
+    b = sharded.pooled_lookup(FEATURES, ids, offsets_of(lengths), train=True)
+    rows = sharded.lookup("item", np.arange(300))
+    try:
+        sharded.backward(b, grad[:, :5] if rank == world - 1 else grad)
+    except (PeerRankError, Exception) as exc:
+        assert (type(exc).__name__ == "InputShapeError") == (rank == world - 1), repr(exc)
+    else:
+        raise AssertionError("a bad gradient on one rank must raise on every rank")
+    np.testing.assert_array_equal(sharded.lookup("item", np.arange(300)), rows)
+    sharded.backward(b, grad)
+
+
+def scenario_shard_without_entries_prunes(rank, world, scratch: Path):
+    cfg = config(prune_period=0)
+    sharded = ShardedEmbeddingStore(TABLES, cfg, exact=True)
+    single = EmbeddingStore(TABLES, cfg)
+    items = np.arange(300)
+    owned_by_0 = items[sharded.routing.owners(np.full(300, 1, np.int16), items, world) == 0][:20]
+    for step in range(2):
+        ids = owned_by_0 if rank == 0 else np.empty(0, np.int64)
+        g = np.random.default_rng(step).normal(size=(owned_by_0.size, 16)).astype(np.float32)
+        b = sharded.pooled_lookup("item", ids, np.arange(ids.size + 1), train=True)
+        sharded.backward(b, g[:ids.size])
+        r = single.pooled_lookup("item", owned_by_0, np.arange(owned_by_0.size + 1), train=True)
+        single.backward(r, g)
+        sharded.step()
+        single.step()
+    assert (sharded.shard.stats()["total"]["entries"] == 0) == (rank != 0)
+    assert sharded.prune()["pools"][0]["thresholds"] == single.prune()["pools"][0]["thresholds"]
+    np.testing.assert_array_equal(sharded.lookup("item", items), single.lookup("item", items))
+
+
+def scenario_uneven_batch_counts_stop_together(rank, world, scratch: Path):
+    sharded = ShardedEmbeddingStore(TABLES, config())
+    mine = [rank_batch(s, rank, 3) for s in range(2 + rank)]  # rank r holds 2 + r batches
+    steps = 0
+    for lengths, ids, _, grad in while_every_rank_has(mine, exchange=sharded.exchange):
+        b = sharded.pooled_lookup(FEATURES, ids, offsets_of(lengths), train=True)
+        sharded.backward(b, grad)
+        sharded.step()
+        steps += 1
+    assert steps == 2
+    assert sharded.step_count == 2
+
+
+SCENARIOS = [name for name in dir() if name.startswith("scenario_")]
