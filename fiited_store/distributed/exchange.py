@@ -16,6 +16,21 @@ from typing import Any
 import numpy as np
 
 
+def segment_sums(values: np.ndarray, counts: np.ndarray) -> np.ndarray:
+    """int64[W]: the sums of consecutive segments of ``values`` holding ``counts[r]`` items each."""
+    c = np.concatenate([[0], np.cumsum(values, dtype=np.int64)])
+    ends = np.cumsum(counts, dtype=np.int64)
+    return c[ends] - c[ends - np.asarray(counts, np.int64)]
+
+
+def starts_of(sizes: np.ndarray) -> np.ndarray:
+    """int64[n]: where each of n consecutive pieces of these sizes starts."""
+    out = np.zeros(len(sizes), np.int64)
+    if len(sizes) > 1:
+        np.cumsum(sizes[:-1], out=out[1:])
+    return out
+
+
 class LocalExchange:
     """One process, no process group: every collective is the identity."""
 

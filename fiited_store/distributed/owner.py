@@ -11,6 +11,7 @@ import numpy as np
 
 from .. import placement, residency
 from ..kernels import cpu as host_kernels
+from .exchange import starts_of
 
 
 class OwnerRows(NamedTuple):
@@ -30,10 +31,8 @@ def owner_rows(store, q_tables: np.ndarray, ids: np.ndarray, train: bool) -> Own
     Training inserts unseen keys as a single store's training lookup does (their
     chunks take free slots, or start absent when the pool is full) and, in cache
     mode, makes every chunk of the keys resident."""
-    b = store.backend
     dims = key_widths(store, q_tables)
-    row_start = np.zeros(dims.shape[0], np.int64)
-    np.cumsum(dims[:-1], out=row_start[1:])
+    row_start = starts_of(dims)
     rows = np.empty(int(dims.sum()), np.float32)
     new: list = []
     entries = store._resolve(q_tables, ids, insert=train, new_out=new)

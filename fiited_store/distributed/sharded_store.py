@@ -60,26 +60,11 @@ from ..errors import (
 from ..inputs import request_arrays
 from ..kernels import cpu as host_kernels
 from . import owner
-from .exchange import LocalExchange, exchange_for
+from .exchange import exchange_for, segment_sums, starts_of
 from .routing import RowWiseRouting
 
 # what a rank reports in the flag exchange of a backward pass
 _OK, _NONFINITE, _OVERFLOW, _REFUSED = 0, 1, 2, 3
-
-
-def segment_sums(values: np.ndarray, counts: np.ndarray) -> np.ndarray:
-    """int64[W]: the sums of consecutive segments of ``values`` holding ``counts[r]`` items each."""
-    c = np.concatenate([[0], np.cumsum(values, dtype=np.int64)])
-    ends = np.cumsum(counts, dtype=np.int64)
-    return c[ends] - c[ends - np.asarray(counts, np.int64)]
-
-
-def starts_of(sizes: np.ndarray) -> np.ndarray:
-    """int64[n]: where each of n consecutive pieces of these sizes starts."""
-    out = np.zeros(len(sizes), np.int64)
-    if len(sizes) > 1:
-        np.cumsum(sizes[:-1], out=out[1:])
-    return out
 
 
 def shard_config(tables: Sequence[TableConfig], config: StoreConfig, world: int):
@@ -263,14 +248,11 @@ class ShardedEmbeddingStore:
         status = np.float32(0.0)
         try:
             got = owner.owner_rows(self.shard, recv_tables, recv_ids, train)
-            rows_out, row_start = got.rows, got.row_start
+            rows_out = got.rows
         except FiitedError as exc:
             local_error, status = exc, np.float32(1.0)
             got = None
-            dims = self._dims[recv_tables]
-            row_start = starts_of(dims)
-            rows_out = np.zeros(int(dims.sum()), np.float32)
-        recv_key_start = np.concatenate([[0], np.cumsum(recv_counts)]).astype(np.int64)
+            rows_out = np.zeros(int(self._dims[recv_tables].sum()), np.float32)
         recv_dims = self._dims[recv_tables]
         seg_rows = segment_sums(recv_dims, recv_counts)
         back = np.empty(int(rows_out.shape[0]) + W, np.float32)
