@@ -292,8 +292,12 @@ def check_files(ckpt: Path, files: dict[str, int]) -> list[str]:
     return problems
 
 
-def save_store(store, path: Path | None) -> Path:
-    """Write ``store`` to ``path`` (its own directory when None); returns the checkpoint directory."""
+def save_store(store, path: Path | None, *, remove_older: bool = True) -> Path:
+    """Write ``store`` to ``path`` (its own directory when None); returns the checkpoint directory.
+
+    ``remove_older=False`` keeps the older checkpoints: a sharded store removes them
+    only once its global manifest names the new ones (see
+    :mod:`fiited_store.distributed.checkpoint`)."""
     if path is None:
         raise ConfigError("this store has no directory: pass save(path)")
     path = Path(path)
@@ -306,13 +310,13 @@ def save_store(store, path: Path | None) -> Path:
         raise storage_error(exc, f"creating store directory {path}") from exc
     lock = None if own else acquire_lock(path)
     try:
-        return _save_locked(store, path)
+        return _save_locked(store, path, remove_older)
     finally:
         if lock is not None:
             lock.release()
 
 
-def _save_locked(store, path: Path) -> Path:
+def _save_locked(store, path: Path, remove_older: bool = True) -> Path:
     b = store.backend
     existing = [p.name for p in path.iterdir() if p.name.startswith("ckpt-") and not p.name.endswith(".partial")]
     number = max([_checkpoint_number(n) for n in existing] + [0]) + 1
@@ -383,13 +387,19 @@ def _save_locked(store, path: Path) -> Path:
     except BaseException:
         shutil.rmtree(partial, ignore_errors=True)
         raise
+    if remove_older:
+        remove_checkpoints_except(path, name)
+    return final
+
+
+def remove_checkpoints_except(path: Path, keep: str) -> None:
+    """Remove every checkpoint of ``path`` but ``keep`` (those a reader pins stay, until a later save)."""
     for p in path.iterdir():
-        if p.name.startswith("ckpt-") and p.name != name:
+        if p.name.startswith("ckpt-") and p.name != keep:
             if p.name.endswith(".partial"):  # a save that crashed: never pinned
                 shutil.rmtree(p, ignore_errors=True)
             else:
                 _remove_unpinned(p)
-    return final
 
 
 # ------------------------------------------------------------------------ open
@@ -410,8 +420,11 @@ def _read(group, name: str, dtype, shape: tuple[int, ...], where: str) -> np.nda
         raise CorruptStoreError(f"{where}/{name} cannot be decoded (truncated or corrupt chunk): {exc}") from exc
 
 
-def open_checkpoint_group(path: Path, pin: CheckpointPin | None = None):
-    ckpt = pin.checkpoint if pin is not None else path / read_manifest(path)["checkpoint"]
+def open_checkpoint_group(path: Path, pin: CheckpointPin | None = None, checkpoint: str | None = None):
+    if pin is not None:
+        ckpt = pin.checkpoint
+    else:
+        ckpt = path / (checkpoint if checkpoint is not None else read_manifest(path)["checkpoint"])
     try:
         root = zarr.open_group(zarr.storage.LocalStore(str(ckpt), read_only=True), mode="r")
         attrs = dict(root.attrs)
@@ -422,9 +435,25 @@ def open_checkpoint_group(path: Path, pin: CheckpointPin | None = None):
     return ckpt, root, attrs
 
 
-def open_store(path: Path, mode: str = "r", device: str | None = None, *, check_listed_files: bool = True):
+def pin_checkpoint(path: Path, checkpoint: str) -> CheckpointPin:
+    """Pin a named checkpoint of ``path`` (a shard opened at its global manifest's checkpoint)."""
+    ckpt = path / checkpoint
+    try:
+        fd = os.open(ckpt, os.O_RDONLY | os.O_DIRECTORY)
+    except FileNotFoundError:
+        raise CorruptStoreError(f"checkpoint {ckpt} is missing") from None
+    except OSError as exc:
+        raise storage_error(exc, f"opening checkpoint {ckpt}") from exc
+    fcntl.flock(fd, fcntl.LOCK_SH)
+    return CheckpointPin(fd, ckpt)
+
+
+def open_store(path: Path, mode: str = "r", device: str | None = None, *, check_listed_files: bool = True,
+               checkpoint: str | None = None):
     """Open a store directory (see ``EmbeddingStore.open``); ``check_listed_files=False`` lets ``verify``
-    go past missing or resized files to report what else is wrong."""
+    go past missing or resized files to report what else is wrong. ``checkpoint`` names the
+    checkpoint to open instead of the one the store's manifest names (opened for writing,
+    the manifest is pointed back at it)."""
     from ..store import EmbeddingStore
 
     if mode not in ("r", "r+"):
@@ -436,8 +465,8 @@ def open_store(path: Path, mode: str = "r", device: str | None = None, *, check_
     try:
         if mode == "r":
             read_manifest(path, check_checkpoint=False)  # a missing or foreign store is named before any retry
-            pin = pin_current_checkpoint(path)
-        ckpt, root, attrs = open_checkpoint_group(path, pin)
+            pin = pin_current_checkpoint(path) if checkpoint is None else pin_checkpoint(path, checkpoint)
+        ckpt, root, attrs = open_checkpoint_group(path, pin, checkpoint)
         version = int(attrs["format_version"])
         if version >= 3 and check_listed_files:
             listed = attrs.get("files")
@@ -522,6 +551,9 @@ def open_store(path: Path, mode: str = "r", device: str | None = None, *, check_
             store._lock = lock
             store._pin = pin
             store.checkpoint = ckpt.name
+            if mode == "r+" and checkpoint is not None and read_manifest(path, False)["checkpoint"] != checkpoint:
+                manifest = {"format": FORMAT, "format_version": FORMAT_VERSION, "checkpoint": checkpoint}
+                write_atomic(path / MANIFEST, json.dumps(manifest, indent=2).encode())
 
         return EmbeddingStore(tables, config, _restore=restore)
     except BaseException:

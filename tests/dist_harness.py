@@ -22,13 +22,13 @@ WORLD_DEADLINE = 600
 COLLECTIVE_TIMEOUT = 60
 
 
-def _worker(rank: int, world: int, workdir: str, scenarios: list[str], module: str) -> None:
+def _worker(rank: int, world: int, workdir: str, scenarios: list[str], module: str, timeout: float) -> None:
     import importlib
 
     import torch.distributed as dist
 
     dist.init_process_group("gloo", init_method=f"file://{workdir}/rendezvous", rank=rank, world_size=world,
-                            timeout=timedelta(seconds=COLLECTIVE_TIMEOUT))
+                            timeout=timedelta(seconds=timeout))
     mod = importlib.import_module(module)
     results = {}
     for name in scenarios:
@@ -45,18 +45,20 @@ def _worker(rank: int, world: int, workdir: str, scenarios: list[str], module: s
     dist.destroy_process_group()
 
 
-def run_world(world: int, scenarios: list[str], module: str, workdir: Path) -> dict[str, str | None]:
+def run_world(world: int, scenarios: list[str], module: str, workdir: Path,
+              collective_timeout: float = COLLECTIVE_TIMEOUT) -> dict[str, str | None]:
     """Run ``module.<scenario>(rank, world, scratch_dir)`` for each scenario on ``world`` ranks.
 
     Returns scenario -> None (passed on every rank) or the failing ranks' tracebacks."""
     import torch.multiprocessing as mp
+    from torch.multiprocessing.spawn import ProcessException
 
     env = {"NUMBA_NUM_THREADS": "1", "OMP_NUM_THREADS": "1", "TORCH_DISTRIBUTED_DEBUG": "DETAIL"}
     saved = {k: os.environ.get(k) for k in env}
     os.environ.update(env)
     crash = None
     try:
-        ctx = mp.start_processes(_worker, args=(world, str(workdir), scenarios, module), nprocs=world, join=False,
+        ctx = mp.start_processes(_worker, args=(world, str(workdir), scenarios, module, collective_timeout), nprocs=world, join=False,
                                  start_method="spawn")
         deadline = time.monotonic() + WORLD_DEADLINE
         try:
@@ -66,7 +68,7 @@ def run_world(world: int, scenarios: list[str], module: str, workdir: Path) -> d
                         p.kill()
                     crash = f"a world of {world} ranks ran past {WORLD_DEADLINE} s (a hang?)"
                     break
-        except mp.ProcessRaisedException as exc:  # a rank left the collectives out of step
+        except ProcessException as exc:  # a rank left the collectives out of step, or died
             crash = str(exc)
     finally:
         for k, v in saved.items():

@@ -150,8 +150,13 @@ class ShardedEmbeddingStore:
             self.shard = _shard
         else:
             shard_tables, shard_cfg = shard_config(self.tables, self.config, self.world)
-            self.shard = EmbeddingStore(shard_tables, shard_cfg,
-                                        path=None if self.path is None else self.path / shard_dir(self.rank))
+            from .checkpoint import is_sharded, shard_dir_name
+
+            if self.path is not None and is_sharded(self.path):
+                raise ConfigError(f"{self.path} already holds a sharded store; open it with "
+                                  f"ShardedEmbeddingStore.open({str(self.path)!r}, 'r+')")
+            self.shard = EmbeddingStore(shard_tables, shard_cfg, path=None if self.path is None
+                                        else self.path / shard_dir_name(self.world, self.rank))
         self.shard.collective = self.exchange
         self._table_index = {t.name: i for i, t in enumerate(self.tables)}
         self._dims = np.array([t.dim for t in self.tables], np.int64)
@@ -431,6 +436,23 @@ class ShardedEmbeddingStore:
         """One global prune pass (a collective); returns this shard's report."""
         return self.shard.prune()
 
+    # ------------------------------------------------------------------ persistence
+    def save(self, path: str | Path | None = None) -> Path:
+        """Save every shard and commit the global manifest, two-phase (a collective; see
+        :mod:`fiited_store.distributed.checkpoint`). Returns the store's directory."""
+        from .checkpoint import save_sharded
+
+        return save_sharded(self, path)
+
+    @classmethod
+    def open(cls, path: str | Path, mode: str = "r", *, process_group: Any = None,
+             exact: bool = False) -> "ShardedEmbeddingStore":
+        """Open a saved sharded store on this process group (a collective): "r" or "r+".
+        A world of another size than the saved one reshards by bucket ranges."""
+        from .checkpoint import open_sharded
+
+        return open_sharded(path, mode, process_group=process_group, exact=exact)
+
     # ------------------------------------------------------------------ stats
     def stats(self) -> dict[str, Any]:
         """Every shard's :meth:`EmbeddingStore.stats` merged (a collective): per table and in
@@ -481,7 +503,3 @@ def merge_stats(tables: Sequence[TableConfig], shard_stats: list[dict], config: 
     return {"tables": per_table, "total": total,
             "shards": [{"entries": s["total"]["entries"], "memory_total": s["total"]["bytes"]["memory_total"],
                         "resident_chunks": s["total"]["resident_chunks"]} for s in shard_stats]}
-
-
-def shard_dir(rank: int) -> str:
-    return f"shard-{rank:05d}"
