@@ -79,11 +79,15 @@ class _StoreModule(torch.nn.Module):
 
     def _store_summary(self) -> str:
         c = self.store.config
-        pool = sum(p.vector_bytes for p in self.store.pools)
+        shard = getattr(self.store, "shard", None)  # a sharded store: its pools are per rank
+        pools = shard.pools if shard is not None else self.store.pools
+        pool = sum(p.vector_bytes for p in pools) * (self.store.world if shard is not None else 1)
         dense = sum(t.num_embeddings * t.dim * 4 for t in self.store.tables if t.num_embeddings is not None)
         share = f" = {pool / dense:.3g} x dense" if dense and all(t.num_embeddings for t in self.store.tables) else ""
         return (f"budget {_mib(pool)} of chunk vectors{share}, store_mode={c.mode!r}, pruning={c.pruning!r}, "
-                f"device={c.device!r}; embeddings in .store, not parameters (state_dict keys 'store.*')")
+                f"device={c.device!r}"
+                + (f", sharded row-wise over {self.store.world} ranks (this is rank {self.store.rank})" if shard else "")
+                + "; embeddings in .store, not parameters (state_dict keys 'store.*')")
 
     @staticmethod
     def _table_summary(t: TableConfig) -> str:
@@ -310,6 +314,14 @@ class FiitedEmbeddingBagCollection(_StoreModule):
             TorchRec orders them), "concat" (float32[B, sum of dims], features in the
             order of the input's keys) or "dict" ({feature: float32[B, D]}).
         chunks: K for TorchRec configs (an int, or {table name: K}).
+        process_group: a ``torch.distributed`` process group: the tables are sharded
+            row-wise over its ranks (:class:`~fiited_store.distributed.ShardedEmbeddingStore`).
+            Every rank then calls the module together (forward and backward are
+            collectives); give the embeddings a group of their own and train the
+            dense part under DDP. Gradients of one row from several ranks add up,
+            as TorchRec's do.
+        exact: with ``process_group``, send one gradient row per occurrence so that
+            the result equals one store fed the global batch, bit for bit.
 
     ``output="concat"`` and a "keyed" output whose input keys are already in the
     tables' order share memory with the store's output buffer; a "keyed" output that
@@ -334,7 +346,7 @@ class FiitedEmbeddingBagCollection(_StoreModule):
     def __init__(self, tables: Sequence[Any], is_weighted: bool = False, device: Any = None, *,
                  store_config: StoreConfig | None = None, feature_to_table: Mapping[str, str] | None = None,
                  mode: str | None = None, output: str = "keyed", chunks: int | Mapping[str, int] = 4,
-                 path: Any = None, auto_step: bool = True):
+                 path: Any = None, auto_step: bool = True, process_group: Any = None, exact: bool = False):
         if isinstance(is_weighted, StoreConfig):
             raise ConfigError("the second positional argument is is_weighted (TorchRec's order); "
                               "pass the StoreConfig as store_config=...")
@@ -357,7 +369,14 @@ class FiitedEmbeddingBagCollection(_StoreModule):
             raise ConfigError(f"mode must be 'sum' or 'mean', got {mode!r}")
         if output not in ("keyed", "concat", "dict"):
             raise ConfigError(f"output must be 'keyed', 'concat' or 'dict', got {output!r}")
-        super().__init__(EmbeddingStore(configs, _store_config_on(store_config, device), path=path), auto_step)
+        if process_group is not None:
+            from ..distributed import ShardedEmbeddingStore
+
+            store = ShardedEmbeddingStore(configs, _store_config_on(store_config, device), process_group=process_group,
+                                          exact=exact, path=path)
+        else:
+            store = EmbeddingStore(configs, _store_config_on(store_config, device), path=path)
+        super().__init__(store, auto_step)
         self.tables = configs
         self.is_weighted = bool(is_weighted)
         self.mode = mode

@@ -126,6 +126,13 @@ def cmd_train(args) -> int:
     # dense does not prune: its ratio is 0 whatever --ratio says
     ratio = 0.0 if args.method == "dense" else args.ratio
     result = run(_config_from(args, method=args.method, ratio=ratio, seed=args.seed), progress=not args.no_progress)
+    if result.get("world_size", 1) > 1:
+        import torch.distributed as dist
+
+        rank = dist.get_rank()
+        dist.destroy_process_group()
+        if rank != 0:  # under torchrun: rank 0 reports for all
+            return 0
     print(format_result(result))
     if args.json:
         Path(args.json).write_text(json.dumps(result, indent=2, default=float))

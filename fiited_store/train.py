@@ -9,13 +9,13 @@ import time
 import warnings
 from dataclasses import asdict, replace
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any, NamedTuple, Sequence
 
 import numpy as np
 import torch
 from tqdm import tqdm
 
-from .data import TabularDataset
+from .data import Batch, TabularDataset
 from .metrics import accuracy, auc, log_loss
 from .models.dlrm import DLRM, FiitedEmbeddings, build_embeddings
 from .train_config import DATASETS, METHODS, SWEEP_RATIOS, TrainConfig  # noqa: F401 - re-exported
@@ -43,14 +43,64 @@ def load_dataset(cfg: TrainConfig):
     return train, val, test, full.feature_names, full.cardinalities, train.access_counts()
 
 
-def evaluate(model: DLRM, data: TabularDataset, batch_size: int = 4096) -> dict[str, float]:
+class Distributed(NamedTuple):
+    """This process's place under ``torchrun``, and the embeddings' own process group."""
+
+    rank: int
+    world: int
+    group: Any
+
+
+def distributed_context() -> Distributed | None:
+    """Under ``torchrun`` (WORLD_SIZE > 1): join the default gloo group, and give the
+    embeddings a group of their own (the dense part's DDP all-reduces use the default
+    one, so the two never wait on each other's collectives). Otherwise None."""
+    import os
+
+    if int(os.environ.get("WORLD_SIZE", "1")) <= 1:
+        return None
+    import torch.distributed as dist
+
+    if not dist.is_initialized():
+        dist.init_process_group("gloo")
+    return Distributed(dist.get_rank(), dist.get_world_size(), dist.new_group(backend="gloo"))
+
+
+def rank_slice(batch: Batch, rank: int, world: int) -> Batch:
+    """This rank's contiguous share of a global batch's samples."""
+    B = batch.size
+    lo, hi = rank * B // world, (rank + 1) * B // world
+    F = len(batch.keys)
+    lengths = batch.lengths.view(F, B)
+    starts = torch.cat([torch.zeros(1, dtype=torch.int64), torch.cumsum(batch.lengths, 0)]).view(-1)
+    pieces = [batch.values[starts[f * B + lo]:starts[f * B + hi]] for f in range(F)]  # F slices, not one per key
+    return Batch(dense=batch.dense[lo:hi], keys=batch.keys, values=torch.cat(pieces),
+                 lengths=lengths[:, lo:hi].reshape(-1).contiguous(), labels=batch.labels[lo:hi])
+
+
+def evaluate(model: DLRM, data: TabularDataset, batch_size: int = 4096,
+             dist_ctx: Distributed | None = None) -> dict[str, float]:
+    """Quality on ``data``. Sharded, every rank scores an equal share (the last padded, so
+    that every rank makes the same number of collective lookups) and all see every score."""
     model.eval()
     probs = []
+    part = data
+    if dist_ctx is not None:
+        per = -(-len(data) // dist_ctx.world)
+        rows = np.arange(dist_ctx.rank * per, (dist_ctx.rank + 1) * per)
+        part = data.subset(np.where(rows < len(data), rows, 0), data.name)
     with torch.no_grad():
-        for batch in data.batches(batch_size):
-            probs.append(torch.sigmoid(model(batch)).numpy())
+        for batch in part.batches(batch_size):
+            probs.append(torch.sigmoid(model(batch)))
     model.train()
-    p = np.concatenate(probs)
+    p = torch.cat(probs)
+    if dist_ctx is not None:
+        import torch.distributed as dist
+
+        every = [torch.empty_like(p) for _ in range(dist_ctx.world)]
+        dist.all_gather(every, p)
+        p = torch.cat(every)[:len(data)]
+    p = p.numpy()
     return {"auc": auc(data.labels, p), "logloss": log_loss(data.labels, p), "accuracy": accuracy(data.labels, p)}
 
 
@@ -60,14 +110,24 @@ def run(cfg: TrainConfig, progress: bool = True, out=sys.stderr) -> dict[str, An
     np.random.seed(cfg.seed)
     # torch's sparse Adagrad warns on every step about invariant checks it skips
     warnings.filterwarnings("ignore", message="Sparse invariant checks")
+    dist_ctx = distributed_context()
+    if dist_ctx is not None and not cfg.method.startswith("fiited") and cfg.method != "adaembed":
+        from .errors import ConfigError
+
+        raise ConfigError(f"under torchrun only FIITED's store is sharded; method {cfg.method!r} would train a "
+                          f"separate copy per rank")
+    progress = progress and (dist_ctx is None or dist_ctx.rank == 0)
     train, val, test, names, cards, counts = load_dataset(cfg)
     synthetic = cfg.dataset in ("synthetic", "mixed")
     emb = build_embeddings(cfg.method, names, cards, cfg.dim, cfg.ratio, cfg.chunks, cfg.lr_embedding, counts=counts,
                            prune_period=cfg.prune_period, gamma=cfg.gamma, seed=cfg.seed, steepness=cfg.steepness,
                            utility=cfg.utility, table_normalization=cfg.table_normalization,
-                           small_table_rows=cfg.small_table_rows)
+                           small_table_rows=cfg.small_table_rows,
+                           process_group=None if dist_ctx is None else dist_ctx.group)
     num_dense = test.num_dense
     model = DLRM(emb, len(names), cfg.dim, num_dense)
+    # the dense part trains data-parallel: DDP averages its gradients over the ranks
+    step_model = model if dist_ctx is None else torch.nn.parallel.DistributedDataParallel(model)
     sparse = set(map(id, emb.sparse_parameters()))
     dense_params = [p for p in model.parameters() if id(p) not in sparse]
     dense_opt = torch.optim.Adam(dense_params, lr=cfg.lr_dense)
@@ -87,12 +147,21 @@ def run(cfg: TrainConfig, progress: bool = True, out=sys.stderr) -> dict[str, An
     steps = 0
     losses = []
 
-    def batches(epoch):
+    def global_batches(epoch):
         if synthetic:
             for s in schedule[0]:
                 yield train.batch(cfg.batch_size, s)
         else:
             yield from train.batches(cfg.batch_size, shuffle=True, seed=cfg.seed * 1000 + epoch)
+
+    def batches(epoch):
+        # sharded, every rank takes its share of the same global batch (a last batch
+        # too small to give every rank a sample is skipped on all of them)
+        for batch in global_batches(epoch):
+            if dist_ctx is None:
+                yield batch
+            elif batch.size >= dist_ctx.world:
+                yield rank_slice(batch, dist_ctx.rank, dist_ctx.world)
 
     for epoch in range(len(schedule)):
         for batch in batches(epoch):
@@ -100,7 +169,7 @@ def run(cfg: TrainConfig, progress: bool = True, out=sys.stderr) -> dict[str, An
             dense_opt.zero_grad(set_to_none=True)
             if sparse_opt is not None:
                 sparse_opt.zero_grad(set_to_none=True)
-            loss = loss_fn(model(batch), batch.labels)
+            loss = loss_fn(step_model(batch), batch.labels)
             loss.backward()   # the store's fused optimizer runs inside this call
             dense_opt.step()
             if sparse_opt is not None:
@@ -111,9 +180,10 @@ def run(cfg: TrainConfig, progress: bool = True, out=sys.stderr) -> dict[str, An
             bar.update(1)
             if steps % 20 == 0:
                 bar.set_postfix(loss=f"{np.mean(losses[-20:]):.4f}")
-        v = evaluate(model, val)
+        v = evaluate(model, val, dist_ctx=dist_ctx)
         if v["auc"] > best["val_auc"]:
-            best = {"val_auc": v["auc"], "epoch": epoch, **{f"test_{k}": x for k, x in evaluate(model, test).items()}}
+            best = {"val_auc": v["auc"], "epoch": epoch,
+                    **{f"test_{k}": x for k, x in evaluate(model, test, dist_ctx=dist_ctx).items()}}
     bar.close()
 
     dense_bytes = int(sum(cards) * cfg.dim * 4)
@@ -135,6 +205,8 @@ def run(cfg: TrainConfig, progress: bool = True, out=sys.stderr) -> dict[str, An
                       entries=st["entries"], store_vs_dense=st["memory_vs_dense"],
                       store_vs_dense_with_optimizer=st["memory_vs_dense_with_optimizer"])
         emb.store.close()
+    if dist_ctx is not None:
+        result["world_size"] = dist_ctx.world
     return result
 
 
@@ -151,7 +223,8 @@ def format_result(r: dict[str, Any]) -> str:
         lines.append(f"          training memory of the store (pool, optimizer state, entry index) {r['store_memory_bytes'] / 2**20:.2f} MiB"
                      f" = {r['store_vs_dense']:.3f} x dense weights, {r['store_vs_dense_with_optimizer']:.3f} x dense weights"
                      f" + the same optimizer's state; average kept dimension {r['average_kept_dim']:.1f} of {r['dim']}")
-    lines.append(f"speed     {r['step_ms']:.2f} ms per training step ({r['steps']} steps of {r['batch_size']})")
+    lines.append(f"speed     {r['step_ms']:.2f} ms per training step ({r['steps']} steps of {r['batch_size']}"
+                 + (f" shared by {r['world_size']} ranks)" if r.get("world_size", 1) > 1 else ")"))
     return "\n".join(lines)
 
 

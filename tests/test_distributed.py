@@ -56,3 +56,27 @@ def _workdir(root, name):
     d = root / name
     d.mkdir()
     return d
+
+
+def test_example_trains_under_torchrun(tmp_path):
+    """The README's torchrun command: 2 ranks with uneven batch counts stop together and
+    save one sharded store, which this process (a world of one) opens."""
+    import os
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    from fiited_store.distributed import ShardedEmbeddingStore
+
+    repo = Path(__file__).resolve().parents[1]
+    env = dict(os.environ, OMP_NUM_THREADS="1", NUMBA_NUM_THREADS="1")
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
+           str(repo / "examples" / "train_distributed.py"), "--steps", "12", "--batch-size", "64",
+           "--save", str(tmp_path / "store")]
+    done = subprocess.run(cmd, capture_output=True, text=True, timeout=300, env=env, cwd=tmp_path)
+    assert done.returncode == 0, done.stdout + done.stderr
+    assert "12 steps on each of 2 ranks" in done.stdout, done.stdout
+    with ShardedEmbeddingStore.open(tmp_path / "store") as store:
+        stats = store.stats()
+        assert stats["total"]["step"] == 12
+        assert stats["tables"]["user"]["entries"] > 0 and stats["tables"]["item"]["entries"] > 0

@@ -436,6 +436,23 @@ class ShardedEmbeddingStore:
         """One global prune pass (a collective); returns this shard's report."""
         return self.shard.prune()
 
+    # ------------------------------------------------------------------ state as arrays
+    def export_state(self) -> dict[str, np.ndarray]:
+        """This rank's shard as arrays (a module's ``state_dict`` on this rank), tagged with
+        its rank and world size. :meth:`save` writes the whole store."""
+        out = self.shard.export_state()
+        out["meta.shard"] = np.array([self.rank, self.world, self.routing.n_buckets], np.int64)
+        return out
+
+    def import_state(self, arrays: dict[str, Any]) -> None:
+        """Replace this rank's shard with an :meth:`export_state` of the same rank and world."""
+        tag = np.asarray(arrays.get("meta.shard", [-1, -1, -1])).tolist()
+        if tag != [self.rank, self.world, self.routing.n_buckets]:
+            raise ConfigError(f"this state is shard {tag[0]} of {tag[1]} ranks ({tag[2]} buckets); this store is "
+                              f"shard {self.rank} of {self.world} ({self.routing.n_buckets} buckets): reshard "
+                              f"through save() and open() instead")
+        self.shard.import_state({k: v for k, v in arrays.items() if k != "meta.shard"})
+
     # ------------------------------------------------------------------ persistence
     def save(self, path: str | Path | None = None) -> Path:
         """Save every shard and commit the global manifest, two-phase (a collective; see

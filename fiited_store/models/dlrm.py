@@ -143,12 +143,14 @@ class FiitedEmbeddings(nn.Module):
     """The store behind the DLRM: one table per feature, all in one store."""
 
     def __init__(self, feature_names: Sequence[str], cardinalities: Sequence[int], dim: int, store_config: StoreConfig,
-                 chunks: int, optimizer: str, learning_rate: float, init_scale: float | None = None, path=None):
+                 chunks: int, optimizer: str, learning_rate: float, init_scale: float | None = None, path=None,
+                 process_group=None):
         super().__init__()
         tables = [TableConfig(f, dim=dim, chunks=chunks, num_embeddings=int(n), optimizer=optimizer,
                               learning_rate=learning_rate, init_scale=init_scale)
                   for f, n in zip(feature_names, cardinalities)]
-        self.collection = FiitedEmbeddingBagCollection(tables, store_config=store_config, output="concat", path=path)
+        self.collection = FiitedEmbeddingBagCollection(tables, store_config=store_config, output="concat", path=path,
+                                                       process_group=process_group)
 
     @property
     def store(self):
@@ -161,6 +163,9 @@ class FiitedEmbeddings(nn.Module):
         return []
 
     def weight_bytes(self) -> int:
+        """The pool's bytes (every shard's, for a sharded store: then a collective)."""
+        if hasattr(self.store, "shard"):
+            return int(self.store.stats()["total"]["bytes"]["pool_vectors"])
         return sum(p.vector_bytes for p in self.store.pools)
 
 
@@ -169,8 +174,9 @@ def build_embeddings(method: str, feature_names: Sequence[str], cardinalities: S
                      prune_period: int = 100, gamma: float = 0.99, sample_size: int = 100_000, seed: int = 0,
                      steepness: float = 1.0, utility: str = "gradient", optimizer: str = "adagrad",
                      mode: str = "prune", path=None, table_normalization: str = "none",
-                     small_table_rows: int = 0) -> nn.Module:
-    """The embedding module of one method at one pruning ratio (fraction of the dense size removed)."""
+                     small_table_rows: int = 0, process_group=None) -> nn.Module:
+    """The embedding module of one method at one pruning ratio (fraction of the dense size removed);
+    with ``process_group``, FIITED's store is sharded over its ranks."""
     if method == "dense":
         return DenseEmbeddings(cardinalities, dim)
     if method == "small-dim":  # every row gets D x (1 - ratio) dimensions, projected to D
@@ -190,4 +196,5 @@ def build_embeddings(method: str, feature_names: Sequence[str], cardinalities: S
     cfg = StoreConfig(pruning=pruning, budget_fraction=max(1.0 - ratio, 1e-6), prune_period=prune_period, gamma=gamma,
                       sample_size=sample_size, seed=seed, utility=utility, mode=mode,
                       table_normalization=table_normalization, small_table_rows=small_table_rows)
-    return FiitedEmbeddings(feature_names, cardinalities, dim, cfg, chunks, optimizer, learning_rate, path=path)
+    return FiitedEmbeddings(feature_names, cardinalities, dim, cfg, chunks, optimizer, learning_rate, path=path,
+                            process_group=process_group)
