@@ -171,10 +171,24 @@ def cmd_bench(args) -> int:
     return 0
 
 
+def _sharded(path: str) -> bool:
+    from .distributed.checkpoint import is_sharded
+
+    return is_sharded(path)
+
+
 def cmd_inspect(args) -> int:
     from .store import EmbeddingStore
     from .tools import format_inspection, inspect_store, plot_inspection
 
+    if _sharded(args.path):
+        from .distributed.tools import format_sharded_inspection, inspect_sharded
+
+        if args.plot:
+            raise ValueError("--plot draws one store: inspect a shard directory (PATH/w0002-shard-00000) to plot it")
+        info = inspect_sharded(Path(args.path))
+        print(json.dumps(info, indent=2, default=float) if args.json else format_sharded_inspection(info))
+        return 0
     with EmbeddingStore.open(args.path, "r") as store:
         info = inspect_store(store)
         if args.plot:
@@ -188,7 +202,12 @@ def cmd_inspect(args) -> int:
 def cmd_verify(args) -> int:
     from .tools import verify_store
 
-    problems = verify_store(Path(args.path), progress=not args.no_progress)
+    if _sharded(args.path):
+        from .distributed.tools import verify_sharded
+
+        problems = verify_sharded(Path(args.path), progress=not args.no_progress)
+    else:
+        problems = verify_store(Path(args.path), progress=not args.no_progress)
     if problems:
         for p in problems:
             print(f"FAIL {p}")
@@ -200,15 +219,36 @@ def cmd_verify(args) -> int:
 def cmd_compact(args) -> int:
     from .tools import compact_store
 
-    r = compact_store(Path(args.path), progress=not args.no_progress)
+    if _sharded(args.path):
+        from .distributed.tools import compact_sharded
+
+        r = compact_sharded(Path(args.path), progress=not args.no_progress)
+    else:
+        r = compact_store(Path(args.path), progress=not args.no_progress)
     print(f"{args.path}: {r['bytes_before']:,} bytes -> {r['bytes_after']:,} bytes "
           f"({r['bytes_after'] / max(r['bytes_before'], 1):.1%}); entries {r['entries_before']:,} -> {r['entries_after']:,} "
           f"({r['dropped_entries']:,} dead entries dropped)")
     return 0
 
 
+def cmd_reshard(args) -> int:
+    from .distributed.tools import reshard_offline
+
+    if not _sharded(args.path):
+        raise ValueError(f"{args.path} is not a sharded store (no fiited-sharded.json)")
+    r = reshard_offline(Path(args.path), args.world_size, progress=not args.no_progress)
+    if not r["moved"]:
+        print(f"{args.path} already has {args.world_size} shards: nothing to do")
+    else:
+        print(f"{args.path}: {args.world_size} shards, entries per shard {r['entries_per_shard']}")
+    return 0
+
+
 def cmd_export(args) -> int:
     from .tools import export_store
+
+    if _sharded(args.path):
+        raise ValueError("export reads one store: export each shard directory (PATH/w0002-shard-00000 ...)")
 
     s = export_store(Path(args.path), Path(args.out), args.format, progress=not args.no_progress)
     for name, t in s["tables"].items():
@@ -266,21 +306,27 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=cmd_bench)
 
     p = command("inspect", "tables, residency, kept dimensions, utilities, bytes, fragmentation")
-    p.add_argument("path", help="store directory")
+    p.add_argument("path", help="store directory (a sharded store: every shard, one merged report)")
     p.add_argument("--json", action="store_true", help="print the report as JSON")
     p.add_argument("--plot", type=_writable_file,
                    help="draw the kept-dimension and utility histograms, one colour per table, to this PNG")
     p.set_defaults(func=cmd_inspect)
 
     p = command("verify", "check every invariant and array; exit 1 naming what is wrong")
-    p.add_argument("path", help="store directory")
+    p.add_argument("path", help="store directory (a sharded store: every shard, and each key's owner)")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
     p.set_defaults(func=cmd_verify)
 
     p = command("compact", "drop dead entries, defragment pool and disk tier, shrink the files")
-    p.add_argument("path", help="store directory (opened for writing)")
+    p.add_argument("path", help="store directory, opened for writing (a sharded store: every shard)")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
     p.set_defaults(func=cmd_compact)
+
+    p = command("reshard", "rewrite a sharded store for another number of ranks (offline, one process)")
+    p.add_argument("path", help="sharded store directory (holds fiited-sharded.json)")
+    p.add_argument("world_size", type=positive_int, help="the number of shards to write")
+    p.add_argument("--no-progress", action="store_true", help="no progress bar")
+    p.set_defaults(func=cmd_reshard)
 
     p = command("export", "an inference export without utilities or optimizer state")
     p.add_argument("path", help="store directory")

@@ -53,16 +53,16 @@ def inspect_store(store: EmbeddingStore) -> dict[str, Any]:
     st = store.stats()
     tids = store.entries.table_of_entries()
     addr = b.to_host(store.entries.arrays.addr)
-    util = util_to_float(b.to_host(store.entries.arrays.util)) * np.float32(store.config.gamma ** (store.step_count - store._scale_origin))
+    utils = table_utilities(store)
     tables = {}
     for i, t in enumerate(store.tables):
         rows = tids == i
         kept = (addr[rows, : t.chunks] >= 0).sum(axis=1) * t.chunk_width
         hist = np.bincount(kept // t.chunk_width, minlength=t.chunks + 1)
-        u = util[rows][:, : min(t.chunks, util.shape[1])]
+        u = utils[t.name]
         info = st["tables"][t.name]
         info["kept_dim_histogram"] = {str(k * t.chunk_width): int(hist[k]) for k in range(t.chunks + 1)}
-        info["utility_quantiles"] = ({str(q): float(np.quantile(u, q)) for q in UTILITY_QUANTILES} if u.size else {})
+        info["utility_quantiles"] = utility_quantiles(u)
         tables[t.name] = info
     pools = []
     for pool, pst in zip(store.pools, st["pools"]):
@@ -88,6 +88,18 @@ def inspect_store(store: EmbeddingStore) -> dict[str, Any]:
     if store.path is not None:
         out["total"]["bytes"]["on_disk"] = directory_bytes(store.path)
     return out
+
+
+def utility_quantiles(u: np.ndarray) -> dict[str, float]:
+    return {str(q): float(np.quantile(u, q)) for q in UTILITY_QUANTILES} if u.size else {}
+
+
+def table_utilities(store: EmbeddingStore) -> dict[str, np.ndarray]:
+    """Per table, the true utilities of its entries' chunks, float32[entries, K or 1]."""
+    util = util_to_float(store.backend.to_host(store.entries.arrays.util)) * np.float32(
+        store.config.gamma ** (store.step_count - store._scale_origin))
+    tids = store.entries.table_of_entries()
+    return {t.name: util[tids == i][:, : min(t.chunks, util.shape[1])] for i, t in enumerate(store.tables)}
 
 
 def format_inspection(info: dict[str, Any]) -> str:
@@ -164,23 +176,23 @@ def plot_inspection(store: EmbeddingStore, info: dict[str, Any], path: Path) -> 
     return legends
 
 
-def verify_store(path: Path, progress: bool = False) -> list[str]:
+def verify_store(path: Path, progress: bool = False, checkpoint: str | None = None) -> list[str]:
     """Every problem found in the store at ``path`` (empty when it is sound).
 
     Every byte is read: the files the checkpoint lists (present, same size), every
     array and tier chunk through its crc32c, every invariant, and finite values in
-    vectors and optimizer state.
+    vectors and optimizer state. ``checkpoint`` names one other than the manifest's.
     """
     from .storage.checkpoint import check_files, open_checkpoint_group, open_store
 
     problems: list[str] = []
     try:
-        ckpt, _root, attrs = open_checkpoint_group(Path(path))
+        ckpt, _root, attrs = open_checkpoint_group(Path(path), checkpoint=checkpoint)
         if int(attrs["format_version"]) >= 3:
             problems += check_files(ckpt, attrs.get("files") or {})
             if not attrs.get("files"):
                 problems.append(f"checkpoint {ckpt} does not list its files")
-        store = open_store(Path(path), "r", check_listed_files=False)
+        store = open_store(Path(path), "r", check_listed_files=False, checkpoint=checkpoint)
     except FiitedError as exc:
         return problems + [str(exc)]
     with store:
@@ -267,12 +279,19 @@ def _compact_tiers(store: EmbeddingStore, progress: bool) -> None:
         store.tiers[g] = store._open_tier(g, old_root, fresh.owner, read_only=False)
 
 
-def compact_store(path: Path, progress: bool = True) -> dict[str, int]:
-    """Drop dead entries, pack the pool and the disk tier, shrink the entry table, save."""
+def compact_store(path: Path, progress: bool = True, checkpoint: str | None = None,
+                  remove_older: bool = True) -> dict[str, Any]:
+    """Drop dead entries, pack the pool and the disk tier, shrink the entry table, save.
+
+    ``checkpoint`` compacts that checkpoint instead of the manifest's, and
+    ``remove_older=False`` keeps the older ones (a shard of a sharded store, whose
+    global manifest moves on only once every shard is compacted)."""
+    from .storage.checkpoint import open_store, save_store
+
     before = directory_bytes(path)
     phases = ["drop dead entries", "pack pool", "pack disk tier", "shrink entry table", "save"]
     bar = tqdm(total=len(phases), disable=not progress, desc="compact", unit="phase")
-    with EmbeddingStore.open(path, "r+") as store:
+    with open_store(Path(path), "r+", checkpoint=checkpoint) as store:
         n_before = store.entries.n_live
         bar.set_postfix_str(phases[0])
         dropped = store.drop_dead_entries()
@@ -290,12 +309,12 @@ def compact_store(path: Path, progress: bool = True) -> dict[str, int]:
         problems = check_store(store)
         if problems:
             raise CorruptStoreError("compaction produced an unsound store, nothing was saved: " + "; ".join(problems))
-        store.save()
+        saved = save_store(store, Path(path), remove_older=remove_older)
         bar.update(1)
         n_after = store.entries.n_live
     bar.close()
     return {"bytes_before": before, "bytes_after": directory_bytes(path), "entries_before": n_before,
-            "entries_after": n_after, "dropped_entries": dropped}
+            "entries_after": n_after, "dropped_entries": dropped, "checkpoint": saved.name}
 
 
 EXPORT_FORMAT = "fiited-store-export"

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import pytest
 
+import json
+
 import numpy as np
 
 from tests import dist_scenarios
@@ -80,3 +82,58 @@ def test_example_trains_under_torchrun(tmp_path):
         stats = store.stats()
         assert stats["total"]["step"] == 12
         assert stats["tables"]["user"]["entries"] > 0 and stats["tables"]["item"]["entries"] > 0
+
+
+def _saved_world_of_one(path):
+    """A sharded store trained and saved by one process (a world of one, no process group)."""
+    from fiited_store.distributed import ShardedEmbeddingStore
+
+    with ShardedEmbeddingStore(dist_scenarios.TABLES, dist_scenarios.config(), path=path) as store:
+        dist_scenarios._train(store, 0, 7)
+        store.save()
+        return {n: store.lookup(n, ids).copy() for n, ids in dist_scenarios.all_keys().items()}, store.stats()
+
+
+def test_cli_reshard_inspect_verify_compact(tmp_path, capsys):
+    from fiited_store.cli import main
+    from fiited_store.distributed import ShardedEmbeddingStore
+
+    path = tmp_path / "store"
+    rows, stats = _saved_world_of_one(path)
+    assert main(["reshard", str(path), "3", "--no-progress"]) == 0
+    assert sorted(p.name for p in path.iterdir() if p.is_dir()) == [f"w0003-shard-0000{r}" for r in range(3)]
+    assert main(["verify", str(path), "--no-progress"]) == 0
+    assert "every invariant holds" in capsys.readouterr().out
+    assert main(["inspect", str(path), "--json"]) == 0
+    info = json.loads(capsys.readouterr().out)
+    assert info["world_size"] == 3 and len(info["shards"]) == 3
+    assert info["total"]["entries"] == stats["total"]["entries"] == sum(s["entries"] for s in info["shards"])
+    for name, t in info["tables"].items():
+        assert t["resident_per_chunk"] == stats["tables"][name]["resident_per_chunk"]
+        assert sum(t["kept_dim_histogram"].values()) == t["entries"]
+    assert main(["inspect", str(path)]) == 0
+    assert "sharded row-wise over 3 shards" in capsys.readouterr().out
+    assert main(["compact", str(path), "--no-progress"]) == 0
+    with ShardedEmbeddingStore.open(path) as store:  # back to a world of one: every row where it was
+        for name, ids in dist_scenarios.all_keys().items():
+            np.testing.assert_array_equal(store.lookup(name, ids), rows[name])
+
+
+def test_verify_names_keys_in_the_wrong_shard(tmp_path, capsys):
+    from fiited_store.cli import main
+
+    path = tmp_path / "store"
+    _saved_world_of_one(path)
+    assert main(["reshard", str(path), "2", "--no-progress"]) == 0
+    a, b = path / "w0002-shard-00000", path / "w0002-shard-00001"
+    a.rename(tmp_path / "swap")
+    b.rename(a)
+    (tmp_path / "swap").rename(b)  # each shard now holds the other's keys (and checkpoint names)
+    manifest = json.loads((path / "fiited-sharded.json").read_text())
+    names = [s["checkpoint"] for s in manifest["shards"]]
+    for s, name in zip(manifest["shards"], reversed(names)):
+        s["checkpoint"] = name
+    (path / "fiited-sharded.json").write_text(json.dumps(manifest))
+    assert main(["verify", str(path), "--no-progress"]) == 1
+    out = capsys.readouterr().out
+    assert "w0002-shard-00000" in out and "route to buckets outside its range [0, 2048)" in out
