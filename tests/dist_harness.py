@@ -1,34 +1,28 @@
-"""Run scenarios in a world of gloo processes (``torch.multiprocessing.spawn``).
+"""Run scenarios in a world of gloo processes (``fiited_store.distributed.launch``).
 
 One spawn per world size runs every scenario, in order, in every rank (spawning
 costs seconds per process); each scenario's outcome (passed, or the traceback of
 the first rank that failed) comes back through a file per rank, so that each
-scenario is its own test. A ``file://`` rendezvous needs no port; a deadline turns
-a hang into a failure instead of a stalled CI.
+scenario is its own test.
 """
 
 from __future__ import annotations
 
 import json
-import os
-import time
 import traceback
-from datetime import timedelta
 from pathlib import Path
 
-#: seconds a whole world may run before its processes are killed
-WORLD_DEADLINE = 600
+from fiited_store.distributed.launch import spawn_world
+
 #: a collective that waits longer than this fails (gloo's timeout)
 COLLECTIVE_TIMEOUT = 60
 
 
-def _worker(rank: int, world: int, workdir: str, scenarios: list[str], module: str, timeout: float) -> None:
+def _run_scenarios(rank: int, world: int, workdir: str, scenarios: list[str], module: str) -> None:
     import importlib
 
     import torch.distributed as dist
 
-    dist.init_process_group("gloo", init_method=f"file://{workdir}/rendezvous", rank=rank, world_size=world,
-                            timeout=timedelta(seconds=timeout))
     mod = importlib.import_module(module)
     results = {}
     for name in scenarios:
@@ -42,7 +36,6 @@ def _worker(rank: int, world: int, workdir: str, scenarios: list[str], module: s
         (Path(workdir) / f"results-{rank}.json").write_text(json.dumps(results))
         # every rank finishes a scenario before the next begins, whatever happened
         dist.barrier()
-    dist.destroy_process_group()
 
 
 def run_world(world: int, scenarios: list[str], module: str, workdir: Path,
@@ -50,32 +43,8 @@ def run_world(world: int, scenarios: list[str], module: str, workdir: Path,
     """Run ``module.<scenario>(rank, world, scratch_dir)`` for each scenario on ``world`` ranks.
 
     Returns scenario -> None (passed on every rank) or the failing ranks' tracebacks."""
-    import torch.multiprocessing as mp
-    from torch.multiprocessing.spawn import ProcessException
-
-    env = {"NUMBA_NUM_THREADS": "1", "OMP_NUM_THREADS": "1", "TORCH_DISTRIBUTED_DEBUG": "DETAIL"}
-    saved = {k: os.environ.get(k) for k in env}
-    os.environ.update(env)
-    crash = None
-    try:
-        ctx = mp.start_processes(_worker, args=(world, str(workdir), scenarios, module, collective_timeout), nprocs=world, join=False,
-                                 start_method="spawn")
-        deadline = time.monotonic() + WORLD_DEADLINE
-        try:
-            while not ctx.join(timeout=5):
-                if time.monotonic() > deadline:
-                    for p in ctx.processes:
-                        p.kill()
-                    crash = f"a world of {world} ranks ran past {WORLD_DEADLINE} s (a hang?)"
-                    break
-        except ProcessException as exc:  # a rank left the collectives out of step, or died
-            crash = str(exc)
-    finally:
-        for k, v in saved.items():
-            if v is None:
-                os.environ.pop(k, None)
-            else:
-                os.environ[k] = v
+    crash = spawn_world(world, _run_scenarios, (str(workdir), scenarios, module),
+                        collective_timeout_s=collective_timeout, debug=True)
     out: dict[str, str | None] = {}
     files = [workdir / f"results-{r}.json" for r in range(world)]
     per_rank = [json.loads(f.read_text()) if f.exists() else {} for f in files]
