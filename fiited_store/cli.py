@@ -153,7 +153,17 @@ def cmd_bench(args) -> int:
     from .bench import (BenchConfig, TierBenchConfig, format_report, format_tier_report, run_bench,
                         run_tier_bench)
 
-    if args.suite == "tiers":
+    if args.suite == "distributed":
+        from .distributed.bench import DistBenchConfig, format_distributed_report, run_distributed_bench
+
+        report = run_distributed_bench(DistBenchConfig(worlds=tuple(args.worlds),
+                                                       scale=args.scale if args.scale != 1.0 else DistBenchConfig.scale,
+                                                       batch_size=args.batch_size, dim=args.dim, chunks=args.chunks,
+                                                       budget_fraction=args.budget, steps=args.repeats,
+                                                       warmup=args.warmup, seed=args.seed),
+                                       progress=not args.no_progress)
+        print(format_distributed_report(report))
+    elif args.suite == "tiers":
         report = run_tier_bench(TierBenchConfig(scale=args.scale if args.scale != 1.0 else TierBenchConfig.scale,
                                                 batch_size=args.batch_size, dim=args.dim, K=args.chunks,
                                                 budget_fraction=args.budget, seed=args.seed, directory=args.directory),
@@ -284,12 +294,16 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=cmd_sweep)
 
     p = command("bench", "lookup and training-step throughput against the peers, in one run")
-    p.add_argument("--suite", choices=("embeddings", "tiers"), default="embeddings",
-                   help="embeddings: lookup, step, prune, memory against the peers; tiers: disk tier and cache mode")
+    p.add_argument("--suite", choices=("embeddings", "tiers", "distributed"), default="embeddings",
+                   help="embeddings: lookup, step, prune, memory against the peers; tiers: disk tier and cache mode; "
+                        "distributed: the sharded store at several world sizes (gloo processes on this machine)")
+    p.add_argument("--worlds", nargs="+", type=positive_int, default=[1, 2, 4],
+                   help="distributed suite: the world sizes to run")
     p.add_argument("--directory", type=_writable_dir,
                    help="tiers suite: where the disk tier is written (default: a temporary directory)")
     p.add_argument("--scale", type=positive_float, default=1.0,
-                   help="multiply the Criteo Kaggle cardinalities (1.0 = 33.8M rows; the tiers suite defaults to 0.05)")
+                   help="multiply the Criteo Kaggle cardinalities (1.0 = 33.8M rows; the tiers and distributed "
+                        "suites default to 0.05)")
     p.add_argument("--batch-size", type=positive_int, default=4096, help="samples per batch")
     p.add_argument("--dim", type=positive_int, default=64, help="D, embedding dimension")
     p.add_argument("--chunks", type=positive_int, default=4, help="K, chunks per row")

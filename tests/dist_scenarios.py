@@ -233,6 +233,32 @@ def scenario_shard_without_entries_prunes(rank, world, scratch: Path):
     np.testing.assert_array_equal(sharded.lookup("item", items), single.lookup("item", items))
 
 
+def scenario_cache_mode_spills_per_shard(rank, world, scratch: Path):
+    """Cache mode: each shard keeps a pool a fraction of the rows' size and its own disk
+    tier; nothing is pruned, so every row equals a single cache-mode store's."""
+    cfg = config(mode="cache", budget_bytes=2_400 * world, prune_period=4)
+    single = EmbeddingStore(TABLES, cfg, path=scratch / f"single-{rank}")
+    sharded = ShardedEmbeddingStore(TABLES, cfg, exact=True, path=scratch / "sharded")
+    for step in range(8):
+        parts = [rank_batch(step, r, bags_of(step, r)) for r in range(world)]
+        lengths, ids, _, grad = parts[rank]
+        g_len, g_ids, _, g_grad = global_batch(parts)
+        mine = sharded.pooled_lookup(FEATURES, ids, offsets_of(lengths), train=True)
+        ref = single.pooled_lookup(FEATURES, g_ids, offsets_of(g_len), train=True)
+        start = sum(bags_of(step, r) for r in range(rank))
+        np.testing.assert_array_equal(mine.output, ref.output[start:start + lengths.shape[1]])
+        sharded.backward(mine, grad)
+        single.backward(ref, g_grad)
+        sharded.step()
+        single.step()
+    assert sharded.shard.tiers[0] is not None and sharded.shard.stats()["total"]["spilled_chunks"] > 0
+    assert str(sharded.shard.tiers[0].root).startswith(str(scratch / "sharded"))
+    for name, ids in all_keys().items():
+        np.testing.assert_array_equal(sharded.lookup(name, ids), single.lookup(name, ids), err_msg=name)
+    single.close()
+    sharded.close()
+
+
 def scenario_uneven_batch_counts_stop_together(rank, world, scratch: Path):
     sharded = ShardedEmbeddingStore(TABLES, config())
     mine = [rank_batch(s, rank, 3) for s in range(2 + rank)]  # rank r holds 2 + r batches
