@@ -4,7 +4,8 @@ The bench shape of the embeddings suite (Criteo Kaggle's 26 tables, scaled; one 
 per feature per sample; D = 64, K = 4) with a global batch split evenly over the
 ranks. Per world size it reports the training step (forward, backward, step) of
 the slowest rank, the bytes every rank hands to the exchange per step against the
-floor (each distinct key's row and key, both ways), and the forward exchange's
+floor (each distinct key's row and key, both ways; a world of one exchanges
+nothing: its one shard is the whole store), and the forward exchange's
 time against a TorchRec-style row-wise output exchange on the same data: a
 reduce-scatter of partial pooled outputs, float32[global batch, 26 x D]. A world of
 one also times a plain EmbeddingStore on the same batches.
@@ -113,8 +114,8 @@ def _bench_rank(rank: int, world: int, cfg_json: str, out_file: str) -> None:
             step_ms.append(1000 * (t1 - t0))
             fwd_exchange_ms.append(1000 * fwd_s)
             sent.append(metered.bytes)
-            U = int(batch.key_dims.shape[0])
-            floor.append(2 * int((batch.key_dims * 4).sum()) + 2 * U * FLOOR_KEY_BYTES)
+            U = sum(np.unique(ids[f * B:(f + 1) * B]).size for f in range(F))  # distinct keys (one table per feature)
+            floor.append(2 * U * (4 * cfg.dim + FLOOR_KEY_BYTES))
         del fwd_bytes
     # the peer's output exchange: every rank's partial pooled sums for every bag, reduce-scattered
     reduce_scatter = getattr(dist, "reduce_scatter_single", None) or dist.reduce_scatter_tensor  # renamed in torch 2.13

@@ -11,29 +11,21 @@ import numpy as np
 
 from .. import placement, residency
 from ..kernels import cpu as host_kernels
-from .exchange import starts_of
 
 
 class OwnerRows(NamedTuple):
     entries: np.ndarray     # int64[n]: the entry of each received key in the shard, -1 if unknown
-    rows: np.ndarray        # float32[sum of dims]: each key's row at its own width, zeros where absent
-    row_start: np.ndarray   # int64[n]: where each key's row starts in ``rows``
     new: np.ndarray         # int64[m]: entries this lookup inserted (erased again if a peer fails)
 
 
-def key_widths(store, q_tables: np.ndarray) -> np.ndarray:
-    return store._host_meta["table_dim"][q_tables.astype(np.int64)]
-
-
-def owner_rows(store, q_tables: np.ndarray, ids: np.ndarray, train: bool) -> OwnerRows:
-    """Find (and when training, insert) the keys, and gather their rows.
+def owner_rows(store, q_tables: np.ndarray, ids: np.ndarray, train: bool, rows: np.ndarray,
+               row_start: np.ndarray) -> OwnerRows:
+    """Find (and when training, insert) the keys, and gather their rows into
+    ``rows[row_start[i] : + the key's dim]`` (float32; zeros where a chunk is absent).
 
     Training inserts unseen keys as a single store's training lookup does (their
     chunks take free slots, or start absent when the pool is full) and, in cache
     mode, makes every chunk of the keys resident."""
-    dims = key_widths(store, q_tables)
-    row_start = starts_of(dims)
-    rows = np.empty(int(dims.sum()), np.float32)
     new: list = []
     entries = store._resolve(q_tables, ids, insert=train, new_out=new)
     new_entries = new[0] if new else np.empty(0, np.int64)
@@ -53,7 +45,7 @@ def owner_rows(store, q_tables: np.ndarray, ids: np.ndarray, train: bool) -> Own
         host_kernels.gather_entry_rows(entries, q_tables, store.entries.arrays.addr, pool.arrays.vectors,
                                        m["table_chunks"], m["table_group"], pool.plan.group, sp_slots, sp_vectors,
                                        row_start, rows)
-    return OwnerRows(entries, rows, row_start, new_entries)
+    return OwnerRows(entries, new_entries)
 
 
 def forget(store, new_entries: np.ndarray) -> None:

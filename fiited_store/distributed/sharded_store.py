@@ -45,6 +45,7 @@ from typing import Any, Sequence
 import numpy as np
 
 from ..buffers import OutputBuffers
+from ..store import PooledBatch
 from ..config import FLOAT_BYTES, StoreConfig, TableConfig, plan_pools
 from ..errors import (
     ConfigError,
@@ -69,10 +70,13 @@ _OK, _NONFINITE, _OVERFLOW, _REFUSED = 0, 1, 2, 3
 
 def shard_config(tables: Sequence[TableConfig], config: StoreConfig, world: int):
     """The tables and config of one shard: every table on the hashed index (a shard
-    holds a scattered subset of each table's rows), and 1/W of the budget."""
+    holds a scattered subset of each table's rows), and 1/W of the budget. A world of
+    one keeps the store as configured: its one shard is the whole store."""
     if config.device != "cpu":
         raise ConfigError(f"a sharded store runs its shards on the CPU for now, got device={config.device!r}")
     plans = plan_pools(tables, config)  # the global layout: validates the configs once
+    if world == 1:
+        return tuple(tables), config
     shard_tables = tuple(dataclasses.replace(t, index="hashed") for t in tables)
     pool_bytes = sum(p.slots * p.chunk_width * FLOAT_BYTES for p in plans)
     changes: dict[str, Any] = {}
@@ -203,11 +207,14 @@ class ShardedEmbeddingStore:
 
     # ------------------------------------------------------------------ forward
     def pooled_lookup(self, features: str | Sequence[str], ids: Any, offsets: Any, per_sample_weights: Any = None,
-                      mode: str = "sum", *, train: bool = False) -> ShardedBatch:
-        """Pooled lookup of this rank's batch, laid out as :meth:`EmbeddingStore.pooled_lookup`.
+                      mode: str = "sum", *, train: bool = False) -> ShardedBatch | PooledBatch:
+        """Pooled lookup of this rank's batch, laid out as :meth:`EmbeddingStore.pooled_lookup`
+        (in a world of one, exactly that: the batch is the one shard's ``PooledBatch``).
 
         A collective: every rank calls it with the same ``features``, ``mode`` and
         ``train``, each with its own ids and offsets (a rank may have no bags)."""
+        if self.world == 1:  # the one shard is the whole store: nothing to exchange
+            return self.shard.pooled_lookup(features, ids, offsets, per_sample_weights, mode, train=train)
         local_error: FiitedError | None = None
         try:
             if mode not in ("sum", "mean"):
@@ -248,41 +255,37 @@ class ShardedEmbeddingStore:
         recv = self.exchange.all_to_all(keys, send_counts, recv_counts)
         recv_tables = np.ascontiguousarray(recv[:, 0]).astype(np.int16)
         recv_ids = np.ascontiguousarray(recv[:, 1])
-        # the owner's half; its failure (a full index, a pool too small in cache mode) is
-        # reported in the first float of every segment it sends back
-        status = np.float32(0.0)
-        try:
-            got = owner.owner_rows(self.shard, recv_tables, recv_ids, train)
-            rows_out = got.rows
-        except FiitedError as exc:
-            local_error, status = exc, np.float32(1.0)
-            got = None
-            rows_out = np.zeros(int(self._dims[recv_tables].sum()), np.float32)
+        # the owner's half, written straight into what it sends back: per requesting rank
+        # a status float (its failure: a full index, a pool too small in cache mode),
+        # then the rows of that rank's keys
         recv_dims = self._dims[recv_tables]
         seg_rows = segment_sums(recv_dims, recv_counts)
-        back = np.empty(int(rows_out.shape[0]) + W, np.float32)
-        # [status, rows of rank 0's keys], [status, rows of rank 1's keys], ...
-        seg_start, row_src = starts_of(seg_rows + 1), starts_of(seg_rows)
-        for r in range(W):  # W segments, not a loop over keys
-            back[seg_start[r]] = status
-            back[seg_start[r] + 1:seg_start[r] + 1 + seg_rows[r]] = rows_out[row_src[r]:row_src[r] + seg_rows[r]]
+        seg_start = starts_of(seg_rows + 1)
+        src = np.repeat(np.arange(W), recv_counts)
+        row_start = starts_of(recv_dims) + (seg_start + 1 - starts_of(seg_rows))[src]
+        back = np.empty(int(seg_rows.sum()) + W, np.float32)
+        back[seg_start] = 0.0
+        try:
+            got = owner.owner_rows(self.shard, recv_tables, recv_ids, train, back, row_start)
+        except FiitedError as exc:
+            local_error, got = exc, None
+            back[seg_start] = 1.0
         key_dims = self._dims[key_tables]
         sent_dims = key_dims[send_order]
-        want = segment_sums(sent_dims, send_counts) + 1
-        rows_in = self.exchange.all_to_all(back, seg_rows + 1, want)
-        statuses = rows_in[starts_of(want)]
+        sent_rows = segment_sums(sent_dims, send_counts)
+        want = sent_rows + 1
+        rows = self.exchange.all_to_all(back, seg_rows + 1, want)
+        statuses = rows[starts_of(want)]
         if (statuses != 0).any():
             if got is not None:
                 owner.forget(self.shard, got.new)
             if local_error is not None:
                 raise local_error
             raise self._refused_by_peer(np.flatnonzero(statuses != 0), "the keys of this batch")
-        # drop the status floats: the rows of the sent keys, in send order
-        keep = np.ones(rows_in.shape[0], bool)
-        keep[starts_of(want)] = False
-        rows = rows_in[keep]
+        # each sent key's row, past its owner's status float
+        dest = np.repeat(np.arange(W), send_counts)
         key_row = np.empty(U, np.int64)
-        key_row[send_order] = starts_of(sent_dims)
+        key_row[send_order] = starts_of(sent_dims) + (starts_of(want) + 1 - starts_of(sent_rows))[dest]
         dims = self._dims[feature_tables]
         feature_col = starts_of(dims)
         out = self._buffers.get((B, int(dims.sum())))
@@ -306,6 +309,8 @@ class ShardedEmbeddingStore:
     def backward(self, batch: ShardedBatch, grad_out: Any) -> None:
         """Utilities and the fused optimizer step from this rank's ``grad_out``
         (float32[B, sum of dims]); a collective, every rank with its own batch."""
+        if self.world == 1:
+            return self.shard.backward(batch, grad_out)
         status, local_error = _OK, None
         try:
             if batch.store_id != id(self):
@@ -414,6 +419,8 @@ class ShardedEmbeddingStore:
 
     def per_sample_weight_grads(self, batch: ShardedBatch, grad_out: Any) -> np.ndarray:
         """d loss / d per_sample_weights, float32[nnz], from the rows this rank received (local)."""
+        if self.world == 1:
+            return self.shard.per_sample_weight_grads(batch, grad_out)
         g = np.asarray(grad_out, np.float32)
         out = np.zeros(batch.key_of_occ.shape[0], np.float32)
         B = batch.bags_per_feature

@@ -1644,37 +1644,81 @@ def pool_key_rows(key_of_occ, offsets, weights, mean, bags_per_feature, feature_
 
     ``rows`` holds one packed row per distinct key (``row_start[u]``); the
     arithmetic is pooled_forward's: a lone unweighted id is copied, weights enter by
-    fused multiply-add, a mean divides the sum."""
+    fused multiply-add, a mean divides the sum. Flat unsigned indexing lets the
+    copies vectorise; the rows of the bag PREFETCH_ROWS ahead are prefetched."""
     B = bags_per_feature
     F = feature_dim.shape[0]
     weighted = weights.shape[0] > 0
+    width = np.uint64(out.shape[1])
+    out_flat = out.reshape(-1)
     for b in prange(B):
         for f in range(F):
             bag = f * B + b
             lo = offsets[bag]
             hi = offsets[bag + 1]
-            D = feature_dim[f]
-            dst = out[b, feature_col[f]:feature_col[f] + D]
+            D = np.uint64(feature_dim[f])
+            o0 = np.uint64(b) * width + np.uint64(feature_col[f])
+            if b + PREFETCH_ROWS < B:
+                a = offsets[bag + PREFETCH_ROWS]
+                if a < offsets[bag + PREFETCH_ROWS + 1]:
+                    prefetch(rows, row_start[key_of_occ[a]])
             if hi - lo == 1 and not weighted:
-                s = row_start[key_of_occ[lo]]
+                s = np.uint64(row_start[key_of_occ[lo]])
                 for j in range(D):
-                    dst[j] = rows[s + j]
+                    out_flat[o0 + j] = rows[s + j]
                 continue
-            dst[:] = 0.0
+            for j in range(D):
+                out_flat[o0 + j] = 0.0
             for i in range(lo, hi):
-                s = row_start[key_of_occ[i]]
+                s = np.uint64(row_start[key_of_occ[i]])
                 if weighted:
                     w = weights[i]
                     for j in range(D):
-                        dst[j] = fma32(rows[s + j], w, dst[j])
+                        out_flat[o0 + j] = fma32(rows[s + j], w, out_flat[o0 + j])
                 else:
                     for j in range(D):
-                        dst[j] += rows[s + j]
+                        out_flat[o0 + j] += rows[s + j]
             n = hi - lo
             if mean and n > 0:
                 inv = np.float32(n)
                 for j in range(D):
-                    dst[j] = dst[j] / inv
+                    out_flat[o0 + j] = out_flat[o0 + j] / inv
+
+
+@njit(**_JIT)
+def sum_key_gradients(key_of_occ, offsets, weights, mean, bags_per_feature, feature_dim, feature_col, grad_out,
+                      row_start, out):
+    """out[row_start[u] : + D] += every gradient row key u's occurrences receive, in batch
+    order (feature, bag, position), with accumulate_gradients' arithmetic. ``out``
+    must be zero on entry."""
+    B = bags_per_feature
+    weighted = weights.shape[0] > 0
+    width = np.uint64(grad_out.shape[1])
+    g_flat = grad_out.reshape(-1)
+    nnz = key_of_occ.shape[0]
+    for f in range(feature_dim.shape[0]):
+        D = np.uint64(feature_dim[f])
+        col = np.uint64(feature_col[f])
+        for b in range(B):
+            bag = f * B + b
+            lo = offsets[bag]
+            hi = offsets[bag + 1]
+            inv_n = np.float32(1.0) / np.float32(max(hi - lo, 1))
+            g0 = np.uint64(b) * width + col
+            for i in range(lo, hi):
+                if i + PREFETCH_ADDR < nnz:
+                    prefetch(out, row_start[key_of_occ[i + PREFETCH_ADDR]])
+                s = np.uint64(row_start[key_of_occ[i]])
+                if weighted:
+                    w = weights[i]
+                    for j in range(D):
+                        out[s + j] += w * g_flat[g0 + j]
+                elif mean:
+                    for j in range(D):
+                        out[s + j] += g_flat[g0 + j] * inv_n
+                else:
+                    for j in range(D):
+                        out[s + j] += g_flat[g0 + j]
 
 
 @njit(inline="always")
@@ -1689,28 +1733,6 @@ def _occurrence_gradient(g, src, weighted, w_occ, mean, inv_n, D):
     else:
         for j in range(D):
             g[j] += src[j]
-
-
-@njit(**_JIT)
-def sum_key_gradients(key_of_occ, offsets, weights, mean, bags_per_feature, feature_dim, feature_col, grad_out,
-                      row_start, out):
-    """out[row_start[u] : + D] += every gradient row key u's occurrences receive, in batch
-    order (feature, bag, position). ``out`` must be zero on entry."""
-    B = bags_per_feature
-    weighted = weights.shape[0] > 0
-    for f in range(feature_dim.shape[0]):
-        D = feature_dim[f]
-        col = feature_col[f]
-        for b in range(B):
-            bag = f * B + b
-            lo = offsets[bag]
-            hi = offsets[bag + 1]
-            inv_n = np.float32(1.0) / np.float32(max(hi - lo, 1))
-            src = grad_out[b, col:col + D]
-            for i in range(lo, hi):
-                s = row_start[key_of_occ[i]]
-                _occurrence_gradient(out[s:s + D], src, weighted, weights[i] if weighted else np.float32(0.0),
-                                     mean, inv_n, D)
 
 
 @njit(**_PAR)
