@@ -230,7 +230,7 @@ def test_every_option_has_help_and_shows_its_default():
     import argparse
 
     parser, commands = _subparsers()
-    assert set(commands) == {"train", "sweep", "bench", "inspect", "verify", "compact", "export"}
+    assert set(commands) == {"train", "sweep", "bench", "inspect", "verify", "compact", "reshard", "export"}
     for name, p in commands.items():
         text = p.format_help()
         for a in p._actions:
