@@ -224,6 +224,10 @@ class StoreConfig:
         budget_fraction: the same as a fraction of the dense size of the declared
             tables. With neither, the budget is ``1 - pruning.average`` of the dense
             size (the paper's setting), unless a memory budget is given.
+        pool_budget_bytes: instead of either, the bytes of each pool's chunk vectors,
+            one per distinct chunk width in ascending order (a budget of one pool is
+            otherwise its tables' share of the whole, by dense size). A sharded
+            store gives each shard its share this way.
         memory_budget_bytes: the whole store's memory (pool vectors, optimizer
             state, address manager and entry index), or
         memory_budget_fraction: the same as a fraction of the dense weights.
@@ -264,6 +268,7 @@ class StoreConfig:
     pruning: PruningPolicy = field(default_factory=lambda: DynamicRatio(0.75))
     budget_bytes: int | None = None
     budget_fraction: float | None = None
+    pool_budget_bytes: tuple[int, ...] | None = None
     memory_budget_bytes: int | None = None
     memory_budget_fraction: float | None = None
     gamma: float = 0.99
@@ -295,6 +300,14 @@ class StoreConfig:
             self.budget_fraction is None or (0.0 < float(self.budget_fraction) <= 1.0),
             f"budget_fraction must lie in (0, 1], got {self.budget_fraction!r}",
         )
+        if self.pool_budget_bytes is not None:
+            _check(isinstance(self.pool_budget_bytes, (tuple, list)) and len(self.pool_budget_bytes) > 0
+                   and all(_is_int(b) and b > 0 for b in self.pool_budget_bytes),
+                   f"pool_budget_bytes must be a non-empty tuple of positive ints, got {self.pool_budget_bytes!r}")
+            object.__setattr__(self, "pool_budget_bytes", tuple(self.pool_budget_bytes))
+            _check(self.budget_bytes is None and self.budget_fraction is None,
+                   f"give pool_budget_bytes or budget_bytes / budget_fraction, not both (got {self.pool_budget_bytes!r} "
+                   f"and {self.budget_bytes!r} / {self.budget_fraction!r})")
         _check(
             self.memory_budget_bytes is None or self.memory_budget_fraction is None,
             f"give memory_budget_bytes or memory_budget_fraction, not both "
@@ -422,8 +435,11 @@ def plan_pools(tables: Sequence[TableConfig], config: StoreConfig) -> list[PoolP
     index = index_bytes(tables, config)
     if cap is not None:
         _check(index < cap, f"memory budget of {cap} bytes is smaller than the entry index alone ({index} bytes)")
-    by_memory = cap is not None and config.budget_bytes is None and config.budget_fraction is None
-    if config.budget_bytes is not None:
+    by_memory = (cap is not None and config.budget_bytes is None and config.budget_fraction is None
+                 and config.pool_budget_bytes is None)
+    if config.pool_budget_bytes is not None:
+        budget = sum(config.pool_budget_bytes)
+    elif config.budget_bytes is not None:
         budget = config.budget_bytes
     elif by_memory:
         budget = cap - index  # type: ignore[operator]
@@ -449,9 +465,14 @@ def plan_pools(tables: Sequence[TableConfig], config: StoreConfig) -> list[PoolP
         return float(sum(tables[i].dim for i in ids))
 
     total_weight = sum(weight(ids) for ids in widths.values())
+    if config.pool_budget_bytes is not None:
+        _check(len(config.pool_budget_bytes) == len(widths),
+               f"pool_budget_bytes gives {len(config.pool_budget_bytes)} budgets for {len(widths)} pools "
+               f"(chunk widths {sorted(widths)})")
     plans = []
     for g, (c, ids) in enumerate(sorted(widths.items())):
-        share = budget * weight(ids) / total_weight
+        share = (config.pool_budget_bytes[g] if config.pool_budget_bytes is not None
+                 else budget * weight(ids) / total_weight)
         state_width = max(tables[i].state_width for i in ids)
         # a memory budget pays for everything a slot brings along; a pool budget for its vector
         per_slot = slot_bytes(c, state_width) if by_memory else c * FLOAT_BYTES

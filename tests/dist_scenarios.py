@@ -89,10 +89,10 @@ def check_same(a, b, exact: bool, what: str):
         np.testing.assert_allclose(a, b, rtol=2e-5, atol=2e-6, err_msg=what)
 
 
-def _train_and_compare(rank, world, exact: bool, steps: int = 8):
+def _train_and_compare(rank, world, exact: bool, steps: int = 8, routing: str = "row"):
     cfg = config()
     single = EmbeddingStore(TABLES, cfg)
-    sharded = ShardedEmbeddingStore(TABLES, cfg, exact=exact)
+    sharded = ShardedEmbeddingStore(TABLES, cfg, exact=exact, routing=routing)
     assert (sharded.rank, sharded.world) == (rank, world)
     for step in range(steps):
         parts = [rank_batch(step, r, bags_of(step, r)) for r in range(world)]
@@ -145,6 +145,16 @@ def _compare_state(single, sharded, rank, world, exact):
 def scenario_exact_equals_single_store(rank, world, scratch: Path):
     single, sharded = _train_and_compare(rank, world, exact=True)
     assert single.counters.prunes == sharded.shard.counters.prunes == 2
+    _compare_state(single, sharded, rank, world, exact=True)
+
+
+def scenario_table_wise_exact_equals_single_store(rank, world, scratch: Path):
+    # every row of a table on one rank, which keeps the table's direct index
+    single, sharded = _train_and_compare(rank, world, exact=True, routing="table")
+    owned = sharded.routing.owns_tables(rank, world) if world > 1 else [0, 1, 2]
+    assert sharded.shard.entries.is_direct(1) == (1 in owned)  # "item" declares its rows
+    held = sharded.shard.stats()["tables"]
+    assert all((held[t.name]["entries"] > 0) == (i in owned) for i, t in enumerate(TABLES))
     _compare_state(single, sharded, rank, world, exact=True)
 
 
@@ -303,15 +313,19 @@ def _train(sharded, rank, steps, first=0):
         sharded.step()
 
 
-def scenario_train_and_save(rank, world, scratch: Path):
+def scenario_train_and_save(rank, world, scratch: Path, routing: str = "row"):
     path = store_path(scratch)
-    with ShardedEmbeddingStore(TABLES, config(), exact=True, path=path) as sharded:
+    with ShardedEmbeddingStore(TABLES, config(), exact=True, path=path, routing=routing) as sharded:
         _train(sharded, rank, SAVED_STEPS - 2)
         sharded.save()
         _train(sharded, rank, 2, first=SAVED_STEPS - 2)
         sharded.save()  # replaces the first global checkpoint, which then goes
     shard_dir = path / f"w{world:04d}-shard-{rank:05d}"
     assert sorted(p.name for p in shard_dir.iterdir() if p.name.startswith("ckpt-")) == ["ckpt-00000002"]
+
+
+def scenario_train_and_save_table_wise(rank, world, scratch: Path):
+    scenario_train_and_save(rank, world, scratch, routing="table")
 
 
 def scenario_reopen_and_train(rank, world, scratch: Path):
@@ -360,4 +374,5 @@ def scenario_killed_before_manifest_commit(rank, world, scratch: Path):
 
 #: what the worlds of test_scenario run; the checkpoint scenarios have tests of their own
 SCENARIOS = [name for name in dir() if name.startswith("scenario_") and name not in (
-    "scenario_train_and_save", "scenario_reopen_and_train", "scenario_killed_before_manifest_commit")]
+    "scenario_train_and_save", "scenario_train_and_save_table_wise", "scenario_reopen_and_train",
+    "scenario_killed_before_manifest_commit")]

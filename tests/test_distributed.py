@@ -27,12 +27,14 @@ def test_scenario(world_results, scenario):
         pytest.fail(f"{scenario} failed in a world of {world}:\n{results[scenario]}")
 
 
-def test_save_at_two_ranks_reopen_at_one_two_three(tmp_path):
+@pytest.mark.parametrize("save", ["scenario_train_and_save", "scenario_train_and_save_table_wise"],
+                         ids=["row-wise", "table-wise"])
+def test_save_at_two_ranks_reopen_at_one_two_three(tmp_path, save):
     """A sharded store saved by 2 ranks reopens at 1, 2 and 3 ranks (resharding by bucket
-    ranges) with every row, utility and optimizer state in place: training goes on
-    bit for bit as one store fed the same global batches."""
-    saved = run_world(2, ["scenario_train_and_save"], "tests.dist_scenarios", _workdir(tmp_path, "save"))
-    assert saved["scenario_train_and_save"] is None, saved["scenario_train_and_save"]
+    ranges, or by table placement) with every row, utility and optimizer state in
+    place: training goes on bit for bit as one store fed the same global batches."""
+    saved = run_world(2, [save], "tests.dist_scenarios", _workdir(tmp_path, "save"))
+    assert saved[save] is None, saved[save]
     for world in (1, 2, 3):
         got = run_world(world, ["scenario_reopen_and_train"], "tests.dist_scenarios",
                         _workdir(tmp_path, f"open{world}"))

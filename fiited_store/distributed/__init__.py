@@ -1,6 +1,6 @@
 """Scale-out: a store sharded over the ranks of a ``torch.distributed`` process group.
 
-- :mod:`.routing`: which rank owns a key (row-wise, virtual buckets);
+- :mod:`.routing`: which rank owns a key (row-wise by virtual buckets, or table-wise);
 - :mod:`.exchange`: the collectives, over numpy arrays;
 - :mod:`.owner`: the owner's half of a lookup and of a backward pass;
 - :mod:`.sharded_store`: the front, :class:`ShardedEmbeddingStore`;
@@ -8,7 +8,7 @@
 - :mod:`.batches`: end-of-data agreement across ranks.
 """
 
-from .routing import DEFAULT_BUCKETS, RowWiseRouting
+from .routing import DEFAULT_BUCKETS, RowWiseRouting, TableWiseRouting
 from .sharded_store import ShardedBatch, ShardedEmbeddingStore
 
-__all__ = ["DEFAULT_BUCKETS", "RowWiseRouting", "ShardedBatch", "ShardedEmbeddingStore"]
+__all__ = ["DEFAULT_BUCKETS", "RowWiseRouting", "ShardedBatch", "ShardedEmbeddingStore", "TableWiseRouting"]

@@ -15,10 +15,10 @@ rename) and only then do the shards remove N-1. A crash before the manifest
 commit leaves the previous global checkpoint whole, since opening reads the
 checkpoint each shard has in the global manifest, never a shard's own pointer.
 
-Opening at another world size reshards: rank r of W' owns the buckets
-``[r V / W', (r + 1) V / W')`` and copies, from the old shards whose ranges overlap
-its own, every entry in that range: its utilities, its resident chunks' vectors
-and optimizer state, and its spilled chunks' tier rows.
+Opening at another world size reshards: rank r of W' copies, from the old shards
+(row-wise, those whose bucket ranges overlap its new range), every entry it now
+owns: its utilities, its resident chunks' vectors and optimizer state, and its
+spilled chunks' tier rows.
 """
 
 from __future__ import annotations
@@ -115,7 +115,7 @@ def save_sharded(store, path: str | Path | None = None) -> Path:
             "routing": store.routing.to_json(), "config": config_to_json(store.tables, store.config),
             "step": store.shard.step_count, "prune_round": store.shard._prune_round,
             "shards": [{"rank": r, "dir": shard_dir_name(world, r), "checkpoint": names[r],
-                        "buckets": list(store.routing.bucket_range(r, world))} for r in range(world)],
+                        **store.routing.shard_json(r, world)} for r in range(world)],
         }
         try:
             write_atomic(path / SHARDED_MANIFEST, json.dumps(doc, indent=2).encode())
@@ -141,7 +141,7 @@ def open_sharded(path: str | Path, mode: str = "r", *, process_group: Any = None
     """Open a sharded store on this world (a collective), resharding when its size changed."""
     from ..storage.checkpoint import open_store, config_from_json
     from .exchange import exchange_for
-    from .routing import RowWiseRouting
+    from .routing import routing_from_json
     from .sharded_store import ShardedEmbeddingStore
 
     if mode not in ("r", "r+"):
@@ -152,7 +152,7 @@ def open_sharded(path: str | Path, mode: str = "r", *, process_group: Any = None
     try:
         doc = read_sharded_manifest(path)
         tables, config = config_from_json(doc["config"])
-        routing = RowWiseRouting.from_json(doc["routing"])
+        routing = routing_from_json(doc["routing"])
         routing.check_world(ex.world)
         if doc["world_size"] == ex.world:
             entry = doc["shards"][ex.rank]
@@ -176,7 +176,7 @@ def reshard(path: Path, doc: dict, tables, config, routing, rank: int, world: in
     from ..storage.checkpoint import open_store
     from .sharded_store import shard_config
 
-    shard_tables, shard_cfg = shard_config(tables, config, world)
+    shard_tables, shard_cfg = shard_config(tables, config, world, routing, rank)
     target = None
     if mode == "r+":
         target = path / shard_dir_name(world, rank)
@@ -184,23 +184,23 @@ def reshard(path: Path, doc: dict, tables, config, routing, rank: int, world: in
             shutil.rmtree(target)
     new = EmbeddingStore(shard_tables, shard_cfg, path=target)
     try:
-        lo, hi = routing.bucket_range(rank, world)
+        mine = routing.shard_json(rank, world)
         counters = None
         for entry in doc["shards"]:
-            olo, ohi = entry["buckets"]
-            if ohi <= lo or olo >= hi:
-                continue
+            if "buckets" in mine and "buckets" in entry:  # row-wise: only old shards whose ranges overlap
+                (lo, hi), (olo, ohi) = mine["buckets"], entry["buckets"]
+                if ohi <= lo or olo >= hi:
+                    continue
             src = open_store(path / entry["dir"], "r", checkpoint=entry["checkpoint"])
             try:
-                mine = (src.step_count, src._scale_origin, src._prune_round)
-                if counters is not None and mine != counters:
-                    raise CorruptStoreError(f"shard {entry['dir']} is at (step, scale origin, prune round) {mine}, "
+                at = (src.step_count, src._scale_origin, src._prune_round)
+                if counters is not None and at != counters:
+                    raise CorruptStoreError(f"shard {entry['dir']} is at (step, scale origin, prune round) {at}, "
                                             f"another shard at {counters}")
-                counters = mine
+                counters = at
                 live = np.flatnonzero(src.entries.table_of_entries() >= 0)
                 t, ids = src.entries.keys_of(live)
-                b = routing.buckets(t.astype(np.int16), ids)
-                import_entries(new, src, live[(b >= lo) & (b < hi)])
+                import_entries(new, src, live[routing.owners(t.astype(np.int16), ids, world) == rank])
             finally:
                 src.close()
         if counters is not None:

@@ -1,10 +1,17 @@
-"""Which shard owns a key: row-wise, by a salted hash over fixed virtual buckets.
+"""Which shard owns a key.
 
-A key (table, id) falls in bucket ``hash(table, id) mod V``; rank r of W owns the
-buckets ``[r * V / W, (r + 1) * V / W)``, so the owner of a bucket is
-``bucket * W // V``. V and the salt are recorded in a sharded store's manifest
-from its first save: changing the world size moves whole bucket ranges, and a
-checkpoint never depends on W.
+Row-wise (the default): a key (table, id) falls in bucket ``hash(table, id) mod V``;
+rank r of W owns the buckets ``[r * V / W, (r + 1) * V / W)``, so the owner of a
+bucket is ``bucket * W // V``. V and the salt are recorded in a sharded store's
+manifest from its first save: changing the world size moves whole bucket ranges,
+and a checkpoint never depends on W.
+
+Table-wise: every row of a table lives on one rank; tables go to ranks largest
+first, each to the rank holding the fewest bytes so far (a function of the
+tables' sizes and W alone, so every rank computes the same placement). A table
+keeps its own index kind on its rank (the direct index when declared).
+
+Both give ``owners(tables, ids, world)`` and describe a shard for the manifest.
 
 Example::
 
@@ -71,11 +78,77 @@ class RowWiseRouting:
         V = self.n_buckets
         return -(-rank * V // world), -(-(rank + 1) * V // world)
 
+    def owns_tables(self, rank: int, world: int) -> None:
+        """Row-wise, every rank holds rows of every table."""
+        return None
+
+    def shard_json(self, rank: int, world: int) -> dict:
+        return {"buckets": list(self.bucket_range(rank, world))}
+
     def to_json(self) -> dict:
         return {"kind": self.kind, "n_buckets": self.n_buckets, "salt": self.salt, "hash": "mix64(key_hash) ^ salt"}
 
+
+@dataclass(frozen=True)
+class TableWiseRouting:
+    """Table-wise sharding: all rows of a table on one rank.
+
+    Args:
+        table_bytes: each table's weight for placement, in the tables' order
+            (:func:`table_weights`: dense bytes, or dims when a size is undeclared).
+    """
+
+    table_bytes: tuple[int, ...]
+    kind: str = "table"
+
+    def __post_init__(self) -> None:
+        if not self.table_bytes or any(not isinstance(b, int) or b < 0 for b in self.table_bytes):
+            raise ConfigError(f"table_bytes must be a non-empty tuple of ints >= 0, got {self.table_bytes!r}")
+
     @classmethod
-    def from_json(cls, doc: dict) -> "RowWiseRouting":
-        if doc.get("kind") != "row":
-            raise ConfigError(f"unknown routing {doc!r}")
-        return cls(n_buckets=int(doc["n_buckets"]), salt=int(doc["salt"]))
+    def for_tables(cls, tables) -> "TableWiseRouting":
+        return cls(table_weights(tables))
+
+    def check_world(self, world: int) -> None:
+        if world > len(self.table_bytes):
+            raise ConfigError(f"table-wise placement over {world} ranks needs at least {world} tables, "
+                              f"this store has {len(self.table_bytes)}")
+
+    def table_ranks(self, world: int) -> np.ndarray:
+        """int64[T]: the rank of each table."""
+        load = np.zeros(world, np.int64)
+        out = np.empty(len(self.table_bytes), np.int64)
+        for t in sorted(range(len(self.table_bytes)), key=lambda t: (-self.table_bytes[t], t)):  # T tables, once
+            r = int(np.argmin(load))
+            out[t] = r
+            load[r] += self.table_bytes[t]
+        return out
+
+    def owners(self, tables: np.ndarray, ids: np.ndarray, world: int) -> np.ndarray:
+        return self.table_ranks(world)[np.asarray(tables, np.int64)]
+
+    def owns_tables(self, rank: int, world: int) -> list[int]:
+        return np.flatnonzero(self.table_ranks(world) == rank).tolist()
+
+    def shard_json(self, rank: int, world: int) -> dict:
+        return {"tables": self.owns_tables(rank, world)}
+
+    def to_json(self) -> dict:
+        return {"kind": self.kind, "table_bytes": list(self.table_bytes)}
+
+
+def table_weights(tables) -> tuple[int, ...]:
+    """Each table's share of a budget, as plan_pools weighs it: its dense bytes when every
+    table declares its rows, else its dimension."""
+    if all(t.dense_bytes is not None for t in tables):
+        return tuple(int(t.dense_bytes) for t in tables)
+    return tuple(int(t.dim) for t in tables)
+
+
+def routing_from_json(doc: dict):
+    """The routing a manifest records."""
+    if doc.get("kind") == "row":
+        return RowWiseRouting(n_buckets=int(doc["n_buckets"]), salt=int(doc["salt"]))
+    if doc.get("kind") == "table":
+        return TableWiseRouting(tuple(int(b) for b in doc["table_bytes"]))
+    raise ConfigError(f"unknown routing {doc!r}")

@@ -62,31 +62,45 @@ from ..inputs import request_arrays
 from ..kernels import cpu as host_kernels
 from . import owner
 from .exchange import exchange_for, segment_sums, starts_of
-from .routing import RowWiseRouting
+from .routing import RowWiseRouting, TableWiseRouting, table_weights
 
 # what a rank reports in the flag exchange of a backward pass
 _OK, _NONFINITE, _OVERFLOW, _REFUSED = 0, 1, 2, 3
 
 
-def shard_config(tables: Sequence[TableConfig], config: StoreConfig, world: int):
-    """The tables and config of one shard: every table on the hashed index (a shard
-    holds a scattered subset of each table's rows), and 1/W of the budget. A world of
-    one keeps the store as configured: its one shard is the whole store."""
+def shard_config(tables: Sequence[TableConfig], config: StoreConfig, world: int, routing: Any = None,
+                 rank: int = 0):
+    """The tables and config of shard ``rank`` of ``world``.
+
+    Row-wise, every table is on the hashed index (a shard holds a scattered subset
+    of each table's rows) and each pool gets 1/W of its global budget. Table-wise,
+    the tables a rank owns keep their index kind, the others (which it never holds
+    a row of) are hashed, and each pool gets its owned tables' share. A world of one
+    keeps the store as configured: its one shard is the whole store."""
+    from ..config import memory_budget
+
     if config.device != "cpu":
         raise ConfigError(f"a sharded store runs its shards on the CPU for now, got device={config.device!r}")
     plans = plan_pools(tables, config)  # the global layout: validates the configs once
     if world == 1:
         return tuple(tables), config
-    shard_tables = tuple(dataclasses.replace(t, index="hashed") for t in tables)
-    pool_bytes = sum(p.slots * p.chunk_width * FLOAT_BYTES for p in plans)
-    changes: dict[str, Any] = {}
-    from ..config import memory_budget
-
+    owned = routing.owns_tables(rank, world) if routing is not None else None
+    if owned is None:  # row-wise
+        shard_tables = tuple(dataclasses.replace(t, index="hashed") for t in tables)
+        share = [1.0 / world] * len(plans)
+    else:
+        shard_tables = tuple(t if i in owned else dataclasses.replace(t, index="hashed") for i, t in enumerate(tables))
+        weight = [float(w) for w in table_weights(tables)]
+        share = [sum(weight[i] for i in p.tables if i in owned) / max(sum(weight[i] for i in p.tables), 1e-300)
+                 for p in plans]
+    # every pool keeps at least one slot (a pool of tables this rank holds no row of stays empty)
+    pools = tuple(max(p.chunk_width * FLOAT_BYTES, int(p.slots * f) * p.chunk_width * FLOAT_BYTES)
+                  for p, f in zip(plans, share))
+    changes: dict[str, Any] = {"pool_budget_bytes": pools, "budget_bytes": None, "budget_fraction": None}
     cap = memory_budget(tables, config)
     if cap is not None:
-        changes.update(memory_budget_bytes=max(cap // world, 1), memory_budget_fraction=None)
-    if cap is None or config.budget_bytes is not None or config.budget_fraction is not None:
-        changes.update(budget_bytes=max(pool_bytes // world, 1), budget_fraction=None)
+        whole = sum(p.slots * p.chunk_width * FLOAT_BYTES for p in plans)
+        changes.update(memory_budget_bytes=max(int(cap * sum(pools) / whole), 1), memory_budget_fraction=None)
     return shard_tables, dataclasses.replace(config, **changes)
 
 
@@ -122,14 +136,16 @@ class ShardedBatch:
 
 
 class ShardedEmbeddingStore:
-    """Embedding tables sharded row-wise over a process group, pruned as one store.
+    """Embedding tables sharded over a process group (row-wise or table-wise), pruned as one store.
 
     Args:
         tables: the logical tables, the same on every rank.
         config: the store as a whole (its budget is split evenly over the ranks).
         process_group: the ``torch.distributed`` group of the embeddings (the default
             group when None; without ``torch.distributed`` initialised, a world of one).
-        routing: :class:`RowWiseRouting` (virtual buckets and salt).
+        routing: "row" (default: :class:`RowWiseRouting`, rows spread by a salted hash
+            over virtual buckets) or "table" (:class:`TableWiseRouting`: every row
+            of a table on one rank, tables placed by size).
         exact: send one gradient row per occurrence, so that the owner sums them in a
             single store's order (bit-identical results, more bytes sent); otherwise
             one summed row per distinct key (float tolerance).
@@ -146,14 +162,20 @@ class ShardedEmbeddingStore:
         self.tables = tuple(tables)
         self.exchange = _exchange if _exchange is not None else exchange_for(process_group)
         self.rank, self.world = self.exchange.rank, self.exchange.world
-        self.routing = routing if routing is not None else RowWiseRouting()
+        if routing is None or routing == "row":
+            routing = RowWiseRouting()
+        elif routing == "table":
+            routing = TableWiseRouting.for_tables(self.tables)
+        elif not isinstance(routing, (RowWiseRouting, TableWiseRouting)):
+            raise ConfigError(f"routing must be 'row', 'table', RowWiseRouting or TableWiseRouting, got {routing!r}")
+        self.routing = routing
         self.routing.check_world(self.world)
         self.exact = bool(exact)
         self.path = Path(path) if path is not None else None
         if _shard is not None:
             self.shard = _shard
         else:
-            shard_tables, shard_cfg = shard_config(self.tables, self.config, self.world)
+            shard_tables, shard_cfg = shard_config(self.tables, self.config, self.world, self.routing, self.rank)
             from .checkpoint import is_sharded, shard_dir_name
 
             if self.path is not None and is_sharded(self.path):

@@ -3,7 +3,7 @@
 Each shard is an ordinary store directory; these functions run the single-store
 tools on every shard in parallel (threads: the kernels and the Zarr reads release
 the GIL) and merge what they find into one report, adding what only the whole can
-tell: every key sits in its owner's bucket range, and no key is in two shards.
+tell: every key sits on the shard its routing names, and no key is in two shards.
 """
 
 from __future__ import annotations
@@ -81,11 +81,11 @@ def verify_sharded(path: Path, progress: bool = False) -> list[str]:
     """Every problem in every shard (prefixed with its directory), and keys outside their owner's range."""
     from ..storage.checkpoint import open_store
     from ..tools import verify_store
-    from .routing import RowWiseRouting
+    from .routing import routing_from_json
 
     try:
         doc = read_sharded_manifest(path)
-        routing = RowWiseRouting.from_json(doc["routing"])
+        routing = routing_from_json(doc["routing"])
     except FiitedError as exc:
         return [str(exc)]
 
@@ -97,20 +97,21 @@ def verify_sharded(path: Path, progress: bool = False) -> list[str]:
         with open_store(path / entry["dir"], "r", checkpoint=entry["checkpoint"]) as shard:
             live = np.flatnonzero(shard.entries.table_of_entries() >= 0)
             t, ids = shard.entries.keys_of(live)
-            b = routing.buckets(t.astype(np.int16), ids)
-            lo, hi = entry["buckets"]
-            out = (b < lo) | (b >= hi)
+            owner = routing.owners(t.astype(np.int16), ids, doc["world_size"])
+            out = owner != entry["rank"]
             if out.any():
                 i = int(np.argmax(out))
-                problems.append(f"{entry['dir']}: {int(out.sum())} keys route to buckets outside its range "
-                                f"[{lo}, {hi}), the first (table {int(t[i])}, id {int(ids[i])}) to bucket {int(b[i])}")
+                where = (f"buckets outside its range [{entry['buckets'][0]}, {entry['buckets'][1]})"
+                         if "buckets" in entry else f"tables it does not own ({entry.get('tables')})")
+                problems.append(f"{entry['dir']}: {int(out.sum())} keys route to {where}, the first "
+                                f"(table {int(t[i])}, id {int(ids[i])}) to rank {int(owner[i])}")
         return problems
 
     found = _each_shard(doc, one)
-    expect = [list(routing.bucket_range(r, doc["world_size"])) for r in range(doc["world_size"])]
-    if [e["buckets"] for e in doc["shards"]] != expect:
-        found.append([f"{SHARDED_MANIFEST}: bucket ranges {[e['buckets'] for e in doc['shards']]} do not split "
-                      f"{routing.n_buckets} buckets over {doc['world_size']} shards as routing does: {expect}"])
+    expect = [dict(routing.shard_json(r, doc["world_size"]), rank=r) for r in range(doc["world_size"])]
+    listed = [{k: e.get(k) for k in expect[i]} for i, e in enumerate(doc["shards"])]
+    if listed != expect:
+        found.append([f"{SHARDED_MANIFEST}: shards list {listed}, the routing places them as {expect}"])
     return [p for ps in found for p in ps]
 
 
@@ -139,7 +140,7 @@ def reshard_offline(path: Path, world: int, progress: bool = False) -> dict[str,
     point leaves a whole store behind."""
     from ..storage.checkpoint import config_from_json, save_store, write_atomic
     from .checkpoint import FORMAT, FORMAT_VERSION, reshard
-    from .routing import RowWiseRouting
+    from .routing import routing_from_json
 
     doc = read_sharded_manifest(path)
     if world < 1:
@@ -147,7 +148,7 @@ def reshard_offline(path: Path, world: int, progress: bool = False) -> dict[str,
     if world == doc["world_size"]:
         return {"world_size": world, "moved": False, "entries_per_shard": None}
     tables, config = config_from_json(doc["config"])
-    routing = RowWiseRouting.from_json(doc["routing"])
+    routing = routing_from_json(doc["routing"])
     routing.check_world(world)
 
     def one(rank):
@@ -163,7 +164,7 @@ def reshard_offline(path: Path, world: int, progress: bool = False) -> dict[str,
     old_dirs = [e["dir"] for e in doc["shards"]]
     new_doc = dict(doc, format=FORMAT, format_version=FORMAT_VERSION, world_size=world, shards=[
         {"rank": r, "dir": shard_dir_name(world, r), "checkpoint": made[r][0],
-         "buckets": list(routing.bucket_range(r, world))} for r in range(world)])
+         **routing.shard_json(r, world)} for r in range(world)])
     write_atomic(path / SHARDED_MANIFEST, json.dumps(new_doc, indent=2).encode())
     for d in old_dirs:
         shutil.rmtree(path / d, ignore_errors=True)
