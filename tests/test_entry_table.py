@@ -229,6 +229,19 @@ def test_pool_and_memory_budgets_together_are_checked_at_construction():
     assert s.stats()["total"]["memory_vs_budget"] <= 1.0
 
 
+def test_pool_budgets_give_each_chunk_width_its_own_pool_and_are_checked():
+    tables = [TableConfig("a", dim=8, chunks=2, num_embeddings=100), TableConfig("b", dim=16, chunks=2, num_embeddings=100)]
+    s = EmbeddingStore(tables, StoreConfig(pool_budget_bytes=(160, 3200), prune_period=0))
+    assert [(p.chunk_width, p.slots) for p in s.plans] == [(4, 10), (8, 100)]
+    assert s.stats()["total"]["budget_bytes"] == 160 + 3200
+    with pytest.raises(ConfigError, match=r"pool_budget_bytes gives 1 budgets for 2 pools \(chunk widths \[4, 8\]\)"):
+        EmbeddingStore(tables, StoreConfig(pool_budget_bytes=(160,)))
+    with pytest.raises(ConfigError, match="not both"):
+        StoreConfig(pool_budget_bytes=(160, 320), budget_fraction=0.5)
+    with pytest.raises(ConfigError, match=r"positive ints, got \(160, -1\)"):
+        StoreConfig(pool_budget_bytes=(160, -1))
+
+
 def test_the_hashed_index_never_grows_past_the_memory_budget():
     from fiited_store import MemoryBudgetError
 
