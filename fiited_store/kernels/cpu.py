@@ -961,42 +961,47 @@ def accumulate_gradients(which, offsets, weights, mean, bags_per_feature, featur
     touch the same row of grad_buf) and, within a table, by u modulo ``split``; each
     part streams its features' columns of grad_out top to bottom, which the
     hardware prefetcher follows, and adds into grad_buf rows that stay in cache.
+    Flat unsigned indexing (no view per occurrence) lets the row adds vectorise.
     Every row of grad_buf must be zero on entry.
     """
     B = bags_per_feature
     F = feature_table.shape[0]
     weighted = weights.shape[0] > 0
+    g_width = np.uint64(grad_out.shape[1])
+    b_width = np.uint64(grad_buf.shape[1])
+    g_flat = grad_out.reshape(-1)
+    buf = grad_buf.reshape(-1)
     for item in prange(n_tables * split):
         t = item // split
         part = item - t * split
         if table_group[t] != group:
             continue
-        D = table_chunks[t] * c
+        D = np.uint64(table_chunks[t] * c)
         for f in range(F):
             if feature_table[f] != t:
                 continue
-            col = feature_col[f]
+            col = np.uint64(feature_col[f])
             for b in range(B):
                 bag = f * B + b
                 lo = offsets[bag]
                 hi = offsets[bag + 1]
+                s0 = np.uint64(b) * g_width + col
                 for i in range(lo, hi):
                     u = which[i]
                     if u < 0 or u % split != part:
                         continue
-                    g = grad_buf[u, :D]
-                    src = grad_out[b, col:col + D]
+                    d0 = np.uint64(u) * b_width
                     if weighted:
                         w = weights[i]
                         for j in range(D):
-                            g[j] += w * src[j]
+                            buf[d0 + j] += w * g_flat[s0 + j]
                     elif mean:
                         w = np.float32(1.0) / np.float32(hi - lo)
                         for j in range(D):
-                            g[j] += src[j] * w
+                            buf[d0 + j] += g_flat[s0 + j] * w
                     else:
                         for j in range(D):
-                            g[j] += src[j]
+                            buf[d0 + j] += g_flat[s0 + j]
 
 
 @njit(**_PAR)
@@ -1035,9 +1040,16 @@ def apply_gradients(uniq, counts, grad_buf, row_base, seen, keys, table_ids, add
     The sum is rounded to 16 bits stochastically (``util_round``), with ``salt``
     differing from step to step.
     A chunk that is not resident gets its utility and nothing else (invariant 4).
+    Rows are addressed flat (unsigned offsets, no view per chunk).
     """
     c = vectors.shape[1]
+    uc = np.uint64(c)
     U = uniq.shape[0]
+    gw = np.uint64(grad_buf.shape[1])
+    sw = np.uint64(opt_state.shape[1])
+    g_flat = grad_buf.reshape(-1)
+    v_flat = vectors.reshape(-1)
+    s_flat = opt_state.reshape(-1)
     for u in prange(U):
         if u + 2 * PREFETCH_ROWS < U:
             prefetch(addr, uniq[u + 2 * PREFETCH_ROWS])
@@ -1053,25 +1065,26 @@ def apply_gradients(uniq, counts, grad_buf, row_base, seen, keys, table_ids, add
         if table_group[t] != group:
             continue
         K = table_chunks[t]
-        D = K * c
-        g = grad_buf[u, :D]
+        g0 = np.uint64(u) * gw
         accesses = np.float64(counts[u])
         urow = util[e]
         kh = key_hash(t, entry_key(e, t, row_base, keys))
         if util_mode == UTIL_GRADIENT:
             for k in range(K):
-                gk = g[k * c:(k + 1) * c]
+                gk = g0 + np.uint64(k) * uc
                 sq = 0.0
-                for j in range(c):
-                    sq += np.float64(gk[j]) * np.float64(gk[j])
+                for j in range(uc):
+                    x = np.float64(g_flat[gk + j])
+                    sq += x * x
                 urow[k] = util_round(util_load(urow[k]) + np.float32(accesses * np.sqrt(sq) * growth),
                                      util_random16(kh, k, salt))
         elif util_mode == UTIL_ACCESS:
             urow[0] = util_round(util_load(urow[0]) + np.float32(accesses * growth), util_random16(kh, 0, salt))
         else:
             sq = 0.0
-            for j in range(D):
-                sq += np.float64(g[j]) * np.float64(g[j])
+            for j in range(np.uint64(K) * uc):
+                x = np.float64(g_flat[g0 + j])
+                sq += x * x
             urow[0] = util_round(util_load(urow[0]) + np.float32(accesses * np.sqrt(sq) * growth),
                                  util_random16(kh, 0, salt))
 
@@ -1083,26 +1096,28 @@ def apply_gradients(uniq, counts, grad_buf, row_base, seen, keys, table_ids, add
             s = arow[k]
             if s < 0:
                 continue
-            gk = g[k * c:(k + 1) * c]
-            v = vectors[s]
-            st = opt_state[s]
+            gk = g0 + np.uint64(k) * uc
+            v0 = np.uint64(s) * uc
+            s0 = np.uint64(s) * sw
             if opt == OPT_SGD:
-                for j in range(c):
-                    v[j] = fma32(neg_lr, gk[j], v[j])
+                for j in range(uc):
+                    v_flat[v0 + j] = fma32(neg_lr, g_flat[gk + j], v_flat[v0 + j])
             elif opt == OPT_ADAGRAD:
-                for j in range(c):
-                    acc = st[j] + gk[j] * gk[j]
-                    st[j] = acc
-                    v[j] = fma32(neg_lr, gk[j] / (np.sqrt(acc) + eps), v[j])
+                for j in range(uc):
+                    gj = g_flat[gk + j]
+                    acc = s_flat[s0 + j] + gj * gj
+                    s_flat[s0 + j] = acc
+                    v_flat[v0 + j] = fma32(neg_lr, gj / (np.sqrt(acc) + eps), v_flat[v0 + j])
             elif opt == OPT_ROWWISE_ADAGRAD:
                 sq32 = np.float32(0.0)
-                for j in range(c):
-                    sq32 += gk[j] * gk[j]
-                acc = st[0] + sq32 / np.float32(c)
-                st[0] = acc
+                for j in range(uc):
+                    gj = g_flat[gk + j]
+                    sq32 += gj * gj
+                acc = s_flat[s0] + sq32 / np.float32(c)
+                s_flat[s0] = acc
                 mult = neg_lr / (np.sqrt(acc) + eps)
-                for j in range(c):
-                    v[j] = fma32(mult, gk[j], v[j])
+                for j in range(uc):
+                    v_flat[v0 + j] = fma32(mult, g_flat[gk + j], v_flat[v0 + j])
 
 
 @njit(**_PAR)
