@@ -181,18 +181,23 @@ def config_from_json(doc: dict[str, Any], version: int = FORMAT_VERSION) -> tupl
 
 
 # ------------------------------------------------------------------------ manifest
+def load_json(f: Path) -> Any:
+    """A manifest's JSON; what is not JSON is a CorruptStoreError naming the file."""
+    try:
+        return json.loads(f.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+        raise CorruptStoreError(f"{f} is not valid JSON: {exc}") from exc
+    except OSError as exc:
+        raise storage_error(exc, f"reading {f}") from exc
+
+
 def read_manifest(path: Path, check_checkpoint: bool = True) -> dict[str, Any]:
     f = path / MANIFEST
     if not path.is_dir():
         raise CorruptStoreError(f"{path} is not a directory")
     if not f.exists():
         raise CorruptStoreError(f"{path} is not a fiited-store store: {MANIFEST} is missing")
-    try:
-        doc = json.loads(f.read_text())
-    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
-        raise CorruptStoreError(f"{f} is not valid JSON: {exc}") from exc
-    except OSError as exc:
-        raise storage_error(exc, f"reading {f}") from exc
+    doc = load_json(f)
     if not isinstance(doc, dict) or doc.get("format") != FORMAT:
         raise CorruptStoreError(f"{f} does not describe a {FORMAT} store")
     if doc.get("format_version") not in READABLE_VERSIONS:

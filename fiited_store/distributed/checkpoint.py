@@ -55,13 +55,12 @@ def is_sharded(path: str | Path) -> bool:
 
 
 def read_sharded_manifest(path: str | Path) -> dict[str, Any]:
+    from ..storage.checkpoint import load_json
+
     f = Path(path) / SHARDED_MANIFEST
     if not f.exists():
         raise CorruptStoreError(f"{path} is not a sharded fiited-store store: {SHARDED_MANIFEST} is missing")
-    try:
-        doc = json.loads(f.read_text())
-    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
-        raise CorruptStoreError(f"{f} is not valid JSON: {exc}") from exc
+    doc = load_json(f)
     if not isinstance(doc, dict) or doc.get("format") != FORMAT:
         raise CorruptStoreError(f"{f} does not describe a {FORMAT} store")
     if doc.get("format_version") != FORMAT_VERSION:

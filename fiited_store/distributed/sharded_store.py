@@ -56,7 +56,6 @@ from ..errors import (
     NonFiniteGradientError,
     PeerRankError,
     StaleBatchError,
-    UnknownTableError,
 )
 from ..inputs import request_arrays
 from ..kernels import cpu as host_kernels
@@ -184,7 +183,6 @@ class ShardedEmbeddingStore:
             self.shard = EmbeddingStore(shard_tables, shard_cfg, path=None if self.path is None
                                         else self.path / shard_dir_name(self.world, self.rank))
         self.shard.collective = self.exchange
-        self._table_index = {t.name: i for i, t in enumerate(self.tables)}
         self._dims = np.array([t.dim for t in self.tables], np.int64)
         # ids of a declared table must lie in [0, num_embeddings), as a single store's direct index checks
         self._id_limit = np.array([t.num_embeddings if t.direct else np.iinfo(np.int64).max for t in self.tables],
@@ -209,19 +207,10 @@ class ShardedEmbeddingStore:
         return self.shard.step_count
 
     def table_index(self, name: str) -> int:
-        try:
-            return self._table_index[name]
-        except (KeyError, TypeError):
-            raise UnknownTableError(name, list(self._table_index)) from None
+        return self.shard.table_index(name)  # every shard holds every table, in the store's order
 
     def _features(self, features: str | Sequence[str]) -> np.ndarray:
-        if isinstance(features, str):
-            features = [features]
-        if not isinstance(features, (list, tuple, np.ndarray)):
-            raise UnknownTableError(features, list(self._table_index))
-        if len(features) == 0:
-            raise InputShapeError("at least one feature (table name) is needed")
-        return np.array([self.table_index(f) for f in features], np.int32)
+        return self.shard._features(features)
 
     def _refused_by_peer(self, ranks: np.ndarray, what: str) -> PeerRankError:
         return PeerRankError(f"rank(s) {ranks.tolist()} refused {what}; nothing was changed on any rank "

@@ -652,6 +652,18 @@ def _source_row(s, sp_slots):
 
 
 @njit(inline="always")
+def _copy_chunk(dst, code, sp_slots, vectors, sp_vectors):
+    """dst[:] = a chunk's values (its pool row, or its read-through tier row), zeros when it has none."""
+    where, r = _source_row(code, sp_slots)
+    if where < 0:
+        dst[:] = 0.0
+    else:
+        src = vectors[r] if where == 0 else sp_vectors[r]
+        for j in range(dst.shape[0]):
+            dst[j] = src[j]
+
+
+@njit(inline="always")
 def _prefetch_bag(entry_idx, offsets, bag, addr, vectors, sp_slots, deep):
     """Prefetch the address row of the bag's first id, and (deep) its chunk rows."""
     lo = offsets[bag]
@@ -701,14 +713,7 @@ def pooled_forward(entry_idx, offsets, weights, mean, bags_per_feature, feature_
                 # one id, no weight: a copy (the common case of one-hot features)
                 arow = addr[entry_idx[lo]]
                 for k in range(K):
-                    dst = orow[col + k * c:col + (k + 1) * c]
-                    where, r = _source_row(arow[k], sp_slots)
-                    if where < 0:
-                        dst[:] = 0.0
-                    else:
-                        src = vectors[r] if where == 0 else sp_vectors[r]
-                        for j in range(c):
-                            dst[j] = src[j]
+                    _copy_chunk(orow[col + k * c:col + (k + 1) * c], arow[k], sp_slots, vectors, sp_vectors)
                 continue
             orow[col:col + K * c] = 0.0
             for i in range(lo, hi):
@@ -1639,17 +1644,10 @@ def gather_entry_rows(entries, q_tables, addr, vectors, table_chunks, table_grou
         s0 = row_start[i]
         e = entries[i]
         for k in range(K):
-            dst = out[s0 + k * c:s0 + (k + 1) * c]
             if e < 0:
-                dst[:] = 0.0
-                continue
-            where, r = _source_row(addr[e, k], sp_slots)
-            if where < 0:
-                dst[:] = 0.0
+                out[s0 + k * c:s0 + (k + 1) * c] = 0.0
             else:
-                src = vectors[r] if where == 0 else sp_vectors[r]
-                for j in range(c):
-                    dst[j] = src[j]
+                _copy_chunk(out[s0 + k * c:s0 + (k + 1) * c], addr[e, k], sp_slots, vectors, sp_vectors)
 
 
 @njit(**_PAR)
