@@ -14,8 +14,9 @@ from pathlib import Path
 
 from fiited_store.distributed.launch import spawn_world
 
-#: a collective that waits longer than this fails (gloo's timeout)
-COLLECTIVE_TIMEOUT = 60
+#: a collective that waits longer than this fails (gloo's timeout): generous, because a rank
+#: compiling kernels on a fresh numba cache keeps its peers waiting in the next exchange
+COLLECTIVE_TIMEOUT = 300
 
 
 def _run_scenarios(rank: int, world: int, workdir: str, scenarios: list[str], module: str) -> None:
