@@ -22,7 +22,7 @@ from typing import Callable, Sequence
 
 from . import __version__
 from .errors import FiitedError
-from .train_config import DATASETS, METHODS, NORMALIZATIONS, SWEEP_RATIOS, UTILITIES, TrainConfig
+from .train_config import DATASETS, METHODS, NORMALIZATIONS, READMISSIONS, SWEEP_RATIOS, UTILITIES, TrainConfig
 
 # Nothing here imports torch, numba or zarr at module level: `fiited-store --help`
 # and argument errors answer at once, and every command imports what it needs.
@@ -109,6 +109,9 @@ def _train_args(p: argparse.ArgumentParser) -> None:
                         "utilities divided by its own mean)")
     p.add_argument("--small-table-rows", type=nonnegative_int, default=d.small_table_rows,
                    help="FIITED: tables of at most this many rows keep every chunk (0: off)")
+    p.add_argument("--readmission", choices=READMISSIONS, default=d.readmission,
+                   help="FIITED: a chunk that wins a slot back at a prune starts at its first values, at zero, "
+                        "or at values drawn anew")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
 
 
@@ -117,7 +120,8 @@ def _config_from(args, **override) -> TrainConfig:
                        epochs=args.epochs, steps=args.steps, lr_embedding=args.lr_embedding, lr_dense=args.lr_dense,
                        prune_period=args.prune_period, gamma=args.gamma, steepness=args.steepness,
                        utility=args.utility, criteo_limit=args.criteo_limit,
-                       table_normalization=args.normalization, small_table_rows=args.small_table_rows, **override)
+                       table_normalization=args.normalization, small_table_rows=args.small_table_rows,
+                       readmission=args.readmission, **override)
 
 
 def cmd_train(args) -> int:

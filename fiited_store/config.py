@@ -202,6 +202,7 @@ class DynamicRatio:
 
 PruningPolicy = Union[ManualRatios, DynamicRatio]
 TABLE_NORMALIZATIONS = ("none", "mean")
+READMISSIONS = ("first", "zero", "fresh")
 
 
 def table_floors(tables, config: "StoreConfig") -> list[int]:
@@ -263,6 +264,12 @@ class StoreConfig:
             chunk of every row (a floor of K; they cost little and are often the
             most predictive features). 0 disables it; a table's ``min_chunks`` is
             the floor otherwise.
+        readmission: the values a chunk starts with when it wins a slot at a prune
+            pass without a copy to restore (it was discarded, or never held one):
+            "first" (default: exactly the values it was first initialised with, a
+            function of seed, table, id and chunk), "zero", or "fresh" (drawn anew,
+            from the seed and the prune round). New keys always start at their
+            first values.
     """
 
     pruning: PruningPolicy = field(default_factory=lambda: DynamicRatio(0.75))
@@ -285,6 +292,7 @@ class StoreConfig:
     host_cache_bytes: int | None = None
     table_normalization: str = "none"
     small_table_rows: int = 0
+    readmission: str = "first"
 
     def __post_init__(self) -> None:
         _check(isinstance(self.pruning, (ManualRatios, DynamicRatio)), f"pruning must be ManualRatios or DynamicRatio, got {self.pruning!r}")
@@ -337,6 +345,8 @@ class StoreConfig:
         _check(self.device in DEVICES, f"device must be one of {DEVICES}, got {self.device!r}")
         _check(self.table_normalization in TABLE_NORMALIZATIONS,
                f"table_normalization must be one of {TABLE_NORMALIZATIONS}, got {self.table_normalization!r}")
+        _check(self.readmission in READMISSIONS,
+               f"readmission must be one of {READMISSIONS}, got {self.readmission!r}")
         _check(_is_int(self.small_table_rows) and self.small_table_rows >= 0,
                f"small_table_rows must be an int >= 0, got {self.small_table_rows!r}")
         _check(

@@ -15,7 +15,7 @@ from typing import Any
 
 import numpy as np
 
-from .config import PoolPlan, table_floors
+from .config import table_floors
 from .kernels.layout import tier_slot_of
 from .policy import sample_rate_threshold, thresholds
 from .pool import ChunkPool
@@ -102,7 +102,7 @@ def prune_pool(store, pool: ChunkPool, entries_per_table: np.ndarray) -> dict[st
             order = np.argsort(b.to_host(al_r[:n_al]), kind="stable")[::-1].copy()
             al_e = b.from_host(b.to_host(al_e)[order])
             al_k = b.from_host(b.to_host(al_k)[order])
-        allocate(store, pool, al_e, al_k)
+        allocate(store, pool, al_e, al_k, readmit=True)
     info.update(evicted=n_ev, allocated=n_al, oversubscribed=bool(use_cutoff))
     return info
 
@@ -136,8 +136,26 @@ def evict(store, pool: ChunkPool, ev_e, ev_k) -> None:
     store.counters.evicted_chunks += n
 
 
-def allocate(store, pool: ChunkPool, al_e, al_k, *, fetch_counter: str = "") -> int:
-    """Give slots to chunks in list order; spilled ones come back from the tier."""
+def readmission_init(store):
+    """(seed, init kinds) for chunks a prune pass gives a slot without a copy to restore
+    (``StoreConfig.readmission``): their first values, zeros, or values drawn anew."""
+    from .kernels.cpu import mix64
+    from .kernels.layout import INIT_CODES
+
+    m, mode = store._meta, store.config.readmission
+    if mode == "zero":
+        if "readmit_zero_kind" not in m:
+            m["readmit_zero_kind"] = store.backend.from_host(np.full(len(store.tables), INIT_CODES["zeros"], np.int8))
+        return store.config.seed, m["readmit_zero_kind"]
+    if mode == "fresh":
+        salt = mix64(np.uint64(store._prune_round) + np.uint64(0x9E3779B97F4A7C15))
+        return int(mix64(np.uint64(store.config.seed) ^ salt) >> np.uint64(1)), m["table_init_kind"]
+    return store.config.seed, m["table_init_kind"]
+
+
+def allocate(store, pool: ChunkPool, al_e, al_k, *, fetch_counter: str = "", readmit: bool = False) -> int:
+    """Give slots to chunks in list order; spilled ones come back from the tier, the others
+    start at their first values (or, with ``readmit``, as ``StoreConfig.readmission`` says)."""
     n = int(al_e.shape[0])
     if n == 0:
         return 0
@@ -159,10 +177,11 @@ def allocate(store, pool: ChunkPool, al_e, al_k, *, fetch_counter: str = "") -> 
         if fetch_counter:
             store.counters.prefetched_chunks += n_staged
             setattr(store.counters, fetch_counter, getattr(store.counters, fetch_counter) + n_sp - n_staged)
+    seed, init_kind = readmission_init(store) if readmit else (store.config.seed, m["table_init_kind"])
     placed = int(store.k.commit_allocations(
         al_e, al_k, b.from_host(restore_index), b.from_host(vec), b.from_host(st),
         ea.row_base, ea.seen, ea.keys, ea.table_ids, ea.addr, a.owner,
-        a.free_stack, a.n_free, a.vectors, a.opt_state, store.config.seed, m["table_init_kind"],
+        a.free_stack, a.n_free, a.vectors, a.opt_state, seed, init_kind,
         m["table_init_scale"], store.kmax,
     ))
     placed_spilled = spilled[:placed]

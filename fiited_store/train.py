@@ -122,7 +122,7 @@ def run(cfg: TrainConfig, progress: bool = True, out=sys.stderr) -> dict[str, An
     emb = build_embeddings(cfg.method, names, cards, cfg.dim, cfg.ratio, cfg.chunks, cfg.lr_embedding, counts=counts,
                            prune_period=cfg.prune_period, gamma=cfg.gamma, seed=cfg.seed, steepness=cfg.steepness,
                            utility=cfg.utility, table_normalization=cfg.table_normalization,
-                           small_table_rows=cfg.small_table_rows,
+                           small_table_rows=cfg.small_table_rows, readmission=cfg.readmission,
                            process_group=None if dist_ctx is None else dist_ctx.group)
     num_dense = test.num_dense
     model = DLRM(emb, len(names), cfg.dim, num_dense)

@@ -15,6 +15,7 @@ DATASETS = ("synthetic", "mixed", "movielens", "criteo")
 #: small-dim: dense embeddings of dimension D x (1 - ratio) for every row (the uniform baseline)
 METHODS = ("dense", "small-dim", "md", "adaembed", "fiited-manual", "fiited-dynamic")
 NORMALIZATIONS = ("none", "mean")
+READMISSIONS = ("first", "zero", "fresh")
 UTILITIES = ("gradient", "access", "shared")
 SWEEP_RATIOS = (0.5, 0.625, 0.75, 0.8125, 0.875, 0.9375)
 
@@ -49,6 +50,7 @@ class TrainConfig:
     seed: int = 0
     table_normalization: str = "none"   # FIITED: "none" is the paper's rule
     small_table_rows: int = 0           # FIITED: tables of at most this many rows keep every chunk
+    readmission: str = "first"          # FIITED: a chunk winning its slot back starts at its first values
 
     def __post_init__(self) -> None:
         def check(cond: bool, message: str) -> None:
@@ -74,6 +76,8 @@ class TrainConfig:
         check(0.0 < self.gamma < 1.0, f"gamma must lie in (0, 1), got {self.gamma!r}")
         check(0.0 <= self.steepness <= 1.0, f"steepness must lie in [0, 1], got {self.steepness!r}")
         check(self.dataset in ("synthetic", "mixed") or self.path is not None, f"dataset {self.dataset!r} needs --path")
+        check(self.readmission in READMISSIONS,
+              f"readmission must be one of {READMISSIONS}, got {self.readmission!r}")
         check(self.table_normalization in NORMALIZATIONS,
               f"table_normalization must be one of {NORMALIZATIONS}, got {self.table_normalization!r}")
         check(isinstance(self.small_table_rows, int) and self.small_table_rows >= 0,

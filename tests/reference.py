@@ -111,10 +111,15 @@ class ReferenceStore:
         self.cache = config.mode == "cache"
 
     # --------------------------------------------------------------- helpers
-    def _new_chunk(self, r: Row, k: int) -> None:
+    def _new_chunk(self, r: Row, k: int, readmit: bool = False) -> None:
         t = self.tables[r.table]
         c = t.chunk_width
-        r.vec[k] = np.array([init_value(self.config.seed, r.table, r.key, k, j, t.initializer, t.scale) for j in range(c)], f32)
+        seed, kind = self.config.seed, t.initializer
+        if readmit and self.config.readmission == "zero":
+            kind = "zeros"
+        elif readmit and self.config.readmission == "fresh":
+            seed = mix64(self.config.seed ^ mix64(self.round + GOLDEN)) >> 1
+        r.vec[k] = np.array([init_value(seed, r.table, r.key, k, j, kind, t.scale) for j in range(c)], f32)
         r.state[k] = np.zeros(self.plans[self.group_of[r.table]].state_width, f32)
 
     def _util(self, r: Row, k: int) -> np.float32:
@@ -398,7 +403,7 @@ class ReferenceStore:
                     r.vec[k], r.state[k] = r.spilled[k]
                     r.spilled[k] = None
                 else:
-                    self._new_chunk(r, k)
+                    self._new_chunk(r, k, readmit=True)
         floor = f32(self.config.drop_floor)
         for key in [key for key, r in self.rows.items()
                     if all(v is None for v in r.vec) and all(u < floor for u in r.util)]:

@@ -64,6 +64,7 @@ def setups(draw):
         initial_capacity=8,
         table_normalization=draw(st.sampled_from(["none", "mean"])),
         small_table_rows=draw(st.sampled_from([0, 0, 20])),
+        readmission=draw(st.sampled_from(["first", "first", "zero", "fresh"])),
     )
     return tables, config
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import numpy as np
+import pytest
 
 from fiited_store import DynamicRatio, EmbeddingStore, ManualRatios, StoreConfig, TableConfig
 from fiited_store.config import plan_pools
@@ -250,3 +251,37 @@ def test_thresholds_per_table_reduce_to_the_papers_without_floors_or_normalisati
     manual = thresholds(samples, tables_of, ManualRatios((0.9, 0.92, 0.95, 0.97)), *args, normalization="mean")
     means = [np.nanmean(samples[tables_of == t].astype(np.float64)) for t in (0, 1)]
     np.testing.assert_allclose(manual[0, :2] / manual[1, :2], means[0] / means[1], rtol=1e-5)
+
+
+def _readmission_run(mode: str, reference: bool):
+    """Rows 0-24 train and keep their slots; rows 25-49 lose theirs at the first prune,
+    earn utility while absent, and win them back at the second (re-admission)."""
+    from .reference import ReferenceStore
+
+    tables = [TableConfig("a", 8, chunks=2, num_embeddings=50)]
+    cfg = StoreConfig(pruning=DynamicRatio(0.5), prune_period=0, readmission=mode, seed=3)
+    s = ReferenceStore(tables, cfg) if reference else EmbeddingStore(tables, cfg)
+    ids = np.arange(50)
+    for first, scale, steps in ((0, 1.0, 3), (25, 5.0, 4)):
+        part = ids[first:first + 25]
+        for _ in range(steps):
+            b = s.pooled_lookup([0] if reference else "a", part, np.arange(26), train=True)
+            s.backward(b, np.full((25, 8), scale, np.float32))
+            s.step()
+        s.prune()
+    if reference:
+        return np.stack([s.row_values(0, int(i)) for i in ids])
+    return s.lookup("a", ids)
+
+
+@pytest.mark.parametrize("mode", ["first", "zero", "fresh"])
+def test_readmitted_chunks_start_as_the_option_says(mode):
+    got = _readmission_run(mode, reference=False)
+    np.testing.assert_array_equal(got, _readmission_run(mode, reference=True))
+    first = _readmission_run("first", reference=False)
+    readmitted = got[25:]
+    if mode == "zero":
+        assert not readmitted.any()
+    elif mode == "fresh":
+        assert readmitted.any() and not np.isin(readmitted, first[25:]).any()
+    np.testing.assert_array_equal(got[:25], first[:25])  # rows that kept their slots are untouched

@@ -174,7 +174,7 @@ def build_embeddings(method: str, feature_names: Sequence[str], cardinalities: S
                      prune_period: int = 100, gamma: float = 0.99, sample_size: int = 100_000, seed: int = 0,
                      steepness: float = 1.0, utility: str = "gradient", optimizer: str = "adagrad",
                      mode: str = "prune", path=None, table_normalization: str = "none",
-                     small_table_rows: int = 0, process_group=None) -> nn.Module:
+                     small_table_rows: int = 0, process_group=None, readmission: str = "first") -> nn.Module:
     """The embedding module of one method at one pruning ratio (fraction of the dense size removed);
     with ``process_group``, FIITED's store is sharded over its ranks."""
     if method == "dense":
@@ -195,6 +195,7 @@ def build_embeddings(method: str, feature_names: Sequence[str], cardinalities: S
         raise ValueError(f"method must be one of {METHODS}, got {method!r}")
     cfg = StoreConfig(pruning=pruning, budget_fraction=max(1.0 - ratio, 1e-6), prune_period=prune_period, gamma=gamma,
                       sample_size=sample_size, seed=seed, utility=utility, mode=mode,
-                      table_normalization=table_normalization, small_table_rows=small_table_rows)
+                      table_normalization=table_normalization, small_table_rows=small_table_rows,
+                      readmission=readmission)
     return FiitedEmbeddings(feature_names, cardinalities, dim, cfg, chunks, optimizer, learning_rate, path=path,
                             process_group=process_group)
