@@ -80,6 +80,8 @@ def assert_same(cpu, gpu, residency=True):
     ("prune-discard", StoreConfig(pruning=DynamicRatio(0.6), prune_period=3, sample_size=1000, initial_capacity=16)),
     ("prune-manual-spill", StoreConfig(pruning=ManualRatios((0.3, 0.9)), budget_fraction=0.4, prune_period=2,
                                        sample_size=1000, on_evict="spill", utility="shared", initial_capacity=16)),
+    ("prune-fresh-readmission", StoreConfig(pruning=DynamicRatio(0.6), prune_period=2, sample_size=1000,
+                                            initial_capacity=16, readmission="fresh")),
 ])
 def test_prune_mode_matches_the_cpu(name, config, index):
     tables = TWO_CHUNKS if "manual" in name else TABLES
