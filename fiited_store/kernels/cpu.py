@@ -1459,7 +1459,7 @@ def missing_chunks(uniq, row_base, seen, table_ids, addr, table_chunks, table_gr
 
 
 @njit(inline="always")
-def _is_victim(owner, addr, util, pinned_sorted, threshold, s):
+def _is_victim(owner, addr, util, pinned_bits, threshold, s):
     e = owner[s]
     if e < 0:
         return False
@@ -1467,8 +1467,7 @@ def _is_victim(owner, addr, util, pinned_sorted, threshold, s):
     u = util_load(util[e, k] if util.shape[1] > 1 else util[e, 0])
     if u >= threshold:
         return False
-    j = np.searchsorted(pinned_sorted, e)
-    return not (j < pinned_sorted.shape[0] and pinned_sorted[j] == e)
+    return ((pinned_bits[e >> 6] >> np.uint64(e & 63)) & np.uint64(1)) == 0
 
 
 #: slots examined per parallel window of the victim scan, and blocks per window
@@ -1482,20 +1481,31 @@ def pick_victims(owner, addr, util, pinned_sorted, threshold, start, out_entries
     from ``start`` (wrapping). pinned_sorted holds entries in ascending order.
 
     The scan goes window by window and stops once enough are found; inside a window,
-    blocks are counted in parallel and filled from their prefix sums, so the result is
-    the sequential scan's. Returns (number found, position to resume from).
+    blocks classify their slots in parallel (once: a flag per slot) and are filled
+    from their prefix sums, so the result is the sequential scan's. Pinned entries
+    are marked in a bitmap first, so a slot's check costs no search.
+    Returns (number found, position to resume from).
     """
     S = owner.shape[0]
     limit = out_entries.shape[0]
+    n_entries = addr.shape[0]
+    pinned_bits = np.zeros(n_entries // 64 + 1, np.uint64)
+    for i in range(pinned_sorted.shape[0]):
+        e = pinned_sorted[i]
+        if 0 <= e < n_entries:
+            pinned_bits[e >> 6] |= np.uint64(1) << np.uint64(e & 63)
     step = _VICTIM_WINDOW // _VICTIM_BLOCKS
     counts = np.zeros(_VICTIM_BLOCKS + 1, np.int64)
+    flags = np.zeros(_VICTIM_WINDOW, np.bool_)
     found = 0
     w0 = 0
     while w0 < S and found < limit:
         for blk in prange(_VICTIM_BLOCKS):
             n = 0
             for r in range(w0 + blk * step, min(w0 + (blk + 1) * step, S)):
-                if _is_victim(owner, addr, util, pinned_sorted, threshold, (start + r) % S):
+                v = _is_victim(owner, addr, util, pinned_bits, threshold, (start + r) % S)
+                flags[r - w0] = v
+                if v:
                     n += 1
             counts[blk + 1] = n
         counts[0] = found
@@ -1506,8 +1516,8 @@ def pick_victims(owner, addr, util, pinned_sorted, threshold, start, out_entries
             if pos >= limit:
                 continue
             for r in range(w0 + blk * step, min(w0 + (blk + 1) * step, S)):
-                s = (start + r) % S
-                if _is_victim(owner, addr, util, pinned_sorted, threshold, s):
+                if flags[r - w0]:
+                    s = (start + r) % S
                     e = owner[s]
                     out_entries[pos] = e
                     out_chunks[pos] = chunk_at(addr[e], s)
@@ -1518,7 +1528,7 @@ def pick_victims(owner, addr, util, pinned_sorted, threshold, start, out_entries
             # resume right after the limit-th victim of this window
             seen = found
             for r in range(w0, min(w0 + _VICTIM_WINDOW, S)):
-                if _is_victim(owner, addr, util, pinned_sorted, threshold, (start + r) % S):
+                if flags[r - w0]:
                     seen += 1
                     if seen == limit:
                         return limit, (start + r + 1) % S
