@@ -106,7 +106,7 @@ def _bench_rank(rank: int, world: int, cfg_json: str, out_file: str) -> None:
         metered.reset()
         t0 = time.perf_counter()
         batch = store.pooled_lookup(names, ids, offsets, train=True)
-        fwd_s, fwd_bytes = metered.seconds, metered.bytes
+        fwd_s = metered.seconds
         store.backward(batch, grad)
         store.step()
         t1 = time.perf_counter()
@@ -116,7 +116,6 @@ def _bench_rank(rank: int, world: int, cfg_json: str, out_file: str) -> None:
             sent.append(metered.bytes)
             U = sum(np.unique(ids[f * B:(f + 1) * B]).size for f in range(F))  # distinct keys (one table per feature)
             floor.append(2 * U * (4 * cfg.dim + FLOOR_KEY_BYTES))
-        del fwd_bytes
     # the peer's output exchange: every rank's partial pooled sums for every bag, reduce-scattered
     reduce_scatter = getattr(dist, "reduce_scatter_single", None) or dist.reduce_scatter_tensor  # renamed in torch 2.13
     partial = torch.randn(B * world, F * cfg.dim)

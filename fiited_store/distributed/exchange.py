@@ -108,14 +108,13 @@ class TorchExchange(LocalExchange):
 
     def all_gather_rows(self, rows: np.ndarray) -> np.ndarray:
         """Every rank's rows (float32[n_r, w]), concatenated in rank order."""
-        n = int(self.max(np.array([rows.shape[0]], np.int64))[0])
+        sizes = np.empty(self.world, np.int64)
+        self._gather(self._t(sizes), self._t(np.array([rows.shape[0]], np.int64)), group=self.group)
+        n = int(sizes.max())
         padded = np.full((n,) + rows.shape[1:], np.nan, rows.dtype)
         padded[:rows.shape[0]] = rows
         out = np.empty((self.world * n,) + rows.shape[1:], rows.dtype)
         self._gather(self._t(out), self._t(padded), group=self.group)
-        sizes = np.empty(self.world, np.int64)
-        self._gather(self._t(sizes), self._t(np.array([rows.shape[0]], np.int64)),
-                                          group=self.group)
         return np.concatenate([out[r * n:r * n + sizes[r]] for r in range(self.world)])
 
     def all_gather_object(self, obj: Any) -> list:

@@ -25,6 +25,7 @@ Example::
 from __future__ import annotations
 
 from dataclasses import dataclass
+from functools import lru_cache
 
 import numpy as np
 
@@ -115,14 +116,8 @@ class TableWiseRouting:
                               f"this store has {len(self.table_bytes)}")
 
     def table_ranks(self, world: int) -> np.ndarray:
-        """int64[T]: the rank of each table."""
-        load = np.zeros(world, np.int64)
-        out = np.empty(len(self.table_bytes), np.int64)
-        for t in sorted(range(len(self.table_bytes)), key=lambda t: (-self.table_bytes[t], t)):  # T tables, once
-            r = int(np.argmin(load))
-            out[t] = r
-            load[r] += self.table_bytes[t]
-        return out
+        """int64[T]: the rank of each table (placed once per world size, then looked up)."""
+        return _place_tables(self.table_bytes, world)
 
     def owners(self, tables: np.ndarray, ids: np.ndarray, world: int) -> np.ndarray:
         return self.table_ranks(world)[np.asarray(tables, np.int64)]
@@ -135,6 +130,19 @@ class TableWiseRouting:
 
     def to_json(self) -> dict:
         return {"kind": self.kind, "table_bytes": list(self.table_bytes)}
+
+
+@lru_cache(maxsize=64)
+def _place_tables(table_bytes: tuple[int, ...], world: int) -> np.ndarray:
+    """Largest table first, each to the least-loaded rank (ties: the lower rank)."""
+    load = np.zeros(world, np.int64)
+    out = np.empty(len(table_bytes), np.int64)
+    for t in sorted(range(len(table_bytes)), key=lambda t: (-table_bytes[t], t)):  # T tables, once per world
+        r = int(np.argmin(load))
+        out[t] = r
+        load[r] += table_bytes[t]
+    out.flags.writeable = False  # shared by every caller
+    return out
 
 
 def table_weights(tables) -> tuple[int, ...]:

@@ -346,7 +346,7 @@ class ShardedEmbeddingStore:
         if status == _REFUSED:
             g = np.zeros(batch.output.shape, np.float32)  # still sent: the peers wait for these exchanges
         W = self.world
-        U = batch.key_of_occ.shape[0] and int(batch.key_dims.shape[0])
+        U = int(batch.key_dims.shape[0])
         recv_key_start = np.concatenate([[0], np.cumsum(batch.recv_counts)]).astype(np.int64)
         n_recv = int(recv_key_start[-1])
         recv_dims = self._dims[batch.recv_tables]
@@ -372,28 +372,25 @@ class ShardedEmbeddingStore:
         else:
             # one row per occurrence, tagged (feature, key index at its owner), so that the
             # owner adds them in the single-store order: feature, rank, bag, position
-            nnz = batch.key_of_occ.shape[0]
-            occ_dims = batch.feature_dim[np.repeat(np.arange(batch.feature_tables.shape[0]),
-                                                   np.diff(batch.offsets[::batch.bags_per_feature]))] \
-                if batch.bags_per_feature else np.empty(0, np.int64)
-            occ_start = starts_of(occ_dims)
-            per_occ = np.empty(int(occ_dims.sum()), np.float32)
-            host_kernels.occurrence_gradients(batch.offsets, batch.weights, batch.mean, batch.bags_per_feature,
-                                              batch.feature_dim, batch.feature_col, g, occ_start, per_occ)
+            F = batch.feature_tables.shape[0]
+            feature_of_occ = (np.repeat(np.arange(F), np.diff(batch.offsets[::batch.bags_per_feature]))
+                              if batch.bags_per_feature else np.empty(0, np.int64))
+            occ_dims = batch.feature_dim[feature_of_occ]
             occ_order = np.argsort(batch.occ_owner, kind="stable")
+            # each occurrence's row is written where it goes in the send buffer (owner by owner)
+            occ_start = np.empty(occ_dims.shape[0], np.int64)
+            occ_start[occ_order] = starts_of(occ_dims[occ_order])
+            packed = np.empty(int(occ_dims.sum()), np.float32)
+            host_kernels.occurrence_gradients(batch.offsets, batch.weights, batch.mean, batch.bags_per_feature,
+                                              batch.feature_dim, batch.feature_col, g, occ_start, packed)
             occ_counts = np.bincount(batch.occ_owner, minlength=W).astype(np.int64)
             pos_in_send = np.empty(U, np.int64)
             pos_in_send[batch.send_order] = np.arange(U)
             key_send_start = np.concatenate([[0], np.cumsum(batch.send_counts)]).astype(np.int64)
             key_idx = pos_in_send[batch.key_of_occ] - key_send_start[batch.occ_owner]
-            feature_of_occ = np.repeat(np.arange(batch.feature_tables.shape[0]),
-                                       np.diff(batch.offsets[::batch.bags_per_feature])) \
-                if batch.bags_per_feature else np.empty(0, np.int64)
             meta = np.stack([feature_of_occ[occ_order], key_idx[occ_order]], axis=1).astype(np.int64)
             recv_occ = self.exchange.counts(occ_counts)
             meta_in = self.exchange.all_to_all(meta, occ_counts, recv_occ)
-            packed = per_occ[np.concatenate([np.arange(occ_start[i], occ_start[i] + occ_dims[i])
-                                             for i in occ_order])] if nnz else per_occ
             seg_send = np.bincount(batch.occ_owner, weights=occ_dims, minlength=W).astype(np.int64)
             src = np.repeat(np.arange(W), recv_occ)
             row_key = recv_key_start[src] + meta_in[:, 1] if meta_in.shape[0] else np.empty(0, np.int64)
