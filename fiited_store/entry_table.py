@@ -78,6 +78,9 @@ class EntryTable:
         self.n_live = 0
         self.n_hashed = 0
         self.n_tombstones = 0
+        #: bumped whenever a live entry moves or goes (inserting moves none): a resolution
+        #: of keys that were all found stays true until it changes
+        self.version = 0
 
     @classmethod
     def from_arrays(cls, backend, arrays: EntryArrays, table_names: Sequence[str], max_load: float) -> "EntryTable":
@@ -94,6 +97,7 @@ class EntryTable:
         table.n_hashed = int(np.count_nonzero(tids >= 0))
         table.n_live = table.n_hashed + _popcount(backend.to_host(arrays.seen))
         table.n_tombstones = int(np.count_nonzero(tids == -2))
+        table.version = 0
         return table
 
     # ------------------------------------------------------------------ sizes
@@ -193,6 +197,7 @@ class EntryTable:
                                    new.table_ids, new.addr, new.util, old_to_new)
         self.arrays = new
         self.n_tombstones = 0
+        self.version += 1
         return old_to_new
 
     def insert_missing(self, q_tables, q_ids, entries):
@@ -211,6 +216,7 @@ class EntryTable:
         self.n_live -= n
         self.n_hashed -= n_hashed
         self.n_tombstones += n_hashed
+        self.version += 1
 
     def keys_of(self, entries: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         """(table, id) of live entries, on the host: int64[n] each."""

@@ -161,16 +161,22 @@ def allocate(store, pool: ChunkPool, al_e, al_k, *, fetch_counter: str = "", rea
         return 0
     b, a, m, ea = store.backend, pool.arrays, store._meta, store.entries.arrays
     g = pool.plan.group
-    codes_d = b.empty(n, np.int32)
-    store.k.chunk_codes(store.entries.arrays.addr, al_e, al_k, codes_d)
-    codes = b.to_host(codes_d)
-    spilled = codes <= -2
-    n_sp = int(spilled.sum())
-    restore_index = np.full(n, -1, np.int64)
-    restore_index[spilled] = np.arange(n_sp)
     c, w = pool.plan.chunk_width, pool.plan.state_width
     vec = np.empty((0, c), np.float32)
     st = np.empty((0, w), np.float32)
+    if store.tiers[g] is None:
+        # no tier, so no chunk of this pool is spilled: every one starts anew (an empty
+        # restore_index says so, and a prune pass saves a pass over its allocations)
+        codes, spilled, n_sp = np.empty(0, np.int32), np.zeros(0, bool), 0
+        restore_index = np.empty(0, np.int64)
+    else:
+        codes_d = b.empty(n, np.int32)
+        store.k.chunk_codes(store.entries.arrays.addr, al_e, al_k, codes_d)
+        codes = b.to_host(codes_d)
+        spilled = codes <= -2
+        n_sp = int(spilled.sum())
+        restore_index = np.full(n, -1, np.int64)
+        restore_index[spilled] = np.arange(n_sp)
     tslots = tier_slot_of(codes[spilled]).astype(np.int64)
     if n_sp:
         vec, st, n_staged = read_tier(store, g, tslots)
@@ -184,10 +190,9 @@ def allocate(store, pool: ChunkPool, al_e, al_k, *, fetch_counter: str = "", rea
         a.free_stack, a.n_free, a.vectors, a.opt_state, seed, init_kind,
         m["table_init_scale"], store.kmax,
     ))
-    placed_spilled = spilled[:placed]
     if n_sp:
-        store.tiers[g].release(tier_slot_of(codes[:placed][placed_spilled]).astype(np.int64))
-    n_restored = int(placed_spilled.sum())
+        store.tiers[g].release(tier_slot_of(codes[:placed][spilled[:placed]]).astype(np.int64))
+    n_restored = int(spilled[:placed].sum()) if n_sp else 0
     store.counters.restored_chunks += n_restored
     store.counters.initialised_chunks += placed - n_restored
     return placed
@@ -195,23 +200,23 @@ def allocate(store, pool: ChunkPool, al_e, al_k, *, fetch_counter: str = "", rea
 
 def read_tier(store, group: int, tslots: np.ndarray):
     """Rows of tier slots, taken from a staged background read where it is still valid."""
+    from .kernels.cpu import take_staged
+
     tier = store.tiers[group]
     vec = np.empty((tslots.shape[0], tier.chunk_width), np.float32)
     st = np.empty((tslots.shape[0], tier.state_width), np.float32)
     hit = np.zeros(tslots.shape[0], bool)
+    n_hit = 0
     for staged in store._staged.get(group, []):
         # a read still in flight is for a later batch: never wait for it here
         if not staged.future.done() or staged.future.exception() is not None or staged.slots.size == 0:
             continue
         s_vec, s_st = staged.future.result()
-        pos = np.minimum(np.searchsorted(staged.slots, tslots), staged.slots.shape[0] - 1)
         # a staged row is good if its slot was not released (and maybe reused) since the read
-        good = ~hit & (staged.slots[pos] == tslots) & ~np.isin(tslots, tier.released_since(staged.mark))
-        vec[good], st[good] = s_vec[pos[good]], s_st[pos[good]]
-        hit |= good
-    if not hit.all():
+        n_hit += int(take_staged(staged.slots, s_vec, s_st, tier.released_since(staged.mark), tslots, hit, vec, st))
+    if n_hit < tslots.shape[0]:
         vec[~hit], st[~hit] = tier.read(tslots[~hit])
-    return vec, st, int(hit.sum())
+    return vec, st, n_hit
 
 
 def drop_dead_entries(store) -> int:

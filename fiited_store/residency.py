@@ -12,7 +12,7 @@ moving anything.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any, Sequence
+from typing import Any, NamedTuple, Sequence
 
 import numpy as np
 
@@ -20,6 +20,50 @@ from . import placement
 from .errors import PoolCapacityError
 from .kernels.layout import tier_slot_of
 from .pool import ChunkPool
+
+
+class FlatKeys(NamedTuple):
+    """A request's keys: its features' tables, the table and id of each occurrence, and
+    (when it came with offsets) the offsets and the bag of each occurrence."""
+
+    feature_tables: np.ndarray  # int64[F], host
+    q_tables: Any               # int16[nnz]
+    ids: Any                    # int64[nnz]
+    offsets: np.ndarray | None  # int64[F * B + 1], host
+    bag_of_occ: Any             # int64[nnz] or None
+
+
+@dataclass
+class Resolved:
+    """A prefetched batch whose keys were all found: the training lookup of the same
+    batch takes its entries and grouping instead of finding and grouping them again."""
+
+    keys: FlatKeys              # ids and offsets are the host copies the lookup compares
+    entries: Any
+    grouping: Any
+    version: tuple              # (entry table, its version, store generation) when resolved
+
+
+def _resolution_version(store) -> tuple:
+    return id(store.entries), store.entries.version, store._generation
+
+
+def take_resolved(store, feature_tables: np.ndarray, ids, offsets):
+    """(q_tables, bag_of_occ, entries, grouping) of a prefetched batch equal to this
+    request, or None. A match and every older prefetch are forgotten."""
+    if not store._resolved:
+        return None
+    if store.backend.name != "cpu" or _resolution_version(store) != store._resolved[0].version:
+        store._resolved.clear()
+        return None
+    for i, r in enumerate(store._resolved):
+        k = r.keys
+        if (k.ids.shape == ids.shape and k.offsets.shape == offsets.shape
+                and np.array_equal(k.feature_tables, feature_tables) and np.array_equal(k.offsets, offsets)
+                and np.array_equal(k.ids, ids)):
+            del store._resolved[: i + 1]
+            return k.q_tables, k.bag_of_occ, r.entries, r.grouping
+    return None
 
 
 @dataclass
@@ -53,16 +97,15 @@ def make_resident(store, uniq) -> None:
                 )
             need = n - pool.n_free
             evictable = pool.n_used - (batch_chunks - n)
-            batch = np.sort(b.to_host(uniq))
-            evict_for(store, pool, batch, np.union1d(batch, store._upcoming), need,
+            batch = b.to_host(uniq)
+            evict_for(store, pool, batch, np.concatenate([batch, store._upcoming]), need,
                       min(evictable, need + pool.slots // 32))
         placement.allocate(store, pool, miss_e, miss_k, fetch_counter="sync_fetched_chunks")
 
 
-def evict_for(store, pool: ChunkPool, batch_sorted: np.ndarray, spare_sorted: np.ndarray, need: int,
-               target: int) -> None:
-    """Evict at least ``need`` (aiming at ``target``) low-utility chunks not in the batch,
-    sparing the next batch's (``spare_sorted``) as long as others can go."""
+def evict_for(store, pool: ChunkPool, batch: np.ndarray, spare: np.ndarray, need: int, target: int) -> None:
+    """Evict at least ``need`` (aiming at ``target``) low-utility chunks not of the batch's
+    entries, sparing the next batch's too (``spare``, any order) as long as others can go."""
     b, k = store.backend, store.k
     g = pool.plan.group
     ea = store.entries.arrays
@@ -75,10 +118,13 @@ def evict_for(store, pool: ChunkPool, batch_sorted: np.ndarray, spare_sorted: np
     # at least a quarter of the residents qualify, so that a call scans a few times
     # the slots it frees instead of the whole pool; the prune pass still ranks strictly
     q = min(1.0, max(1.5 * target / max(pool.n_used, 1), 0.25))
-    threshold = float(np.quantile(sampled, q)) if sampled.size and q < 1.0 else np.inf
+    # chunks at the quantile qualify too: utilities tie (untouched chunks all sit at 0),
+    # and a strict bound at a tied quantile would let no chunk through and scan the pool
+    threshold = float(np.nextafter(np.float32(np.quantile(sampled, q)), np.float32(np.inf))) \
+        if sampled.size and q < 1.0 else np.inf
     done = 0
     for attempt in range(3):
-        pinned = b.from_host(spare_sorted if attempt < 2 else batch_sorted)
+        pinned = b.from_host(spare if attempt < 2 else batch)
         want = target - done
         out_e = b.empty(want, np.int64)
         out_k = b.empty(want, np.int64)
@@ -120,11 +166,20 @@ def prefetch_async(store, features: str | Sequence[str], ids: Any, offsets: Any 
     store._check_writable()
     if store.config.mode != "cache":
         return 0
-    q_tables, ids_d = store._flat_keys(features, ids, offsets)
-    entries, _ = store.entries.find(q_tables, ids_d)
-    uniq = store._group(entries, q_tables).uniq
+    keys = store._flat_keys_bags(features, ids, offsets)
+    entries, n_missing, _ = store.entries.find_counted(keys.q_tables, keys.ids)
+    grouping = store._group(entries, keys.q_tables)
+    uniq = grouping.uniq
     b = store.backend
-    store._upcoming = np.sort(b.to_host(uniq))
+    if n_missing == 0 and keys.offsets is not None and b.name == "cpu":
+        # the lookup of this batch, one step later, reuses all of it (the ids and offsets
+        # are copied: the caller may refill its arrays in between)
+        owned = keys._replace(ids=np.array(keys.ids), offsets=np.array(keys.offsets))
+        if store._resolved and store._resolved[0].version != _resolution_version(store):
+            store._resolved.clear()
+        store._resolved.append(Resolved(owned, entries, grouping, _resolution_version(store)))
+        del store._resolved[:-2]
+    store._upcoming = b.to_host(uniq)
     total = 0
     for pool in store.pools:
         g = pool.plan.group
@@ -133,7 +188,7 @@ def prefetch_async(store, features: str | Sequence[str], ids: Any, offsets: Any 
         codes = b.empty(max(n, 1), np.int32)
         store.k.chunk_codes(store.entries.arrays.addr, miss_e, miss_k, codes)
         c = b.to_host(codes)[:n]
-        slots = np.unique(tier_slot_of(c[c <= -2]).astype(np.int64))
+        slots = np.sort(tier_slot_of(c[c <= -2]).astype(np.int64))  # distinct chunks hold distinct tier slots
         if slots.size == 0 or store.tiers[g] is None:
             continue
         tier = store.tiers[g]

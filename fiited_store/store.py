@@ -109,6 +109,8 @@ class StoreCounters:
     sync_fetched_chunks: int = 0
     prefetched_chunks: int = 0
     dropped_entries: int = 0
+    #: training lookups that took a prefetched batch's entries and grouping (no second find)
+    resolved_lookups: int = 0
 
 
 class EmbeddingStore:
@@ -176,6 +178,8 @@ class EmbeddingStore:
         self._staged: dict[int, list[residency.Staged]] = {}
         # entries of the batch being prefetched: evictions spare them when they can
         self._upcoming = np.empty(0, np.int64)
+        # the last two prefetched batches, resolved, for their training lookups
+        self._resolved: list[residency.Resolved] = []
         self._clock = [0] * len(self.plans)
         self._tmpdir: Path | None = None
         self.path = Path(path) if path is not None else None
@@ -227,6 +231,7 @@ class EmbeddingStore:
                 st.future.cancel()
                 self.tiers[g].end_read(st.mark)
         self._staged.clear()
+        self._resolved.clear()
         for tier in self.tiers:
             if tier is not None:
                 tier.close()
@@ -438,12 +443,17 @@ class EmbeddingStore:
                 generation=self._generation, store_id=id(self), consumed=True,
             )
         # bags of occurrences are only needed to train (or to differentiate the weights)
-        bag_of_occ = b.empty(nnz if train or weights_d.shape[0] else 0, np.int64)
-        q_tables = b.empty(nnz, np.int16)
-        self.k.expand_bags(offsets_d, B, ft_d, bag_of_occ, q_tables)
         new: list = []
-        entries = self._resolve(q_tables, ids_d, insert=train, new_out=new)
-        grouping = self._group(entries, q_tables) if train else None
+        resolved = residency.take_resolved(self, feature_tables, ids_d, offsets_d) if train else None
+        if resolved is not None:
+            # prefetched: its keys were all found then, and none has moved since
+            q_tables, bag_of_occ, entries, grouping = resolved
+        else:
+            bag_of_occ = b.empty(nnz if train or weights_d.shape[0] else 0, np.int64)
+            q_tables = b.empty(nnz, np.int16)
+            self.k.expand_bags(offsets_d, B, ft_d, bag_of_occ, q_tables)
+            entries = self._resolve(q_tables, ids_d, insert=train, new_out=new)
+            grouping = self._group(entries, q_tables) if train else None
         if self.config.mode == "cache" and train:
             try:
                 residency.make_resident(self, grouping.uniq)
@@ -451,6 +461,7 @@ class EmbeddingStore:
                 if new and new[0].shape[0]:
                     placement.erase_entries(self, new[0])  # the batch did not happen: forget the keys it added
                 raise
+            self.counters.resolved_lookups += resolved is not None
         out = self._buffers.get((B, int(dims.sum())))
         m = self._meta
         for pool in self.pools:
@@ -764,19 +775,25 @@ class EmbeddingStore:
 
     def _flat_keys(self, features, ids, offsets=None):
         """(table of each id, ids) for one table, or for features laid out as in pooled_lookup."""
+        keys = self._flat_keys_bags(features, ids, offsets)
+        return keys.q_tables, keys.ids
+
+    def _flat_keys_bags(self, features, ids, offsets=None) -> "residency.FlatKeys":
+        """The keys of a request, with the bags of its occurrences when it has offsets."""
         feats = self._features(features)
         ids = as_ids(ids)
+        b = self.backend
         if offsets is None:
             if feats.shape[0] != 1:
                 raise InputShapeError("several features need offsets, laid out as for pooled_lookup")
-            return self.backend.from_host(np.full(ids.shape[0], feats[0], np.int16)), self.backend.from_host(ids)
+            return residency.FlatKeys(feats, b.from_host(np.full(ids.shape[0], feats[0], np.int16)),
+                                      b.from_host(ids), None, None)
         offsets = as_offsets(offsets, ids.shape[0], feats.shape[0])
-        b = self.backend
         bag_of_occ = b.empty(ids.shape[0], np.int64)
         q_tables = b.empty(ids.shape[0], np.int16)
         self.k.expand_bags(b.from_host(offsets), (offsets.shape[0] - 1) // feats.shape[0], b.from_host(feats),
                            bag_of_occ, q_tables)
-        return q_tables, b.from_host(ids)
+        return residency.FlatKeys(feats, q_tables, b.from_host(ids), offsets, bag_of_occ)
 
     # ------------------------------------------------------------------ stats
     def stats(self) -> dict[str, Any]:
@@ -849,6 +866,7 @@ class EmbeddingStore:
 
     def import_state(self, arrays: dict[str, Any]) -> None:
         """Replace this store's contents with an :meth:`export_state` of a store of the same configuration."""
+        self._resolved.clear()
         state_dict.import_state(self, arrays)
 
     # ------------------------------------------------------------------ persistence

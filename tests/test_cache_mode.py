@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import dataclasses
+
 import numpy as np
 import pytest
 
@@ -169,3 +171,118 @@ def test_training_onto_a_full_device_raises_storage_full_and_the_store_goes_on(t
     run = subprocess.run([sys.executable, "-c", FULL_DEVICE_SCRIPT, str(tmp_path / "s")], capture_output=True, text=True)
     assert run.returncode == 0, (run.returncode, run.stdout[-1000:], run.stderr[-2000:])
     assert "FULL" in run.stdout and "the device is full" in run.stdout and run.stdout.strip().endswith("OK"), run.stdout
+
+
+HASHED = [dataclasses.replace(t, index="hashed") for t in TABLES]
+
+
+def test_a_prefetched_batch_is_found_once_and_its_lookup_matches_a_fresh_one():
+    plain = EmbeddingStore(TABLES, StoreConfig(mode="cache", budget_fraction=0.25, prune_period=5, seed=3))
+    fetched = EmbeddingStore(TABLES, StoreConfig(mode="cache", budget_fraction=0.25, prune_period=5, seed=3))
+    for s in (plain, fetched):
+        for t in TABLES:  # every key has an entry
+            for lo in range(0, t.num_embeddings, 50):
+                s.prefetch(t.name, np.arange(lo, lo + 50))
+    train(plain, 7, 30)
+    train(fetched, 7, 30, prefetch=True)
+    # a batch is resolved at prefetch time when every key of it had an entry then
+    assert fetched.counters.resolved_lookups == 29
+    assert plain.counters.resolved_lookups == 0
+    for t in TABLES:
+        ids = np.arange(t.num_embeddings)
+        np.testing.assert_array_equal(fetched.lookup(t.name, ids), plain.lookup(t.name, ids))
+    plain.close(), fetched.close()
+
+
+def _one_step(store, ids, offsets, grad):
+    b = store.pooled_lookup(["user", "item"], ids, offsets, train=True)
+    out = b.output.copy()
+    store.backward(b, grad)
+    store.step()
+    return out
+
+
+@pytest.mark.parametrize("change", ["ids refilled in place", "offsets refilled in place", "key erased",
+                                    "other features"])
+def test_a_prefetched_resolution_is_not_taken_for_a_changed_request(change):
+    """The lookup compares what it is given with what was prefetched, and the entry
+    table with what it was: a refilled array, or an entry moved by an erase (the hashed
+    index shifts entries back), means finding the keys again."""
+    plain = EmbeddingStore(HASHED, StoreConfig(mode="cache", budget_fraction=0.5, prune_period=0, seed=3))
+    fetched = EmbeddingStore(HASHED, StoreConfig(mode="cache", budget_fraction=0.5, prune_period=0, seed=3))
+    train(plain, 1, 10)
+    train(fetched, 1, 10)
+    (ids, offsets, grad), (ids2, offsets2, _) = stream(5, 2)
+    features = ["user", "item"]
+    if change == "other features":
+        fetched.prefetch_async(["item", "user"], ids, offsets)
+    else:
+        fetched.prefetch_async(features, ids, offsets)
+    if change == "ids refilled in place":
+        ids[:] = ids2[: ids.shape[0]] if ids2.shape[0] >= ids.shape[0] else np.resize(ids2, ids.shape[0])
+    elif change == "offsets refilled in place":
+        offsets[1:-1] = np.sort(np.random.default_rng(1).integers(0, ids.shape[0], offsets.shape[0] - 2))
+    elif change == "key erased":
+        victim = int(ids[0])
+        for s in (plain, fetched):
+            assert s.erase("user", [victim]) == 1
+    before = fetched.counters.resolved_lookups
+    np.testing.assert_array_equal(_one_step(fetched, ids, offsets, grad), _one_step(plain, ids, offsets, grad))
+    assert fetched.counters.resolved_lookups == before
+    for t in HASHED:
+        np.testing.assert_array_equal(fetched.lookup(t.name, np.arange(t.num_embeddings)),
+                                      plain.lookup(t.name, np.arange(t.num_embeddings)))
+    plain.close(), fetched.close()
+
+
+def test_untouched_chunks_tied_at_zero_utility_are_evicted_in_one_scan(monkeypatch):
+    """Chunks never trained all have utility 0, so the sampled threshold is 0: the scan
+    must take chunks at the threshold, not look through the whole pool for none below it."""
+    from fiited_store.kernels import cpu
+
+    calls = []
+    pick = cpu.pick_victims
+
+    def counted(*args):
+        n, nxt = pick(*args)
+        calls.append((int(args[6].shape[0]), int(n)))
+        return n, nxt
+
+    s = EmbeddingStore(TABLES, StoreConfig(mode="cache", budget_fraction=0.25, prune_period=0, seed=3))
+    full = EmbeddingStore(TABLES, StoreConfig(mode="cache", budget_fraction=1.0, prune_period=0, seed=3))
+    monkeypatch.setattr(cpu, "pick_victims", counted)
+    for store in (s, full):
+        for lo in range(0, 400, 50):  # rows enter untrained: every utility stays 0
+            store.prefetch("user", np.arange(lo, lo + 50))
+    assert s.counters.spilled_chunks > 0 and calls
+    assert all(found == wanted for wanted, found in calls), calls  # the first scan found them all
+    np.testing.assert_array_equal(s.lookup("user", np.arange(400)), full.lookup("user", np.arange(400)))
+    assert check_store(s) == []
+    s.close(), full.close()
+
+
+def test_a_row_evicted_whole_is_given_back_as_a_run_of_adjacent_slots():
+    """Slots go back on the free stack so that the next allocations take them in the
+    order they were evicted: a row's chunks, evicted together, come back as one run."""
+    from fiited_store.kernels import cpu
+
+    S, K = 12, 4
+    addr = np.full((3, K), -1, np.int32)
+    owner = np.full(S, -1, np.int64)
+    addr[0] = [4, 5, 6, 7]
+    owner[4:8] = 0
+    free_stack = np.zeros(S, np.int64)
+    n_free = np.zeros(1, np.int64)
+    e = np.zeros(K, np.int64)
+    k = np.arange(K, dtype=np.int64)
+    cpu.commit_evictions(e, k, np.empty(0, np.int64), addr, owner, free_stack, n_free, K)
+    assert n_free[0] == K and np.all(addr[0] == -1) and np.all(owner == -1)
+    vec = np.zeros((S, 2), np.float32)
+    st = np.zeros((S, 1), np.float32)
+    placed = cpu.commit_allocations(
+        np.full(K, 2, np.int64), k, np.full(K, -1, np.int64), vec[:0], st[:0], np.array([0, 3], np.int64),
+        np.full(1, 7, np.uint32), np.zeros(0, np.int64), np.zeros(0, np.int16), addr, owner, free_stack, n_free,
+        vec, st, 0, np.zeros(1, np.int8), np.ones(1, np.float32), K)
+    assert placed == K
+    np.testing.assert_array_equal(addr[2], [4, 5, 6, 7])
+    np.testing.assert_array_equal(owner[4:8], [2, 2, 2, 2])

@@ -298,3 +298,39 @@ def test_bad_device_requests_raise_the_host_error_and_change_nothing(case, kind,
         gpu.pooled_lookup(names, *dev, train=True)
     assert str(dev_err.value) == str(host_err.value)
     assert_unchanged(before, snapshot(gpu))
+
+
+def test_victims_with_pins_in_any_order_and_free_slot_order_match_the_cpu():
+    """pick_victims takes its pinned entries unsorted, with repeats (a batch and the next
+    one's, concatenated); evicted slots come back in eviction order. Both backends agree."""
+    from fiited_store.backend import get_backend
+
+    rng = np.random.default_rng(5)
+    S, E, K = 64, 20, 4
+    owner = np.full(S, -1, np.int64)
+    addr = np.full((E, K), -1, np.int32)
+    slots = rng.permutation(S)[: E * K // 2]
+    for i, s in enumerate(slots):  # 40 resident chunks over 10 entries
+        e, k = divmod(i, K)
+        owner[s], addr[e, k] = e, s
+    util = np.array([0x0000, 0x4000, 0x4100], np.uint16)[rng.integers(0, 3, (E, K))]  # bfloat16 0, 2, 8: ties
+    pinned = np.array([7, 3, 3, 9, 7, 0], np.int64)
+    results = []
+    for name in ("cpu", "cuda"):
+        b = get_backend(name)
+        d_owner, d_addr = b.from_host(owner.copy()), b.from_host(addr.copy())
+        out_e, out_k = b.empty(12, np.int64), b.empty(12, np.int64)
+        n, nxt = b.k.pick_victims(d_owner, d_addr, b.from_host(util), b.from_host(pinned), np.float32(3.0), 5,
+                                  out_e, out_k)
+        ev_e, ev_k = b.to_host(out_e)[:n], b.to_host(out_k)[:n]
+        stack, n_free = b.from_host(np.zeros(S, np.int64)), b.from_host(np.zeros(1, np.int64))
+        b.k.commit_evictions(b.from_host(ev_e), b.from_host(ev_k), b.empty(0, np.int64), d_addr, d_owner, stack,
+                             n_free, K)
+        results.append((int(n), int(nxt), ev_e, ev_k, b.to_host(stack)[: int(b.to_host(n_free)[0])]))
+    (n, nxt, ev_e, ev_k, stack), gpu = results
+    assert n > 0 and not np.isin(ev_e, pinned).any()
+    assert (n, nxt) == gpu[:2]
+    for a, g in zip((ev_e, ev_k, stack), gpu[2:]):
+        np.testing.assert_array_equal(a, g)
+    # the stack's top is the first victim's slot: the next allocation takes it first
+    assert stack[-1] == addr[ev_e[0], ev_k[0]] and stack[0] == addr[ev_e[-1], ev_k[-1]]

@@ -533,7 +533,9 @@ def gather_slots(slots, vectors, opt_state, out_vectors, out_state):
 
 @njit(**_PAR)
 def commit_evictions(ev_entries, ev_chunks, tier_slots, addr, owner, free_stack, n_free, kmax):
-    """Evict chunks: their slots go back on the free stack, in list order.
+    """Evict chunks: their slots go back on the free stack so that the next
+    allocations take them in list order (a row evicted whole, in chunk order, is
+    given back as the same run of adjacent slots, which the forward copies as one).
 
     With tier_slots non-empty the chunk is spilled (addr = -2 - tier slot; the
     caller, who wrote the tier, sets the tier's back-pointers); otherwise it
@@ -541,12 +543,13 @@ def commit_evictions(ev_entries, ev_chunks, tier_slots, addr, owner, free_stack,
     """
     spill = tier_slots.shape[0] > 0
     top = n_free[0]
-    for i in prange(ev_entries.shape[0]):
+    n = ev_entries.shape[0]
+    for i in prange(n):
         e = ev_entries[i]
         k = ev_chunks[i]
         s = addr[e, k]
         owner[s] = -1
-        free_stack[top + i] = s
+        free_stack[top + n - 1 - i] = s
         if spill:
             addr[e, k] = -2 - tier_slots[i]
         else:
@@ -569,6 +572,7 @@ def commit_allocations(al_entries, al_chunks, restore_index, restored_vectors, r
 
     restore_index[i] >= 0: the chunk comes back with row restore_index[i] of the
     restored arrays (its trained values and optimizer state); -1: it is initialised.
+    An empty restore_index initialises every one.
     Allocation i takes the i-th slot from the top of the free stack, so the work
     splits across threads and the result does not depend on their number.
     Returns how many were placed; the caller releases the tier slots of restored ones.
@@ -576,13 +580,14 @@ def commit_allocations(al_entries, al_chunks, restore_index, restored_vectors, r
     top = n_free[0]
     placed = min(al_entries.shape[0], top)
     itab = init_table(seed, kmax, vectors.shape[1])
+    restoring = restore_index.shape[0] > 0
     for i in prange(placed):
         e = al_entries[i]
         k = al_chunks[i]
         s = free_stack[top - 1 - i]
         addr[e, k] = s
         owner[s] = e
-        r = restore_index[i]
+        r = restore_index[i] if restoring else -1
         v = vectors[s]
         if r >= 0:
             v[:] = restored_vectors[r]
@@ -1441,21 +1446,76 @@ def find_dead_entries(row_base, seen, table_ids, addr, util, floor, out):
 # --------------------------------------------------------------------------- cache mode
 
 
-@njit(**_JIT)
-def missing_chunks(uniq, row_base, seen, table_ids, addr, table_chunks, table_group, group, out_entries, out_chunks):
-    """Chunks of the batch's entries that are not resident (absent or spilled)."""
+@njit(inline="always")
+def _missing_in_row(e, row_base, seen, table_ids, addr, table_chunks, table_group, group):
+    """How many of entry e's chunks in pool ``group`` are not resident."""
+    t = entry_table(e, row_base, seen, table_ids)
+    if table_group[t] != group:
+        return 0
     n = 0
-    for i in range(uniq.shape[0]):
-        e = uniq[i]
-        t = entry_table(e, row_base, seen, table_ids)
-        if table_group[t] != group:
-            continue
-        for k in range(table_chunks[t]):
-            if addr[e, k] < 0:
-                out_entries[n] = e
-                out_chunks[n] = k
-                n += 1
+    for k in range(table_chunks[t]):
+        if addr[e, k] < 0:
+            n += 1
     return n
+
+
+@njit(**_PAR)
+def missing_chunks(uniq, row_base, seen, table_ids, addr, table_chunks, table_group, group, out_entries, out_chunks):
+    """Chunks of the batch's entries that are not resident (absent or spilled), in the
+    order of ``uniq`` and then of chunks: blocks count theirs, then fill their part."""
+    n_u = uniq.shape[0]
+    nb = _FIND_BLOCKS
+    step = (n_u + nb - 1) // nb
+    start = np.zeros(nb + 1, np.int64)
+    for blk in prange(nb):
+        n = 0
+        for i in range(blk * step, min((blk + 1) * step, n_u)):
+            n += _missing_in_row(uniq[i], row_base, seen, table_ids, addr, table_chunks, table_group, group)
+        start[blk + 1] = n
+    for blk in range(nb):
+        start[blk + 1] += start[blk]
+    for blk in prange(nb):
+        n = start[blk]
+        for i in range(blk * step, min((blk + 1) * step, n_u)):
+            e = uniq[i]
+            t = entry_table(e, row_base, seen, table_ids)
+            if table_group[t] != group:
+                continue
+            for k in range(table_chunks[t]):
+                if addr[e, k] < 0:
+                    out_entries[n] = e
+                    out_chunks[n] = k
+                    n += 1
+    return start[nb]
+
+
+@njit(**_PAR)
+def take_staged(staged_slots, staged_vectors, staged_state, released, tslots, hit, out_vectors, out_state):
+    """Rows of ``tslots`` from a background read of ``staged_slots`` (ascending), where the
+    slot was read and not released since (``released``, any order: the row may have
+    been reused). Marks ``hit`` and returns how many were taken."""
+    rel = np.sort(released)
+    n_staged = staged_slots.shape[0]
+    n = tslots.shape[0]
+    nb = _FIND_BLOCKS
+    step = (n + nb - 1) // nb
+    taken = np.zeros(nb, np.int64)
+    for blk in prange(nb):
+        for i in range(blk * step, min((blk + 1) * step, n)):
+            if hit[i]:
+                continue
+            ts = tslots[i]
+            j = np.searchsorted(staged_slots, ts)
+            if j >= n_staged or staged_slots[j] != ts:
+                continue
+            r = np.searchsorted(rel, ts)
+            if r < rel.shape[0] and rel[r] == ts:
+                continue
+            out_vectors[i, :] = staged_vectors[j]
+            out_state[i, :] = staged_state[j]
+            hit[i] = True
+            taken[blk] += 1
+    return taken.sum()
 
 
 @njit(inline="always")
@@ -1476,9 +1536,9 @@ _VICTIM_BLOCKS = 64
 
 
 @njit(**_PAR)
-def pick_victims(owner, addr, util, pinned_sorted, threshold, start, out_entries, out_chunks):
+def pick_victims(owner, addr, util, pinned, threshold, start, out_entries, out_chunks):
     """The first resident chunks below threshold whose entry is not pinned, in slot order
-    from ``start`` (wrapping). pinned_sorted holds entries in ascending order.
+    from ``start`` (wrapping). ``pinned`` holds entries in any order (repeats allowed).
 
     The scan goes window by window and stops once enough are found; inside a window,
     blocks classify their slots in parallel (once: a flag per slot) and are filled
@@ -1490,8 +1550,8 @@ def pick_victims(owner, addr, util, pinned_sorted, threshold, start, out_entries
     limit = out_entries.shape[0]
     n_entries = addr.shape[0]
     pinned_bits = np.zeros(n_entries // 64 + 1, np.uint64)
-    for i in range(pinned_sorted.shape[0]):
-        e = pinned_sorted[i]
+    for i in range(pinned.shape[0]):
+        e = pinned[i]
         if 0 <= e < n_entries:
             pinned_bits[e >> 6] |= np.uint64(1) << np.uint64(e & 63)
     step = _VICTIM_WINDOW // _VICTIM_BLOCKS

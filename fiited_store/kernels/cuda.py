@@ -691,7 +691,7 @@ def _evict_kernel(ev_entries, ev_chunks, tier_slots, spill, addr, owner, free_st
     k = ev_chunks[i]
     s = addr[e, k]
     owner[s] = -1
-    free_stack[top + i] = s
+    free_stack[top + ev_entries.shape[0] - 1 - i] = s
     if spill:
         addr[e, k] = -2 - tier_slots[i]
     else:
@@ -731,7 +731,7 @@ def _allocate_kernel(al_entries, al_chunks, restore_index, restored_vectors, res
     s = free_stack[top - 1 - i]
     addr[e, k] = s
     owner[s] = e
-    r = restore_index[i]
+    r = restore_index[i] if restore_index.shape[0] > 0 else -1
     if r >= 0:
         for j in range(vectors.shape[1]):
             vectors[s, j] = restored_vectors[r, j]
@@ -1435,7 +1435,17 @@ def chunk_at(addr, e, code):
 
 
 @cuda.jit(cache=True)
-def _victim_flags_kernel(owner, addr, util, pinned_sorted, threshold, start, flags):
+def _pin_kernel(pinned, bits):
+    i = cuda.grid(1)
+    if i >= pinned.shape[0]:
+        return
+    e = pinned[i]
+    if 0 <= e < bits.shape[0] * 32:
+        cuda.atomic.or_(bits, e >> 5, np.uint32(1) << np.uint32(e & 31))
+
+
+@cuda.jit(cache=True)
+def _victim_flags_kernel(owner, addr, util, pinned_bits, threshold, start, flags):
     r = cuda.grid(1)
     S = owner.shape[0]
     if r >= S:
@@ -1448,8 +1458,7 @@ def _victim_flags_kernel(owner, addr, util, pinned_sorted, threshold, start, fla
     k = chunk_at(addr, e, s)
     if util_of(util, e, k) >= threshold:
         return
-    lo = lower_bound(pinned_sorted, e)
-    if lo < pinned_sorted.shape[0] and pinned_sorted[lo] == e:
+    if (pinned_bits[e >> 5] >> np.uint32(e & 31)) & np.uint32(1):
         return
     flags[r] = 1
 
@@ -1467,12 +1476,16 @@ def _victim_take_kernel(owner, addr, start, flags, rank, limit, out_entries, out
     cuda.atomic.max(last, 0, r)
 
 
-def pick_victims(owner, addr, util, pinned_sorted, threshold, start, out_entries, out_chunks):
-    """The first resident, unpinned chunks below threshold, scanning slots from start (as on the CPU)."""
+def pick_victims(owner, addr, util, pinned, threshold, start, out_entries, out_chunks):
+    """The first resident, unpinned chunks below threshold, scanning slots from start (as on the CPU);
+    ``pinned`` holds entries in any order."""
     S = owner.shape[0]
     limit = out_entries.shape[0]
+    bits = _zeros(addr.shape[0] // 32 + 1, np.uint32)
+    if pinned.shape[0]:
+        _pin_kernel[_grid(pinned.shape[0])](pinned, bits)
     flags = cuda.device_array(S, np.int64)
-    _victim_flags_kernel[_grid(S)](owner, addr, util, pinned_sorted, np.float32(threshold), int(start), flags)
+    _victim_flags_kernel[_grid(S)](owner, addr, util, bits, np.float32(threshold), int(start), flags)
     rank = inclusive_scan(flags, S)
     total = int(rank[S - 1:S].copy_to_host()[0])
     last = _zeros(1, np.int64)
