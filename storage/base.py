@@ -158,9 +158,12 @@ class ChunkTier(ABC):
         if slots.size == 0:
             return
         self._check_slots(slots)
-        order = np.argsort(slots, kind="stable")
         with self._lock:
-            self._write_sorted(slots[order], vectors[order], states[order])
+            if np.all(slots[1:] > slots[:-1]):  # what allocate() hands out: no reordering copy
+                self._write_sorted(slots, vectors, states)
+            else:
+                order = np.argsort(slots, kind="stable")
+                self._write_sorted(slots[order], vectors[order], states[order])
 
     def read(self, slots: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         slots = np.asarray(slots, np.int64)

@@ -29,6 +29,7 @@ from zarr.codecs import Crc32cCodec
 
 from ..errors import CorruptStoreError, StorageError, StorageFullError, StoreReadOnlyError
 from .base import ChunkTier
+from .rows import gather_rows, scatter_rows, sorted_unique
 
 _FULL = {errno.ENOSPC, errno.EDQUOT, errno.EFBIG}
 _READ_ONLY = {errno.EROFS, errno.EACCES, errno.EPERM}
@@ -279,12 +280,11 @@ class ZarrTier(ChunkTier):
     # ---------------------------------------------------------------- rows
     def _write_sorted(self, slots, vectors, states) -> None:
         self._guard_writable()
-        blocks = np.unique(slots // self.block_rows)
+        blocks = sorted_unique(slots // self.block_rows)
         try:
             self._ensure_staged(blocks)
-            self._stage[slots, : self.chunk_width] = vectors
-            if self.state_width:
-                self._stage[slots, self.chunk_width:] = states
+            scatter_rows(np.asarray(self._stage), slots, np.ascontiguousarray(vectors, np.float32),
+                         np.ascontiguousarray(states, np.float32))
         except CorruptStoreError:
             raise
         except OSError as exc:
@@ -295,14 +295,15 @@ class ZarrTier(ChunkTier):
         if self._stage is None:  # read-only: straight from the Zarr chunks
             return self._read_chunks(slots)
         try:
-            self._ensure_staged(np.unique(slots // self.block_rows))
-            rows = np.asarray(self._stage[slots])
+            self._ensure_staged(sorted_unique(slots // self.block_rows))
+            vec = np.empty((slots.shape[0], self.chunk_width), np.float32)
+            st = np.empty((slots.shape[0], self._width - self.chunk_width), np.float32)
+            gather_rows(np.asarray(self._stage), slots, vec, st)
         except CorruptStoreError:
             raise
         except OSError as exc:
             raise storage_error(exc, f"reading {slots.shape[0]} chunks from disk tier at {self.root}") from exc
-        return (np.ascontiguousarray(rows[:, : self.chunk_width]),
-                np.ascontiguousarray(rows[:, self.chunk_width:]))
+        return vec, st
 
     def _read_chunks(self, slots):
         r = self.block_rows

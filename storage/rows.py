@@ -1,0 +1,47 @@
+"""Moving chunk rows between a tier's staging map and a batch, in one pass each way.
+
+A staged row is ``c`` vector floats then ``w`` optimizer-state floats; a batch keeps
+them as two arrays. numpy's fancy indexing would copy the rows twice (a temporary,
+then each half); these copy each float once. They are serial and release the GIL:
+reads run on the prefetch thread while the training thread runs its own kernels.
+"""
+
+from __future__ import annotations
+
+from numba import njit
+
+
+@njit(cache=True, nogil=True)
+def scatter_rows(stage, slots, vectors, states):
+    """stage[slots[i]] = vectors[i] ++ states[i]."""
+    c = vectors.shape[1]
+    for i in range(slots.shape[0]):
+        s = slots[i]
+        for j in range(c):
+            stage[s, j] = vectors[i, j]
+        for j in range(states.shape[1]):
+            stage[s, c + j] = states[i, j]
+
+
+@njit(cache=True, nogil=True)
+def gather_rows(stage, slots, vectors, states):
+    """vectors[i] ++ states[i] = stage[slots[i]]."""
+    c = vectors.shape[1]
+    for i in range(slots.shape[0]):
+        s = slots[i]
+        for j in range(c):
+            vectors[i, j] = stage[s, j]
+        for j in range(states.shape[1]):
+            states[i, j] = stage[s, c + j]
+
+
+def sorted_unique(a):
+    """np.unique of an ascending array, without its sort."""
+    import numpy as np
+
+    if a.shape[0] == 0:
+        return a
+    keep = np.empty(a.shape[0], bool)
+    keep[0] = True
+    np.not_equal(a[1:], a[:-1], out=keep[1:])
+    return a[keep]
