@@ -74,25 +74,30 @@ def prune_pool(store, pool: ChunkPool, entries_per_table: np.ndarray) -> dict[st
     info["thresholds"] = {store.tables[t].name: thr[t, :store.tables[t].chunks].tolist() for t in plan.tables}
     thr_d = b.from_host(thr)
     block_counts = b.empty((k._SCAN_BLOCKS, 3), np.int64)
-    keep, cand, drop = (int(x) for x in k.prune_count(ea.row_base, ea.seen, ea.table_ids, ea.addr, ea.util, m["table_chunks"],
-                                                      m["table_group"], g, thr_d, block_counts))
+    # one pass lists the chunks below and above their thresholds; it is the prune unless
+    # more chunks pass than there are slots, when ranks decide at a cutoff instead
+    keep, cand, drop, ev_e, ev_k, al_e, al_k = k.prune_lists(
+        ea.row_base, ea.seen, ea.table_ids, ea.addr, ea.util, m["table_chunks"], m["table_group"], g, thr_d,
+        block_counts)
     use_cutoff = keep + cand > pool.slots
-    cutoff = np.uint64(0)
+    n_ev, n_al = drop, cand
     if use_cutoff:
         comp = b.empty(keep + cand, np.uint64)
         n_c = int(k.prune_composites(ea.row_base, ea.seen, ea.keys, ea.table_ids, ea.addr, ea.util, m["table_chunks"],
                                      m["table_group"], g, thr_d, block_counts, comp))
         host = b.to_host(comp[:n_c])
         cutoff = np.partition(host, n_c - pool.slots)[n_c - pool.slots]
-    n_res = keep + drop
-    ev_e, ev_k = b.empty(max(n_res, 1), np.int64), b.empty(max(n_res, 1), np.int64)
-    al_e, al_k = b.empty(max(cand, 1), np.int64), b.empty(max(cand, 1), np.int64)
-    al_r = b.empty(max(cand, 1), np.uint64)
-    # allocations are placed best-first only when they may outnumber the free slots
-    rank_allocations = use_cutoff or cand > pool.n_free + drop
-    n_ev, n_al = (int(x) for x in k.prune_select(ea.row_base, ea.seen, ea.keys, ea.table_ids, ea.addr, ea.util,
-                                                 m["table_chunks"], m["table_group"], g, thr_d, use_cutoff,
-                                                 cutoff, rank_allocations, block_counts, ev_e, ev_k, al_e, al_k, al_r))
+        n_res = keep + drop
+        ev_e, ev_k = b.empty(max(n_res, 1), np.int64), b.empty(max(n_res, 1), np.int64)
+        al_e, al_k = b.empty(max(cand, 1), np.int64), b.empty(max(cand, 1), np.int64)
+        al_r = b.empty(max(cand, 1), np.uint64)
+        n_ev, n_al = (int(x) for x in k.prune_select(ea.row_base, ea.seen, ea.keys, ea.table_ids, ea.addr, ea.util,
+                                                     m["table_chunks"], m["table_group"], g, thr_d, True,
+                                                     cutoff, True, block_counts, ev_e, ev_k, al_e, al_k, al_r))
+    elif n_al > pool.n_free + n_ev:
+        # allocations may outnumber the free slots: they are placed best-first, by rank
+        al_r = b.empty(max(cand, 1), np.uint64)
+        k.allocation_ranks(ea.row_base, ea.seen, ea.keys, ea.table_ids, ea.util, thr_d, al_e, al_k, al_r)
     evict(store, pool, ev_e[:n_ev], ev_k[:n_ev])
     if n_al:
         al_e, al_k = al_e[:n_al], al_k[:n_al]

@@ -555,7 +555,6 @@ class EmbeddingStore:
         if self._grad_buf is None or self._grad_buf.shape[0] < U:
             self._grad_buf = self.backend.empty((max(U, 1024) * 5 // 4, dmax), np.float32)
         m = self._meta
-        ea = self.entries.arrays
         # phase 1 sums every gradient row an id uses and checks the sums; nothing changes yet
         self.k.zero_rows(self._grad_buf, U)
         split = max(1, self._threads // max(len(self.tables), 1))

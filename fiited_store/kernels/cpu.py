@@ -1274,37 +1274,6 @@ def _block(e_count, blk):
 
 
 @njit(**_PAR)
-def prune_count(row_base, seen, table_ids, addr, util, table_chunks, table_group, group, thresholds, block_counts):
-    """Per block of entries: resident chunks that keep their slot, absent or spilled
-    chunks that qualify for one, resident chunks that fall below their threshold.
-    block_counts is int64[_SCAN_BLOCKS, 3]; returns the three totals."""
-    cap = addr.shape[0]
-    for blk in prange(_SCAN_BLOCKS):
-        lo, hi = _block(cap, blk)
-        keep = 0
-        cand = 0
-        drop = 0
-        cursor = direct_table(lo, row_base)
-        for e in range(lo, hi):
-            t, cursor = scan_table(e, cursor, row_base, seen, table_ids)
-            if t < 0 or table_group[t] != group:
-                continue
-            for k in range(table_chunks[t]):
-                resident, passes, _ = _classify(addr, util, thresholds, t, e, k)
-                if passes:
-                    if resident:
-                        keep += 1
-                    else:
-                        cand += 1
-                elif resident:
-                    drop += 1
-        block_counts[blk, 0] = keep
-        block_counts[blk, 1] = cand
-        block_counts[blk, 2] = drop
-    return block_counts[:, 0].sum(), block_counts[:, 1].sum(), block_counts[:, 2].sum()
-
-
-@njit(**_PAR)
 def prune_composites(row_base, seen, keys, table_ids, addr, util, table_chunks, table_group, group, thresholds,
                      block_counts, out):
     """Composite ranks of every chunk that qualifies for a slot, in entry order; returns how many."""
@@ -1369,7 +1338,7 @@ def prune_select(row_base, seen, keys, table_ids, addr, util, table_chunks, tabl
     over-subscribed, ranks at or above ``cutoff``. Allocations carry their composite
     rank so the caller can place them best-first. Two passes over blocks of
     entries: count, then fill from each block's prefix sum. Without a cutoff the
-    counts are ``prune_count``'s (``block_counts``: drops are evictions, candidates
+    counts are ``prune_lists``'s (``block_counts``: drops are evictions, candidates
     allocations), and the first pass is skipped.
     """
     cap = addr.shape[0]
@@ -1395,6 +1364,98 @@ def prune_select(row_base, seen, keys, table_ids, addr, util, table_chunks, tabl
                       ev_chunks,
                       al_entries, al_chunks, al_rank)
     return starts[_SCAN_BLOCKS, 0], starts[_SCAN_BLOCKS, 1]
+
+
+@njit(**_PAR)
+def _classify_into_blocks(row_base, seen, table_ids, addr, util, table_chunks, table_group, group, thresholds,
+                          block_counts, ev_codes, al_codes):
+    """Per block of entries: resident chunks that keep their slot, absent or spilled
+    chunks that qualify for one, resident chunks that fall below their threshold
+    (block_counts[blk] = keep, candidates, drops), each candidate and drop listed as
+    entry * kmax + chunk in the block's own region (from its first entry * kmax on)."""
+    cap = addr.shape[0]
+    kmax = addr.shape[1]
+    for blk in prange(_SCAN_BLOCKS):
+        lo, hi = _block(cap, blk)
+        keep = 0
+        cand = 0
+        drop = 0
+        base = lo * kmax
+        cursor = direct_table(lo, row_base)
+        for e in range(lo, hi):
+            t, cursor = scan_table(e, cursor, row_base, seen, table_ids)
+            if t < 0 or table_group[t] != group:
+                continue
+            for k in range(table_chunks[t]):
+                resident, passes, _ = _classify(addr, util, thresholds, t, e, k)
+                if passes:
+                    if resident:
+                        keep += 1
+                    else:
+                        al_codes[base + cand] = e * kmax + k
+                        cand += 1
+                elif resident:
+                    ev_codes[base + drop] = e * kmax + k
+                    drop += 1
+        block_counts[blk, 0] = keep
+        block_counts[blk, 1] = cand
+        block_counts[blk, 2] = drop
+
+
+@njit(**_PAR)
+def _gather_block_lists(block_counts, cap, kmax, ev_codes, al_codes, ev_entries, ev_chunks, al_entries, al_chunks):
+    """The blocks' lists, decoded and laid end to end in block (so entry) order."""
+    starts = np.zeros((_SCAN_BLOCKS + 1, 2), np.int64)
+    for blk in range(_SCAN_BLOCKS):
+        starts[blk + 1, 0] = starts[blk, 0] + block_counts[blk, 2]
+        starts[blk + 1, 1] = starts[blk, 1] + block_counts[blk, 1]
+    for blk in prange(_SCAN_BLOCKS):
+        lo, _ = _block(cap, blk)
+        base = lo * kmax
+        for j in range(block_counts[blk, 2]):
+            c = ev_codes[base + j]
+            ev_entries[starts[blk, 0] + j] = c // kmax
+            ev_chunks[starts[blk, 0] + j] = c % kmax
+        for j in range(block_counts[blk, 1]):
+            c = al_codes[base + j]
+            al_entries[starts[blk, 1] + j] = c // kmax
+            al_chunks[starts[blk, 1] + j] = c % kmax
+
+
+def prune_lists(row_base, seen, table_ids, addr, util, table_chunks, table_group, group, thresholds, block_counts):
+    """One pass: (keep, candidates, drops, evictions, allocations) of a prune without a
+    cutoff. Evictions are the resident chunks below their threshold, allocations the
+    others above it, both as (entries, chunks) in entry order; ``block_counts`` is
+    filled per block, for a cutoff pass when slots turn out short.
+
+    Each block lists into its own region of an entries x kmax scratch (on lazily
+    mapped memory: only what is written is ever faulted in), so classifying and
+    listing take one pass instead of a counting pass and a listing pass.
+    """
+    from ..backend import huge_empty
+
+    cap, kmax = addr.shape
+    ev_codes = huge_empty(max(cap * kmax, 1), np.int64)
+    al_codes = huge_empty(max(cap * kmax, 1), np.int64)
+    _classify_into_blocks(row_base, seen, table_ids, addr, util, table_chunks, table_group, group, thresholds,
+                          block_counts, ev_codes, al_codes)
+    keep, cand, drop = (int(x) for x in block_counts.sum(axis=0))
+    ev_e, ev_k = np.empty(drop, np.int64), np.empty(drop, np.int64)
+    al_e, al_k = np.empty(cand, np.int64), np.empty(cand, np.int64)
+    _gather_block_lists(block_counts, cap, kmax, ev_codes, al_codes, ev_e, ev_k, al_e, al_k)
+    return keep, cand, drop, ev_e, ev_k, al_e, al_k
+
+
+@njit(**_PAR)
+def allocation_ranks(row_base, seen, keys, table_ids, util, thresholds, al_entries, al_chunks, out):
+    """Composite ranks of absent chunks that qualify for a slot (as prune_select gives them)."""
+    U = util.shape[1]
+    for i in prange(al_entries.shape[0]):
+        e = al_entries[i]
+        k = al_chunks[i]
+        t = entry_table(e, row_base, seen, table_ids)
+        bits = FLOOR_RANK_BITS if thresholds[t, k] == -np.inf else (util[e, k] if U > 1 else util[e, 0])
+        out[i] = _composite(bits, False, t, entry_key(e, t, row_base, keys), k)
 
 
 @njit(inline="always")

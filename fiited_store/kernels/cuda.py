@@ -1379,6 +1379,37 @@ def prune_select(row_base, seen, keys, table_ids, addr, util, table_chunks, tabl
     return int(c[0]), int(c[1])
 
 
+def prune_lists(row_base, seen, table_ids, addr, util, table_chunks, table_group, group, thresholds, block_counts):
+    """(keep, candidates, drops, evictions, allocations) of a prune without a cutoff, as
+    on the CPU: a counting pass, then the listing pass into arrays of those sizes."""
+    keep, cand, drop = prune_count(row_base, seen, table_ids, addr, util, table_chunks, table_group, group,
+                                   thresholds, block_counts)
+    ev_e, ev_k = cuda.device_array(max(drop, 1), np.int64), cuda.device_array(max(drop, 1), np.int64)
+    al_e, al_k = cuda.device_array(max(cand, 1), np.int64), cuda.device_array(max(cand, 1), np.int64)
+    al_r = cuda.device_array(max(cand, 1), np.uint64)
+    # the listing pass needs keys only for ranks, which it is not asked for
+    prune_select(row_base, seen, _zeros(1, np.int64), table_ids, addr, util, table_chunks, table_group, group,
+                 thresholds, False, 0, False, block_counts, ev_e, ev_k, al_e, al_k, al_r)
+    return keep, cand, drop, ev_e[:drop], ev_k[:drop], al_e[:cand], al_k[:cand]
+
+
+@cuda.jit(cache=True)
+def _allocation_ranks_kernel(row_base, seen, keys, table_ids, util, thresholds, al_entries, al_chunks, out):
+    i = cuda.grid(1)
+    if i >= al_entries.shape[0]:
+        return
+    e = al_entries[i]
+    k = al_chunks[i]
+    t = entry_table(e, row_base, seen, table_ids)
+    out[i] = composite(rank_bits(util, thresholds[t, k], e, k), False, t, entry_key(e, t, row_base, keys), k)
+
+
+def allocation_ranks(row_base, seen, keys, table_ids, util, thresholds, al_entries, al_chunks, out):
+    if al_entries.shape[0]:
+        _allocation_ranks_kernel[_grid(al_entries.shape[0])](row_base, seen, keys, table_ids, util, thresholds,
+                                                             al_entries, al_chunks, out)
+
+
 @cuda.jit(cache=True)
 def _dead_kernel(row_base, seen, table_ids, addr, util, floor, out, counter):
     e = cuda.grid(1)
