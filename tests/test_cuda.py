@@ -334,3 +334,33 @@ def test_victims_with_pins_in_any_order_and_free_slot_order_match_the_cpu():
         np.testing.assert_array_equal(a, g)
     # the stack's top is the first victim's slot: the next allocation takes it first
     assert stack[-1] == addr[ev_e[0], ev_k[0]] and stack[0] == addr[ev_e[-1], ev_k[-1]]
+
+
+def test_prune_lists_and_allocation_ranks_match_the_cpu():
+    from fiited_store.backend import get_backend
+    from fiited_store.kernels import cpu
+
+    from .test_prune import _prune_inputs
+
+    s, thr = _prune_inputs()
+    ea, m = s.entries.arrays, s._meta
+    host = cpu.prune_lists(ea.row_base, ea.seen, ea.table_ids, ea.addr, ea.util, m["table_chunks"],
+                           m["table_group"], 0, thr, np.empty((cpu._SCAN_BLOCKS, 3), np.int64))
+    g = get_backend("cuda")
+    d = {k: g.from_host(np.asarray(v)) for k, v in ea._asdict().items()}
+    tc, tg, dthr = g.from_host(m["table_chunks"]), g.from_host(m["table_group"]), g.from_host(thr)
+    dev = g.k.prune_lists(d["row_base"], d["seen"], d["table_ids"], d["addr"], d["util"], tc, tg, 0, dthr,
+                          g.empty((cpu._SCAN_BLOCKS, 3), np.int64))
+    assert dev[:3] == host[:3]
+    # the GPU lists in any order: compare as sets of (entry, chunk)
+    for (he, hk), (de, dk) in (((host[3], host[4]), dev[3:5]), ((host[5], host[6]), dev[5:7])):
+        de, dk = g.to_host(de), g.to_host(dk)
+        assert sorted(zip(he.tolist(), hk.tolist())) == sorted(zip(de.tolist(), dk.tolist()))
+    al_e, al_k = host[5], host[6]
+    want = np.empty(al_e.shape[0], np.uint64)
+    cpu.allocation_ranks(ea.row_base, ea.seen, ea.keys, ea.table_ids, ea.util, thr, al_e, al_k, want)
+    out = g.empty(al_e.shape[0], np.uint64)
+    g.k.allocation_ranks(d["row_base"], d["seen"], d["keys"], d["table_ids"], d["util"], dthr, g.from_host(al_e),
+                         g.from_host(al_k), out)
+    np.testing.assert_array_equal(g.to_host(out), want)
+    s.close()

@@ -285,3 +285,46 @@ def test_readmitted_chunks_start_as_the_option_says(mode):
     elif mode == "fresh":
         assert readmitted.any() and not np.isin(readmitted, first[25:]).any()
     np.testing.assert_array_equal(got[:25], first[:25])  # rows that kept their slots are untouched
+
+
+def _prune_inputs(seed=0, floor_table=True):
+    """A trained store's entry arrays and thresholds that let some absent chunks qualify
+    (and, with floor_table, one table's first chunk pass at -inf, as a floor does)."""
+    tables = [TableConfig("a", dim=8, chunks=4, num_embeddings=300),
+              TableConfig("b", dim=8, chunks=2, num_embeddings=300, index="hashed")]
+    s = EmbeddingStore(tables, StoreConfig(pruning=DynamicRatio(0.5), prune_period=0, seed=seed))
+    train_steps(s, tables, 12, np.random.default_rng(seed), id_range=300)
+    s.prune()
+    train_steps(s, tables, 4, np.random.default_rng(seed + 1), id_range=300)
+    values = (s.entries.arrays.util.astype(np.uint32) << np.uint32(16)).view(np.float32)
+    thr = np.full((2, s.kmax), np.median(values[values > 0]), np.float32)  # some pass, some do not
+    if floor_table:
+        thr[0, 0] = -np.inf
+    return s, thr
+
+
+@pytest.mark.parametrize("floor_table", [False, True])
+def test_one_pass_prune_lists_and_ranks_match_the_counting_and_listing_passes(floor_table):
+    """prune_lists (classify, count and list in one pass) and allocation_ranks give what
+    the two-pass prune_select gives: the same chunks, in the same order, ranked alike."""
+    from fiited_store.kernels import cpu
+
+    s, thr = _prune_inputs(floor_table=floor_table)
+    ea, m = s.entries.arrays, s._meta
+    counts = np.empty((cpu._SCAN_BLOCKS, 3), np.int64)
+    keep, cand, drop, ev_e, ev_k, al_e, al_k = cpu.prune_lists(
+        ea.row_base, ea.seen, ea.table_ids, ea.addr, ea.util, m["table_chunks"], m["table_group"], 0, thr, counts)
+    assert cand > 0 and drop > 0 and keep > 0
+    size = ea.addr.size
+    ref = [np.empty(size, np.int64) for _ in range(4)] + [np.empty(size, np.uint64)]
+    n_ev, n_al = cpu.prune_select(ea.row_base, ea.seen, ea.keys, ea.table_ids, ea.addr, ea.util, m["table_chunks"],
+                                  m["table_group"], 0, thr, False, np.uint64(0), True, counts, *ref)
+    assert (n_ev, n_al) == (drop, cand)
+    np.testing.assert_array_equal(ev_e, ref[0][:n_ev])
+    np.testing.assert_array_equal(ev_k, ref[1][:n_ev])
+    np.testing.assert_array_equal(al_e, ref[2][:n_al])
+    np.testing.assert_array_equal(al_k, ref[3][:n_al])
+    ranks = np.empty(cand, np.uint64)
+    cpu.allocation_ranks(ea.row_base, ea.seen, ea.keys, ea.table_ids, ea.util, thr, al_e, al_k, ranks)
+    np.testing.assert_array_equal(ranks, ref[4][:n_al])
+    s.close()
