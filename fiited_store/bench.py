@@ -406,10 +406,16 @@ def bench_tier_throughput(cfg: TierBenchConfig, root, out: dict, bar) -> None:
     """Spill (write) and restore (random read) chunks/s: the Zarr tier against a numpy.memmap."""
     from pathlib import Path
 
+    from .storage.rows import gather_rows, scatter_rows
     from .storage.zarr_tier import ZarrTier
 
     rng = np.random.default_rng(cfg.seed)
     n, w = cfg.chunks, cfg.chunk_width + cfg.state_width
+    # load the tier's row kernels first (numba's cache: about 0.4 s, once per process,
+    # which a training run pays long before its spills and which would be half this test)
+    row = np.zeros((1, w), np.float32)
+    scatter_rows(row, np.zeros(1, np.int64), row[:, :cfg.chunk_width].copy(), row[:, cfg.chunk_width:].copy())
+    gather_rows(row, np.zeros(1, np.int64), row[:, :cfg.chunk_width].copy(), row[:, cfg.chunk_width:].copy())
     vec = rng.standard_normal((cfg.batch, cfg.chunk_width)).astype(np.float32)
     st = rng.standard_normal((cfg.batch, cfg.state_width)).astype(np.float32)
     tier = ZarrTier(Path(root) / "zarr_tier", cfg.chunk_width, cfg.state_width)
