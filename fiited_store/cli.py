@@ -22,7 +22,7 @@ from typing import Callable, Sequence
 
 from . import __version__
 from .errors import FiitedError
-from .train_config import DATASETS, METHODS, NORMALIZATIONS, READMISSIONS, SWEEP_RATIOS, UTILITIES, TrainConfig
+from .train_config import DATASETS, METHODS, NORMALIZATIONS, ON_EVICT, READMISSIONS, SWEEP_RATIOS, UTILITIES, TrainConfig
 
 # Nothing here imports torch, numba or zarr at module level: `fiited-store --help`
 # and argument errors answer at once, and every command imports what it needs.
@@ -112,6 +112,12 @@ def _train_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--readmission", choices=READMISSIONS, default=d.readmission,
                    help="FIITED: a chunk that wins a slot back at a prune starts at its first values, at zero, "
                         "or at values drawn anew")
+    p.add_argument("--min-chunks", type=nonnegative_int, default=d.min_chunks,
+                   help="FIITED: every row of every table keeps its first M chunks (a floor: with a large K, "
+                        "every row keeps a few dimensions and the rest of the budget follows utility)")
+    p.add_argument("--on-evict", choices=ON_EVICT, default=d.on_evict,
+                   help="FIITED: a pruned chunk is discarded (the paper) or spilled to the disk tier, to come back "
+                        "with its trained values when it wins a slot again")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
 
 
@@ -121,7 +127,7 @@ def _config_from(args, **override) -> TrainConfig:
                        prune_period=args.prune_period, gamma=args.gamma, steepness=args.steepness,
                        utility=args.utility, criteo_limit=args.criteo_limit,
                        table_normalization=args.normalization, small_table_rows=args.small_table_rows,
-                       readmission=args.readmission, **override)
+                       readmission=args.readmission, on_evict=args.on_evict, min_chunks=args.min_chunks, **override)
 
 
 def cmd_train(args) -> int:

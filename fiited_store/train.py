@@ -123,6 +123,7 @@ def run(cfg: TrainConfig, progress: bool = True, out=sys.stderr) -> dict[str, An
                            prune_period=cfg.prune_period, gamma=cfg.gamma, seed=cfg.seed, steepness=cfg.steepness,
                            utility=cfg.utility, table_normalization=cfg.table_normalization,
                            small_table_rows=cfg.small_table_rows, readmission=cfg.readmission,
+                           on_evict=cfg.on_evict, min_chunks=cfg.min_chunks,
                            process_group=None if dist_ctx is None else dist_ctx.group)
     num_dense = test.num_dense
     model = DLRM(emb, len(names), cfg.dim, num_dense)
@@ -203,7 +204,8 @@ def run(cfg: TrainConfig, progress: bool = True, out=sys.stderr) -> dict[str, An
         st = emb.store.stats()["total"]
         result.update(store_memory_bytes=st["bytes"]["memory_total"], average_kept_dim=st["average_kept_dim"],
                       entries=st["entries"], store_vs_dense=st["memory_vs_dense"],
-                      store_vs_dense_with_optimizer=st["memory_vs_dense_with_optimizer"])
+                      store_vs_dense_with_optimizer=st["memory_vs_dense_with_optimizer"],
+                      spilled_chunks=st["spilled_chunks"])
         emb.store.close()
     if dist_ctx is not None:
         result["world_size"] = dist_ctx.world
@@ -223,6 +225,8 @@ def format_result(r: dict[str, Any]) -> str:
         lines.append(f"          training memory of the store (pool, optimizer state, entry index) {r['store_memory_bytes'] / 2**20:.2f} MiB"
                      f" = {r['store_vs_dense']:.3f} x dense weights, {r['store_vs_dense_with_optimizer']:.3f} x dense weights"
                      f" + the same optimizer's state; average kept dimension {r['average_kept_dim']:.1f} of {r['dim']}")
+        if r.get("on_evict") == "spill":
+            lines.append(f"          disk tier: {r['spilled_chunks']:,} pruned chunks kept with their trained values")
     lines.append(f"speed     {r['step_ms']:.2f} ms per training step ({r['steps']} steps of {r['batch_size']}"
                  + (f" shared by {r['world_size']} ranks)" if r.get("world_size", 1) > 1 else ")"))
     return "\n".join(lines)

@@ -16,6 +16,7 @@ DATASETS = ("synthetic", "mixed", "movielens", "criteo")
 METHODS = ("dense", "small-dim", "md", "adaembed", "fiited-manual", "fiited-dynamic")
 NORMALIZATIONS = ("none", "mean")
 READMISSIONS = ("first", "zero", "fresh")
+ON_EVICT = ("discard", "spill")
 UTILITIES = ("gradient", "access", "shared")
 SWEEP_RATIOS = (0.5, 0.625, 0.75, 0.8125, 0.875, 0.9375)
 
@@ -50,7 +51,9 @@ class TrainConfig:
     seed: int = 0
     table_normalization: str = "none"   # FIITED: "none" is the paper's rule
     small_table_rows: int = 0           # FIITED: tables of at most this many rows keep every chunk
+    min_chunks: int = 0                 # FIITED: every row of every table keeps its first min_chunks chunks
     readmission: str = "first"          # FIITED: a chunk winning its slot back starts at its first values
+    on_evict: str = "discard"           # FIITED: "spill" keeps pruned chunks in the disk tier (the paper discards)
 
     def __post_init__(self) -> None:
         def check(cond: bool, message: str) -> None:
@@ -76,10 +79,16 @@ class TrainConfig:
         check(0.0 < self.gamma < 1.0, f"gamma must lie in (0, 1), got {self.gamma!r}")
         check(0.0 <= self.steepness <= 1.0, f"steepness must lie in [0, 1], got {self.steepness!r}")
         check(self.dataset in ("synthetic", "mixed") or self.path is not None, f"dataset {self.dataset!r} needs --path")
+        check(self.on_evict in ON_EVICT, f"on_evict must be one of {ON_EVICT}, got {self.on_evict!r}")
         check(self.readmission in READMISSIONS,
               f"readmission must be one of {READMISSIONS}, got {self.readmission!r}")
         check(self.table_normalization in NORMALIZATIONS,
               f"table_normalization must be one of {NORMALIZATIONS}, got {self.table_normalization!r}")
+        check(isinstance(self.min_chunks, int) and 0 <= self.min_chunks <= self.chunks,
+              f"min_chunks must be an int in [0, chunks = {self.chunks}], got {self.min_chunks!r}")
+        check(self.min_chunks / self.chunks <= 1.0 - self.ratio + 1e-9 or not self.method.startswith("fiited"),
+              f"min_chunks {self.min_chunks} of {self.chunks} chunks per row is {self.min_chunks / self.chunks:.4g} of "
+              f"the dense size, more than the budget at ratio {self.ratio:g} ({1.0 - self.ratio:.4g})")
         check(isinstance(self.small_table_rows, int) and self.small_table_rows >= 0,
               f"small_table_rows must be an int >= 0, got {self.small_table_rows!r}")
 

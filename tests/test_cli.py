@@ -266,6 +266,8 @@ def test_version_and_a_help_that_imports_neither_torch_nor_numba(capsys):
     (["train", "--gamma", "nan"], "--gamma: must be a number in (0, 1), got 'nan'"),
     (["train", "--json", "/nonexistent-dir/r.json"], "--json: cannot create '/nonexistent-dir/r.json'"),
     (["bench", "--repeats", "0"], "--repeats: must be a positive int, got '0'"),
+    (["train", "--min-chunks", "-1"], "--min-chunks: must be an int >= 0, got '-1'"),
+    (["train", "--on-evict", "keep"], "invalid choice: 'keep'"),
     (["bench", "--peers", "faiss"], "invalid choice: 'faiss'"),
 ])
 def test_bad_arguments_are_refused_before_any_work(argv, message, capsys):
@@ -283,6 +285,11 @@ def test_inconsistent_training_values_are_refused_before_any_work(capsys, monkey
     assert "dim 10 is not divisible by chunks 4" in capsys.readouterr().err
     assert main(["train", "--dataset", "movielens"]) == 2
     assert "needs --path" in capsys.readouterr().err
+    assert main(["train", "--chunks", "4", "--min-chunks", "2", "--ratio", "0.75", "--no-progress"]) == 2
+    assert "min_chunks 2 of 4 chunks per row is 0.5 of the dense size, more than the budget at ratio 0.75" \
+        in capsys.readouterr().err
+    assert main(["train", "--chunks", "4", "--min-chunks", "5", "--no-progress"]) == 2
+    assert "min_chunks must be an int in [0, chunks = 4], got 5" in capsys.readouterr().err
     with pytest.raises(SystemExit):
         main(["sweep", "--out", __file__])  # a file where sweep wants a directory
     assert "exists and is not a directory" in capsys.readouterr().err
@@ -389,3 +396,33 @@ def test_compact_on_a_full_device_exits_with_a_storage_error_and_loses_nothing(t
     with EmbeddingStore.open(path, "r") as again:
         for t in TABLES:
             np.testing.assert_array_equal(again.lookup(t.name, np.arange(400)), expect[t.name])
+
+
+def test_train_can_keep_pruned_chunks_in_the_disk_tier(capsys, tmp_path):
+    args = ["train", "--steps", "60", "--batch-size", "256", "--prune-period", "10", "--ratio", "0.75",
+            "--no-progress", "--json", str(tmp_path / "r.json")]
+    assert main(args + ["--on-evict", "spill"]) == 0
+    out = capsys.readouterr().out
+    r = json.loads((tmp_path / "r.json").read_text())
+    assert r["on_evict"] == "spill" and r["spilled_chunks"] > 0
+    assert f"disk tier: {r['spilled_chunks']:,} pruned chunks" in out
+    assert r["bytes_vs_dense"] == pytest.approx(0.25, abs=0.01)  # the pool's budget is the same
+    assert main(args) == 0
+    r = json.loads((tmp_path / "r.json").read_text())
+    assert r["on_evict"] == "discard" and r["spilled_chunks"] == 0
+    assert "disk tier" not in capsys.readouterr().out
+
+
+def test_train_with_a_floor_keeps_a_chunk_of_every_row(tmp_path):
+    """--min-chunks gives every table a floor: each row that has an entry keeps its
+    first chunk, and the rest of the budget follows utility."""
+    args = ["train", "--steps", "60", "--batch-size", "256", "--prune-period", "10", "--ratio", "0.75",
+            "--chunks", "16", "--min-chunks", "1", "--no-progress", "--json", str(tmp_path / "r.json")]
+    assert main(args) == 0
+    r = json.loads((tmp_path / "r.json").read_text())
+    assert r["min_chunks"] == 1 and r["bytes_vs_dense"] == pytest.approx(0.25, abs=0.01)
+    from fiited_store.models.dlrm import build_embeddings
+
+    emb = build_embeddings("fiited-manual", ["a", "b"], [50, 7], 32, 0.75, 16, 0.05, min_chunks=1)
+    assert [t.min_chunks for t in emb.store.tables] == [1, 1]  # the floor reaches every table of the store
+    emb.store.close()

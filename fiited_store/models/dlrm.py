@@ -144,10 +144,10 @@ class FiitedEmbeddings(nn.Module):
 
     def __init__(self, feature_names: Sequence[str], cardinalities: Sequence[int], dim: int, store_config: StoreConfig,
                  chunks: int, optimizer: str, learning_rate: float, init_scale: float | None = None, path=None,
-                 process_group=None):
+                 process_group=None, min_chunks: int = 0):
         super().__init__()
         tables = [TableConfig(f, dim=dim, chunks=chunks, num_embeddings=int(n), optimizer=optimizer,
-                              learning_rate=learning_rate, init_scale=init_scale)
+                              learning_rate=learning_rate, init_scale=init_scale, min_chunks=min_chunks)
                   for f, n in zip(feature_names, cardinalities)]
         self.collection = FiitedEmbeddingBagCollection(tables, store_config=store_config, output="concat", path=path,
                                                        process_group=process_group)
@@ -174,7 +174,8 @@ def build_embeddings(method: str, feature_names: Sequence[str], cardinalities: S
                      prune_period: int = 100, gamma: float = 0.99, sample_size: int = 100_000, seed: int = 0,
                      steepness: float = 1.0, utility: str = "gradient", optimizer: str = "adagrad",
                      mode: str = "prune", path=None, table_normalization: str = "none",
-                     small_table_rows: int = 0, process_group=None, readmission: str = "first") -> nn.Module:
+                     small_table_rows: int = 0, process_group=None, readmission: str = "first",
+                     on_evict: str | None = None, min_chunks: int = 0) -> nn.Module:
     """The embedding module of one method at one pruning ratio (fraction of the dense size removed);
     with ``process_group``, FIITED's store is sharded over its ranks."""
     if method == "dense":
@@ -196,6 +197,6 @@ def build_embeddings(method: str, feature_names: Sequence[str], cardinalities: S
     cfg = StoreConfig(pruning=pruning, budget_fraction=max(1.0 - ratio, 1e-6), prune_period=prune_period, gamma=gamma,
                       sample_size=sample_size, seed=seed, utility=utility, mode=mode,
                       table_normalization=table_normalization, small_table_rows=small_table_rows,
-                      readmission=readmission)
+                      readmission=readmission, on_evict=on_evict)
     return FiitedEmbeddings(feature_names, cardinalities, dim, cfg, chunks, optimizer, learning_rate, path=path,
-                            process_group=process_group)
+                            process_group=process_group, min_chunks=min_chunks if method != "adaembed" else 0)
