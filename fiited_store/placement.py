@@ -16,6 +16,7 @@ from typing import Any
 import numpy as np
 
 from .config import table_floors
+from .kernels.cpu import take_staged
 from .kernels.layout import tier_slot_of
 from .policy import sample_rate_threshold, thresholds
 from .pool import ChunkPool
@@ -205,8 +206,6 @@ def allocate(store, pool: ChunkPool, al_e, al_k, *, fetch_counter: str = "", rea
 
 def read_tier(store, group: int, tslots: np.ndarray):
     """Rows of tier slots, taken from a staged background read where it is still valid."""
-    from .kernels.cpu import take_staged
-
     tier = store.tiers[group]
     vec = np.empty((tslots.shape[0], tier.chunk_width), np.float32)
     st = np.empty((tslots.shape[0], tier.state_width), np.float32)

@@ -148,10 +148,10 @@ def prefetch(store, features: str | Sequence[str], ids: Any, offsets: Any = None
     store._check_writable()
     if store.config.mode != "cache":
         return 0
-    q_tables, ids_d = store._flat_keys(features, ids, offsets)
-    entries = store._resolve(q_tables, ids_d, insert=True)
+    keys = store._flat_keys(features, ids, offsets)
+    entries = store._resolve(keys.q_tables, keys.ids, insert=True)
     before = store.counters.restored_chunks + store.counters.initialised_chunks
-    make_resident(store, store._group(entries, q_tables).uniq)
+    make_resident(store, store._group(entries, keys.q_tables).uniq)
     return store.counters.restored_chunks + store.counters.initialised_chunks - before
 
 
@@ -166,7 +166,7 @@ def prefetch_async(store, features: str | Sequence[str], ids: Any, offsets: Any 
     store._check_writable()
     if store.config.mode != "cache":
         return 0
-    keys = store._flat_keys_bags(features, ids, offsets)
+    keys = store._flat_keys(features, ids, offsets)
     entries, n_missing, _ = store.entries.find_counted(keys.q_tables, keys.ids)
     grouping = store._group(entries, keys.q_tables)
     uniq = grouping.uniq

@@ -772,13 +772,9 @@ class EmbeddingStore:
         (see :func:`residency.prefetch_async`); returns the chunks being read."""
         return residency.prefetch_async(self, features, ids, offsets)
 
-    def _flat_keys(self, features, ids, offsets=None):
-        """(table of each id, ids) for one table, or for features laid out as in pooled_lookup."""
-        keys = self._flat_keys_bags(features, ids, offsets)
-        return keys.q_tables, keys.ids
-
-    def _flat_keys_bags(self, features, ids, offsets=None) -> "residency.FlatKeys":
-        """The keys of a request, with the bags of its occurrences when it has offsets."""
+    def _flat_keys(self, features, ids, offsets=None) -> "residency.FlatKeys":
+        """The keys of a request for one table, or for features laid out as in pooled_lookup
+        (then with the bag of each occurrence)."""
         feats = self._features(features)
         ids = as_ids(ids)
         b = self.backend

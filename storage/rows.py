@@ -8,6 +8,7 @@ reads run on the prefetch thread while the training thread runs its own kernels.
 
 from __future__ import annotations
 
+import numpy as np
 from numba import njit
 
 
@@ -37,8 +38,6 @@ def gather_rows(stage, slots, vectors, states):
 
 def sorted_unique(a):
     """np.unique of an ascending array, without its sort."""
-    import numpy as np
-
     if a.shape[0] == 0:
         return a
     keep = np.empty(a.shape[0], bool)

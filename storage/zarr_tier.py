@@ -297,7 +297,7 @@ class ZarrTier(ChunkTier):
         try:
             self._ensure_staged(sorted_unique(slots // self.block_rows))
             vec = np.empty((slots.shape[0], self.chunk_width), np.float32)
-            st = np.empty((slots.shape[0], self._width - self.chunk_width), np.float32)
+            st = np.empty((slots.shape[0], self.state_width), np.float32)
             gather_rows(np.asarray(self._stage), slots, vec, st)
         except CorruptStoreError:
             raise

@@ -1508,14 +1508,18 @@ def find_dead_entries(row_base, seen, table_ids, addr, util, floor, out):
 
 
 @njit(inline="always")
-def _missing_in_row(e, row_base, seen, table_ids, addr, table_chunks, table_group, group):
-    """How many of entry e's chunks in pool ``group`` are not resident."""
+def _missing_of_row(e, row_base, seen, table_ids, addr, table_chunks, table_group, group, write, n, out_entries,
+                    out_chunks):
+    """Entry e's chunks in pool ``group`` that are not resident, listed from n (when
+    ``write``); returns n past them."""
     t = entry_table(e, row_base, seen, table_ids)
     if table_group[t] != group:
-        return 0
-    n = 0
+        return n
     for k in range(table_chunks[t]):
         if addr[e, k] < 0:
+            if write:
+                out_entries[n] = e
+                out_chunks[n] = k
             n += 1
     return n
 
@@ -1531,22 +1535,16 @@ def missing_chunks(uniq, row_base, seen, table_ids, addr, table_chunks, table_gr
     for blk in prange(nb):
         n = 0
         for i in range(blk * step, min((blk + 1) * step, n_u)):
-            n += _missing_in_row(uniq[i], row_base, seen, table_ids, addr, table_chunks, table_group, group)
+            n = _missing_of_row(uniq[i], row_base, seen, table_ids, addr, table_chunks, table_group, group, False, n,
+                                out_entries, out_chunks)
         start[blk + 1] = n
     for blk in range(nb):
         start[blk + 1] += start[blk]
     for blk in prange(nb):
         n = start[blk]
         for i in range(blk * step, min((blk + 1) * step, n_u)):
-            e = uniq[i]
-            t = entry_table(e, row_base, seen, table_ids)
-            if table_group[t] != group:
-                continue
-            for k in range(table_chunks[t]):
-                if addr[e, k] < 0:
-                    out_entries[n] = e
-                    out_chunks[n] = k
-                    n += 1
+            n = _missing_of_row(uniq[i], row_base, seen, table_ids, addr, table_chunks, table_group, group, True, n,
+                                out_entries, out_chunks)
     return start[nb]
 
 
