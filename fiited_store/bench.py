@@ -473,8 +473,16 @@ def bench_cache_mode_step(cfg: TierBenchConfig, root, out: dict, bar, *, device:
     host cache in bytes (None: the store's default; "model": the whole model, so
     nothing reaches the disk), and whether the next batch is prefetched. ``to_device``
     moves each batch where the store's user would keep it (a GPU, for device="cuda").
+
+    The stores take their steps in turn (the order rotating every step), so that
+    each ratio compares steps taken moments apart: this machine's noise comes in
+    bursts longer than a step. A prefetching store's step lasts until its background
+    read is done, so no store's reads run inside another's timing and a read slower
+    than the step counts in full.
     """
     from pathlib import Path
+
+    from .residency import wait_for_reads
 
     cards = scaled_cardinalities(cfg.scale)
     names = [f"C{i + 1}" for i in range(len(cards))]
@@ -487,7 +495,7 @@ def bench_cache_mode_step(cfg: TierBenchConfig, root, out: dict, bar, *, device:
     offsets = to_device(np.arange(len(cards) * B + 1, dtype=np.int64))
     grads = [to_device(rng.standard_normal((B, len(cards) * cfg.dim)).astype(np.float32) * 0.01) for _ in range(4)]
     model_bytes = int(sum(cards)) * cfg.K * (cfg.dim // cfg.K + 1) * 4
-    results: dict[str, Any] = {}
+    stores = {}
     for label, budget, host_cache, prefetch in variants:
         host_cache = model_bytes if host_cache == "model" else host_cache
         store = EmbeddingStore(tables, StoreConfig(mode="cache", budget_fraction=budget or cfg.budget_fraction,
@@ -499,8 +507,12 @@ def bench_cache_mode_step(cfg: TierBenchConfig, root, out: dict, bar, *, device:
         for name, n in zip(names, cards):
             for lo in range(0, n, step):
                 store.prefetch(name, np.arange(lo, min(lo + step, n)))
-        times = []
-        for i in range(cfg.warmup + cfg.steps):
+        stores[label] = (store, host_cache, prefetch)
+    times: dict[str, list[float]] = {label: [] for label in stores}
+    order = list(stores)
+    for i in range(cfg.warmup + cfg.steps):
+        for label in order[i % len(order):] + order[:i % len(order)]:
+            store, _, prefetch = stores[label]
             t0 = time.perf_counter()
             if prefetch:
                 # one batch ahead: the reads for step i + 1 overlap with step i
@@ -509,19 +521,26 @@ def bench_cache_mode_step(cfg: TierBenchConfig, root, out: dict, bar, *, device:
             store.backward(b, grads[i % len(grads)])
             store.step()
             store.backend.synchronize()
-            times.append(time.perf_counter() - t0)
+            wait_for_reads(store)
+            times[label].append(time.perf_counter() - t0)
+    results: dict[str, Any] = {}
+    for label, (store, host_cache, _) in stores.items():
         st = store.stats()
-        results[label] = {"median_ms": float(np.median(times[cfg.warmup:]) * 1000),
-                          "mean_ms": float(np.mean(times[cfg.warmup:]) * 1000),
+        t = times[label][cfg.warmup:]
+        results[label] = {"median_ms": float(np.median(t) * 1000),
+                          "mean_ms": float(np.mean(t) * 1000),
                           "resident_chunks": st["total"]["resident_chunks"],
                           "spilled_chunks": st["total"]["spilled_chunks"],
                           "host_cache_bytes": host_cache,
                           "counters": st["counters"]}
         store.close()
         bar.update(1)
-    for label, *_ in variants:
+    for label in stores:
         if label != baseline:
             results[f"{label}_vs_{baseline}"] = results[label]["median_ms"] / results[baseline]["median_ms"]
+            # the ratio of each step to the baseline's step taken beside it
+            paired = np.array(times[label][cfg.warmup:]) / np.array(times[baseline][cfg.warmup:])
+            results[f"{label}_vs_{baseline}_paired_median"] = float(np.median(paired))
     if "cache_25" in results and baseline == "in_memory":
         # the names the CPU report and docs/bench_tiers.json have always used
         results["cache_vs_in_memory"] = results["cache_25_vs_in_memory"]
@@ -558,7 +577,8 @@ def format_tier_report(out: dict) -> str:
         f"   ratio {t['restore_zarr_vs_memmap']:.2f}",
         f"cache-mode training step ({c['model_rows']:,} rows, pool {out['config']['budget_fraction']:.0%} of the model, prefetch one batch ahead):",
         f"  all in memory {c['in_memory']['median_ms']:.2f} ms   cache mode {c['cache_25']['median_ms']:.2f} ms"
-        f"   ratio {c['cache_vs_in_memory']:.2f} (median; mean {c['cache_vs_in_memory_mean']:.2f})",
+        f"   ratio {c['cache_vs_in_memory']:.2f} (median; mean {c['cache_vs_in_memory_mean']:.2f};"
+        f" median of paired steps {c['cache_25_vs_in_memory_paired_median']:.2f})",
         f"  cache mode moved {c['cache_25']['counters']['spilled_chunks']:,} chunks to disk, restored "
         f"{c['cache_25']['counters']['restored_chunks']:,}, of which {c['cache_25']['counters']['prefetched_chunks']:,} prefetched "
         f"and {c['cache_25']['counters']['sync_fetched_chunks']:,} fetched synchronously",

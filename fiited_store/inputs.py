@@ -123,12 +123,13 @@ def request_arrays(backend: Any, ids: Any, offsets: Any, weights: Any, n_feature
     h_off = as_offsets(offsets, h_ids.shape[0], n_features)
     h_w = as_weights(weights, h_ids.shape[0], mode)
     if own and backend.name == "cpu":  # another backend copies them to the device anyway
-        h_ids, h_off, h_w = (_unshared(a, src) for a, src in ((h_ids, ids), (h_off, offsets), (h_w, weights)))
+        h_ids, h_off, h_w = (own_array(a, src) for a, src in ((h_ids, ids), (h_off, offsets), (h_w, weights)))
     return backend.from_host(h_ids), backend.from_host(h_off), backend.from_host(h_w)
 
 
-def _unshared(a: np.ndarray, src: Any) -> np.ndarray:
-    """a, or a copy of it when it may share memory with the caller's src."""
+def own_array(a: np.ndarray, src: Any) -> np.ndarray:
+    """a (a checked host array made from the caller's src), or a copy of it when it may
+    share memory with src."""
     if hasattr(src, "detach") and hasattr(src, "cpu"):
         shared = src.device.type == "cpu"  # .numpy() of a CPU tensor is a view
     else:

@@ -16,15 +16,23 @@ from typing import Any
 import numpy as np
 
 from .config import table_floors
+from .kernels import cpu as host_kernels
 from .kernels.cpu import take_staged
-from .kernels.layout import tier_slot_of
 from .policy import sample_rate_threshold, thresholds
 from .pool import ChunkPool
 
 
-def missing_chunks(store, entries, group: int):
-    """(entries, chunk indexes) of the chunks of ``entries`` in pool ``group`` that are not resident."""
+def missing_chunks(store, entries, group: int, known=None):
+    """(entries, chunk indexes) of the chunks of ``entries`` in pool ``group`` that are not
+    resident. ``known``: such a list made earlier for the same entries, when no chunk of
+    them left the pool since (then only the chunks that came in are taken out of it)."""
     b = store.backend
+    if known is not None:
+        k_e, k_k = known
+        n_k = max(int(k_e.shape[0]), 1)
+        miss_e, miss_k = np.empty(n_k, np.int64), np.empty(n_k, np.int64)
+        n = int(host_kernels.still_missing(k_e, k_k, store.entries.arrays.addr, miss_e, miss_k))
+        return miss_e[:n], miss_k[:n]
     size = max(int(entries.shape[0]) * store.kmax, 1)
     miss_e, miss_k = b.empty(size, np.int64), b.empty(size, np.int64)
     ea, m = store.entries.arrays, store._meta
@@ -113,10 +121,17 @@ def prune_pool(store, pool: ChunkPool, entries_per_table: np.ndarray) -> dict[st
     return info
 
 
-def evict(store, pool: ChunkPool, ev_e, ev_k) -> None:
+def evict(store, pool: ChunkPool, ev_e, ev_k, *, spares_upcoming: bool = False) -> None:
+    """Chunks out of the pool (to the tier when the store spills). ``spares_upcoming``:
+    none of them belongs to the latest prefetched batch (whose list of missing
+    chunks then stays true)."""
     n = int(ev_e.shape[0])
     if n == 0:
         return
+    for r in store._resolved:
+        # a prefetched batch's missing chunks are only known while none of its chunks left
+        if not (spares_upcoming and r.grouping.uniq is store._upcoming):
+            r.missing = None
     b, a = store.backend, pool.arrays
     g = pool.plan.group
     if store.config.spills:
@@ -173,17 +188,14 @@ def allocate(store, pool: ChunkPool, al_e, al_k, *, fetch_counter: str = "", rea
     if store.tiers[g] is None:
         # no tier, so no chunk of this pool is spilled: every one starts anew (an empty
         # restore_index says so, and a prune pass saves a pass over its allocations)
-        codes, spilled, n_sp = np.empty(0, np.int32), np.zeros(0, bool), 0
+        n_sp = 0
         restore_index = np.empty(0, np.int64)
     else:
         codes_d = b.empty(n, np.int32)
         store.k.chunk_codes(store.entries.arrays.addr, al_e, al_k, codes_d)
-        codes = b.to_host(codes_d)
-        spilled = codes <= -2
-        n_sp = int(spilled.sum())
-        restore_index = np.full(n, -1, np.int64)
-        restore_index[spilled] = np.arange(n_sp)
-    tslots = tier_slot_of(codes[spilled]).astype(np.int64)
+        restore_index, all_tslots = np.empty(n, np.int64), np.empty(n, np.int64)
+        n_sp = int(host_kernels.restore_plan(b.to_host(codes_d), restore_index, all_tslots))
+    tslots = all_tslots[:n_sp] if n_sp else np.empty(0, np.int64)
     if n_sp:
         vec, st, n_staged = read_tier(store, g, tslots)
         if fetch_counter:
@@ -196,9 +208,10 @@ def allocate(store, pool: ChunkPool, al_e, al_k, *, fetch_counter: str = "", rea
         a.free_stack, a.n_free, a.vectors, a.opt_state, seed, init_kind,
         m["table_init_scale"], store.kmax,
     ))
-    if n_sp:
-        store.tiers[g].release(tier_slot_of(codes[:placed][spilled[:placed]]).astype(np.int64))
-    n_restored = int(spilled[:placed].sum()) if n_sp else 0
+    # the restored chunks come first in tslots' order, so the placed ones are a prefix
+    n_restored = int((restore_index[:placed] >= 0).sum()) if n_sp else 0
+    if n_restored:
+        store.tiers[g].release(tslots[:n_restored])
     store.counters.restored_chunks += n_restored
     store.counters.initialised_chunks += placed - n_restored
     return placed
@@ -216,8 +229,9 @@ def read_tier(store, group: int, tslots: np.ndarray):
         if not staged.future.done() or staged.future.exception() is not None or staged.slots.size == 0:
             continue
         s_vec, s_st = staged.future.result()
-        # a staged row is good if its slot was not released (and maybe reused) since the read
-        n_hit += int(take_staged(staged.slots, s_vec, s_st, tier.released_since(staged.mark), tslots, hit, vec, st))
+        # a slot released since the read began is not handed out again before the read
+        # ends (the tier's quarantine), so a staged row of a slot still held is current
+        n_hit += int(take_staged(staged.slots, s_vec, s_st, tslots, hit, vec, st))
     if n_hit < tslots.shape[0]:
         vec[~hit], st[~hit] = tier.read(tslots[~hit])
     return vec, st, n_hit

@@ -11,6 +11,7 @@ moving anything.
 
 from __future__ import annotations
 
+from concurrent.futures import wait
 from dataclasses import dataclass
 from typing import Any, NamedTuple, Sequence
 
@@ -18,6 +19,7 @@ import numpy as np
 
 from . import placement
 from .errors import PoolCapacityError
+from .kernels import cpu as host_kernels
 from .kernels.layout import tier_slot_of
 from .pool import ChunkPool
 
@@ -36,21 +38,24 @@ class FlatKeys(NamedTuple):
 @dataclass
 class Resolved:
     """A prefetched batch whose keys were all found: the training lookup of the same
-    batch takes its entries and grouping instead of finding and grouping them again."""
+    batch takes its entries and grouping instead of finding and grouping them again,
+    and its chunks that were not resident (less those that came in since) unless one
+    of its chunks was evicted in between (:func:`placement.evict` forgets them)."""
 
     keys: FlatKeys              # ids and offsets are the host copies the lookup compares
     entries: Any
     grouping: Any
     version: tuple              # (entry table, its version, store generation) when resolved
+    missing: dict | None        # pool group -> (entries, chunks) not resident at the prefetch
 
 
 def _resolution_version(store) -> tuple:
     return id(store.entries), store.entries.version, store._generation
 
 
-def take_resolved(store, feature_tables: np.ndarray, ids, offsets):
-    """(q_tables, bag_of_occ, entries, grouping) of a prefetched batch equal to this
-    request, or None. A match and every older prefetch are forgotten."""
+def take_resolved(store, feature_tables: np.ndarray, ids, offsets) -> Resolved | None:
+    """The prefetched batch equal to this request (its ``keys`` hold private copies of
+    the ids and offsets), or None. A match and every older prefetch are forgotten."""
     if not store._resolved:
         return None
     if store.backend.name != "cpu" or _resolution_version(store) != store._resolved[0].version:
@@ -58,11 +63,10 @@ def take_resolved(store, feature_tables: np.ndarray, ids, offsets):
         return None
     for i, r in enumerate(store._resolved):
         k = r.keys
-        if (k.ids.shape == ids.shape and k.offsets.shape == offsets.shape
-                and np.array_equal(k.feature_tables, feature_tables) and np.array_equal(k.offsets, offsets)
-                and np.array_equal(k.ids, ids)):
+        if (np.array_equal(k.feature_tables, feature_tables) and host_kernels.equal_arrays(k.offsets, offsets)
+                and host_kernels.equal_arrays(k.ids, ids)):
             del store._resolved[: i + 1]
-            return k.q_tables, k.bag_of_occ, r.entries, r.grouping
+            return r
     return None
 
 
@@ -70,19 +74,20 @@ def take_resolved(store, feature_tables: np.ndarray, ids, offsets):
 class Staged:
     """A background read of tier rows, for a coming batch."""
 
-    slots: np.ndarray         # ascending tier slots being read in the background
+    slots: np.ndarray         # tier slots being read in the background, in the batch's chunk order
     future: Any
     mark: int                 # the tier's release log position when the read began
 
 
-def make_resident(store, uniq) -> None:
-    """Cache mode: every chunk of these entries into the pool (evicting others to disk)."""
+def make_resident(store, uniq, missing: dict | None = None) -> None:
+    """Cache mode: every chunk of these entries into the pool (evicting others to disk).
+    ``missing``: the prefetch's lists of their chunks that were not resident."""
     b = store.backend
     if uniq.shape[0] == 0:
         return
     for pool in store.pools:
         g = pool.plan.group
-        miss_e, miss_k = placement.missing_chunks(store, uniq, g)
+        miss_e, miss_k = placement.missing_chunks(store, uniq, g, None if missing is None else missing.get(g))
         n = int(miss_e.shape[0])
         if n == 0:
             continue
@@ -98,14 +103,13 @@ def make_resident(store, uniq) -> None:
             need = n - pool.n_free
             evictable = pool.n_used - (batch_chunks - n)
             batch = b.to_host(uniq)
-            evict_for(store, pool, batch, np.concatenate([batch, store._upcoming]), need,
-                      min(evictable, need + pool.slots // 32))
+            evict_for(store, pool, batch, need, min(evictable, need + pool.slots // 32))
         placement.allocate(store, pool, miss_e, miss_k, fetch_counter="sync_fetched_chunks")
 
 
-def evict_for(store, pool: ChunkPool, batch: np.ndarray, spare: np.ndarray, need: int, target: int) -> None:
+def evict_for(store, pool: ChunkPool, batch: np.ndarray, need: int, target: int) -> None:
     """Evict at least ``need`` (aiming at ``target``) low-utility chunks not of the batch's
-    entries, sparing the next batch's too (``spare``, any order) as long as others can go."""
+    entries (any order), sparing the prefetched next batch's too as long as others can go."""
     b, k = store.backend, store.k
     g = pool.plan.group
     ea = store.entries.arrays
@@ -123,6 +127,7 @@ def evict_for(store, pool: ChunkPool, batch: np.ndarray, spare: np.ndarray, need
     threshold = float(np.nextafter(np.float32(np.quantile(sampled, q)), np.float32(np.inf))) \
         if sampled.size and q < 1.0 else np.inf
     done = 0
+    spare = np.concatenate([batch, store._upcoming])
     for attempt in range(3):
         pinned = b.from_host(spare if attempt < 2 else batch)
         want = target - done
@@ -130,7 +135,7 @@ def evict_for(store, pool: ChunkPool, batch: np.ndarray, spare: np.ndarray, need
         out_k = b.empty(want, np.int64)
         n, store._clock[g] = (int(x) for x in k.pick_victims(pool.arrays.owner, ea.addr, ea.util, pinned,
                                                             np.float32(threshold), store._clock[g], out_e, out_k))
-        placement.evict(store, pool, out_e[:n], out_k[:n])
+        placement.evict(store, pool, out_e[:n], out_k[:n], spares_upcoming=attempt < 2)
         done += n
         if done >= need:
             return
@@ -171,24 +176,26 @@ def prefetch_async(store, features: str | Sequence[str], ids: Any, offsets: Any 
     grouping = store._group(entries, keys.q_tables)
     uniq = grouping.uniq
     b = store.backend
+    missing: dict = {}
     if n_missing == 0 and keys.offsets is not None and b.name == "cpu":
         # the lookup of this batch, one step later, reuses all of it (the ids and offsets
         # are copied: the caller may refill its arrays in between)
         owned = keys._replace(ids=np.array(keys.ids), offsets=np.array(keys.offsets))
         if store._resolved and store._resolved[0].version != _resolution_version(store):
             store._resolved.clear()
-        store._resolved.append(Resolved(owned, entries, grouping, _resolution_version(store)))
+        store._resolved.append(Resolved(owned, entries, grouping, _resolution_version(store), missing))
         del store._resolved[:-2]
     store._upcoming = b.to_host(uniq)
     total = 0
     for pool in store.pools:
         g = pool.plan.group
-        miss_e, miss_k = placement.missing_chunks(store, uniq, g)
+        miss_e, miss_k = missing[g] = placement.missing_chunks(store, uniq, g)
         n = int(miss_e.shape[0])
         codes = b.empty(max(n, 1), np.int32)
         store.k.chunk_codes(store.entries.arrays.addr, miss_e, miss_k, codes)
         c = b.to_host(codes)[:n]
-        slots = np.sort(tier_slot_of(c[c <= -2]).astype(np.int64))  # distinct chunks hold distinct tier slots
+        # in the order the batch's allocation will list them (read_tier walks both together)
+        slots = tier_slot_of(c[c <= -2]).astype(np.int64)
         if slots.size == 0 or store.tiers[g] is None:
             continue
         tier = store.tiers[g]
@@ -201,6 +208,15 @@ def prefetch_async(store, features: str | Sequence[str], ids: Any, offsets: Any 
         reads.append(Staged(slots, future, mark))
         total += int(slots.size)
     return total
+
+
+def wait_for_reads(store) -> None:
+    """Block until every background read of the prefetched batches is done (a benchmark
+    that times steps one after another waits here, so that no read runs on into the
+    next store's step)."""
+    futures = [staged.future for reads in store._staged.values() for staged in reads]
+    if futures:
+        wait(futures)
 
 
 def read_through(store, pool: ChunkPool, entries, q_tables):

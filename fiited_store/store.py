@@ -55,7 +55,7 @@ from .errors import (
 from .kernels.layout import INIT_CODES, OPTIMIZER_CODES, UTILITY_CODES, util_to_float
 from . import placement, residency, state_dict
 from .buffers import OutputBuffers
-from .inputs import as_ids, as_offsets, request_arrays
+from .inputs import as_ids, as_offsets, own_array, request_arrays
 from .pool import ChunkPool
 
 #: utilities are stored scaled by gamma**-steps; fold the scale back in before it nears float32's range
@@ -416,9 +416,12 @@ class EmbeddingStore:
         feature_tables = self._features(features)
         F = feature_tables.shape[0]
         b = self.backend
-        # a batch kept for backward (or for weight gradients) owns its inputs
+        # a batch kept for backward (or for weight gradients) owns its inputs; one that
+        # may be a prefetched batch takes the prefetch's copies if it is, so copies later
+        own = train or per_sample_weights is not None
+        may_be_resolved = train and per_sample_weights is None and bool(self._resolved) and b.name == "cpu"
         ids_d, offsets_d, weights_d = request_arrays(b, ids, offsets, per_sample_weights, F, mode,
-                                                     own=train or per_sample_weights is not None)
+                                                     own=own and not may_be_resolved)
         nnz = ids_d.shape[0]
         B = (offsets_d.shape[0] - 1) // F
         dims = self._host_meta["table_dim"][feature_tables]
@@ -444,11 +447,16 @@ class EmbeddingStore:
             )
         # bags of occurrences are only needed to train (or to differentiate the weights)
         new: list = []
-        resolved = residency.take_resolved(self, feature_tables, ids_d, offsets_d) if train else None
+        resolved = residency.take_resolved(self, feature_tables, ids_d, offsets_d) if may_be_resolved else None
         if resolved is not None:
             # prefetched: its keys were all found then, and none has moved since
-            q_tables, bag_of_occ, entries, grouping = resolved
+            keys = resolved.keys
+            ids_d, offsets_d, q_tables, bag_of_occ = keys.ids, keys.offsets, keys.q_tables, keys.bag_of_occ
+            entries, grouping, missing = resolved.entries, resolved.grouping, resolved.missing
         else:
+            if may_be_resolved:
+                ids_d, offsets_d = (own_array(a, src) for a, src in ((ids_d, ids), (offsets_d, offsets)))
+            missing = None
             bag_of_occ = b.empty(nnz if train or weights_d.shape[0] else 0, np.int64)
             q_tables = b.empty(nnz, np.int16)
             self.k.expand_bags(offsets_d, B, ft_d, bag_of_occ, q_tables)
@@ -456,7 +464,7 @@ class EmbeddingStore:
             grouping = self._group(entries, q_tables) if train else None
         if self.config.mode == "cache" and train:
             try:
-                residency.make_resident(self, grouping.uniq)
+                residency.make_resident(self, grouping.uniq, missing)
             except PoolCapacityError:
                 if new and new[0].shape[0]:
                     placement.erase_entries(self, new[0])  # the batch did not happen: forget the keys it added

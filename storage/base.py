@@ -20,6 +20,7 @@ from concurrent.futures import Future, ThreadPoolExecutor
 import numpy as np
 
 from ..errors import InputShapeError
+from .rows import release_slots
 
 
 class ChunkTier(ABC):
@@ -41,11 +42,13 @@ class ChunkTier(ABC):
         self.owner = np.full(capacity, -1, np.int32)
         self._free = np.ones(capacity, bool)
         self._block_free = np.full(capacity // self.block_rows, self.block_rows, np.int64)
-        # A slot's data cannot change while it is owned; a background read of owned
-        # slots stays valid for every slot that was not released in the meantime.
-        # While such a read is pending, releases are logged so that it can tell.
-        # Marks are absolute positions in the log: entry i of the list is position
-        # _log_base + i, and the log keeps only what the oldest pending read needs.
+        # A slot's data cannot change while it is owned. A slot released while a
+        # background read is pending stays out of the free space (quarantined) until
+        # every read that began before the release has ended: so a staged row of slot
+        # s is still the row of whichever chunk holds s now, and a reader checks
+        # nothing but the slot. Marks are absolute positions in the log of
+        # quarantined releases: entry i of the list is position _log_base + i.
+        self._quarantined = np.zeros(capacity, bool)
         self._release_log: list[np.ndarray] = []
         self._log_base = 0
         self._reader_marks: list[int] = []
@@ -62,6 +65,11 @@ class ChunkTier(ABC):
     @abstractmethod
     def _read_sorted(self, slots: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         """Read rows at ascending, distinct slots."""
+
+    def _read_any_order(self, slots: np.ndarray) -> tuple[np.ndarray, np.ndarray] | None:
+        """Rows at distinct slots in the given order, where the tier needs no sort to
+        read them (random access in memory); None sends the read through the sort."""
+        return None
 
     @property
     @abstractmethod
@@ -109,20 +117,25 @@ class ChunkTier(ABC):
             return slots.astype(np.int64)
 
     def release(self, slots: np.ndarray) -> None:
-        """Return slots to the free space (their owner must already be cleared)."""
+        """Return slots to the free space, or to quarantine while a background read is
+        pending (see :meth:`read_async`)."""
         with self._lock:
-            slots = np.asarray(slots, np.int64)
+            slots = np.ascontiguousarray(slots, np.int64)
             if slots.size == 0:
                 return
-            self._check_slots(slots)
-            if np.any(self._free[slots]):
-                bad = slots[self._free[slots]][:5]
-                raise InputShapeError(f"tier {self.location}: slots {bad.tolist()} are already free")
-            self._free[slots] = True
-            self.owner[slots] = -1
-            if self._reader_marks:
+            quarantine = bool(self._reader_marks)
+            bad = int(release_slots(slots, self._free, self._quarantined, self.owner, self._block_free,
+                                    self.block_rows, quarantine))
+            if bad >= 0:
+                self._check_slots(slots)
+                gone = self._free[slots] | self._quarantined[slots]
+                raise InputShapeError(f"tier {self.location}: slots {slots[gone][:5].tolist()} are already free")
+            if quarantine:
                 self._release_log.append(slots.copy())
-            self._block_free += np.bincount(slots // self.block_rows, minlength=self._block_free.shape[0])
+
+    def _make_free(self, slots: np.ndarray) -> None:
+        self._free[slots] = True
+        self._block_free += np.bincount(slots // self.block_rows, minlength=self._block_free.shape[0])
 
     def _grow(self, new_capacity: int) -> None:
         new_capacity = self._round_capacity(new_capacity)
@@ -130,6 +143,7 @@ class ChunkTier(ABC):
         self._grow_storage(new_capacity)
         self.owner = np.concatenate([self.owner, np.full(new_capacity - old, -1, np.int32)])
         self._free = np.concatenate([self._free, np.ones(new_capacity - old, bool)])
+        self._quarantined = np.concatenate([self._quarantined, np.zeros(new_capacity - old, bool)])
         self._block_free = np.concatenate(
             [self._block_free, np.full((new_capacity - old) // self.block_rows, self.block_rows, np.int64)]
         )
@@ -137,7 +151,9 @@ class ChunkTier(ABC):
     def rebuild_free_space(self) -> None:
         """Derive the free space from ``owner`` (after loading a checkpoint)."""
         with self._lock:
-            self._free = self.owner < 0
+            self._quarantined = np.zeros(self.capacity, bool) if self._quarantined.shape[0] != self.capacity \
+                else self._quarantined
+            self._free = (self.owner < 0) & ~self._quarantined
             self._block_free = np.bincount(
                 np.nonzero(self._free)[0] // self.block_rows, minlength=self.capacity // self.block_rows
             ).astype(np.int64)
@@ -170,9 +186,12 @@ class ChunkTier(ABC):
         if slots.size == 0:
             return np.empty((0, self.chunk_width), np.float32), np.empty((0, self.state_width), np.float32)
         self._check_slots(slots)
-        # Sorted reads touch each block once, in file order.
-        order = np.argsort(slots, kind="stable")
         with self._lock:
+            rows = self._read_any_order(slots)
+            if rows is not None:
+                return rows
+            # Sorted reads touch each block once, in file order.
+            order = np.argsort(slots, kind="stable")
             vec, st = self._read_sorted(slots[order])
         out_v = np.empty_like(vec)
         out_s = np.empty_like(st)
@@ -181,12 +200,13 @@ class ChunkTier(ABC):
         return out_v, out_s
 
     def read_async(self, slots: np.ndarray) -> tuple[Future, int]:
-        """Read on a background thread.
+        """Read on a background thread, in any slot order.
 
-        Returns the future (it yields what :meth:`read` returns) and a mark for
-        :meth:`released_since`, which tells which of the slots were released (and so
-        may hold other data) before the result is used; call :meth:`end_read` with
-        the mark after.
+        Returns the future (it yields what :meth:`read` returns) and a mark to pass
+        to :meth:`end_read` once the result is no longer used. Until then no slot
+        released after this call is handed out again, so the row read for slot s is
+        the row of whichever chunk holds s when the result is used (a chunk that left
+        s in between cannot be back in it).
         """
         if self._executor is None:
             self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="fiited-tier")
@@ -195,28 +215,29 @@ class ChunkTier(ABC):
             self._reader_marks.append(mark)
         return self._executor.submit(self.read, np.array(slots, np.int64)), mark
 
-    def released_since(self, mark: int) -> np.ndarray:
-        with self._lock:
-            log = self._release_log[max(0, mark - self._log_base):]
-        return np.concatenate(log) if log else np.empty(0, np.int64)
-
     def end_read(self, mark: int | None = None) -> None:
         """The read of ``mark`` (the oldest pending one when None) is no longer used.
 
-        Releases logged before every pending read's mark are dropped, so a steady
-        stream of overlapping reads keeps the log as short as the reads' overlap.
+        Slots released before every pending read began leave quarantine for the free
+        space, so a steady stream of overlapping reads keeps as many slots out of use
+        as were released during the reads' overlap.
         """
         with self._lock:
             if not self._reader_marks:
                 return
             self._reader_marks.remove(min(self._reader_marks) if mark is None else mark)
             keep_from = min(self._reader_marks) if self._reader_marks else self._log_base + len(self._release_log)
+            done = self._release_log[:keep_from - self._log_base]
             del self._release_log[:keep_from - self._log_base]
             self._log_base = keep_from
+            if done:
+                slots = np.concatenate(done)
+                self._quarantined[slots] = False
+                self._make_free(slots)
 
     @property
-    def logged_releases(self) -> int:
-        """Slots in the release log (what pending background reads may need to know)."""
+    def quarantined_slots(self) -> int:
+        """Released slots kept out of use until the background reads pending since end."""
         with self._lock:
             return int(sum(a.size for a in self._release_log))
 

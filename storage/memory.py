@@ -47,3 +47,6 @@ class MemoryTier(ChunkTier):
 
     def _read_sorted(self, slots):
         return self._vectors[slots], self._states[slots]
+
+    def _read_any_order(self, slots):
+        return self._vectors[slots], self._states[slots]

@@ -36,6 +36,26 @@ def gather_rows(stage, slots, vectors, states):
             states[i, j] = stage[s, c + j]
 
 
+@njit(cache=True, nogil=True)
+def release_slots(slots, free, quarantined, owner, block_free, block_rows, quarantine):
+    """Slots back to the free space (or into quarantine): the index of the first slot out
+    of range or not held, with nothing changed, or -1 when all were released."""
+    cap = free.shape[0]
+    for i in range(slots.shape[0]):
+        s = slots[i]
+        if s < 0 or s >= cap or free[s] or quarantined[s]:
+            return i
+    for i in range(slots.shape[0]):
+        s = slots[i]
+        owner[s] = -1
+        if quarantine:
+            quarantined[s] = True
+        else:
+            free[s] = True
+            block_free[s // block_rows] += 1
+    return -1
+
+
 def sorted_unique(a):
     """np.unique of an ascending array, without its sort."""
     if a.shape[0] == 0:

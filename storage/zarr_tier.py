@@ -305,6 +305,21 @@ class ZarrTier(ChunkTier):
             raise storage_error(exc, f"reading {slots.shape[0]} chunks from disk tier at {self.root}") from exc
         return vec, st
 
+    def _read_any_order(self, slots):
+        if self._stage is None:
+            return None
+        blocks = slots // self.block_rows
+        unstaged = blocks[~self._staged[blocks]]
+        if unstaged.size:
+            return None  # loading whole chunks first: in file order, through the sort
+        try:
+            vec = np.empty((slots.shape[0], self.chunk_width), np.float32)
+            st = np.empty((slots.shape[0], self.state_width), np.float32)
+            gather_rows(np.asarray(self._stage), slots, vec, st)
+        except OSError as exc:
+            raise storage_error(exc, f"reading {slots.shape[0]} chunks from disk tier at {self.root}") from exc
+        return vec, st
+
     def _read_chunks(self, slots):
         r = self.block_rows
         vec = np.empty((slots.shape[0], self.chunk_width), np.float32)
@@ -453,6 +468,9 @@ class StagedZarrTier(ZarrTier):
         self._clock += 1
         self._c_age[rows] = self._clock
         self._row_of[slots] = rows
+
+    def _read_any_order(self, slots):
+        return None  # the cache first, then the disk: the sorted path does both
 
     def _read_sorted(self, slots):
         rows = self._row_of[slots]

@@ -527,8 +527,10 @@ def admit_new_chunks(new_entries, row_base, seen, keys, table_ids, addr, table_c
 def gather_slots(slots, vectors, opt_state, out_vectors, out_state):
     for i in prange(slots.shape[0]):
         s = slots[i]
-        out_vectors[i, :] = vectors[s, :]
-        out_state[i, :] = opt_state[s, :]
+        for j in range(vectors.shape[1]):  # element loops: a row slice costs more than its copy
+            out_vectors[i, j] = vectors[s, j]
+        for j in range(opt_state.shape[1]):
+            out_state[i, j] = opt_state[s, j]
 
 
 @njit(**_PAR)
@@ -564,6 +566,33 @@ def chunk_codes(addr, entries, chunks, out):
         out[i] = addr[entries[i], chunks[i]]
 
 
+@njit(**_JIT)
+def restore_plan(codes, restore_index, tier_slots):
+    """Per allocated chunk, its row among the restored ones (-1: starts anew), and the
+    tier slots to read, in list order; returns how many are restored."""
+    n = 0
+    for i in range(codes.shape[0]):
+        if codes[i] <= -2:
+            restore_index[i] = n
+            tier_slots[n] = -2 - codes[i]  # layout.tier_slot_of
+            n += 1
+        else:
+            restore_index[i] = -1
+    return n
+
+
+@njit(**_JIT)
+def still_missing(entries, chunks, addr, out_entries, out_chunks):
+    """The chunks of a list that are still not resident, in list order; returns how many."""
+    n = 0
+    for i in range(entries.shape[0]):
+        if addr[entries[i], chunks[i]] < 0:
+            out_entries[n] = entries[i]
+            out_chunks[n] = chunks[i]
+            n += 1
+    return n
+
+
 @njit(**_PAR)
 def commit_allocations(al_entries, al_chunks, restore_index, restored_vectors, restored_state, row_base, seen, keys,
                        table_ids, addr, owner, free_stack, n_free, vectors, opt_state, seed, table_init_kind,
@@ -590,8 +619,10 @@ def commit_allocations(al_entries, al_chunks, restore_index, restored_vectors, r
         r = restore_index[i] if restoring else -1
         v = vectors[s]
         if r >= 0:
-            v[:] = restored_vectors[r]
-            opt_state[s, :] = restored_state[r]
+            for j in range(v.shape[0]):
+                v[j] = restored_vectors[r, j]
+            for j in range(opt_state.shape[1]):
+                opt_state[s, j] = restored_state[r, j]
         else:
             t = entry_table(e, row_base, seen, table_ids)
             init_chunk(v, itab[k], key_hash(t, entry_key(e, t, row_base, keys)), table_init_kind[t],
@@ -619,6 +650,17 @@ def assign_rows(entries, values, row_base, seen, table_ids, addr, table_chunks, 
 
 
 # --------------------------------------------------------------------------- forward
+
+
+@njit(**_JIT)
+def equal_arrays(a, b):
+    """a == b element for element (same length), stopping at the first difference."""
+    if a.shape[0] != b.shape[0]:
+        return False
+    for i in range(a.shape[0]):
+        if a[i] != b[i]:
+            return False
+    return True
 
 
 @njit(**_JIT)
@@ -1548,33 +1590,65 @@ def missing_chunks(uniq, row_base, seen, table_ids, addr, table_chunks, table_gr
     return start[nb]
 
 
-@njit(**_PAR)
-def take_staged(staged_slots, staged_vectors, staged_state, released, tslots, hit, out_vectors, out_state):
-    """Rows of ``tslots`` from a background read of ``staged_slots`` (ascending), where the
-    slot was read and not released since (``released``, any order: the row may have
-    been reused). Marks ``hit`` and returns how many were taken."""
-    rel = np.sort(released)
-    n_staged = staged_slots.shape[0]
-    n = tslots.shape[0]
-    nb = _FIND_BLOCKS
-    step = (n + nb - 1) // nb
-    taken = np.zeros(nb, np.int64)
-    for blk in prange(nb):
-        for i in range(blk * step, min((blk + 1) * step, n)):
-            if hit[i]:
-                continue
-            ts = tslots[i]
-            j = np.searchsorted(staged_slots, ts)
-            if j >= n_staged or staged_slots[j] != ts:
-                continue
-            r = np.searchsorted(rel, ts)
-            if r < rel.shape[0] and rel[r] == ts:
-                continue
-            out_vectors[i, :] = staged_vectors[j]
-            out_state[i, :] = staged_state[j]
+#: how far past the last match the walk of take_staged looks
+_STAGED_LOOKAHEAD = 64
+
+
+@njit(inline="always")
+def _take_row(staged_vectors, staged_state, j, out_vectors, out_state, i):
+    for c in range(out_vectors.shape[1]):  # element loops: a row slice costs more than its copy
+        out_vectors[i, c] = staged_vectors[j, c]
+    for c in range(out_state.shape[1]):
+        out_state[i, c] = staged_state[j, c]
+
+
+@njit(**_JIT)
+def _take_staged_by_search(staged_slots, staged_vectors, staged_state, tslots, hit, out_vectors, out_state):
+    order = np.argsort(staged_slots)
+    by_slot = staged_slots[order]
+    n_staged = by_slot.shape[0]
+    taken = 0
+    for i in range(tslots.shape[0]):
+        if hit[i]:
+            continue
+        r = np.searchsorted(by_slot, tslots[i])
+        if r < n_staged and by_slot[r] == tslots[i]:
+            _take_row(staged_vectors, staged_state, order[r], out_vectors, out_state, i)
             hit[i] = True
-            taken[blk] += 1
-    return taken.sum()
+            taken += 1
+    return taken
+
+
+@njit(**_JIT)
+def take_staged(staged_slots, staged_vectors, staged_state, tslots, hit, out_vectors, out_state):
+    """Rows of ``tslots`` from a background read of ``staged_slots``. The prefetch listed a
+    batch's spilled chunks in the order its allocation lists them, less those restored
+    in between, so each slot is usually found a few places after the last: one walk
+    over both lists. Slots the walk did not find (a list in another order) are then
+    searched for in a sorted copy. Marks ``hit`` and returns how many were taken."""
+    n_staged = staged_slots.shape[0]
+    p = 0
+    taken = 0
+    missed = 0
+    for i in range(tslots.shape[0]):
+        if hit[i]:
+            continue
+        ts = tslots[i]
+        j = -1
+        for q in range(p, min(p + _STAGED_LOOKAHEAD, n_staged)):
+            if staged_slots[q] == ts:
+                j = q
+                break
+        if j < 0:
+            missed += 1
+            continue
+        _take_row(staged_vectors, staged_state, j, out_vectors, out_state, i)
+        hit[i] = True
+        taken += 1
+        p = j + 1
+    if missed and n_staged:
+        taken += _take_staged_by_search(staged_slots, staged_vectors, staged_state, tslots, hit, out_vectors, out_state)
+    return taken
 
 
 @njit(inline="always")
