@@ -20,7 +20,6 @@ import numpy as np
 from . import placement
 from .errors import PoolCapacityError
 from .kernels import cpu as host_kernels
-from .kernels.layout import tier_slot_of
 from .pool import ChunkPool
 
 
@@ -190,13 +189,11 @@ def prefetch_async(store, features: str | Sequence[str], ids: Any, offsets: Any 
     for pool in store.pools:
         g = pool.plan.group
         miss_e, miss_k = missing[g] = placement.missing_chunks(store, uniq, g)
-        n = int(miss_e.shape[0])
-        codes = b.empty(max(n, 1), np.int32)
-        store.k.chunk_codes(store.entries.arrays.addr, miss_e, miss_k, codes)
-        c = b.to_host(codes)[:n]
+        if store.tiers[g] is None:
+            continue
         # in the order the batch's allocation will list them (read_tier walks both together)
-        slots = tier_slot_of(c[c <= -2]).astype(np.int64)
-        if slots.size == 0 or store.tiers[g] is None:
+        slots = _spilled_slots(store, miss_e, miss_k)
+        if slots.size == 0:
             continue
         tier = store.tiers[g]
         reads = store._staged.setdefault(g, [])
@@ -219,6 +216,17 @@ def wait_for_reads(store) -> None:
         wait(futures)
 
 
+def _spilled_slots(store, miss_e, miss_k) -> np.ndarray:
+    """The tier slots of the spilled ones among these chunks, in list order (host)."""
+    b = store.backend
+    n = int(miss_e.shape[0])
+    codes = b.empty(max(n, 1), np.int32)
+    store.k.chunk_codes(store.entries.arrays.addr, miss_e, miss_k, codes)
+    slots = np.empty(n, np.int64)
+    n_sp = host_kernels.restore_plan(b.to_host(codes)[:n], np.empty(n, np.int64), slots)
+    return slots[:n_sp]
+
+
 def read_through(store, pool: ChunkPool, entries, q_tables):
     """Cache mode, no training: the tier rows of the batch's spilled chunks, read
     synchronously without moving anything into the pool."""
@@ -232,10 +240,7 @@ def read_through(store, pool: ChunkPool, entries, q_tables):
     n = int(miss_e.shape[0])
     if n == 0:
         return none
-    codes = b.empty(n, np.int32)
-    store.k.chunk_codes(store.entries.arrays.addr, miss_e, miss_k, codes)
-    codes = b.to_host(codes)
-    slots = np.unique(tier_slot_of(codes[codes <= -2]).astype(np.int64))
+    slots = np.sort(_spilled_slots(store, miss_e, miss_k))  # distinct chunks hold distinct slots
     if slots.size == 0:
         return none
     vec, _ = store.tiers[g].read(slots)
