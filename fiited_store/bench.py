@@ -109,7 +109,53 @@ def _dense_weights(rows: int, dim: int, seed: int):
     return torch.empty(rows, dim).uniform_(-0.01, 0.01)
 
 
-def bench_torch_and_gather(cfg: BenchConfig, w: Workload, out: dict, bar) -> None:
+class DensePeer:
+    """torch's dense table and its sparse SGD step, kept to be timed beside the store's
+    lookups and steps (paired: the same batch, back to back, the order alternating)."""
+
+    def __init__(self, W, w: Workload, dim: int):
+        import torch
+
+        self.W = W
+        self.rows_t = [torch.from_numpy(r) for r in w.rows]
+        self.off_t = torch.from_numpy(w.offsets[:-1])
+        self.bag = torch.nn.EmbeddingBag(w.total_rows, dim, mode="sum", sparse=True, _weight=W)
+        self.opt = torch.optim.SGD(self.bag.parameters(), lr=0.01)
+        self.grads = [torch.from_numpy(g.reshape(-1, dim)) for g in w.grads]
+
+    def lookup(self, i: int):
+        import torch
+
+        return torch.nn.functional.embedding_bag(self.rows_t[i % len(self.rows_t)], self.W, self.off_t, mode="sum")
+
+    def step(self, i: int) -> None:
+        self.opt.zero_grad(set_to_none=True)
+        o = self.bag(self.rows_t[i % len(self.rows_t)], self.off_t)
+        o.backward(self.grads[i % len(self.grads)])
+        self.opt.step()
+
+
+def _timeit_paired(fn: Callable[[int], Any], peer: Callable[[int], Any], warmup: int, repeats: int) -> dict[str, float]:
+    """fn and peer on the same batch, back to back, the order alternating: the median
+    of fn's time over peer's, batch by batch, which a burst of noise longer than a
+    batch moves far less than a ratio of two medians taken minutes apart."""
+    for i in range(warmup):
+        fn(i)
+        peer(i)
+    t_fn, t_peer = [], []
+    for i in range(repeats):
+        for which in ((fn, t_fn), (peer, t_peer)) if i % 2 == 0 else ((peer, t_peer), (fn, t_fn)):
+            t0 = time.perf_counter()
+            which[0](warmup + i)
+            which[1].append(time.perf_counter() - t0)
+    a, b = np.array(t_fn) * 1000.0, np.array(t_peer) * 1000.0
+    return {"median_ms": float(np.median(a)), "peer_median_ms": float(np.median(b)),
+            "ratio_median": float(np.median(a / b))}
+
+
+def bench_torch_and_gather(cfg: BenchConfig, w: Workload, out: dict, bar) -> DensePeer | None:
+    """The dense peers; returns torch's table and step for the paired store timings
+    (None when torch is not among the peers)."""
     import torch
 
     W = _dense_weights(w.total_rows, cfg.dim, cfg.seed)
@@ -125,22 +171,15 @@ def bench_torch_and_gather(cfg: BenchConfig, w: Workload, out: dict, bar) -> Non
         out["torch_embedding_bag"] = _timeit(
             lambda i: torch.nn.functional.embedding_bag(rows_t[i % n], W, off_t, mode="sum"), cfg.warmup, cfg.repeats)
         bar.update(1)
+    peer = DensePeer(W, w, cfg.dim) if {"torch", "torch-sparse"} <= set(cfg.peers) else None
     if "torch-sparse" in cfg.peers:
-        bag = torch.nn.EmbeddingBag(w.total_rows, cfg.dim, mode="sum", sparse=True, _weight=W)
-        opt = torch.optim.SGD(bag.parameters(), lr=0.01)
-        grads = [torch.from_numpy(g.reshape(-1, cfg.dim)) for g in w.grads]
-
-        def step(i):
-            opt.zero_grad(set_to_none=True)
-            o = bag(rows_t[i % n], off_t)
-            o.backward(grads[i % len(grads)])
-            opt.step()
-
-        out["torch_sparse_sgd_step"] = _timeit(step, cfg.warmup, cfg.repeats)
+        sparse = peer or DensePeer(W, w, cfg.dim)
+        out["torch_sparse_sgd_step"] = _timeit(sparse.step, cfg.warmup, cfg.repeats)
         bar.update(1)
-        del bag, opt
+        del sparse
     del W, Wn
     gc.collect()
+    return peer
 
 
 def bench_fbgemm(cfg: BenchConfig, w: Workload, out: dict, bar) -> None:
@@ -217,9 +256,11 @@ def make_store(cfg: BenchConfig, w: Workload, budget_fraction: float, pruning, i
                                               seed=cfg.seed, initial_capacity=1 << 16))
 
 
-def bench_store(cfg: BenchConfig, w: Workload, out: dict, bar, index: str = "direct") -> None:
+def bench_store(cfg: BenchConfig, w: Workload, out: dict, bar, index: str = "direct",
+                peer: DensePeer | None = None) -> None:
     """Lookup and training step of the store with the given index; keys ``store_*`` (direct)
-    or ``store_hashed_*``."""
+    or ``store_hashed_*``. With torch's ``peer``, each is also timed paired with torch's
+    (``*_paired``)."""
     store = make_store(cfg, w, cfg.budget_fraction, DynamicRatio(1.0 - cfg.budget_fraction), index)
     key = "store" if index == "direct" else f"store_{index}"
     n = len(w.ids)
@@ -241,6 +282,10 @@ def bench_store(cfg: BenchConfig, w: Workload, out: dict, bar, index: str = "dir
         store.step()
 
     out[f"{key}_train_step"] = _timeit(step, cfg.warmup, cfg.repeats)
+    if peer is not None:
+        out[f"{key}_lookup_paired"] = _timeit_paired(
+            lambda i: store.pooled_lookup(w.names, w.ids[i % n], w.offsets), peer.lookup, cfg.warmup, cfg.repeats)
+        out[f"{key}_train_step_paired"] = _timeit_paired(step, peer.step, cfg.warmup, cfg.repeats)
     # the parts of a step, for the README's breakdown
     b = store.pooled_lookup(w.names, w.ids[0], w.offsets, train=True)
     t0 = time.perf_counter()
@@ -322,12 +367,15 @@ def run_bench(cfg: BenchConfig, progress: bool = True) -> dict[str, Any]:
     out: dict[str, Any] = {"config": asdict(cfg), "rows": w.total_rows,
                            "dense_gb": w.total_rows * cfg.dim * 4 / 1e9, "lookups_per_batch": int(w.ids[0].shape[0]),
                            "machine": {"cpus": __import__("os").cpu_count(), "python": platform.python_version()}}
-    if {"torch", "gather", "torch-sparse"} & set(cfg.peers):
-        bench_torch_and_gather(cfg, w, out, bar)
-    if "fbgemm" in cfg.peers:
+    if "fbgemm" in cfg.peers:  # first: its tables and torch's would not both fit beside a store
         bench_fbgemm(cfg, w, out, bar)
+    peer = None
+    if {"torch", "gather", "torch-sparse"} & set(cfg.peers):
+        peer = bench_torch_and_gather(cfg, w, out, bar)
     for index in INDEXES:
-        bench_store(cfg, w, out, bar, index)
+        bench_store(cfg, w, out, bar, index, peer)
+    del peer
+    gc.collect()
     bench_memory(cfg, w, out, bar)
     if cfg.prune_entries > 0:
         bench_prune(cfg, out, bar)
@@ -347,6 +395,10 @@ def ratios(out: dict[str, Any]) -> dict[str, float]:
     for a, b in pairs:
         if med(a) is not None and med(b) is not None:
             r[f"{a} / {b}"] = med(a) / med(b)
+    for s in ("store", "store_hashed"):
+        for a, b in (("lookup", "torch_embedding_bag"), ("train_step", "torch_sparse_sgd_step")):
+            if f"{s}_{a}_paired" in out:
+                r[f"{s}_{a} / {b}, paired"] = out[f"{s}_{a}_paired"]["ratio_median"]
     return r
 
 
