@@ -103,6 +103,7 @@ def import_state(store, state: dict[str, Any]) -> None:
         k_of = np.argmax(addr[owner] == (-2 - st[f"tier_{g}.slots"])[:, None], axis=1)
         addr[owner, k_of] = -2 - new_slots
         new_tiers[g] = tier
+    store._plans.clear()  # they hold the direct rows of the entry table replaced here
     store.entries = EntryTable.from_arrays(b, EntryArrays(
         row_base=b.persist(st["entries.row_base"]), seen=b.persist(st["entries.seen"]),
         keys=b.persist(st["entries.keys"]), table_ids=b.persist(st["entries.table_ids"]),

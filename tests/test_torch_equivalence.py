@@ -12,6 +12,8 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from fiited_store import DynamicRatio, EmbeddingStore, StoreConfig, TableConfig
 
@@ -169,3 +171,58 @@ def test_multi_feature_output_is_embedding_bag_collection_layout(rng):
         for b_ in range(B):
             sl = ids[offsets[f * B + b_]: offsets[f * B + b_ + 1]]
             np.testing.assert_allclose(out[b_, col:col + w.shape[1]], w[sl].sum(axis=0), rtol=1e-6, atol=1e-6)
+
+
+@settings(max_examples=40, deadline=None)
+@given(st.data())
+def test_pooled_sums_over_two_pools_with_empty_features_equal_row_sums(data):
+    """Features of tables in two pools (chunk widths 4 and 3), any of them with every bag
+    empty (several in a row too), and bags of any lengths: each bag is the sum of its rows."""
+    tables = [TableConfig("a", dim=8, chunks=2, num_embeddings=30, index=INDEX["kind"]),
+              TableConfig("b", dim=6, chunks=2, num_embeddings=40, index=INDEX["kind"])]
+    store = EmbeddingStore(tables, StoreConfig(budget_fraction=1.0, prune_period=0))
+    rng = np.random.default_rng(data.draw(st.integers(0, 2**32 - 1)))
+    w = {"a": rng.standard_normal((30, 8)).astype(np.float32), "b": rng.standard_normal((40, 6)).astype(np.float32)}
+    for name, rows in w.items():
+        store.insert_or_assign(name, np.arange(rows.shape[0]), rows)
+    features = data.draw(st.lists(st.sampled_from(["a", "b"]), min_size=1, max_size=4))
+    B = data.draw(st.integers(1, 120))  # past 64 occurrences, so the kernel's blocks walk across features
+    lengths = np.array([0 if data.draw(st.booleans()) else data.draw(st.integers(0, 3)) for _ in range(len(features) * B)])
+    for f in data.draw(st.sets(st.integers(0, len(features) - 1))):  # features with every bag empty
+        lengths[f * B:(f + 1) * B] = 0
+    offsets = np.concatenate([[0], np.cumsum(lengths)]).astype(np.int64)
+    ids = np.concatenate([rng.integers(0, w[f].shape[0], int(lengths[i * B:(i + 1) * B].sum()))
+                          for i, f in enumerate(features)]).astype(np.int64)
+    out = store.pooled_lookup(features, ids, offsets).output
+    col = 0
+    for i, f in enumerate(features):
+        d = w[f].shape[1]
+        for b_ in range(B):
+            rows = ids[offsets[i * B + b_]:offsets[i * B + b_ + 1]]
+            np.testing.assert_allclose(out[b_, col:col + d], w[f][rows].sum(axis=0), rtol=1e-6, atol=1e-6)
+        col += d
+
+
+@pytest.mark.parametrize("features", [["a", "b", "a"], ["a", "b", "b", "a"], ["b", "a", "a", "b"]])
+@pytest.mark.parametrize("B", [97, 101, 130])
+def test_a_feature_after_empty_features_reads_its_own_rows(features, B):
+    """One id per bag, every middle feature empty: the kernel's blocks walk from one
+    feature straight past the empty ones into the next (B not a multiple of a block)."""
+    tables = [TableConfig("a", dim=8, chunks=2, num_embeddings=30, index=INDEX["kind"]),
+              TableConfig("b", dim=6, chunks=2, num_embeddings=40, index=INDEX["kind"])]
+    store = EmbeddingStore(tables, StoreConfig(budget_fraction=1.0, prune_period=0))
+    rng = np.random.default_rng(B)
+    w = {"a": rng.standard_normal((30, 8)).astype(np.float32), "b": rng.standard_normal((40, 6)).astype(np.float32)}
+    for name, rows in w.items():
+        store.insert_or_assign(name, np.arange(rows.shape[0]), rows)
+    F = len(features)
+    lengths = np.ones(F * B, np.int64)
+    lengths[B:(F - 1) * B] = 0
+    offsets = np.concatenate([[0], np.cumsum(lengths)]).astype(np.int64)
+    ids = np.concatenate([rng.integers(0, w[features[0]].shape[0], B),
+                          rng.integers(0, w[features[-1]].shape[0], B)]).astype(np.int64)
+    out = store.pooled_lookup(features, ids, offsets).output
+    d_first, d_last = w[features[0]].shape[1], w[features[-1]].shape[1]
+    np.testing.assert_array_equal(out[:, :d_first], w[features[0]][ids[:B]])
+    np.testing.assert_array_equal(out[:, out.shape[1] - d_last:], w[features[-1]][ids[B:]])
+    assert not out[:, d_first:out.shape[1] - d_last].any()

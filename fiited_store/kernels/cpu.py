@@ -855,25 +855,35 @@ def pooled_sum_forward(entry_idx, ids, feature_rows, offsets, bags_per_feature, 
     ukmax = np.uint64(kmax)
     n_entries = addr_flat.shape[0] // kmax
     src = np.empty(nnz, np.int64)
+    # the address pass needs no bags: a flat walk over the occurrences, each block
+    # finding its first occurrence's feature once (a walk per bag cost a quarter more)
     nb = _FIND_BLOCKS
-    n_bags = offsets.shape[0] - 1
-    step = (n_bags + nb - 1) // nb
+    step = (nnz + nb - 1) // nb
     bad = np.zeros(nb, np.int64)
     for blk in prange(nb):
-        for bag in range(blk * step, min((blk + 1) * step, n_bags)):
-            f = bag // B
+        lo = blk * step
+        hi = min(lo + step, nnz)
+        if lo >= hi:
+            continue
+        f = 0
+        while offsets[(f + 1) * B] <= lo:
+            f += 1
+        f_end = offsets[(f + 1) * B]
+        for i in range(lo, hi):
+            while i >= f_end:
+                f += 1
+                f_end = offsets[(f + 1) * B]
             K = feature_chunks[f]
             if K == 0:
                 continue
-            for i in range(offsets[bag], offsets[bag + 1]):
-                if i + PREFETCH_PROBE < nnz:
-                    ea = _occurrence_entry(i + PREFETCH_PROBE, f, entry_idx, ids, feature_rows)
-                    if 0 <= ea < n_entries:  # near a feature's end this may be another table's row: harmless
-                        prefetch(addr_flat, np.uint64(ea) * ukmax)
-                e = _occurrence_entry(i, f, entry_idx, ids, feature_rows)
-                if e == OUT_OF_RANGE:
-                    bad[blk] += 1
-                src[i] = _row_source(e, K, addr_flat, ukmax)
+            if i + PREFETCH_PROBE < f_end:
+                ea = _occurrence_entry(i + PREFETCH_PROBE, f, entry_idx, ids, feature_rows)
+                if 0 <= ea < n_entries:
+                    prefetch(addr_flat, np.uint64(ea) * ukmax)
+            e = _occurrence_entry(i, f, entry_idx, ids, feature_rows)
+            if e == OUT_OF_RANGE:
+                bad[blk] += 1
+            src[i] = _row_source(e, K, addr_flat, ukmax)
     for b in prange(B):
         ob = np.uint64(b) * np.uint64(width)
         for f in range(F):
