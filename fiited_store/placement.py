@@ -15,6 +15,7 @@ from typing import Any
 
 import numpy as np
 
+from . import tiering
 from .config import table_floors
 from .kernels import cpu as host_kernels
 from .kernels.cpu import take_staged
@@ -140,7 +141,7 @@ def evict(store, pool: ChunkPool, ev_e, ev_k, *, spares_upcoming: bool = False) 
         vec = b.empty((n, pool.plan.chunk_width), np.float32)
         st = b.empty((n, pool.plan.state_width), np.float32)
         store.k.gather_slots(codes, a.vectors, a.opt_state, vec, st)
-        tier = store._tier(g)
+        tier = tiering.tier_of(store, g)
         tslots = tier.allocate(n)
         try:
             tier.write(tslots, b.to_host(vec), b.to_host(st))

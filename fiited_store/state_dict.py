@@ -12,6 +12,7 @@ from typing import Any
 
 import numpy as np
 
+from . import tiering
 from .entry_table import EntryTable
 from .errors import ConfigError, InputShapeError
 
@@ -93,7 +94,7 @@ def import_state(store, state: dict[str, Any]) -> None:
         plan = store.plans[g]
         from .storage.zarr_tier import ZarrTier
 
-        root = store._tier_root() / f"tier_{g}.import"
+        root = tiering.tier_root(store) / f"tier_{g}.import"
         tier = ZarrTier(root, plan.chunk_width, plan.state_width, capacity=st[f"tier_{g}.slots"].shape[0])
         new_slots = tier.allocate(st[f"tier_{g}.slots"].shape[0])
         tier.write(new_slots, st[f"tier_{g}.vectors"], st[f"tier_{g}.states"])
@@ -117,10 +118,10 @@ def import_state(store, state: dict[str, Any]) -> None:
             store.tiers[g].close()
             shutil.rmtree(store.tiers[g].root, ignore_errors=True)
         if tier is not None:
-            final = store._tier_root() / f"tier_{g}"
+            final = tiering.tier_root(store) / f"tier_{g}"
             shutil.rmtree(final, ignore_errors=True)
             tier.root.rename(final)
-            store.tiers[g] = store._open_tier(g, final, tier.owner, read_only=False)
+            store.tiers[g] = tiering.open_saved_tier(store, g, final, tier.owner, read_only=False)
         else:
             store.tiers[g] = None
     store.step_count, store._scale_origin, store._prune_round = (int(x) for x in st["meta.counters"])

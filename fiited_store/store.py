@@ -22,7 +22,6 @@ one thread drives a store (a background thread only reads the disk tier).
 from __future__ import annotations
 
 import shutil
-import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, NamedTuple, Sequence
@@ -31,12 +30,10 @@ import numpy as np
 
 from .backend import get_backend
 from .config import (
-    FLOAT_BYTES,
     PoolPlan,
     StoreConfig,
     TableConfig,
     memory_budget,
-    optimizer_dense_bytes,
     plan_pools,
     planned_bytes,
 )
@@ -56,12 +53,11 @@ from .kernels.layout import INIT_CODES, OPTIMIZER_CODES, UTILITY_CODES, util_to_
 from . import placement, residency, state_dict
 from .buffers import OutputBuffers
 from .inputs import as_ids, as_offsets, own_array, request_arrays
+from .stats import store_stats
 from .pool import ChunkPool
 
 #: utilities are stored scaled by gamma**-steps; fold the scale back in before it nears float32's range
 _MAX_GROWTH = 1e18
-#: target size of one Zarr chunk of a store's disk tier
-TIER_CHUNK_BYTES = 32 << 10
 
 
 class Grouping(NamedTuple):
@@ -313,54 +309,6 @@ class EmbeddingStore:
             from .errors import StoreReadOnlyError
 
             raise StoreReadOnlyError(f"store at {self.path} is open read-only")
-
-    def _host_cache_rows(self, group: int) -> int:
-        plan = self.plans[group]
-        row = (plan.chunk_width + plan.state_width) * FLOAT_BYTES
-        if self.config.host_cache_bytes is None:
-            return 4 * plan.slots if self.config.device == "cuda" else 0
-        share = self.config.host_cache_bytes * plan.vector_bytes / sum(p.vector_bytes for p in self.plans)
-        return int(share // row)
-
-    def _tier(self, group: int):
-        if self.tiers[group] is None:
-            from .storage.zarr_tier import StagedZarrTier, ZarrTier
-
-            plan = self.plans[group]
-            root = self._tier_root() / f"tier_{group}"
-            rows = self._host_cache_rows(group)
-            # ~32 KB chunks: restores are scattered, and a chunk is read whole for any of its rows
-            block = int(max(64, TIER_CHUNK_BYTES // ((plan.chunk_width + plan.state_width) * FLOAT_BYTES)))
-            if rows:
-                self.tiers[group] = StagedZarrTier(root, plan.chunk_width, plan.state_width, capacity=plan.slots,
-                                                   cache_rows=rows, pinned=self._pinned_host(), block_rows=block)
-            else:
-                self.tiers[group] = ZarrTier(root, plan.chunk_width, plan.state_width, capacity=plan.slots,
-                                             block_rows=block)
-        return self.tiers[group]
-
-    def _pinned_host(self) -> bool:
-        if self.config.device != "cuda":
-            return False
-        from .kernels.cuda import SIMULATED
-
-        return not SIMULATED
-
-    def _open_tier(self, group: int, root: Path, owner: np.ndarray, read_only: bool):
-        """A saved tier, with the host cache this store's configuration asks for."""
-        from .storage.zarr_tier import StagedZarrTier, ZarrTier
-
-        rows = self._host_cache_rows(group)
-        if rows and not read_only:
-            return StagedZarrTier.open(root, owner, cache_rows=rows, pinned=self._pinned_host())
-        return ZarrTier.open(root, owner, read_only=read_only)
-
-    def _tier_root(self) -> Path:
-        if self.path is not None:
-            return self.path / "live"
-        if self._tmpdir is None:
-            self._tmpdir = Path(tempfile.mkdtemp(prefix="fiited-tier-"))
-        return self._tmpdir
 
     # ------------------------------------------------------------------ resolution
     def _rehash(self, capacity: int) -> None:
@@ -706,15 +654,6 @@ class EmbeddingStore:
             self.prune()
 
     # ------------------------------------------------------------------ prune
-    def _chunk_counts(self):
-        T = len(self.tables)
-        entries = np.zeros(T, np.int64)
-        resident = np.zeros((T, self.kmax), np.int64)
-        spilled = np.zeros((T, self.kmax), np.int64)
-        ea = self.entries.arrays
-        self.k.count_chunks(ea.row_base, ea.seen, ea.table_ids, ea.addr, T, entries, resident, spilled)
-        return entries, resident, spilled
-
     def prune(self) -> dict[str, Any]:
         """One pass of Algorithm 1 over every pool; returns what it did.
 
@@ -834,67 +773,9 @@ class EmbeddingStore:
 
     # ------------------------------------------------------------------ stats
     def stats(self) -> dict[str, Any]:
-        """Entries, chunk residency, kept dimensions and bytes, per table and in total."""
-        entries, resident, spilled = self._chunk_counts()
-        per_table = {}
-        for i, t in enumerate(self.tables):
-            n = int(entries[i])
-            res = resident[i, : t.chunks]
-            kept = float(res.sum() * t.chunk_width / n) if n else 0.0
-            per_table[t.name] = {
-                "entries": n,
-                "dim": t.dim,
-                "chunks": t.chunks,
-                "resident_per_chunk": res.tolist(),
-                "spilled_per_chunk": spilled[i, : t.chunks].tolist(),
-                "absent_per_chunk": (n - res - spilled[i, : t.chunks]).tolist(),
-                "average_kept_dim": kept,
-                "dense_bytes": t.dense_bytes,
-            }
-        pool_vec = sum(p.vector_bytes for p in self.pools)
-        pool_state = sum(p.state_bytes for p in self.pools)
-        pool_mgr = sum(p.manager_bytes for p in self.pools)
-        entry_bytes = self.entries.nbytes
-        dense = sum(t.dense_bytes or 0 for t in self.tables) if all(t.dense_bytes for t in self.tables) else None
-        dense_with_opt = dense + sum(optimizer_dense_bytes(t) for t in self.tables) if dense else None
-        budget = sum(p.vector_bytes for p in self.pools)
-        resident_bytes = sum(p.n_used * p.chunk_width * FLOAT_BYTES for p in self.pools)
-        tier_bytes = sum(t.nbytes for t in self.tiers if t is not None)
-        total_bytes = pool_vec + pool_state + pool_mgr + entry_bytes
-        n_entries = int(entries.sum())
-        total = {
-            "entries": n_entries,
-            "entry_capacity": self.entries.capacity,
-            "resident_chunks": int(resident.sum()),
-            "spilled_chunks": int(spilled.sum()),
-            "average_kept_dim": float(sum(resident[i].sum() * t.chunk_width for i, t in enumerate(self.tables)) / n_entries)
-            if n_entries else 0.0,
-            "bytes": {
-                "entries": entry_bytes,
-                "pool_vectors": pool_vec,
-                "optimizer_state": pool_state,
-                "address_manager": pool_mgr,
-                "memory_total": total_bytes,
-                "disk_tier": tier_bytes,
-            },
-            # the pool budget (the paper's: resident chunk vectors), and how full the pool is
-            "budget_bytes": budget,
-            "resident_vs_budget": resident_bytes / budget,
-            # the whole-store budget, when one was set; memory_total never exceeds it
-            "memory_budget_bytes": self._memory_budget,
-            "memory_vs_budget": (total_bytes / self._memory_budget) if self._memory_budget else None,
-            "dense_bytes": dense,
-            "dense_with_optimizer_bytes": dense_with_opt,
-            "memory_vs_dense": (total_bytes / dense) if dense else None,
-            "memory_vs_dense_with_optimizer": (total_bytes / dense_with_opt) if dense_with_opt else None,
-            "step": self.step_count,
-        }
-        pools = [
-            {"chunk_width": p.chunk_width, "slots": p.slots, "used": p.n_used, "free": p.n_free,
-             "tier_slots_used": (self.tiers[p.plan.group].n_used if self.tiers[p.plan.group] is not None else 0)}
-            for p in self.pools
-        ]
-        return {"tables": per_table, "total": total, "pools": pools, "counters": dict(vars(self.counters))}
+        """Entries, chunk residency, kept dimensions and bytes, per table and in total
+        (see :func:`stats.store_stats`)."""
+        return store_stats(self)
 
     # ------------------------------------------------------------------ state as arrays
     def export_state(self) -> dict[str, np.ndarray]:

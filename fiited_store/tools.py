@@ -10,6 +10,7 @@ from typing import Any
 import numpy as np
 from tqdm import tqdm
 
+from . import tiering
 from .errors import CorruptStoreError, FiitedError
 from .storage.zarr_tier import storage_error
 from .kernels.layout import spilled_code, util_to_float
@@ -276,7 +277,7 @@ def _compact_tiers(store: EmbeddingStore, progress: bool) -> None:
         old_root = tier.root
         shutil.rmtree(old_root)
         root.rename(old_root)
-        store.tiers[g] = store._open_tier(g, old_root, fresh.owner, read_only=False)
+        store.tiers[g] = tiering.open_saved_tier(store, g, old_root, fresh.owner, read_only=False)
 
 
 def compact_store(path: Path, progress: bool = True, checkpoint: str | None = None,

@@ -35,6 +35,7 @@ import numpy as np
 import zarr
 from zarr.codecs import Crc32cCodec
 
+from .. import tiering
 from ..config import DynamicRatio, ManualRatios, StoreConfig, TableConfig
 from ..entry_table import EntryArrays, EntryTable, row_bases
 from ..errors import ConfigError, CorruptStoreError, StoreLockedError, StoreReadOnlyError
@@ -539,12 +540,12 @@ def open_store(path: Path, mode: str = "r", device: str | None = None, *, check_
                 owner = _read(root[f"tier_{gi}"], "owner", np.int32, (int(tstate["capacity"]),), where)
                 snapshot = ckpt / f"tier_{gi}" / "data"
                 if mode == "r":
-                    store.tiers[gi] = store._open_tier(gi, snapshot, owner, read_only=True)
+                    store.tiers[gi] = tiering.open_saved_tier(store, gi, snapshot, owner, read_only=True)
                 else:
                     live = path / "live" / f"tier_{gi}"
                     shutil.rmtree(live, ignore_errors=True)
                     _link_tree(snapshot, live)
-                    store.tiers[gi] = store._open_tier(gi, live, owner, read_only=False)
+                    store.tiers[gi] = tiering.open_saved_tier(store, gi, live, owner, read_only=False)
             store.step_count = int(state.get("step_count", 0))
             store._scale_origin = int(state.get("scale_origin", 0))
             store._prune_round = int(state.get("prune_round", 0))

@@ -13,6 +13,7 @@ import math
 from dataclasses import dataclass
 
 import numpy as np
+from fractions import Fraction
 
 from fiited_store.config import DynamicRatio, StoreConfig, TableConfig, plan_pools
 
@@ -70,8 +71,25 @@ def rand16(kh: int, k: int, salt: int) -> int:
 
 
 def fma(a, b, c) -> np.float32:
-    """float32 fused multiply-add (the product of two float32 is exact in float64)."""
-    return f32(float(a) * float(b) + float(c))
+    """float32 fused multiply-add, rounded once.
+
+    The product of two float32 is exact in float64, the sum is not: rounding it to
+    float64 and then to float32 rounds twice. That can only go wrong when the float64
+    sum lands exactly halfway between two float32 (every such midpoint is a float64,
+    so the first rounding can reach one but never cross it); there the exact sum
+    decides which neighbour is nearest."""
+    x = float(a) * float(b) + float(c)
+    r = f32(x)
+    if not np.isfinite(r) or float(r) == x:
+        return r
+    other = np.nextafter(r, f32(np.inf) if x > float(r) else f32(-np.inf))
+    if abs(float(other) - x) != abs(float(r) - x):
+        return r
+    exact = Fraction(float(a)) * Fraction(float(b)) + Fraction(float(c))
+    if exact == Fraction(x):
+        return r  # a true tie: round half to even, as f32() did
+    up, down = (other, r) if float(other) > x else (r, other)
+    return up if exact > Fraction(x) else down
 
 
 @dataclass

@@ -195,3 +195,30 @@ class StoreVsReference(RuleBasedStateMachine):
 
 StoreVsReference.TestCase.settings = settings(settings.default, stateful_step_count=25)
 TestStoreVsReference = StoreVsReference.TestCase
+
+
+def test_the_reference_fma_rounds_once_as_the_kernels_do():
+    """a * b + c rounded once to float32. Rounding the float64 sum first goes wrong when
+    it lands exactly on a float32 midpoint: (1 + 2^-12)^2 = 1 + 2^-11 + 2^-24 is one,
+    and 2^-60 more must round up (a state-machine run found the reference off by an
+    ulp in a weighted bag)."""
+    from numba import njit
+
+    from fiited_store.kernels.cpu import fma32
+
+    from .reference import fma
+
+    @njit
+    def kernel_fma(a, b, c):
+        return fma32(a, b, c)
+
+    a = np.float32(1 + 2**-12)
+    cases = [(a, a, np.float32(2**-60)), (a, a, np.float32(-(2**-60))), (a, a, np.float32(0.0)),
+             (a, -a, np.float32(-(2**-60)))]
+    rng = np.random.default_rng(0)
+    cases += [tuple(np.float32(x) for x in rng.standard_normal(3) * 10.0 ** rng.integers(-20, 20, 3))
+              for _ in range(2000)]
+    for x, y, z in cases:
+        assert fma(x, y, z) == kernel_fma(x, y, z), (x, y, z)
+    assert fma(a, a, np.float32(2**-60)) == np.float32(1 + 2**-11 + 2**-23)
+    assert fma(a, a, np.float32(-(2**-60))) == np.float32(1 + 2**-11)

@@ -30,6 +30,7 @@ from typing import Any, Callable
 
 import numpy as np
 
+from .. import tiering
 from ..errors import ConfigError, CorruptStoreError, FiitedError, PeerRankError
 from ..kernels.layout import tier_slot_of, util_to_float
 
@@ -273,7 +274,7 @@ def import_entries(dst, src, src_entries: np.ndarray) -> None:
         vec_t = np.concatenate([vec_sp, vec_res[over]]) if dst.config.spills else vec_sp
         st_t = np.concatenate([st_sp, st_res[over]]) if dst.config.spills else st_sp
         if to_tier_e.size:
-            tier = dst._tier(g)
+            tier = tiering.tier_of(dst, g)
             tslots = tier.allocate(to_tier_e.size)
             tier.write(tslots, vec_t, st_t)
             da.addr[to_tier_e, to_tier_k] = (-2 - tslots).astype(np.int32)
