@@ -20,7 +20,7 @@ from concurrent.futures import Future, ThreadPoolExecutor
 import numpy as np
 
 from ..errors import InputShapeError
-from .rows import release_slots
+from .rows import end_quarantine, release_slots
 
 
 class ChunkTier(ABC):
@@ -133,10 +133,6 @@ class ChunkTier(ABC):
             if quarantine:
                 self._release_log.append(slots.copy())
 
-    def _make_free(self, slots: np.ndarray) -> None:
-        self._free[slots] = True
-        self._block_free += np.bincount(slots // self.block_rows, minlength=self._block_free.shape[0])
-
     def _grow(self, new_capacity: int) -> None:
         new_capacity = self._round_capacity(new_capacity)
         old = self.capacity
@@ -230,10 +226,8 @@ class ChunkTier(ABC):
             done = self._release_log[:keep_from - self._log_base]
             del self._release_log[:keep_from - self._log_base]
             self._log_base = keep_from
-            if done:
-                slots = np.concatenate(done)
-                self._quarantined[slots] = False
-                self._make_free(slots)
+            for slots in done:
+                end_quarantine(slots, self._free, self._quarantined, self._block_free, self.block_rows)
 
     @property
     def quarantined_slots(self) -> int:

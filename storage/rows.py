@@ -39,21 +39,45 @@ def gather_rows(stage, slots, vectors, states):
 @njit(cache=True, nogil=True)
 def release_slots(slots, free, quarantined, owner, block_free, block_rows, quarantine):
     """Slots back to the free space (or into quarantine): the index of the first slot out
-    of range or not held, with nothing changed, or -1 when all were released."""
+    of range or not held, with nothing changed, or -1 when all were released.
+
+    One pass that checks and writes each slot while its line is in cache; a bad slot
+    (a bug in the caller) undoes the slots already written."""
     cap = free.shape[0]
-    for i in range(slots.shape[0]):
+    n = slots.shape[0]
+    for i in range(n):
         s = slots[i]
-        if s < 0 or s >= cap or free[s] or quarantined[s]:
+        bad = s < 0 or s >= cap
+        if not bad:
+            bad = free[s] or quarantined[s]
+        if bad:
+            for j in range(i):  # undo: none of them was free or quarantined before
+                u = slots[j]
+                if quarantine:
+                    quarantined[u] = False
+                else:
+                    free[u] = False
+                    block_free[u // block_rows] -= 1
             return i
-    for i in range(slots.shape[0]):
-        s = slots[i]
-        owner[s] = -1
         if quarantine:
             quarantined[s] = True
         else:
             free[s] = True
             block_free[s // block_rows] += 1
+    # owners last: an undo would have had to restore them
+    for i in range(n):
+        owner[slots[i]] = -1
     return -1
+
+
+@njit(cache=True, nogil=True)
+def end_quarantine(slots, free, quarantined, block_free, block_rows):
+    """Quarantined slots into the free space."""
+    for i in range(slots.shape[0]):
+        s = slots[i]
+        quarantined[s] = False
+        free[s] = True
+        block_free[s // block_rows] += 1
 
 
 def sorted_unique(a):

@@ -120,6 +120,19 @@ class TierTests:
         assert free_before == len(again)
         tier.close()
 
+    def test_a_release_with_one_free_slot_releases_none(self, tmp_path):
+        tier = self.make(tmp_path)
+        slots = tier.allocate(10)
+        tier.owner[slots] = np.arange(10)
+        tier.release(slots[:2])
+        free, owner = tier.n_free, tier.owner.copy()
+        with pytest.raises(InputShapeError, match=rf"\[{slots[1]}\]"):
+            tier.release(np.array([slots[5], slots[6], slots[1], slots[7]]))
+        assert tier.n_free == free
+        np.testing.assert_array_equal(tier.owner, owner)
+        assert len(np.intersect1d(tier.allocate(tier.n_free), slots[5:8])) == 0  # still held
+        tier.close()
+
     def test_overlapping_background_reads_keep_quarantine_short(self, tmp_path, rng):
         # a prefetch one batch ahead keeps two reads pending at all times: quarantine
         # must hold only what the older of them may still have read, not every release

@@ -652,15 +652,21 @@ def assign_rows(entries, values, row_base, seen, table_ids, addr, table_chunks, 
 # --------------------------------------------------------------------------- forward
 
 
-@njit(**_JIT)
+@njit(**_PAR)
 def equal_arrays(a, b):
-    """a == b element for element (same length), stopping at the first difference."""
-    if a.shape[0] != b.shape[0]:
+    """a == b element for element (same length); each block stops at its first difference."""
+    n = a.shape[0]
+    if n != b.shape[0]:
         return False
-    for i in range(a.shape[0]):
-        if a[i] != b[i]:
-            return False
-    return True
+    nb = _FIND_BLOCKS
+    step = (n + nb - 1) // nb
+    differs = np.zeros(nb, np.bool_)
+    for blk in prange(nb):
+        for i in range(blk * step, min((blk + 1) * step, n)):
+            if a[i] != b[i]:
+                differs[blk] = True
+                break
+    return not differs.any()
 
 
 @njit(**_JIT)
