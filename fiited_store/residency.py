@@ -75,7 +75,7 @@ class Staged:
 
     slots: np.ndarray         # tier slots being read in the background, in the batch's chunk order
     future: Any
-    mark: int                 # the tier's release log position when the read began
+    mark: int                 # what the tier handed out for this read (end_read releases its quarantine)
 
 
 def make_resident(store, uniq, missing: dict | None = None) -> None:
