@@ -226,6 +226,8 @@ def read_tier(store, group: int, tslots: np.ndarray):
     hit = np.zeros(tslots.shape[0], bool)
     n_hit = 0
     for staged in store._staged.get(group, []):
+        if n_hit == tslots.shape[0]:
+            break
         # a read still in flight is for a later batch: never wait for it here
         if not staged.future.done() or staged.future.exception() is not None or staged.slots.size == 0:
             continue
