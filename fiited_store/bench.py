@@ -155,29 +155,23 @@ def _timeit_paired(fn: Callable[[int], Any], peer: Callable[[int], Any], warmup:
 
 def bench_torch_and_gather(cfg: BenchConfig, w: Workload, out: dict, bar) -> DensePeer | None:
     """The dense peers; returns torch's table and step for the paired store timings
-    (None when torch is not among the peers)."""
-    import torch
-
+    (None when neither torch peer is asked for)."""
     W = _dense_weights(w.total_rows, cfg.dim, cfg.seed)
-    Wn = W.numpy()
     n = len(w.ids)
     if "gather" in cfg.peers:
+        Wn = W.numpy()
         buf = np.empty((w.rows[0].shape[0], cfg.dim), np.float32)
         out["gather_lookup"] = _timeit(lambda i: dense_gather(Wn, w.rows[i % n], buf), cfg.warmup, cfg.repeats)
         bar.update(1)
-    rows_t = [torch.from_numpy(r) for r in w.rows]
-    off_t = torch.from_numpy(w.offsets[:-1])
+        del Wn
+    peer = DensePeer(W, w, cfg.dim) if {"torch", "torch-sparse"} & set(cfg.peers) else None
     if "torch" in cfg.peers:
-        out["torch_embedding_bag"] = _timeit(
-            lambda i: torch.nn.functional.embedding_bag(rows_t[i % n], W, off_t, mode="sum"), cfg.warmup, cfg.repeats)
+        out["torch_embedding_bag"] = _timeit(peer.lookup, cfg.warmup, cfg.repeats)
         bar.update(1)
-    peer = DensePeer(W, w, cfg.dim) if {"torch", "torch-sparse"} <= set(cfg.peers) else None
     if "torch-sparse" in cfg.peers:
-        sparse = peer or DensePeer(W, w, cfg.dim)
-        out["torch_sparse_sgd_step"] = _timeit(sparse.step, cfg.warmup, cfg.repeats)
+        out["torch_sparse_sgd_step"] = _timeit(peer.step, cfg.warmup, cfg.repeats)
         bar.update(1)
-        del sparse
-    del W, Wn
+    del W
     gc.collect()
     return peer
 
@@ -282,9 +276,10 @@ def bench_store(cfg: BenchConfig, w: Workload, out: dict, bar, index: str = "dir
         store.step()
 
     out[f"{key}_train_step"] = _timeit(step, cfg.warmup, cfg.repeats)
-    if peer is not None:
+    if peer is not None and "torch" in cfg.peers:
         out[f"{key}_lookup_paired"] = _timeit_paired(
             lambda i: store.pooled_lookup(w.names, w.ids[i % n], w.offsets), peer.lookup, cfg.warmup, cfg.repeats)
+    if peer is not None and "torch-sparse" in cfg.peers:
         out[f"{key}_train_step_paired"] = _timeit_paired(step, peer.step, cfg.warmup, cfg.repeats)
     # the parts of a step, for the README's breakdown
     b = store.pooled_lookup(w.names, w.ids[0], w.offsets, train=True)

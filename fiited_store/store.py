@@ -113,7 +113,6 @@ class FeaturePlan(NamedTuple):
     """What a request's list of features decides, worked out once per list."""
 
     feature_tables: np.ndarray      # int32[F], host: each feature's table
-    dims: np.ndarray                # int[F], host: each feature's dimension
     width: int                      # the output's row length (sum of dims)
     feature_tables_d: Any           # int32[F] on the backend
     feature_col_d: Any              # int64[F] on the backend: each feature's first output column
@@ -282,7 +281,7 @@ class EmbeddingStore:
         dims = meta["table_dim"][ft]
         rows = self.entries.table_rows[ft]
         plan = FeaturePlan(
-            feature_tables=ft, dims=dims, width=int(dims.sum()), feature_tables_d=b.from_host(ft),
+            feature_tables=ft, width=int(dims.sum()), feature_tables_d=b.from_host(ft),
             feature_col_d=b.from_host(np.concatenate([[0], np.cumsum(dims)[:-1]]).astype(np.int64)),
             chunks_in_pool_d={p.plan.group: b.from_host(np.where(meta["table_group"][ft] == p.plan.group,
                                                                   meta["table_chunks"][ft], 0).astype(np.int64))
