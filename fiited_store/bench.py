@@ -529,7 +529,7 @@ def bench_cache_mode_step(cfg: TierBenchConfig, root, out: dict, bar, *, device:
     """
     from pathlib import Path
 
-    from .residency import wait_for_reads
+    from .residency import wait_for_tier_io
 
     cards = scaled_cardinalities(cfg.scale)
     names = [f"C{i + 1}" for i in range(len(cards))]
@@ -568,7 +568,7 @@ def bench_cache_mode_step(cfg: TierBenchConfig, root, out: dict, bar, *, device:
             store.backward(b, grads[i % len(grads)])
             store.step()
             store.backend.synchronize()
-            wait_for_reads(store)
+            wait_for_tier_io(store)
             times[label].append(time.perf_counter() - t0)
     results: dict[str, Any] = {}
     for label, (store, host_cache, _) in stores.items():

@@ -144,7 +144,8 @@ def evict(store, pool: ChunkPool, ev_e, ev_k, *, spares_upcoming: bool = False) 
         tier = tiering.tier_of(store, g)
         tslots = tier.allocate(n)
         try:
-            tier.write(tslots, b.to_host(vec), b.to_host(st))
+            # on the tier's thread: a restore reads after it (the thread's queue, or a wait)
+            tier.write_async(tslots, b.to_host(vec), b.to_host(st))
         except BaseException:
             tier.release(tslots)
             raise

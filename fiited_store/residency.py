@@ -207,13 +207,16 @@ def prefetch_async(store, features: str | Sequence[str], ids: Any, offsets: Any 
     return total
 
 
-def wait_for_reads(store) -> None:
-    """Block until every background read of the prefetched batches is done (a benchmark
-    that times steps one after another waits here, so that no read runs on into the
-    next store's step)."""
+def wait_for_tier_io(store) -> None:
+    """Block until every background read of the prefetched batches, and every spill
+    write, is done (a benchmark that times steps one after another waits here, so that
+    no tier work runs on into the next store's step)."""
     futures = [staged.future for reads in store._staged.values() for staged in reads]
     if futures:
         wait(futures)
+    for tier in store.tiers:
+        if tier is not None:
+            tier.wait_for_writes()
 
 
 def _spilled_slots(store, miss_e, miss_k) -> np.ndarray:

@@ -20,7 +20,7 @@ from concurrent.futures import Future, ThreadPoolExecutor
 import numpy as np
 
 from ..errors import InputShapeError
-from .rows import end_quarantine, release_slots
+from .rows import end_quarantine, release_slots, take_free_slots
 
 
 class ChunkTier(ABC):
@@ -52,6 +52,9 @@ class ChunkTier(ABC):
         self._release_log: list[np.ndarray] = []
         self._log_base = 0
         self._reader_marks: list[int] = []
+        # writes handed to the tier's thread (write_async), in submission order; the
+        # thread's queue is FIFO, so a read submitted later sees them
+        self._writes: list[Future] = []
 
     # ----------------------------------------------------------- subclass hooks
     @abstractmethod
@@ -69,6 +72,12 @@ class ChunkTier(ABC):
     def _read_any_order(self, slots: np.ndarray) -> tuple[np.ndarray, np.ndarray] | None:
         """Rows at distinct slots in the given order, where the tier needs no sort to
         read them (random access in memory); None sends the read through the sort."""
+        return None
+
+    def _deferred_write(self, slots: np.ndarray, vectors: np.ndarray, states: np.ndarray):
+        """For rows at ascending, distinct slots: a job that writes them and cannot fail
+        (every check and every fallible step done now, on the caller's thread), or None
+        when this tier writes only synchronously."""
         return None
 
     @property
@@ -101,20 +110,18 @@ class ChunkTier(ABC):
     # ------------------------------------------------------------- free space
     def allocate(self, n: int) -> np.ndarray:
         """Reserve n free slots (ascending), growing the tier if it must."""
+        n = int(n)
+        if n > self.n_free:
+            self.wait_for_writes()  # growing remaps the storage that pending writes go to
         with self._lock:
-            n = int(n)
             if n == 0:
                 return np.empty(0, np.int64)
             if n > self.n_free:
                 self._grow(max(2 * self.capacity, self.capacity + n))
-            order = np.argsort(-self._block_free, kind="stable")
-            cum = np.cumsum(self._block_free[order])
-            blocks = np.sort(order[: int(np.searchsorted(cum, n)) + 1])
-            rows = (blocks[:, None] * self.block_rows + np.arange(self.block_rows)[None, :]).ravel()
-            slots = rows[self._free[rows]][:n]
-            self._free[slots] = False
-            self._block_free -= np.bincount(slots // self.block_rows, minlength=self._block_free.shape[0])
-            return slots.astype(np.int64)
+            slots = np.empty(n, np.int64)
+            got = int(take_free_slots(self._free, self._block_free, self.block_rows, slots))
+            assert got == n, (got, n)  # the free counts said there were n
+            return slots
 
     def release(self, slots: np.ndarray) -> None:
         """Return slots to the free space, or to quarantine while a background read is
@@ -160,7 +167,8 @@ class ChunkTier(ABC):
             raise InputShapeError(f"tier {self.location}: slots {bad.tolist()} are outside [0, {self.capacity})")
 
     # --------------------------------------------------------------------- I/O
-    def write(self, slots: np.ndarray, vectors: np.ndarray, states: np.ndarray) -> None:
+    def _sorted_write(self, slots: np.ndarray, vectors: np.ndarray, states: np.ndarray):
+        """The checked write request with its slots ascending (None: nothing to write)."""
         slots = np.asarray(slots, np.int64)
         if vectors.shape != (slots.shape[0], self.chunk_width) or states.shape != (slots.shape[0], self.state_width):
             raise InputShapeError(
@@ -168,16 +176,62 @@ class ChunkTier(ABC):
                 f"{states.shape}, expected ({slots.shape[0]}, {self.chunk_width}) and ({slots.shape[0]}, {self.state_width})"
             )
         if slots.size == 0:
-            return
+            return None
         self._check_slots(slots)
+        if np.all(slots[1:] > slots[:-1]):  # what allocate() hands out: no reordering copy
+            return slots, vectors, states
+        order = np.argsort(slots, kind="stable")
+        return slots[order], vectors[order], states[order]
+
+    def write(self, slots: np.ndarray, vectors: np.ndarray, states: np.ndarray) -> None:
+        request = self._sorted_write(slots, vectors, states)
+        if request is None:
+            return
+        self.wait_for_writes()  # a row written now must not be overwritten by an older one
         with self._lock:
-            if np.all(slots[1:] > slots[:-1]):  # what allocate() hands out: no reordering copy
-                self._write_sorted(slots, vectors, states)
-            else:
-                order = np.argsort(slots, kind="stable")
-                self._write_sorted(slots[order], vectors[order], states[order])
+            self._write_sorted(*request)
+
+    def write_async(self, slots: np.ndarray, vectors: np.ndarray, states: np.ndarray) -> None:
+        """Write on the tier's thread where the tier can (synchronously where not).
+
+        Every check runs now, so an error is raised here with nothing written. The
+        caller hands over ``vectors`` and ``states`` and must not change them.
+        Reads, writes, :meth:`flush` and growth after this call see the rows: reads
+        on the tier's thread come after it in its queue, and the others wait for it.
+        Spilling rows this way keeps a slow page write-back (the kernel throttling a
+        writer of many dirty pages) off the training thread.
+        """
+        request = self._sorted_write(slots, vectors, states)
+        if request is None:
+            return
+        with self._lock:
+            job = self._deferred_write(*request)
+        if job is None:
+            self.write(*request)
+            return
+        self._writes = [f for f in self._writes if not f.done() or f.exception() is not None]
+        self._writes.append(self._thread().submit(job))
+
+    def wait_for_writes(self) -> None:
+        """Block until every write handed to the tier's thread has landed (raising the
+        first one's error, if one failed)."""
+        writes, self._writes = self._writes, []
+        for f in writes:
+            f.result()
+
+    def _thread(self) -> ThreadPoolExecutor:
+        if self._executor is None:
+            # one worker: its queue orders the background reads and writes
+            self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="fiited-tier")
+        return self._executor
 
     def read(self, slots: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        self.wait_for_writes()
+        return self._read(slots)
+
+    def _read(self, slots: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """A read that does not wait for pending writes: on the tier's thread, which has
+        run them already."""
         slots = np.asarray(slots, np.int64)
         if slots.size == 0:
             return np.empty((0, self.chunk_width), np.float32), np.empty((0, self.state_width), np.float32)
@@ -204,12 +258,10 @@ class ChunkTier(ABC):
         the row of whichever chunk holds s when the result is used (a chunk that left
         s in between cannot be back in it).
         """
-        if self._executor is None:
-            self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="fiited-tier")
         with self._lock:
             mark = self._log_base + len(self._release_log)
             self._reader_marks.append(mark)
-        return self._executor.submit(self.read, np.array(slots, np.int64)), mark
+        return self._thread().submit(self._read, np.array(slots, np.int64)), mark
 
     def end_read(self, mark: int | None = None) -> None:
         """The read of ``mark`` (the oldest pending one when None) is no longer used.
@@ -236,10 +288,13 @@ class ChunkTier(ABC):
             return int(sum(a.size for a in self._release_log))
 
     def flush(self) -> None:
-        """Make written data durable where the tier supports it."""
+        """Make written data durable where the tier supports it (subclasses call
+        :meth:`wait_for_writes` first)."""
+        self.wait_for_writes()
 
     def close(self) -> None:
         if self._executor is not None:
             self._executor.shutdown(wait=True)
             self._executor = None
+        self.wait_for_writes()  # landed (the shutdown waited); raises a failed one's error
 

@@ -37,6 +37,48 @@ def gather_rows(stage, slots, vectors, states):
 
 
 @njit(cache=True, nogil=True)
+def take_free_slots(free, block_free, block_rows, out):
+    """Fill ``out`` with free slots, ascending, from the emptiest blocks: blocks are
+    chosen by free count (most first, lower index first among equals) until they hold
+    enough, then their free slots are taken in slot order. The slots become held.
+
+    A counting sort over the free counts picks the blocks, so a call costs a pass over
+    the blocks and the chosen blocks' rows, never a sort or a row index of the tier."""
+    n = out.shape[0]
+    nb = block_free.shape[0]
+    counts = np.zeros(block_rows + 1, np.int64)
+    for b in range(nb):
+        counts[block_free[b]] += 1
+    level = block_rows  # blocks with more free slots than this are all taken
+    have = 0
+    while level > 0 and have + counts[level] * level < n:
+        have += counts[level] * level
+        level -= 1
+    at_level = (n - have + level - 1) // level if level > 0 else 0  # blocks taken at `level`
+    got = 0
+    for b in range(nb):
+        if got == n:
+            break
+        c = block_free[b]
+        if c < level or c == 0:
+            continue
+        if c == level:
+            if at_level == 0:
+                continue
+            at_level -= 1
+        lo = b * block_rows
+        for s in range(lo, lo + block_rows):
+            if free[s]:
+                free[s] = False
+                block_free[b] -= 1
+                out[got] = s
+                got += 1
+                if got == n:
+                    break
+    return got
+
+
+@njit(cache=True, nogil=True)
 def release_slots(slots, free, quarantined, owner, block_free, block_rows, quarantine):
     """Slots back to the free space (or into quarantine): the index of the first slot out
     of range or not held, with nothing changed, or -1 when all were released.

@@ -291,6 +291,25 @@ class ZarrTier(ChunkTier):
             raise storage_error(exc, f"writing {slots.shape[0]} chunks to disk tier at {self.root}") from exc
         self._dirty[blocks] = True
 
+    def _deferred_write(self, slots, vectors, states):
+        if self._stage is None:
+            return None
+        self._guard_writable()
+        blocks = sorted_unique(slots // self.block_rows)
+        try:
+            self._ensure_staged(blocks)  # the one step that can fail: a chunk file read
+        except CorruptStoreError:
+            raise
+        except OSError as exc:
+            raise storage_error(exc, f"writing {slots.shape[0]} chunks to disk tier at {self.root}") from exc
+        self._dirty[blocks] = True  # flush waits for the write before it looks
+        # the staging file's blocks are reserved (_reserve_staging): a store into the
+        # map cannot fail for space, and a growth, which remaps, waits for this job
+        stage = np.asarray(self._stage)
+        vectors = np.ascontiguousarray(vectors, np.float32)
+        states = np.ascontiguousarray(states, np.float32)
+        return lambda: scatter_rows(stage, slots, vectors, states)
+
     def _read_sorted(self, slots):
         if self._stage is None:  # read-only: straight from the Zarr chunks
             return self._read_chunks(slots)
@@ -337,6 +356,7 @@ class ZarrTier(ChunkTier):
         """Write every changed chunk to its Zarr file, whole (a checkpoint needs them there)."""
         if self._stage is None:
             return
+        self.wait_for_writes()
         with self._lock:
             r, c = self.block_rows, self.chunk_width
             try:
@@ -469,6 +489,9 @@ class StagedZarrTier(ZarrTier):
         self._c_age[rows] = self._clock
         self._row_of[slots] = rows
 
+    def _deferred_write(self, slots, vectors, states):
+        return None  # a write may push cached rows to the disk: its errors are the caller's
+
     def _read_any_order(self, slots):
         return None  # the cache first, then the disk: the sorted path does both
 
@@ -497,6 +520,7 @@ class StagedZarrTier(ZarrTier):
 
     def flush(self) -> None:
         """Write every cached row that the disk has not seen (a checkpoint needs them there)."""
+        self.wait_for_writes()
         with self._lock:
             dirty = np.nonzero(self._c_dirty)[0]
             self._disk_write(self._c_slot[dirty], self._c_vec[dirty], self._c_st[dirty])

@@ -333,23 +333,24 @@ class TierVsModel(RuleBasedStateMachine):
     def rows(seed, n, w):
         return np.random.default_rng(seed).standard_normal((n, w)).astype(np.float32)
 
-    @rule(n=st.integers(1, 150), seed=st.integers(0, 2**16))
-    def allocate_and_write(self, n, seed):
+    @rule(n=st.integers(1, 150), seed=st.integers(0, 2**16), background=st.booleans())
+    def allocate_and_write(self, n, seed, background):
         slots = self.tier.allocate(n)
         assert np.unique(slots).size == n and not set(slots.tolist()) & set(self.model)
         vec, sts = self.rows(seed, n, self.C), self.rows(seed + 1, n, self.W)
         perm = np.random.default_rng(seed).permutation(n)
-        self.tier.write(slots[perm], vec[perm], sts[perm])
+        # a spill's write: on the tier's thread, every later read and write after it
+        (self.tier.write_async if background else self.tier.write)(slots[perm], vec[perm], sts[perm])
         self.tier.owner[slots] = 0
         for s, v, t in zip(slots.tolist(), vec, sts):
             self.model[s] = (v, t)
 
     @precondition(lambda self: self.model)
-    @rule(data=st.data(), seed=st.integers(0, 2**16))
-    def overwrite(self, data, seed):
+    @rule(data=st.data(), seed=st.integers(0, 2**16), background=st.booleans())
+    def overwrite(self, data, seed, background):
         slots = np.array(data.draw(st.lists(st.sampled_from(sorted(self.model)), min_size=1, max_size=40, unique=True)))
         vec, sts = self.rows(seed, slots.size, self.C), self.rows(seed + 1, slots.size, self.W)
-        self.tier.write(slots, vec, sts)
+        (self.tier.write_async if background else self.tier.write)(slots, vec, sts)
         for s, v, t in zip(slots.tolist(), vec, sts):
             self.model[s] = (v, t)
 
@@ -358,6 +359,18 @@ class TierVsModel(RuleBasedStateMachine):
     def read(self, data):
         slots = np.array(data.draw(st.lists(st.sampled_from(sorted(self.model)), min_size=1, max_size=60)))
         vec, sts = self.tier.read(slots)
+        np.testing.assert_array_equal(vec, np.stack([self.model[s][0] for s in slots.tolist()]))
+        np.testing.assert_array_equal(sts, np.stack([self.model[s][1] for s in slots.tolist()]))
+
+    @precondition(lambda self: self.model)
+    @rule(data=st.data())
+    def read_in_background(self, data):
+        """A prefetch's read, queued behind the background writes before it."""
+        slots = np.array(data.draw(st.lists(st.sampled_from(sorted(self.model)), min_size=1, max_size=60,
+                                            unique=True)))
+        future, mark = self.tier.read_async(slots)
+        vec, sts = future.result()
+        self.tier.end_read(mark)
         np.testing.assert_array_equal(vec, np.stack([self.model[s][0] for s in slots.tolist()]))
         np.testing.assert_array_equal(sts, np.stack([self.model[s][1] for s in slots.tolist()]))
 
@@ -405,3 +418,41 @@ TestMemoryTierVsModel = MemoryTierVsModel.TestCase
 TestMemoryTierVsModel.settings = _machine_settings
 TestStagedTierVsModel = StagedTierVsModel.TestCase
 TestStagedTierVsModel.settings = _machine_settings
+
+
+# --------------------------------------------------------------------------- allocation rule
+from hypothesis import given  # noqa: E402
+
+from fiited_store.storage.rows import take_free_slots  # noqa: E402
+
+
+def allocation_reference(free: np.ndarray, block_rows: int, n: int) -> np.ndarray:
+    """The tier's allocation rule, written plainly: blocks by free count (most first,
+    lower index first among equals) until they hold n, then their free slots ascending."""
+    block_free = free.reshape(-1, block_rows).sum(axis=1)
+    order = sorted(range(block_free.size), key=lambda b: (-block_free[b], b))
+    chosen, held = [], 0
+    for b in order:
+        if held >= n:
+            break
+        chosen.append(b)
+        held += block_free[b]
+    rows = [s for b in sorted(chosen) for s in range(b * block_rows, (b + 1) * block_rows) if free[s]]
+    return np.array(rows[:n], np.int64)
+
+
+@settings(max_examples=200, deadline=None)
+@given(data=st.data(), block_rows=st.integers(1, 9), blocks=st.integers(1, 12))
+def test_take_free_slots_follows_the_allocation_rule(data, block_rows, blocks):
+    free = np.array(data.draw(st.lists(st.booleans(), min_size=block_rows * blocks, max_size=block_rows * blocks)))
+    n = data.draw(st.integers(0, int(free.sum())))
+    want = allocation_reference(free, block_rows, n)
+    block_free = free.reshape(-1, block_rows).sum(axis=1).astype(np.int64)
+    out = np.empty(n, np.int64)
+    got_free = free.copy()
+    assert take_free_slots(got_free, block_free, block_rows, out) == n
+    np.testing.assert_array_equal(out, want)
+    after = free.copy()
+    after[want] = False
+    np.testing.assert_array_equal(got_free, after)
+    np.testing.assert_array_equal(block_free, after.reshape(-1, block_rows).sum(axis=1))
