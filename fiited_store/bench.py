@@ -442,7 +442,7 @@ class TierBenchConfig:
     dim: int = 64
     K: int = 4
     budget_fraction: float = 0.25
-    steps: int = 30
+    steps: int = 100                 # timed (this machine's noise comes in bursts: many steps, one median)
     warmup: int = 25                 # cache-mode steps before timing (a rebalance happens at step 20)
     prune_period: int = 20
     seed: int = 0
