@@ -195,7 +195,7 @@ class ChunkTier(ABC):
         """Write on the tier's thread where the tier can (synchronously where not).
 
         Every check runs now, so an error is raised here with nothing written. The
-        caller hands over ``vectors`` and ``states`` and must not change them.
+        caller hands over ``slots``, ``vectors`` and ``states`` and must not change them.
         Reads, writes, :meth:`flush` and growth after this call see the rows: reads
         on the tier's thread come after it in its queue, and the others wait for it.
         Spilling rows this way keeps a slow page write-back (the kernel throttling a
@@ -216,8 +216,9 @@ class ChunkTier(ABC):
         """Block until every write handed to the tier's thread has landed (raising the
         first one's error, if one failed)."""
         writes, self._writes = self._writes, []
-        for f in writes:
-            f.result()
+        failed = [e for e in (f.exception() for f in writes) if e is not None]  # waits for each
+        if failed:
+            raise failed[0]
 
     def _thread(self) -> ThreadPoolExecutor:
         if self._executor is None:

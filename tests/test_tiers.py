@@ -456,3 +456,21 @@ def test_take_free_slots_follows_the_allocation_rule(data, block_rows, blocks):
     after[want] = False
     np.testing.assert_array_equal(got_free, after)
     np.testing.assert_array_equal(block_free, after.reshape(-1, block_rows).sum(axis=1))
+
+
+def test_a_failed_background_write_is_raised_by_the_next_wait_and_only_once():
+    class FailingWrites(MemoryTier):
+        def _deferred_write(self, slots, vectors, states):
+            def job():
+                raise OSError(28, "No space left on device")
+            return job
+
+    tier = FailingWrites(2, 1)
+    slots = tier.allocate(3)
+    tier.write_async(slots, np.ones((3, 2), np.float32), np.ones((3, 1), np.float32))
+    tier.write_async(slots[:1], np.ones((1, 2), np.float32), np.ones((1, 1), np.float32))
+    with pytest.raises(OSError, match="No space left"):
+        tier.read(slots)
+    vec, _ = tier.read(slots)  # both failures were waited for and reported once
+    np.testing.assert_array_equal(vec, np.zeros((3, 2), np.float32))
+    tier.close()
