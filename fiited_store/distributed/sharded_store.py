@@ -4,7 +4,8 @@ Each rank holds one shard, an ordinary :class:`EmbeddingStore` with the rows who
 keys route to it (:mod:`.routing`), and serves lookups of every rank:
 
 - **forward**: the requester deduplicates its (table, id) keys, sends each to its
-  owner (one ``all_to_all_single`` of ids and tables after one of counts), the
+  owner (one ``all_to_all_single`` of ids and tables with their counts in a header:
+  :class:`.exchange.KeyExchange`), the
   owners return the rows at each table's width, and the requester pools its own
   bags (so ``mean`` divides by the whole bag);
 - **backward**: per distinct key, the summed gradient and the access count go back
@@ -60,7 +61,7 @@ from ..errors import (
 from ..inputs import request_arrays
 from ..kernels import cpu as host_kernels
 from . import owner
-from .exchange import exchange_for, segment_sums, starts_of
+from .exchange import KeyExchange, exchange_for, segment_sums, starts_of
 from .routing import RowWiseRouting, TableWiseRouting, table_weights
 
 # what a rank reports in the flag exchange of a backward pass
@@ -189,6 +190,7 @@ class ShardedEmbeddingStore:
                                   np.int64)
         self._id_floor = np.array([0 if t.direct else np.iinfo(np.int64).min for t in self.tables], np.int64)
         self._buffers = OutputBuffers(self.shard.backend)
+        self._keys = KeyExchange()  # its capacity is agreed by every rank at every lookup
         self.checkpoint: str | None = None
 
     # ------------------------------------------------------------------ context
@@ -255,15 +257,15 @@ class ShardedEmbeddingStore:
             key_owner = self.routing.owners(key_tables, key_ids, W)
             send_order = np.argsort(key_owner, kind="stable")
             send_counts = np.bincount(key_owner, minlength=W).astype(np.int64)
+            keys = np.stack([key_tables[send_order].astype(np.int64), key_ids[send_order]], axis=1)
         else:
-            send_counts = np.full(W, -1, np.int64)  # tells every owner this batch is refused
-        recv_counts = self.exchange.counts(send_counts)
+            send_counts, keys = np.zeros(W, np.int64), np.empty((0, 2), np.int64)
+        # the refusal rides in the keys' header, so every owner learns of it
+        recv, recv_counts, refused_by = self._keys.exchange(self.exchange, keys, send_counts, local_error is not None)
         if local_error is not None:
             raise local_error
-        if (recv_counts < 0).any():
-            raise self._refused_by_peer(np.flatnonzero(recv_counts < 0), "its batch")
-        keys = np.stack([key_tables[send_order].astype(np.int64), key_ids[send_order]], axis=1)
-        recv = self.exchange.all_to_all(keys, send_counts, recv_counts)
+        if refused_by.size:
+            raise self._refused_by_peer(refused_by, "its batch")
         recv_tables = np.ascontiguousarray(recv[:, 0]).astype(np.int16)
         recv_ids = np.ascontiguousarray(recv[:, 1])
         # the owner's half, written straight into what it sends back: per requesting rank
