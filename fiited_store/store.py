@@ -411,14 +411,17 @@ class EmbeddingStore:
                                                      own=own and not may_be_resolved)
         nnz = ids_d.shape[0]
         B = (offsets_d.shape[0] - 1) // F
-        if (not train and weights_d.shape[0] == 0 and mode == "sum" and self.config.mode == "prune"
-                and plan.feature_rows_d is not None):
-            # every feature has a direct index and nothing will be trained: the rows are
-            # the ids, found inside the gather (no find, no per-occurrence tables)
+        if not train and weights_d.shape[0] == 0 and mode == "sum" and self.config.mode == "prune":
+            # nothing will be trained: the rows are found inside the gather (no find
+            # pass, no per-occurrence tables): the ids are the rows of direct tables,
+            # and the address pass probes the hashed index for the others
             out = self._buffers.get((B, plan.width))
             none = self._no_rows_entries
             for pool in self.pools:
-                n_bad = self._sum_forward(pool, plan, none, ids_d, plan.feature_rows_d, offsets_d, B, out)
+                if plan.feature_rows_d is not None:
+                    n_bad = self._sum_forward(pool, plan, none, ids_d, plan.feature_rows_d, offsets_d, B, out)
+                else:
+                    n_bad = self._probed_sum_forward(pool, plan, ids_d, offsets_d, B, out)
                 if n_bad:
                     q_tables = b.empty(nnz, np.int16)
                     self.k.expand_bags(offsets_d, B, ft_d, none, q_tables)
@@ -479,6 +482,14 @@ class EmbeddingStore:
             entries, ids, feature_rows, offsets, B, plan.chunks_in_pool_d[pool.plan.group], plan.feature_col_d,
             self.entries.arrays.addr.reshape(-1), self.kmax, pool.arrays.vectors.reshape(-1), pool.plan.chunk_width,
             out.reshape(-1), out.shape[1]))
+
+    def _probed_sum_forward(self, pool: ChunkPool, plan: "FeaturePlan", ids, offsets, B, out):
+        """The lean pooled sum over one pool, finding hashed keys as it goes."""
+        ea = self.entries.arrays
+        return int(self.k.pooled_sum_forward_probed(
+            ids, plan.feature_tables_d, ea.row_base, ea.seen, ea.keys, ea.table_ids, offsets, B,
+            plan.chunks_in_pool_d[pool.plan.group], plan.feature_col_d, ea.addr.reshape(-1), self.kmax,
+            pool.arrays.vectors.reshape(-1), pool.plan.chunk_width, out.reshape(-1), out.shape[1]))
 
     def lookup(self, table: str, ids: Any, *, train: bool = False):
         """Rows of ``ids`` as float32[n, D], zero-padded where chunks are absent."""

@@ -301,6 +301,20 @@ def _set_seen(seen, e, on):
 PREFETCH_PROBE = 16
 
 
+@njit(inline="always")
+def hashed_entry(t, key, keys, table_ids, mask, nd):
+    """The entry of (table t, key) in the hashed index (its slot past the nd direct
+    rows), or -1: linear probing from the key's home bucket to the first empty slot."""
+    pos = key_hash(t, key) & mask
+    while True:
+        tid = table_ids[pos]
+        if tid == EMPTY:
+            return np.int64(-1)
+        if tid == t and keys[pos] == key:
+            return nd + np.int64(pos)
+        pos = (pos + np.uint64(1)) & mask
+
+
 @njit(**_PAR)
 def find_entries(row_base, seen, keys, table_ids, q_tables, q_ids, out):
     """out[i] = entry of (q_tables[i], q_ids[i]), -1 when absent, OUT_OF_RANGE for an id
@@ -338,16 +352,7 @@ def find_entries(row_base, seen, keys, table_ids, q_tables, q_ids, out):
                 ahead = key_hash(q_tables[i + PREFETCH_PROBE], q_ids[i + PREFETCH_PROBE]) & mask
                 prefetch(keys, ahead)
                 prefetch(table_ids, ahead)
-            pos = key_hash(t, key) & mask
-            res = -1
-            while True:
-                tid = table_ids[pos]
-                if tid == EMPTY:
-                    break
-                if tid == t and keys[pos] == key:
-                    res = nd + np.int64(pos)
-                    break
-                pos = (pos + np.uint64(1)) & mask
+            res = hashed_entry(t, key, keys, table_ids, mask, nd)
             out[i] = res
             if res < 0:
                 counts[blk, 0] += 1
@@ -838,7 +843,6 @@ def _add_chunks(e, K, addr_flat, ukmax, vec_flat, uc, c, out_flat, o0):
             out_flat[o + np.uint64(j)] += vec_flat[v + np.uint64(j)]
 
 
-@njit(**_PAR)
 def pooled_sum_forward(entry_idx, ids, feature_rows, offsets, bags_per_feature, feature_chunks, feature_col, addr_flat,
                        kmax, vec_flat, c, out_flat, width):
     """The common case of ``pooled_forward``, lean: unweighted sums, pool rows only.
@@ -854,15 +858,47 @@ def pooled_sum_forward(entry_idx, ids, feature_rows, offsets, bags_per_feature, 
     ``feature_chunks[f]`` is K of feature f's table, or 0 when that table is in another
     pool; ``width`` is out's row length. Unsigned flat indexing lets the copies vectorise.
     """
+    src = np.empty(offsets[offsets.shape[0] - 1], np.int64)
+    bad = sum_sources(entry_idx, ids, feature_rows, offsets, bags_per_feature, feature_chunks, addr_flat, kmax, src)
+    sum_gather(src, offsets, bags_per_feature, feature_chunks, feature_col, vec_flat, c, addr_flat, kmax, out_flat,
+               width)
+    return bad
+
+
+def pooled_sum_forward_probed(ids, feature_table, row_base, seen, keys, table_ids, offsets, bags_per_feature,
+                              feature_chunks, feature_col, addr_flat, kmax, vec_flat, c, out_flat, width):
+    """``pooled_sum_forward`` for a request with features on the hashed index, nothing to
+    train: the keys are found inside the address pass (:func:`probe_sources`) instead
+    of by a find pass over a per-occurrence table list first. ``seen`` is not read
+    here: a direct row never seen has no chunk, so it reads as zeros either way."""
+    src = np.empty(offsets[offsets.shape[0] - 1], np.int64)
+    bad = probe_sources(ids, feature_table, row_base, keys, table_ids, offsets, bags_per_feature, feature_chunks,
+                        addr_flat, kmax, src)
+    sum_gather(src, offsets, bags_per_feature, feature_chunks, feature_col, vec_flat, c, addr_flat, kmax, out_flat,
+               width)
+    return bad
+
+
+@njit(inline="always")
+def _block_feature(lo, offsets, B):
+    """The feature of occurrence lo and where that feature's occurrences end."""
+    f = 0
+    while offsets[(f + 1) * B] <= lo:
+        f += 1
+    return f, offsets[(f + 1) * B]
+
+
+@njit(**_PAR)
+def sum_sources(entry_idx, ids, feature_rows, offsets, bags_per_feature, feature_chunks, addr_flat, kmax, src):
+    """The address pass of ``pooled_sum_forward``: src[i] = where occurrence i's values
+    start (see :func:`_row_source`). Returns the number of ids out of range.
+
+    A flat walk over the occurrences, each block finding its first occurrence's
+    feature once (a walk per bag cost a quarter more)."""
     B = bags_per_feature
-    F = feature_chunks.shape[0]
     nnz = offsets[offsets.shape[0] - 1]
-    uc = np.uint64(c)
     ukmax = np.uint64(kmax)
     n_entries = addr_flat.shape[0] // kmax
-    src = np.empty(nnz, np.int64)
-    # the address pass needs no bags: a flat walk over the occurrences, each block
-    # finding its first occurrence's feature once (a walk per bag cost a quarter more)
     nb = _FIND_BLOCKS
     step = (nnz + nb - 1) // nb
     bad = np.zeros(nb, np.int64)
@@ -871,10 +907,7 @@ def pooled_sum_forward(entry_idx, ids, feature_rows, offsets, bags_per_feature, 
         hi = min(lo + step, nnz)
         if lo >= hi:
             continue
-        f = 0
-        while offsets[(f + 1) * B] <= lo:
-            f += 1
-        f_end = offsets[(f + 1) * B]
+        f, f_end = _block_feature(lo, offsets, B)
         for i in range(lo, hi):
             while i >= f_end:
                 f += 1
@@ -890,6 +923,104 @@ def pooled_sum_forward(entry_idx, ids, feature_rows, offsets, bags_per_feature, 
             if e == OUT_OF_RANGE:
                 bad[blk] += 1
             src[i] = _row_source(e, K, addr_flat, ukmax)
+    return bad.sum()
+
+
+#: the probed address pass prefetches home buckets this many occurrences ahead, finds
+#: keys (and prefetches their address rows) PROBE_AHEAD ahead, and keeps the entries
+#: found ahead in a ring of PROBE_RING (a power of two above PROBE_AHEAD)
+PROBE_BUCKETS_AHEAD = 32
+PROBE_AHEAD = 12
+PROBE_RING = 16
+
+
+@njit(inline="always")
+def _entry_of(t, key, row_base, keys, table_ids, mask, nd):
+    """An occurrence's entry: its row for a direct table (OUT_OF_RANGE outside it),
+    its hashed slot otherwise (-1 when absent)."""
+    base = row_base[t]
+    rows = row_base[t + 1] - base
+    if rows > 0:
+        if key < 0 or key >= rows:
+            return np.int64(OUT_OF_RANGE)
+        return base + key
+    return hashed_entry(t, key, keys, table_ids, mask, nd)
+
+
+@njit(**_PAR)
+def probe_sources(ids, feature_table, row_base, keys, table_ids, offsets, bags_per_feature, feature_chunks, addr_flat,
+                  kmax, src):
+    """``sum_sources`` that finds each key itself, three stages deep: the home bucket
+    of occurrence i + PROBE_BUCKETS_AHEAD is prefetched, occurrence i + PROBE_AHEAD is
+    found (its bucket in cache by then) and its address row prefetched, and
+    occurrence i takes the entry found for it then. A find pass before a lookup
+    waited on the same lines with nothing else in flight."""
+    B = bags_per_feature
+    nnz = offsets[offsets.shape[0] - 1]
+    ukmax = np.uint64(kmax)
+    mask = np.uint64(max(keys.shape[0], 1) - 1)
+    nd = row_base[row_base.shape[0] - 1]
+    n_entries = addr_flat.shape[0] // kmax
+    ring_mask = PROBE_RING - 1
+    nb = _FIND_BLOCKS
+    step = (nnz + nb - 1) // nb
+    bad = np.zeros(nb, np.int64)
+    for blk in prange(nb):
+        lo = blk * step
+        hi = min(lo + step, nnz)
+        if lo >= hi:
+            continue
+        ring = np.empty(PROBE_RING, np.int64)
+        f, f_end = _block_feature(lo, offsets, B)
+        f_b, f_b_end = f, f_end  # the feature of the bucket prefetched
+        f_a, f_a_end = f, f_end  # the feature of the occurrence found ahead
+        for j in range(lo, min(lo + PROBE_AHEAD, hi)):
+            while j >= f_a_end:
+                f_a += 1
+                f_a_end = offsets[(f_a + 1) * B]
+            ring[j & ring_mask] = _entry_of(feature_table[f_a], ids[j], row_base, keys, table_ids, mask, nd)
+        for i in range(lo, hi):
+            while i >= f_end:
+                f += 1
+                f_end = offsets[(f + 1) * B]
+            jb = i + PROBE_BUCKETS_AHEAD
+            if jb < hi:
+                while jb >= f_b_end:
+                    f_b += 1
+                    f_b_end = offsets[(f_b + 1) * B]
+                tb = feature_table[f_b]
+                if row_base[tb + 1] == row_base[tb]:
+                    h = key_hash(tb, ids[jb]) & mask
+                    prefetch(table_ids, h)
+                    prefetch(keys, h)
+            ja = i + PROBE_AHEAD
+            if ja < hi:
+                while ja >= f_a_end:
+                    f_a += 1
+                    f_a_end = offsets[(f_a + 1) * B]
+                ea = _entry_of(feature_table[f_a], ids[ja], row_base, keys, table_ids, mask, nd)
+                ring[ja & ring_mask] = ea
+                if 0 <= ea < n_entries:
+                    prefetch(addr_flat, np.uint64(ea) * ukmax)
+            K = feature_chunks[f]
+            if K == 0:
+                continue
+            e = ring[i & ring_mask]
+            if e == OUT_OF_RANGE:
+                bad[blk] += 1
+            src[i] = _row_source(e, K, addr_flat, ukmax)
+    return bad.sum()
+
+
+@njit(**_PAR)
+def sum_gather(src, offsets, bags_per_feature, feature_chunks, feature_col, vec_flat, c, addr_flat, kmax, out_flat,
+               width):
+    """The copy pass of ``pooled_sum_forward``: every bag's rows from their sources,
+    summed into out, like a dense gather, prefetching the rows of later bags."""
+    B = bags_per_feature
+    F = feature_chunks.shape[0]
+    uc = np.uint64(c)
+    ukmax = np.uint64(kmax)
     for b in prange(B):
         ob = np.uint64(b) * np.uint64(width)
         for f in range(F):
@@ -922,7 +1053,6 @@ def pooled_sum_forward(entry_idx, ids, feature_rows, offsets, bags_per_feature, 
                         out_flat[o0 + j] += vec_flat[v + j]
                 elif r <= -2:
                     _add_chunks(-2 - r, K, addr_flat, ukmax, vec_flat, uc, c, out_flat, o0)
-    return bad.sum()
 
 
 # --------------------------------------------------------------------------- backward

@@ -908,6 +908,20 @@ def pooled_sum_forward(entry_idx, ids, feature_rows, offsets, bags_per_feature, 
     return _scalar(bad)
 
 
+def pooled_sum_forward_probed(ids, feature_table, row_base, seen, keys, table_ids, offsets, bags_per_feature,
+                              feature_chunks, feature_col, addr_flat, kmax, vec_flat, c, out_flat, width):
+    """The CPU twin finds keys inside its address pass; here a thread per occurrence
+    finds them first (the GPU hides a probe's latency behind its other threads)."""
+    nnz = ids.shape[0]
+    q_tables = cuda.device_array(max(nnz, 1), np.int16)[:nnz]
+    expand_bags(offsets, bags_per_feature, feature_table, cuda.device_array(0, np.int64), q_tables)
+    entries = cuda.device_array(max(nnz, 1), np.int64)[:nnz]
+    _, _, n_bad = find_entries(row_base, seen, keys, table_ids, q_tables, ids, entries)
+    pooled_sum_forward(entries, ids, cuda.device_array((1, 2), np.int64), offsets, bags_per_feature, feature_chunks,
+                       feature_col, addr_flat, kmax, vec_flat, c, out_flat, width)
+    return n_bad
+
+
 # --------------------------------------------------------------------------- backward
 
 
