@@ -111,7 +111,7 @@ def _dense_weights(rows: int, dim: int, seed: int):
 
 class DensePeer:
     """torch's dense table and its sparse SGD step, kept to be timed beside the store's
-    lookups and steps (paired: the same batch, back to back, the order alternating)."""
+    lookups and steps (in alternating blocks of batches: see :func:`_timeit_blocks`)."""
 
     def __init__(self, W, w: Workload, dim: int):
         import torch
@@ -135,26 +135,46 @@ class DensePeer:
         self.opt.step()
 
 
-def _timeit_paired(fn: Callable[[int], Any], peer: Callable[[int], Any], warmup: int, repeats: int) -> dict[str, float]:
-    """fn and peer on the same batch, back to back, the order alternating: the median
-    of fn's time over peer's, batch by batch, which a burst of noise longer than a
-    batch moves far less than a ratio of two medians taken minutes apart."""
+#: batches per block of the alternating timings: one to warm, the rest timed
+BLOCK_BATCHES = 6
+BLOCK_ROUNDS = 8
+
+
+def _timeit_blocks(fn: Callable[[int], Any], peer: Callable[[int], Any], warmup: int,
+                   rounds: int = BLOCK_ROUNDS, block: int = BLOCK_BATCHES) -> dict[str, float]:
+    """fn and peer in alternating blocks of batches, the order of each pair of blocks
+    alternating: the median, over the rounds, of fn's median time in its block over
+    peer's in the block beside it.
+
+    Two medians taken a minute apart see different machine states (this machine's
+    noise comes in bursts longer than a batch); alternating batch by batch costs the
+    peer its warm cache (torch's rows, evicted by the store's between two of its
+    lookups, made it 1.2x to 2.5x slower, the store 1.1x). Blocks keep both sides in
+    their warm state, one batch warming each block, and a few seconds apart."""
     for i in range(warmup):
         fn(i)
         peer(i)
-    t_fn, t_peer = [], []
-    for i in range(repeats):
-        for which in ((fn, t_fn), (peer, t_peer)) if i % 2 == 0 else ((peer, t_peer), (fn, t_fn)):
-            t0 = time.perf_counter()
-            which[0](warmup + i)
-            which[1].append(time.perf_counter() - t0)
-    a, b = np.array(t_fn) * 1000.0, np.array(t_peer) * 1000.0
-    return {"median_ms": float(np.median(a)), "peer_median_ms": float(np.median(b)),
-            "ratio_median": float(np.median(a / b))}
+    t_fn, t_peer, ratios = [], [], []
+    i = warmup
+    for r in range(rounds):
+        medians = {}
+        for which, times in ((fn, t_fn), (peer, t_peer)) if r % 2 == 0 else ((peer, t_peer), (fn, t_fn)):
+            which(i)  # warms this side's lines after the other side's block
+            block_t = []
+            for j in range(1, block):
+                t0 = time.perf_counter()
+                which(i + j)
+                block_t.append(time.perf_counter() - t0)
+            times.extend(block_t)
+            medians[which] = float(np.median(block_t))
+        ratios.append(medians[fn] / medians[peer])
+        i += block
+    return {"median_ms": float(np.median(t_fn) * 1000.0), "peer_median_ms": float(np.median(t_peer) * 1000.0),
+            "ratio_median": float(np.median(ratios)), "round_ratios": [float(x) for x in ratios]}
 
 
 def bench_torch_and_gather(cfg: BenchConfig, w: Workload, out: dict, bar) -> DensePeer | None:
-    """The dense peers; returns torch's table and step for the paired store timings
+    """The dense peers; returns torch's table and step for the alternating store timings
     (None when neither torch peer is asked for)."""
     W = _dense_weights(w.total_rows, cfg.dim, cfg.seed)
     n = len(w.ids)
@@ -253,8 +273,8 @@ def make_store(cfg: BenchConfig, w: Workload, budget_fraction: float, pruning, i
 def bench_store(cfg: BenchConfig, w: Workload, out: dict, bar, index: str = "direct",
                 peer: DensePeer | None = None) -> None:
     """Lookup and training step of the store with the given index; keys ``store_*`` (direct)
-    or ``store_hashed_*``. With torch's ``peer``, each is also timed paired with torch's
-    (``*_paired``)."""
+    or ``store_hashed_*``. With torch's ``peer``, each is also timed in alternating
+    blocks with torch's (``*_blocks``)."""
     store = make_store(cfg, w, cfg.budget_fraction, DynamicRatio(1.0 - cfg.budget_fraction), index)
     key = "store" if index == "direct" else f"store_{index}"
     n = len(w.ids)
@@ -277,10 +297,10 @@ def bench_store(cfg: BenchConfig, w: Workload, out: dict, bar, index: str = "dir
 
     out[f"{key}_train_step"] = _timeit(step, cfg.warmup, cfg.repeats)
     if peer is not None and "torch" in cfg.peers:
-        out[f"{key}_lookup_paired"] = _timeit_paired(
-            lambda i: store.pooled_lookup(w.names, w.ids[i % n], w.offsets), peer.lookup, cfg.warmup, cfg.repeats)
+        out[f"{key}_lookup_blocks"] = _timeit_blocks(
+            lambda i: store.pooled_lookup(w.names, w.ids[i % n], w.offsets), peer.lookup, cfg.warmup)
     if peer is not None and "torch-sparse" in cfg.peers:
-        out[f"{key}_train_step_paired"] = _timeit_paired(step, peer.step, cfg.warmup, cfg.repeats)
+        out[f"{key}_train_step_blocks"] = _timeit_blocks(step, peer.step, cfg.warmup)
     # the parts of a step, for the README's breakdown
     b = store.pooled_lookup(w.names, w.ids[0], w.offsets, train=True)
     t0 = time.perf_counter()
@@ -392,8 +412,8 @@ def ratios(out: dict[str, Any]) -> dict[str, float]:
             r[f"{a} / {b}"] = med(a) / med(b)
     for s in ("store", "store_hashed"):
         for a, b in (("lookup", "torch_embedding_bag"), ("train_step", "torch_sparse_sgd_step")):
-            if f"{s}_{a}_paired" in out:
-                r[f"{s}_{a} / {b}, paired"] = out[f"{s}_{a}_paired"]["ratio_median"]
+            if f"{s}_{a}_blocks" in out:
+                r[f"{s}_{a} / {b}, blocks"] = out[f"{s}_{a}_blocks"]["ratio_median"]
     return r
 
 

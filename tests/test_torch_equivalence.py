@@ -226,4 +226,3 @@ def test_a_feature_after_empty_features_reads_its_own_rows(features, B):
     np.testing.assert_array_equal(out[:, :d_first], w[features[0]][ids[:B]])
     np.testing.assert_array_equal(out[:, out.shape[1] - d_last:], w[features[-1]][ids[B:]])
     assert not out[:, d_first:out.shape[1] - d_last].any()
-
