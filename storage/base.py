@@ -185,8 +185,10 @@ class ChunkTier(ABC):
 
     def write(self, slots: np.ndarray, vectors: np.ndarray, states: np.ndarray) -> None:
         request = self._sorted_write(slots, vectors, states)
-        if request is None:
-            return
+        if request is not None:
+            self._write_now(request)
+
+    def _write_now(self, request) -> None:
         self.wait_for_writes()  # a row written now must not be overwritten by an older one
         with self._lock:
             self._write_sorted(*request)
@@ -207,7 +209,7 @@ class ChunkTier(ABC):
         with self._lock:
             job = self._deferred_write(*request)
         if job is None:
-            self.write(*request)
+            self._write_now(request)
             return
         self._writes = [f for f in self._writes if not f.done() or f.exception() is not None]
         self._writes.append(self._thread().submit(job))

@@ -279,21 +279,14 @@ class ZarrTier(ChunkTier):
 
     # ---------------------------------------------------------------- rows
     def _write_sorted(self, slots, vectors, states) -> None:
-        self._guard_writable()
-        blocks = sorted_unique(slots // self.block_rows)
-        try:
-            self._ensure_staged(blocks)
-            scatter_rows(np.asarray(self._stage), slots, np.ascontiguousarray(vectors, np.float32),
-                         np.ascontiguousarray(states, np.float32))
-        except CorruptStoreError:
-            raise
-        except OSError as exc:
-            raise storage_error(exc, f"writing {slots.shape[0]} chunks to disk tier at {self.root}") from exc
-        self._dirty[blocks] = True
+        self._staged_write(slots, vectors, states)()
 
     def _deferred_write(self, slots, vectors, states):
-        if self._stage is None:
-            return None
+        return None if self._stage is None else self._staged_write(slots, vectors, states)
+
+    def _staged_write(self, slots, vectors, states):
+        """Everything of a write that can fail, done now; returns the store into the
+        staging map that is left (run at once, or on the tier's thread)."""
         self._guard_writable()
         blocks = sorted_unique(slots // self.block_rows)
         try:

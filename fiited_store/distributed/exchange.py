@@ -171,7 +171,7 @@ class KeyExchange:
         starts = starts_of(send_counts)
         msg = np.zeros((W, width), np.int64)
         msg[:, 0] = send_counts
-        msg[:, 1] = send_counts.max() if W else 0
+        msg[:, 1] = send_counts.max()
         msg[:, 2] = int(refused)
         for r in range(W):  # one slice per rank, not per key
             msg[r, KEY_HEADER:KEY_HEADER + 2 * first[r]] = keys[starts[r]:starts[r] + first[r]].ravel()
@@ -186,14 +186,13 @@ class KeyExchange:
         recv_first = np.minimum(recv_counts, cap)
         parts = [got[r, KEY_HEADER:KEY_HEADER + 2 * recv_first[r]].reshape(-1, 2) for r in range(W)]
         if most > cap:  # every rank sees the same "most": all take this exchange, or none
-            rest = np.concatenate([keys[starts[r] + first[r]:starts[r] + send_counts[r]] for r in range(W)]) \
-                if W else np.empty((0, 2), np.int64)
-            more = exchange.all_to_all(np.ascontiguousarray(rest).reshape(-1, 2), send_counts - first,
+            rest = np.concatenate([keys[starts[r] + first[r]:starts[r] + send_counts[r]] for r in range(W)])
+            more = exchange.all_to_all(rest.reshape(-1, 2), send_counts - first,
                                        recv_counts - recv_first)
             more_starts = starts_of(recv_counts - recv_first)
             parts = [np.concatenate([parts[r], more[more_starts[r]:more_starts[r] + recv_counts[r] - recv_first[r]]])
                      for r in range(W)]
-        return np.concatenate(parts) if parts else np.empty((0, 2), np.int64), recv_counts, refused_by
+        return np.concatenate(parts), recv_counts, refused_by
 
 
 def exchange_for(process_group: Any = None) -> LocalExchange:
