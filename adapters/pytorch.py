@@ -26,6 +26,7 @@ from ..config import StoreConfig, TableConfig
 from ..errors import ConfigError, InputDTypeError, InputShapeError, UnknownTableError
 from ..store import EmbeddingStore
 from . import ops
+from .floors import repeat_keys, split_floors
 from .keyed import JaggedFeatures, KeyedTensor, keyed_tensor_class
 from .ops import from_numpy, share_output, to_numpy  # noqa: F401 - the adapter's public bridges
 
@@ -92,7 +93,8 @@ class _StoreModule(torch.nn.Module):
     @staticmethod
     def _table_summary(t: TableConfig) -> str:
         rows = "any int64 id" if t.num_embeddings is None else f"{t.num_embeddings:,} rows"
-        return f"{t.name}: {rows} x {t.dim}, chunks={t.chunks}, index={t.index}, optimizer={t.optimizer}"
+        floor = f" above a floor of {t.floor_dim} dims" if t.floor_dim else ""
+        return f"{t.name}: {rows} x {t.dim}, chunks={t.chunks}{floor}, index={t.index}, optimizer={t.optimizer}"
 
     # state dict: the store's arrays, so that torch.save / torch.load carry the embeddings
     def _save_to_state_dict(self, destination, prefix, keep_vars):
@@ -369,13 +371,15 @@ class FiitedEmbeddingBagCollection(_StoreModule):
             raise ConfigError(f"mode must be 'sum' or 'mean', got {mode!r}")
         if output not in ("keyed", "concat", "dict"):
             raise ConfigError(f"output must be 'keyed', 'concat' or 'dict', got {output!r}")
+        # a table with floor_dim is two tables of the store (:mod:`.floors`)
+        store_tables, self._parts = split_floors(configs)
         if process_group is not None:
             from ..distributed import ShardedEmbeddingStore
 
-            store = ShardedEmbeddingStore(configs, _store_config_on(store_config, device), process_group=process_group,
-                                          exact=exact, path=path)
+            store = ShardedEmbeddingStore(store_tables, _store_config_on(store_config, device),
+                                          process_group=process_group, exact=exact, path=path)
         else:
-            store = EmbeddingStore(configs, _store_config_on(store_config, device), path=path)
+            store = EmbeddingStore(store_tables, _store_config_on(store_config, device), path=path)
         super().__init__(store, auto_step)
         self.tables = configs
         self.is_weighted = bool(is_weighted)
@@ -411,8 +415,11 @@ class FiitedEmbeddingBagCollection(_StoreModule):
             raise InputShapeError("the collection was built with is_weighted=True but the features carry no weights")
         if not self.is_weighted and weights is not None:
             raise InputShapeError("the features carry weights but the collection was built with is_weighted=False")
-        tables = [self._table_index[self.feature_to_table[k]] for k in keys]
-        out = self._lookup(tables, features.values(), features.offsets(), weights, self.mode)
+        parts = [self._parts[self._table_index[self.feature_to_table[k]]] for k in keys]
+        values, offsets = features.values(), features.offsets()
+        if any(len(p) > 1 for p in parts):  # tables with a floor: their ids go to both parts
+            values, offsets, weights = repeat_keys(values, offsets, weights, [len(p) for p in parts])
+        out = self._lookup([i for p in parts for i in p], values, offsets, weights, self.mode)
         dims = [self._dims[k] for k in keys]
         if self.output == "concat":
             return out

@@ -115,6 +115,9 @@ def _train_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--min-chunks", type=nonnegative_int, default=d.min_chunks,
                    help="FIITED: every row of every table keeps its first M chunks (a floor: with a large K, "
                         "every row keeps a few dimensions and the rest of the budget follows utility)")
+    p.add_argument("--floor-dim", type=nonnegative_int, default=d.floor_dim,
+                   help="FIITED: every row keeps its first F dimensions (a chunk of its own width); the other "
+                        "D - F are split into K chunks that utility decides (0: the paper's layout)")
     p.add_argument("--on-evict", choices=ON_EVICT, default=d.on_evict,
                    help="FIITED: a pruned chunk is discarded (the paper) or spilled to the disk tier, to come back "
                         "with its trained values when it wins a slot again")
@@ -127,7 +130,8 @@ def _config_from(args, **override) -> TrainConfig:
                        prune_period=args.prune_period, gamma=args.gamma, steepness=args.steepness,
                        utility=args.utility, criteo_limit=args.criteo_limit,
                        table_normalization=args.normalization, small_table_rows=args.small_table_rows,
-                       readmission=args.readmission, on_evict=args.on_evict, min_chunks=args.min_chunks, **override)
+                       readmission=args.readmission, on_evict=args.on_evict, min_chunks=args.min_chunks,
+                       floor_dim=args.floor_dim, **override)
 
 
 def cmd_train(args) -> int:

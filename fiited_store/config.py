@@ -73,6 +73,12 @@ class TableConfig:
         min_chunks: a floor: every row of this table that holds an entry keeps at
             least its first ``min_chunks`` chunks, whatever the thresholds (they are
             taken from the budget first). 0 (default) is the paper's rule.
+        floor_dim: a floor of its own width: every declared row keeps its first
+            ``floor_dim`` dimensions, and the other ``dim - floor_dim`` are split into
+            ``chunks`` chunks that utility decides. Served by
+            :class:`~fiited_store.adapters.FiitedEmbeddingBagCollection`, which holds
+            the table as two tables of the store (:mod:`fiited_store.adapters.floors`).
+            0 (default) is the paper's layout.
     """
 
     name: str
@@ -86,12 +92,18 @@ class TableConfig:
     eps: float = 1e-8
     index: str = "auto"
     min_chunks: int = 0
+    floor_dim: int = 0
 
     def __post_init__(self) -> None:
         _check(isinstance(self.name, str) and self.name != "", f"table name must be a non-empty string, got {self.name!r}")
         _check(_is_int(self.dim) and self.dim > 0, f"table {self.name!r}: dim must be a positive int, got {self.dim!r}")
         _check(_is_int(self.chunks) and self.chunks > 0, f"table {self.name!r}: chunks must be a positive int, got {self.chunks!r}")
-        _check(self.dim % self.chunks == 0, f"table {self.name!r}: dim {self.dim} is not divisible by chunks {self.chunks}")
+        _check(_is_int(self.floor_dim) and 0 <= self.floor_dim < self.dim,
+               f"table {self.name!r}: floor_dim must be an int in [0, dim={self.dim}), got {self.floor_dim!r}")
+        _check((self.dim - self.floor_dim) % self.chunks == 0,
+               f"table {self.name!r}: dim {self.dim} is not divisible by chunks {self.chunks}" if not self.floor_dim else
+               f"table {self.name!r}: the {self.dim - self.floor_dim} dimensions above floor_dim={self.floor_dim} do "
+               f"not split into chunks={self.chunks} equal chunks")
         _check(self.chunks <= 64, f"table {self.name!r}: at most 64 chunks per row, got {self.chunks}")
         _check(
             self.num_embeddings is None or (_is_int(self.num_embeddings) and self.num_embeddings > 0),
@@ -113,6 +125,11 @@ class TableConfig:
             _is_int(self.min_chunks) and 0 <= self.min_chunks <= self.chunks,
             f"table {self.name!r}: min_chunks must be an int in [0, chunks={self.chunks}], got {self.min_chunks!r}",
         )
+        _check(not (self.floor_dim and self.min_chunks),
+               f"table {self.name!r}: give floor_dim or min_chunks, not both (got {self.floor_dim} and {self.min_chunks})")
+        _check(not self.floor_dim or self.num_embeddings is not None,
+               f"table {self.name!r}: floor_dim={self.floor_dim} needs num_embeddings (the floor is paid for every "
+               f"declared row)")
         _check(
             not (self.index == "direct" and self.num_embeddings is None),
             f"table {self.name!r}: index='direct' needs num_embeddings (the rows of the table)",
@@ -125,8 +142,8 @@ class TableConfig:
 
     @property
     def chunk_width(self) -> int:
-        """c = D / K, the number of floats in one chunk."""
-        return self.dim // self.chunks
+        """c = (D - floor_dim) / K, the number of floats in one chunk."""
+        return (self.dim - self.floor_dim) // self.chunks
 
     @property
     def scale(self) -> float:
@@ -424,8 +441,15 @@ def validate_tables(tables: Sequence[TableConfig], config: StoreConfig) -> None:
     names = [t.name for t in tables]
     dup = sorted({n for n in names if names.count(n) > 1})
     _check(not dup, f"table names must be unique, repeated: {dup}")
+    for t in tables:
+        _check(not t.floor_dim, f"table {t.name!r}: floor_dim={t.floor_dim} is held as two tables of the store; build "
+                                f"the store from fiited_store.adapters.floors.split_floors(tables) (as "
+                                f"FiitedEmbeddingBagCollection does)")
     if isinstance(config.pruning, ManualRatios) and config.mode == "prune":
-        for t in tables:
+        # a table whose every chunk is a floor has no chunk the ratios apply to
+        for t, floor in zip(tables, table_floors(tables, config)):
+            if floor == t.chunks:
+                continue
             _check(
                 len(config.pruning.per_chunk) == t.chunks,
                 f"table {t.name!r} has {t.chunks} chunks but {len(config.pruning.per_chunk)} manual ratios were given",
@@ -435,9 +459,11 @@ def validate_tables(tables: Sequence[TableConfig], config: StoreConfig) -> None:
 def plan_pools(tables: Sequence[TableConfig], config: StoreConfig) -> list[PoolPlan]:
     """Split the budget into one pool per distinct chunk width.
 
-    The budget goes to each pool in proportion to the dense size of its tables
-    (or, with undeclared sizes, to the sum of their dimensions). A pool that would
-    get no slot is a configuration error: the budget is smaller than one slot.
+    The floors of the declared rows (``min_chunks``, ``small_table_rows``) are paid
+    first, each from its own pool; the rest of the budget goes to each pool in
+    proportion to the dense size of its tables outside the floors (or, with
+    undeclared sizes, to the sum of their dimensions). A pool that would get no
+    slot is a configuration error: the budget is smaller than one slot.
     """
     validate_tables(tables, config)
     total_dense = dense_bytes(tables)
@@ -469,9 +495,20 @@ def plan_pools(tables: Sequence[TableConfig], config: StoreConfig) -> list[PoolP
     for i, t in enumerate(tables):
         widths.setdefault(t.chunk_width, []).append(i)
 
+    # floor chunks (min_chunks, small tables) of declared rows are paid first, each in
+    # its own pool: a pool of floors alone (a table whose every chunk is a floor) then
+    # holds every row it must, and the rest of the budget is shared by what competes
+    floors = table_floors(tables, config)
+    states = {c: max(tables[i].state_width for i in ids) for c, ids in widths.items()}
+    # a memory budget pays for everything a slot brings along; a pool budget for its vector
+    unit = {c: slot_bytes(c, states[c]) if by_memory else c * FLOAT_BYTES for c in widths}
+    floor_of = {c: sum((tables[i].num_embeddings or 0) * floors[i] for i in ids) * unit[c] for c, ids in widths.items()}
+    floor_total = sum(floor_of.values())
+    free = max(budget - floor_total, 0)
+
     def weight(ids: list[int]) -> float:
-        if total_dense is not None:
-            return float(sum(tables[i].dense_bytes for i in ids))  # type: ignore[misc]
+        if total_dense is not None:  # what competes: the dense bytes outside the floors
+            return float(sum(tables[i].dense_bytes * (1.0 - floors[i] / tables[i].chunks) for i in ids))  # type: ignore[operator]
         return float(sum(tables[i].dim for i in ids))
 
     total_weight = sum(weight(ids) for ids in widths.values())
@@ -481,11 +518,16 @@ def plan_pools(tables: Sequence[TableConfig], config: StoreConfig) -> list[PoolP
                f"(chunk widths {sorted(widths)})")
     plans = []
     for g, (c, ids) in enumerate(sorted(widths.items())):
-        share = (config.pool_budget_bytes[g] if config.pool_budget_bytes is not None
-                 else budget * weight(ids) / total_weight)
-        state_width = max(tables[i].state_width for i in ids)
-        # a memory budget pays for everything a slot brings along; a pool budget for its vector
-        per_slot = slot_bytes(c, state_width) if by_memory else c * FLOAT_BYTES
+        if config.pool_budget_bytes is not None:
+            share = config.pool_budget_bytes[g]
+        elif floor_total:  # floors beyond the budget share it (and then rank above every utility)
+            share = (floor_of[c] * min(1.0, budget / floor_total) + (8 if by_memory and floor_of[c] else 0)
+                     + (free * weight(ids) / total_weight if total_weight > 0 else 0.0))
+        else:
+            share = budget * weight(ids) / total_weight
+        state_width, per_slot = states[c], unit[c]
+        if floor_total and share < per_slot + (8 if by_memory else 0) and weight(ids) > 0:
+            share = per_slot + (8 if by_memory else 0)  # floors that take the whole budget leave the rest one slot
         slots = int(max(share - (8 if by_memory else 0), 0) // per_slot)
         _check(
             slots >= 1,

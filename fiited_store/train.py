@@ -123,7 +123,7 @@ def run(cfg: TrainConfig, progress: bool = True, out=sys.stderr) -> dict[str, An
                            prune_period=cfg.prune_period, gamma=cfg.gamma, seed=cfg.seed, steepness=cfg.steepness,
                            utility=cfg.utility, table_normalization=cfg.table_normalization,
                            small_table_rows=cfg.small_table_rows, readmission=cfg.readmission,
-                           on_evict=cfg.on_evict, min_chunks=cfg.min_chunks,
+                           on_evict=cfg.on_evict, min_chunks=cfg.min_chunks, floor_dim=cfg.floor_dim,
                            process_group=None if dist_ctx is None else dist_ctx.group)
     num_dense = test.num_dense
     model = DLRM(emb, len(names), cfg.dim, num_dense)
@@ -201,8 +201,9 @@ def run(cfg: TrainConfig, progress: bool = True, out=sys.stderr) -> dict[str, An
         bayes = 1 / (1 + np.exp(-test.meta["bayes_logits"]))
         result["bayes_auc"] = auc(test.labels, bayes)
     if isinstance(emb, FiitedEmbeddings):
-        st = emb.store.stats()["total"]
-        result.update(store_memory_bytes=st["bytes"]["memory_total"], average_kept_dim=st["average_kept_dim"],
+        stats = emb.store.stats()
+        st = stats["total"]
+        result.update(store_memory_bytes=st["bytes"]["memory_total"], average_kept_dim=emb.average_kept_dim(stats),
                       entries=st["entries"], store_vs_dense=st["memory_vs_dense"],
                       store_vs_dense_with_optimizer=st["memory_vs_dense_with_optimizer"],
                       spilled_chunks=st["spilled_chunks"])

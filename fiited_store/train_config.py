@@ -52,6 +52,7 @@ class TrainConfig:
     table_normalization: str = "none"   # FIITED: "none" is the paper's rule
     small_table_rows: int = 0           # FIITED: tables of at most this many rows keep every chunk
     min_chunks: int = 0                 # FIITED: every row of every table keeps its first min_chunks chunks
+    floor_dim: int = 0                  # FIITED: every row keeps its first floor_dim dimensions (one chunk of that width)
     readmission: str = "first"          # FIITED: a chunk winning its slot back starts at its first values
     on_evict: str = "discard"           # FIITED: "spill" keeps pruned chunks in the disk tier (the paper discards)
 
@@ -68,7 +69,7 @@ class TrainConfig:
             v = getattr(self, name)
             check(isinstance(v, int) and v > 0, f"{name} must be a positive int, got {v!r}")
         check(self.eval_samples >= 2, f"eval_samples must be at least 2, got {self.eval_samples!r}")
-        check(self.dim % self.chunks == 0, f"dim {self.dim} is not divisible by chunks {self.chunks}")
+        check(self.floor_dim or self.dim % self.chunks == 0, f"dim {self.dim} is not divisible by chunks {self.chunks}")
         check(isinstance(self.prune_period, int) and self.prune_period >= 0,
               f"prune_period must be an int >= 0 (0: never prune), got {self.prune_period!r}")
         check(self.criteo_limit is None or (isinstance(self.criteo_limit, int) and self.criteo_limit > 0),
@@ -89,6 +90,16 @@ class TrainConfig:
         check(self.min_chunks / self.chunks <= 1.0 - self.ratio + 1e-9 or not self.method.startswith("fiited"),
               f"min_chunks {self.min_chunks} of {self.chunks} chunks per row is {self.min_chunks / self.chunks:.4g} of "
               f"the dense size, more than the budget at ratio {self.ratio:g} ({1.0 - self.ratio:.4g})")
+        check(isinstance(self.floor_dim, int) and 0 <= self.floor_dim < self.dim,
+              f"floor_dim must be an int in [0, dim = {self.dim}), got {self.floor_dim!r}")
+        check(not (self.floor_dim and self.min_chunks), f"give floor_dim or min_chunks, not both (got "
+                                                        f"{self.floor_dim} and {self.min_chunks})")
+        check(self.floor_dim == 0 or (self.dim - self.floor_dim) % self.chunks == 0,
+              f"the {self.dim - self.floor_dim} dimensions above floor_dim = {self.floor_dim} do not split into "
+              f"{self.chunks} equal chunks")
+        check(self.floor_dim <= (1.0 - self.ratio) * self.dim + 1e-9 or not self.method.startswith("fiited"),
+              f"floor_dim {self.floor_dim} of {self.dim} is more than the budget at ratio {self.ratio:g} "
+              f"({(1.0 - self.ratio) * self.dim:.4g} dimensions per row)")
         check(isinstance(self.small_table_rows, int) and self.small_table_rows >= 0,
               f"small_table_rows must be an int >= 0, got {self.small_table_rows!r}")
 

@@ -45,6 +45,13 @@ def setups(draw):
             index=draw(st.sampled_from(["direct", "hashed"])),
             min_chunks=draw(st.sampled_from([0, 0, min(1, K), K])),
         ))
+    if draw(st.booleans()):  # a floor of its own width, as adapters.floors.split_floors makes it
+        tables.append(TableConfig(
+            "floor", dim=draw(st.sampled_from([1, 2, 3])), chunks=1, min_chunks=1,
+            num_embeddings=draw(st.integers(12, 30)),
+            optimizer=draw(st.sampled_from(["sgd", "adagrad", "rowwise_adagrad"])),
+            index=draw(st.sampled_from(["direct", "hashed"])),
+        ))
     mode = draw(st.sampled_from(["prune", "prune", "cache"]))
     if draw(st.booleans()):
         pruning = DynamicRatio(draw(st.sampled_from([0.0, 0.25, 0.5, 0.75, 0.9])))

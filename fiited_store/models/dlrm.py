@@ -144,10 +144,11 @@ class FiitedEmbeddings(nn.Module):
 
     def __init__(self, feature_names: Sequence[str], cardinalities: Sequence[int], dim: int, store_config: StoreConfig,
                  chunks: int, optimizer: str, learning_rate: float, init_scale: float | None = None, path=None,
-                 process_group=None, min_chunks: int = 0):
+                 process_group=None, min_chunks: int = 0, floor_dim: int = 0):
         super().__init__()
         tables = [TableConfig(f, dim=dim, chunks=chunks, num_embeddings=int(n), optimizer=optimizer,
-                              learning_rate=learning_rate, init_scale=init_scale, min_chunks=min_chunks)
+                              learning_rate=learning_rate, init_scale=init_scale, min_chunks=min_chunks,
+                              floor_dim=floor_dim)
                   for f, n in zip(feature_names, cardinalities)]
         self.collection = FiitedEmbeddingBagCollection(tables, store_config=store_config, output="concat", path=path,
                                                        process_group=process_group)
@@ -162,6 +163,13 @@ class FiitedEmbeddings(nn.Module):
     def sparse_parameters(self):
         return []
 
+    def average_kept_dim(self, stats: dict) -> float:
+        """Dimensions a row holds, on average over the rows of every feature (a floor and
+        the chunks above it are two tables of the store, and one row of the feature)."""
+        kept = sum(t["average_kept_dim"] * t["entries"] for t in stats["tables"].values())
+        rows = sum(stats["tables"][t.name]["entries"] for t in self.collection.tables)
+        return kept / rows if rows else 0.0
+
     def weight_bytes(self) -> int:
         """The pool's bytes (every shard's, for a sharded store: then a collective)."""
         if hasattr(self.store, "shard"):
@@ -175,7 +183,7 @@ def build_embeddings(method: str, feature_names: Sequence[str], cardinalities: S
                      steepness: float = 1.0, utility: str = "gradient", optimizer: str = "adagrad",
                      mode: str = "prune", path=None, table_normalization: str = "none",
                      small_table_rows: int = 0, process_group=None, readmission: str = "first",
-                     on_evict: str | None = None, min_chunks: int = 0) -> nn.Module:
+                     on_evict: str | None = None, min_chunks: int = 0, floor_dim: int = 0) -> nn.Module:
     """The embedding module of one method at one pruning ratio (fraction of the dense size removed);
     with ``process_group``, FIITED's store is sharded over its ranks."""
     if method == "dense":
@@ -187,11 +195,16 @@ def build_embeddings(method: str, feature_names: Sequence[str], cardinalities: S
             raise ValueError("Mixed-Dimension embeddings need access counts")
         return MixedDimEmbeddings(cardinalities, md_dims(counts, cardinalities, dim, 1.0 - ratio), dim)
     if method == "adaembed":
+        floor_dim = 0
+    # with a floor, the ratios apply to the D - f dimensions that compete: the floor takes
+    # f of the (1 - ratio) D per row that the budget allows, and they share the rest
+    wide = ratio if not floor_dim else 1.0 - max((1.0 - ratio) * dim - floor_dim, 0.0) / (dim - floor_dim)
+    if method == "adaembed":
         chunks, pruning = 1, DynamicRatio(ratio)
     elif method == "fiited-manual":
-        pruning = ManualRatios.linear(ratio, chunks, steepness)
+        pruning = ManualRatios.linear(wide, chunks, steepness)
     elif method == "fiited-dynamic":
-        pruning = DynamicRatio(ratio)
+        pruning = DynamicRatio(wide)
     else:
         raise ValueError(f"method must be one of {METHODS}, got {method!r}")
     cfg = StoreConfig(pruning=pruning, budget_fraction=max(1.0 - ratio, 1e-6), prune_period=prune_period, gamma=gamma,
@@ -199,4 +212,5 @@ def build_embeddings(method: str, feature_names: Sequence[str], cardinalities: S
                       table_normalization=table_normalization, small_table_rows=small_table_rows,
                       readmission=readmission, on_evict=on_evict)
     return FiitedEmbeddings(feature_names, cardinalities, dim, cfg, chunks, optimizer, learning_rate, path=path,
-                            process_group=process_group, min_chunks=min_chunks if method != "adaembed" else 0)
+                            process_group=process_group, min_chunks=min_chunks if method != "adaembed" else 0,
+                            floor_dim=floor_dim)
