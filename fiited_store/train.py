@@ -123,7 +123,7 @@ def run(cfg: TrainConfig, progress: bool = True, out=sys.stderr) -> dict[str, An
                            prune_period=cfg.prune_period, gamma=cfg.gamma, seed=cfg.seed, steepness=cfg.steepness,
                            utility=cfg.utility, table_normalization=cfg.table_normalization,
                            small_table_rows=cfg.small_table_rows, readmission=cfg.readmission,
-                           on_evict=cfg.on_evict, min_chunks=cfg.min_chunks, floor_dim=cfg.floor_dim,
+                           on_evict=cfg.on_evict, min_chunks=cfg.min_chunks, floor_dim=cfg.effective_floor_dim,
                            process_group=None if dist_ctx is None else dist_ctx.group)
     num_dense = test.num_dense
     model = DLRM(emb, len(names), cfg.dim, num_dense)
@@ -289,7 +289,17 @@ def markdown_table(results, methods, ratios) -> str:
     counts = [(_stats(results, m, r) or (0, 0, 0))[2] for m in methods for r in (ratios if m != "dense" else [0.0])]
     n = max(counts, default=0)
     what = "one seed, so no spread" if n == 1 else f"mean ± standard deviation over {n} seeds"
-    return "\n".join(lines) + f"\n\nTest AUC, {what}.\n"
+    out = "\n".join(lines) + f"\n\nTest AUC, {what}.\n"
+    stores = [m for m in pruned if any("store_vs_dense_with_optimizer" in r for r in results if r["method"] == m)]
+    if stores:
+        mem = ["| pruning ratio | " + " | ".join(stores) + " |", "|---|" + "---|" * len(stores)]
+        for r in ratios:
+            v = [[x["store_vs_dense_with_optimizer"] for x in results if x["method"] == m and x["ratio"] == r
+                  and "store_vs_dense_with_optimizer" in x] for m in stores]
+            mem.append(f"| {r:g} | " + " | ".join(f"{np.mean(x):.3f}" if x else "" for x in v) + " |")
+        out += ("\nThe store's memory (pool, optimizer state, entry index) against the dense weights plus the same "
+                "optimizer's state:\n\n" + "\n".join(mem) + "\n")
+    return out
 
 
 def plot_sweep(results, methods, ratios, path: Path) -> None:

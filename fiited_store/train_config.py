@@ -12,8 +12,14 @@ from dataclasses import dataclass
 from .errors import ConfigError
 
 DATASETS = ("synthetic", "mixed", "movielens", "criteo")
-#: small-dim: dense embeddings of dimension D x (1 - ratio) for every row (the uniform baseline)
-METHODS = ("dense", "small-dim", "md", "adaembed", "fiited-manual", "fiited-dynamic")
+#: small-dim: dense embeddings of dimension D x (1 - ratio) for every row (the uniform baseline);
+#: fiited-floor: the paper's manual ratios on the chunks above a floor that every row keeps
+METHODS = ("dense", "small-dim", "md", "adaembed", "fiited-manual", "fiited-dynamic", "fiited-floor")
+
+
+def default_floor_dim(dim: int) -> int:
+    """fiited-floor's floor when none is given: D / 16 dimensions (2 of 32), at least one."""
+    return max(1, dim // 16)
 NORMALIZATIONS = ("none", "mean")
 READMISSIONS = ("first", "zero", "fresh")
 ON_EVICT = ("discard", "spill")
@@ -69,7 +75,8 @@ class TrainConfig:
             v = getattr(self, name)
             check(isinstance(v, int) and v > 0, f"{name} must be a positive int, got {v!r}")
         check(self.eval_samples >= 2, f"eval_samples must be at least 2, got {self.eval_samples!r}")
-        check(self.floor_dim or self.dim % self.chunks == 0, f"dim {self.dim} is not divisible by chunks {self.chunks}")
+        check(self.effective_floor_dim or self.dim % self.chunks == 0,
+              f"dim {self.dim} is not divisible by chunks {self.chunks}")
         check(isinstance(self.prune_period, int) and self.prune_period >= 0,
               f"prune_period must be an int >= 0 (0: never prune), got {self.prune_period!r}")
         check(self.criteo_limit is None or (isinstance(self.criteo_limit, int) and self.criteo_limit > 0),
@@ -92,16 +99,25 @@ class TrainConfig:
               f"the dense size, more than the budget at ratio {self.ratio:g} ({1.0 - self.ratio:.4g})")
         check(isinstance(self.floor_dim, int) and 0 <= self.floor_dim < self.dim,
               f"floor_dim must be an int in [0, dim = {self.dim}), got {self.floor_dim!r}")
-        check(not (self.floor_dim and self.min_chunks), f"give floor_dim or min_chunks, not both (got "
-                                                        f"{self.floor_dim} and {self.min_chunks})")
-        check(self.floor_dim == 0 or (self.dim - self.floor_dim) % self.chunks == 0,
-              f"the {self.dim - self.floor_dim} dimensions above floor_dim = {self.floor_dim} do not split into "
-              f"{self.chunks} equal chunks")
-        check(self.floor_dim <= (1.0 - self.ratio) * self.dim + 1e-9 or not self.method.startswith("fiited"),
-              f"floor_dim {self.floor_dim} of {self.dim} is more than the budget at ratio {self.ratio:g} "
+        f = self.effective_floor_dim
+        check(not (f and self.min_chunks), f"give floor_dim or min_chunks, not both (got {f} and {self.min_chunks})")
+        check(f < self.dim, f"floor_dim {f} must be below dim {self.dim}")
+        check(f == 0 or (self.dim - f) % self.chunks == 0,
+              f"the {self.dim - f} dimensions above floor_dim = {f} do not split into {self.chunks} equal chunks "
+              f"(--chunks {', '.join(str(k) for k in range(1, min(self.dim - f, 64) + 1) if (self.dim - f) % k == 0)} "
+              f"would)")
+        check(f <= (1.0 - self.ratio) * self.dim + 1e-9 or not self.method.startswith("fiited"),
+              f"floor_dim {f} of {self.dim} is more than the budget at ratio {self.ratio:g} "
               f"({(1.0 - self.ratio) * self.dim:.4g} dimensions per row)")
         check(isinstance(self.small_table_rows, int) and self.small_table_rows >= 0,
               f"small_table_rows must be an int >= 0, got {self.small_table_rows!r}")
+
+    @property
+    def effective_floor_dim(self) -> int:
+        """The floor the run gives every row: ``floor_dim``, or fiited-floor's default."""
+        if self.method == "fiited-floor" and not self.floor_dim:
+            return default_floor_dim(self.dim)
+        return self.floor_dim if self.method.startswith("fiited") else 0
 
     @property
     def pruned(self) -> bool:

@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 import zarr
 
-from fiited_store import DynamicRatio, EmbeddingStore, StoreConfig, TableConfig
+from fiited_store import DynamicRatio, EmbeddingStore, ManualRatios, StoreConfig, TableConfig
 from fiited_store.cli import main
 from fiited_store.tools import read_export
 from fiited_store.verify import check_store
@@ -290,6 +290,11 @@ def test_inconsistent_training_values_are_refused_before_any_work(capsys, monkey
         in capsys.readouterr().err
     assert main(["train", "--chunks", "4", "--min-chunks", "5", "--no-progress"]) == 2
     assert "min_chunks must be an int in [0, chunks = 4], got 5" in capsys.readouterr().err
+    assert main(["train", "--method", "fiited-floor", "--chunks", "4", "--no-progress"]) == 2
+    assert "the 30 dimensions above floor_dim = 2 do not split into 4 equal chunks (--chunks 1, 2, 3, 5, 6, 10, 15, " \
+           "30 would)" in capsys.readouterr().err
+    assert main(["train", "--floor-dim", "4", "--chunks", "4", "--ratio", "0.9375", "--no-progress"]) == 2
+    assert "floor_dim 4 of 32 is more than the budget at ratio 0.9375 (2 dimensions per row)" in capsys.readouterr().err
     with pytest.raises(SystemExit):
         main(["sweep", "--out", __file__])  # a file where sweep wants a directory
     assert "exists and is not a directory" in capsys.readouterr().err
@@ -307,6 +312,9 @@ def test_dense_says_it_does_not_prune_and_one_seed_shows_no_spread(capsys, tmp_p
     two = results + [{"method": "dense", "ratio": 0.0, "auc": 0.80}, {"method": "fiited-manual", "ratio": 0.5, "auc": 0.79}]
     assert "0.7800 ± 0.0100" in markdown_table(two, ["dense", "fiited-manual"], [0.5])
     assert "over 2 seeds" in markdown_table(two, ["dense", "fiited-manual"], [0.5])
+    assert "The store's memory" not in table  # nothing measured it
+    mem = [dict(r, store_vs_dense_with_optimizer=v) for r, v in zip(two[1::2], (0.4, 0.5))]
+    assert "| 0.5 | 0.450 |" in markdown_table(mem, ["dense", "fiited-manual"], [0.5])
 
 
 def test_inspect_into_a_closed_pipe_exits_quietly(saved_store):
@@ -426,3 +434,23 @@ def test_train_with_a_floor_keeps_a_chunk_of_every_row(tmp_path):
     emb = build_embeddings("fiited-manual", ["a", "b"], [50, 7], 32, 0.75, 16, 0.05, min_chunks=1)
     assert [t.min_chunks for t in emb.store.tables] == [1, 1]  # the floor reaches every table of the store
     emb.store.close()
+
+
+def test_train_with_a_floor_of_its_own_width(tmp_path):
+    """fiited-floor: every row keeps D / 16 dimensions, paid first; the chunks above
+    them share the rest of the budget, so the pool is the same size as without."""
+    args = ["train", "--method", "fiited-floor", "--steps", "60", "--batch-size", "256", "--prune-period", "10",
+            "--ratio", "0.75", "--chunks", "3", "--no-progress", "--json", str(tmp_path / "r.json")]
+    assert main(args) == 0
+    r = json.loads((tmp_path / "r.json").read_text())
+    assert r["method"] == "fiited-floor" and r["bytes_vs_dense"] == pytest.approx(0.25, abs=0.01)
+    from fiited_store.models.dlrm import build_embeddings
+
+    emb = build_embeddings("fiited-floor", ["a", "b"], [50, 7], 32, 0.75, 3, 0.05)
+    s = emb.store
+    assert [(t.name, t.dim, t.chunks, t.min_chunks) for t in s.tables] == [
+        ("a:floor", 2, 1, 1), ("a", 30, 3, 0), ("b:floor", 2, 1, 1), ("b", 30, 3, 0)]
+    # 0.25 x 57 rows x 32 floats = 456: the floors' 57 x 2 first, the chunks above them the rest
+    assert sorted((p.chunk_width, p.slots) for p in s.plans) == [(2, 57), (10, 34)]
+    assert s.config.pruning.per_chunk == ManualRatios.linear(1 - 6 / 30, 3).per_chunk  # 6 of the 30 dims above
+    s.close()

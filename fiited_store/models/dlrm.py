@@ -7,7 +7,9 @@ Methods, all returning float32[B, F * D] (features side by side):
   access frequency by the power-law rule, projected to D by a linear map;
 - ``adaembed``: FIITED with K = 1 (whole rows pruned, AdaEmbed);
 - ``fiited-manual``: FIITED with per-chunk ratios linear in the chunk index;
-- ``fiited-dynamic``: FIITED with one global ratio.
+- ``fiited-dynamic``: FIITED with one global ratio;
+- ``fiited-floor``: FIITED-manual on the chunks above a floor of ``floor_dim``
+  dimensions that every row keeps (:mod:`fiited_store.adapters.floors`).
 """
 
 from __future__ import annotations
@@ -20,7 +22,7 @@ from torch import nn
 
 from ..adapters import FiitedEmbeddingBagCollection
 from ..config import DynamicRatio, ManualRatios, StoreConfig, TableConfig
-from ..train_config import METHODS
+from ..train_config import METHODS, default_floor_dim
 
 
 
@@ -196,12 +198,14 @@ def build_embeddings(method: str, feature_names: Sequence[str], cardinalities: S
         return MixedDimEmbeddings(cardinalities, md_dims(counts, cardinalities, dim, 1.0 - ratio), dim)
     if method == "adaembed":
         floor_dim = 0
+    elif method == "fiited-floor" and not floor_dim:
+        floor_dim = default_floor_dim(dim)
     # with a floor, the ratios apply to the D - f dimensions that compete: the floor takes
     # f of the (1 - ratio) D per row that the budget allows, and they share the rest
     wide = ratio if not floor_dim else 1.0 - max((1.0 - ratio) * dim - floor_dim, 0.0) / (dim - floor_dim)
     if method == "adaembed":
         chunks, pruning = 1, DynamicRatio(ratio)
-    elif method == "fiited-manual":
+    elif method in ("fiited-manual", "fiited-floor"):
         pruning = ManualRatios.linear(wide, chunks, steepness)
     elif method == "fiited-dynamic":
         pruning = DynamicRatio(wide)
