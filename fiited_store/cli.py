@@ -115,6 +115,9 @@ def _train_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--min-chunks", type=nonnegative_int, default=d.min_chunks,
                    help="FIITED: every row of every table keeps its first M chunks (a floor: with a large K, "
                         "every row keeps a few dimensions and the rest of the budget follows utility)")
+    p.add_argument("--project", action="store_true",
+                   help="FIITED: map each feature's pooled row through a learned D x D matrix, as Mixed-Dimension "
+                        "embeddings map each table (always on for fiited-floor)")
     p.add_argument("--floor-dim", type=nonnegative_int, default=d.floor_dim,
                    help="FIITED: every row keeps its first F dimensions (a chunk of its own width); the other "
                         "D - F are split into K chunks that utility decides (0: the paper's layout)")
@@ -131,7 +134,7 @@ def _config_from(args, **override) -> TrainConfig:
                        utility=args.utility, criteo_limit=args.criteo_limit,
                        table_normalization=args.normalization, small_table_rows=args.small_table_rows,
                        readmission=args.readmission, on_evict=args.on_evict, min_chunks=args.min_chunks,
-                       floor_dim=args.floor_dim, **override)
+                       floor_dim=args.floor_dim, project=args.project, **override)
 
 
 def cmd_train(args) -> int:
@@ -156,7 +159,12 @@ def cmd_train(args) -> int:
 def cmd_sweep(args) -> int:
     from .train import markdown_table, sweep
 
-    base = _config_from(args)  # every value checked before the first run
+    from dataclasses import replace
+
+    base = _config_from(args, method=args.methods[0])
+    for m in args.methods:  # every run's values checked before the first run
+        for r in args.ratios:
+            replace(base, method=m, ratio=r)
     results = sweep(base, args.methods, args.ratios, args.seeds, Path(args.out), progress=not args.no_progress)
     print(markdown_table(results, args.methods, args.ratios))
     print(f"wrote {args.out}/sweep.csv, sweep.md and sweep.png")

@@ -124,6 +124,7 @@ def run(cfg: TrainConfig, progress: bool = True, out=sys.stderr) -> dict[str, An
                            utility=cfg.utility, table_normalization=cfg.table_normalization,
                            small_table_rows=cfg.small_table_rows, readmission=cfg.readmission,
                            on_evict=cfg.on_evict, min_chunks=cfg.min_chunks, floor_dim=cfg.effective_floor_dim,
+                           project=cfg.effective_project,
                            process_group=None if dist_ctx is None else dist_ctx.group)
     num_dense = test.num_dense
     model = DLRM(emb, len(names), cfg.dim, num_dense)
@@ -207,6 +208,8 @@ def run(cfg: TrainConfig, progress: bool = True, out=sys.stderr) -> dict[str, An
                       entries=st["entries"], store_vs_dense=st["memory_vs_dense"],
                       store_vs_dense_with_optimizer=st["memory_vs_dense_with_optimizer"],
                       spilled_chunks=st["spilled_chunks"])
+        if emb.projection is not None:  # a dense parameter beside the store, trained by the dense optimizer
+            result["projection_bytes"] = emb.projection.numel() * 4
         emb.store.close()
     if dist_ctx is not None:
         result["world_size"] = dist_ctx.world
@@ -226,6 +229,9 @@ def format_result(r: dict[str, Any]) -> str:
         lines.append(f"          training memory of the store (pool, optimizer state, entry index) {r['store_memory_bytes'] / 2**20:.2f} MiB"
                      f" = {r['store_vs_dense']:.3f} x dense weights, {r['store_vs_dense_with_optimizer']:.3f} x dense weights"
                      f" + the same optimizer's state; average kept dimension {r['average_kept_dim']:.1f} of {r['dim']}")
+        if r.get("projection_bytes"):
+            lines.append(f"          embedding weights include the learned D x D map per feature, "
+                         f"{r['projection_bytes'] / 2**10:.1f} KiB (a dense parameter beside the store)")
         if r.get("on_evict") == "spill":
             lines.append(f"          disk tier: {r['spilled_chunks']:,} pruned chunks kept with their trained values")
     lines.append(f"speed     {r['step_ms']:.2f} ms per training step ({r['steps']} steps of {r['batch_size']}"

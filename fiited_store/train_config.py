@@ -13,7 +13,8 @@ from .errors import ConfigError
 
 DATASETS = ("synthetic", "mixed", "movielens", "criteo")
 #: small-dim: dense embeddings of dimension D x (1 - ratio) for every row (the uniform baseline);
-#: fiited-floor: the paper's manual ratios on the chunks above a floor that every row keeps
+#: fiited-floor: the paper's manual ratios on the chunks above a floor that every row keeps,
+#: each feature's pooled row mapped through a learned D x D matrix
 METHODS = ("dense", "small-dim", "md", "adaembed", "fiited-manual", "fiited-dynamic", "fiited-floor")
 
 
@@ -59,6 +60,7 @@ class TrainConfig:
     small_table_rows: int = 0           # FIITED: tables of at most this many rows keep every chunk
     min_chunks: int = 0                 # FIITED: every row of every table keeps its first min_chunks chunks
     floor_dim: int = 0                  # FIITED: every row keeps its first floor_dim dimensions (one chunk of that width)
+    project: bool = False               # FIITED: a learned D x D map per feature on the store's output
     readmission: str = "first"          # FIITED: a chunk winning its slot back starts at its first values
     on_evict: str = "discard"           # FIITED: "spill" keeps pruned chunks in the disk tier (the paper discards)
 
@@ -75,7 +77,7 @@ class TrainConfig:
             v = getattr(self, name)
             check(isinstance(v, int) and v > 0, f"{name} must be a positive int, got {v!r}")
         check(self.eval_samples >= 2, f"eval_samples must be at least 2, got {self.eval_samples!r}")
-        check(self.effective_floor_dim or self.dim % self.chunks == 0,
+        check(self.effective_floor_dim or self.dim % self.chunks == 0 or self.method in ("dense", "small-dim", "md"),
               f"dim {self.dim} is not divisible by chunks {self.chunks}")
         check(isinstance(self.prune_period, int) and self.prune_period >= 0,
               f"prune_period must be an int >= 0 (0: never prune), got {self.prune_period!r}")
@@ -118,6 +120,13 @@ class TrainConfig:
         if self.method == "fiited-floor" and not self.floor_dim:
             return default_floor_dim(self.dim)
         return self.floor_dim if self.method.startswith("fiited") else 0
+
+    @property
+    def effective_project(self) -> bool:
+        """Whether the FIITED model maps each feature's pooled row through a learned D x D
+        matrix (fiited-floor always does, as Mixed-Dimension embeddings map each table)."""
+        return self.method == "fiited-floor" or (self.project and (self.method.startswith("fiited")
+                                                                   or self.method == "adaembed"))
 
     @property
     def pruned(self) -> bool:

@@ -8,6 +8,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import torch
 import zarr
 
 from fiited_store import DynamicRatio, EmbeddingStore, ManualRatios, StoreConfig, TableConfig
@@ -453,4 +454,33 @@ def test_train_with_a_floor_of_its_own_width(tmp_path):
     # 0.25 x 57 rows x 32 floats = 456: the floors' 57 x 2 first, the chunks above them the rest
     assert sorted((p.chunk_width, p.slots) for p in s.plans) == [(2, 57), (10, 34)]
     assert s.config.pruning.per_chunk == ManualRatios.linear(1 - 6 / 30, 3).per_chunk  # 6 of the 30 dims above
+    # each feature's pooled row goes through its own learned D x D map, counted with the weights
+    assert emb.projection.shape == (2, 32, 32) and emb.projection.requires_grad
+    assert emb.weight_bytes() == sum(p.vector_bytes for p in s.pools) + 2 * 32 * 32 * 4
+    from fiited_store.adapters import JaggedFeatures
+
+    class _Batch:
+        def features(self):
+            return JaggedFeatures(["a", "b"], torch.tensor([3, 4, 1, 5]), torch.tensor([1, 1, 1, 1]))
+
+    out = emb(_Batch())
+    plain = emb.collection(_Batch().features()).view(2, 2, 32)
+    expect = torch.stack([plain[:, f] @ emb.projection[f].T for f in range(2)], 1).reshape(2, 64)
+    torch.testing.assert_close(out, expect)
+    out.sum().backward()
+    assert emb.projection.grad is not None and emb.projection.grad.abs().sum() > 0
     s.close()
+    from fiited_store.data.synthetic import scaled_cardinalities
+
+    assert r["projection_bytes"] == len(scaled_cardinalities(cap=r["synthetic_cap"])) * 32 * 32 * 4
+
+
+def test_the_projection_is_fiited_floors_and_on_request_any_fiited_methods():
+    from fiited_store.train_config import TrainConfig
+
+    assert TrainConfig(method="fiited-floor", chunks=3).effective_project
+    assert TrainConfig(method="fiited-manual", project=True).effective_project
+    assert not TrainConfig(method="fiited-manual").effective_project
+    assert not TrainConfig(method="md", project=True).effective_project  # md maps its tables already
+    assert TrainConfig(method="fiited-floor", chunks=3).effective_floor_dim == 2
+    assert TrainConfig(method="fiited-floor", chunks=2, floor_dim=4).effective_floor_dim == 4

@@ -142,12 +142,21 @@ class MixedDimEmbeddings(nn.Module):
 
 
 class FiitedEmbeddings(nn.Module):
-    """The store behind the DLRM: one table per feature, all in one store."""
+    """The store behind the DLRM: one table per feature, all in one store.
+
+    With ``project``, each feature's pooled row goes through a learned D x D matrix
+    (a dense parameter, trained with the rest of the model), as Mixed-Dimension
+    embeddings map each table's rows to D: rows that keep only a few dimensions then
+    reach every coordinate of the interaction, not only their own."""
 
     def __init__(self, feature_names: Sequence[str], cardinalities: Sequence[int], dim: int, store_config: StoreConfig,
                  chunks: int, optimizer: str, learning_rate: float, init_scale: float | None = None, path=None,
-                 process_group=None, min_chunks: int = 0, floor_dim: int = 0):
+                 process_group=None, min_chunks: int = 0, floor_dim: int = 0, project: bool = False):
         super().__init__()
+        self.num_features, self.dim = len(feature_names), dim
+        # torch.nn.Linear's initial range, one D x D matrix per feature
+        self.projection = nn.Parameter(torch.empty(len(feature_names), dim, dim).uniform_(
+            -1.0 / np.sqrt(dim), 1.0 / np.sqrt(dim))) if project else None
         tables = [TableConfig(f, dim=dim, chunks=chunks, num_embeddings=int(n), optimizer=optimizer,
                               learning_rate=learning_rate, init_scale=init_scale, min_chunks=min_chunks,
                               floor_dim=floor_dim)
@@ -160,7 +169,11 @@ class FiitedEmbeddings(nn.Module):
         return self.collection.store
 
     def forward(self, batch) -> torch.Tensor:
-        return self.collection(batch.features())
+        out = self.collection(batch.features())
+        if self.projection is None:
+            return out
+        B = out.shape[0]
+        return torch.einsum("bfd,fed->bfe", out.view(B, self.num_features, self.dim), self.projection).reshape(B, -1)
 
     def sparse_parameters(self):
         return []
@@ -173,10 +186,12 @@ class FiitedEmbeddings(nn.Module):
         return kept / rows if rows else 0.0
 
     def weight_bytes(self) -> int:
-        """The pool's bytes (every shard's, for a sharded store: then a collective)."""
+        """The pool's bytes (every shard's, for a sharded store: then a collective), and the
+        projection's (as Mixed-Dimension embeddings count theirs)."""
+        extra = 0 if self.projection is None else self.projection.numel() * 4
         if hasattr(self.store, "shard"):
-            return int(self.store.stats()["total"]["bytes"]["pool_vectors"])
-        return sum(p.vector_bytes for p in self.store.pools)
+            return int(self.store.stats()["total"]["bytes"]["pool_vectors"]) + extra
+        return sum(p.vector_bytes for p in self.store.pools) + extra
 
 
 def build_embeddings(method: str, feature_names: Sequence[str], cardinalities: Sequence[int], dim: int, ratio: float,
@@ -185,7 +200,8 @@ def build_embeddings(method: str, feature_names: Sequence[str], cardinalities: S
                      steepness: float = 1.0, utility: str = "gradient", optimizer: str = "adagrad",
                      mode: str = "prune", path=None, table_normalization: str = "none",
                      small_table_rows: int = 0, process_group=None, readmission: str = "first",
-                     on_evict: str | None = None, min_chunks: int = 0, floor_dim: int = 0) -> nn.Module:
+                     on_evict: str | None = None, min_chunks: int = 0, floor_dim: int = 0,
+                     project: bool = False) -> nn.Module:
     """The embedding module of one method at one pruning ratio (fraction of the dense size removed);
     with ``process_group``, FIITED's store is sharded over its ranks."""
     if method == "dense":
@@ -198,8 +214,8 @@ def build_embeddings(method: str, feature_names: Sequence[str], cardinalities: S
         return MixedDimEmbeddings(cardinalities, md_dims(counts, cardinalities, dim, 1.0 - ratio), dim)
     if method == "adaembed":
         floor_dim = 0
-    elif method == "fiited-floor" and not floor_dim:
-        floor_dim = default_floor_dim(dim)
+    elif method == "fiited-floor":
+        floor_dim, project = floor_dim or default_floor_dim(dim), True
     # with a floor, the ratios apply to the D - f dimensions that compete: the floor takes
     # f of the (1 - ratio) D per row that the budget allows, and they share the rest
     wide = ratio if not floor_dim else 1.0 - max((1.0 - ratio) * dim - floor_dim, 0.0) / (dim - floor_dim)
@@ -217,4 +233,4 @@ def build_embeddings(method: str, feature_names: Sequence[str], cardinalities: S
                       readmission=readmission, on_evict=on_evict)
     return FiitedEmbeddings(feature_names, cardinalities, dim, cfg, chunks, optimizer, learning_rate, path=path,
                             process_group=process_group, min_chunks=min_chunks if method != "adaembed" else 0,
-                            floor_dim=floor_dim)
+                            floor_dim=floor_dim, project=project)
