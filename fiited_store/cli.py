@@ -299,7 +299,8 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = command("train", "train a DLRM and print quality, memory and speed")
     _train_args(p)
-    p.add_argument("--method", choices=METHODS, default="fiited-manual", help="embedding method")
+    p.add_argument("--method", choices=METHODS, default=TrainConfig().method,
+                   help="embedding method (fiited-manual and fiited-dynamic are the paper's rule)")
     p.add_argument("--ratio", type=pruning_ratio, default=0.75,
                    help="pruning ratio: fraction of the dense embedding size removed (ignored by dense)")
     p.add_argument("--seed", type=int, default=0, help="seed of data order, initialisation and sampling")

@@ -33,13 +33,19 @@ class TrainConfig:
     """One training run. Defaults train the built-in synthetic click stream in well under a minute.
 
     D = 32 and K = 2 are the paper's settings on public data: the bookkeeping of a
-    chunk (an int32 address and a 16-bit utility) is small against 16 floats.
+    chunk (an int32 address and a 16-bit utility) is small against 16 floats. The
+    default method, fiited-floor, keeps D / 16 dimensions of every row and the
+    paper's manual ratios for the K chunks above them, and maps each feature's row
+    through a learned matrix: on ML-100K and both built-in streams it is at or above
+    the better of a uniformly smaller dimension and Mixed-Dimension embeddings at
+    every ratio measured, where the paper's rule falls up to 0.032 AUC short on
+    ML-100K (README, "Feature-aware pruning").
     Every value is checked here, before any data is read or any model is built.
     """
 
     dataset: str = "synthetic"
     path: str | None = None
-    method: str = "fiited-manual"
+    method: str = "fiited-floor"
     ratio: float = 0.75
     chunks: int = 2
     dim: int = 32

@@ -282,20 +282,28 @@ def test_inconsistent_training_values_are_refused_before_any_work(capsys, monkey
     import fiited_store.train as train
 
     monkeypatch.setattr(train, "run", lambda *a, **k: pytest.fail("training started"))
-    assert main(["train", "--dim", "10", "--chunks", "4", "--no-progress"]) == 2
+    assert main(["train", "--method", "fiited-manual", "--dim", "10", "--chunks", "4", "--no-progress"]) == 2
     assert "dim 10 is not divisible by chunks 4" in capsys.readouterr().err
+    assert main(["train", "--dim", "10", "--chunks", "4", "--no-progress"]) == 2  # the default, fiited-floor
+    assert "the 9 dimensions above floor_dim = 1 do not split into 4 equal chunks" in capsys.readouterr().err
     assert main(["train", "--dataset", "movielens"]) == 2
     assert "needs --path" in capsys.readouterr().err
-    assert main(["train", "--chunks", "4", "--min-chunks", "2", "--ratio", "0.75", "--no-progress"]) == 2
+    assert main(["train", "--method", "fiited-manual", "--chunks", "4", "--min-chunks", "2", "--ratio", "0.75",
+                 "--no-progress"]) == 2
     assert "min_chunks 2 of 4 chunks per row is 0.5 of the dense size, more than the budget at ratio 0.75" \
         in capsys.readouterr().err
-    assert main(["train", "--chunks", "4", "--min-chunks", "5", "--no-progress"]) == 2
+    assert main(["train", "--method", "fiited-manual", "--chunks", "4", "--min-chunks", "5", "--no-progress"]) == 2
     assert "min_chunks must be an int in [0, chunks = 4], got 5" in capsys.readouterr().err
     assert main(["train", "--method", "fiited-floor", "--chunks", "4", "--no-progress"]) == 2
     assert "the 30 dimensions above floor_dim = 2 do not split into 4 equal chunks (--chunks 1, 2, 3, 5, 6, 10, 15, " \
            "30 would)" in capsys.readouterr().err
     assert main(["train", "--floor-dim", "4", "--chunks", "4", "--ratio", "0.9375", "--no-progress"]) == 2
-    assert "floor_dim 4 of 32 is more than the budget at ratio 0.9375 (2 dimensions per row)" in capsys.readouterr().err
+    assert "floor_dim 4 of 32 is more than the budget" in capsys.readouterr().err
+    assert main(["train", "--method", "fiited-manual", "--chunks", "4", "--min-chunks", "1", "--floor-dim", "4",
+                 "--no-progress"]) == 2
+    assert "give floor_dim or min_chunks, not both (got 4 and 1)" in capsys.readouterr().err
+    assert main(["train", "--chunks", "5", "--min-chunks", "1", "--no-progress"]) == 2
+    assert "give floor_dim or min_chunks, not both (got 2 and 1)" in capsys.readouterr().err  # fiited-floor's own
     with pytest.raises(SystemExit):
         main(["sweep", "--out", __file__])  # a file where sweep wants a directory
     assert "exists and is not a directory" in capsys.readouterr().err
@@ -425,8 +433,8 @@ def test_train_can_keep_pruned_chunks_in_the_disk_tier(capsys, tmp_path):
 def test_train_with_a_floor_keeps_a_chunk_of_every_row(tmp_path):
     """--min-chunks gives every table a floor: each row that has an entry keeps its
     first chunk, and the rest of the budget follows utility."""
-    args = ["train", "--steps", "60", "--batch-size", "256", "--prune-period", "10", "--ratio", "0.75",
-            "--chunks", "16", "--min-chunks", "1", "--no-progress", "--json", str(tmp_path / "r.json")]
+    args = ["train", "--method", "fiited-manual", "--steps", "60", "--batch-size", "256", "--prune-period", "10",
+            "--ratio", "0.75", "--chunks", "16", "--min-chunks", "1", "--no-progress", "--json", str(tmp_path / "r.json")]
     assert main(args) == 0
     r = json.loads((tmp_path / "r.json").read_text())
     assert r["min_chunks"] == 1 and r["bytes_vs_dense"] == pytest.approx(0.25, abs=0.01)
