@@ -303,7 +303,10 @@ class FiitedEmbeddingBagCollection(_StoreModule):
     Args:
         tables: :class:`TableConfig` objects, or TorchRec ``EmbeddingBagConfig``
             objects (their ``feature_names``, ``pooling``, ``num_embeddings`` and
-            ``embedding_dim`` are used; ``chunks`` gives K).
+            ``embedding_dim`` are used; ``chunks`` gives K). A ``TableConfig`` with
+            ``floor_dim=f`` is held as two tables of the store, ``"<name>:floor"``
+            (f dimensions every declared row keeps) and ``"<name>"`` (the other
+            D - f in K chunks), and its feature still comes out as D columns.
         is_weighted: the features carry per-sample weights (TorchRec's argument).
         device: "cpu" or "cuda": where the store lives.
         store_config: the :class:`StoreConfig`.

@@ -463,7 +463,9 @@ def plan_pools(tables: Sequence[TableConfig], config: StoreConfig) -> list[PoolP
     first, each from its own pool; the rest of the budget goes to each pool in
     proportion to the dense size of its tables outside the floors (or, with
     undeclared sizes, to the sum of their dimensions). A pool that would get no
-    slot is a configuration error: the budget is smaller than one slot.
+    slot is a configuration error: the budget is smaller than one slot; but when
+    the floors take the whole budget, every pool of chunks that compete keeps one
+    slot beyond it (a floor of D/16 dimensions at 93.75% pruning is the budget).
     """
     validate_tables(tables, config)
     total_dense = dense_bytes(tables)
