@@ -150,3 +150,27 @@ def test_every_row_keeps_its_floor_under_a_global_threshold_that_strips_the_rest
     assert held[:, 0].any() and not held[:, 1].any()               # the big table's best rows keep chunk 0
     floor_pool = s.pools[s.plans[0].group]
     assert floor_pool.chunk_width == 2 and floor_pool.slots == 408  # every declared row's floor, paid first
+
+
+@pytest.mark.parametrize("world", [2, 3])
+def test_each_shard_holds_the_floors_of_the_rows_it_owns(world):
+    """Row-wise, rows hash unevenly over the ranks: each shard's pool of floors is
+    sized to its own declared rows, so every row keeps its floor as in one store."""
+    from fiited_store.distributed.routing import RowWiseRouting
+    from fiited_store.distributed.sharded_store import shard_config
+
+    tables, _ = split_floors([TableConfig("u", dim=10, chunks=2, floor_dim=2, num_embeddings=101),
+                              TableConfig("i", dim=10, chunks=2, floor_dim=2, num_embeddings=37)])
+    cfg = StoreConfig(budget_fraction=0.5)
+    routing = RowWiseRouting()
+    whole = {p.chunk_width: p.slots for p in plan_pools(tables, cfg)}
+    floor_slots, rest_slots = [], []
+    for rank in range(world):
+        _, shard = shard_config(tables, cfg, world, routing, rank)
+        owned = sum(int(np.count_nonzero(routing.owners(np.full(n, t, np.int16), np.arange(n), world) == rank))
+                    for t, n in ((0, 101), (2, 37)))  # the floor tables' indices in the store
+        floor_slots.append(shard.pool_budget_bytes[0] // (2 * 4))
+        rest_slots.append(shard.pool_budget_bytes[1] // (4 * 4))
+        assert floor_slots[-1] == owned
+    assert sum(floor_slots) == whole[2] == 138 and len(set(floor_slots)) > 1  # uneven, and every row's floor
+    assert sum(rest_slots) == pytest.approx(whole[4], abs=world)

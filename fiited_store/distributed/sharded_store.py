@@ -93,15 +93,41 @@ def shard_config(tables: Sequence[TableConfig], config: StoreConfig, world: int,
         weight = [float(w) for w in table_weights(tables)]
         share = [sum(weight[i] for i in p.tables if i in owned) / max(sum(weight[i] for i in p.tables), 1e-300)
                  for p in plans]
+    slots = [int(p.slots * f) for p, f in zip(plans, share)]
+    if owned is None and routing is not None:
+        slots = _floor_slots_by_owner(tables, config, plans, slots, routing, world, rank)
     # every pool keeps at least one slot (a pool of tables this rank holds no row of stays empty)
-    pools = tuple(max(p.chunk_width * FLOAT_BYTES, int(p.slots * f) * p.chunk_width * FLOAT_BYTES)
-                  for p, f in zip(plans, share))
+    pools = tuple(max(p.chunk_width * FLOAT_BYTES, n * p.chunk_width * FLOAT_BYTES) for p, n in zip(plans, slots))
     changes: dict[str, Any] = {"pool_budget_bytes": pools, "budget_bytes": None, "budget_fraction": None}
     cap = memory_budget(tables, config)
     if cap is not None:
         whole = sum(p.slots * p.chunk_width * FLOAT_BYTES for p in plans)
         changes.update(memory_budget_bytes=max(int(cap * sum(pools) / whole), 1), memory_budget_fraction=None)
     return shard_tables, dataclasses.replace(config, **changes)
+
+
+def _floor_slots_by_owner(tables, config, plans, slots, routing, world: int, rank: int) -> list[int]:
+    """Row-wise, a pool's floors (min_chunks, small tables, a floor_dim's floor table)
+    go to the rank that owns each declared row, not 1/W to every rank: the rows
+    hash unevenly, and a shard short of floor slots would leave rows of its own
+    without the floor that one store gives every row. The rest is shared 1/W."""
+    from ..config import table_floors
+
+    floors = table_floors(tables, config)
+    out = list(slots)
+    for g, p in enumerate(plans):
+        held = [(i, floors[i]) for i in p.tables if floors[i] and tables[i].num_embeddings]
+        if not held:
+            continue
+        mine = total = 0
+        for i, f in held:
+            n = int(tables[i].num_embeddings)
+            owners = routing.owners(np.full(n, i, np.int16), np.arange(n, dtype=np.int64), world)
+            mine += f * int(np.count_nonzero(owners == rank))
+            total += f * n
+        rest = max(p.slots - total, 0)
+        out[g] = (mine if p.slots >= total else p.slots * mine // total) + rest // world
+    return out
 
 
 @dataclass
