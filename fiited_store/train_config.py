@@ -16,16 +16,16 @@ DATASETS = ("synthetic", "mixed", "movielens", "criteo")
 #: fiited-floor: the paper's manual ratios on the chunks above a floor that every row keeps,
 #: each feature's pooled row mapped through a learned D x D matrix
 METHODS = ("dense", "small-dim", "md", "adaembed", "fiited-manual", "fiited-dynamic", "fiited-floor")
-
-
-def default_floor_dim(dim: int) -> int:
-    """fiited-floor's floor when none is given: D / 16 dimensions (2 of 32), at least one."""
-    return max(1, dim // 16)
 NORMALIZATIONS = ("none", "mean")
 READMISSIONS = ("first", "zero", "fresh")
 ON_EVICT = ("discard", "spill")
 UTILITIES = ("gradient", "access", "shared")
 SWEEP_RATIOS = (0.5, 0.625, 0.75, 0.8125, 0.875, 0.9375)
+
+
+def default_floor_dim(dim: int) -> int:
+    """fiited-floor's floor when none is given: D / 16 dimensions (2 of 32), at least one."""
+    return max(1, dim // 16)
 
 
 @dataclass(frozen=True)
