@@ -174,3 +174,24 @@ def test_each_shard_holds_the_floors_of_the_rows_it_owns(world):
         assert floor_slots[-1] == owned
     assert sum(floor_slots) == whole[2] == 138 and len(set(floor_slots)) > 1  # uneven, and every row's floor
     assert sum(rest_slots) == pytest.approx(whole[4], abs=world)
+
+
+def test_a_compiled_collection_with_floors_trains_like_the_eager_one():
+    def make():
+        return FiitedEmbeddingBagCollection(
+            [TableConfig("u", 10, chunks=2, floor_dim=2, num_embeddings=50), TableConfig("i", 8, chunks=2)],
+            store_config=StoreConfig(pruning=DynamicRatio(0.5), budget_bytes=600, prune_period=2), output="keyed")
+
+    eager, compiled = make(), make()
+    run = torch.compile(compiled)  # the floor's id repetition runs behind a graph break
+    rng = np.random.default_rng(0)
+    for _ in range(5):
+        ids = torch.from_numpy(np.concatenate([rng.integers(0, 50, 8), rng.integers(-99, 99, 4)])).long()
+        kjt = JaggedFeatures(["u", "i"], ids, torch.tensor([2, 2, 2, 2, 1, 1, 1, 1]))
+        a, b = eager(kjt), run(kjt)
+        assert a.keys() == b.keys() == ["u", "i"] and torch.equal(a.values(), b.values())
+        g = torch.from_numpy(rng.standard_normal(a.values().shape).astype(np.float32))
+        a.values().backward(g)
+        b.values().backward(g)
+    for name in ("u:floor", "u", "i"):
+        np.testing.assert_array_equal(eager.store.lookup(name, np.arange(50)), compiled.store.lookup(name, np.arange(50)))
