@@ -507,6 +507,7 @@ def plan_pools(tables: Sequence[TableConfig], config: StoreConfig) -> list[PoolP
     floor_of = {c: sum((tables[i].num_embeddings or 0) * floors[i] for i in ids) * unit[c] for c, ids in widths.items()}
     floor_total = sum(floor_of.values())
     free = max(budget - floor_total, 0)
+    pool_overhead = 8 if by_memory else 0  # a memory budget also pays each pool's free-stack count
 
     def weight(ids: list[int]) -> float:
         if total_dense is not None:  # what competes: the dense bytes outside the floors
@@ -523,14 +524,14 @@ def plan_pools(tables: Sequence[TableConfig], config: StoreConfig) -> list[PoolP
         if config.pool_budget_bytes is not None:
             share = config.pool_budget_bytes[g]
         elif floor_total:  # floors beyond the budget share it (and then rank above every utility)
-            share = (floor_of[c] * min(1.0, budget / floor_total) + (8 if by_memory and floor_of[c] else 0)
+            share = (floor_of[c] * min(1.0, budget / floor_total) + (pool_overhead if floor_of[c] else 0)
                      + (free * weight(ids) / total_weight if total_weight > 0 else 0.0))
         else:
             share = budget * weight(ids) / total_weight
         state_width, per_slot = states[c], unit[c]
-        if floor_total and share < per_slot + (8 if by_memory else 0) and weight(ids) > 0:
-            share = per_slot + (8 if by_memory else 0)  # floors that take the whole budget leave the rest one slot
-        slots = int(max(share - (8 if by_memory else 0), 0) // per_slot)
+        if floor_total and share < per_slot + pool_overhead and weight(ids) > 0:
+            share = per_slot + pool_overhead  # floors that take the whole budget leave the rest one slot
+        slots = int(max(share - pool_overhead, 0) // per_slot)
         _check(
             slots >= 1,
             f"budget of {budget} bytes leaves {int(share)} bytes for the pool of chunk width {c} "
