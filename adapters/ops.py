@@ -149,7 +149,7 @@ def pooled_backward(handle: int, token: torch.Tensor, grad_out: torch.Tensor,
         wg = store.per_sample_weight_grads(batch, g)
         weight_grad = share_output(wg).clone() if store.config.device == "cuda" else torch.from_numpy(np.asarray(wg))
     if _updates_embeddings(module):
-        store.backward(batch, g)
+        store.backward(batch, g if module._grad_scale == 1.0 else g * np.float32(module._grad_scale))
         module._pending.pop(key, None)
         module._after_backward()
     return torch.zeros(0), weight_grad

@@ -51,6 +51,8 @@ class _StoreModule(torch.nn.Module):
         self._anchor_node = torch.autograd.graph.get_gradient_edge(self._anchor).node
         self._pending: dict[int, Any] = {}
         self._handle = ops.register(self)
+        # what the store's update multiplies grad_out by (1/W for a sharded collection that divides)
+        self._grad_scale = 1.0
 
     def _after_backward(self) -> None:
         if self.auto_step:
@@ -323,8 +325,13 @@ class FiitedEmbeddingBagCollection(_StoreModule):
             row-wise over its ranks (:class:`~fiited_store.distributed.ShardedEmbeddingStore`).
             Every rank then calls the module together (forward and backward are
             collectives); give the embeddings a group of their own and train the
-            dense part under DDP. Gradients of one row from several ranks add up,
-            as TorchRec's do.
+            dense part under DDP.
+        gradient_division: with ``process_group``, divide the gradients by the world
+            size before they update the store (the default, as DDP does for the dense
+            part and TorchRec for its embeddings), so that W ranks that each take the
+            mean loss of their B samples update a row as one process with the mean loss
+            of all W * B would. Off, the gradients of one row from several ranks add
+            up, W times those of one process.
         exact: with ``process_group``, send one gradient row per occurrence so that
             the result equals one store fed the global batch, bit for bit.
 
@@ -351,7 +358,8 @@ class FiitedEmbeddingBagCollection(_StoreModule):
     def __init__(self, tables: Sequence[Any], is_weighted: bool = False, device: Any = None, *,
                  store_config: StoreConfig | None = None, feature_to_table: Mapping[str, str] | None = None,
                  mode: str | None = None, output: str = "keyed", chunks: int | Mapping[str, int] = 4,
-                 path: Any = None, auto_step: bool = True, process_group: Any = None, exact: bool = False):
+                 path: Any = None, auto_step: bool = True, process_group: Any = None, exact: bool = False,
+                 gradient_division: bool = True):
         if isinstance(is_weighted, StoreConfig):
             raise ConfigError("the second positional argument is is_weighted (TorchRec's order); "
                               "pass the StoreConfig as store_config=...")
@@ -384,6 +392,8 @@ class FiitedEmbeddingBagCollection(_StoreModule):
         else:
             store = EmbeddingStore(store_tables, _store_config_on(store_config, device), path=path)
         super().__init__(store, auto_step)
+        if process_group is not None and gradient_division:
+            self._grad_scale = 1.0 / store.world
         self.tables = configs
         self.is_weighted = bool(is_weighted)
         self.mode = mode

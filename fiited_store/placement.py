@@ -42,6 +42,13 @@ def missing_chunks(store, entries, group: int, known=None):
     return miss_e[:n], miss_k[:n]
 
 
+def local_cutoff(ranks: np.ndarray, slots: int) -> np.uint64:
+    """The rank of the ``slots``-th best of one pool's passing chunks: the chunks at or
+    above it keep or take the slots when more pass than the pool holds."""
+    n = ranks.shape[0]
+    return np.partition(ranks, n - slots)[n - slots]
+
+
 def prune_pool(store, pool: ChunkPool, entries_per_table: np.ndarray) -> dict[str, Any]:
     """Algorithm 1 over one pool. ``entries_per_table`` counts the whole store's entries
     (every shard's, for a shard of a sharded store), so every early return below is
@@ -89,14 +96,20 @@ def prune_pool(store, pool: ChunkPool, entries_per_table: np.ndarray) -> dict[st
     keep, cand, drop, ev_e, ev_k, al_e, al_k = k.prune_lists(
         ea.row_base, ea.seen, ea.table_ids, ea.addr, ea.util, m["table_chunks"], m["table_group"], g, thr_d,
         block_counts)
-    use_cutoff = keep + cand > pool.slots
-    n_ev, n_al = drop, cand
-    if use_cutoff:
+    def ranks():
         comp = b.empty(keep + cand, np.uint64)
         n_c = int(k.prune_composites(ea.row_base, ea.seen, ea.keys, ea.table_ids, ea.addr, ea.util, m["table_chunks"],
                                      m["table_group"], g, thr_d, block_counts, comp))
-        host = b.to_host(comp[:n_c])
-        cutoff = np.partition(host, n_c - pool.slots)[n_c - pool.slots]
+        return b.to_host(comp[:n_c])
+
+    if store.collective is not None:
+        # a shard: the cutoff is the whole store's (see distributed.global_pools)
+        use_cutoff, cutoff, info["shard_bound"] = store.collective.prune_cutoff(g, keep + cand, pool.slots, ranks)
+    else:
+        use_cutoff = keep + cand > pool.slots
+        cutoff = local_cutoff(ranks(), pool.slots) if use_cutoff else None
+    n_ev, n_al = drop, cand
+    if use_cutoff:
         n_res = keep + drop
         ev_e, ev_k = b.empty(max(n_res, 1), np.int64), b.empty(max(n_res, 1), np.int64)
         al_e, al_k = b.empty(max(cand, 1), np.int64), b.empty(max(cand, 1), np.int64)

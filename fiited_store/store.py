@@ -324,7 +324,9 @@ class EmbeddingStore:
         self._generation += 1
         self.counters.rehashes += 1
 
-    def _resolve(self, q_tables, ids, insert: bool, new_out: list | None = None):
+    def _resolve(self, q_tables, ids, insert: bool, new_out: list | None = None, limits: Sequence[int] | None = None):
+        """Entries of the keys; training inserts the unseen ones, first occurrence
+        first, and gives their chunks free slots (at most ``limits[g]`` in pool g)."""
         entries, n_missing, n_hashed = self.entries.find_counted(q_tables, ids)
         if not insert or n_missing == 0:
             return entries
@@ -345,6 +347,7 @@ class EmbeddingStore:
                     new, ea.row_base, ea.seen, ea.keys, ea.table_ids, ea.addr,
                     m["table_chunks"], m["table_group"], pool.plan.group, a.vectors, a.opt_state, a.owner,
                     a.free_stack, a.n_free, self.config.seed, m["table_init_kind"], m["table_init_scale"], self.kmax,
+                    pool.slots if limits is None else int(limits[pool.plan.group]),
                 )
                 self.counters.initialised_chunks += int(n)
         return entries

@@ -89,10 +89,12 @@ def check_same(a, b, exact: bool, what: str):
         np.testing.assert_allclose(a, b, rtol=2e-5, atol=2e-6, err_msg=what)
 
 
-def _train_and_compare(rank, world, exact: bool, steps: int = 8, routing: str = "row"):
-    cfg = config()
+def _train_and_compare(rank, world, exact: bool, steps: int = 8, routing: str = "row", cfg: StoreConfig | None = None,
+                       on_step=None, pool_slack: float | None = None):
+    cfg = cfg if cfg is not None else config()
     single = EmbeddingStore(TABLES, cfg)
-    sharded = ShardedEmbeddingStore(TABLES, cfg, exact=exact, routing=routing)
+    slack = {} if pool_slack is None else {"pool_slack": pool_slack}
+    sharded = ShardedEmbeddingStore(TABLES, cfg, exact=exact, routing=routing, **slack)
     assert (sharded.rank, sharded.world) == (rank, world)
     for step in range(steps):
         parts = [rank_batch(step, r, bags_of(step, r)) for r in range(world)]
@@ -102,6 +104,8 @@ def _train_and_compare(rank, world, exact: bool, steps: int = 8, routing: str = 
         mode = "mean" if kind == "mean" else "sum"
         w_local = weights if kind == "weighted" else None
         w_global = g_w if kind == "weighted" else None
+        if on_step is not None:
+            on_step(single, sharded, "before")
         mine = sharded.pooled_lookup(FEATURES, ids, offsets_of(lengths), w_local, mode, train=True)
         ref = single.pooled_lookup(FEATURES, g_ids, offsets_of(g_len), w_global, mode, train=True)
         start = sum(bags_of(step, r) for r in range(rank))
@@ -116,6 +120,8 @@ def _train_and_compare(rank, world, exact: bool, steps: int = 8, routing: str = 
             np.testing.assert_allclose(wg_mine, wg_ref[pos], rtol=1e-5, atol=1e-6)
         sharded.backward(mine, grad)
         single.backward(ref, g_grad)
+        if on_step is not None:
+            on_step(single, sharded, "after")
         sharded.step()
         single.step()
     return single, sharded
@@ -156,6 +162,91 @@ def scenario_table_wise_exact_equals_single_store(rank, world, scratch: Path):
     held = sharded.shard.stats()["tables"]
     assert all((held[t.name]["entries"] > 0) == (i in owned) for i, t in enumerate(TABLES))
     _compare_state(single, sharded, rank, world, exact=True)
+
+
+def scenario_tight_pool_exact_equals_single_store(rank, world, scratch: Path):
+    """A pool of 180 slots for 1,880 chunks: new keys take the last free slots in the
+    global batch's order, and the late prunes are over-subscribed. The shards decide
+    both as one store does (global_pools), so they still equal it bit for bit; left
+    to their own 1/W of the slots, they would not. Rows this few hash unevenly (one
+    shard of two wanted 104 of the 180 slots), so the shards get half their share
+    as slack here; the default 1/16 is for pools of thousands of slots and more."""
+    cfg = config(budget_bytes=180 * 4 * 4, prune_period=2)
+    free = {"before": 0, "cuts": 0}
+
+    def on_step(single, sharded, when):
+        n_free = single.pools[0].n_free
+        if when == "before":
+            free["before"] = n_free
+        elif free["before"] and n_free == 0:  # this batch's new keys took the last free slots
+            free["cuts"] += 1
+
+    single, sharded = _train_and_compare(rank, world, exact=True, steps=12, cfg=cfg, on_step=on_step, pool_slack=0.5)
+    _compare_state(single, sharded, rank, world, exact=True)
+    for _ in range(2):  # prunes on their own, with no lookups between them
+        s_rep, r_rep = sharded.prune()["pools"][0], single.prune()["pools"][0]
+        assert r_rep["oversubscribed"], r_rep
+        assert not s_rep.get("shard_bound", False), s_rep
+    assert free["cuts"] >= 2, free
+    for name, ids in all_keys().items():
+        check_same(sharded.lookup(name, ids), single.lookup(name, ids), True, f"rows of {name} after the prunes")
+
+
+def scenario_tight_pool_without_slack_stays_in_budget(rank, world, scratch: Path):
+    """With no slack a hot shard's own pool binds: the store then differs from one
+    store, says so (``shard_bound``), and still never holds more than the budget."""
+    sharded = ShardedEmbeddingStore(TABLES, config(budget_bytes=180 * 4 * 4, prune_period=0), pool_slack=0.0)
+    bound = 0
+    for step in range(12):
+        lengths, ids, _, grad = rank_batch(step, rank, bags_of(step, rank))
+        batch = sharded.pooled_lookup(FEATURES, ids, offsets_of(lengths), train=True)
+        sharded.backward(batch, grad)
+        sharded.step()
+        if step % 2:
+            bound += int(sharded.prune()["pools"][0].get("shard_bound", False))
+        used = sharded.shard.pools[0].slots - sharded.shard.pools[0].n_free
+        assert int(sharded.exchange.sum(np.array([used]))[0]) <= 180, step
+    bound = int(sharded.exchange.sum(np.array([bound]))[0])
+    assert (bound > 0) == (world > 1), bound
+
+
+def scenario_collection_divides_gradients_as_ddp(rank, world, scratch: Path):
+    """Each rank takes the mean loss of its own samples, as under DDP; the sharded
+    collection divides the gradients by W, so rows train as in one process that
+    takes the mean loss of the global batch (bit for bit when W is a power of two)."""
+    import torch
+
+    from fiited_store.adapters import FiitedEmbeddingBagCollection, JaggedFeatures
+
+    tables = TABLES[:2]
+    keys = ["user", "item"]
+
+    def make(group):
+        return FiitedEmbeddingBagCollection(tables, store_config=config(), output="concat",
+                                            process_group=group, exact=True)
+
+    sharded, single = make(torch.distributed.group.WORLD), make(None)
+    w = torch.linspace(-1, 1, 24)
+    per = 4
+    for step in range(6):
+        rng = np.random.default_rng([5, step])
+        lengths = rng.integers(1, 3, size=(2, per * world))
+        ids = [rng.integers(0, 40 if f == 0 else 300, int(lengths[f].sum())) for f in range(2)]
+
+        def features(lo, hi):
+            vals = [ids[f][int(lengths[f, :lo].sum()):int(lengths[f, :hi].sum())] for f in range(2)]
+            return JaggedFeatures(keys, torch.from_numpy(np.concatenate(vals)),
+                                  torch.from_numpy(lengths[:, lo:hi].reshape(-1).copy()))
+
+        ((sharded(features(rank * per, (rank + 1) * per)) * w).sum(1) ** 2).mean().backward()
+        ((single(features(0, per * world)) * w).sum(1) ** 2).mean().backward()
+    for name, n in (("user", 40), ("item", 300)):
+        got, want = sharded.store.lookup(name, np.arange(n)), single.store.lookup(name, np.arange(n))
+        if world & (world - 1) == 0:
+            np.testing.assert_array_equal(got, want, err_msg=name)
+        else:  # 1/3 rounds
+            np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-6, err_msg=name)
+    assert sharded._grad_scale == 1.0 / world
 
 
 def scenario_deduplicated_matches_single_store(rank, world, scratch: Path):

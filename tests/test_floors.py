@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import math
+
 import numpy as np
 import pytest
 import torch
@@ -166,7 +168,10 @@ def test_each_shard_holds_the_floors_of_the_rows_it_owns(world):
     whole = {p.chunk_width: p.slots for p in plan_pools(tables, cfg)}
     floor_slots, rest_slots = [], []
     for rank in range(world):
-        _, shard = shard_config(tables, cfg, world, routing, rank)
+        _, shard = shard_config(tables, cfg, world, routing, rank, pool_slack=0.0)
+        _, slack = shard_config(tables, cfg, world, routing, rank)  # the default: 1/16 more, for the global cutoff
+        for width, plain, more in zip((2 * 4, 4 * 4), shard.pool_budget_bytes, slack.pool_budget_bytes):
+            assert more // width == plain // width + math.ceil(plain // width / 16)
         owned = sum(int(np.count_nonzero(routing.owners(np.full(n, t, np.int16), np.arange(n), world) == rank))
                     for t, n in ((0, 101), (2, 37)))  # the floor tables' indices in the store
         floor_slots.append(shard.pool_budget_bytes[0] // (2 * 4))

@@ -3,6 +3,7 @@
 - :mod:`.routing`: which rank owns a key (row-wise by virtual buckets, or table-wise);
 - :mod:`.exchange`: the collectives, over numpy arrays;
 - :mod:`.owner`: the owner's half of a lookup and of a backward pass;
+- :mod:`.global_pools`: the shards' pools run as one store's (prune cutoff, admission);
 - :mod:`.sharded_store`: the front, :class:`ShardedEmbeddingStore`;
 - :mod:`.checkpoint`: per-shard checkpoints under one global manifest;
 - :mod:`.batches`: end-of-data agreement across ranks.

@@ -71,7 +71,10 @@ class MeteredExchange:
     def max(self, values):
         return self._timed(np.asarray(values).nbytes, self.inner.max, values)
 
-    def __getattr__(self, name):  # gathers at prune time, barriers: not metered
+    def all_gather_rows(self, rows):  # the prune's samples; new keys while the pool fills
+        return self._timed(rows.nbytes, self.inner.all_gather_rows, rows)
+
+    def __getattr__(self, name):  # objects (stats), barriers: not metered
         return getattr(self.inner, name)
 
 

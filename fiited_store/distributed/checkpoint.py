@@ -71,6 +71,9 @@ def read_sharded_manifest(path: str | Path) -> dict[str, Any]:
     if not isinstance(shards, list) or len(shards) != doc.get("world_size"):
         raise CorruptStoreError(f"{f} lists {len(shards) if isinstance(shards, list) else shards!r} shards for "
                                 f"world_size {doc.get('world_size')!r}")
+    slack = doc.setdefault("pool_slack", 0.0)  # manifests before it had none: shards without slack
+    if isinstance(slack, bool) or not isinstance(slack, (int, float)) or not (0 <= slack < float("inf")):
+        raise CorruptStoreError(f"{f} has pool_slack {slack!r}; it must be a finite number >= 0")
     return doc
 
 
@@ -113,6 +116,7 @@ def save_sharded(store, path: str | Path | None = None) -> Path:
         doc = {
             "format": FORMAT, "format_version": FORMAT_VERSION, "world_size": world,
             "routing": store.routing.to_json(), "config": config_to_json(store.tables, store.config),
+            "pool_slack": store.pool_slack,
             "step": store.shard.step_count, "prune_round": store.shard._prune_round,
             "shards": [{"rank": r, "dir": shard_dir_name(world, r), "checkpoint": names[r],
                         **store.routing.shard_json(r, world)} for r in range(world)],
@@ -154,11 +158,12 @@ def open_sharded(path: str | Path, mode: str = "r", *, process_group: Any = None
         tables, config = config_from_json(doc["config"])
         routing = routing_from_json(doc["routing"])
         routing.check_world(ex.world)
+        slack = float(doc["pool_slack"])
         if doc["world_size"] == ex.world:
             entry = doc["shards"][ex.rank]
             shard = open_store(path / entry["dir"], mode, checkpoint=entry["checkpoint"])
         else:
-            shard = reshard(path, doc, tables, config, routing, ex.rank, ex.world, mode)
+            shard = reshard(path, doc, tables, config, routing, ex.rank, ex.world, mode, slack)
     except (FiitedError, OSError) as exc:
         error = exc
     try:
@@ -167,16 +172,17 @@ def open_sharded(path: str | Path, mode: str = "r", *, process_group: Any = None
         if shard is not None:
             shard.close()
         raise
-    return ShardedEmbeddingStore(tables, config, routing=routing, exact=exact, path=path, _shard=shard, _exchange=ex)
+    return ShardedEmbeddingStore(tables, config, routing=routing, exact=exact, path=path, pool_slack=slack,
+                                 _shard=shard, _exchange=ex)
 
 
-def reshard(path: Path, doc: dict, tables, config, routing, rank: int, world: int, mode: str):
+def reshard(path: Path, doc: dict, tables, config, routing, rank: int, world: int, mode: str, pool_slack: float):
     """This rank's shard of a world of ``world``, built from the saved shards of another size."""
     from ..store import EmbeddingStore
     from ..storage.checkpoint import open_store
     from .sharded_store import shard_config
 
-    shard_tables, shard_cfg = shard_config(tables, config, world, routing, rank)
+    shard_tables, shard_cfg = shard_config(tables, config, world, routing, rank, pool_slack)
     target = None
     if mode == "r+":
         target = path / shard_dir_name(world, rank)

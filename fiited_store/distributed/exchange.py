@@ -107,11 +107,11 @@ class TorchExchange(LocalExchange):
         return self._reduce(values, self._dist.ReduceOp.MAX)
 
     def all_gather_rows(self, rows: np.ndarray) -> np.ndarray:
-        """Every rank's rows (float32[n_r, w]), concatenated in rank order."""
+        """Every rank's rows (float32 or int64 [n_r, w]), concatenated in rank order."""
         sizes = np.empty(self.world, np.int64)
         self._gather(self._t(sizes), self._t(np.array([rows.shape[0]], np.int64)), group=self.group)
         n = int(sizes.max())
-        padded = np.full((n,) + rows.shape[1:], np.nan, rows.dtype)
+        padded = np.zeros((n,) + rows.shape[1:], rows.dtype)
         padded[:rows.shape[0]] = rows
         out = np.empty((self.world * n,) + rows.shape[1:], rows.dtype)
         self._gather(self._t(out), self._t(padded), group=self.group)

@@ -19,15 +19,20 @@ class OwnerRows(NamedTuple):
 
 
 def owner_rows(store, q_tables: np.ndarray, ids: np.ndarray, train: bool, rows: np.ndarray,
-               row_start: np.ndarray) -> OwnerRows:
+               row_start: np.ndarray, order: np.ndarray | None = None, limits: np.ndarray | None = None) -> OwnerRows:
     """Find (and when training, insert) the keys, and gather their rows into
     ``rows[row_start[i] : + the key's dim]`` (float32; zeros where a chunk is absent).
 
     Training inserts unseen keys as a single store's training lookup does (their
-    chunks take free slots, or start absent when the pool is full) and, in cache
-    mode, makes every chunk of the keys resident."""
+    chunks take free slots, or start absent when the pool is full), in ``order``
+    and giving at most ``limits[g]`` slots of pool g (see ``GlobalPools.admission``),
+    and, in cache mode, makes every chunk of the keys resident."""
     new: list = []
-    entries = store._resolve(q_tables, ids, insert=train, new_out=new)
+    if order is None:
+        entries = store._resolve(q_tables, ids, insert=train, new_out=new, limits=limits)
+    else:
+        entries = np.empty(ids.shape[0], np.int64)
+        entries[order] = store._resolve(q_tables[order], ids[order], insert=train, new_out=new, limits=limits)
     new_entries = new[0] if new else np.empty(0, np.int64)
     if store.config.mode == "cache" and train and entries.shape[0]:
         try:

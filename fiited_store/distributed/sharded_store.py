@@ -14,7 +14,10 @@ keys route to it (:mod:`.routing`), and serves lookups of every rank:
   gradient on any rank raises :class:`NonFiniteGradientError` on every rank before
   anything changes;
 - **prune**: the shards' entry counts are summed and their sampled utilities
-  gathered, so every rank computes the same thresholds as one store would.
+  gathered, so every rank computes the same thresholds as one store would;
+- **the pool as one**: the cutoff of an over-subscribed prune and the free slots
+  that new keys take are decided for the whole store (:mod:`.global_pools`), so a
+  full budget is shared as one store shares it, not 1/W per shard.
 
 Every verb is a collective: every rank calls it, in the same order, with its own
 batch (possibly empty). Errors in one rank's input are agreed on in the exchanges
@@ -39,6 +42,7 @@ Example (one process, no process group: a world of one)::
 from __future__ import annotations
 
 import dataclasses
+import math
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Sequence
@@ -62,6 +66,7 @@ from ..inputs import request_arrays
 from ..kernels import cpu as host_kernels
 from . import owner
 from .exchange import KeyExchange, exchange_for, segment_sums, starts_of
+from .global_pools import MAX_FEATURES, POOL_SLACK, GlobalPools, pack_key_places, unpack_key_places
 from .routing import RowWiseRouting, TableWiseRouting, table_weights
 
 # what a rank reports in the flag exchange of a backward pass
@@ -69,13 +74,14 @@ _OK, _NONFINITE, _OVERFLOW, _REFUSED = 0, 1, 2, 3
 
 
 def shard_config(tables: Sequence[TableConfig], config: StoreConfig, world: int, routing: Any = None,
-                 rank: int = 0):
+                 rank: int = 0, pool_slack: float = POOL_SLACK):
     """The tables and config of shard ``rank`` of ``world``.
 
     Row-wise, every table is on the hashed index (a shard holds a scattered subset
     of each table's rows) and each pool gets 1/W of its global budget. Table-wise,
     the tables a rank owns keep their index kind, the others (which it never holds
-    a row of) are hashed, and each pool gets its owned tables' share. A world of one
+    a row of) are hashed, and each pool gets its owned tables' share. Either way a
+    pool holds ``pool_slack`` more than its share. A world of one
     keeps the store as configured: its one shard is the whole store."""
     from ..config import memory_budget
 
@@ -96,6 +102,9 @@ def shard_config(tables: Sequence[TableConfig], config: StoreConfig, world: int,
     slots = [int(p.slots * f) for p, f in zip(plans, share)]
     if owned is None and routing is not None:
         slots = _floor_slots_by_owner(tables, config, plans, slots, routing, world, rank)
+    # room for the slots that the store-wide cutoff and admission give a shard whose
+    # rows run hotter than its share (global_pools)
+    slots = [n + math.ceil(n * pool_slack) for n in slots]
     # every pool keeps at least one slot (a pool of tables this rank holds no row of stays empty)
     pools = tuple(max(p.chunk_width * FLOAT_BYTES, n * p.chunk_width * FLOAT_BYTES) for p, n in zip(plans, slots))
     changes: dict[str, Any] = {"pool_budget_bytes": pools, "budget_bytes": None, "budget_fraction": None}
@@ -177,11 +186,17 @@ class ShardedEmbeddingStore:
             one summed row per distinct key (float tolerance).
         path: a directory for the shards (``shard-00000`` ...), their tiers and
             checkpoints; the same path on every rank.
+        pool_slack: each shard's pools hold this fraction more than their share of
+            the budget (default 1/16), so that a shard whose rows run hotter than
+            1/W can take the slots the store-wide decisions give it
+            (:mod:`.global_pools`); past it, that shard's own pool binds and the
+            store differs from one store there (a prune reports ``shard_bound``).
     """
 
     def __init__(self, tables: Sequence[TableConfig], config: StoreConfig | None = None, *,
                  process_group: Any = None, routing: RowWiseRouting | None = None, exact: bool = False,
-                 path: str | Path | None = None, _shard: Any = None, _exchange: Any = None):
+                 path: str | Path | None = None, pool_slack: float = POOL_SLACK, _shard: Any = None,
+                 _exchange: Any = None):
         from ..store import EmbeddingStore
 
         self.config = config if config is not None else StoreConfig()
@@ -197,11 +212,15 @@ class ShardedEmbeddingStore:
         self.routing = routing
         self.routing.check_world(self.world)
         self.exact = bool(exact)
+        if not (math.isfinite(pool_slack) and pool_slack >= 0):
+            raise ConfigError(f"pool_slack must be a finite number >= 0, got {pool_slack!r}")
+        self.pool_slack = float(pool_slack)
         self.path = Path(path) if path is not None else None
         if _shard is not None:
             self.shard = _shard
         else:
-            shard_tables, shard_cfg = shard_config(self.tables, self.config, self.world, self.routing, self.rank)
+            shard_tables, shard_cfg = shard_config(self.tables, self.config, self.world, self.routing, self.rank,
+                                                   self.pool_slack)
             from .checkpoint import is_sharded, shard_dir_name
 
             if self.path is not None and is_sharded(self.path):
@@ -209,7 +228,9 @@ class ShardedEmbeddingStore:
                                   f"ShardedEmbeddingStore.open({str(self.path)!r}, 'r+')")
             self.shard = EmbeddingStore(shard_tables, shard_cfg, path=None if self.path is None
                                         else self.path / shard_dir_name(self.world, self.rank))
-        self.shard.collective = self.exchange
+        # the shards' pools act as the one pool of a single store (cutoff, admission)
+        self.pools = GlobalPools(self.exchange, [p.slots for p in plan_pools(self.tables, self.config)])
+        self.shard.collective = self.pools
         self._dims = np.array([t.dim for t in self.tables], np.int64)
         # ids of a declared table must lie in [0, num_embeddings), as a single store's direct index checks
         self._id_limit = np.array([t.num_embeddings if t.direct else np.iinfo(np.int64).max for t in self.tables],
@@ -262,6 +283,8 @@ class ShardedEmbeddingStore:
                 self.shard._check_writable()
             feature_tables = self._features(features)
             F = feature_tables.shape[0]
+            if F > MAX_FEATURES:  # a key's first feature travels in 16 bits (global_pools)
+                raise InputShapeError(f"a sharded lookup takes at most {MAX_FEATURES} features, got {F}")
             ids_h, offsets_h, weights_h = request_arrays(self.shard.backend, ids, offsets, per_sample_weights, F,
                                                          mode, own=train or per_sample_weights is not None)
             nnz = ids_h.shape[0]
@@ -283,7 +306,11 @@ class ShardedEmbeddingStore:
             key_owner = self.routing.owners(key_tables, key_ids, W)
             send_order = np.argsort(key_owner, kind="stable")
             send_counts = np.bincount(key_owner, minlength=W).astype(np.int64)
-            keys = np.stack([key_tables[send_order].astype(np.int64), key_ids[send_order]], axis=1)
+            # each key's table travels with its place in this rank's batch, which the
+            # owner needs to admit new keys in one store's order
+            key_features = np.searchsorted(offsets_h[::B] if B else np.zeros(1, np.int64), first[:U], side="right") - 1
+            places = pack_key_places(key_tables, key_features)
+            keys = np.stack([places[send_order], key_ids[send_order]], axis=1)
         else:
             send_counts, keys = np.zeros(W, np.int64), np.empty((0, 2), np.int64)
         # the refusal rides in the keys' header, so every owner learns of it
@@ -292,7 +319,8 @@ class ShardedEmbeddingStore:
             raise local_error
         if refused_by.size:
             raise self._refused_by_peer(refused_by, "its batch")
-        recv_tables = np.ascontiguousarray(recv[:, 0]).astype(np.int16)
+        src = np.repeat(np.arange(W), recv_counts)
+        recv_tables, recv_places = unpack_key_places(np.ascontiguousarray(recv[:, 0]), src)
         recv_ids = np.ascontiguousarray(recv[:, 1])
         # the owner's half, written straight into what it sends back: per requesting rank
         # a status float (its failure: a full index, a pool too small in cache mode),
@@ -300,12 +328,14 @@ class ShardedEmbeddingStore:
         recv_dims = self._dims[recv_tables]
         seg_rows = segment_sums(recv_dims, recv_counts)
         seg_start = starts_of(seg_rows + 1)
-        src = np.repeat(np.arange(W), recv_counts)
         row_start = starts_of(recv_dims) + (seg_start + 1 - starts_of(seg_rows))[src]
         back = np.empty(int(seg_rows.sum()) + W, np.float32)
         back[seg_start] = 0.0
+        # a collective on every rank alike (train is agreed), so outside the try below
+        order, limits = (self.pools.admission(self.shard, recv_tables, recv_ids, recv_places) if train
+                         else (None, None))
         try:
-            got = owner.owner_rows(self.shard, recv_tables, recv_ids, train, back, row_start)
+            got = owner.owner_rows(self.shard, recv_tables, recv_ids, train, back, row_start, order, limits)
         except FiitedError as exc:
             local_error, got = exc, None
             back[seg_start] = 1.0
@@ -316,6 +346,7 @@ class ShardedEmbeddingStore:
         rows = self.exchange.all_to_all(back, seg_rows + 1, want)
         statuses = rows[starts_of(want)]
         if (statuses != 0).any():
+            self.pools.free = None  # every rank is here: count the free slots again
             if got is not None:
                 owner.forget(self.shard, got.new)
             if local_error is not None:
@@ -495,6 +526,7 @@ class ShardedEmbeddingStore:
                               f"shard {self.rank} of {self.world} ({self.routing.n_buckets} buckets): reshard "
                               f"through save() and open() instead")
         self.shard.import_state({k: v for k, v in arrays.items() if k != "meta.shard"})
+        self.pools.free = None
 
     # ------------------------------------------------------------------ persistence
     def save(self, path: str | Path | None = None) -> Path:

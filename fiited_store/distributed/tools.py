@@ -152,7 +152,7 @@ def reshard_offline(path: Path, world: int, progress: bool = False) -> dict[str,
     routing.check_world(world)
 
     def one(rank):
-        shard = reshard(path, doc, tables, config, routing, rank, world, "r+")
+        shard = reshard(path, doc, tables, config, routing, rank, world, "r+", float(doc["pool_slack"]))
         try:
             name = save_store(shard, path / shard_dir_name(world, rank)).name
             return name, shard.entries.n_live

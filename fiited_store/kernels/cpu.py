@@ -504,8 +504,10 @@ def erase_entries(entries, row_base, seen, table_ids, addr, util, owner, free_st
 
 @njit(**_JIT)
 def admit_new_chunks(new_entries, row_base, seen, keys, table_ids, addr, table_chunks, table_group, group, vectors, opt_state,
-                     owner, free_stack, n_free, seed, table_init_kind, table_init_scale, kmax):
-    """Give free slots to the chunks of new keys, in first-occurrence order, while any remain."""
+                     owner, free_stack, n_free, seed, table_init_kind, table_init_scale, kmax, limit):
+    """Give free slots to the chunks of new keys, in first-occurrence order, while any
+    remain and fewer than ``limit`` were given (a shard admits its share of the
+    whole store's free slots, not every slot it holds)."""
     c = vectors.shape[1]
     itab = init_table(seed, kmax, c)
     admitted = 0
@@ -516,7 +518,7 @@ def admit_new_chunks(new_entries, row_base, seen, keys, table_ids, addr, table_c
             continue
         kh = key_hash(t, entry_key(e, t, row_base, keys))
         for k in range(table_chunks[t]):
-            if n_free[0] == 0:
+            if n_free[0] == 0 or admitted == limit:
                 return admitted
             n_free[0] -= 1
             s = free_stack[n_free[0]]

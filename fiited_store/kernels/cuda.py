@@ -619,8 +619,8 @@ def _group_chunks_kernel(new_entries, row_base, seen, table_ids, table_chunks, t
 
 
 @cuda.jit(cache=True)
-def _admit_kernel(new_entries, row_base, seen, keys, table_ids, addr, want, cum, top, vectors, opt_state, owner, free_stack, itab,
-                  table_init_kind, table_init_scale):
+def _admit_kernel(new_entries, row_base, seen, keys, table_ids, addr, want, cum, top, bound, vectors, opt_state, owner, free_stack,
+                  itab, table_init_kind, table_init_scale):
     r = cuda.grid(1)
     if r >= new_entries.shape[0] or want[r] == 0:
         return
@@ -630,7 +630,7 @@ def _admit_kernel(new_entries, row_base, seen, keys, table_ids, addr, want, cum,
     kh = key_hash(t, entry_key(e, t, row_base, keys))
     for k in range(want[r]):
         idx = start + k
-        if idx >= top:
+        if idx >= bound:
             return
         s = free_stack[top - 1 - idx]
         addr[e, k] = s
@@ -648,8 +648,9 @@ def _set_scalar_kernel(a, value):
 
 
 def admit_new_chunks(new_entries, row_base, seen, keys, table_ids, addr, table_chunks, table_group, group, vectors, opt_state,
-                     owner, free_stack, n_free, seed, table_init_kind, table_init_scale, kmax):
-    """First-occurrence order, entry-major, while free slots remain: as on the CPU."""
+                     owner, free_stack, n_free, seed, table_init_kind, table_init_scale, kmax, limit):
+    """First-occurrence order, entry-major, while free slots remain and fewer than
+    ``limit`` were given: as on the CPU."""
     n = new_entries.shape[0]
     if n == 0:
         return 0
@@ -658,10 +659,10 @@ def admit_new_chunks(new_entries, row_base, seen, keys, table_ids, addr, table_c
     cum = inclusive_scan(want, n)
     total = int(cum[n - 1:n].copy_to_host()[0])
     top = _scalar(n_free)
-    admitted = min(total, top)
+    admitted = min(total, top, limit)
     if admitted:
-        _admit_kernel[_grid(n)](new_entries, row_base, seen, keys, table_ids, addr, want, cum, top, vectors, opt_state, owner, free_stack,
-                                _init_table(seed, kmax, vectors.shape[1]), table_init_kind, table_init_scale)
+        _admit_kernel[_grid(n)](new_entries, row_base, seen, keys, table_ids, addr, want, cum, top, admitted, vectors, opt_state,
+                                owner, free_stack, _init_table(seed, kmax, vectors.shape[1]), table_init_kind, table_init_scale)
         _set_scalar_kernel[1, 1](n_free, top - admitted)
     return admitted
 
