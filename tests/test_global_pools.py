@@ -8,7 +8,7 @@ import numpy as np
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from fiited_store.distributed.global_pools import pack_key_places, select_largest, unpack_key_places
+from fiited_store.distributed.global_pools import pack_key_places, places_of, select_largest, tables_of
 from fiited_store.placement import local_cutoff
 from tests.test_key_exchange import ThreadExchange, ThreadWorld
 
@@ -68,11 +68,12 @@ def test_select_largest_is_the_kth_largest_of_every_rank_together(parts, data):
 def test_key_places_sort_as_feature_then_rank_then_position(keys, source):
     tables = np.array([t for t, _ in keys], np.int16)
     features = np.array(sorted(f for _, f in keys), np.int64)  # a rank's distinct keys: features ascending
-    got_tables, places = unpack_key_places(pack_key_places(tables, features), np.full(len(keys), source))
-    np.testing.assert_array_equal(got_tables, tables)
+    packed = pack_key_places(tables, features)
+    np.testing.assert_array_equal(tables_of(packed), tables)
+    places = places_of(packed, np.full(len(keys), source))
     assert (np.diff(places) > 0).all()
     # a key of an earlier feature comes first whatever its rank; within a feature, the lower rank
-    _, other = unpack_key_places(pack_key_places(tables[:1], features[:1] + 1), np.zeros(1))
+    other = places_of(pack_key_places(tables[:1], features[:1] + 1), np.zeros(1))
     assert other[0] > places[0]
-    _, later_rank = unpack_key_places(pack_key_places(tables[:1], features[:1]), np.full(1, source + 1))
+    later_rank = places_of(pack_key_places(tables[:1], features[:1]), np.full(1, source + 1))
     assert places[0] < later_rank[0] < other[0]

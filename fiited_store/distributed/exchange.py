@@ -159,6 +159,7 @@ class KeyExchange:
 
     def __init__(self) -> None:
         self.capacity = 0  # keys per rank in the fixed message; 0: the header alone
+        self.most = 0      # the most keys any rank sent any rank in the last exchange
 
     def exchange(self, exchange: LocalExchange, keys: np.ndarray, send_counts: np.ndarray, refused: bool):
         """Send ``keys`` (int64[U, 2], grouped by destination rank, ``send_counts[r]`` for
@@ -179,6 +180,7 @@ class KeyExchange:
         got = exchange.all_to_all(msg, ones, ones)
         recv_counts = np.ascontiguousarray(got[:, 0])
         most = int(got[:, 1].max())
+        self.most = most
         refused_by = np.flatnonzero(got[:, 2])
         self.capacity = most + most // 8
         if refused_by.size:

@@ -32,7 +32,7 @@ and the sharded store then differs from one store in that pool.
 
 from __future__ import annotations
 
-from typing import Any, Callable, Sequence
+from typing import Callable, Sequence
 
 import numpy as np
 
@@ -55,13 +55,17 @@ def pack_key_places(tables: np.ndarray, features: np.ndarray) -> np.ndarray:
         | (index << (_TABLE_BITS + _FEATURE_BITS))
 
 
-def unpack_key_places(packed: np.ndarray, sources: np.ndarray):
-    """(int16 tables, int64 places): a received key's table, and its place in the global
-    batch as one sortable int64: feature, then sending rank, then the sender's index."""
-    tables = (packed & 0xFFFF).astype(np.int16)
+def tables_of(packed: np.ndarray) -> np.ndarray:
+    """int16[n]: the tables of received keys."""
+    return (packed & 0xFFFF).astype(np.int16)
+
+
+def places_of(packed: np.ndarray, sources: np.ndarray) -> np.ndarray:
+    """int64[n]: each received key's place in the global batch as one sortable int64:
+    its feature, then the rank that sent it, then its index among that rank's keys."""
     feature = (packed >> _TABLE_BITS) & 0xFFFF
     index = packed >> (_TABLE_BITS + _FEATURE_BITS)
-    return tables, (feature << 47) | (sources.astype(np.int64) << 31) | index
+    return (feature << 47) | (sources.astype(np.int64) << 31) | index
 
 
 def select_largest(exchange, ranks: np.ndarray, k: int) -> np.uint64:
@@ -98,6 +102,7 @@ class GlobalPools:
         self.exchange = exchange
         self.global_slots = np.asarray(global_slots, np.int64)
         self.free: np.ndarray | None = None   # int64[pools]; None: count again before admitting
+        self.exact = False                    # free is the count, not a lower bound of it
 
     # ------------------------------------------------------------------ prune hooks
     def sum_counts(self, counts: np.ndarray) -> np.ndarray:
@@ -126,24 +131,49 @@ class GlobalPools:
         return cutoff is not None, cutoff, bound
 
     # ------------------------------------------------------------------ admission
-    def admission(self, shard, tables: np.ndarray, ids: np.ndarray, places: np.ndarray):
-        """(the order to insert the received keys in, int64[pools] slots this shard may
-        give new chunks): the keys in their global-batch order, and this shard's part of
-        the prefix of new chunks that one store's free slots would take. A collective
-        of every rank's training lookup (free of any exchange while the store is full)."""
-        order = np.argsort(places, kind="stable")
+    def admission(self, shard, tables: np.ndarray, ids: np.ndarray, places: Callable[[], np.ndarray],
+                  most_keys: int):
+        """(the order to insert the received keys in, or None for as received; int64[pools]
+        slots this shard may give new chunks): when the free slots run out within this
+        batch, the keys in their global-batch order and this shard's part of the prefix
+        of new chunks that one store's free slots would take. ``places()``: the keys'
+        places in the global batch (:func:`places_of`, only needed then);
+        ``most_keys``: the most keys any rank sent any rank in this lookup (agreed by
+        every rank).
+
+        A collective of every rank's training lookup, whose collectives every rank
+        decides alike from what all of them know: none while the store is full, or
+        while it has room for every chunk the batch could want; near the fill, a
+        recount of the free slots and a sum of the chunks wanted; only in the batch
+        that fills the pool, a gather of the new keys."""
         pools = shard.pools
         limits = np.zeros(len(pools), np.int64)
         if shard.config.mode != "prune":
-            return order, np.array([p.slots for p in pools], np.int64)
+            return None, np.array([p.slots for p in pools], np.int64)
         own_free = np.array([p.n_free for p in pools], np.int64)
-        if self.free is None:
-            used = np.array([p.slots for p in pools], np.int64) - own_free
-            self.free = np.maximum(self.global_slots - self.exchange.sum(used), 0)
-        if not self.free.any():
-            return order, limits
+        W = self.exchange.world
+        could_want = W * W * int(most_keys) * int(shard.kmax)  # every key of every rank new, every chunk
+        for attempt in range(2):
+            if self.free is None:
+                used = np.array([p.slots for p in pools], np.int64) - own_free
+                self.free, self.exact = np.maximum(self.global_slots - self.exchange.sum(used), 0), True
+            room = self.free >= could_want
+            if (room | ((self.free == 0) & self.exact)).all():
+                # each pool has room for anything this batch wants, or is full: the
+                # order does not matter (a new chunk's first values come from its key,
+                # not its slot). The count goes down by the most the batch could take,
+                # a lower bound that is recounted before it could decide anything
+                limits = np.where(room, own_free, 0)
+                if room.any():
+                    self.free, self.exact = self.free - np.where(room, could_want, 0), False
+                return None, limits
+            if self.exact:
+                break
+            self.free = None  # a lower bound too low to decide: count again
         # this shard's new keys, once each, in global order, with the pool and the
         # chunks each wants
+        places = places()
+        order = np.argsort(places, kind="stable")
         t, i = tables[order], ids[order]
         found, _ = shard.entries.find(t, i)
         miss = np.flatnonzero(np.asarray(found) < 0)

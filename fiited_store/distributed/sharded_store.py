@@ -66,7 +66,7 @@ from ..inputs import request_arrays
 from ..kernels import cpu as host_kernels
 from . import owner
 from .exchange import KeyExchange, exchange_for, segment_sums, starts_of
-from .global_pools import MAX_FEATURES, POOL_SLACK, GlobalPools, pack_key_places, unpack_key_places
+from .global_pools import MAX_FEATURES, POOL_SLACK, GlobalPools, pack_key_places, places_of, tables_of
 from .routing import RowWiseRouting, TableWiseRouting, table_weights
 
 # what a rank reports in the flag exchange of a backward pass
@@ -320,7 +320,8 @@ class ShardedEmbeddingStore:
         if refused_by.size:
             raise self._refused_by_peer(refused_by, "its batch")
         src = np.repeat(np.arange(W), recv_counts)
-        recv_tables, recv_places = unpack_key_places(np.ascontiguousarray(recv[:, 0]), src)
+        recv_packed = np.ascontiguousarray(recv[:, 0])
+        recv_tables = tables_of(recv_packed)
         recv_ids = np.ascontiguousarray(recv[:, 1])
         # the owner's half, written straight into what it sends back: per requesting rank
         # a status float (its failure: a full index, a pool too small in cache mode),
@@ -332,8 +333,8 @@ class ShardedEmbeddingStore:
         back = np.empty(int(seg_rows.sum()) + W, np.float32)
         back[seg_start] = 0.0
         # a collective on every rank alike (train is agreed), so outside the try below
-        order, limits = (self.pools.admission(self.shard, recv_tables, recv_ids, recv_places) if train
-                         else (None, None))
+        order, limits = (self.pools.admission(self.shard, recv_tables, recv_ids, lambda: places_of(recv_packed, src),
+                                              self._keys.most) if train else (None, None))
         try:
             got = owner.owner_rows(self.shard, recv_tables, recv_ids, train, back, row_start, order, limits)
         except FiitedError as exc:
