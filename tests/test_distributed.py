@@ -139,3 +139,36 @@ def test_verify_names_keys_in_the_wrong_shard(tmp_path, capsys):
     assert main(["verify", str(path), "--no-progress"]) == 1
     out = capsys.readouterr().out
     assert "w0002-shard-00000" in out and "route to buckets outside its range [0, 2048)" in out
+
+
+@pytest.mark.parametrize("slack", [-0.1, float("nan"), float("inf"), "0.1", True])
+def test_a_bad_pool_slack_is_refused_by_name(slack):
+    from fiited_store.distributed import ShardedEmbeddingStore
+    from fiited_store.errors import ConfigError
+
+    with pytest.raises(ConfigError, match="pool_slack must be a finite number >= 0, got"):
+        ShardedEmbeddingStore(dist_scenarios.TABLES, dist_scenarios.config(), pool_slack=slack)
+
+
+def test_the_manifest_keeps_the_pool_slack_and_refuses_a_corrupt_one(tmp_path):
+    """Reopening at another world size builds shards with the slack the store was
+    made with; a manifest without one (written before it existed) means none."""
+    from fiited_store.distributed import ShardedEmbeddingStore
+    from fiited_store.distributed.checkpoint import read_sharded_manifest
+    from fiited_store.errors import CorruptStoreError
+
+    path = tmp_path / "store"
+    with ShardedEmbeddingStore(dist_scenarios.TABLES, dist_scenarios.config(), path=path, pool_slack=0.25) as store:
+        store.save()
+    manifest_file = path / "fiited-sharded.json"
+    assert json.loads(manifest_file.read_text())["pool_slack"] == 0.25
+    with ShardedEmbeddingStore.open(path) as reopened:
+        assert reopened.pool_slack == 0.25
+    doc = json.loads(manifest_file.read_text())
+    del doc["pool_slack"]
+    manifest_file.write_text(json.dumps(doc))
+    assert read_sharded_manifest(path)["pool_slack"] == 0.0
+    for bad in ("a lot", -1, None):
+        manifest_file.write_text(json.dumps(dict(doc, pool_slack=bad)))
+        with pytest.raises(CorruptStoreError, match=f"pool_slack {bad!r}"):
+            ShardedEmbeddingStore.open(path)

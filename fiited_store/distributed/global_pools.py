@@ -16,13 +16,17 @@ run's AUC by up to 0.003 against one process.
   they exceed the store's slots, the cutoff is the store-wide rank of the last
   chunk kept, found by a radix select over every shard's ranks (four all-reduces
   of a 65,536-bin histogram, not a gather of the ranks);
-- **admission**: the store's free slots are counted (one all-reduce after a
-  prune). While some are free, one small all-reduce of the chunks the shards' new
+- **admission**: every rank keeps the same count of the store's free slots
+  (recounted by one all-reduce after a prune). A full store, the usual state
+  between prunes, costs nothing: every rank knows no slot is free. Nor does a
+  store with more free slots than the batch could want (every key of every rank
+  new; the key exchange's header bounds that): every shard admits all, and the
+  count goes down by that bound, a lower bound recounted when it could decide
+  something. Near the fill, one small all-reduce of the chunks the shards' new
   keys want says whether they all fit; only in the batch where they do not do
   the owners gather their new keys with each key's place in the global batch
   (feature, rank, position), and every rank computes the same prefix that one
-  store would admit. A full store, the usual state between prunes, costs
-  nothing: every rank knows no slot is free.
+  store would admit.
 
 Each shard's own pool holds its share plus :data:`POOL_SLACK`, so that it can
 take the slots the store-wide decisions give it when its rows run hotter than

@@ -212,7 +212,8 @@ class ShardedEmbeddingStore:
         self.routing = routing
         self.routing.check_world(self.world)
         self.exact = bool(exact)
-        if not (math.isfinite(pool_slack) and pool_slack >= 0):
+        if isinstance(pool_slack, bool) or not isinstance(pool_slack, (int, float)) or \
+                not (math.isfinite(pool_slack) and pool_slack >= 0):
             raise ConfigError(f"pool_slack must be a finite number >= 0, got {pool_slack!r}")
         self.pool_slack = float(pool_slack)
         self.path = Path(path) if path is not None else None
