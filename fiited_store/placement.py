@@ -96,6 +96,7 @@ def prune_pool(store, pool: ChunkPool, entries_per_table: np.ndarray) -> dict[st
     keep, cand, drop, ev_e, ev_k, al_e, al_k = k.prune_lists(
         ea.row_base, ea.seen, ea.table_ids, ea.addr, ea.util, m["table_chunks"], m["table_group"], g, thr_d,
         block_counts)
+
     def ranks():
         comp = b.empty(keep + cand, np.uint64)
         n_c = int(k.prune_composites(ea.row_base, ea.seen, ea.keys, ea.table_ids, ea.addr, ea.util, m["table_chunks"],
