@@ -28,6 +28,16 @@ def default_floor_dim(dim: int) -> int:
     return max(1, dim // 16)
 
 
+def method_layout(method: str, dim: int, floor_dim: int, project: bool) -> tuple[int, bool]:
+    """(the floor every row keeps, whether each feature's row goes through a learned D x D
+    map) of a method: fiited-floor always maps, with ``floor_dim`` or its default floor;
+    the other FIITED methods take both as given, AdaEmbed (whole rows) only the map."""
+    if method == "fiited-floor":
+        return floor_dim or default_floor_dim(dim), True
+    fiited = method.startswith("fiited")
+    return (floor_dim if fiited else 0), bool(project and (fiited or method == "adaembed"))
+
+
 @dataclass(frozen=True)
 class TrainConfig:
     """One training run. Defaults train the built-in synthetic click stream in well under a minute.
@@ -109,7 +119,6 @@ class TrainConfig:
               f"floor_dim must be an int in [0, dim = {self.dim}), got {self.floor_dim!r}")
         f = self.effective_floor_dim
         check(not (f and self.min_chunks), f"give floor_dim or min_chunks, not both (got {f} and {self.min_chunks})")
-        check(f < self.dim, f"floor_dim {f} must be below dim {self.dim}")
         check(f == 0 or (self.dim - f) % self.chunks == 0,
               f"the {self.dim - f} dimensions above floor_dim = {f} do not split into {self.chunks} equal chunks "
               f"(--chunks {', '.join(str(k) for k in range(1, min(self.dim - f, 64) + 1) if (self.dim - f) % k == 0)} "
@@ -123,16 +132,13 @@ class TrainConfig:
     @property
     def effective_floor_dim(self) -> int:
         """The floor the run gives every row: ``floor_dim``, or fiited-floor's default."""
-        if self.method == "fiited-floor" and not self.floor_dim:
-            return default_floor_dim(self.dim)
-        return self.floor_dim if self.method.startswith("fiited") else 0
+        return method_layout(self.method, self.dim, self.floor_dim, self.project)[0]
 
     @property
     def effective_project(self) -> bool:
         """Whether the FIITED model maps each feature's pooled row through a learned D x D
         matrix (fiited-floor always does, as Mixed-Dimension embeddings map each table)."""
-        return self.method == "fiited-floor" or (self.project and (self.method.startswith("fiited")
-                                                                   or self.method == "adaembed"))
+        return method_layout(self.method, self.dim, self.floor_dim, self.project)[1]
 
     @property
     def pruned(self) -> bool:

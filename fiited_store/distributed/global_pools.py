@@ -150,10 +150,10 @@ class GlobalPools:
         while it has room for every chunk the batch could want; near the fill, a
         recount of the free slots and a sum of the chunks wanted; only in the batch
         that fills the pool, a gather of the new keys."""
+        if shard.config.mode != "prune":  # cache mode makes every chunk resident: nothing to admit
+            return None, None
         pools = shard.pools
         limits = np.zeros(len(pools), np.int64)
-        if shard.config.mode != "prune":
-            return None, np.array([p.slots for p in pools], np.int64)
         own_free = np.array([p.n_free for p in pools], np.int64)
         W = self.exchange.world
         could_want = W * W * int(most_keys) * int(shard.kmax)  # every key of every rank new, every chunk

@@ -22,7 +22,7 @@ from torch import nn
 
 from ..adapters import FiitedEmbeddingBagCollection
 from ..config import DynamicRatio, ManualRatios, StoreConfig, TableConfig
-from ..train_config import METHODS, default_floor_dim
+from ..train_config import METHODS, method_layout
 
 
 
@@ -212,10 +212,7 @@ def build_embeddings(method: str, feature_names: Sequence[str], cardinalities: S
         if counts is None:
             raise ValueError("Mixed-Dimension embeddings need access counts")
         return MixedDimEmbeddings(cardinalities, md_dims(counts, cardinalities, dim, 1.0 - ratio), dim)
-    if method == "adaembed":
-        floor_dim = 0
-    elif method == "fiited-floor":
-        floor_dim, project = floor_dim or default_floor_dim(dim), True
+    floor_dim, project = method_layout(method, dim, floor_dim, project)
     # with a floor, the ratios apply to the D - f dimensions that compete: the floor takes
     # f of the (1 - ratio) D per row that the budget allows, and they share the rest
     wide = ratio if not floor_dim else 1.0 - max((1.0 - ratio) * dim - floor_dim, 0.0) / (dim - floor_dim)
