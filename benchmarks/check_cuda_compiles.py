@@ -31,7 +31,7 @@ def call(self, *args):
     seen.setdefault(self.fn.__name__, set()).add(sig)
     return launch(self, *args)
 simkernel.FakeCUDAKernel.__call__ = call
-rc = pytest.main(["-q", "-x", "-p", "no:cacheprovider", "tests/test_cuda.py"])
+rc = pytest.main(["-q", "-x", "-p", "no:cacheprovider", "tests/kernels/test_cuda.py"])
 json.dump({k: sorted(v) for k, v in seen.items() if k.endswith("_kernel")}, open(sys.argv[1], "w"))
 sys.exit(rc)
 """

@@ -9,7 +9,7 @@ import os
 
 import pytest
 
-from fiited_store.bench import BenchConfig, Workload, make_store
+from fiited_store.experiments.bench.cpu import BenchConfig, Workload, make_store
 from fiited_store.config import DynamicRatio
 
 SCALE = float(os.environ.get("FIITED_BENCH_SCALE", "0.02"))

@@ -31,7 +31,8 @@ import torch
 from numba import cuda
 
 from fiited_store import DynamicRatio, EmbeddingStore, StoreConfig, TableConfig
-from fiited_store.bench import BenchConfig, TierBenchConfig, Workload, bench_cache_mode_step
+from fiited_store.experiments.bench.cpu import BenchConfig, Workload
+from fiited_store.experiments.bench.tiers import TierBenchConfig, bench_cache_mode_step
 from fiited_store.kernels.layout import util_from_float
 
 #: peak memory bandwidth by the vendors' datasheets, TB/s

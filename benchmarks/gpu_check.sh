@@ -29,9 +29,10 @@ export PYTHONPATH=/tmp/fiited-src:${PYTHONPATH:-}
 { nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv || echo "no nvidia-smi"; } | tee "$OUT/gpu.txt"
 python3 -c "import numba, numba_cuda, torch, zarr; print('numba', numba.__version__, 'numba-cuda', numba_cuda.__version__, 'torch', torch.__version__, 'zarr', zarr.__version__)" 2>&1 | tee -a "$OUT/gpu.txt"
 # the CUDA tests run from a copy that imports the package above, not the raw folders
-rm -rf /tmp/fiited-tests && cp -r tests /tmp/fiited-tests
-( cd /tmp && timeout "${TEST_TIMEOUT:-200}" python3 -m pytest -q -p no:cacheprovider --import-mode=importlib \
-    -W ignore::DeprecationWarning ${PYTEST_ARGS:-} fiited-tests/test_cuda.py ) 2>&1 | tee "$OUT/cuda_tests.txt"
+# (tests import each other as tests.*: the copy sits in a folder of its own, the current one)
+rm -rf /tmp/fiited-run && mkdir -p /tmp/fiited-run && cp -r tests /tmp/fiited-run/tests
+( cd /tmp/fiited-run && timeout "${TEST_TIMEOUT:-200}" python3 -m pytest -q -p no:cacheprovider --import-mode=importlib \
+    -W ignore::DeprecationWarning ${PYTEST_ARGS:-} tests/kernels/test_cuda.py ) 2>&1 | tee "$OUT/cuda_tests.txt"
 echo "cuda tests exit: ${PIPESTATUS[0]}" | tee -a "$OUT/cuda_tests.txt"
 timeout "${BENCH_TIMEOUT:-330}" python3 benchmarks/gpu_bench.py --json "$OUT/gpu_bench.json" ${BENCH_ARGS:-} 2>&1 \
   | grep -v -i "warning" | tee "$OUT/gpu_bench.txt"

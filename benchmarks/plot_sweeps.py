@@ -13,7 +13,7 @@ import argparse
 import csv
 from pathlib import Path
 
-from fiited_store.train import markdown_table, plot_sweep
+from fiited_store.experiments.sweep import markdown_table, plot_sweep
 
 NUMERIC = ("ratio", "auc", "store_vs_dense_with_optimizer")
 

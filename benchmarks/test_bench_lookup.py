@@ -3,7 +3,7 @@
 import numpy as np
 import torch
 
-from fiited_store.bench import dense_gather
+from fiited_store.experiments.bench.cpu import dense_gather
 
 from .conftest import cycle
 

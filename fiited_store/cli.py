@@ -22,7 +22,7 @@ from typing import Callable, Sequence
 
 from . import __version__
 from .errors import FiitedError
-from .train_config import DATASETS, METHODS, NORMALIZATIONS, ON_EVICT, READMISSIONS, SWEEP_RATIOS, UTILITIES, TrainConfig
+from .experiments.config import DATASETS, METHODS, NORMALIZATIONS, ON_EVICT, READMISSIONS, SWEEP_RATIOS, UTILITIES, TrainConfig
 
 # Nothing here imports torch, numba or zarr at module level: `fiited-store --help`
 # and argument errors answer at once, and every command imports what it needs.
@@ -138,7 +138,7 @@ def _config_from(args, **override) -> TrainConfig:
 
 
 def cmd_train(args) -> int:
-    from .train import format_result, run
+    from .experiments.train import format_result, run
 
     # dense does not prune: its ratio is 0 whatever --ratio says
     ratio = 0.0 if args.method == "dense" else args.ratio
@@ -157,7 +157,7 @@ def cmd_train(args) -> int:
 
 
 def cmd_sweep(args) -> int:
-    from .train import markdown_table, sweep
+    from .experiments.sweep import markdown_table, sweep
 
     from dataclasses import replace
 
@@ -172,11 +172,11 @@ def cmd_sweep(args) -> int:
 
 
 def cmd_bench(args) -> int:
-    from .bench import (BenchConfig, TierBenchConfig, format_report, format_tier_report, run_bench,
-                        run_tier_bench)
+    from .experiments.bench.cpu import BenchConfig, format_report, run_bench
+    from .experiments.bench.tiers import TierBenchConfig, format_tier_report, run_tier_bench
 
     if args.suite == "distributed":
-        from .distributed.bench import DistBenchConfig, format_distributed_report, run_distributed_bench
+        from .experiments.bench.distributed import DistBenchConfig, format_distributed_report, run_distributed_bench
 
         report = run_distributed_bench(DistBenchConfig(worlds=tuple(args.worlds),
                                                        scale=args.scale if args.scale != 1.0 else DistBenchConfig.scale,

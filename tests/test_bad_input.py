@@ -20,7 +20,7 @@ from fiited_store import (
     UnknownTableError,
 )
 
-from .helpers import assert_unchanged, snapshot, train_steps
+from tests.helpers import assert_unchanged, snapshot, train_steps
 
 TABLES = [TableConfig("user", dim=8, chunks=2, num_embeddings=200), TableConfig("item", dim=8, chunks=2, num_embeddings=200)]
 

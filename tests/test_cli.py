@@ -16,7 +16,7 @@ from fiited_store.cli import main
 from fiited_store.tools import read_export
 from fiited_store.verify import check_store
 
-from .helpers import train_steps
+from tests.helpers import train_steps
 
 TABLES = [TableConfig("user", dim=16, chunks=4, num_embeddings=400), TableConfig("item", dim=8, chunks=2, num_embeddings=400)]
 
@@ -279,7 +279,7 @@ def test_bad_arguments_are_refused_before_any_work(argv, message, capsys):
 
 
 def test_inconsistent_training_values_are_refused_before_any_work(capsys, monkeypatch):
-    import fiited_store.train as train
+    import fiited_store.experiments.train as train
 
     monkeypatch.setattr(train, "run", lambda *a, **k: pytest.fail("training started"))
     assert main(["train", "--method", "fiited-manual", "--dim", "10", "--chunks", "4", "--no-progress"]) == 2
@@ -310,7 +310,7 @@ def test_inconsistent_training_values_are_refused_before_any_work(capsys, monkey
 
 
 def test_dense_says_it_does_not_prune_and_one_seed_shows_no_spread(capsys, tmp_path):
-    from fiited_store.train import markdown_table
+    from fiited_store.experiments.sweep import markdown_table
 
     assert main(["train", "--method", "dense", "--steps", "5", "--batch-size", "64", "--no-progress"]) == 0
     first = capsys.readouterr().out.splitlines()[0]
@@ -377,7 +377,7 @@ def test_export_onto_a_full_device_is_a_storage_full_error_and_leaves_nothing(sa
     from fiited_store import StorageFullError
     from fiited_store.tools import export_store
 
-    from .test_tiers import file_size_limit
+    from tests.storage.test_tiers import file_size_limit
 
     path, _ = saved_store
     with file_size_limit(2048), pytest.raises(StorageFullError, match="writing export .* the device is full"):
@@ -438,7 +438,7 @@ def test_train_with_a_floor_keeps_a_chunk_of_every_row(tmp_path):
     assert main(args) == 0
     r = json.loads((tmp_path / "r.json").read_text())
     assert r["min_chunks"] == 1 and r["bytes_vs_dense"] == pytest.approx(0.25, abs=0.01)
-    from fiited_store.models.dlrm import build_embeddings
+    from fiited_store.experiments.models.dlrm import build_embeddings
 
     emb = build_embeddings("fiited-manual", ["a", "b"], [50, 7], 32, 0.75, 16, 0.05, min_chunks=1)
     assert [t.min_chunks for t in emb.store.tables] == [1, 1]  # the floor reaches every table of the store
@@ -453,7 +453,7 @@ def test_train_with_a_floor_of_its_own_width(tmp_path):
     assert main(args) == 0
     r = json.loads((tmp_path / "r.json").read_text())
     assert r["method"] == "fiited-floor" and r["bytes_vs_dense"] == pytest.approx(0.25, abs=0.01)
-    from fiited_store.models.dlrm import build_embeddings
+    from fiited_store.experiments.models.dlrm import build_embeddings
 
     emb = build_embeddings("fiited-floor", ["a", "b"], [50, 7], 32, 0.75, 3, 0.05)
     s = emb.store
@@ -478,13 +478,13 @@ def test_train_with_a_floor_of_its_own_width(tmp_path):
     out.sum().backward()
     assert emb.projection.grad is not None and emb.projection.grad.abs().sum() > 0
     s.close()
-    from fiited_store.data.synthetic import scaled_cardinalities
+    from fiited_store.experiments.data.synthetic import scaled_cardinalities
 
     assert r["projection_bytes"] == len(scaled_cardinalities(cap=r["synthetic_cap"])) * 32 * 32 * 4
 
 
 def test_the_projection_is_fiited_floors_and_on_request_any_fiited_methods():
-    from fiited_store.train_config import TrainConfig
+    from fiited_store.experiments.config import TrainConfig
 
     assert TrainConfig(method="fiited-floor", chunks=3).effective_project
     assert TrainConfig(method="fiited-manual", project=True).effective_project

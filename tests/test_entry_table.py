@@ -8,7 +8,7 @@ import pytest
 from fiited_store import ConfigError, DynamicRatio, EmbeddingStore, StoreConfig, TableConfig
 from fiited_store.verify import check_store
 
-from .reference import key_hash
+from tests.reference import key_hash
 
 
 
@@ -177,7 +177,7 @@ def test_direct_and_hashed_indexes_make_the_same_store(config):
 def test_an_id_outside_a_direct_table_raises_and_changes_nothing(bad):
     from fiited_store import IdOutOfRangeError
 
-    from .helpers import assert_unchanged, snapshot
+    from tests.helpers import assert_unchanged, snapshot
 
     s = _stream_store("direct", StoreConfig(pruning=DynamicRatio(0.5), prune_period=4))
     before = snapshot(s)
@@ -245,7 +245,7 @@ def test_pool_budgets_give_each_chunk_width_its_own_pool_and_are_checked():
 def test_the_hashed_index_never_grows_past_the_memory_budget():
     from fiited_store import MemoryBudgetError
 
-    from .helpers import assert_unchanged, snapshot
+    from tests.helpers import assert_unchanged, snapshot
 
     t = [TableConfig("a", dim=16, chunks=2, num_embeddings=1000, index="hashed")]
     s = EmbeddingStore(t, StoreConfig(budget_fraction=0.05, memory_budget_bytes=20_000, prune_period=0,

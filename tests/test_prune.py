@@ -10,7 +10,7 @@ from fiited_store.config import plan_pools
 from fiited_store.policy import thresholds
 from fiited_store.verify import check_store
 
-from .helpers import train_steps
+from tests.helpers import train_steps
 
 
 def access(store, table, ids, grad_scale=1.0, rng=None):
@@ -256,7 +256,7 @@ def test_thresholds_per_table_reduce_to_the_papers_without_floors_or_normalisati
 def _readmission_run(mode: str, reference: bool):
     """Rows 0-24 train and keep their slots; rows 25-49 lose theirs at the first prune,
     earn utility while absent, and win them back at the second (re-admission)."""
-    from .reference import ReferenceStore
+    from tests.reference import ReferenceStore
 
     tables = [TableConfig("a", 8, chunks=2, num_embeddings=50)]
     cfg = StoreConfig(pruning=DynamicRatio(0.5), prune_period=0, readmission=mode, seed=3)

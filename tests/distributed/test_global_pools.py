@@ -10,7 +10,7 @@ from hypothesis import strategies as st
 
 from fiited_store.distributed.global_pools import pack_key_places, places_of, select_largest, tables_of
 from fiited_store.placement import local_cutoff
-from tests.test_key_exchange import ThreadExchange, ThreadWorld
+from tests.distributed.test_key_exchange import ThreadExchange, ThreadWorld
 
 
 class SummingExchange(ThreadExchange):

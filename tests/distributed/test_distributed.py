@@ -8,8 +8,8 @@ import json
 
 import numpy as np
 
-from tests import dist_scenarios
-from tests.dist_harness import run_world
+from tests.distributed import dist_scenarios
+from tests.distributed.dist_harness import run_world
 
 WORLDS = (1, 2, 3)
 
@@ -17,7 +17,7 @@ WORLDS = (1, 2, 3)
 @pytest.fixture(scope="module", params=WORLDS, ids=lambda w: f"world{w}")
 def world_results(request, tmp_path_factory):
     world = request.param
-    return world, run_world(world, dist_scenarios.SCENARIOS, "tests.dist_scenarios", tmp_path_factory.mktemp(f"w{world}"))
+    return world, run_world(world, dist_scenarios.SCENARIOS, "tests.distributed.dist_scenarios", tmp_path_factory.mktemp(f"w{world}"))
 
 
 @pytest.mark.parametrize("scenario", dist_scenarios.SCENARIOS)
@@ -33,10 +33,10 @@ def test_save_at_two_ranks_reopen_at_one_two_three(tmp_path, save):
     """A sharded store saved by 2 ranks reopens at 1, 2 and 3 ranks (resharding by bucket
     ranges, or by table placement) with every row, utility and optimizer state in
     place: training goes on bit for bit as one store fed the same global batches."""
-    saved = run_world(2, [save], "tests.dist_scenarios", _workdir(tmp_path, "save"))
+    saved = run_world(2, [save], "tests.distributed.dist_scenarios", _workdir(tmp_path, "save"))
     assert saved[save] is None, saved[save]
     for world in (1, 2, 3):
-        got = run_world(world, ["scenario_reopen_and_train"], "tests.dist_scenarios",
+        got = run_world(world, ["scenario_reopen_and_train"], "tests.distributed.dist_scenarios",
                         _workdir(tmp_path, f"open{world}"))
         assert got["scenario_reopen_and_train"] is None, f"world {world}:\n{got['scenario_reopen_and_train']}"
 
@@ -44,7 +44,7 @@ def test_save_at_two_ranks_reopen_at_one_two_three(tmp_path, save):
 def test_rank_killed_before_manifest_commit_leaves_previous_checkpoint(tmp_path):
     from fiited_store.distributed import ShardedEmbeddingStore
 
-    run_world(2, ["scenario_killed_before_manifest_commit"], "tests.dist_scenarios", _workdir(tmp_path, "kill"),
+    run_world(2, ["scenario_killed_before_manifest_commit"], "tests.distributed.dist_scenarios", _workdir(tmp_path, "kill"),
               collective_timeout=20)
     path = tmp_path / "sharded-store"
     # rank 1 saved its shard's second checkpoint; the global manifest still names the first
@@ -72,7 +72,7 @@ def test_example_trains_under_torchrun(tmp_path):
 
     from fiited_store.distributed import ShardedEmbeddingStore
 
-    repo = Path(__file__).resolve().parents[1]
+    repo = Path(__file__).resolve().parents[2]
     env = dict(os.environ, OMP_NUM_THREADS="1", NUMBA_NUM_THREADS="1")
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
            str(repo / "examples" / "train_distributed.py"), "--steps", "12", "--batch-size", "64",

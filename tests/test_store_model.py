@@ -23,8 +23,8 @@ from fiited_store import (
 from fiited_store.kernels.layout import util_to_float
 from fiited_store.verify import check_store
 
-from .helpers import assert_unchanged, snapshot
-from .reference import ReferenceStore
+from tests.helpers import assert_unchanged, snapshot
+from tests.reference import ReferenceStore
 
 ID_POOL = [0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 17, 23, -1, -7, 2**62, -(2**63), 12345678901]
 TABLE_SHAPES = [(4, 1), (4, 2), (8, 2), (8, 4), (4, 4)]
@@ -213,7 +213,7 @@ def test_the_reference_fma_rounds_once_as_the_kernels_do():
 
     from fiited_store.kernels.cpu import fma32
 
-    from .reference import fma
+    from tests.reference import fma
 
     @njit
     def kernel_fma(a, b, c):

@@ -28,7 +28,7 @@ from fiited_store import (
 from fiited_store.storage import checkpoint
 from fiited_store.verify import check_store
 
-from .helpers import assert_unchanged, snapshot, train_steps
+from tests.helpers import assert_unchanged, snapshot, train_steps
 
 TABLES = [TableConfig("a", dim=8, chunks=2, num_embeddings=300, optimizer="adagrad"),
           TableConfig("b", dim=16, chunks=4, num_embeddings=300)]
@@ -388,7 +388,7 @@ def test_read_only_directory_gives_a_clear_error(tmp_path, monkeypatch):
         EmbeddingStore.open(tmp_path / "s", "r+")
 
 
-FIXTURE = Path(__file__).parent / "fixtures" / "store_v1"
+FIXTURE = Path(__file__).parents[1] / "fixtures" / "store_v1"
 
 
 def test_committed_format_fixture_still_decodes():
@@ -402,7 +402,7 @@ def test_committed_format_fixture_still_decodes():
         assert s.stats()["total"]["spilled_chunks"] == expected["spilled_chunks"]
 
 
-FIXTURE_V2 = Path(__file__).parent / "fixtures" / "store_v2"
+FIXTURE_V2 = Path(__file__).parents[1] / "fixtures" / "store_v2"
 
 
 def test_committed_format_v2_fixture_still_decodes():
@@ -420,7 +420,7 @@ def test_committed_format_v2_fixture_still_decodes():
         assert s.stats()["total"]["spilled_chunks"] == expected["spilled_chunks"]
 
 
-FIXTURE_V3 = Path(__file__).parent / "fixtures" / "store_v3"
+FIXTURE_V3 = Path(__file__).parents[1] / "fixtures" / "store_v3"
 
 
 def test_committed_format_v3_fixture_still_decodes_and_verifies():
@@ -460,7 +460,7 @@ import sys, time, numpy as np
 sys.path.insert(0, {root!r})
 from fiited_store import EmbeddingStore
 from tests.helpers import train_steps
-from tests.test_checkpoint import TABLES, all_lookups
+from tests.storage.test_checkpoint import TABLES, all_lookups
 path, expected, seconds = sys.argv[1], sys.argv[2], float(sys.argv[3])
 rng = np.random.default_rng(7)
 with EmbeddingStore.open(path, "r+") as w:
@@ -484,7 +484,7 @@ def test_readers_open_and_read_consistently_while_another_process_saves(tmp_path
     saved_after_training(tmp_path / "s", CONFIGS["cache"], 6, np.random.default_rng(1))
     expected = tmp_path / "expected"
     expected.mkdir()
-    root = str(Path(__file__).resolve().parents[1])
+    root = str(Path(__file__).resolve().parents[2])
     writer = subprocess.Popen([sys.executable, "-c", WRITER.format(root=root), str(tmp_path / "s"), str(expected), "6"],
                               stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     opened, held, errors, observed = 0, [], [], []

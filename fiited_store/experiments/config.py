@@ -9,7 +9,7 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass
 
-from .errors import ConfigError
+from ..errors import ConfigError
 
 DATASETS = ("synthetic", "mixed", "movielens", "criteo")
 #: small-dim: dense embeddings of dimension D x (1 - ratio) for every row (the uniform baseline);

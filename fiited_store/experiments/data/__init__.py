@@ -28,13 +28,13 @@ class Batch:
         return int(self.labels.shape[0])
 
     def features(self):
-        from ..adapters import JaggedFeatures
+        from ...adapters import JaggedFeatures
 
         return JaggedFeatures(self.keys, self.values, self.lengths)
 
     def per_feature(self) -> list[tuple[torch.Tensor, torch.Tensor]]:
         """[(ids, offsets[B + 1])] per feature, for per-table modules."""
-        from ..adapters import JaggedFeatures
+        from ...adapters import JaggedFeatures
 
         return JaggedFeatures.per_feature_of(self.features())
 

@@ -13,7 +13,7 @@ from pathlib import Path
 
 import numpy as np
 
-from ..errors import CorruptStoreError
+from ...errors import CorruptStoreError
 from . import TabularDataset, encode
 
 FEATURES = ["user", "item", "age", "gender", "occupation", "zip", "year", "genres"]

@@ -20,9 +20,9 @@ import numpy as np
 import torch
 from torch import nn
 
-from ..adapters import FiitedEmbeddingBagCollection
-from ..config import DynamicRatio, ManualRatios, StoreConfig, TableConfig
-from ..train_config import METHODS, method_layout
+from ...adapters import FiitedEmbeddingBagCollection
+from ...config import DynamicRatio, ManualRatios, StoreConfig, TableConfig
+from ..config import METHODS, method_layout
 
 
 
@@ -44,7 +44,7 @@ class DLRM(nn.Module):
     >>> import torch
     >>> emb = DenseEmbeddings([10, 20], dim=4)
     >>> model = DLRM(emb, num_features=2, dim=4, num_dense=3)
-    >>> from fiited_store.data import Batch
+    >>> from fiited_store.experiments.data import Batch
     >>> b = Batch(torch.zeros(5, 3), ["a", "b"], torch.zeros(10, dtype=torch.int64), torch.ones(10, dtype=torch.int64), torch.zeros(5))
     >>> model(b).shape
     torch.Size([5])

@@ -17,7 +17,7 @@ from fiited_store import (DynamicRatio, EmbeddingStore, InputDTypeError, InputSh
                           NonFiniteGradientError, StoreConfig, TableConfig)
 from fiited_store.verify import check_store
 
-from .helpers import assert_unchanged, snapshot
+from tests.helpers import assert_unchanged, snapshot
 
 pytestmark = [pytest.mark.cuda, pytest.mark.filterwarnings("ignore::RuntimeWarning")]
 
@@ -103,7 +103,7 @@ def test_cache_mode_matches_the_cpu(index):
 
 
 def test_insert_dedupes_and_survives_one_bucket():
-    from .test_entry_table import home_buckets
+    from tests.test_entry_table import home_buckets
 
     cand = np.arange(200_000, dtype=np.int64)
     same = cand[home_buckets(0, cand, 64) == 5][:40]
@@ -340,7 +340,7 @@ def test_prune_lists_and_allocation_ranks_match_the_cpu():
     from fiited_store.backend import get_backend
     from fiited_store.kernels import cpu
 
-    from .test_prune import _prune_inputs
+    from tests.test_prune import _prune_inputs
 
     s, thr = _prune_inputs()
     ea, m = s.entries.arrays, s._meta

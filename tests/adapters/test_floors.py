@@ -17,7 +17,7 @@ from fiited_store.config import plan_pools
 from fiited_store.errors import InputShapeError
 from fiited_store.verify import check_store
 
-from .test_prune import resident
+from tests.test_prune import resident
 
 
 def test_the_planner_pays_the_floors_first_each_from_its_own_pool():

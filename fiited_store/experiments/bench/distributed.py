@@ -82,11 +82,11 @@ def _bench_rank(rank: int, world: int, cfg_json: str, out_file: str) -> None:
     import torch
     import torch.distributed as dist
 
-    from ..config import DynamicRatio, StoreConfig, TableConfig
+    from ...config import DynamicRatio, StoreConfig, TableConfig
     from ..data.synthetic import ZipfIds, scaled_cardinalities
-    from ..store import EmbeddingStore
-    from .exchange import TorchExchange
-    from .sharded_store import ShardedEmbeddingStore
+    from ...store import EmbeddingStore
+    from ...distributed.exchange import TorchExchange
+    from ...distributed.sharded_store import ShardedEmbeddingStore
 
     cfg = DistBenchConfig(**{**json.loads(cfg_json), "worlds": ()})
     cards = scaled_cardinalities(cfg.scale)
@@ -166,7 +166,7 @@ def run_distributed_bench(cfg: DistBenchConfig, progress: bool = True) -> dict[s
     """Every world size of ``cfg.worlds``, one spawned world after another."""
     from tqdm import tqdm
 
-    from .launch import spawn_world_or_raise
+    from ...distributed.launch import spawn_world_or_raise
 
     results = []
     bar = tqdm(cfg.worlds, disable=not progress, desc="distributed bench", unit="world")

@@ -7,13 +7,13 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from fiited_store.data.criteo import load_criteo_tsv
-from fiited_store.data.movielens import DatasetError, load_movielens
-from fiited_store.data.synthetic import SyntheticClickStream, scaled_cardinalities
-from fiited_store.metrics import accuracy, auc, log_loss
-from fiited_store.models.dlrm import md_dims
+from fiited_store.experiments.data.criteo import load_criteo_tsv
+from fiited_store.experiments.data.movielens import DatasetError, load_movielens
+from fiited_store.experiments.data.synthetic import SyntheticClickStream, scaled_cardinalities
+from fiited_store.experiments.metrics import accuracy, auc, log_loss
+from fiited_store.experiments.models.dlrm import md_dims
 
-SHARED_ML100K = Path(__file__).resolve().parents[2] / "shared" / "data" / "ml-100k"
+SHARED_ML100K = Path(__file__).resolve().parents[3] / "shared" / "data" / "ml-100k"
 
 RATINGS = [(1, 10, 5), (1, 20, 3), (2, 10, 4), (3, 30, 1), (2, 30, 4), (3, 10, 2)]
 USERS = {1: (24, "M", "technician", "85711"), 2: (53, "F", "other", "94043"), 3: (24, "M", "writer", "32067")}
@@ -156,8 +156,8 @@ def test_a_short_training_run_on_movielens_improves_auc(tmp_path):
     """FIITED at 75% pruning on real ratings: one epoch lifts test AUC well above its start."""
     import torch
 
-    from fiited_store.models.dlrm import DLRM, build_embeddings
-    from fiited_store.train import evaluate
+    from fiited_store.experiments.models.dlrm import DLRM, build_embeddings
+    from fiited_store.experiments.train import evaluate
 
     data = load_movielens(real_ml100k_slice(tmp_path))
     data = data.subset(np.arange(min(len(data), 30_000)), "slice")

@@ -19,7 +19,7 @@ from fiited_store import (
 )
 from fiited_store.adapters import FiitedEmbeddingBag, FiitedEmbeddingBagCollection, JaggedFeatures
 
-from .helpers import assert_unchanged, snapshot
+from tests.helpers import assert_unchanged, snapshot
 
 N, D = 40, 16
 FULL = StoreConfig(pruning=DynamicRatio(0.0), budget_fraction=1.0, prune_period=0)

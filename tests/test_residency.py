@@ -12,7 +12,7 @@ from hypothesis import strategies as st
 from fiited_store import EmbeddingStore, PoolCapacityError, StoreConfig, TableConfig
 from fiited_store.verify import check_store
 
-from .helpers import snapshot
+from tests.helpers import snapshot
 
 TABLES = [
     TableConfig("user", dim=16, chunks=4, num_embeddings=400, optimizer="adagrad", learning_rate=0.05),

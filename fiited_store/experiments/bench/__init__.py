@@ -1,0 +1,2 @@
+"""The benchmark suites behind ``fiited-store bench``: :mod:`.cpu` (the default), :mod:`.tiers`
+(``--suite tiers``) and :mod:`.distributed` (``--suite distributed``)."""
