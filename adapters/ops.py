@@ -106,8 +106,7 @@ def pooled_lookup(anchor: torch.Tensor, handle: int, tables: Sequence[int], ids:
     key = next(_tokens)
     token = torch.tensor([key], dtype=torch.int64)
     if train:
-        module._pending[key] = batch
-        weakref.finalize(token, module._pending.pop, key, None)
+        module.hold_batch(key, batch, token)
     return share_output(batch.output), token
 
 
@@ -120,16 +119,6 @@ def _(anchor, handle, tables, ids, offsets, weights, mode, train):
     return offsets.new_empty((bags, width), dtype=torch.float32, device=device), torch.empty(1, dtype=torch.int64)
 
 
-def _updates_embeddings(module) -> bool:
-    """Whether the running backward pass accumulates into leaves (``.backward()``), not ``autograd.grad``."""
-    if torch._C._current_graph_task_id() == -1:
-        return True  # the operator was called directly, outside autograd
-    try:
-        return bool(torch._C._will_engine_execute_node(module._anchor_node))
-    except RuntimeError:  # autograd.grad was asked for the anchor itself: a query, not a step
-        return False
-
-
 @torch.library.custom_op("fiited_store::pooled_backward", mutates_args=())
 def pooled_backward(handle: int, token: torch.Tensor, grad_out: torch.Tensor,
                     weights: Optional[torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
@@ -137,7 +126,7 @@ def pooled_backward(handle: int, token: torch.Tensor, grad_out: torch.Tensor,
     module = _module(handle)
     store = module.store
     key = int(token[0])
-    batch = module._pending.get(key)
+    batch = module.held_batch(key)
     if batch is None:
         raise StaleBatchError("this forward's batch was already applied by an earlier backward pass "
                               "(one update per training batch), or its module was replaced")
@@ -148,10 +137,8 @@ def pooled_backward(handle: int, token: torch.Tensor, grad_out: torch.Tensor,
     if weights is not None:
         wg = store.per_sample_weight_grads(batch, g)
         weight_grad = share_output(wg).clone() if store.config.device == "cuda" else torch.from_numpy(np.asarray(wg))
-    if _updates_embeddings(module):
-        store.backward(batch, g if module._grad_scale == 1.0 else g * np.float32(module._grad_scale))
-        module._pending.pop(key, None)
-        module._after_backward()
+    if module.backward_updates_embeddings():
+        module.apply_update(key, batch, g)
     return torch.zeros(0), weight_grad
 
 

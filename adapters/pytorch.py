@@ -17,6 +17,7 @@ behind a graph break) with the same outputs and updates as in eager mode.
 from __future__ import annotations
 
 import functools
+import weakref
 from typing import Any, Mapping, Sequence
 
 import numpy as np
@@ -49,12 +50,47 @@ class _StoreModule(torch.nn.Module):
         # held so that the anchor's gradient accumulator stays the node autograd uses:
         # the backward operator asks whether this backward pass will execute it
         self._anchor_node = torch.autograd.graph.get_gradient_edge(self._anchor).node
+        # training batches whose backward has not run, by the token their forward returned
         self._pending: dict[int, Any] = {}
         self._handle = ops.register(self)
         # what the store's update multiplies grad_out by (1/W for a sharded collection that divides)
         self._grad_scale = 1.0
 
-    def _after_backward(self) -> None:
+    # what the operators (:mod:`.ops`) ask of the module
+    def hold_batch(self, key: int, batch: Any, token: torch.Tensor) -> None:
+        """Keep a training batch for its backward pass, until its token is collected."""
+        self._pending[key] = batch
+        weakref.finalize(token, self._pending.pop, key, None)
+
+    def held_batch(self, key: int) -> Any:
+        """The training batch of a forward's token, or None when its update already ran."""
+        return self._pending.get(key)
+
+    @property
+    def gradient_scale(self) -> float:
+        """What the store's update multiplies ``grad_out`` by (1/W for a sharded collection that divides)."""
+        return self._grad_scale
+
+    @property
+    def pending_batches(self) -> int:
+        """Training batches whose backward pass has not run yet."""
+        return len(self._pending)
+
+    def backward_updates_embeddings(self) -> bool:
+        """Whether the running backward pass accumulates into leaves (``.backward()``), not
+        ``autograd.grad``: only the former updates the store."""
+        if torch._C._current_graph_task_id() == -1:
+            return True  # the operator was called directly, outside autograd
+        try:
+            return bool(torch._C._will_engine_execute_node(self._anchor_node))
+        except RuntimeError:  # autograd.grad was asked for the anchor itself: a query, not a step
+            return False
+
+    def apply_update(self, key: int, batch: Any, grad_out: Any) -> None:
+        """The store's update of one batch (once), then the step when ``auto_step``."""
+        scale = self._grad_scale
+        self.store.backward(batch, grad_out if scale == 1.0 else grad_out * np.float32(scale))
+        self._pending.pop(key, None)
         if self.auto_step:
             self.store.step()
 

@@ -17,11 +17,12 @@ Example::
 
 from __future__ import annotations
 
+import dataclasses
 import math
 from dataclasses import dataclass, field
-from typing import Sequence, Union
+from typing import Any, Sequence, Union
 
-from .errors import ConfigError
+from .errors import ConfigError, CorruptStoreError
 
 OPTIMIZERS = ("sgd", "adagrad", "rowwise_adagrad")
 INITIALIZERS = ("uniform", "normal", "zeros")
@@ -374,6 +375,29 @@ class StoreConfig:
     @property
     def spills(self) -> bool:
         return self.on_evict == "spill"
+
+
+def config_to_json(tables: Sequence[TableConfig], config: StoreConfig) -> dict[str, Any]:
+    """The tables and the store's config as JSON-ready values (checkpoints, state dicts, manifests)."""
+    cfg = dataclasses.asdict(config)
+    p = config.pruning
+    cfg["pruning"] = (
+        {"kind": "manual", "per_chunk": list(p.per_chunk)} if isinstance(p, ManualRatios) else {"kind": "dynamic", "ratio": p.ratio}
+    )
+    return {"tables": [dataclasses.asdict(t) for t in tables], "store": cfg}
+
+
+def config_from_json(doc: dict[str, Any], hashed_only: bool = False) -> tuple[list[TableConfig], StoreConfig]:
+    """The configs :func:`config_to_json` wrote (``hashed_only``: every table on the hashed
+    index, as stores of format 1 hold them); what does not validate is a CorruptStoreError."""
+    try:
+        tables = [TableConfig(**({**t, "index": "hashed"} if hashed_only else t)) for t in doc["tables"]]
+        cfg = dict(doc["store"])
+        p = cfg.pop("pruning")
+        pruning = ManualRatios(tuple(p["per_chunk"])) if p["kind"] == "manual" else DynamicRatio(p["ratio"])
+        return tables, StoreConfig(pruning=pruning, **cfg)
+    except (KeyError, TypeError, ConfigError) as exc:
+        raise CorruptStoreError(f"the saved configuration is not valid: {exc!r}") from exc
 
 
 def optimizer_dense_bytes(t: TableConfig) -> int | None:

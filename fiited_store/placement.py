@@ -36,7 +36,7 @@ def missing_chunks(store, entries, group: int, known=None):
         return miss_e[:n], miss_k[:n]
     size = max(int(entries.shape[0]) * store.kmax, 1)
     miss_e, miss_k = b.empty(size, np.int64), b.empty(size, np.int64)
-    ea, m = store.entries.arrays, store._meta
+    ea, m = store.entries.arrays, store.meta
     n = int(store.k.missing_chunks(entries, ea.row_base, ea.seen, ea.table_ids, ea.addr, m["table_chunks"],
                                    m["table_group"], group, miss_e, miss_k))
     return miss_e[:n], miss_k[:n]
@@ -55,7 +55,7 @@ def prune_pool(store, pool: ChunkPool, entries_per_table: np.ndarray) -> dict[st
     taken by all shards alike."""
     plan = pool.plan
     g = plan.group
-    b, k, m = store.backend, store.k, store._meta
+    b, k, m = store.backend, store.k, store.meta
     ea = store.entries.arrays
     n_group = int(sum(entries_per_table[t] for t in plan.tables))
     info: dict[str, Any] = {"chunk_width": plan.chunk_width, "evicted": 0, "allocated": 0}
@@ -71,7 +71,7 @@ def prune_pool(store, pool: ChunkPool, entries_per_table: np.ndarray) -> dict[st
         sample_tables = b.empty(cap, np.int32)
         n_s = int(k.sample_utilities(ea.row_base, ea.seen, ea.keys, ea.table_ids, ea.util, m["table_chunks"], m["table_group"], g,
                                      sample_rate_threshold(m_size, n_group), store.config.seed,
-                                     store._prune_round, samples, sample_tables))
+                                     store.clock.prune_round, samples, sample_tables))
         in_pool = np.zeros(T, bool)
         in_pool[list(plan.tables)] = True
         chunks = np.where(in_pool, [t.chunks for t in store.tables], 0)
@@ -90,7 +90,7 @@ def prune_pool(store, pool: ChunkPool, entries_per_table: np.ndarray) -> dict[st
         info["sampled"] = n_s
     info["thresholds"] = {store.tables[t].name: thr[t, :store.tables[t].chunks].tolist() for t in plan.tables}
     thr_d = b.from_host(thr)
-    block_counts = b.empty((k._SCAN_BLOCKS, 3), np.int64)
+    block_counts = b.empty((k.SCAN_BLOCKS, 3), np.int64)
     # one pass lists the chunks below and above their thresholds; it is the prune unless
     # more chunks pass than there are slots, when ranks decide at a cutoff instead
     keep, cand, drop, ev_e, ev_k, al_e, al_k = k.prune_lists(
@@ -143,10 +143,8 @@ def evict(store, pool: ChunkPool, ev_e, ev_k, *, spares_upcoming: bool = False) 
     n = int(ev_e.shape[0])
     if n == 0:
         return
-    for r in store._resolved:
-        # a prefetched batch's missing chunks are only known while none of its chunks left
-        if not (spares_upcoming and r.grouping.uniq is store._upcoming):
-            r.missing = None
+    # a prefetched batch's missing chunks are only known while none of its chunks left
+    store.residency.chunks_left_the_pool(spares_upcoming)
     b, a = store.backend, pool.arrays
     g = pool.plan.group
     if store.config.spills:
@@ -179,13 +177,13 @@ def readmission_init(store):
     from .kernels.cpu import mix64
     from .kernels.layout import INIT_CODES
 
-    m, mode = store._meta, store.config.readmission
+    m, mode = store.meta, store.config.readmission
     if mode == "zero":
         if "readmit_zero_kind" not in m:
             m["readmit_zero_kind"] = store.backend.from_host(np.full(len(store.tables), INIT_CODES["zeros"], np.int8))
         return store.config.seed, m["readmit_zero_kind"]
     if mode == "fresh":
-        salt = mix64(np.uint64(store._prune_round) + np.uint64(0x9E3779B97F4A7C15))
+        salt = mix64(np.uint64(store.clock.prune_round) + np.uint64(0x9E3779B97F4A7C15))
         return int(mix64(np.uint64(store.config.seed) ^ salt) >> np.uint64(1)), m["table_init_kind"]
     return store.config.seed, m["table_init_kind"]
 
@@ -196,7 +194,7 @@ def allocate(store, pool: ChunkPool, al_e, al_k, *, fetch_counter: str = "", rea
     n = int(al_e.shape[0])
     if n == 0:
         return 0
-    b, a, m, ea = store.backend, pool.arrays, store._meta, store.entries.arrays
+    b, a, m, ea = store.backend, pool.arrays, store.meta, store.entries.arrays
     g = pool.plan.group
     c, w = pool.plan.chunk_width, pool.plan.state_width
     vec = np.empty((0, c), np.float32)
@@ -240,7 +238,7 @@ def read_tier(store, group: int, tslots: np.ndarray):
     st = np.empty((tslots.shape[0], tier.state_width), np.float32)
     hit = np.zeros(tslots.shape[0], bool)
     n_hit = 0
-    for staged in store._staged.get(group, []):
+    for staged in store.residency.staged_reads(group):
         if n_hit == tslots.shape[0]:
             break
         # a read still in flight is for a later batch: never wait for it here
@@ -257,10 +255,10 @@ def read_tier(store, group: int, tslots: np.ndarray):
 
 def drop_dead_entries(store) -> int:
     """Erase entries with no resident chunk whose every utility fell below ``drop_floor``."""
-    store._check_writable()
+    store.check_writable()
     if store.config.mode == "cache":
         return 0
-    store._fold_scale()
+    store.fold_utility_scale()
     ea = store.entries.arrays
     out = store.backend.empty(max(int(ea.addr.shape[0]), 1), np.int64)
     n = int(store.k.find_dead_entries(ea.row_base, ea.seen, ea.table_ids, ea.addr, ea.util, np.float32(store.config.drop_floor), out))
@@ -272,7 +270,7 @@ def drop_dead_entries(store) -> int:
 
 def erase_entries(store, entries) -> int:
     ea = store.entries.arrays
-    m = store._meta
+    m = store.meta
     total = hashed_erased = 0
     for pool in store.pools:
         a = pool.arrays
@@ -286,8 +284,8 @@ def erase_entries(store, entries) -> int:
         store.entries.erased(n, n_h)
         total += n
         hashed_erased += n_h
-    store._generation += 1
+    store.entries_moved()
     if hashed_erased:
         # no tombstones: the hashed index is rebuilt from its live keys (see EntryTable)
-        store._rehash(store.entries.capacity_after_erase())
+        store.rehash(store.entries.capacity_after_erase())
     return total

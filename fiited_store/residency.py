@@ -48,27 +48,6 @@ class Resolved:
     missing: dict | None        # pool group -> (entries, chunks) not resident at the prefetch
 
 
-def _resolution_version(store) -> tuple:
-    return id(store.entries), store.entries.version, store._generation
-
-
-def take_resolved(store, feature_tables: np.ndarray, ids, offsets) -> Resolved | None:
-    """The prefetched batch equal to this request (its ``keys`` hold private copies of
-    the ids and offsets), or None. A match and every older prefetch are forgotten."""
-    if not store._resolved:
-        return None
-    if store.backend.name != "cpu" or _resolution_version(store) != store._resolved[0].version:
-        store._resolved.clear()
-        return None
-    for i, r in enumerate(store._resolved):
-        k = r.keys
-        if (np.array_equal(k.feature_tables, feature_tables) and host_kernels.equal_arrays(k.offsets, offsets)
-                and host_kernels.equal_arrays(k.ids, ids)):
-            del store._resolved[: i + 1]
-            return r
-    return None
-
-
 @dataclass
 class Staged:
     """A background read of tier rows, for a coming batch."""
@@ -76,6 +55,77 @@ class Staged:
     slots: np.ndarray         # tier slots being read in the background, in the batch's chunk order
     future: Any
     mark: int                 # what the tier handed out for this read (end_read releases its quarantine)
+
+
+class Residency:
+    """What cache mode keeps between calls of one store.
+
+    - ``staged``: per pool, the background reads of coming batches, newest last: one for
+      the next batch and one for the batch after it (a prefetch one batch ahead is
+      usually called before the forward);
+    - ``upcoming``: the entries of the batch being prefetched, which evictions spare
+      when they can;
+    - ``resolved``: the last two prefetched batches, resolved, for their training lookups;
+    - ``clock``: per pool, where the victim scan stopped.
+    """
+
+    def __init__(self, n_pools: int):
+        self.staged: dict[int, list[Staged]] = {}
+        self.upcoming = np.empty(0, np.int64)
+        self.resolved: list[Resolved] = []
+        self.clock = [0] * n_pools
+
+    def has_resolved(self) -> bool:
+        return bool(self.resolved)
+
+    def forget_resolved(self) -> None:
+        self.resolved.clear()
+
+    def staged_reads(self, group: int) -> list[Staged]:
+        """Pool ``group``'s background reads, oldest first."""
+        return self.staged.get(group, [])
+
+    def chunks_left_the_pool(self, spares_upcoming: bool) -> None:
+        """An eviction ran: the prefetched batches' lists of missing chunks no longer hold,
+        but the latest one's when the eviction spared its entries."""
+        for r in self.resolved:
+            if not (spares_upcoming and r.grouping.uniq is self.upcoming):
+                r.missing = None
+
+    def drop_reads(self) -> None:
+        """Forget every background read (the tiers they read were replaced)."""
+        self.staged.clear()
+
+    def cancel_reads(self, tiers) -> None:
+        """Cancel every background read and end it on its tier (the store is closing)."""
+        for g, reads in self.staged.items():
+            for st in reads:
+                st.future.cancel()
+                tiers[g].end_read(st.mark)
+        self.staged.clear()
+        self.resolved.clear()
+
+
+def _resolution_version(store) -> tuple:
+    return id(store.entries), store.entries.version, store.generation
+
+
+def take_resolved(store, feature_tables: np.ndarray, ids, offsets) -> Resolved | None:
+    """The prefetched batch equal to this request (its ``keys`` hold private copies of
+    the ids and offsets), or None. A match and every older prefetch are forgotten."""
+    resolved = store.residency.resolved
+    if not resolved:
+        return None
+    if store.backend.name != "cpu" or _resolution_version(store) != resolved[0].version:
+        resolved.clear()
+        return None
+    for i, r in enumerate(resolved):
+        k = r.keys
+        if (np.array_equal(k.feature_tables, feature_tables) and host_kernels.equal_arrays(k.offsets, offsets)
+                and host_kernels.equal_arrays(k.ids, ids)):
+            del resolved[: i + 1]
+            return r
+    return None
 
 
 def make_resident(store, uniq, missing: dict | None = None) -> None:
@@ -92,8 +142,8 @@ def make_resident(store, uniq, missing: dict | None = None) -> None:
             continue
         if n > pool.n_free:
             tids, _ = store.entries.keys_of(b.to_host(uniq))
-            in_group = store._host_meta["table_group"][tids] == g
-            batch_chunks = int(store._host_meta["table_chunks"][tids[in_group]].sum())
+            in_group = store.host_meta["table_group"][tids] == g
+            batch_chunks = int(store.host_meta["table_chunks"][tids[in_group]].sum())
             if batch_chunks > pool.slots:
                 raise PoolCapacityError(
                     f"a batch needs {batch_chunks} resident chunks of width {pool.chunk_width} but the pool has "
@@ -126,14 +176,15 @@ def evict_for(store, pool: ChunkPool, batch: np.ndarray, need: int, target: int)
     threshold = float(np.nextafter(np.float32(np.quantile(sampled, q)), np.float32(np.inf))) \
         if sampled.size and q < 1.0 else np.inf
     done = 0
-    spare = np.concatenate([batch, store._upcoming])
+    state = store.residency
+    spare = np.concatenate([batch, state.upcoming])
     for attempt in range(3):
         pinned = b.from_host(spare if attempt < 2 else batch)
         want = target - done
         out_e = b.empty(want, np.int64)
         out_k = b.empty(want, np.int64)
-        n, store._clock[g] = (int(x) for x in k.pick_victims(pool.arrays.owner, ea.addr, ea.util, pinned,
-                                                            np.float32(threshold), store._clock[g], out_e, out_k))
+        n, state.clock[g] = (int(x) for x in k.pick_victims(pool.arrays.owner, ea.addr, ea.util, pinned,
+                                                            np.float32(threshold), state.clock[g], out_e, out_k))
         placement.evict(store, pool, out_e[:n], out_k[:n], spares_upcoming=attempt < 2)
         done += n
         if done >= need:
@@ -149,13 +200,13 @@ def prefetch(store, features: str | Sequence[str], ids: Any, offsets: Any = None
     Unseen keys are inserted, as the forward pass would. A no-op in prune mode,
     where a chunk that is not resident is pruned by definition.
     """
-    store._check_writable()
+    store.check_writable()
     if store.config.mode != "cache":
         return 0
-    keys = store._flat_keys(features, ids, offsets)
-    entries = store._resolve(keys.q_tables, keys.ids, insert=True)
+    keys = store.flat_keys(features, ids, offsets)
+    entries = store.resolve(keys.q_tables, keys.ids, insert=True)
     before = store.counters.restored_chunks + store.counters.initialised_chunks
-    make_resident(store, store._group(entries, keys.q_tables).uniq)
+    make_resident(store, store.group_occurrences(entries, keys.q_tables).uniq)
     return store.counters.restored_chunks + store.counters.initialised_chunks - before
 
 
@@ -167,24 +218,25 @@ def prefetch_async(store, features: str | Sequence[str], ids: Any, offsets: Any 
     rows without waiting on the disk; a row whose slot was released in between is
     read again. Returns the number of chunks being read.
     """
-    store._check_writable()
+    store.check_writable()
     if store.config.mode != "cache":
         return 0
-    keys = store._flat_keys(features, ids, offsets)
+    keys = store.flat_keys(features, ids, offsets)
     entries, n_missing, _ = store.entries.find_counted(keys.q_tables, keys.ids)
-    grouping = store._group(entries, keys.q_tables)
+    grouping = store.group_occurrences(entries, keys.q_tables)
     uniq = grouping.uniq
     b = store.backend
     missing: dict = {}
+    state = store.residency
     if n_missing == 0 and keys.offsets is not None and b.name == "cpu":
         # the lookup of this batch, one step later, reuses all of it (the ids and offsets
         # are copied: the caller may refill its arrays in between)
         owned = keys._replace(ids=np.array(keys.ids), offsets=np.array(keys.offsets))
-        if store._resolved and store._resolved[0].version != _resolution_version(store):
-            store._resolved.clear()
-        store._resolved.append(Resolved(owned, entries, grouping, _resolution_version(store), missing))
-        del store._resolved[:-2]
-    store._upcoming = b.to_host(uniq)
+        if state.resolved and state.resolved[0].version != _resolution_version(store):
+            state.resolved.clear()
+        state.resolved.append(Resolved(owned, entries, grouping, _resolution_version(store), missing))
+        del state.resolved[:-2]
+    state.upcoming = b.to_host(uniq)
     total = 0
     for pool in store.pools:
         g = pool.plan.group
@@ -196,7 +248,7 @@ def prefetch_async(store, features: str | Sequence[str], ids: Any, offsets: Any 
         if slots.size == 0:
             continue
         tier = store.tiers[g]
-        reads = store._staged.setdefault(g, [])
+        reads = state.staged.setdefault(g, [])
         while len(reads) >= 2:
             old = reads.pop(0)
             old.future.cancel()
@@ -211,7 +263,7 @@ def wait_for_tier_io(store) -> None:
     """Block until every background read of the prefetched batches, and every spill
     write, is done (a benchmark that times steps one after another waits here, so that
     no tier work runs on into the next store's step)."""
-    futures = [staged.future for reads in store._staged.values() for staged in reads]
+    futures = [staged.future for reads in store.residency.staged.values() for staged in reads]
     if futures:
         wait(futures)
     for tier in store.tiers:
@@ -238,7 +290,7 @@ def read_through(store, pool: ChunkPool, entries, q_tables):
     none = b.empty(0, np.int64), b.empty((0, pool.plan.chunk_width), np.float32)
     if store.tiers[g] is None:
         return none
-    uniq = store._group(entries, q_tables).uniq
+    uniq = store.group_occurrences(entries, q_tables).uniq
     miss_e, miss_k = placement.missing_chunks(store, uniq, g)
     n = int(miss_e.shape[0])
     if n == 0:

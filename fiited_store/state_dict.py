@@ -21,7 +21,7 @@ def export_state(store) -> dict[str, np.ndarray]:
     """Every array of the store, host copies, tier rows included (for ``state_dict``)."""
     import json
 
-    from .storage.checkpoint import config_to_json
+    from .config import config_to_json
 
     b = store.backend
     out: dict[str, np.ndarray] = {}
@@ -38,7 +38,7 @@ def export_state(store) -> dict[str, np.ndarray]:
         out[f"tier_{g}.slots"] = used
         out[f"tier_{g}.owner"] = tier.owner[used].copy()
         out[f"tier_{g}.vectors"], out[f"tier_{g}.states"] = vec, st
-    out["meta.counters"] = np.array([store.step_count, store._scale_origin, store._prune_round], np.int64)
+    out["meta.counters"] = np.array(store.clock.as_tuple(), np.int64)
     out["meta.config"] = np.frombuffer(json.dumps(config_to_json(store.tables, store.config)).encode(), np.uint8).copy()
     return out
 
@@ -50,9 +50,9 @@ def import_state(store, state: dict[str, Any]) -> None:
 
     from .entry_table import EntryArrays
     from .pool import PoolArrays
-    from .storage.checkpoint import config_from_json
+    from .config import config_from_json
 
-    store._check_writable()
+    store.check_writable()
     st = {k: np.asarray(v) for k, v in state.items()}
     if "meta.config" not in st:
         raise InputShapeError("state has no 'meta.config': not a fiited-store state")
@@ -104,12 +104,11 @@ def import_state(store, state: dict[str, Any]) -> None:
         k_of = np.argmax(addr[owner] == (-2 - st[f"tier_{g}.slots"])[:, None], axis=1)
         addr[owner, k_of] = -2 - new_slots
         new_tiers[g] = tier
-    store._plans.clear()  # they hold the direct rows of the entry table replaced here
-    store.entries = EntryTable.from_arrays(b, EntryArrays(
+    store.replace_entries(EntryTable.from_arrays(b, EntryArrays(
         row_base=b.persist(st["entries.row_base"]), seen=b.persist(st["entries.seen"]),
         keys=b.persist(st["entries.keys"]), table_ids=b.persist(st["entries.table_ids"]),
         addr=b.persist(addr), util=b.persist(st["entries.util"])), [t.name for t in store.tables],
-        store.config.max_load)
+        store.config.max_load))
     for p in store.pools:
         g = p.plan.group
         p.arrays = PoolArrays(*(b.persist(st[f"pool_{g}.{k}"]) for k in PoolArrays._fields))
@@ -124,6 +123,6 @@ def import_state(store, state: dict[str, Any]) -> None:
             store.tiers[g] = tiering.open_saved_tier(store, g, final, tier.owner, read_only=False)
         else:
             store.tiers[g] = None
-    store.step_count, store._scale_origin, store._prune_round = (int(x) for x in st["meta.counters"])
-    store._generation += 1
-    store._staged.clear()
+    clock = store.clock
+    clock.step_count, clock.scale_origin, clock.prune_round = (int(x) for x in st["meta.counters"])
+    store.residency.drop_reads()

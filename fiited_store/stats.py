@@ -72,8 +72,8 @@ def store_stats(store) -> dict[str, Any]:
         "budget_bytes": budget,
         "resident_vs_budget": resident_bytes / budget,
         # the whole-store budget, when one was set; memory_total never exceeds it
-        "memory_budget_bytes": store._memory_budget,
-        "memory_vs_budget": (total_bytes / store._memory_budget) if store._memory_budget else None,
+        "memory_budget_bytes": store.memory_budget_bytes,
+        "memory_vs_budget": (total_bytes / store.memory_budget_bytes) if store.memory_budget_bytes else None,
         "dense_bytes": dense,
         "dense_with_optimizer_bytes": dense_with_opt,
         "memory_vs_dense": (total_bytes / dense) if dense else None,

@@ -21,7 +21,6 @@ one thread drives a store (a background thread only reads the disk tier).
 
 from __future__ import annotations
 
-import shutil
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, NamedTuple, Sequence
@@ -50,7 +49,7 @@ from .errors import (
     UnknownTableError,
 )
 from .kernels.layout import INIT_CODES, OPTIMIZER_CODES, UTILITY_CODES, util_to_float
-from . import placement, residency, state_dict
+from . import placement, residency, state_dict, tiering
 from .buffers import OutputBuffers
 from .inputs import as_ids, as_offsets, own_array, request_arrays
 from .stats import store_stats
@@ -91,6 +90,18 @@ class PooledBatch:
     generation: int
     store_id: int
     consumed: bool = False
+
+
+@dataclass
+class StepClock:
+    """Where training stands (saved with every checkpoint and state export)."""
+
+    step_count: int = 0    # step() calls so far
+    scale_origin: int = 0  # the step that stored utilities are scaled from: true = stored * gamma ** (step - origin)
+    prune_round: int = 0   # prune passes so far (each pass's sample is drawn from it)
+
+    def as_tuple(self) -> tuple[int, int, int]:
+        return self.step_count, self.scale_origin, self.prune_round
 
 
 @dataclass
@@ -141,7 +152,7 @@ class EmbeddingStore:
             if not isinstance(t, TableConfig):
                 raise ConfigError(f"tables must be TableConfig instances, got {type(t).__name__}")
         self.plans: list[PoolPlan] = plan_pools(tables, config)
-        self._memory_budget = memory_budget(tables, config)
+        self.memory_budget_bytes = memory_budget(tables, config)
         self.tables = tables
         self.config = config
         self.backend = get_backend(config.device)
@@ -163,8 +174,8 @@ class EmbeddingStore:
             table_init_kind=np.array([INIT_CODES[t.initializer] for t in tables], np.int8),
             table_init_scale=np.array([t.scale for t in tables], np.float64),
         )
-        self._host_meta = meta
-        self._meta = {k: self.backend.from_host(v) for k, v in meta.items()}
+        self.host_meta = meta
+        self.meta = {k: self.backend.from_host(v) for k, v in meta.items()}
         self._no_rows = self.backend.from_host(np.zeros((1, 2), np.int64))
         self._no_rows_entries = self.backend.empty(0, np.int64)
         self._plans: dict = {}
@@ -172,9 +183,7 @@ class EmbeddingStore:
         #: set by a sharded store (:mod:`fiited_store.distributed`): sums counts and gathers
         #: sampled utilities across shards, so that this shard prunes as part of one store
         self.collective = None
-        self.step_count = 0
-        self._scale_origin = 0
-        self._prune_round = 0
+        self.clock = StepClock()
         self._generation = 0
         self._closed = False
         self._buffers = OutputBuffers(self.backend)
@@ -182,22 +191,16 @@ class EmbeddingStore:
 
         self._threads = numba.get_num_threads()
         self._grad_buf = None
-        # background reads per pool, newest last: one for the next batch and one for the
-        # batch after it (prefetch one batch ahead is usually called before the forward)
-        self._staged: dict[int, list[residency.Staged]] = {}
-        # entries of the batch being prefetched: evictions spare them when they can
-        self._upcoming = np.empty(0, np.int64)
-        # the last two prefetched batches, resolved, for their training lookups
-        self._resolved: list[residency.Resolved] = []
-        self._clock = [0] * len(self.plans)
-        self._tmpdir: Path | None = None
+        #: cache mode's state between calls: background reads, the prefetched batches
+        self.residency = residency.Residency(len(self.plans))
         self.path = Path(path) if path is not None else None
         self._lock = None
         self._pin = None  # a read-only handle's shared lock on the checkpoint it reads
         #: the checkpoint this handle was opened from, or last saved to its own directory
         self.checkpoint: str | None = None
         self.read_only = False
-        self.tiers: list[Any] = [None] * len(self.plans)
+        #: each pool's disk tier (None until the pool's first spill)
+        self.tiers = tiering.Tiers(len(self.plans))
         if _restore is not None:
             _restore(self)
             return
@@ -235,30 +238,55 @@ class EmbeddingStore:
         if self._closed:
             return
         self._closed = True
-        for g, reads in self._staged.items():
-            for st in reads:
-                st.future.cancel()
-                self.tiers[g].end_read(st.mark)
-        self._staged.clear()
-        self._resolved.clear()
-        for tier in self.tiers:
-            if tier is not None:
-                tier.close()
+        self.residency.cancel_reads(self.tiers)
+        self.tiers.close()
         if self._lock is not None:
             self._lock.release()
             self._lock = None
         if self._pin is not None:
             self._pin.release()
             self._pin = None
-        if self._tmpdir is not None:
-            shutil.rmtree(self._tmpdir, ignore_errors=True)
-            self._tmpdir = None
 
     def __del__(self) -> None:
         try:
             self.close()
         except Exception:
             pass
+
+    def hold(self, lock: Any = None, pin: Any = None) -> None:
+        """Keep a checkpoint's write lock or read pin (:mod:`.storage.checkpoint`) until :meth:`close`."""
+        self._lock = lock if lock is not None else self._lock
+        self._pin = pin if pin is not None else self._pin
+
+    # ------------------------------------------------------------------ state others read
+    @property
+    def step_count(self) -> int:
+        """Training steps so far."""
+        return self.clock.step_count
+
+    @property
+    def generation(self) -> int:
+        """Bumped whenever entries may have moved (a rehash, an erase, a state import): a batch
+        resolved at another generation finds its keys again."""
+        return self._generation
+
+    def entries_moved(self) -> None:
+        """Entries moved or went: batches and plans resolved before must not be trusted."""
+        self._generation += 1
+
+    def replace_entries(self, entries: EntryTable) -> None:
+        """Install another entry table (a state import): every cached feature plan holds the old one's rows."""
+        self.entries = entries
+        self._plans.clear()
+        self.entries_moved()
+
+    def gradient_rows(self, rows: int):
+        """A scratch float32[>= rows, widest dim] for summed gradients, its first ``rows`` rows zeroed."""
+        dmax = int(self.host_meta["table_dim"].max())
+        if self._grad_buf is None or self._grad_buf.shape[0] < rows:
+            self._grad_buf = self.backend.empty((max(rows, 1024) * 5 // 4, dmax), np.float32)
+        self.k.zero_rows(self._grad_buf, rows)
+        return self._grad_buf
 
     # ------------------------------------------------------------------ helpers
     def table_index(self, name: str) -> int:
@@ -276,8 +304,8 @@ class EmbeddingStore:
         plan = self._plans.get(key) if key is not None else None
         if plan is not None:
             return plan
-        ft = self._features(features)
-        b, meta = self.backend, self._host_meta
+        ft = self.feature_indices(features)
+        b, meta = self.backend, self.host_meta
         dims = meta["table_dim"][ft]
         rows = self.entries.table_rows[ft]
         plan = FeaturePlan(
@@ -292,7 +320,7 @@ class EmbeddingStore:
             self._plans[key] = plan
         return plan
 
-    def _features(self, features: str | Sequence[str]) -> np.ndarray:
+    def feature_indices(self, features: str | Sequence[str]) -> np.ndarray:
         if isinstance(features, str):
             features = [features]
         if not isinstance(features, (list, tuple, np.ndarray)):
@@ -301,7 +329,7 @@ class EmbeddingStore:
             raise InputShapeError("at least one feature (table name) is needed")
         return np.array([self.table_index(f) for f in features], np.int32)
 
-    def _check_writable(self) -> None:
+    def check_writable(self) -> None:
         if self._closed:
             raise StaleBatchError("the store is closed")
         if self.read_only:
@@ -310,7 +338,7 @@ class EmbeddingStore:
             raise StoreReadOnlyError(f"store at {self.path} is open read-only")
 
     # ------------------------------------------------------------------ resolution
-    def _rehash(self, capacity: int) -> None:
+    def rehash(self, capacity: int) -> None:
         old_to_new = self.entries.rehash(capacity)
         for pool in self.pools:
             self.k.remap_owner(pool.arrays.owner, old_to_new)
@@ -321,10 +349,10 @@ class EmbeddingStore:
                 if host_map is None:
                     host_map = self.backend.to_host(old_to_new)
                 host_kernels.remap_owner(tier.owner, host_map)
-        self._generation += 1
+        self.entries_moved()
         self.counters.rehashes += 1
 
-    def _resolve(self, q_tables, ids, insert: bool, new_out: list | None = None, limits: Sequence[int] | None = None):
+    def resolve(self, q_tables, ids, insert: bool, new_out: list | None = None, limits: Sequence[int] | None = None):
         """Entries of the keys; training inserts the unseen ones, first occurrence
         first, and gives their chunks free slots (at most ``limits[g]`` in pool g)."""
         entries, n_missing, n_hashed = self.entries.find_counted(q_tables, ids)
@@ -332,14 +360,14 @@ class EmbeddingStore:
             return entries
         if self.entries.needs_rehash(n_hashed):
             capacity = self.entries.rehash_capacity(n_hashed)
-            self._check_memory_budget(capacity)
-            self._rehash(capacity)
+            self.check_memory_budget(capacity)
+            self.rehash(capacity)
             entries, n_missing, n_hashed = self.entries.find_counted(q_tables, ids)
         new = self.entries.insert_missing(q_tables, ids, entries)
         if new_out is not None:
             new_out.append(new)
         if self.config.mode == "prune" and new.shape[0]:
-            m = self._meta
+            m = self.meta
             for pool in self.pools:
                 a = pool.arrays
                 ea = self.entries.arrays
@@ -352,22 +380,22 @@ class EmbeddingStore:
                 self.counters.initialised_chunks += int(n)
         return entries
 
-    def _check_memory_budget(self, capacity: int) -> None:
+    def check_memory_budget(self, capacity: int) -> None:
         """Refuse to grow the hashed index to ``capacity`` slots past the memory budget."""
-        if self._memory_budget is None:
+        if self.memory_budget_bytes is None:
             return
         grown = self.memory_bytes() + (capacity - self.entries.capacity) * self.entries.hashed_slot_bytes
-        if grown > self._memory_budget:
+        if grown > self.memory_budget_bytes:
             raise MemoryBudgetError(
                 f"inserting these keys needs the hashed index grown to {capacity} slots, {grown} bytes in all, "
-                f"over the memory budget of {self._memory_budget} bytes; nothing was inserted "
+                f"over the memory budget of {self.memory_budget_bytes} bytes; nothing was inserted "
                 f"({self.entries.n_hashed} live hashed keys; lower drop_floor's reach or raise the budget)")
 
     def memory_bytes(self) -> int:
         """The store's memory now: pool vectors, optimizer state, address manager and entry index."""
         return sum(p.vector_bytes + p.state_bytes + p.manager_bytes for p in self.pools) + self.entries.nbytes
 
-    def _group(self, entries, q_tables) -> Grouping:
+    def group_occurrences(self, entries, q_tables) -> Grouping:
         n = entries.shape[0]
         uniq = self.backend.empty(n, np.int64)
         counts = self.backend.empty(n, np.int64)
@@ -401,7 +429,7 @@ class EmbeddingStore:
         if mode not in ("sum", "mean"):
             raise InputShapeError(f"mode must be 'sum' or 'mean', got {mode!r}")
         if train:
-            self._check_writable()
+            self.check_writable()
         plan = self._feature_plan(features)
         feature_tables, ft_d, fc_d = plan.feature_tables, plan.feature_tables_d, plan.feature_col_d
         F = feature_tables.shape[0]
@@ -409,7 +437,7 @@ class EmbeddingStore:
         # a batch kept for backward (or for weight gradients) owns its inputs; one that
         # may be a prefetched batch takes the prefetch's copies if it is, so copies later
         own = train or per_sample_weights is not None
-        may_be_resolved = train and per_sample_weights is None and bool(self._resolved) and b.name == "cpu"
+        may_be_resolved = train and per_sample_weights is None and self.residency.has_resolved() and b.name == "cpu"
         ids_d, offsets_d, weights_d = request_arrays(b, ids, offsets, per_sample_weights, F, mode,
                                                      own=own and not may_be_resolved)
         nnz = ids_d.shape[0]
@@ -449,8 +477,8 @@ class EmbeddingStore:
             bag_of_occ = b.empty(nnz if train or weights_d.shape[0] else 0, np.int64)
             q_tables = b.empty(nnz, np.int16)
             self.k.expand_bags(offsets_d, B, ft_d, bag_of_occ, q_tables)
-            entries = self._resolve(q_tables, ids_d, insert=train, new_out=new)
-            grouping = self._group(entries, q_tables) if train else None
+            entries = self.resolve(q_tables, ids_d, insert=train, new_out=new)
+            grouping = self.group_occurrences(entries, q_tables) if train else None
         if self.config.mode == "cache" and train:
             try:
                 residency.make_resident(self, grouping.uniq, missing)
@@ -460,7 +488,7 @@ class EmbeddingStore:
                 raise
             self.counters.resolved_lookups += resolved is not None
         out = self._buffers.get((B, plan.width))
-        m = self._meta
+        m = self.meta
         for pool in self.pools:
             if self.config.mode == "cache" and not train:
                 sp_slots, sp_vectors = residency.read_through(self, pool, entries, q_tables)
@@ -510,18 +538,18 @@ class EmbeddingStore:
 
     def find_or_insert(self, table: str, ids: Any):
         """Rows of ``ids``, inserting unseen keys (they take free slots while any remain)."""
-        self._check_writable()
+        self.check_writable()
         return self.lookup(table, ids, train=True)
 
     def insert(self, table: str, ids: Any) -> int:
         """Give entries to keys that have none, as a training forward pass would (their
         chunks take free slots while any remain, in prune mode). Returns how many were new."""
-        self._check_writable()
+        self.check_writable()
         t = self.table_index(table)
         ids = as_ids(ids)
         q = self.backend.from_host(np.full(ids.shape[0], t, np.int16))
         before = self.entries.n_live
-        self._resolve(q, self.backend.from_host(ids), insert=True)
+        self.resolve(q, self.backend.from_host(ids), insert=True)
         return self.entries.n_live - before
 
     def contains(self, table: str, ids: Any) -> np.ndarray:
@@ -540,7 +568,7 @@ class EmbeddingStore:
         anywhere in ``grad_out`` raises :class:`NonFiniteGradientError` before anything
         changes.
         """
-        self._check_writable()
+        self.check_writable()
         if batch.store_id != id(self):
             raise StaleBatchError("this batch was produced by another store")
         if batch.consumed:
@@ -552,21 +580,18 @@ class EmbeddingStore:
             entries, _ = self.entries.find(batch.q_tables, batch.ids)
             grouping = None
         if grouping is None:
-            grouping = self._group(entries, batch.q_tables)
+            grouping = self.group_occurrences(entries, batch.q_tables)
         U = grouping.uniq.shape[0]
-        dmax = int(self._host_meta["table_dim"].max())
-        if self._grad_buf is None or self._grad_buf.shape[0] < U:
-            self._grad_buf = self.backend.empty((max(U, 1024) * 5 // 4, dmax), np.float32)
-        m = self._meta
+        m = self.meta
         # phase 1 sums every gradient row an id uses and checks the sums; nothing changes yet
-        self.k.zero_rows(self._grad_buf, U)
+        grad_buf = self.gradient_rows(U)
         split = max(1, self._threads // max(len(self.tables), 1))
         for pool in self.pools:
             self.k.accumulate_gradients(
                 grouping.which, batch.offsets, batch.weights, batch.mean, batch.bags_per_feature, batch.feature_tables,
                 batch.feature_col, g, m["table_chunks"], m["table_group"], pool.plan.group, pool.plan.chunk_width,
-                len(self.tables), split, self._grad_buf)
-        n_bad = int(self.k.count_nonfinite_rows(self._grad_buf, U))
+                len(self.tables), split, grad_buf)
+        n_bad = int(self.k.count_nonfinite_rows(grad_buf, U))
         n_bad += int(self.k.nonfinite_in_empty_bags(batch.offsets, batch.bags_per_feature, batch.feature_col,
                                                      batch.feature_tables, m["table_dim"], g))
         if n_bad:
@@ -583,14 +608,14 @@ class EmbeddingStore:
                 f"grad_out[{i}, {j}] = {self.backend.to_host(g[i:i + 1, j])[0]} is not finite; nothing was updated"
             )
         # phase 2: utilities and the fused optimizer step
-        self._apply_summed(grouping.uniq, grouping.counts, self._grad_buf)
+        self.apply_summed_gradients(grouping.uniq, grouping.counts, grad_buf)
         batch.consumed = True
 
-    def _apply_summed(self, uniq, counts, grad_buf) -> None:
+    def apply_summed_gradients(self, uniq, counts, grad_buf) -> None:
         """Utilities and the fused optimizer step of distinct entries ``uniq`` (int64[U]),
         accessed ``counts`` times (int64[U]), from their summed, checked gradients
         ``grad_buf[:U]``: the second phase of :meth:`backward` (and of a sharded one)."""
-        m = self._meta
+        m = self.meta
         ea = self.entries.arrays
         growth = self._growth()
         # rounding bits for the 16-bit utilities: fresh each step, the same on every backend
@@ -609,7 +634,7 @@ class EmbeddingStore:
         """d loss / d per_sample_weights, float32[nnz]; call before :meth:`backward`."""
         g = self._as_grad(grad_out, batch.output.shape)
         out = self.backend.full(batch.ids.shape[0], 0.0, np.float32)
-        m = self._meta
+        m = self.meta
         ea = self.entries.arrays
         for pool in self.pools:
             self.k.per_sample_weight_grads(
@@ -629,17 +654,17 @@ class EmbeddingStore:
 
     # ------------------------------------------------------------------ utilities and steps
     def _growth(self) -> float:
-        growth = self.config.gamma ** -(self.step_count - self._scale_origin)
+        growth = self.config.gamma ** -(self.step_count - self.clock.scale_origin)
         if growth > _MAX_GROWTH:
-            self._fold_scale()
+            self.fold_utility_scale()
             growth = 1.0
         return growth
 
-    def _fold_scale(self) -> None:
-        steps = self.step_count - self._scale_origin
+    def fold_utility_scale(self) -> None:
+        steps = self.step_count - self.clock.scale_origin
         if steps:
             self.k.scale_utilities(self.entries.arrays.util, self.config.gamma ** steps)
-            self._scale_origin = self.step_count
+            self.clock.scale_origin = self.step_count
 
     def utilities(self, table: str, ids: Any) -> np.ndarray:
         """True utilities, float32[n, K] (NaN for unknown keys); per-row modes repeat the row's value."""
@@ -654,13 +679,13 @@ class EmbeddingStore:
         hit = e >= 0
         rows = util[e[hit]]
         rows = rows[:, :K] if rows.shape[1] > 1 else np.repeat(rows, K, axis=1)
-        out[hit] = rows * np.float32(self.config.gamma ** (self.step_count - self._scale_origin))
+        out[hit] = rows * np.float32(self.config.gamma ** (self.step_count - self.clock.scale_origin))
         return out
 
     def step(self) -> None:
         """End a training step: utilities decay by gamma; every T steps a prune pass runs."""
-        self._check_writable()
-        self.step_count += 1
+        self.check_writable()
+        self.clock.step_count += 1
         self.counters.steps += 1
         T = self.config.prune_period
         if T and self.step_count % T == 0:
@@ -676,9 +701,9 @@ class EmbeddingStore:
         qualify than there are slots, the highest utilities win. In cache mode it
         only rebalances: the most useful chunks move into the pool, the rest to disk.
         """
-        self._check_writable()
-        self._fold_scale()
-        self._prune_round += 1
+        self.check_writable()
+        self.fold_utility_scale()
+        self.clock.prune_round += 1
         self.counters.prunes += 1
         entries_per_table = self.entries.entries_per_table(len(self.tables))
         if self.collective is not None:
@@ -697,7 +722,7 @@ class EmbeddingStore:
 
     def erase(self, table: str, ids: Any) -> int:
         """Remove keys (their chunks' memory is freed everywhere); returns how many existed."""
-        self._check_writable()
+        self.check_writable()
         t = self.table_index(table)
         ids = as_ids(ids)
         q = self.backend.from_host(np.full(ids.shape[0], t, np.int16))
@@ -714,7 +739,7 @@ class EmbeddingStore:
         fresh optimizer state. In prune mode, if the pool lacks the free slots this
         needs, :class:`PoolCapacityError` is raised and nothing changes.
         """
-        self._check_writable()
+        self.check_writable()
         t = self.table_index(table)
         ids = as_ids(ids)
         D = self.tables[t].dim
@@ -733,7 +758,7 @@ class EmbeddingStore:
         b = self.backend
         q = b.from_host(np.full(ids.shape[0], t, np.int16))
         ids_d = b.from_host(ids)
-        g = int(self._host_meta["table_group"][t])
+        g = int(self.host_meta["table_group"][t])
         pool = self.pools[g]
         if self.config.mode == "prune":
             found, n_missing = self.entries.find(q, ids_d)
@@ -746,14 +771,14 @@ class EmbeddingStore:
                     f"insert_or_assign into {table!r} needs {needed} free slots of width {pool.chunk_width}, "
                     f"the pool has {pool.n_free} free of {pool.slots}; nothing was changed"
                 )
-        entries = self._resolve(q, ids_d, insert=True)
+        entries = self.resolve(q, ids_d, insert=True)
         if self.config.mode == "cache":
             residency.make_resident(self, entries)
         else:
             placement.allocate(self, pool, *placement.missing_chunks(self, entries, g))
         ea = self.entries.arrays
         self.k.assign_rows(entries, b.from_host(v), ea.row_base, ea.seen, ea.table_ids, ea.addr,
-                           self._meta["table_chunks"], self._meta["table_group"], g, pool.arrays.vectors,
+                           self.meta["table_chunks"], self.meta["table_group"], g, pool.arrays.vectors,
                            pool.arrays.opt_state)
 
     # ------------------------------------------------------------------ cache mode
@@ -766,10 +791,10 @@ class EmbeddingStore:
         (see :func:`residency.prefetch_async`); returns the chunks being read."""
         return residency.prefetch_async(self, features, ids, offsets)
 
-    def _flat_keys(self, features, ids, offsets=None) -> "residency.FlatKeys":
+    def flat_keys(self, features, ids, offsets=None) -> "residency.FlatKeys":
         """The keys of a request for one table, or for features laid out as in pooled_lookup
         (then with the bag of each occurrence)."""
-        feats = self._features(features)
+        feats = self.feature_indices(features)
         ids = as_ids(ids)
         b = self.backend
         if offsets is None:
@@ -797,7 +822,7 @@ class EmbeddingStore:
 
     def import_state(self, arrays: dict[str, Any]) -> None:
         """Replace this store's contents with an :meth:`export_state` of a store of the same configuration."""
-        self._resolved.clear()
+        self.residency.forget_resolved()
         state_dict.import_state(self, arrays)
 
     # ------------------------------------------------------------------ persistence
@@ -811,8 +836,15 @@ class EmbeddingStore:
         return ckpt
 
     @classmethod
-    def open(cls, path: str | Path, mode: str = "r", device: str | None = None) -> "EmbeddingStore":
-        """Open a saved store: mode "r" (read-only) or "r+" (takes the write lock)."""
+    def open(cls, path: str | Path, mode: str = "r", device: str | None = None, *, checkpoint: str | None = None,
+             check_listed_files: bool = True) -> "EmbeddingStore":
+        """Open a saved store: mode "r" (read-only) or "r+" (takes the write lock).
+
+        ``checkpoint`` opens that checkpoint of the directory instead of the one its
+        manifest names (for writing, the manifest is pointed back at it);
+        ``check_listed_files=False`` goes past missing or resized files (``verify``
+        opens a damaged store that way, to report everything wrong with it)."""
         from .storage.checkpoint import open_store
 
-        return open_store(Path(path), mode=mode, device=device)
+        return open_store(cls, Path(path), mode=mode, device=device, checkpoint=checkpoint,
+                          check_listed_files=check_listed_files)

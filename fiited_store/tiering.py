@@ -4,8 +4,10 @@ spilled chunks in pinned host memory before they reach the disk)."""
 
 from __future__ import annotations
 
+import shutil
 import tempfile
 from pathlib import Path
+from typing import Any, Iterator
 
 import numpy as np
 
@@ -13,6 +15,43 @@ from .config import FLOAT_BYTES
 
 #: target size of one Zarr chunk of a store's disk tier
 TIER_CHUNK_BYTES = 32 << 10
+
+
+class Tiers:
+    """Each pool's disk tier, by pool group (None until the pool's first spill), and the
+    temporary directory that holds them when the store has no directory of its own."""
+
+    def __init__(self, n_pools: int):
+        self._tiers: list[Any] = [None] * n_pools
+        self._tmpdir: Path | None = None
+
+    def __getitem__(self, group: int) -> Any:
+        return self._tiers[group]
+
+    def __setitem__(self, group: int, tier: Any) -> None:
+        self._tiers[group] = tier
+
+    def __iter__(self) -> Iterator[Any]:
+        return iter(self._tiers)
+
+    def __len__(self) -> int:
+        return len(self._tiers)
+
+    def root(self, path: Path | None) -> Path:
+        """Where live tiers go: ``path/live``, or a temporary directory that :meth:`close` removes."""
+        if path is not None:
+            return path / "live"
+        if self._tmpdir is None:
+            self._tmpdir = Path(tempfile.mkdtemp(prefix="fiited-tier-"))
+        return self._tmpdir
+
+    def close(self) -> None:
+        for tier in self._tiers:
+            if tier is not None:
+                tier.close()
+        if self._tmpdir is not None:
+            shutil.rmtree(self._tmpdir, ignore_errors=True)
+            self._tmpdir = None
 
 
 def host_cache_rows(store, group: int) -> int:
@@ -64,8 +103,4 @@ def open_saved_tier(store, group: int, root: Path, owner: np.ndarray, read_only:
 
 def tier_root(store) -> Path:
     """Where the store's live tiers go: its directory, or a temporary one that close() removes."""
-    if store.path is not None:
-        return store.path / "live"
-    if store._tmpdir is None:
-        store._tmpdir = Path(tempfile.mkdtemp(prefix="fiited-tier-"))
-    return store._tmpdir
+    return store.tiers.root(store.path)

@@ -98,7 +98,7 @@ def utility_quantiles(u: np.ndarray) -> dict[str, float]:
 def table_utilities(store: EmbeddingStore) -> dict[str, np.ndarray]:
     """Per table, the true utilities of its entries' chunks, float32[entries, K or 1]."""
     util = util_to_float(store.backend.to_host(store.entries.arrays.util)) * np.float32(
-        store.config.gamma ** (store.step_count - store._scale_origin))
+        store.config.gamma ** (store.step_count - store.clock.scale_origin))
     tids = store.entries.table_of_entries()
     return {t.name: util[tids == i][:, : min(t.chunks, util.shape[1])] for i, t in enumerate(store.tables)}
 
@@ -156,7 +156,7 @@ def plot_inspection(store: EmbeddingStore, info: dict[str, Any], path: Path) -> 
     ax1.legend(title="table", fontsize=7, ncol=1 + len(names) // 10)
     util = util_to_float(store.backend.to_host(store.entries.arrays.util))
     tids = store.entries.table_of_entries()
-    scale = store.config.gamma ** (store.step_count - store._scale_origin)
+    scale = store.config.gamma ** (store.step_count - store.clock.scale_origin)
     logs = {}
     for name in names:
         u = util[tids == store.table_index(name)].ravel() * scale
@@ -184,7 +184,7 @@ def verify_store(path: Path, progress: bool = False, checkpoint: str | None = No
     array and tier chunk through its crc32c, every invariant, and finite values in
     vectors and optimizer state. ``checkpoint`` names one other than the manifest's.
     """
-    from .storage.checkpoint import check_files, open_checkpoint_group, open_store
+    from .storage.checkpoint import check_files, open_checkpoint_group
 
     problems: list[str] = []
     try:
@@ -193,7 +193,7 @@ def verify_store(path: Path, progress: bool = False, checkpoint: str | None = No
             problems += check_files(ckpt, attrs.get("files") or {})
             if not attrs.get("files"):
                 problems.append(f"checkpoint {ckpt} does not list its files")
-        store = open_store(Path(path), "r", check_listed_files=False, checkpoint=checkpoint)
+        store = EmbeddingStore.open(Path(path), "r", check_listed_files=False, checkpoint=checkpoint)
     except FiitedError as exc:
         return problems + [str(exc)]
     with store:
@@ -287,12 +287,12 @@ def compact_store(path: Path, progress: bool = True, checkpoint: str | None = No
     ``checkpoint`` compacts that checkpoint instead of the manifest's, and
     ``remove_older=False`` keeps the older ones (a shard of a sharded store, whose
     global manifest moves on only once every shard is compacted)."""
-    from .storage.checkpoint import open_store, save_store
+    from .storage.checkpoint import save_store
 
     before = directory_bytes(path)
     phases = ["drop dead entries", "pack pool", "pack disk tier", "shrink entry table", "save"]
     bar = tqdm(total=len(phases), disable=not progress, desc="compact", unit="phase")
-    with open_store(Path(path), "r+", checkpoint=checkpoint) as store:
+    with EmbeddingStore.open(Path(path), "r+", checkpoint=checkpoint) as store:
         n_before = store.entries.n_live
         bar.set_postfix_str(phases[0])
         dropped = store.drop_dead_entries()
@@ -304,7 +304,7 @@ def compact_store(path: Path, progress: bool = True, checkpoint: str | None = No
         _compact_tiers(store, progress=False)
         bar.update(1)
         bar.set_postfix_str(phases[3])
-        store._rehash(store.entries.rehash_capacity(0))
+        store.rehash(store.entries.rehash_capacity(0))
         bar.update(1)
         bar.set_postfix_str(phases[4])
         problems = check_store(store)

@@ -71,8 +71,8 @@ def check_store(store) -> list[str]:
                 f"{int(found[i])}: duplicate key or broken probe chain"
             )
 
-    chunks = store._host_meta["table_chunks"]
-    groups = store._host_meta["table_group"]
+    chunks = store.host_meta["table_chunks"]
+    groups = store.host_meta["table_group"]
     K_of = np.zeros(n_all, np.int64)
     K_of[live] = chunks[tids[live]]
     beyond = (np.arange(kmax)[None, :] >= K_of[:, None]) & (addr != -1)
@@ -171,6 +171,7 @@ def check_store(store) -> list[str]:
                 towned = np.nonzero(tier.owner >= 0)[0]
                 if towned.size != ts.size:
                     problems.append(f"tier_{g}: {towned.size} slots have owners but {ts.size} chunks are spilled")
-                if np.any(tier._free[towned]):
-                    problems.append(f"tier_{g}: owned slots {towned[tier._free[towned]][:5].tolist()} are marked free")
+                marked = tier.is_free(towned)
+                if np.any(marked):
+                    problems.append(f"tier_{g}: owned slots {towned[marked][:5].tolist()} are marked free")
     return problems

@@ -108,6 +108,11 @@ class ChunkTier(ABC):
         return self.capacity * (self.chunk_width + self.state_width) * 4
 
     # ------------------------------------------------------------- free space
+    def is_free(self, slots: np.ndarray) -> np.ndarray:
+        """bool[n]: whether each slot is in the free space (quarantined slots are not)."""
+        with self._lock:
+            return self._free[np.asarray(slots, np.int64)].copy()
+
     def allocate(self, n: int) -> np.ndarray:
         """Reserve n free slots (ascending), growing the tier if it must."""
         n = int(n)

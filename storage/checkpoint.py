@@ -36,7 +36,7 @@ import zarr
 from zarr.codecs import Crc32cCodec
 
 from .. import tiering
-from ..config import DynamicRatio, ManualRatios, StoreConfig, TableConfig
+from ..config import config_from_json, config_to_json
 from ..entry_table import EntryArrays, EntryTable, row_bases
 from ..errors import ConfigError, CorruptStoreError, StoreLockedError, StoreReadOnlyError
 from ..kernels.layout import util_from_float
@@ -157,28 +157,6 @@ def _remove_unpinned(ckpt: Path) -> bool:
     finally:
         os.close(fd)
     return not ckpt.exists()
-
-
-# ------------------------------------------------------------------------ config <-> JSON
-def config_to_json(tables, config: StoreConfig) -> dict[str, Any]:
-    cfg = dataclasses.asdict(config)
-    p = config.pruning
-    cfg["pruning"] = (
-        {"kind": "manual", "per_chunk": list(p.per_chunk)} if isinstance(p, ManualRatios) else {"kind": "dynamic", "ratio": p.ratio}
-    )
-    return {"tables": [dataclasses.asdict(t) for t in tables], "store": cfg}
-
-
-def config_from_json(doc: dict[str, Any], version: int = FORMAT_VERSION) -> tuple[list[TableConfig], StoreConfig]:
-    try:
-        # a version 1 store has only the hashed index, whatever its tables declare
-        tables = [TableConfig(**({**t, "index": "hashed"} if version < 2 else t)) for t in doc["tables"]]
-        cfg = dict(doc["store"])
-        p = cfg.pop("pruning")
-        pruning = ManualRatios(tuple(p["per_chunk"])) if p["kind"] == "manual" else DynamicRatio(p["ratio"])
-        return tables, StoreConfig(pruning=pruning, **cfg)
-    except (KeyError, TypeError, ConfigError) as exc:
-        raise CorruptStoreError(f"the saved configuration is not valid: {exc!r}") from exc
 
 
 # ------------------------------------------------------------------------ manifest
@@ -369,9 +347,9 @@ def _save_locked(store, path: Path, remove_older: bool = True) -> Path:
             "config": config_to_json(store.tables, store.config),
             "files": _file_sizes(partial),
             "state": {
-                "step_count": store.step_count,
-                "scale_origin": store._scale_origin,
-                "prune_round": store._prune_round,
+                "step_count": store.clock.step_count,
+                "scale_origin": store.clock.scale_origin,
+                "prune_round": store.clock.prune_round,
                 "counters": dataclasses.asdict(store.counters),
                 "pools": pools_state,
                 "tiers": tiers_state,
@@ -454,14 +432,12 @@ def pin_checkpoint(path: Path, checkpoint: str) -> CheckpointPin:
     return CheckpointPin(fd, ckpt)
 
 
-def open_store(path: Path, mode: str = "r", device: str | None = None, *, check_listed_files: bool = True,
-               checkpoint: str | None = None):
-    """Open a store directory (see ``EmbeddingStore.open``); ``check_listed_files=False`` lets ``verify``
-    go past missing or resized files to report what else is wrong. ``checkpoint`` names the
-    checkpoint to open instead of the one the store's manifest names (opened for writing,
-    the manifest is pointed back at it)."""
-    from ..store import EmbeddingStore
-
+def open_store(store_class, path: Path, mode: str = "r", device: str | None = None, *,
+               check_listed_files: bool = True, checkpoint: str | None = None):
+    """Open a store directory as a ``store_class`` (see ``EmbeddingStore.open``, which passes
+    itself); ``check_listed_files=False`` lets ``verify`` go past missing or resized files to
+    report what else is wrong. ``checkpoint`` names the checkpoint to open instead of the one
+    the store's manifest names (opened for writing, the manifest is pointed back at it)."""
     if mode not in ("r", "r+"):
         raise ConfigError(f"mode must be 'r' or 'r+', got {mode!r}")
     path = Path(path)
@@ -481,7 +457,8 @@ def open_store(path: Path, mode: str = "r", device: str | None = None, *, check_
             problems = check_files(ckpt, listed)
             if problems:
                 raise CorruptStoreError(problems[0] + (f" (and {len(problems) - 1} more)" if len(problems) > 1 else ""))
-        tables, config = config_from_json(attrs.get("config", {}), version)
+        # a version 1 store has only the hashed index, whatever its tables declare
+        tables, config = config_from_json(attrs.get("config", {}), hashed_only=version < 2)
         if device is not None and device != config.device:
             config = dataclasses.replace(config, device=device)
         state = attrs.get("state", {})
@@ -546,22 +523,21 @@ def open_store(path: Path, mode: str = "r", device: str | None = None, *, check_
                     shutil.rmtree(live, ignore_errors=True)
                     _link_tree(snapshot, live)
                     store.tiers[gi] = tiering.open_saved_tier(store, gi, live, owner, read_only=False)
-            store.step_count = int(state.get("step_count", 0))
-            store._scale_origin = int(state.get("scale_origin", 0))
-            store._prune_round = int(state.get("prune_round", 0))
+            store.clock.step_count = int(state.get("step_count", 0))
+            store.clock.scale_origin = int(state.get("scale_origin", 0))
+            store.clock.prune_round = int(state.get("prune_round", 0))
             for k, v in state.get("counters", {}).items():
                 if hasattr(store.counters, k):
                     setattr(store.counters, k, int(v))
             store.path = path
             store.read_only = mode == "r"
-            store._lock = lock
-            store._pin = pin
+            store.hold(lock=lock, pin=pin)
             store.checkpoint = ckpt.name
             if mode == "r+" and checkpoint is not None and read_manifest(path, False)["checkpoint"] != checkpoint:
                 manifest = {"format": FORMAT, "format_version": FORMAT_VERSION, "checkpoint": checkpoint}
                 write_atomic(path / MANIFEST, json.dumps(manifest, indent=2).encode())
 
-        return EmbeddingStore(tables, config, _restore=restore)
+        return store_class(tables, config, _restore=restore)
     except BaseException:
         if lock is not None:
             lock.release()

@@ -310,8 +310,8 @@ def test_one_pass_prune_lists_and_ranks_match_the_counting_and_listing_passes(fl
     from fiited_store.kernels import cpu
 
     s, thr = _prune_inputs(floor_table=floor_table)
-    ea, m = s.entries.arrays, s._meta
-    counts = np.empty((cpu._SCAN_BLOCKS, 3), np.int64)
+    ea, m = s.entries.arrays, s.meta
+    counts = np.empty((cpu.SCAN_BLOCKS, 3), np.int64)
     keep, cand, drop, ev_e, ev_k, al_e, al_k = cpu.prune_lists(
         ea.row_base, ea.seen, ea.table_ids, ea.addr, ea.util, m["table_chunks"], m["table_group"], 0, thr, counts)
     assert cand > 0 and drop > 0 and keep > 0

@@ -335,11 +335,11 @@ def test_a_prefetched_batch_whose_chunks_were_evicted_before_its_lookup_gets_the
     for s in (plain, fetched):
         s.prefetch(["user", "item"], ids, offsets)  # all resident: the prefetch lists no chunk
     fetched.prefetch_async(["user", "item"], ids, offsets)
-    assert fetched._resolved[-1].missing[0][0].shape[0] == 0
+    assert fetched.residency.resolved[-1].missing[0][0].shape[0] == 0
     big = np.arange(160, 320)  # 640 of the pool's 700 slots: the prefetched batch cannot be spared
     for s in (plain, fetched):
         s.prefetch("user", big)
-    assert fetched._resolved[-1].missing is None
+    assert fetched.residency.resolved[-1].missing is None
     before = fetched.counters.resolved_lookups
     np.testing.assert_array_equal(_one_step(fetched, ids, offsets, grad), _one_step(plain, ids, offsets, grad))
     assert fetched.counters.resolved_lookups == before + 1  # the resolution was taken, its list was not

@@ -91,7 +91,7 @@ def _agree(exchange, error: BaseException | None, what: str) -> None:
 def save_sharded(store, path: str | Path | None = None) -> Path:
     """Save every shard and commit the global manifest (a collective); returns ``path``."""
     from ..storage.checkpoint import remove_checkpoints_except, save_store, write_atomic
-    from ..storage.checkpoint import config_to_json
+    from ..config import config_to_json
 
     path = Path(path) if path is not None else store.path
     if path is None:
@@ -117,7 +117,7 @@ def save_sharded(store, path: str | Path | None = None) -> Path:
             "format": FORMAT, "format_version": FORMAT_VERSION, "world_size": world,
             "routing": store.routing.to_json(), "config": config_to_json(store.tables, store.config),
             "pool_slack": store.pool_slack,
-            "step": store.shard.step_count, "prune_round": store.shard._prune_round,
+            "step": store.shard.step_count, "prune_round": store.shard.clock.prune_round,
             "shards": [{"rank": r, "dir": shard_dir_name(world, r), "checkpoint": names[r],
                         **store.routing.shard_json(r, world)} for r in range(world)],
         }
@@ -140,19 +140,19 @@ def save_sharded(store, path: str | Path | None = None) -> Path:
     return path
 
 
-def open_sharded(path: str | Path, mode: str = "r", *, process_group: Any = None, exact: bool = False,
-                 exchange: Any = None):
-    """Open a sharded store on this world (a collective), resharding when its size changed."""
-    from ..storage.checkpoint import open_store, config_from_json
-    from .exchange import exchange_for
+def open_shard(path: str | Path, mode: str, exchange) -> tuple:
+    """This rank's part of a saved sharded store on ``exchange``'s world (a collective),
+    resharding when the world's size changed: (tables, config, routing, pool slack, shard)."""
+    from ..config import config_from_json
+    from ..store import EmbeddingStore
     from .routing import routing_from_json
-    from .sharded_store import ShardedEmbeddingStore
 
     if mode not in ("r", "r+"):
         raise ConfigError(f"mode must be 'r' or 'r+', got {mode!r}")
     path = Path(path)
-    ex = exchange if exchange is not None else exchange_for(process_group)
+    ex = exchange
     shard, error = None, None
+    tables = config = routing = slack = None
     try:
         doc = read_sharded_manifest(path)
         tables, config = config_from_json(doc["config"])
@@ -161,7 +161,7 @@ def open_sharded(path: str | Path, mode: str = "r", *, process_group: Any = None
         slack = float(doc["pool_slack"])
         if doc["world_size"] == ex.world:
             entry = doc["shards"][ex.rank]
-            shard = open_store(path / entry["dir"], mode, checkpoint=entry["checkpoint"])
+            shard = EmbeddingStore.open(path / entry["dir"], mode, checkpoint=entry["checkpoint"])
         else:
             shard = reshard(path, doc, tables, config, routing, ex.rank, ex.world, mode, slack)
     except (FiitedError, OSError) as exc:
@@ -172,15 +172,13 @@ def open_sharded(path: str | Path, mode: str = "r", *, process_group: Any = None
         if shard is not None:
             shard.close()
         raise
-    return ShardedEmbeddingStore(tables, config, routing=routing, exact=exact, path=path, pool_slack=slack,
-                                 _shard=shard, _exchange=ex)
+    return tables, config, routing, slack, shard
 
 
 def reshard(path: Path, doc: dict, tables, config, routing, rank: int, world: int, mode: str, pool_slack: float):
     """This rank's shard of a world of ``world``, built from the saved shards of another size."""
     from ..store import EmbeddingStore
-    from ..storage.checkpoint import open_store
-    from .sharded_store import shard_config
+    from .layout import shard_config
 
     shard_tables, shard_cfg = shard_config(tables, config, world, routing, rank, pool_slack)
     target = None
@@ -197,9 +195,9 @@ def reshard(path: Path, doc: dict, tables, config, routing, rank: int, world: in
                 (lo, hi), (olo, ohi) = mine["buckets"], entry["buckets"]
                 if ohi <= lo or olo >= hi:
                     continue
-            src = open_store(path / entry["dir"], "r", checkpoint=entry["checkpoint"])
+            src = EmbeddingStore.open(path / entry["dir"], "r", checkpoint=entry["checkpoint"])
             try:
-                at = (src.step_count, src._scale_origin, src._prune_round)
+                at = src.clock.as_tuple()
                 if counters is not None and at != counters:
                     raise CorruptStoreError(f"shard {entry['dir']} is at (step, scale origin, prune round) {at}, "
                                             f"another shard at {counters}")
@@ -210,7 +208,7 @@ def reshard(path: Path, doc: dict, tables, config, routing, rank: int, world: in
             finally:
                 src.close()
         if counters is not None:
-            new.step_count, new._scale_origin, new._prune_round = counters
+            new.clock.step_count, new.clock.scale_origin, new.clock.prune_round = counters
             new.counters.steps = counters[0]
             new.counters.prunes = counters[2]
         if mode == "r":
@@ -237,8 +235,8 @@ def import_entries(dst, src, src_entries: np.ndarray) -> None:
         raise CorruptStoreError(f"key (table {int(t[found >= 0][0])}, id {int(ids[found >= 0][0])}) is in two shards")
     if dst.entries.needs_rehash(n_hashed):
         cap = dst.entries.rehash_capacity(n_hashed)
-        dst._check_memory_budget(cap)
-        dst._rehash(cap)
+        dst.check_memory_budget(cap)
+        dst.rehash(cap)
         found, _ = dst.entries.find(q, ids)
     dst.entries.insert_missing(q, ids, found)
     dst_e, _ = dst.entries.find(q, ids)
@@ -246,7 +244,7 @@ def import_entries(dst, src, src_entries: np.ndarray) -> None:
     da.util[dst_e] = sa.util[src_entries]
     addr = sa.addr[src_entries]                               # [n, kmax]
     K = np.array([tt.chunks for tt in src.tables])[t]
-    group = src._host_meta["table_group"][t]
+    group = src.host_meta["table_group"][t]
     util = util_to_float(sa.util[src_entries])
     from .. import placement
 

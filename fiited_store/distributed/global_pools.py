@@ -185,7 +185,7 @@ class GlobalPools:
             _, first = np.unique(np.stack([t[miss].astype(np.int64), i[miss]]), axis=1, return_index=True)
             miss = miss[np.sort(first)]
         mt = t[miss].astype(np.int64)
-        meta = shard._host_meta
+        meta = shard.host_meta
         pool_of, wants = meta["table_group"][mt].astype(np.int64), meta["table_chunks"][mt].astype(np.int64)
         demand = np.bincount(pool_of, weights=wants, minlength=len(pools)).astype(np.int64)
         fits = np.minimum(demand, own_free)

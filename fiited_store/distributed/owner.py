@@ -29,19 +29,19 @@ def owner_rows(store, q_tables: np.ndarray, ids: np.ndarray, train: bool, rows: 
     and, in cache mode, makes every chunk of the keys resident."""
     new: list = []
     if order is None:
-        entries = store._resolve(q_tables, ids, insert=train, new_out=new, limits=limits)
+        entries = store.resolve(q_tables, ids, insert=train, new_out=new, limits=limits)
     else:
         entries = np.empty(ids.shape[0], np.int64)
-        entries[order] = store._resolve(q_tables[order], ids[order], insert=train, new_out=new, limits=limits)
+        entries[order] = store.resolve(q_tables[order], ids[order], insert=train, new_out=new, limits=limits)
     new_entries = new[0] if new else np.empty(0, np.int64)
     if store.config.mode == "cache" and train and entries.shape[0]:
         try:
-            residency.make_resident(store, store._group(entries, q_tables).uniq)
+            residency.make_resident(store, store.group_occurrences(entries, q_tables).uniq)
         except BaseException:
             if new_entries.shape[0]:
                 placement.erase_entries(store, new_entries)
             raise
-    m = store._meta
+    m = store.meta
     for pool in store.pools:
         if store.config.mode == "cache" and not train and entries.shape[0]:
             sp_slots, sp_vectors = residency.read_through(store, pool, entries, q_tables)
@@ -61,7 +61,7 @@ def forget(store, new_entries: np.ndarray) -> None:
 
 def current_entries(store, entries: np.ndarray, generation: int, q_tables: np.ndarray, ids: np.ndarray) -> np.ndarray:
     """The received keys' entries now (a rehash or an erase since the lookup moves them)."""
-    if generation == store._generation:
+    if generation == store.generation:
         return entries
     found, _ = store.entries.find(q_tables, ids)
     return found
@@ -82,20 +82,17 @@ def sum_gradients(store, entries: np.ndarray, q_tables: np.ndarray, order: np.nd
     ``row_start[i]`` and stands for ``row_count[i]`` accesses; rows are added in
     ``order`` (the single-store order when the requesters sent one row per
     occurrence)."""
-    grouping = store._group(entries, q_tables)
+    grouping = store.group_occurrences(entries, q_tables)
     U = int(grouping.uniq.shape[0])
-    dmax = int(store._host_meta["table_dim"].max())
-    if store._grad_buf is None or store._grad_buf.shape[0] < U:
-        store._grad_buf = store.backend.empty((max(U, 1024) * 5 // 4, dmax), np.float32)
-    host_kernels.zero_rows(store._grad_buf, U)
+    grad_buf = store.gradient_rows(U)
     which = grouping.which[row_key] if row_key.shape[0] else np.empty(0, np.int64)
-    host_kernels.sum_rows_by_group(order, which, row_start, row_dim, rows, store._grad_buf)
+    host_kernels.sum_rows_by_group(order, which, row_start, row_dim, rows, grad_buf)
     counts = np.bincount(which[which >= 0], weights=row_count[which >= 0], minlength=U).astype(np.int64)[:U] \
         if U else np.zeros(0, np.int64)
-    n_bad = int(host_kernels.count_nonfinite_rows(store._grad_buf, U))
-    return Gradients(grouping.uniq, counts, store._grad_buf, n_bad)
+    n_bad = int(host_kernels.count_nonfinite_rows(grad_buf, U))
+    return Gradients(grouping.uniq, counts, grad_buf, n_bad)
 
 
 def apply_gradients(store, grads: Gradients) -> None:
     """Utilities and the fused optimizer step, as EmbeddingStore.backward's second phase."""
-    store._apply_summed(grads.uniq, grads.counts, grads.grad_buf)
+    store.apply_summed_gradients(grads.uniq, grads.counts, grads.grad_buf)

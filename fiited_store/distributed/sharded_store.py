@@ -67,76 +67,11 @@ from ..kernels import cpu as host_kernels
 from . import owner
 from .exchange import KeyExchange, exchange_for, segment_sums, starts_of
 from .global_pools import MAX_FEATURES, POOL_SLACK, GlobalPools, pack_key_places, places_of, tables_of
-from .routing import RowWiseRouting, TableWiseRouting, table_weights
+from .layout import shard_config
+from .routing import RowWiseRouting, TableWiseRouting
 
 # what a rank reports in the flag exchange of a backward pass
 _OK, _NONFINITE, _OVERFLOW, _REFUSED = 0, 1, 2, 3
-
-
-def shard_config(tables: Sequence[TableConfig], config: StoreConfig, world: int, routing: Any = None,
-                 rank: int = 0, pool_slack: float = POOL_SLACK):
-    """The tables and config of shard ``rank`` of ``world``.
-
-    Row-wise, every table is on the hashed index (a shard holds a scattered subset
-    of each table's rows) and each pool gets 1/W of its global budget. Table-wise,
-    the tables a rank owns keep their index kind, the others (which it never holds
-    a row of) are hashed, and each pool gets its owned tables' share. Either way a
-    pool holds ``pool_slack`` more than its share. A world of one
-    keeps the store as configured: its one shard is the whole store."""
-    from ..config import memory_budget
-
-    if config.device != "cpu":
-        raise ConfigError(f"a sharded store runs its shards on the CPU for now, got device={config.device!r}")
-    plans = plan_pools(tables, config)  # the global layout: validates the configs once
-    if world == 1:
-        return tuple(tables), config
-    owned = routing.owns_tables(rank, world) if routing is not None else None
-    if owned is None:  # row-wise
-        shard_tables = tuple(dataclasses.replace(t, index="hashed") for t in tables)
-        share = [1.0 / world] * len(plans)
-    else:
-        shard_tables = tuple(t if i in owned else dataclasses.replace(t, index="hashed") for i, t in enumerate(tables))
-        weight = [float(w) for w in table_weights(tables)]
-        share = [sum(weight[i] for i in p.tables if i in owned) / max(sum(weight[i] for i in p.tables), 1e-300)
-                 for p in plans]
-    slots = [int(p.slots * f) for p, f in zip(plans, share)]
-    if owned is None and routing is not None:
-        slots = _floor_slots_by_owner(tables, config, plans, slots, routing, world, rank)
-    # room for the slots that the store-wide cutoff and admission give a shard whose
-    # rows run hotter than its share (global_pools)
-    slots = [n + math.ceil(n * pool_slack) for n in slots]
-    # every pool keeps at least one slot (a pool of tables this rank holds no row of stays empty)
-    pools = tuple(max(p.chunk_width * FLOAT_BYTES, n * p.chunk_width * FLOAT_BYTES) for p, n in zip(plans, slots))
-    changes: dict[str, Any] = {"pool_budget_bytes": pools, "budget_bytes": None, "budget_fraction": None}
-    cap = memory_budget(tables, config)
-    if cap is not None:
-        whole = sum(p.slots * p.chunk_width * FLOAT_BYTES for p in plans)
-        changes.update(memory_budget_bytes=max(int(cap * sum(pools) / whole), 1), memory_budget_fraction=None)
-    return shard_tables, dataclasses.replace(config, **changes)
-
-
-def _floor_slots_by_owner(tables, config, plans, slots, routing, world: int, rank: int) -> list[int]:
-    """Row-wise, a pool's floors (min_chunks, small tables, a floor_dim's floor table)
-    go to the rank that owns each declared row, not 1/W to every rank: the rows
-    hash unevenly, and a shard short of floor slots would leave rows of its own
-    without the floor that one store gives every row. The rest is shared 1/W."""
-    from ..config import table_floors
-
-    floors = table_floors(tables, config)
-    out = list(slots)
-    for g, p in enumerate(plans):
-        held = [(i, floors[i]) for i in p.tables if floors[i] and tables[i].num_embeddings]
-        if not held:
-            continue
-        mine = total = 0
-        for i, f in held:
-            n = int(tables[i].num_embeddings)
-            owners = routing.owners(np.full(n, i, np.int16), np.arange(n, dtype=np.int64), world)
-            mine += f * int(np.count_nonzero(owners == rank))
-            total += f * n
-        rest = max(p.slots - total, 0)
-        out[g] = (mine if p.slots >= total else p.slots * mine // total) + rest // world
-    return out
 
 
 @dataclass
@@ -259,8 +194,8 @@ class ShardedEmbeddingStore:
     def table_index(self, name: str) -> int:
         return self.shard.table_index(name)  # every shard holds every table, in the store's order
 
-    def _features(self, features: str | Sequence[str]) -> np.ndarray:
-        return self.shard._features(features)
+    def feature_indices(self, features: str | Sequence[str]) -> np.ndarray:
+        return self.shard.feature_indices(features)
 
     def _refused_by_peer(self, ranks: np.ndarray, what: str) -> PeerRankError:
         return PeerRankError(f"rank(s) {ranks.tolist()} refused {what}; nothing was changed on any rank "
@@ -281,8 +216,8 @@ class ShardedEmbeddingStore:
             if mode not in ("sum", "mean"):
                 raise InputShapeError(f"mode must be 'sum' or 'mean', got {mode!r}")
             if train:
-                self.shard._check_writable()
-            feature_tables = self._features(features)
+                self.shard.check_writable()
+            feature_tables = self.feature_indices(features)
             F = feature_tables.shape[0]
             if F > MAX_FEATURES:  # a key's first feature travels in 16 bits (global_pools)
                 raise InputShapeError(f"a sharded lookup takes at most {MAX_FEATURES} features, got {F}")
@@ -369,7 +304,7 @@ class ShardedEmbeddingStore:
             feature_tables=feature_tables, feature_dim=dims, feature_col=feature_col, key_of_occ=key_of_occ,
             key_row=key_row, rows=rows, send_order=send_order, send_counts=send_counts, key_dims=key_dims,
             occ_owner=occ_owner, recv_counts=recv_counts, recv_tables=recv_tables, recv_ids=recv_ids,
-            recv_entries=got.entries, generation=self.shard._generation, train=train, store_id=id(self),
+            recv_entries=got.entries, generation=self.shard.generation, train=train, store_id=id(self),
             consumed=not train)
 
     def lookup(self, table: str, ids: Any, *, train: bool = False):
@@ -389,7 +324,7 @@ class ShardedEmbeddingStore:
                 raise StaleBatchError("this batch was produced by another store")
             if batch.consumed:
                 raise StaleBatchError("this batch was not produced with train=True, or its backward already ran")
-            self.shard._check_writable()
+            self.shard.check_writable()
             g = np.asarray(grad_out)
             if g.dtype != np.float32:
                 raise InputDTypeError(f"grad_out must be float32, got dtype {g.dtype}")
@@ -543,9 +478,12 @@ class ShardedEmbeddingStore:
              exact: bool = False) -> "ShardedEmbeddingStore":
         """Open a saved sharded store on this process group (a collective): "r" or "r+".
         A world of another size than the saved one reshards by bucket ranges."""
-        from .checkpoint import open_sharded
+        from .checkpoint import open_shard
 
-        return open_sharded(path, mode, process_group=process_group, exact=exact)
+        exchange = exchange_for(process_group)
+        tables, config, routing, slack, shard = open_shard(path, mode, exchange)
+        return cls(tables, config, routing=routing, exact=exact, path=path, pool_slack=slack, _shard=shard,
+                   _exchange=exchange)
 
     # ------------------------------------------------------------------ stats
     def stats(self) -> dict[str, Any]:

@@ -28,7 +28,8 @@ def _each_shard(doc: dict, fn: Callable[[dict], Any]) -> list[Any]:
 def inspect_sharded(path: Path) -> dict[str, Any]:
     """One report for the whole store (entries, residency, kept dimensions, utility
     quantiles over every shard), with each shard's totals under ``shards``."""
-    from ..storage.checkpoint import config_from_json, open_store
+    from ..config import config_from_json
+    from ..store import EmbeddingStore
     from ..tools import inspect_store, table_utilities, utility_quantiles
     from .sharded_store import merge_stats
 
@@ -36,7 +37,7 @@ def inspect_sharded(path: Path) -> dict[str, Any]:
     tables, config = config_from_json(doc["config"])
 
     def one(entry):
-        with open_store(path / entry["dir"], "r", checkpoint=entry["checkpoint"]) as shard:
+        with EmbeddingStore.open(path / entry["dir"], "r", checkpoint=entry["checkpoint"]) as shard:
             return inspect_store(shard), table_utilities(shard), shard.stats()
 
     parts = _each_shard(doc, one)
@@ -79,7 +80,7 @@ def format_sharded_inspection(info: dict[str, Any]) -> str:
 
 def verify_sharded(path: Path, progress: bool = False) -> list[str]:
     """Every problem in every shard (prefixed with its directory), and keys outside their owner's range."""
-    from ..storage.checkpoint import open_store
+    from ..store import EmbeddingStore
     from ..tools import verify_store
     from .routing import routing_from_json
 
@@ -94,7 +95,7 @@ def verify_sharded(path: Path, progress: bool = False) -> list[str]:
                                                                    checkpoint=entry["checkpoint"])]
         if problems:
             return problems
-        with open_store(path / entry["dir"], "r", checkpoint=entry["checkpoint"]) as shard:
+        with EmbeddingStore.open(path / entry["dir"], "r", checkpoint=entry["checkpoint"]) as shard:
             live = np.flatnonzero(shard.entries.table_of_entries() >= 0)
             t, ids = shard.entries.keys_of(live)
             owner = routing.owners(t.astype(np.int16), ids, doc["world_size"])
@@ -138,7 +139,8 @@ def reshard_offline(path: Path, world: int, progress: bool = False) -> dict[str,
     New shard directories are written and saved first; the manifest is replaced
     once they all are, and only then do the old directories go: a crash at any
     point leaves a whole store behind."""
-    from ..storage.checkpoint import config_from_json, save_store, write_atomic
+    from ..config import config_from_json
+    from ..storage.checkpoint import save_store, write_atomic
     from .checkpoint import FORMAT, FORMAT_VERSION, reshard
     from .routing import routing_from_json
 

@@ -1406,18 +1406,18 @@ def sample_utilities(row_base, seen, keys, table_ids, util, table_chunks, table_
     Blocks of entries are counted, then filled from their prefix sums."""
     salt = mix64(np.uint64(seed) ^ mix64(np.uint64(round_id) + _U64_GOLDEN))
     cap = util.shape[0]
-    starts = np.zeros(_SCAN_BLOCKS + 1, np.int64)
-    for blk in prange(_SCAN_BLOCKS):
+    starts = np.zeros(SCAN_BLOCKS + 1, np.int64)
+    for blk in prange(SCAN_BLOCKS):
         lo, hi = _block(cap, blk)
         starts[blk + 1] = _sample_block(row_base, seen, keys, table_ids, util, table_chunks, table_group, group,
                                         accept_below, salt, lo, hi, False, 0, out, out_tables)
-    for blk in range(_SCAN_BLOCKS):
+    for blk in range(SCAN_BLOCKS):
         starts[blk + 1] += starts[blk]
-    for blk in prange(_SCAN_BLOCKS):
+    for blk in prange(SCAN_BLOCKS):
         lo, hi = _block(cap, blk)
         _sample_block(row_base, seen, keys, table_ids, util, table_chunks, table_group, group, accept_below, salt,
                       lo, hi, True, starts[blk], out, out_tables)
-    return min(starts[_SCAN_BLOCKS], out.shape[0])
+    return min(starts[SCAN_BLOCKS], out.shape[0])
 
 
 @njit(inline="always")
@@ -1453,12 +1453,12 @@ def _composite(ubits, resident, table, key, k):
     return (np.uint64(ubits) << np.uint64(32)) | (r << np.uint64(31)) | chunk_hash31(table, key, k)
 
 
-_SCAN_BLOCKS = 256
+SCAN_BLOCKS = 256
 
 
 @njit(inline="always")
 def _block(e_count, blk):
-    step = (e_count + _SCAN_BLOCKS - 1) // _SCAN_BLOCKS
+    step = (e_count + SCAN_BLOCKS - 1) // SCAN_BLOCKS
     lo = blk * step
     return lo, min(lo + step, e_count)
 
@@ -1468,10 +1468,10 @@ def prune_composites(row_base, seen, keys, table_ids, addr, util, table_chunks, 
                      block_counts, out):
     """Composite ranks of every chunk that qualifies for a slot, in entry order; returns how many."""
     cap = addr.shape[0]
-    starts = np.zeros(_SCAN_BLOCKS + 1, np.int64)
-    for blk in range(_SCAN_BLOCKS):
+    starts = np.zeros(SCAN_BLOCKS + 1, np.int64)
+    for blk in range(SCAN_BLOCKS):
         starts[blk + 1] = starts[blk] + block_counts[blk, 0] + block_counts[blk, 1]
-    for blk in prange(_SCAN_BLOCKS):
+    for blk in prange(SCAN_BLOCKS):
         lo, hi = _block(cap, blk)
         n = starts[blk]
         cursor = direct_table(lo, row_base)
@@ -1484,7 +1484,7 @@ def prune_composites(row_base, seen, keys, table_ids, addr, util, table_chunks, 
                 if passes:
                     out[n] = _composite(bits, resident, t, entry_key(e, t, row_base, keys), k)
                     n += 1
-    return starts[_SCAN_BLOCKS]
+    return starts[SCAN_BLOCKS]
 
 
 @njit(inline="always")
@@ -1532,8 +1532,8 @@ def prune_select(row_base, seen, keys, table_ids, addr, util, table_chunks, tabl
     allocations), and the first pass is skipped.
     """
     cap = addr.shape[0]
-    starts = np.zeros((_SCAN_BLOCKS + 1, 2), np.int64)
-    for blk in prange(_SCAN_BLOCKS):
+    starts = np.zeros((SCAN_BLOCKS + 1, 2), np.int64)
+    for blk in prange(SCAN_BLOCKS):
         if use_cutoff:
             lo, hi = _block(cap, blk)
             n_ev, n_al = _select_block(row_base, seen, keys, table_ids, addr, util, table_chunks, table_group, group,
@@ -1544,16 +1544,16 @@ def prune_select(row_base, seen, keys, table_ids, addr, util, table_chunks, tabl
             n_ev, n_al = block_counts[blk, 2], block_counts[blk, 1]
         starts[blk + 1, 0] = n_ev
         starts[blk + 1, 1] = n_al
-    for blk in range(_SCAN_BLOCKS):
+    for blk in range(SCAN_BLOCKS):
         starts[blk + 1, 0] += starts[blk, 0]
         starts[blk + 1, 1] += starts[blk, 1]
-    for blk in prange(_SCAN_BLOCKS):
+    for blk in prange(SCAN_BLOCKS):
         lo, hi = _block(cap, blk)
         _select_block(row_base, seen, keys, table_ids, addr, util, table_chunks, table_group, group, thresholds,
                       use_cutoff, cutoff, rank_allocations, lo, hi, True, starts[blk, 0], starts[blk, 1], ev_entries,
                       ev_chunks,
                       al_entries, al_chunks, al_rank)
-    return starts[_SCAN_BLOCKS, 0], starts[_SCAN_BLOCKS, 1]
+    return starts[SCAN_BLOCKS, 0], starts[SCAN_BLOCKS, 1]
 
 
 @njit(**_PAR)
@@ -1565,7 +1565,7 @@ def _classify_into_blocks(row_base, seen, table_ids, addr, util, table_chunks, t
     entry * kmax + chunk in the block's own region (from its first entry * kmax on)."""
     cap = addr.shape[0]
     kmax = addr.shape[1]
-    for blk in prange(_SCAN_BLOCKS):
+    for blk in prange(SCAN_BLOCKS):
         lo, hi = _block(cap, blk)
         keep = 0
         cand = 0
@@ -1595,11 +1595,11 @@ def _classify_into_blocks(row_base, seen, table_ids, addr, util, table_chunks, t
 @njit(**_PAR)
 def _gather_block_lists(block_counts, cap, kmax, ev_codes, al_codes, ev_entries, ev_chunks, al_entries, al_chunks):
     """The blocks' lists, decoded and laid end to end in block (so entry) order."""
-    starts = np.zeros((_SCAN_BLOCKS + 1, 2), np.int64)
-    for blk in range(_SCAN_BLOCKS):
+    starts = np.zeros((SCAN_BLOCKS + 1, 2), np.int64)
+    for blk in range(SCAN_BLOCKS):
         starts[blk + 1, 0] = starts[blk, 0] + block_counts[blk, 2]
         starts[blk + 1, 1] = starts[blk, 1] + block_counts[blk, 1]
-    for blk in prange(_SCAN_BLOCKS):
+    for blk in prange(SCAN_BLOCKS):
         lo, _ = _block(cap, blk)
         base = lo * kmax
         for j in range(block_counts[blk, 2]):
@@ -1622,7 +1622,7 @@ def prune_lists(row_base, seen, table_ids, addr, util, table_chunks, table_group
     mapped memory: only what is written is ever faulted in), so classifying and
     listing take one pass instead of a counting pass and a listing pass.
     """
-    from ..backend import huge_empty
+    from ..hostmem import huge_empty
 
     cap, kmax = addr.shape
     ev_codes = huge_empty(max(cap * kmax, 1), np.int64)
@@ -1681,12 +1681,12 @@ def find_dead_entries(row_base, seen, table_ids, addr, util, floor, out):
     entry on, in one pass, and they are then moved to the front (few are dead in a
     prune, and untouched pages of out are never faulted in)."""
     cap = addr.shape[0]
-    counts = np.zeros(_SCAN_BLOCKS, np.int64)
-    for blk in prange(_SCAN_BLOCKS):
+    counts = np.zeros(SCAN_BLOCKS, np.int64)
+    for blk in prange(SCAN_BLOCKS):
         lo, hi = _block(cap, blk)
         counts[blk] = _dead_block(row_base, seen, table_ids, addr, util, floor, lo, hi, True, lo, out) - lo
     n = 0
-    for blk in range(_SCAN_BLOCKS):
+    for blk in range(SCAN_BLOCKS):
         lo, _ = _block(cap, blk)
         for j in range(counts[blk]):  # n <= lo + j: every position written was read already
             out[n] = out[lo + j]
@@ -1900,7 +1900,7 @@ def count_chunks(row_base, seen, table_ids, addr, n_tables, entries, resident, s
     kmax = addr.shape[1]
     cap = addr.shape[0]
     # one partial count per block; fewer blocks when there are many tables
-    nb = max(1, min(_SCAN_BLOCKS, (1 << 22) // (n_tables * (2 * kmax + 1))))
+    nb = max(1, min(SCAN_BLOCKS, (1 << 22) // (n_tables * (2 * kmax + 1))))
     step = (cap + nb - 1) // nb
     part = np.zeros((nb, n_tables, 2 * kmax + 1), np.int64)
     for blk in prange(nb):

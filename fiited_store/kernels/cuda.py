@@ -51,7 +51,7 @@ SIMULATED = bool(numba_config.ENABLE_CUDASIM)
 TPB = 32 if SIMULATED else 256
 SCAN_TPB = 32 if SIMULATED else 256
 BUSY = -3
-_SCAN_BLOCKS = 1  # the CPU's block-parallel scans need per-block counts; atomics need none here
+SCAN_BLOCKS = 1  # the CPU's block-parallel scans need per-block counts; atomics need none here
 
 U64_GOLDEN = np.uint64(0x9E3779B97F4A7C15)
 U64_C1 = np.uint64(0xBF58476D1CE4E5B9)
@@ -1679,7 +1679,7 @@ class CudaBackend:
 
     def memory_bytes(self) -> int:
         """Total memory of the current GPU (the simulator, which reports none or infinity: the host's)."""
-        from ..backend import host_memory_bytes
+        from ..hostmem import host_memory_bytes
 
         try:
             total = float(cuda.current_context().get_memory_info().total)

@@ -159,7 +159,7 @@ def test_each_shard_holds_the_floors_of_the_rows_it_owns(world):
     """Row-wise, rows hash unevenly over the ranks: each shard's pool of floors is
     sized to its own declared rows, so every row keeps its floor as in one store."""
     from fiited_store.distributed.routing import RowWiseRouting
-    from fiited_store.distributed.sharded_store import shard_config
+    from fiited_store.distributed.layout import shard_config
 
     tables, _ = split_floors([TableConfig("u", dim=10, chunks=2, floor_dim=2, num_embeddings=101),
                               TableConfig("i", dim=10, chunks=2, floor_dim=2, num_embeddings=37)])

@@ -144,9 +144,9 @@ def test_double_backward_is_refused_before_anything_changes(rng):
 def test_a_forward_without_backward_leaves_nothing_pending():
     _, ours = twin()
     out = ours(torch.tensor([1, 2, 3]), torch.tensor([0, 1]))
-    assert len(ours._pending) == 1
+    assert ours.pending_batches == 1
     del out  # autograd frees the graph, and with it the batch
-    assert len(ours._pending) == 0
+    assert ours.pending_batches == 0
 
 
 # --- torch.compile ----------------------------------------------------------------------------------------------

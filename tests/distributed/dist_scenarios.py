@@ -246,7 +246,7 @@ def scenario_collection_divides_gradients_as_ddp(rank, world, scratch: Path):
             np.testing.assert_array_equal(got, want, err_msg=name)
         else:  # 1/3 rounds
             np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-6, err_msg=name)
-    assert sharded._grad_scale == 1.0 / world
+    assert sharded.gradient_scale == 1.0 / world
 
 
 def scenario_deduplicated_matches_single_store(rank, world, scratch: Path):

@@ -343,14 +343,14 @@ def test_prune_lists_and_allocation_ranks_match_the_cpu():
     from tests.test_prune import _prune_inputs
 
     s, thr = _prune_inputs()
-    ea, m = s.entries.arrays, s._meta
+    ea, m = s.entries.arrays, s.meta
     host = cpu.prune_lists(ea.row_base, ea.seen, ea.table_ids, ea.addr, ea.util, m["table_chunks"],
-                           m["table_group"], 0, thr, np.empty((cpu._SCAN_BLOCKS, 3), np.int64))
+                           m["table_group"], 0, thr, np.empty((cpu.SCAN_BLOCKS, 3), np.int64))
     g = get_backend("cuda")
     d = {k: g.from_host(np.asarray(v)) for k, v in ea._asdict().items()}
     tc, tg, dthr = g.from_host(m["table_chunks"]), g.from_host(m["table_group"]), g.from_host(thr)
     dev = g.k.prune_lists(d["row_base"], d["seen"], d["table_ids"], d["addr"], d["util"], tc, tg, 0, dthr,
-                          g.empty((cpu._SCAN_BLOCKS, 3), np.int64))
+                          g.empty((cpu.SCAN_BLOCKS, 3), np.int64))
     assert dev[:3] == host[:3]
     # the GPU lists in any order: compare as sets of (entry, chunk)
     for (he, hk), (de, dk) in (((host[3], host[4]), dev[3:5]), ((host[5], host[6]), dev[5:7])):

@@ -8,6 +8,7 @@ on the same batches.
 
 from __future__ import annotations
 
+import time
 from dataclasses import asdict, dataclass
 from typing import Any, Callable
 
