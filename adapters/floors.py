@@ -20,7 +20,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
-from typing import Sequence
+from collections.abc import Sequence
 
 import torch
 
@@ -43,8 +43,9 @@ def split_floors(tables: Sequence[TableConfig]) -> tuple[list[TableConfig], list
             store_tables.append(t)
             continue
         scale = t.init_scale if t.init_scale is not None else 1.0 / math.sqrt(t.dim)
-        floor = dataclasses.replace(t, name=t.name + FLOOR_SUFFIX, dim=f, chunks=1, min_chunks=1, init_scale=scale,
-                                    floor_dim=0)
+        floor = dataclasses.replace(
+            t, name=t.name + FLOOR_SUFFIX, dim=f, chunks=1, min_chunks=1, init_scale=scale, floor_dim=0
+        )
         rest = dataclasses.replace(t, dim=t.dim - f, init_scale=scale, floor_dim=0)
         parts.append([len(store_tables), len(store_tables) + 1])
         store_tables += [floor, rest]
@@ -67,7 +68,7 @@ def repeat_keys(values: torch.Tensor, offsets: torch.Tensor, weights: torch.Tens
         lo, hi = int(starts[f]), int(starts[f + 1])
         for _ in range(r):
             vs.append(values[lo:hi])
-            ls.append(lengths[f * B:(f + 1) * B])
+            ls.append(lengths[f * B : (f + 1) * B])
             if weights is not None:
                 ws.append(weights[lo:hi])
     lengths = torch.cat(ls)

@@ -11,8 +11,8 @@ can be imported, this one otherwise.
 from __future__ import annotations
 
 import importlib.util
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
-from typing import Mapping, Sequence
 
 import torch
 
@@ -32,8 +32,9 @@ class JaggedFeatures:
     lengths_: torch.Tensor
     weights_: torch.Tensor | None = None
 
-    def __init__(self, keys: Sequence[str], values: torch.Tensor, lengths: torch.Tensor,
-                 weights: torch.Tensor | None = None):
+    def __init__(
+        self, keys: Sequence[str], values: torch.Tensor, lengths: torch.Tensor, weights: torch.Tensor | None = None
+    ):
         self.keys_, self.values_, self.lengths_, self.weights_ = list(keys), values, lengths, weights
 
     def keys(self) -> list[str]:
@@ -61,12 +62,12 @@ class JaggedFeatures:
         B = (offsets.numel() - 1) // len(keys)
         out = []
         for f in range(len(keys)):
-            o = offsets[f * B:(f + 1) * B + 1]
-            out.append((values[int(o[0]):int(o[-1])], o - o[0]))
+            o = offsets[f * B : (f + 1) * B + 1]
+            out.append((values[int(o[0]) : int(o[-1])], o - o[0]))
         return out
 
     @classmethod
-    def from_dict(cls, features: Mapping[str, tuple[torch.Tensor, torch.Tensor]]) -> "JaggedFeatures":
+    def from_dict(cls, features: Mapping[str, tuple[torch.Tensor, torch.Tensor]]) -> JaggedFeatures:
         """{feature: (ids int[n], offsets int[B] or int[B + 1])} -> one jagged batch."""
         keys, values, lengths = [], [], []
         B = None
@@ -120,10 +121,12 @@ class KeyedTensor:
     def __getitem__(self, key: str) -> torch.Tensor:
         i = self._keys.index(key)
         start = sum(self._length_per_key[:i])
-        return self._values[:, start:start + self._length_per_key[i]]
+        return self._values[:, start : start + self._length_per_key[i]]
 
     def __repr__(self) -> str:
-        return f"KeyedTensor(keys={self._keys}, length_per_key={self._length_per_key}, values={tuple(self._values.shape)})"
+        return (
+            f"KeyedTensor(keys={self._keys}, length_per_key={self._length_per_key}, values={tuple(self._values.shape)})"
+        )
 
 
 _torchrec_keyed = None

@@ -30,14 +30,14 @@ from __future__ import annotations
 
 import itertools
 import weakref
-from typing import Optional, Sequence
+from collections.abc import Sequence
 
 import numpy as np
 import torch
 
 from ..errors import InputDTypeError, InputShapeError, StaleBatchError, UnsupportedAutogradError
 
-_modules: "weakref.WeakValueDictionary[int, torch.nn.Module]" = weakref.WeakValueDictionary()
+_modules: weakref.WeakValueDictionary[int, torch.nn.Module] = weakref.WeakValueDictionary()
 _handles = itertools.count(1)
 _tokens = itertools.count(1)
 
@@ -94,15 +94,24 @@ def _store_arg(store, t: torch.Tensor, what: str):
 
 
 @torch.library.custom_op("fiited_store::pooled_lookup", mutates_args=())
-def pooled_lookup(anchor: torch.Tensor, handle: int, tables: Sequence[int], ids: torch.Tensor, offsets: torch.Tensor,
-                  weights: Optional[torch.Tensor], mode: str, train: bool) -> tuple[torch.Tensor, torch.Tensor]:
+def pooled_lookup(
+    anchor: torch.Tensor,
+    handle: int,
+    tables: Sequence[int],
+    ids: torch.Tensor,
+    offsets: torch.Tensor,
+    weights: torch.Tensor | None,
+    mode: str,
+    train: bool,
+) -> tuple[torch.Tensor, torch.Tensor]:
     """(float32[B, sum of dims] over the store's output buffer, int64[1] token of the batch)."""
     module = _module(handle)
     store = module.store
     names = [store.tables[t].name for t in tables]
     w = None if weights is None else _store_arg(store, weights, "per_sample_weights")
-    batch = store.pooled_lookup(names, _store_arg(store, ids, "input"), _store_arg(store, offsets, "offsets"), w,
-                                mode, train=train)
+    batch = store.pooled_lookup(
+        names, _store_arg(store, ids, "input"), _store_arg(store, offsets, "offsets"), w, mode, train=train
+    )
     key = next(_tokens)
     token = torch.tensor([key], dtype=torch.int64)
     if train:
@@ -120,16 +129,19 @@ def _(anchor, handle, tables, ids, offsets, weights, mode, train):
 
 
 @torch.library.custom_op("fiited_store::pooled_backward", mutates_args=())
-def pooled_backward(handle: int, token: torch.Tensor, grad_out: torch.Tensor,
-                    weights: Optional[torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
+def pooled_backward(
+    handle: int, token: torch.Tensor, grad_out: torch.Tensor, weights: torch.Tensor | None
+) -> tuple[torch.Tensor, torch.Tensor]:
     """(anchor_grad float32[0], d loss / d weights float32[nnz] or float32[0]); updates the store."""
     module = _module(handle)
     store = module.store
     key = int(token[0])
     batch = module.held_batch(key)
     if batch is None:
-        raise StaleBatchError("this forward's batch was already applied by an earlier backward pass "
-                              "(one update per training batch), or its module was replaced")
+        raise StaleBatchError(
+            "this forward's batch was already applied by an earlier backward pass "
+            "(one update per training batch), or its module was replaced"
+        )
     if grad_out.dtype != torch.float32:
         raise InputDTypeError(f"grad_out must be float32, got {grad_out.dtype}")
     g = _store_arg(store, grad_out.contiguous(), "grad_out")
@@ -163,7 +175,8 @@ def _backward(ctx, grad_out, _grad_token):
     if torch.is_grad_enabled():
         raise UnsupportedAutogradError(
             "a FIITED lookup cannot be differentiated twice (create_graph=True): the store applies its update "
-            "in the backward pass; nothing was updated")
+            "in the backward pass; nothing was updated"
+        )
     token, weights = ctx.saved_tensors
     anchor_grad, weight_grad = torch.ops.fiited_store.pooled_backward(ctx.handle, token, grad_out, weights)
     return anchor_grad, None, None, None, None, (weight_grad if ctx.weights_need_grad else None), None, None

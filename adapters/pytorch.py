@@ -18,12 +18,13 @@ from __future__ import annotations
 
 import functools
 import weakref
-from typing import Any, Mapping, Sequence
+from collections.abc import Mapping, Sequence
+from typing import Any, Literal
 
 import numpy as np
 import torch
 
-from ..config import StoreConfig, TableConfig
+from ..config import IndexKind, Initializer, Optimizer, PoolingMode, StoreConfig, TableConfig
 from ..errors import ConfigError, InputDTypeError, InputShapeError, UnknownTableError
 from ..store import EmbeddingStore
 from . import ops
@@ -31,10 +32,19 @@ from .floors import repeat_keys, split_floors
 from .keyed import JaggedFeatures, KeyedTensor, keyed_tensor_class
 from .ops import from_numpy, share_output, to_numpy  # noqa: F401 - the adapter's public bridges
 
-__all__ = ["FiitedEmbeddingBag", "FiitedEmbeddingBagCollection", "JaggedFeatures", "KeyedTensor",
-           "from_numpy", "share_output", "to_numpy"]
+__all__ = [
+    "FiitedEmbeddingBag",
+    "FiitedEmbeddingBagCollection",
+    "JaggedFeatures",
+    "KeyedTensor",
+    "from_numpy",
+    "share_output",
+    "to_numpy",
+]
 
 _INDEX_DTYPES = (torch.int64, torch.int32)
+#: what a collection returns: TorchRec's KeyedTensor, one tensor, or a dict by feature
+CollectionOutput = Literal["keyed", "concat", "dict"]
 
 
 class _StoreModule(torch.nn.Module):
@@ -106,14 +116,19 @@ class _StoreModule(torch.nn.Module):
         _check_index(offsets, "offsets")
         if weights is not None:
             if not isinstance(weights, torch.Tensor) or not torch.is_floating_point(weights):
-                raise InputDTypeError(f"per_sample_weights must be a floating-point tensor, got {getattr(weights, 'dtype', type(weights))}")
+                raise InputDTypeError(
+                    "per_sample_weights must be a floating-point tensor, got "
+                    f"{getattr(weights, 'dtype', type(weights))}"
+                )
             weights = weights.float()
         anchor = self._anchor
         train = self.training and torch.is_grad_enabled()
         if not train:  # nothing to differentiate: the output is a plain tensor
             anchor = anchor.detach()
             weights = None if weights is None else weights.detach()
-        out, _token = torch.ops.fiited_store.pooled_lookup(anchor, self._handle, tables, ids, offsets, weights, mode, train)
+        out, _token = torch.ops.fiited_store.pooled_lookup(
+            anchor, self._handle, tables, ids, offsets, weights, mode, train
+        )
         return out
 
     def _store_summary(self) -> str:
@@ -123,10 +138,12 @@ class _StoreModule(torch.nn.Module):
         pool = sum(p.vector_bytes for p in pools) * (self.store.world if shard is not None else 1)
         dense = sum(t.num_embeddings * t.dim * 4 for t in self.store.tables if t.num_embeddings is not None)
         share = f" = {pool / dense:.3g} x dense" if dense and all(t.num_embeddings for t in self.store.tables) else ""
-        return (f"budget {_mib(pool)} of chunk vectors{share}, store_mode={c.mode!r}, pruning={c.pruning!r}, "
-                f"device={c.device!r}"
-                + (f", sharded row-wise over {self.store.world} ranks (this is rank {self.store.rank})" if shard else "")
-                + "; embeddings in .store, not parameters (state_dict keys 'store.*')")
+        return (
+            f"budget {_mib(pool)} of chunk vectors{share}, store_mode={c.mode!r}, pruning={c.pruning!r}, "
+            f"device={c.device!r}"
+            + (f", sharded row-wise over {self.store.world} ranks (this is rank {self.store.rank})" if shard else "")
+            + "; embeddings in .store, not parameters (state_dict keys 'store.*')"
+        )
 
     @staticmethod
     def _table_summary(t: TableConfig) -> str:
@@ -140,8 +157,10 @@ class _StoreModule(torch.nn.Module):
         for k, v in self.store.export_state().items():
             destination[prefix + "store." + k] = torch.from_numpy(v)
 
-    def _load_from_state_dict(self, state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys, error_msgs):
-        mine = {k[len(prefix) + 6:]: v for k, v in state_dict.items() if k.startswith(prefix + "store.")}
+    def _load_from_state_dict(
+        self, state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys, error_msgs
+    ):
+        mine = {k[len(prefix) + 6 :]: v for k, v in state_dict.items() if k.startswith(prefix + "store.")}
         if not mine:
             missing_keys.append(prefix + "store.meta.config")
         else:
@@ -221,20 +240,43 @@ class FiitedEmbeddingBag(_StoreModule):
         1
     """
 
-    def __init__(self, num_embeddings: int | None, embedding_dim: int, max_norm: float | None = None,
-                 norm_type: float = 2.0, scale_grad_by_freq: bool = False, mode: str = "mean", sparse: bool = False,
-                 _weight: torch.Tensor | None = None, include_last_offset: bool = False, padding_idx: int | None = None,
-                 device: Any = None, dtype: torch.dtype | None = None, *, chunks: int = 4,
-                 optimizer: str = "rowwise_adagrad", learning_rate: float = 0.01, eps: float = 1e-8,
-                 initializer: str = "uniform", init_scale: float | None = None, index: str = "auto",
-                 store_config: StoreConfig | None = None, path: Any = None, auto_step: bool = True,
-                 name: str = "table"):
+    def __init__(
+        self,
+        num_embeddings: int | None,
+        embedding_dim: int,
+        max_norm: float | None = None,
+        norm_type: float = 2.0,
+        scale_grad_by_freq: bool = False,
+        mode: PoolingMode = "mean",
+        sparse: bool = False,
+        _weight: torch.Tensor | None = None,
+        include_last_offset: bool = False,
+        padding_idx: int | None = None,
+        device: Any = None,
+        dtype: torch.dtype | None = None,
+        *,
+        chunks: int = 4,
+        optimizer: Optimizer = "rowwise_adagrad",
+        learning_rate: float = 0.01,
+        eps: float = 1e-8,
+        initializer: Initializer = "uniform",
+        init_scale: float | None = None,
+        index: IndexKind = "auto",
+        store_config: StoreConfig | None = None,
+        path: Any = None,
+        auto_step: bool = True,
+        name: str = "table",
+    ):
         if max_norm is not None:
-            raise ConfigError(f"max_norm={max_norm!r} is not supported: a FIITED row is updated chunk by chunk by the "
-                              f"store's fused optimizer, which does not renormalise rows; leave max_norm=None")
+            raise ConfigError(
+                f"max_norm={max_norm!r} is not supported: a FIITED row is updated chunk by chunk by the "
+                f"store's fused optimizer, which does not renormalise rows; leave max_norm=None"
+            )
         if scale_grad_by_freq:
-            raise ConfigError("scale_grad_by_freq=True is not supported: the store's optimizer sums a batch's gradients "
-                              "per id without rescaling by frequency")
+            raise ConfigError(
+                "scale_grad_by_freq=True is not supported: the store's optimizer sums a batch's gradients "
+                "per id without rescaling by frequency"
+            )
         if mode not in ("sum", "mean"):
             raise ConfigError(f"mode must be 'sum' or 'mean' (torch's 'max' is not supported), got {mode!r}")
         if dtype is not None and dtype != torch.float32:
@@ -246,12 +288,23 @@ class FiitedEmbeddingBag(_StoreModule):
                 if padding_idx < 0:
                     raise ConfigError(f"padding_idx={padding_idx} is negative and the table declares no num_embeddings")
             elif not -num_embeddings <= padding_idx < num_embeddings:
-                raise ConfigError(f"padding_idx must be within [-{num_embeddings}, {num_embeddings}), got {padding_idx}")
+                raise ConfigError(
+                    f"padding_idx must be within [-{num_embeddings}, {num_embeddings}), got {padding_idx}"
+                )
             elif padding_idx < 0:
                 padding_idx += num_embeddings
-        table = TableConfig(name, dim=embedding_dim, chunks=chunks, num_embeddings=num_embeddings, optimizer=optimizer,
-                            learning_rate=learning_rate, eps=eps, initializer=initializer, init_scale=init_scale,
-                            index=index)
+        table = TableConfig(
+            name,
+            dim=embedding_dim,
+            chunks=chunks,
+            num_embeddings=num_embeddings,
+            optimizer=optimizer,
+            learning_rate=learning_rate,
+            eps=eps,
+            initializer=initializer,
+            init_scale=init_scale,
+            index=index,
+        )
         super().__init__(EmbeddingStore([table], _store_config_on(store_config, device), path=path), auto_step)
         self.table = table
         self.mode = mode
@@ -260,9 +313,13 @@ class FiitedEmbeddingBag(_StoreModule):
         self.padding_idx = padding_idx
         if _weight is not None:
             if not isinstance(_weight, torch.Tensor) or _weight.dtype != torch.float32:
-                raise InputDTypeError(f"_weight must be a float32 tensor, got {getattr(_weight, 'dtype', type(_weight))}")
+                raise InputDTypeError(
+                    f"_weight must be a float32 tensor, got {getattr(_weight, 'dtype', type(_weight))}"
+                )
             if num_embeddings is None or tuple(_weight.shape) != (num_embeddings, embedding_dim):
-                raise InputShapeError(f"_weight must have shape ({num_embeddings}, {embedding_dim}), got {tuple(_weight.shape)}")
+                raise InputShapeError(
+                    f"_weight must have shape ({num_embeddings}, {embedding_dim}), got {tuple(_weight.shape)}"
+                )
             self.store.insert_or_assign(name, np.arange(num_embeddings), _weight.detach().cpu().numpy())
 
     @property
@@ -281,8 +338,10 @@ class FiitedEmbeddingBag(_StoreModule):
         writing to it changes nothing (use ``store.insert_or_assign``).
         """
         if self.table.num_embeddings is None:
-            raise ConfigError(f"table {self.table.name!r} declares no num_embeddings, so it has no dense weight; "
-                              f"read rows with store.find")
+            raise ConfigError(
+                f"table {self.table.name!r} declares no num_embeddings, so it has no dense weight; "
+                f"read rows with store.find"
+            )
         rows = self.store.lookup(self.table.name, np.arange(self.table.num_embeddings, dtype=np.int64))
         return torch.from_numpy(np.array(self.store.backend.to_host(rows)))
 
@@ -290,12 +349,16 @@ class FiitedEmbeddingBag(_StoreModule):
         t = self.table
         rows = "None" if t.num_embeddings is None else str(t.num_embeddings)
         pad = "" if self.padding_idx is None else f", padding_idx={self.padding_idx}"
-        return (f"{rows}, {t.dim}, mode={self.mode!r}{pad}, chunks={t.chunks}, index={t.index!r}, "
-                f"optimizer={t.optimizer!r}, {self._store_summary()}")
+        return (
+            f"{rows}, {t.dim}, mode={self.mode!r}{pad}, chunks={t.chunks}, index={t.index!r}, "
+            f"optimizer={t.optimizer!r}, {self._store_summary()}"
+        )
 
-    def forward(self, input: torch.Tensor, offsets: torch.Tensor | None = None,
-                per_sample_weights: torch.Tensor | None = None) -> torch.Tensor:
-        """input: int[nnz] with offsets int[B] (or int[B + 1] with include_last_offset), or int[B, L] bags of equal length."""
+    def forward(
+        self, input: torch.Tensor, offsets: torch.Tensor | None = None, per_sample_weights: torch.Tensor | None = None
+    ) -> torch.Tensor:
+        """input: int[nnz] with offsets int[B] (or int[B + 1] with include_last_offset), or int[B, L] bags
+        of equal length."""
         if not isinstance(input, torch.Tensor):
             raise InputDTypeError(f"input must be a torch.Tensor, got {type(input).__name__}")
         if input.dim() == 2:
@@ -325,7 +388,8 @@ class FiitedEmbeddingBag(_StoreModule):
 
 
 def _drop_padding(ids: torch.Tensor, offsets: torch.Tensor, weights: torch.Tensor | None, padding_idx: int):
-    """The bags without their ``padding_idx`` entries: they add nothing, count for no mean, get no gradient (torch's rule)."""
+    """The bags without their ``padding_idx`` entries: they add nothing, count for no mean, get no
+    gradient (torch's rule)."""
     keep = ids != padding_idx
     offsets = offsets.to(torch.int64)
     lengths = torch.diff(offsets)
@@ -381,7 +445,8 @@ class FiitedEmbeddingBagCollection(_StoreModule):
         >>> from fiited_store import TableConfig, StoreConfig
         >>> from fiited_store.adapters import FiitedEmbeddingBagCollection, JaggedFeatures
         >>> ebc = FiitedEmbeddingBagCollection(
-        ...     [TableConfig("user", 16, chunks=4, num_embeddings=100), TableConfig("item", 8, chunks=2, num_embeddings=50)],
+        ...     [TableConfig("user", 16, chunks=4, num_embeddings=100),
+        ...      TableConfig("item", 8, chunks=2, num_embeddings=50)],
         ...     store_config=StoreConfig(budget_fraction=0.5))
         >>> kjt = JaggedFeatures(["user", "item"], torch.tensor([1, 2, 7, 3]), torch.tensor([1, 1, 2, 0]))
         >>> pooled = ebc(kjt)
@@ -391,14 +456,28 @@ class FiitedEmbeddingBagCollection(_StoreModule):
         torch.Size([2, 8])
     """
 
-    def __init__(self, tables: Sequence[Any], is_weighted: bool = False, device: Any = None, *,
-                 store_config: StoreConfig | None = None, feature_to_table: Mapping[str, str] | None = None,
-                 mode: str | None = None, output: str = "keyed", chunks: int | Mapping[str, int] = 4,
-                 path: Any = None, auto_step: bool = True, process_group: Any = None, exact: bool = False,
-                 gradient_division: bool = True):
+    def __init__(
+        self,
+        tables: Sequence[Any],
+        is_weighted: bool = False,
+        device: Any = None,
+        *,
+        store_config: StoreConfig | None = None,
+        feature_to_table: Mapping[str, str] | None = None,
+        mode: PoolingMode | None = None,
+        output: CollectionOutput = "keyed",
+        chunks: int | Mapping[str, int] = 4,
+        path: Any = None,
+        auto_step: bool = True,
+        process_group: Any = None,
+        exact: bool = False,
+        gradient_division: bool = True,
+    ):
         if isinstance(is_weighted, StoreConfig):
-            raise ConfigError("the second positional argument is is_weighted (TorchRec's order); "
-                              "pass the StoreConfig as store_config=...")
+            raise ConfigError(
+                "the second positional argument is is_weighted (TorchRec's order); "
+                "pass the StoreConfig as store_config=..."
+            )
         configs, features, poolings = [], {}, set()
         for t in tables:
             if isinstance(t, TableConfig):
@@ -423,8 +502,13 @@ class FiitedEmbeddingBagCollection(_StoreModule):
         if process_group is not None:
             from ..distributed import ShardedEmbeddingStore
 
-            store = ShardedEmbeddingStore(store_tables, _store_config_on(store_config, device),
-                                          process_group=process_group, exact=exact, path=path)
+            store = ShardedEmbeddingStore(
+                store_tables,
+                _store_config_on(store_config, device),
+                process_group=process_group,
+                exact=exact,
+                path=path,
+            )
         else:
             store = EmbeddingStore(store_tables, _store_config_on(store_config, device), path=path)
         super().__init__(store, auto_step)
@@ -436,7 +520,7 @@ class FiitedEmbeddingBagCollection(_StoreModule):
         self.output = output
         self.feature_to_table = dict(feature_to_table) if feature_to_table is not None else features
         self._table_index = {t.name: i for i, t in enumerate(configs)}
-        for f, t in self.feature_to_table.items():
+        for t in self.feature_to_table.values():
             self.store.table_index(t)  # unknown table: a clear error now, not at the first batch
         self._dims = {f: configs[self._table_index[t]].dim for f, t in self.feature_to_table.items()}
         # TorchRec's output order: table after table, each table's features in order
@@ -448,8 +532,10 @@ class FiitedEmbeddingBagCollection(_StoreModule):
 
     def extra_repr(self) -> str:
         tables = "; ".join(self._table_summary(t) for t in self.tables)
-        return (f"tables=[{tables}], features={self.feature_to_table}, mode={self.mode!r}, output={self.output!r}, "
-                f"is_weighted={self.is_weighted}, {self._store_summary()}")
+        return (
+            f"tables=[{tables}], features={self.feature_to_table}, mode={self.mode!r}, output={self.output!r}, "
+            f"is_weighted={self.is_weighted}, {self._store_summary()}"
+        )
 
     def forward(self, features: Any) -> Any:
         """features: a ``JaggedFeatures``, a TorchRec ``KeyedJaggedTensor``, or {feature: (ids, offsets)}."""
@@ -486,7 +572,9 @@ def _from_torchrec(t: Any, chunks: int | Mapping[str, int]) -> tuple[TableConfig
     """(TableConfig, feature names, pooling) of a TorchRec ``EmbeddingBagConfig``-like object."""
     for attr in ("name", "embedding_dim", "num_embeddings", "feature_names"):
         if not hasattr(t, attr):
-            raise ConfigError(f"tables must be TableConfig or TorchRec EmbeddingBagConfig objects; {t!r} has no {attr!r}")
+            raise ConfigError(
+                f"tables must be TableConfig or TorchRec EmbeddingBagConfig objects; {t!r} has no {attr!r}"
+            )
     pooling = str(getattr(getattr(t, "pooling", "sum"), "name", getattr(t, "pooling", "sum"))).lower()
     if pooling not in ("sum", "mean"):
         raise ConfigError(f"table {t.name!r}: pooling {pooling!r} is not supported (SUM or MEAN)")
@@ -500,14 +588,18 @@ def _from_torchrec(t: Any, chunks: int | Mapping[str, int]) -> tuple[TableConfig
         if isinstance(fn, functools.partial) and fn.func is torch.nn.init.uniform_ and set(fn.keywords) == {"a", "b"}:
             lo, hi = fn.keywords["a"], fn.keywords["b"]
         else:
-            raise ConfigError(f"table {t.name!r}: init_fn {fn!r} is not supported; the store initialises chunks "
-                              f"itself (a symmetric uniform, TableConfig's init_scale)")
+            raise ConfigError(
+                f"table {t.name!r}: init_fn {fn!r} is not supported; the store initialises chunks "
+                f"itself (a symmetric uniform, TableConfig's init_scale)"
+            )
     scale = None
     if lo is not None or hi is not None:
         if lo is None or hi is None or lo != -hi:
             raise ConfigError(f"table {t.name!r}: the initial range must be symmetric (-s, s), got ({lo}, {hi})")
         scale = float(hi)
     k = chunks.get(t.name, 4) if isinstance(chunks, Mapping) else chunks
-    cfg = TableConfig(t.name, dim=int(t.embedding_dim), chunks=k, num_embeddings=int(t.num_embeddings), init_scale=scale)
+    cfg = TableConfig(
+        t.name, dim=int(t.embedding_dim), chunks=k, num_embeddings=int(t.num_embeddings), init_scale=scale
+    )
     feats = list(t.feature_names) or [t.name]
     return cfg, feats, pooling

@@ -20,8 +20,17 @@ import sys
 import tempfile
 from pathlib import Path
 
-TIMINGS = ["gather_lookup", "torch_embedding_bag", "fbgemm_forward", "store_lookup", "store_hashed_lookup",
-           "torch_sparse_sgd_step", "fbgemm_rowwise_adagrad_step", "store_train_step", "store_hashed_train_step"]
+TIMINGS = [
+    "gather_lookup",
+    "torch_embedding_bag",
+    "fbgemm_forward",
+    "store_lookup",
+    "store_hashed_lookup",
+    "torch_sparse_sgd_step",
+    "fbgemm_rowwise_adagrad_step",
+    "store_train_step",
+    "store_hashed_train_step",
+]
 
 
 def medians(runs: list[dict]) -> dict:
@@ -33,9 +42,13 @@ def medians(runs: list[dict]) -> dict:
         "prune2_s": st.median(r["prune_pass"]["second_pass_seconds"] for r in runs),
         "per_run": [r["ratios"] for r in runs],
         "prune_per_run_s": [r["prune_pass"]["seconds"] for r in runs],
-        "memory": {"direct": mem["direct"]["vs_dense"], "direct_opt": mem["direct"]["vs_dense_with_optimizer"],
-                   "hashed": mem["hashed"]["vs_dense"], "hashed_every": mem["hashed"]["every_row"]["vs_dense"],
-                   "hashed_entries": mem["hashed"]["entries"]},
+        "memory": {
+            "direct": mem["direct"]["vs_dense"],
+            "direct_opt": mem["direct"]["vs_dense_with_optimizer"],
+            "hashed": mem["hashed"]["vs_dense"],
+            "hashed_every": mem["hashed"]["every_row"]["vs_dense"],
+            "hashed_entries": mem["hashed"]["entries"],
+        },
     }
 
 
@@ -54,8 +67,9 @@ def main() -> None:
         for i in range(args.runs):
             path = tmp / f"run{i + 1}.json"
             print(f"bench run {i + 1} of {args.runs}", flush=True)
-            subprocess.run([sys.executable, "-m", "fiited_store.cli", "bench", "--no-progress", "--json", str(path)],
-                           check=True)
+            subprocess.run(
+                [sys.executable, "-m", "fiited_store.cli", "bench", "--no-progress", "--json", str(path)], check=True
+            )
             paths.append(path)
     runs = [json.loads(x.read_text()) for x in paths]
     out = medians(runs)

@@ -9,8 +9,8 @@ import os
 
 import pytest
 
-from fiited_store.experiments.bench.cpu import BenchConfig, Workload, make_store
 from fiited_store.config import DynamicRatio
+from fiited_store.experiments.bench.cpu import BenchConfig, Workload, make_store
 
 SCALE = float(os.environ.get("FIITED_BENCH_SCALE", "0.02"))
 

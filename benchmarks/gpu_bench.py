@@ -70,7 +70,8 @@ def lookup_and_step(batch_size: int, args, name: str) -> dict:
     grads = [torch.from_numpy(g).to(dev) for g in w.grads[:2]]
     W = torch.empty(w.total_rows, cfg.dim, device=dev).uniform_(-0.01, 0.01)
     out["torch_embedding_bag"] = timed(
-        lambda i: torch.nn.functional.embedding_bag(rows[i % n_batches], W, bag_starts, mode="sum"), 5, args.repeats)
+        lambda i: torch.nn.functional.embedding_bag(rows[i % n_batches], W, bag_starts, mode="sum"), 5, args.repeats
+    )
     bag = torch.nn.EmbeddingBag(w.total_rows, cfg.dim, mode="sum", sparse=True, _weight=W)
     opt = torch.optim.SGD(bag.parameters(), lr=0.01)
 
@@ -80,14 +81,18 @@ def lookup_and_step(batch_size: int, args, name: str) -> dict:
         opt.step()
 
     out["torch_sparse_sgd_step"] = timed(torch_step, 5, args.repeats)
-    del bag, opt, W, rows
+    bag = opt = W = rows = None  # frees them (the closures above hold the cells)
     if torch.cuda.is_available():
         torch.cuda.empty_cache()
 
-    tables = [TableConfig(n, dim=cfg.dim, chunks=cfg.chunks, num_embeddings=c, optimizer="rowwise_adagrad")
-              for n, c in zip(w.names, w.cards)]
-    store = EmbeddingStore(tables, StoreConfig(pruning=DynamicRatio(0.75), budget_fraction=cfg.budget_fraction,
-                                               prune_period=0, device="cuda"))
+    tables = [
+        TableConfig(n, dim=cfg.dim, chunks=cfg.chunks, num_embeddings=c, optimizer="rowwise_adagrad")
+        for n, c in zip(w.names, w.cards)
+    ]
+    store = EmbeddingStore(
+        tables,
+        StoreConfig(pruning=DynamicRatio(0.75), budget_fraction=cfg.budget_fraction, prune_period=0, device="cuda"),
+    )
     t0 = time.perf_counter()
     rng = np.random.default_rng(1)
     w.train(store, rng, cfg.train_warmup, prune_every=10)  # trained and pruned, as in the CPU bench
@@ -96,8 +101,9 @@ def lookup_and_step(batch_size: int, args, name: str) -> dict:
     ids_d = [torch.from_numpy(i).to(dev) for i in w.ids]
     off_d = torch.from_numpy(w.offsets).to(dev)
     out["store_lookup"] = timed(lambda i: store.pooled_lookup(w.names, ids_d[i % n_batches], off_d), 5, args.repeats)
-    out["store_lookup_host_inputs"] = timed(lambda i: store.pooled_lookup(w.names, w.ids[i % n_batches], w.offsets),
-                                            3, max(5, args.repeats // 2))
+    out["store_lookup_host_inputs"] = timed(
+        lambda i: store.pooled_lookup(w.names, w.ids[i % n_batches], w.offsets), 3, max(5, args.repeats // 2)
+    )
 
     def store_step(i):
         b = store.pooled_lookup(w.names, ids_d[i % n_batches], off_d, train=True)
@@ -112,7 +118,7 @@ def lookup_and_step(batch_size: int, args, name: str) -> dict:
     out["store_prune_evicted"] = int(sum(p["evicted"] for p in report["pools"]))
     out["store_memory_vs_dense"] = store.stats()["total"]["memory_vs_dense"]
     store.close()
-    del store, grads, ids_d
+    store = grads = ids_d = None  # frees them (the closures above hold the cells)
     if torch.cuda.is_available():
         torch.cuda.empty_cache()
 
@@ -130,8 +136,8 @@ def lookup_and_step(batch_size: int, args, name: str) -> dict:
         out["torch_fraction_of_peak_bandwidth"] = out["torch_effective_tb_s"] / peak
     out["ratios"] = {
         "store_lookup / torch_embedding_bag": ms / out["torch_embedding_bag"]["median_ms"],
-        "store_train_step / torch_sparse_sgd_step":
-            out["store_train_step"]["median_ms"] / out["torch_sparse_sgd_step"]["median_ms"],
+        "store_train_step / torch_sparse_sgd_step": out["store_train_step"]["median_ms"]
+        / out["torch_sparse_sgd_step"]["median_ms"],
         "store_lookup_host_inputs / store_lookup": out["store_lookup_host_inputs"]["median_ms"] / ms,
     }
     return out
@@ -140,11 +146,12 @@ def lookup_and_step(batch_size: int, args, name: str) -> dict:
 def prune_10m(args) -> dict:
     n = args.prune_rows
     table = TableConfig("t", dim=64, chunks=4, num_embeddings=n)
-    store = EmbeddingStore([table], StoreConfig(pruning=DynamicRatio(0.75), budget_fraction=0.25, prune_period=0,
-                                                device="cuda"))
+    store = EmbeddingStore(
+        [table], StoreConfig(pruning=DynamicRatio(0.75), budget_fraction=0.25, prune_period=0, device="cuda")
+    )
     ids = np.arange(n, dtype=np.int64)
     for lo in range(0, n, 1 << 21):
-        store.lookup("t", ids[lo:lo + (1 << 21)], train=True)
+        store.lookup("t", ids[lo : lo + (1 << 21)], train=True)
     rng = np.random.default_rng(0)
     ea = store.entries.arrays
     util = util_from_float(rng.pareto(1.1, (n, ea.util.shape[1])))
@@ -163,19 +170,31 @@ def prune_10m(args) -> dict:
 
 
 def cache_mode(args) -> dict:
-    cfg = TierBenchConfig(scale=args.cache_scale, steps=args.cache_steps, warmup=args.cache_warmup,
-                          batch_size=args.cache_batch)
-    variants = (("all_on_gpu", 1.0, 0, False),
-                ("cache_25_pinned_host", None, "model", True),
-                ("cache_25_zarr", None, 0, True))
+    cfg = TierBenchConfig(
+        scale=args.cache_scale, steps=args.cache_steps, warmup=args.cache_warmup, batch_size=args.cache_batch
+    )
+    variants = (
+        ("all_on_gpu", 1.0, 0, False),
+        ("cache_25_pinned_host", None, "model", True),
+        ("cache_25_zarr", None, 0, True),
+    )
     out: dict = {}
     with tempfile.TemporaryDirectory(prefix="fiited-gpu-bench-") as root:
+
         class Bar:
             def update(self, n):
                 print(f"  cache mode: a variant done ({time.strftime('%X')})", flush=True)
 
-        bench_cache_mode_step(cfg, root, out, Bar(), device="cuda", variants=variants,
-                              to_device=lambda a: torch.from_numpy(a).to(args.torch_device), baseline="all_on_gpu")
+        bench_cache_mode_step(
+            cfg,
+            root,
+            out,
+            Bar(),
+            device="cuda",
+            variants=variants,
+            to_device=lambda a: torch.from_numpy(a).to(args.torch_device),
+            baseline="all_on_gpu",
+        )
     return out["cache_mode_step"]
 
 
@@ -192,16 +211,24 @@ def main() -> None:
     p.add_argument("--sections", default="lookup,large,prune,cache")
     p.add_argument("--prune-rows", type=int, default=10_000_000)
     p.add_argument("--json", default=None)
-    p.add_argument("--dry-run", action="store_true",
-                   help="check the script itself without a GPU: torch on the CPU, numba's simulator "
-                        "(NUMBA_ENABLE_CUDASIM=1), with tiny --scale/--large-batch/--prune-rows/--cache-scale")
+    p.add_argument(
+        "--dry-run",
+        action="store_true",
+        help="check the script itself without a GPU: torch on the CPU, numba's simulator "
+        "(NUMBA_ENABLE_CUDASIM=1), with tiny --scale/--large-batch/--prune-rows/--cache-scale",
+    )
     args = p.parse_args()
     args.torch_device = torch.device("cpu" if args.dry_run else "cuda")
     name = "simulator (dry run)" if args.dry_run else torch.cuda.get_device_name(0)
     import numba
 
-    out: dict = {"device": name, "python": platform.python_version(), "numba": numba.__version__,
-                 "torch": torch.__version__, "errors": {}}
+    out: dict = {
+        "device": name,
+        "python": platform.python_version(),
+        "numba": numba.__version__,
+        "torch": torch.__version__,
+        "errors": {},
+    }
     try:
         import numba_cuda
 

@@ -57,10 +57,15 @@ def measure(log2_slots: int, rounds: int, reps: int, batch: int, tables: int, lo
     if not np.array_equal(outs["two_arrays"], outs["interleaved"]):
         raise AssertionError("the two layouts found different entries")
     two, inter = np.median(medians["two_arrays"]), np.median(medians["interleaved"])
-    return {"slots": cap, "live": int(index.n_hashed), "batch": batch,
-            "two_arrays_ms": float(two), "interleaved_ms": float(inter),
-            "interleaved_vs_two_arrays": float(inter / two),
-            "bytes_per_slot": {"two_arrays": 8 + 2, "interleaved": 16}}
+    return {
+        "slots": cap,
+        "live": int(index.n_hashed),
+        "batch": batch,
+        "two_arrays_ms": float(two),
+        "interleaved_ms": float(inter),
+        "interleaved_vs_two_arrays": float(inter / two),
+        "bytes_per_slot": {"two_arrays": 8 + 2, "interleaved": 16},
+    }
 
 
 def main() -> None:
@@ -78,8 +83,10 @@ def main() -> None:
     for log2 in tqdm(args.log2_slots, desc="index sizes", unit="size"):
         r = measure(log2, args.rounds, args.reps, args.batch, args.tables, args.load, args.seed)
         results.append(r)
-        tqdm.write(f"{r['slots']:>11,} slots, {r['live']:>11,} keys: two arrays {r['two_arrays_ms']:.3f} ms, "
-                   f"interleaved {r['interleaved_ms']:.3f} ms, ratio {r['interleaved_vs_two_arrays']:.3f}")
+        tqdm.write(
+            f"{r['slots']:>11,} slots, {r['live']:>11,} keys: two arrays {r['two_arrays_ms']:.3f} ms, "
+            f"interleaved {r['interleaved_ms']:.3f} ms, ratio {r['interleaved_vs_two_arrays']:.3f}"
+        )
     if args.json:
         with open(args.json, "w") as f:
             json.dump(results, f, indent=1)

@@ -45,18 +45,26 @@ def _rss_bytes() -> int:
 def _tables():
     from fiited_store import TableConfig
 
-    return [TableConfig("user", D, chunks=K, num_embeddings=50_000, optimizer="adagrad"),
-            TableConfig("stream", D, chunks=K, index="hashed", optimizer="adagrad")]
+    return [
+        TableConfig("user", D, chunks=K, num_embeddings=50_000, optimizer="adagrad"),
+        TableConfig("stream", D, chunks=K, index="hashed", optimizer="adagrad"),
+    ]
 
 
 def _disk_bytes(root: Path) -> int:
-    return sum(os.stat(os.path.join(d, f)).st_blocks * 512 for d, _, fs in os.walk(root) for f in fs
-               if os.path.exists(os.path.join(d, f)))
+    return sum(
+        os.stat(os.path.join(d, f)).st_blocks * 512
+        for d, _, fs in os.walk(root)
+        for f in fs
+        if os.path.exists(os.path.join(d, f))
+    )
 
 
 def _probe_ids():
-    return {"user": np.arange(0, 50_000, 25, dtype=np.int64)[:PROBES],
-            "stream": np.arange(PROBES, dtype=np.int64) * 7919}
+    return {
+        "user": np.arange(0, 50_000, 25, dtype=np.int64)[:PROBES],
+        "stream": np.arange(PROBES, dtype=np.int64) * 7919,
+    }
 
 
 def _probe(store) -> dict[str, np.ndarray]:
@@ -92,15 +100,31 @@ def reader(path: str, expected: str, stop, results, seed: int) -> None:
                 checked += 1
                 if any(not np.array_equal(saved[k], first[k]) for k in first):
                     mismatches += 1
-    results.put({"opened": opened, "errors": errors, "mismatches": mismatches, "changed_while_held": changed,
-                 "checked": checked, "messages": messages[:5]})
+    results.put(
+        {
+            "opened": opened,
+            "errors": errors,
+            "mismatches": mismatches,
+            "changed_while_held": changed,
+            "checked": checked,
+            "messages": messages[:5],
+        }
+    )
 
 
 def writer(path: Path, expected: Path, seconds: float, save_every: int, batch: int, progress: bool) -> dict:
     from fiited_store import DynamicRatio, EmbeddingStore, StoreConfig
 
-    cfg = StoreConfig(pruning=DynamicRatio(0.75), budget_bytes=8 << 20, prune_period=50, sample_size=4096,
-                      on_evict="spill", drop_floor=1e-3, gamma=0.95, memory_budget_bytes=96 << 20)
+    cfg = StoreConfig(
+        pruning=DynamicRatio(0.75),
+        budget_bytes=8 << 20,
+        prune_period=50,
+        sample_size=4096,
+        on_evict="spill",
+        drop_floor=1e-3,
+        gamma=0.95,
+        memory_budget_bytes=96 << 20,
+    )
     rng = np.random.default_rng(0)
     store = EmbeddingStore(_tables(), cfg, path=path)
     saves = steps = 0
@@ -112,8 +136,11 @@ def writer(path: Path, expected: Path, seconds: float, save_every: int, batch: i
     while time.time() < end:
         user = rng.zipf(1.2, batch) % 50_000
         # an endless stream: a hot head, and a tail of ids that keep arriving
-        stream = np.where(rng.random(batch) < 0.5, (rng.zipf(1.3, batch) % PROBES) * 7919,
-                          steps * batch + rng.integers(0, batch, batch) + 10**9)
+        stream = np.where(
+            rng.random(batch) < 0.5,
+            (rng.zipf(1.3, batch) % PROBES) * 7919,
+            steps * batch + rng.integers(0, batch, batch) + 10**9,
+        )
         ids = np.concatenate([user, stream]).astype(np.int64)
         b = store.pooled_lookup(["user", "stream"], ids, np.arange(2 * batch + 1), train=True)
         store.backward(b, rng.standard_normal(b.output.shape).astype(np.float32) * 0.1)
@@ -130,12 +157,20 @@ def writer(path: Path, expected: Path, seconds: float, save_every: int, batch: i
         last += int(now - last)
     bar.close()
     warm = next(x for x in samples if x[0] >= seconds / 10) if samples[-1][0] >= seconds / 10 else samples[-1]
-    out = {"steps": steps, "saves": saves,
-           "writer_rss_first_save": samples[0][1], "writer_rss_after_a_tenth": warm[1], "writer_rss_end": samples[-1][1],
-           "disk_bytes_first_save": samples[0][2], "disk_bytes_after_a_tenth": warm[2], "disk_bytes_end": samples[-1][2],
-           "rss_samples": [(round(t, 1), r) for t, r, _ in samples[:: max(len(samples) // 40, 1)]],
-           "entries_end": store.stats()["total"]["entries"], "dropped_entries": store.counters.dropped_entries,
-           "spilled_chunks": store.counters.spilled_chunks}
+    out = {
+        "steps": steps,
+        "saves": saves,
+        "writer_rss_first_save": samples[0][1],
+        "writer_rss_after_a_tenth": warm[1],
+        "writer_rss_end": samples[-1][1],
+        "disk_bytes_first_save": samples[0][2],
+        "disk_bytes_after_a_tenth": warm[2],
+        "disk_bytes_end": samples[-1][2],
+        "rss_samples": [(round(t, 1), r) for t, r, _ in samples[:: max(len(samples) // 40, 1)]],
+        "entries_end": store.stats()["total"]["entries"],
+        "dropped_entries": store.counters.dropped_entries,
+        "spilled_chunks": store.counters.spilled_chunks,
+    }
     store.close()
     return out
 
@@ -168,12 +203,23 @@ def main(argv=None) -> int:
     per_reader = [results.get(timeout=120) for _ in range(args.readers)]
     for p in procs:
         p.join(timeout=60)
-    readers = {k: sum(r[k] for r in per_reader) for k in ("opened", "errors", "mismatches", "changed_while_held", "checked")}
-    rss0, rss_warm, rss1 = figures["writer_rss_first_save"], figures["writer_rss_after_a_tenth"], figures["writer_rss_end"]
-    report = {"minutes": args.minutes, "readers": args.readers, **figures, **readers,
-              "writer_rss_growth_from_first_save": rss1 / rss0 - 1.0,
-              "writer_rss_growth_after_a_tenth": rss1 / rss_warm - 1.0,
-              "reader_messages": [m for r in per_reader for m in r["messages"]][:5]}
+    readers = {
+        k: sum(r[k] for r in per_reader) for k in ("opened", "errors", "mismatches", "changed_while_held", "checked")
+    }
+    rss0, rss_warm, rss1 = (
+        figures["writer_rss_first_save"],
+        figures["writer_rss_after_a_tenth"],
+        figures["writer_rss_end"],
+    )
+    report = {
+        "minutes": args.minutes,
+        "readers": args.readers,
+        **figures,
+        **readers,
+        "writer_rss_growth_from_first_save": rss1 / rss0 - 1.0,
+        "writer_rss_growth_after_a_tenth": rss1 / rss_warm - 1.0,
+        "reader_messages": [m for r in per_reader for m in r["messages"]][:5],
+    }
     print(json.dumps(report, indent=2))
     if args.json:
         Path(args.json).write_text(json.dumps(report, indent=2))

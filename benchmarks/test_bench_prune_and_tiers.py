@@ -9,9 +9,10 @@ from fiited_store.storage import ZarrTier
 
 def test_prune_pass_one_million_entries(benchmark):
     n = 1_000_000
-    s = EmbeddingStore([TableConfig("t", dim=64, chunks=4, num_embeddings=n)],
-                       StoreConfig(pruning=DynamicRatio(0.75), budget_fraction=0.25, prune_period=0,
-                                   initial_capacity=1 << 22))
+    s = EmbeddingStore(
+        [TableConfig("t", dim=64, chunks=4, num_embeddings=n)],
+        StoreConfig(pruning=DynamicRatio(0.75), budget_fraction=0.25, prune_period=0, initial_capacity=1 << 22),
+    )
     s.insert("t", np.arange(n))
     rng = np.random.default_rng(0)
     live = s.entries.table_of_entries() >= 0
@@ -39,7 +40,7 @@ def test_memmap_spill(benchmark, tmp_path):
 
     def write():
         lo = state["at"] % ((1 << 22) - (1 << 16))
-        mm[lo:lo + (1 << 16)] = rows
+        mm[lo : lo + (1 << 16)] = rows
         state["at"] += 1 << 16
 
     benchmark(write)

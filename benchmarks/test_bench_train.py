@@ -50,7 +50,11 @@ def test_fbgemm_rowwise_adagrad_step(benchmark, workload, cfg, peer):
 
     tbe = SplitTableBatchedEmbeddingBagsCodegen(
         [(n, cfg.dim, EmbeddingLocation.HOST, ComputeDevice.CPU) for n in workload.cards],
-        optimizer=OptimType.EXACT_ROWWISE_ADAGRAD, learning_rate=0.01, eps=1e-8, pooling_mode=PoolingMode.SUM)
+        optimizer=OptimType.EXACT_ROWWISE_ADAGRAD,
+        learning_rate=0.01,
+        eps=1e-8,
+        pooling_mode=PoolingMode.SUM,
+    )
     ids = cycle([torch.from_numpy(i) for i in workload.ids])
     offsets = torch.arange(0, len(workload.cards) * cfg.batch_size + 1)
     grads = cycle([torch.from_numpy(g) for g in workload.grads])

@@ -24,9 +24,10 @@ from fiited_store.experiments.data.synthetic import ZipfIds
 
 def run(rows: int, steps: int, gamma: float, batch: int, dim: int, chunks: int, seed: int, progress: bool) -> dict:
     c = dim // chunks
-    store = EmbeddingStore([TableConfig("t", dim=dim, chunks=chunks, num_embeddings=rows)],
-                           StoreConfig(pruning=DynamicRatio(0.0), budget_fraction=1.0, gamma=gamma, prune_period=0,
-                                       seed=seed))
+    store = EmbeddingStore(
+        [TableConfig("t", dim=dim, chunks=chunks, num_embeddings=rows)],
+        StoreConfig(pruning=DynamicRatio(0.0), budget_fraction=1.0, gamma=gamma, prune_period=0, seed=seed),
+    )
     zipf = ZipfIds(rows, 1.1, salt=7)
     rng = np.random.default_rng(seed)
     exact = np.zeros((rows, chunks))
@@ -47,10 +48,16 @@ def run(rows: int, steps: int, gamma: float, batch: int, dim: int, chunks: int, 
     seen = np.nonzero(store.contains("t", np.arange(rows)))[0]
     half = store.utilities("t", seen).astype(np.float64)
     full = exact[seen]
-    out = {"rows": rows, "rows_seen": int(seen.size), "steps": steps, "gamma": gamma, "chunks": chunks,
-           "relative_error_median": float(np.median(np.abs(half - full) / np.maximum(full, 1e-30))),
-           "relative_error_p99": float(np.quantile(np.abs(half - full) / np.maximum(full, 1e-30), 0.99)),
-           "decisions": {}}
+    out = {
+        "rows": rows,
+        "rows_seen": int(seen.size),
+        "steps": steps,
+        "gamma": gamma,
+        "chunks": chunks,
+        "relative_error_median": float(np.median(np.abs(half - full) / np.maximum(full, 1e-30))),
+        "relative_error_p99": float(np.quantile(np.abs(half - full) / np.maximum(full, 1e-30), 0.99)),
+        "decisions": {},
+    }
     for p in (0.5, 0.75, 0.9, 0.9375):
         # the prune's rule on the declared population: unseen rows count as zero-utility rows
         keep_n = int(round((1 - p) * rows * chunks))
@@ -65,7 +72,8 @@ def run(rows: int, steps: int, gamma: float, batch: int, dim: int, chunks: int, 
             "decisions_that_differ": float(flips.mean()),
             "kept_by_float_only": float((kf & ~kh).sum() / max(kf.sum(), 1)),
             "flipped_within_5pct_of_threshold": float(np.mean(np.abs(a[flips] - thr_f) <= 0.05 * thr_f))
-            if flips.any() else 1.0,
+            if flips.any()
+            else 1.0,
         }
     store.close()
     return out

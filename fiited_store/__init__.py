@@ -36,6 +36,7 @@ def __getattr__(name: str):
         return getattr(store, name)
     raise AttributeError(f"module 'fiited_store' has no attribute {name!r}")
 
+
 __all__ = [
     "ConfigError",
     "CorruptStoreError",

@@ -14,6 +14,7 @@ import numpy as np
 
 from .hostmem import HUGE_PAGE_BYTES, host_memory_bytes, huge_empty
 
+
 class CpuBackend:
     """Host memory and numba ``njit`` kernels."""
 

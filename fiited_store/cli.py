@@ -1,13 +1,13 @@
 """The ``fiited-store`` command line.
 
-    fiited-store train                       # the built-in default: a synthetic click stream
-    fiited-store train --dataset movielens --path ../shared/data/ml-100k --method fiited-manual --ratio 0.8125
-    fiited-store sweep --dataset movielens --path ../shared/data/ml-100k --out results/ml100k
-    fiited-store bench --json bench.json
-    fiited-store inspect STORE [--json] [--plot dims.png]
-    fiited-store verify STORE
-    fiited-store compact STORE
-    fiited-store export STORE OUT --format dense|compact
+fiited-store train                       # the built-in default: a synthetic click stream
+fiited-store train --dataset movielens --path ../shared/data/ml-100k --method fiited-manual --ratio 0.8125
+fiited-store sweep --dataset movielens --path ../shared/data/ml-100k --out results/ml100k
+fiited-store bench --json bench.json
+fiited-store inspect STORE [--json] [--plot dims.png]
+fiited-store verify STORE
+fiited-store compact STORE
+fiited-store export STORE OUT --format dense|compact
 """
 
 from __future__ import annotations
@@ -17,12 +17,21 @@ import json
 import math
 import os
 import sys
+from collections.abc import Callable, Sequence
 from pathlib import Path
-from typing import Callable, Sequence
 
 from . import __version__
 from .errors import FiitedError
-from .experiments.config import DATASETS, METHODS, NORMALIZATIONS, ON_EVICT, READMISSIONS, SWEEP_RATIOS, UTILITIES, TrainConfig
+from .experiments.config import (
+    DATASETS,
+    METHODS,
+    NORMALIZATIONS,
+    ON_EVICT,
+    READMISSIONS,
+    SWEEP_RATIOS,
+    UTILITIES,
+    TrainConfig,
+)
 
 # Nothing here imports torch, numba or zarr at module level: `fiited-store --help`
 # and argument errors answer at once, and every command imports what it needs.
@@ -83,58 +92,127 @@ def _writable_dir(text: str) -> str:
 
 def _train_args(p: argparse.ArgumentParser) -> None:
     d = TrainConfig()
-    p.add_argument("--dataset", choices=DATASETS, default=d.dataset,
-                   help="synthetic (built in, no download), mixed (built in: small predictive features beside "
-                        "long-tailed ones), movielens or criteo")
-    p.add_argument("--path", help="dataset directory (MovieLens: RecBole atomic files or u.data/u.user/u.item; "
-                                  "Criteo: TSV); needed by movielens and criteo")
+    p.add_argument(
+        "--dataset",
+        choices=DATASETS,
+        default=d.dataset,
+        help="synthetic (built in, no download), mixed (built in: small predictive features beside "
+        "long-tailed ones), movielens or criteo",
+    )
+    p.add_argument(
+        "--path",
+        help="dataset directory (MovieLens: RecBole atomic files or u.data/u.user/u.item; "
+        "Criteo: TSV); needed by movielens and criteo",
+    )
     p.add_argument("--chunks", type=positive_int, default=d.chunks, help="K, chunks per row (dim %% chunks == 0)")
     p.add_argument("--dim", type=positive_int, default=d.dim, help="D, embedding dimension")
     p.add_argument("--batch-size", type=positive_int, default=d.batch_size, help="samples per training step")
     p.add_argument("--epochs", type=positive_int, default=d.epochs, help="passes over a dataset's training split")
     p.add_argument("--steps", type=positive_int, default=d.steps, help="training steps on the synthetic stream")
-    p.add_argument("--lr-embedding", type=positive_float, default=d.lr_embedding,
-                   help="learning rate of the embeddings' optimizer (Adagrad)")
-    p.add_argument("--lr-dense", type=positive_float, default=d.lr_dense, help="learning rate of the dense layers (Adam)")
-    p.add_argument("--prune-period", type=nonnegative_int, default=d.prune_period,
-                   help="T, steps between prune passes (0: never prune)")
+    p.add_argument(
+        "--lr-embedding",
+        type=positive_float,
+        default=d.lr_embedding,
+        help="learning rate of the embeddings' optimizer (Adagrad)",
+    )
+    p.add_argument(
+        "--lr-dense", type=positive_float, default=d.lr_dense, help="learning rate of the dense layers (Adam)"
+    )
+    p.add_argument(
+        "--prune-period",
+        type=nonnegative_int,
+        default=d.prune_period,
+        help="T, steps between prune passes (0: never prune)",
+    )
     p.add_argument("--gamma", type=open_unit, default=d.gamma, help="utility decay per step")
-    p.add_argument("--steepness", type=unit_interval, default=d.steepness,
-                   help="slope of the manual per-chunk ratios: 0 flat, 1 steepest")
-    p.add_argument("--utility", choices=UTILITIES, default=d.utility,
-                   help="what a chunk's utility counts: gradient norms times accesses, accesses, or one per row")
+    p.add_argument(
+        "--steepness",
+        type=unit_interval,
+        default=d.steepness,
+        help="slope of the manual per-chunk ratios: 0 flat, 1 steepest",
+    )
+    p.add_argument(
+        "--utility",
+        choices=UTILITIES,
+        default=d.utility,
+        help="what a chunk's utility counts: gradient norms times accesses, accesses, or one per row",
+    )
     p.add_argument("--criteo-limit", type=positive_int, default=d.criteo_limit, help="lines of Criteo to read")
-    p.add_argument("--normalization", choices=NORMALIZATIONS, default=d.table_normalization,
-                   help="FIITED: none (the paper's rule, one scale for every table) or mean (each table's "
-                        "utilities divided by its own mean)")
-    p.add_argument("--small-table-rows", type=nonnegative_int, default=d.small_table_rows,
-                   help="FIITED: tables of at most this many rows keep every chunk (0: off)")
-    p.add_argument("--readmission", choices=READMISSIONS, default=d.readmission,
-                   help="FIITED: a chunk that wins a slot back at a prune starts at its first values, at zero, "
-                        "or at values drawn anew")
-    p.add_argument("--min-chunks", type=nonnegative_int, default=d.min_chunks,
-                   help="FIITED: every row of every table keeps its first M chunks (a floor: with a large K, "
-                        "every row keeps a few dimensions and the rest of the budget follows utility)")
-    p.add_argument("--project", action="store_true",
-                   help="FIITED: map each feature's pooled row through a learned D x D matrix, as Mixed-Dimension "
-                        "embeddings map each table (always on for fiited-floor)")
-    p.add_argument("--floor-dim", type=nonnegative_int, default=d.floor_dim,
-                   help="FIITED: every row keeps its first F dimensions (a chunk of its own width); the other "
-                        "D - F are split into K chunks that utility decides (0: the paper's layout)")
-    p.add_argument("--on-evict", choices=ON_EVICT, default=d.on_evict,
-                   help="FIITED: a pruned chunk is discarded (the paper) or spilled to the disk tier, to come back "
-                        "with its trained values when it wins a slot again")
+    p.add_argument(
+        "--normalization",
+        choices=NORMALIZATIONS,
+        default=d.table_normalization,
+        help="FIITED: none (the paper's rule, one scale for every table) or mean (each table's "
+        "utilities divided by its own mean)",
+    )
+    p.add_argument(
+        "--small-table-rows",
+        type=nonnegative_int,
+        default=d.small_table_rows,
+        help="FIITED: tables of at most this many rows keep every chunk (0: off)",
+    )
+    p.add_argument(
+        "--readmission",
+        choices=READMISSIONS,
+        default=d.readmission,
+        help="FIITED: a chunk that wins a slot back at a prune starts at its first values, at zero, "
+        "or at values drawn anew",
+    )
+    p.add_argument(
+        "--min-chunks",
+        type=nonnegative_int,
+        default=d.min_chunks,
+        help="FIITED: every row of every table keeps its first M chunks (a floor: with a large K, "
+        "every row keeps a few dimensions and the rest of the budget follows utility)",
+    )
+    p.add_argument(
+        "--project",
+        action="store_true",
+        help="FIITED: map each feature's pooled row through a learned D x D matrix, as Mixed-Dimension "
+        "embeddings map each table (always on for fiited-floor)",
+    )
+    p.add_argument(
+        "--floor-dim",
+        type=nonnegative_int,
+        default=d.floor_dim,
+        help="FIITED: every row keeps its first F dimensions (a chunk of its own width); the other "
+        "D - F are split into K chunks that utility decides (0: the paper's layout)",
+    )
+    p.add_argument(
+        "--on-evict",
+        choices=ON_EVICT,
+        default=d.on_evict,
+        help="FIITED: a pruned chunk is discarded (the paper) or spilled to the disk tier, to come back "
+        "with its trained values when it wins a slot again",
+    )
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
 
 
 def _config_from(args, **override) -> TrainConfig:
-    return TrainConfig(dataset=args.dataset, path=args.path, chunks=args.chunks, dim=args.dim, batch_size=args.batch_size,
-                       epochs=args.epochs, steps=args.steps, lr_embedding=args.lr_embedding, lr_dense=args.lr_dense,
-                       prune_period=args.prune_period, gamma=args.gamma, steepness=args.steepness,
-                       utility=args.utility, criteo_limit=args.criteo_limit,
-                       table_normalization=args.normalization, small_table_rows=args.small_table_rows,
-                       readmission=args.readmission, on_evict=args.on_evict, min_chunks=args.min_chunks,
-                       floor_dim=args.floor_dim, project=args.project, **override)
+    return TrainConfig(
+        dataset=args.dataset,
+        path=args.path,
+        chunks=args.chunks,
+        dim=args.dim,
+        batch_size=args.batch_size,
+        epochs=args.epochs,
+        steps=args.steps,
+        lr_embedding=args.lr_embedding,
+        lr_dense=args.lr_dense,
+        prune_period=args.prune_period,
+        gamma=args.gamma,
+        steepness=args.steepness,
+        utility=args.utility,
+        criteo_limit=args.criteo_limit,
+        table_normalization=args.normalization,
+        small_table_rows=args.small_table_rows,
+        readmission=args.readmission,
+        on_evict=args.on_evict,
+        min_chunks=args.min_chunks,
+        floor_dim=args.floor_dim,
+        project=args.project,
+        **override,
+    )
 
 
 def cmd_train(args) -> int:
@@ -157,17 +235,21 @@ def cmd_train(args) -> int:
 
 
 def cmd_sweep(args) -> int:
-    from .experiments.sweep import markdown_table, sweep
-
     from dataclasses import replace
+
+    from .experiments.sweep import markdown_table, sweep
+    from .plotting import INSTALL_HINT, available
 
     base = _config_from(args, method=args.methods[0])
     for m in args.methods:  # every run's values checked before the first run
         for r in args.ratios:
             replace(base, method=m, ratio=r)
+    plots = available()
+    if not plots:
+        print(f"fiited-store sweep: sweep.png will not be drawn ({INSTALL_HINT})", file=sys.stderr)
     results = sweep(base, args.methods, args.ratios, args.seeds, Path(args.out), progress=not args.no_progress)
     print(markdown_table(results, args.methods, args.ratios))
-    print(f"wrote {args.out}/sweep.csv, sweep.md and sweep.png")
+    print(f"wrote {args.out}/sweep.csv, sweep.md" + (" and sweep.png" if plots else ""))
     return 0
 
 
@@ -178,24 +260,51 @@ def cmd_bench(args) -> int:
     if args.suite == "distributed":
         from .experiments.bench.distributed import DistBenchConfig, format_distributed_report, run_distributed_bench
 
-        report = run_distributed_bench(DistBenchConfig(worlds=tuple(args.worlds),
-                                                       scale=args.scale if args.scale != 1.0 else DistBenchConfig.scale,
-                                                       batch_size=args.batch_size, dim=args.dim, chunks=args.chunks,
-                                                       budget_fraction=args.budget, steps=args.repeats,
-                                                       warmup=args.warmup, seed=args.seed),
-                                       progress=not args.no_progress)
+        report = run_distributed_bench(
+            DistBenchConfig(
+                worlds=tuple(args.worlds),
+                scale=args.scale if args.scale != 1.0 else DistBenchConfig.scale,
+                batch_size=args.batch_size,
+                dim=args.dim,
+                chunks=args.chunks,
+                budget_fraction=args.budget,
+                steps=args.repeats,
+                warmup=args.warmup,
+                seed=args.seed,
+            ),
+            progress=not args.no_progress,
+        )
         print(format_distributed_report(report))
     elif args.suite == "tiers":
-        report = run_tier_bench(TierBenchConfig(scale=args.scale if args.scale != 1.0 else TierBenchConfig.scale,
-                                                batch_size=args.batch_size, dim=args.dim, K=args.chunks,
-                                                budget_fraction=args.budget, seed=args.seed, directory=args.directory),
-                                progress=not args.no_progress)
+        report = run_tier_bench(
+            TierBenchConfig(
+                scale=args.scale if args.scale != 1.0 else TierBenchConfig.scale,
+                batch_size=args.batch_size,
+                dim=args.dim,
+                K=args.chunks,
+                budget_fraction=args.budget,
+                seed=args.seed,
+                directory=args.directory,
+            ),
+            progress=not args.no_progress,
+        )
         print(format_tier_report(report))
     else:
-        report = run_bench(BenchConfig(scale=args.scale, batch_size=args.batch_size, dim=args.dim, chunks=args.chunks,
-                                       budget_fraction=args.budget, repeats=args.repeats, warmup=args.warmup,
-                                       peers=tuple(args.peers), prune_entries=args.prune_entries, seed=args.seed),
-                           progress=not args.no_progress)
+        report = run_bench(
+            BenchConfig(
+                scale=args.scale,
+                batch_size=args.batch_size,
+                dim=args.dim,
+                chunks=args.chunks,
+                budget_fraction=args.budget,
+                repeats=args.repeats,
+                warmup=args.warmup,
+                peers=tuple(args.peers),
+                prune_entries=args.prune_entries,
+                seed=args.seed,
+            ),
+            progress=not args.no_progress,
+        )
         print(format_report(report))
     if args.json:
         Path(args.json).write_text(json.dumps(report, indent=2, default=float))
@@ -221,6 +330,11 @@ def cmd_inspect(args) -> int:
         info = inspect_sharded(Path(args.path))
         print(json.dumps(info, indent=2, default=float) if args.json else format_sharded_inspection(info))
         return 0
+    if args.plot:
+        from .plotting import INSTALL_HINT, available
+
+        if not available():  # before the store is read
+            raise ValueError(f"--plot: {INSTALL_HINT}")
     with EmbeddingStore.open(args.path, "r") as store:
         info = inspect_store(store)
         if args.plot:
@@ -257,9 +371,12 @@ def cmd_compact(args) -> int:
         r = compact_sharded(Path(args.path), progress=not args.no_progress)
     else:
         r = compact_store(Path(args.path), progress=not args.no_progress)
-    print(f"{args.path}: {r['bytes_before']:,} bytes -> {r['bytes_after']:,} bytes "
-          f"({r['bytes_after'] / max(r['bytes_before'], 1):.1%}); entries {r['entries_before']:,} -> {r['entries_after']:,} "
-          f"({r['dropped_entries']:,} dead entries dropped)")
+    print(
+        f"{args.path}: {r['bytes_before']:,} bytes -> {r['bytes_after']:,} bytes "
+        f"({r['bytes_after'] / max(r['bytes_before'], 1):.1%}); "
+        f"entries {r['entries_before']:,} -> {r['entries_after']:,} "
+        f"({r['dropped_entries']:,} dead entries dropped)"
+    )
     return 0
 
 
@@ -299,10 +416,18 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = command("train", "train a DLRM and print quality, memory and speed")
     _train_args(p)
-    p.add_argument("--method", choices=METHODS, default=TrainConfig().method,
-                   help="embedding method (fiited-manual and fiited-dynamic are the paper's rule)")
-    p.add_argument("--ratio", type=pruning_ratio, default=0.75,
-                   help="pruning ratio: fraction of the dense embedding size removed (ignored by dense)")
+    p.add_argument(
+        "--method",
+        choices=METHODS,
+        default=TrainConfig().method,
+        help="embedding method (fiited-manual and fiited-dynamic are the paper's rule)",
+    )
+    p.add_argument(
+        "--ratio",
+        type=pruning_ratio,
+        default=0.75,
+        help="pruning ratio: fraction of the dense embedding size removed (ignored by dense)",
+    )
     p.add_argument("--seed", type=int, default=0, help="seed of data order, initialisation and sampling")
     p.add_argument("--json", type=_writable_file, help="also write the result as JSON to this file")
     p.set_defaults(func=cmd_train)
@@ -312,31 +437,50 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--methods", nargs="+", choices=METHODS, default=list(METHODS), help="methods to compare")
     p.add_argument("--ratios", nargs="+", type=pruning_ratio, default=list(SWEEP_RATIOS), help="pruning ratios")
     p.add_argument("--seeds", nargs="+", type=int, default=[0, 1, 2], help="one run per seed at every point")
-    p.add_argument("--out", type=_writable_dir, default="results/sweep",
-                   help="directory for sweep.csv, sweep.md and sweep.png")
+    p.add_argument(
+        "--out", type=_writable_dir, default="results/sweep", help="directory for sweep.csv, sweep.md and sweep.png"
+    )
     p.set_defaults(func=cmd_sweep)
 
     p = command("bench", "lookup and training-step throughput against the peers, in one run")
-    p.add_argument("--suite", choices=("embeddings", "tiers", "distributed"), default="embeddings",
-                   help="embeddings: lookup, step, prune, memory against the peers; tiers: disk tier and cache mode; "
-                        "distributed: the sharded store at several world sizes (gloo processes on this machine)")
-    p.add_argument("--worlds", nargs="+", type=positive_int, default=[1, 2, 4],
-                   help="distributed suite: the world sizes to run")
-    p.add_argument("--directory", type=_writable_dir,
-                   help="tiers suite: where the disk tier is written (default: a temporary directory)")
-    p.add_argument("--scale", type=positive_float, default=1.0,
-                   help="multiply the Criteo Kaggle cardinalities (1.0 = 33.8M rows; the tiers and distributed "
-                        "suites default to 0.05)")
+    p.add_argument(
+        "--suite",
+        choices=("embeddings", "tiers", "distributed"),
+        default="embeddings",
+        help="embeddings: lookup, step, prune, memory against the peers; tiers: disk tier and cache mode; "
+        "distributed: the sharded store at several world sizes (gloo processes on this machine)",
+    )
+    p.add_argument(
+        "--worlds", nargs="+", type=positive_int, default=[1, 2, 4], help="distributed suite: the world sizes to run"
+    )
+    p.add_argument(
+        "--directory",
+        type=_writable_dir,
+        help="tiers suite: where the disk tier is written (default: a temporary directory)",
+    )
+    p.add_argument(
+        "--scale",
+        type=positive_float,
+        default=1.0,
+        help="multiply the Criteo Kaggle cardinalities (1.0 = 33.8M rows; the tiers and distributed "
+        "suites default to 0.05)",
+    )
     p.add_argument("--batch-size", type=positive_int, default=4096, help="samples per batch")
     p.add_argument("--dim", type=positive_int, default=64, help="D, embedding dimension")
     p.add_argument("--chunks", type=positive_int, default=4, help="K, chunks per row")
     p.add_argument("--budget", type=fraction, default=0.25, help="pool budget as a fraction of the dense size")
     p.add_argument("--repeats", type=positive_int, default=20, help="timed repetitions of each measurement")
     p.add_argument("--warmup", type=nonnegative_int, default=5, help="untimed repetitions before them")
-    p.add_argument("--prune-entries", type=positive_int, default=10_000_000, help="entries for the prune-pass measurement")
-    p.add_argument("--peers", nargs="*", choices=("torch", "gather", "torch-sparse", "fbgemm"),
-                   default=["torch", "gather", "torch-sparse", "fbgemm"],
-                   help="which peers to run (fbgemm needs fbgemm-gpu-cpu==1.8.0)")
+    p.add_argument(
+        "--prune-entries", type=positive_int, default=10_000_000, help="entries for the prune-pass measurement"
+    )
+    p.add_argument(
+        "--peers",
+        nargs="*",
+        choices=("torch", "gather", "torch-sparse", "fbgemm"),
+        default=["torch", "gather", "torch-sparse", "fbgemm"],
+        help="which peers to run (fbgemm needs fbgemm-gpu-cpu==1.8.0)",
+    )
     p.add_argument("--seed", type=int, default=0, help="seed of the ids and gradients")
     p.add_argument("--json", type=_writable_file, help="write every figure and ratio to this file")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
@@ -345,8 +489,11 @@ def build_parser() -> argparse.ArgumentParser:
     p = command("inspect", "tables, residency, kept dimensions, utilities, bytes, fragmentation")
     p.add_argument("path", help="store directory (a sharded store: every shard, one merged report)")
     p.add_argument("--json", action="store_true", help="print the report as JSON")
-    p.add_argument("--plot", type=_writable_file,
-                   help="draw the kept-dimension and utility histograms, one colour per table, to this PNG")
+    p.add_argument(
+        "--plot",
+        type=_writable_file,
+        help="draw the kept-dimension and utility histograms, one colour per table, to this PNG",
+    )
     p.set_defaults(func=cmd_inspect)
 
     p = command("verify", "check every invariant and array; exit 1 naming what is wrong")
@@ -368,8 +515,12 @@ def build_parser() -> argparse.ArgumentParser:
     p = command("export", "an inference export without utilities or optimizer state")
     p.add_argument("path", help="store directory")
     p.add_argument("out", help="new directory to write (never overwritten)")
-    p.add_argument("--format", choices=("dense", "compact"), default="dense",
-                   help="dense rows, or only the kept chunks and a chunk mask")
+    p.add_argument(
+        "--format",
+        choices=("dense", "compact"),
+        default="dense",
+        help="dense rows, or only the kept chunks and a chunk mask",
+    )
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
     p.set_defaults(func=cmd_export)
     return parser

@@ -19,18 +19,33 @@ from __future__ import annotations
 
 import dataclasses
 import math
+from collections.abc import Sequence
 from dataclasses import dataclass, field
-from typing import Any, Sequence, Union
+from typing import Any, Literal, get_args
 
 from .errors import ConfigError, CorruptStoreError
 
-OPTIMIZERS = ("sgd", "adagrad", "rowwise_adagrad")
-INITIALIZERS = ("uniform", "normal", "zeros")
-UTILITY_MODES = ("gradient", "access", "shared")
-MODES = ("prune", "cache")
-EVICT_POLICIES = ("discard", "spill")
-DEVICES = ("cpu", "cuda")
-INDEX_KINDS = ("auto", "direct", "hashed")
+# every option string as a type (for checkers and readers) and its values (for the checks below)
+Optimizer = Literal["sgd", "adagrad", "rowwise_adagrad"]
+Initializer = Literal["uniform", "normal", "zeros"]
+UtilityMode = Literal["gradient", "access", "shared"]
+StoreMode = Literal["prune", "cache"]
+EvictPolicy = Literal["discard", "spill"]
+Device = Literal["cpu", "cuda"]
+IndexKind = Literal["auto", "direct", "hashed"]
+TableNormalization = Literal["none", "mean"]
+Readmission = Literal["first", "zero", "fresh"]
+PoolingMode = Literal["sum", "mean"]
+OPTIMIZERS = get_args(Optimizer)
+INITIALIZERS = get_args(Initializer)
+UTILITY_MODES = get_args(UtilityMode)
+MODES = get_args(StoreMode)
+EVICT_POLICIES = get_args(EvictPolicy)
+DEVICES = get_args(Device)
+INDEX_KINDS = get_args(IndexKind)
+TABLE_NORMALIZATIONS = get_args(TableNormalization)
+READMISSIONS = get_args(Readmission)
+POOLING_MODES = get_args(PoolingMode)
 
 #: bytes of one stored float (pool vectors and optimizer state are float32)
 FLOAT_BYTES = 4
@@ -86,51 +101,76 @@ class TableConfig:
     dim: int
     chunks: int = 4
     num_embeddings: int | None = None
-    initializer: str = "uniform"
+    initializer: Initializer = "uniform"
     init_scale: float | None = None
-    optimizer: str = "rowwise_adagrad"
+    optimizer: Optimizer = "rowwise_adagrad"
     learning_rate: float = 0.01
     eps: float = 1e-8
-    index: str = "auto"
+    index: IndexKind = "auto"
     min_chunks: int = 0
     floor_dim: int = 0
 
     def __post_init__(self) -> None:
-        _check(isinstance(self.name, str) and self.name != "", f"table name must be a non-empty string, got {self.name!r}")
+        _check(
+            isinstance(self.name, str) and self.name != "", f"table name must be a non-empty string, got {self.name!r}"
+        )
         _check(_is_int(self.dim) and self.dim > 0, f"table {self.name!r}: dim must be a positive int, got {self.dim!r}")
-        _check(_is_int(self.chunks) and self.chunks > 0, f"table {self.name!r}: chunks must be a positive int, got {self.chunks!r}")
-        _check(_is_int(self.floor_dim) and 0 <= self.floor_dim < self.dim,
-               f"table {self.name!r}: floor_dim must be an int in [0, dim={self.dim}), got {self.floor_dim!r}")
-        _check((self.dim - self.floor_dim) % self.chunks == 0,
-               f"table {self.name!r}: dim {self.dim} is not divisible by chunks {self.chunks}" if not self.floor_dim else
-               f"table {self.name!r}: the {self.dim - self.floor_dim} dimensions above floor_dim={self.floor_dim} do "
-               f"not split into chunks={self.chunks} equal chunks")
+        _check(
+            _is_int(self.chunks) and self.chunks > 0,
+            f"table {self.name!r}: chunks must be a positive int, got {self.chunks!r}",
+        )
+        _check(
+            _is_int(self.floor_dim) and 0 <= self.floor_dim < self.dim,
+            f"table {self.name!r}: floor_dim must be an int in [0, dim={self.dim}), got {self.floor_dim!r}",
+        )
+        _check(
+            (self.dim - self.floor_dim) % self.chunks == 0,
+            f"table {self.name!r}: dim {self.dim} is not divisible by chunks {self.chunks}"
+            if not self.floor_dim
+            else f"table {self.name!r}: the {self.dim - self.floor_dim} dimensions above floor_dim={self.floor_dim} do "
+            f"not split into chunks={self.chunks} equal chunks",
+        )
         _check(self.chunks <= 64, f"table {self.name!r}: at most 64 chunks per row, got {self.chunks}")
         _check(
             self.num_embeddings is None or (_is_int(self.num_embeddings) and self.num_embeddings > 0),
             f"table {self.name!r}: num_embeddings must be a positive int or None, got {self.num_embeddings!r}",
         )
-        _check(self.initializer in INITIALIZERS, f"table {self.name!r}: initializer must be one of {INITIALIZERS}, got {self.initializer!r}")
+        _check(
+            self.initializer in INITIALIZERS,
+            f"table {self.name!r}: initializer must be one of {INITIALIZERS}, got {self.initializer!r}",
+        )
         _check(
             self.init_scale is None or (math.isfinite(self.init_scale) and self.init_scale >= 0),
             f"table {self.name!r}: init_scale must be a finite number >= 0, got {self.init_scale!r}",
         )
-        _check(self.optimizer in OPTIMIZERS, f"table {self.name!r}: optimizer must be one of {OPTIMIZERS}, got {self.optimizer!r}")
+        _check(
+            self.optimizer in OPTIMIZERS,
+            f"table {self.name!r}: optimizer must be one of {OPTIMIZERS}, got {self.optimizer!r}",
+        )
         _check(
             math.isfinite(self.learning_rate) and self.learning_rate >= 0,
             f"table {self.name!r}: learning_rate must be a finite number >= 0, got {self.learning_rate!r}",
         )
-        _check(math.isfinite(self.eps) and self.eps > 0, f"table {self.name!r}: eps must be a finite number > 0, got {self.eps!r}")
-        _check(self.index in INDEX_KINDS, f"table {self.name!r}: index must be one of {INDEX_KINDS}, got {self.index!r}")
+        _check(
+            math.isfinite(self.eps) and self.eps > 0,
+            f"table {self.name!r}: eps must be a finite number > 0, got {self.eps!r}",
+        )
+        _check(
+            self.index in INDEX_KINDS, f"table {self.name!r}: index must be one of {INDEX_KINDS}, got {self.index!r}"
+        )
         _check(
             _is_int(self.min_chunks) and 0 <= self.min_chunks <= self.chunks,
             f"table {self.name!r}: min_chunks must be an int in [0, chunks={self.chunks}], got {self.min_chunks!r}",
         )
-        _check(not (self.floor_dim and self.min_chunks),
-               f"table {self.name!r}: give floor_dim or min_chunks, not both (got {self.floor_dim} and {self.min_chunks})")
-        _check(not self.floor_dim or self.num_embeddings is not None,
-               f"table {self.name!r}: floor_dim={self.floor_dim} needs num_embeddings (the floor is paid for every "
-               f"declared row)")
+        _check(
+            not (self.floor_dim and self.min_chunks),
+            f"table {self.name!r}: give floor_dim or min_chunks, not both (got {self.floor_dim} and {self.min_chunks})",
+        )
+        _check(
+            not self.floor_dim or self.num_embeddings is not None,
+            f"table {self.name!r}: floor_dim={self.floor_dim} needs num_embeddings (the floor is paid for every "
+            f"declared row)",
+        )
         _check(
             not (self.index == "direct" and self.num_embeddings is None),
             f"table {self.name!r}: index='direct' needs num_embeddings (the rows of the table)",
@@ -184,7 +224,7 @@ class ManualRatios:
         return sum(self.per_chunk) / len(self.per_chunk)
 
     @classmethod
-    def linear(cls, average: float, chunks: int, steepness: float = 1.0) -> "ManualRatios":
+    def linear(cls, average: float, chunks: int, steepness: float = 1.0) -> ManualRatios:
         """Ratios linear in the chunk index with the given average (paper, section 5.1).
 
         ``steepness`` in [0, 1] scales the slope between flat (0: every chunk
@@ -218,12 +258,10 @@ class DynamicRatio:
         return self.ratio
 
 
-PruningPolicy = Union[ManualRatios, DynamicRatio]
-TABLE_NORMALIZATIONS = ("none", "mean")
-READMISSIONS = ("first", "zero", "fresh")
+PruningPolicy = ManualRatios | DynamicRatio
 
 
-def table_floors(tables, config: "StoreConfig") -> list[int]:
+def table_floors(tables, config: StoreConfig) -> list[int]:
     """The chunks every row of each table keeps whatever the thresholds (its floor)."""
     out = []
     for t in tables:
@@ -299,21 +337,24 @@ class StoreConfig:
     gamma: float = 0.99
     prune_period: int = 1000
     sample_size: int = 100_000
-    utility: str = "gradient"
+    utility: UtilityMode = "gradient"
     seed: int = 0
-    mode: str = "prune"
-    on_evict: str | None = None
+    mode: StoreMode = "prune"
+    on_evict: EvictPolicy | None = None
     drop_floor: float = 1e-6
     max_load: float = 0.75
     initial_capacity: int = 64
-    device: str = "cpu"
+    device: Device = "cpu"
     host_cache_bytes: int | None = None
-    table_normalization: str = "none"
+    table_normalization: TableNormalization = "none"
     small_table_rows: int = 0
-    readmission: str = "first"
+    readmission: Readmission = "first"
 
     def __post_init__(self) -> None:
-        _check(isinstance(self.pruning, (ManualRatios, DynamicRatio)), f"pruning must be ManualRatios or DynamicRatio, got {self.pruning!r}")
+        _check(
+            isinstance(self.pruning, (ManualRatios, DynamicRatio)),
+            f"pruning must be ManualRatios or DynamicRatio, got {self.pruning!r}",
+        )
         _check(
             self.budget_bytes is None or self.budget_fraction is None,
             f"give budget_bytes or budget_fraction, not both (got {self.budget_bytes!r} and {self.budget_fraction!r})",
@@ -327,13 +368,18 @@ class StoreConfig:
             f"budget_fraction must lie in (0, 1], got {self.budget_fraction!r}",
         )
         if self.pool_budget_bytes is not None:
-            _check(isinstance(self.pool_budget_bytes, (tuple, list)) and len(self.pool_budget_bytes) > 0
-                   and all(_is_int(b) and b > 0 for b in self.pool_budget_bytes),
-                   f"pool_budget_bytes must be a non-empty tuple of positive ints, got {self.pool_budget_bytes!r}")
+            _check(
+                isinstance(self.pool_budget_bytes, (tuple, list))
+                and len(self.pool_budget_bytes) > 0
+                and all(_is_int(b) and b > 0 for b in self.pool_budget_bytes),
+                f"pool_budget_bytes must be a non-empty tuple of positive ints, got {self.pool_budget_bytes!r}",
+            )
             object.__setattr__(self, "pool_budget_bytes", tuple(self.pool_budget_bytes))
-            _check(self.budget_bytes is None and self.budget_fraction is None,
-                   f"give pool_budget_bytes or budget_bytes / budget_fraction, not both (got {self.pool_budget_bytes!r} "
-                   f"and {self.budget_bytes!r} / {self.budget_fraction!r})")
+            _check(
+                self.budget_bytes is None and self.budget_fraction is None,
+                f"give pool_budget_bytes or budget_bytes / budget_fraction, not both (got {self.pool_budget_bytes!r} "
+                f"and {self.budget_bytes!r} / {self.budget_fraction!r})",
+            )
         _check(
             self.memory_budget_bytes is None or self.memory_budget_fraction is None,
             f"give memory_budget_bytes or memory_budget_fraction, not both "
@@ -348,25 +394,43 @@ class StoreConfig:
             f"memory_budget_fraction must lie in (0, 64], got {self.memory_budget_fraction!r}",
         )
         _check(0.0 < self.gamma < 1.0, f"gamma must lie in (0, 1), got {self.gamma!r}")
-        _check(_is_int(self.prune_period) and self.prune_period >= 0, f"prune_period must be an int >= 0, got {self.prune_period!r}")
-        _check(_is_int(self.sample_size) and self.sample_size >= 1, f"sample_size must be an int >= 1, got {self.sample_size!r}")
+        _check(
+            _is_int(self.prune_period) and self.prune_period >= 0,
+            f"prune_period must be an int >= 0, got {self.prune_period!r}",
+        )
+        _check(
+            _is_int(self.sample_size) and self.sample_size >= 1,
+            f"sample_size must be an int >= 1, got {self.sample_size!r}",
+        )
         _check(self.utility in UTILITY_MODES, f"utility must be one of {UTILITY_MODES}, got {self.utility!r}")
         _check(_is_int(self.seed) and 0 <= self.seed < 2**63, f"seed must be an int in [0, 2**63), got {self.seed!r}")
         _check(self.mode in MODES, f"mode must be one of {MODES}, got {self.mode!r}")
         on_evict = self.on_evict if self.on_evict is not None else ("spill" if self.mode == "cache" else "discard")
         _check(on_evict in EVICT_POLICIES, f"on_evict must be one of {EVICT_POLICIES}, got {self.on_evict!r}")
-        _check(not (self.mode == "cache" and on_evict == "discard"), "cache mode keeps every chunk: on_evict='discard' is not allowed there")
+        _check(
+            not (self.mode == "cache" and on_evict == "discard"),
+            "cache mode keeps every chunk: on_evict='discard' is not allowed there",
+        )
         object.__setattr__(self, "on_evict", on_evict)
-        _check(math.isfinite(self.drop_floor) and self.drop_floor >= 0, f"drop_floor must be a finite number >= 0, got {self.drop_floor!r}")
+        _check(
+            math.isfinite(self.drop_floor) and self.drop_floor >= 0,
+            f"drop_floor must be a finite number >= 0, got {self.drop_floor!r}",
+        )
         _check(0.1 <= self.max_load <= 0.95, f"max_load must lie in [0.1, 0.95], got {self.max_load!r}")
-        _check(_is_int(self.initial_capacity) and self.initial_capacity >= 1, f"initial_capacity must be a positive int, got {self.initial_capacity!r}")
+        _check(
+            _is_int(self.initial_capacity) and self.initial_capacity >= 1,
+            f"initial_capacity must be a positive int, got {self.initial_capacity!r}",
+        )
         _check(self.device in DEVICES, f"device must be one of {DEVICES}, got {self.device!r}")
-        _check(self.table_normalization in TABLE_NORMALIZATIONS,
-               f"table_normalization must be one of {TABLE_NORMALIZATIONS}, got {self.table_normalization!r}")
-        _check(self.readmission in READMISSIONS,
-               f"readmission must be one of {READMISSIONS}, got {self.readmission!r}")
-        _check(_is_int(self.small_table_rows) and self.small_table_rows >= 0,
-               f"small_table_rows must be an int >= 0, got {self.small_table_rows!r}")
+        _check(
+            self.table_normalization in TABLE_NORMALIZATIONS,
+            f"table_normalization must be one of {TABLE_NORMALIZATIONS}, got {self.table_normalization!r}",
+        )
+        _check(self.readmission in READMISSIONS, f"readmission must be one of {READMISSIONS}, got {self.readmission!r}")
+        _check(
+            _is_int(self.small_table_rows) and self.small_table_rows >= 0,
+            f"small_table_rows must be an int >= 0, got {self.small_table_rows!r}",
+        )
         _check(
             self.host_cache_bytes is None or (_is_int(self.host_cache_bytes) and self.host_cache_bytes >= 0),
             f"host_cache_bytes must be an int >= 0 or None, got {self.host_cache_bytes!r}",
@@ -382,7 +446,9 @@ def config_to_json(tables: Sequence[TableConfig], config: StoreConfig) -> dict[s
     cfg = dataclasses.asdict(config)
     p = config.pruning
     cfg["pruning"] = (
-        {"kind": "manual", "per_chunk": list(p.per_chunk)} if isinstance(p, ManualRatios) else {"kind": "dynamic", "ratio": p.ratio}
+        {"kind": "manual", "per_chunk": list(p.per_chunk)}
+        if isinstance(p, ManualRatios)
+        else {"kind": "dynamic", "ratio": p.ratio}
     )
     return {"tables": [dataclasses.asdict(t) for t in tables], "store": cfg}
 
@@ -415,8 +481,11 @@ def memory_budget(tables: Sequence[TableConfig], config: StoreConfig) -> int | N
     if config.memory_budget_fraction is None:
         return None
     total_dense = dense_bytes(tables)
-    _check(total_dense is not None, "a memory budget given as a fraction needs num_embeddings on every table; undeclared: "
-           f"{[t.name for t in tables if t.num_embeddings is None]}")
+    _check(
+        total_dense is not None,
+        "a memory budget given as a fraction needs num_embeddings on every table; undeclared: "
+        f"{[t.name for t in tables if t.num_embeddings is None]}",
+    )
     return int(config.memory_budget_fraction * total_dense)  # type: ignore[operator]
 
 
@@ -466,9 +535,12 @@ def validate_tables(tables: Sequence[TableConfig], config: StoreConfig) -> None:
     dup = sorted({n for n in names if names.count(n) > 1})
     _check(not dup, f"table names must be unique, repeated: {dup}")
     for t in tables:
-        _check(not t.floor_dim, f"table {t.name!r}: floor_dim={t.floor_dim} is held as two tables of the store; build "
-                                f"the store from fiited_store.adapters.floors.split_floors(tables) (as "
-                                f"FiitedEmbeddingBagCollection does)")
+        _check(
+            not t.floor_dim,
+            f"table {t.name!r}: floor_dim={t.floor_dim} is held as two tables of the store; build "
+            f"the store from fiited_store.adapters.floors.split_floors(tables) (as "
+            f"FiitedEmbeddingBagCollection does)",
+        )
     if isinstance(config.pruning, ManualRatios) and config.mode == "prune":
         # a table whose every chunk is a floor has no chunk the ratios apply to
         for t, floor in zip(tables, table_floors(tables, config)):
@@ -497,8 +569,12 @@ def plan_pools(tables: Sequence[TableConfig], config: StoreConfig) -> list[PoolP
     index = index_bytes(tables, config)
     if cap is not None:
         _check(index < cap, f"memory budget of {cap} bytes is smaller than the entry index alone ({index} bytes)")
-    by_memory = (cap is not None and config.budget_bytes is None and config.budget_fraction is None
-                 and config.pool_budget_bytes is None)
+    by_memory = (
+        cap is not None
+        and config.budget_bytes is None
+        and config.budget_fraction is None
+        and config.pool_budget_bytes is None
+    )
     if config.pool_budget_bytes is not None:
         budget = sum(config.pool_budget_bytes)
     elif config.budget_bytes is not None:
@@ -540,16 +616,21 @@ def plan_pools(tables: Sequence[TableConfig], config: StoreConfig) -> list[PoolP
 
     total_weight = sum(weight(ids) for ids in widths.values())
     if config.pool_budget_bytes is not None:
-        _check(len(config.pool_budget_bytes) == len(widths),
-               f"pool_budget_bytes gives {len(config.pool_budget_bytes)} budgets for {len(widths)} pools "
-               f"(chunk widths {sorted(widths)})")
+        _check(
+            len(config.pool_budget_bytes) == len(widths),
+            f"pool_budget_bytes gives {len(config.pool_budget_bytes)} budgets for {len(widths)} pools "
+            f"(chunk widths {sorted(widths)})",
+        )
     plans = []
     for g, (c, ids) in enumerate(sorted(widths.items())):
         if config.pool_budget_bytes is not None:
             share = config.pool_budget_bytes[g]
         elif floor_total:  # floors beyond the budget share it (and then rank above every utility)
-            share = (floor_of[c] * min(1.0, budget / floor_total) + (pool_overhead if floor_of[c] else 0)
-                     + (free * weight(ids) / total_weight if total_weight > 0 else 0.0))
+            share = (
+                floor_of[c] * min(1.0, budget / floor_total)
+                + (pool_overhead if floor_of[c] else 0)
+                + (free * weight(ids) / total_weight if total_weight > 0 else 0.0)
+            )
         else:
             share = budget * weight(ids) / total_weight
         state_width, per_slot = states[c], unit[c]
@@ -564,8 +645,11 @@ def plan_pools(tables: Sequence[TableConfig], config: StoreConfig) -> list[PoolP
         plans.append(PoolPlan(group=g, chunk_width=c, state_width=state_width, slots=slots, tables=tuple(ids)))
     if cap is not None:
         total = index + sum(p.slots * slot_bytes(p.chunk_width, p.state_width) + 8 for p in plans)
-        _check(total <= cap, f"the store needs {total} bytes (entry index {index}, pools {total - index}) "
-                             f"but the memory budget is {cap} bytes")
+        _check(
+            total <= cap,
+            f"the store needs {total} bytes (entry index {index}, pools {total - index}) "
+            f"but the memory budget is {cap} bytes",
+        )
     return plans
 
 
@@ -575,7 +659,7 @@ def index_bytes(tables: Sequence[TableConfig], config: StoreConfig) -> int:
     U = kmax if config.utility == "gradient" else 1
     direct = sum(t.num_embeddings for t in tables if t.direct)  # type: ignore[misc]
     cap = hashed_capacity(config.initial_capacity) if any(not t.direct for t in tables) else 0
-    per_entry = kmax * 4 + U * 2   # int32 addresses, bfloat16 utilities
+    per_entry = kmax * 4 + U * 2  # int32 addresses, bfloat16 utilities
     return (direct + cap) * per_entry + cap * (8 + 2) + max((direct + 31) // 32, 1) * 4 + (len(tables) + 1) * 8
 
 

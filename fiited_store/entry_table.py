@@ -18,7 +18,8 @@ integer whatever its kind (see ``kernels/layout.py``):
 
 from __future__ import annotations
 
-from typing import NamedTuple, Sequence
+from collections.abc import Sequence
+from typing import NamedTuple
 
 import numpy as np
 
@@ -28,12 +29,12 @@ from .kernels.layout import EMPTY, OUT_OF_RANGE
 
 
 class EntryArrays(NamedTuple):
-    row_base: np.ndarray   # int64[T + 1]; direct rows of table t are [row_base[t], row_base[t + 1])
-    seen: np.ndarray       # uint32[ceil(direct rows / 32)]; bit e: direct row e holds a key
-    keys: np.ndarray       # int64[cap]; hashed slots
+    row_base: np.ndarray  # int64[T + 1]; direct rows of table t are [row_base[t], row_base[t + 1])
+    seen: np.ndarray  # uint32[ceil(direct rows / 32)]; bit e: direct row e holds a key
+    keys: np.ndarray  # int64[cap]; hashed slots
     table_ids: np.ndarray  # int16[cap]; EMPTY, TOMBSTONE or the table index
-    addr: np.ndarray       # int32[direct rows + cap, kmax]; slot, ABSENT, or -2 - tier slot
-    util: np.ndarray       # uint16[direct rows + cap, U]; utilities as bfloat16 (scaled, see store)
+    addr: np.ndarray  # int32[direct rows + cap, kmax]; slot, ABSENT, or -2 - tier slot
+    util: np.ndarray  # uint16[direct rows + cap, U]; utilities as bfloat16 (scaled, see store)
 
 
 def _popcount(words: np.ndarray) -> int:
@@ -54,8 +55,16 @@ class EntryTable:
         capacity: hashed slots to start with (0 when no table is hashed).
     """
 
-    def __init__(self, backend, direct_rows: Sequence[int], table_names: Sequence[str], kmax: int, util_width: int,
-                 capacity: int, max_load: float):
+    def __init__(
+        self,
+        backend,
+        direct_rows: Sequence[int],
+        table_names: Sequence[str],
+        kmax: int,
+        util_width: int,
+        capacity: int,
+        max_load: float,
+    ):
         self.backend = backend
         self.kmax = kmax
         self.util_width = util_width
@@ -83,7 +92,7 @@ class EntryTable:
         self.version = 0
 
     @classmethod
-    def from_arrays(cls, backend, arrays: EntryArrays, table_names: Sequence[str], max_load: float) -> "EntryTable":
+    def from_arrays(cls, backend, arrays: EntryArrays, table_names: Sequence[str], max_load: float) -> EntryTable:
         table = cls.__new__(cls)
         table.backend = backend
         table.kmax = arrays.addr.shape[1]
@@ -135,8 +144,8 @@ class EntryTable:
     # ------------------------------------------------------------------ verbs
     def _raise_out_of_range(self, q_tables, q_ids, out) -> None:
         bad = int(np.argmax(self.backend.to_host(out) == OUT_OF_RANGE))
-        t = int(self.backend.to_host(q_tables[bad:bad + 1])[0])
-        key = int(self.backend.to_host(q_ids[bad:bad + 1])[0])
+        t = int(self.backend.to_host(q_tables[bad : bad + 1])[0])
+        key = int(self.backend.to_host(q_ids[bad : bad + 1])[0])
         raise IdOutOfRangeError(self.table_names[t], key, self.rows_of(t), bad)
 
     def find(self, q_tables, q_ids):
@@ -151,16 +160,18 @@ class EntryTable:
         (nothing has changed: finding writes nothing but ``out``)."""
         out = self.backend.empty(q_ids.shape[0], np.int64)
         a = self.arrays
-        n_missing, n_hashed, n_bad = self.backend.k.find_entries(a.row_base, a.seen, a.keys, a.table_ids, q_tables,
-                                                                 q_ids, out)
+        n_missing, n_hashed, n_bad = self.backend.k.find_entries(
+            a.row_base, a.seen, a.keys, a.table_ids, q_tables, q_ids, out
+        )
         if n_bad:
             self._raise_out_of_range(q_tables, q_ids, out)
         return out, int(n_missing), int(n_hashed)
 
     def needs_rehash(self, n_missing_hashed: int) -> bool:
         # tombstones exist only in stores saved before erasing rebuilt the index
-        return n_missing_hashed > 0 and (self.n_hashed + self.n_tombstones + n_missing_hashed
-                                         > self.max_load * self.capacity)
+        return n_missing_hashed > 0 and (
+            self.n_hashed + self.n_tombstones + n_missing_hashed > self.max_load * self.capacity
+        )
 
     def capacity_after_erase(self) -> int:
         """Slots to rebuild the hashed index into once keys were erased from it.
@@ -193,8 +204,18 @@ class EntryTable:
             util=b.full((nd + new_capacity, self.util_width), 0, np.uint16),
         )
         old_to_new = b.empty(old.addr.shape[0], np.int64)
-        self.backend.k.rehash_into(old.row_base, old.keys, old.table_ids, old.addr, old.util, new.keys,
-                                   new.table_ids, new.addr, new.util, old_to_new)
+        self.backend.k.rehash_into(
+            old.row_base,
+            old.keys,
+            old.table_ids,
+            old.addr,
+            old.util,
+            new.keys,
+            new.table_ids,
+            new.addr,
+            new.util,
+            old_to_new,
+        )
         self.arrays = new
         self.n_tombstones = 0
         self.version += 1
@@ -204,9 +225,12 @@ class EntryTable:
         """Insert keys whose entry is -1 (the caller made room). Returns new entries, first occurrence first."""
         new_entries = self.backend.empty(q_ids.shape[0], np.int64)
         a = self.arrays
-        n_new, n_hashed = (int(x) for x in self.backend.k.insert_missing(a.row_base, a.seen, a.keys, a.table_ids,
-                                                                         a.addr, a.util, q_tables, q_ids, entries,
-                                                                         new_entries))
+        n_new, n_hashed = (
+            int(x)
+            for x in self.backend.k.insert_missing(
+                a.row_base, a.seen, a.keys, a.table_ids, a.addr, a.util, q_tables, q_ids, entries, new_entries
+            )
+        )
         self.n_live += n_new
         self.n_hashed += n_hashed
         return new_entries[:n_new]

@@ -24,6 +24,7 @@ def as_host(x: Any) -> np.ndarray:
         return x.copy_to_host()
     return np.asarray(x)
 
+
 def _check_ids_meta(dtype: np.dtype, shape: tuple, what: str) -> None:
     if dtype == np.bool_ or not np.issubdtype(dtype, np.integer):
         raise InputDTypeError(f"{what} must be an integer array (int64 or int32), got dtype {dtype}")
@@ -50,7 +51,9 @@ def _check_offsets_values(first: int, last: int, nnz: int, decrease_at: int, pai
         raise InputShapeError(f"offsets must end at the number of ids ({nnz}), got offsets[-1] = {last}")
     if decrease_at >= 0:
         a, b = pair(decrease_at)
-        raise InputShapeError(f"offsets must not decrease: offsets[{decrease_at}] = {a} > offsets[{decrease_at + 1}] = {b}")
+        raise InputShapeError(
+            f"offsets must not decrease: offsets[{decrease_at}] = {a} > offsets[{decrease_at + 1}] = {b}"
+        )
 
 
 def _check_weights_meta(dtype: np.dtype, shape: tuple, nnz: int, mode: str) -> None:
@@ -77,13 +80,16 @@ def as_ids(ids: Any, what: str = "ids") -> np.ndarray:
         raise InputDTypeError(f"{what}: uint64 value {int(a.max())} does not fit int64")
     return np.ascontiguousarray(a, np.int64)
 
+
 def as_offsets(offsets: Any, nnz: int, n_features: int) -> np.ndarray:
     a = as_host(offsets)
     _check_offsets_meta(a.dtype, a.shape, n_features)
     a = np.ascontiguousarray(a, np.int64)
-    _check_offsets_values(int(a[0]), int(a[-1]), nnz, int(host_kernels.first_decrease(a)),
-                          lambda i: (int(a[i]), int(a[i + 1])))
+    _check_offsets_values(
+        int(a[0]), int(a[-1]), nnz, int(host_kernels.first_decrease(a)), lambda i: (int(a[i]), int(a[i + 1]))
+    )
     return a
+
 
 def as_weights(weights: Any, nnz: int, mode: str) -> np.ndarray:
     if weights is None:
@@ -97,8 +103,9 @@ def as_weights(weights: Any, nnz: int, mode: str) -> np.ndarray:
     return a
 
 
-def request_arrays(backend: Any, ids: Any, offsets: Any, weights: Any, n_features: int, mode: str, *,
-                   own: bool = False):
+def request_arrays(
+    backend: Any, ids: Any, offsets: Any, weights: Any, n_features: int, mode: str, *, own: bool = False
+):
     """(ids int64[nnz], offsets int64[F * B + 1], weights float32[nnz] or [0]) on the backend.
 
     When the backend is a GPU and every given array already lives on it, the checks
@@ -154,13 +161,17 @@ def _device_request(backend: Any, ids: Any, offsets: Any, weights: Any, n_featur
     status = k.check_request(ids64, unsigned64, off64, w32)
     if status[k.REQ_UINT64_OVER] < nnz:
         i = int(status[k.REQ_UINT64_OVER])
-        value = int(backend.to_host(ids64[i:i + 1]).view(np.uint64)[0])
+        value = int(backend.to_host(ids64[i : i + 1]).view(np.uint64)[0])
         raise InputDTypeError(f"ids: uint64 value {value} does not fit int64")
     decrease = int(status[k.REQ_DECREASE])
-    _check_offsets_values(int(status[k.REQ_FIRST]), int(status[k.REQ_LAST]), nnz,
-                          decrease if decrease < off64.shape[0] else -1,
-                          lambda i: tuple(int(v) for v in backend.to_host(off64[i:i + 2])))
+    _check_offsets_values(
+        int(status[k.REQ_FIRST]),
+        int(status[k.REQ_LAST]),
+        nnz,
+        decrease if decrease < off64.shape[0] else -1,
+        lambda i: tuple(int(v) for v in backend.to_host(off64[i : i + 2])),
+    )
     if status[k.REQ_NONFINITE] < w32.shape[0]:
         i = int(status[k.REQ_NONFINITE])
-        raise _nonfinite_weight(i, float(backend.to_host(w32[i:i + 1])[0]))
+        raise _nonfinite_weight(i, float(backend.to_host(w32[i : i + 1])[0]))
     return ids64, off64, w32

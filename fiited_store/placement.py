@@ -37,8 +37,20 @@ def missing_chunks(store, entries, group: int, known=None):
     size = max(int(entries.shape[0]) * store.kmax, 1)
     miss_e, miss_k = b.empty(size, np.int64), b.empty(size, np.int64)
     ea, m = store.entries.arrays, store.meta
-    n = int(store.k.missing_chunks(entries, ea.row_base, ea.seen, ea.table_ids, ea.addr, m["table_chunks"],
-                                   m["table_group"], group, miss_e, miss_k))
+    n = int(
+        store.k.missing_chunks(
+            entries,
+            ea.row_base,
+            ea.seen,
+            ea.table_ids,
+            ea.addr,
+            m["table_chunks"],
+            m["table_group"],
+            group,
+            miss_e,
+            miss_k,
+        )
+    )
     return miss_e[:n], miss_k[:n]
 
 
@@ -69,38 +81,85 @@ def prune_pool(store, pool: ChunkPool, entries_per_table: np.ndarray) -> dict[st
         cap = min(n_group, int(m_size + 6 * math.sqrt(m_size) + 64))
         samples = b.empty((cap, store.kmax), np.float32)
         sample_tables = b.empty(cap, np.int32)
-        n_s = int(k.sample_utilities(ea.row_base, ea.seen, ea.keys, ea.table_ids, ea.util, m["table_chunks"], m["table_group"], g,
-                                     sample_rate_threshold(m_size, n_group), store.config.seed,
-                                     store.clock.prune_round, samples, sample_tables))
+        n_s = int(
+            k.sample_utilities(
+                ea.row_base,
+                ea.seen,
+                ea.keys,
+                ea.table_ids,
+                ea.util,
+                m["table_chunks"],
+                m["table_group"],
+                g,
+                sample_rate_threshold(m_size, n_group),
+                store.config.seed,
+                store.clock.prune_round,
+                samples,
+                sample_tables,
+            )
+        )
         in_pool = np.zeros(T, bool)
         in_pool[list(plan.tables)] = True
         chunks = np.where(in_pool, [t.chunks for t in store.tables], 0)
         entries = np.where(in_pool, entries_per_table, 0)
         sizes = [store.tables[t].num_embeddings for t in plan.tables]
-        declared = None if any(n is None for n in sizes) else np.where(
-            in_pool, [t.num_embeddings or 0 for t in store.tables], 0)
+        declared = (
+            None
+            if any(n is None for n in sizes)
+            else np.where(in_pool, [t.num_embeddings or 0 for t in store.tables], 0)
+        )
         samples_h, sample_tables_h = b.to_host(samples[:n_s]), b.to_host(sample_tables[:n_s])
         if store.collective is not None:
             # each shard sampled at the global rate: together they hold one store's sample
             samples_h, sample_tables_h = store.collective.gather_samples(samples_h, sample_tables_h)
             n_s = int(samples_h.shape[0])
-        thr = thresholds(samples_h, sample_tables_h, store.config.pruning, chunks,
-                         entries, declared, np.array(table_floors(store.tables, store.config)),
-                         store.config.table_normalization)
+        thr = thresholds(
+            samples_h,
+            sample_tables_h,
+            store.config.pruning,
+            chunks,
+            entries,
+            declared,
+            np.array(table_floors(store.tables, store.config)),
+            store.config.table_normalization,
+        )
         info["sampled"] = n_s
-    info["thresholds"] = {store.tables[t].name: thr[t, :store.tables[t].chunks].tolist() for t in plan.tables}
+    info["thresholds"] = {store.tables[t].name: thr[t, : store.tables[t].chunks].tolist() for t in plan.tables}
     thr_d = b.from_host(thr)
     block_counts = b.empty((k.SCAN_BLOCKS, 3), np.int64)
     # one pass lists the chunks below and above their thresholds; it is the prune unless
     # more chunks pass than there are slots, when ranks decide at a cutoff instead
     keep, cand, drop, ev_e, ev_k, al_e, al_k = k.prune_lists(
-        ea.row_base, ea.seen, ea.table_ids, ea.addr, ea.util, m["table_chunks"], m["table_group"], g, thr_d,
-        block_counts)
+        ea.row_base,
+        ea.seen,
+        ea.table_ids,
+        ea.addr,
+        ea.util,
+        m["table_chunks"],
+        m["table_group"],
+        g,
+        thr_d,
+        block_counts,
+    )
 
     def ranks():
         comp = b.empty(keep + cand, np.uint64)
-        n_c = int(k.prune_composites(ea.row_base, ea.seen, ea.keys, ea.table_ids, ea.addr, ea.util, m["table_chunks"],
-                                     m["table_group"], g, thr_d, block_counts, comp))
+        n_c = int(
+            k.prune_composites(
+                ea.row_base,
+                ea.seen,
+                ea.keys,
+                ea.table_ids,
+                ea.addr,
+                ea.util,
+                m["table_chunks"],
+                m["table_group"],
+                g,
+                thr_d,
+                block_counts,
+                comp,
+            )
+        )
         return b.to_host(comp[:n_c])
 
     if store.collective is not None:
@@ -115,9 +174,30 @@ def prune_pool(store, pool: ChunkPool, entries_per_table: np.ndarray) -> dict[st
         ev_e, ev_k = b.empty(max(n_res, 1), np.int64), b.empty(max(n_res, 1), np.int64)
         al_e, al_k = b.empty(max(cand, 1), np.int64), b.empty(max(cand, 1), np.int64)
         al_r = b.empty(max(cand, 1), np.uint64)
-        n_ev, n_al = (int(x) for x in k.prune_select(ea.row_base, ea.seen, ea.keys, ea.table_ids, ea.addr, ea.util,
-                                                     m["table_chunks"], m["table_group"], g, thr_d, True,
-                                                     cutoff, True, block_counts, ev_e, ev_k, al_e, al_k, al_r))
+        n_ev, n_al = (
+            int(x)
+            for x in k.prune_select(
+                ea.row_base,
+                ea.seen,
+                ea.keys,
+                ea.table_ids,
+                ea.addr,
+                ea.util,
+                m["table_chunks"],
+                m["table_group"],
+                g,
+                thr_d,
+                True,
+                cutoff,
+                True,
+                block_counts,
+                ev_e,
+                ev_k,
+                al_e,
+                al_k,
+                al_r,
+            )
+        )
     elif n_al > pool.n_free + n_ev:
         # allocations may outnumber the free slots: they are placed best-first, by rank
         al_r = b.empty(max(cand, 1), np.uint64)
@@ -161,13 +241,15 @@ def evict(store, pool: ChunkPool, ev_e, ev_k, *, spares_upcoming: bool = False) 
         except BaseException:
             tier.release(tslots)
             raise
-        store.k.commit_evictions(ev_e, ev_k, b.from_host(tslots), store.entries.arrays.addr, a.owner,
-                                a.free_stack, a.n_free, store.kmax)
+        store.k.commit_evictions(
+            ev_e, ev_k, b.from_host(tslots), store.entries.arrays.addr, a.owner, a.free_stack, a.n_free, store.kmax
+        )
         tier.owner[tslots] = b.to_host(ev_e)
         store.counters.spilled_chunks += n
     else:
-        store.k.commit_evictions(ev_e, ev_k, b.empty(0, np.int64), store.entries.arrays.addr, a.owner,
-                                a.free_stack, a.n_free, store.kmax)
+        store.k.commit_evictions(
+            ev_e, ev_k, b.empty(0, np.int64), store.entries.arrays.addr, a.owner, a.free_stack, a.n_free, store.kmax
+        )
     store.counters.evicted_chunks += n
 
 
@@ -216,12 +298,29 @@ def allocate(store, pool: ChunkPool, al_e, al_k, *, fetch_counter: str = "", rea
             store.counters.prefetched_chunks += n_staged
             setattr(store.counters, fetch_counter, getattr(store.counters, fetch_counter) + n_sp - n_staged)
     seed, init_kind = readmission_init(store) if readmit else (store.config.seed, m["table_init_kind"])
-    placed = int(store.k.commit_allocations(
-        al_e, al_k, b.from_host(restore_index), b.from_host(vec), b.from_host(st),
-        ea.row_base, ea.seen, ea.keys, ea.table_ids, ea.addr, a.owner,
-        a.free_stack, a.n_free, a.vectors, a.opt_state, seed, init_kind,
-        m["table_init_scale"], store.kmax,
-    ))
+    placed = int(
+        store.k.commit_allocations(
+            al_e,
+            al_k,
+            b.from_host(restore_index),
+            b.from_host(vec),
+            b.from_host(st),
+            ea.row_base,
+            ea.seen,
+            ea.keys,
+            ea.table_ids,
+            ea.addr,
+            a.owner,
+            a.free_stack,
+            a.n_free,
+            a.vectors,
+            a.opt_state,
+            seed,
+            init_kind,
+            m["table_init_scale"],
+            store.kmax,
+        )
+    )
     # the restored chunks come first in tslots' order, so the placed ones are a prefix
     n_restored = int((restore_index[:placed] >= 0).sum()) if n_sp else 0
     if n_restored:
@@ -261,7 +360,11 @@ def drop_dead_entries(store) -> int:
     store.fold_utility_scale()
     ea = store.entries.arrays
     out = store.backend.empty(max(int(ea.addr.shape[0]), 1), np.int64)
-    n = int(store.k.find_dead_entries(ea.row_base, ea.seen, ea.table_ids, ea.addr, ea.util, np.float32(store.config.drop_floor), out))
+    n = int(
+        store.k.find_dead_entries(
+            ea.row_base, ea.seen, ea.table_ids, ea.addr, ea.util, np.float32(store.config.drop_floor), out
+        )
+    )
     if n:
         erase_entries(store, out[:n])
         store.counters.dropped_entries += n
@@ -275,10 +378,24 @@ def erase_entries(store, entries) -> int:
     for pool in store.pools:
         a = pool.arrays
         tier_out = store.backend.empty(max(int(entries.shape[0]) * store.kmax, 1), np.int64)
-        n, n_h, n_t = (int(x) for x in store.k.erase_entries(entries, ea.row_base, ea.seen, ea.table_ids, ea.addr,
-                                                            ea.util, a.owner, a.free_stack, a.n_free,
-                                                            m["table_group"], pool.plan.group, store.kmax,
-                                                            tier_out))
+        n, n_h, n_t = (
+            int(x)
+            for x in store.k.erase_entries(
+                entries,
+                ea.row_base,
+                ea.seen,
+                ea.table_ids,
+                ea.addr,
+                ea.util,
+                a.owner,
+                a.free_stack,
+                a.n_free,
+                m["table_group"],
+                pool.plan.group,
+                store.kmax,
+                tier_out,
+            )
+        )
         if n_t:
             store.tiers[pool.plan.group].release(store.backend.to_host(tier_out[:n_t]))
         store.entries.erased(n, n_h)

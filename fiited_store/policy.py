@@ -58,8 +58,8 @@ def thresholds(
     held = entries.astype(np.float64)
     population = held if declared is None else np.maximum(held, declared.astype(np.float64))
     ks = np.arange(kmax)
-    in_table = ks[None, :] < K[:, None]                 # [T, kmax]: chunk k exists in table t
-    floor_chunk = ks[None, :] < floors[:, None]         # [T, kmax]: chunk k is a floor chunk of t
+    in_table = ks[None, :] < K[:, None]  # [T, kmax]: chunk k exists in table t
+    floor_chunk = ks[None, :] < floors[:, None]  # [T, kmax]: chunk k is a floor chunk of t
     competes = in_table & ~floor_chunk
     out[floor_chunk] = -np.inf
 

@@ -16,11 +16,11 @@ from .config import FLOAT_BYTES, PoolPlan
 
 
 class PoolArrays(NamedTuple):
-    vectors: np.ndarray     # float32[slots, c]
-    opt_state: np.ndarray   # float32[slots, w]; w = 0 (sgd), 1 (row-wise adagrad), c (adagrad)
-    owner: np.ndarray       # int32[slots]; the owning entry, or -1 when free
+    vectors: np.ndarray  # float32[slots, c]
+    opt_state: np.ndarray  # float32[slots, w]; w = 0 (sgd), 1 (row-wise adagrad), c (adagrad)
+    owner: np.ndarray  # int32[slots]; the owning entry, or -1 when free
     free_stack: np.ndarray  # int32[slots]; the first n_free entries are free slots
-    n_free: np.ndarray      # int64[1]; kept in an array so kernels can pop and push
+    n_free: np.ndarray  # int64[1]; kept in an array so kernels can pop and push
 
 
 class ChunkPool:
@@ -40,7 +40,7 @@ class ChunkPool:
         )
 
     @classmethod
-    def from_arrays(cls, backend, plan: PoolPlan, arrays: PoolArrays) -> "ChunkPool":
+    def from_arrays(cls, backend, plan: PoolPlan, arrays: PoolArrays) -> ChunkPool:
         pool = cls.__new__(cls)
         pool.backend = backend
         pool.plan = plan

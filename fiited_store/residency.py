@@ -11,9 +11,10 @@ moving anything.
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from concurrent.futures import wait
 from dataclasses import dataclass
-from typing import Any, NamedTuple, Sequence
+from typing import Any, NamedTuple
 
 import numpy as np
 
@@ -28,10 +29,10 @@ class FlatKeys(NamedTuple):
     (when it came with offsets) the offsets and the bag of each occurrence."""
 
     feature_tables: np.ndarray  # int64[F], host
-    q_tables: Any               # int16[nnz]
-    ids: Any                    # int64[nnz]
+    q_tables: Any  # int16[nnz]
+    ids: Any  # int64[nnz]
     offsets: np.ndarray | None  # int64[F * B + 1], host
-    bag_of_occ: Any             # int64[nnz] or None
+    bag_of_occ: Any  # int64[nnz] or None
 
 
 @dataclass
@@ -41,20 +42,20 @@ class Resolved:
     and its chunks that were not resident (less those that came in since) unless one
     of its chunks was evicted in between (:func:`placement.evict` forgets them)."""
 
-    keys: FlatKeys              # ids and offsets are the host copies the lookup compares
+    keys: FlatKeys  # ids and offsets are the host copies the lookup compares
     entries: Any
     grouping: Any
-    version: tuple              # (entry table, its version, store generation) when resolved
-    missing: dict | None        # pool group -> (entries, chunks) not resident at the prefetch
+    version: tuple  # (entry table, its version, store generation) when resolved
+    missing: dict | None  # pool group -> (entries, chunks) not resident at the prefetch
 
 
 @dataclass
 class Staged:
     """A background read of tier rows, for a coming batch."""
 
-    slots: np.ndarray         # tier slots being read in the background, in the batch's chunk order
+    slots: np.ndarray  # tier slots being read in the background, in the batch's chunk order
     future: Any
-    mark: int                 # what the tier handed out for this read (end_read releases its quarantine)
+    mark: int  # what the tier handed out for this read (end_read releases its quarantine)
 
 
 class Residency:
@@ -121,8 +122,11 @@ def take_resolved(store, feature_tables: np.ndarray, ids, offsets) -> Resolved |
         return None
     for i, r in enumerate(resolved):
         k = r.keys
-        if (np.array_equal(k.feature_tables, feature_tables) and host_kernels.equal_arrays(k.offsets, offsets)
-                and host_kernels.equal_arrays(k.ids, ids)):
+        if (
+            np.array_equal(k.feature_tables, feature_tables)
+            and host_kernels.equal_arrays(k.offsets, offsets)
+            and host_kernels.equal_arrays(k.ids, ids)
+        ):
             del resolved[: i + 1]
             return r
     return None
@@ -173,8 +177,11 @@ def evict_for(store, pool: ChunkPool, batch: np.ndarray, need: int, target: int)
     q = min(1.0, max(1.5 * target / max(pool.n_used, 1), 0.25))
     # chunks at the quantile qualify too: utilities tie (untouched chunks all sit at 0),
     # and a strict bound at a tied quantile would let no chunk through and scan the pool
-    threshold = float(np.nextafter(np.float32(np.quantile(sampled, q)), np.float32(np.inf))) \
-        if sampled.size and q < 1.0 else np.inf
+    threshold = (
+        float(np.nextafter(np.float32(np.quantile(sampled, q)), np.float32(np.inf)))
+        if sampled.size and q < 1.0
+        else np.inf
+    )
     done = 0
     state = store.residency
     spare = np.concatenate([batch, state.upcoming])
@@ -183,8 +190,12 @@ def evict_for(store, pool: ChunkPool, batch: np.ndarray, need: int, target: int)
         want = target - done
         out_e = b.empty(want, np.int64)
         out_k = b.empty(want, np.int64)
-        n, state.clock[g] = (int(x) for x in k.pick_victims(pool.arrays.owner, ea.addr, ea.util, pinned,
-                                                            np.float32(threshold), state.clock[g], out_e, out_k))
+        n, state.clock[g] = (
+            int(x)
+            for x in k.pick_victims(
+                pool.arrays.owner, ea.addr, ea.util, pinned, np.float32(threshold), state.clock[g], out_e, out_k
+            )
+        )
         placement.evict(store, pool, out_e[:n], out_k[:n], spares_upcoming=attempt < 2)
         done += n
         if done >= need:

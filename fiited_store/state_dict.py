@@ -48,9 +48,9 @@ def import_state(store, state: dict[str, Any]) -> None:
     import dataclasses
     import json
 
+    from .config import config_from_json
     from .entry_table import EntryArrays
     from .pool import PoolArrays
-    from .config import config_from_json
 
     store.check_writable()
     st = {k: np.asarray(v) for k, v in state.items()}
@@ -60,26 +60,37 @@ def import_state(store, state: dict[str, Any]) -> None:
     mine = dataclasses.replace(store.config, device="cpu")
     theirs = dataclasses.replace(config, device="cpu")
     if tuple(tables) != store.tables or mine != theirs:
-        raise ConfigError("state was saved from a store with another configuration: "
-                          f"tables {[t.name for t in tables]} / {theirs} vs {[t.name for t in store.tables]} / {mine}")
+        raise ConfigError(
+            "state was saved from a store with another configuration: "
+            f"tables {[t.name for t in tables]} / {theirs} vs {[t.name for t in store.tables]} / {mine}"
+        )
     need = [f"entries.{k}" for k in EntryArrays._fields] + [
-        f"pool_{p.plan.group}.{k}" for p in store.pools for k in PoolArrays._fields]
+        f"pool_{p.plan.group}.{k}" for p in store.pools for k in PoolArrays._fields
+    ]
     missing = [k for k in need if k not in st]
     if missing:
         raise InputShapeError(f"state lacks arrays {missing}")
     cap = st["entries.keys"].shape[0]
     nd = store.entries.direct_rows
-    expect = {"entries.row_base": ((len(store.tables) + 1,), np.int64),
-              "entries.seen": ((max((nd + 31) // 32, 1),), np.uint32),
-              "entries.keys": ((cap,), np.int64), "entries.table_ids": ((cap,), np.int16),
-              "entries.addr": ((nd + cap, store.kmax), np.int32),
-              "entries.util": ((nd + cap, store.util_width), np.uint16)}
+    expect = {
+        "entries.row_base": ((len(store.tables) + 1,), np.int64),
+        "entries.seen": ((max((nd + 31) // 32, 1),), np.uint32),
+        "entries.keys": ((cap,), np.int64),
+        "entries.table_ids": ((cap,), np.int16),
+        "entries.addr": ((nd + cap, store.kmax), np.int32),
+        "entries.util": ((nd + cap, store.util_width), np.uint16),
+    }
     for p in store.pools:
         g, plan = p.plan.group, p.plan
-        expect.update({f"pool_{g}.vectors": ((plan.slots, plan.chunk_width), np.float32),
-                       f"pool_{g}.opt_state": ((plan.slots, plan.state_width), np.float32),
-                       f"pool_{g}.owner": ((plan.slots,), np.int32), f"pool_{g}.free_stack": ((plan.slots,), np.int32),
-                       f"pool_{g}.n_free": ((1,), np.int64)})
+        expect.update(
+            {
+                f"pool_{g}.vectors": ((plan.slots, plan.chunk_width), np.float32),
+                f"pool_{g}.opt_state": ((plan.slots, plan.state_width), np.float32),
+                f"pool_{g}.owner": ((plan.slots,), np.int32),
+                f"pool_{g}.free_stack": ((plan.slots,), np.int32),
+                f"pool_{g}.n_free": ((1,), np.int64),
+            }
+        )
     for k, (shape, dtype) in expect.items():
         if st[k].shape != shape or st[k].dtype != dtype:
             raise InputShapeError(f"state array {k} is {st[k].dtype}{st[k].shape}, expected {np.dtype(dtype)}{shape}")
@@ -104,11 +115,21 @@ def import_state(store, state: dict[str, Any]) -> None:
         k_of = np.argmax(addr[owner] == (-2 - st[f"tier_{g}.slots"])[:, None], axis=1)
         addr[owner, k_of] = -2 - new_slots
         new_tiers[g] = tier
-    store.replace_entries(EntryTable.from_arrays(b, EntryArrays(
-        row_base=b.persist(st["entries.row_base"]), seen=b.persist(st["entries.seen"]),
-        keys=b.persist(st["entries.keys"]), table_ids=b.persist(st["entries.table_ids"]),
-        addr=b.persist(addr), util=b.persist(st["entries.util"])), [t.name for t in store.tables],
-        store.config.max_load))
+    store.replace_entries(
+        EntryTable.from_arrays(
+            b,
+            EntryArrays(
+                row_base=b.persist(st["entries.row_base"]),
+                seen=b.persist(st["entries.seen"]),
+                keys=b.persist(st["entries.keys"]),
+                table_ids=b.persist(st["entries.table_ids"]),
+                addr=b.persist(addr),
+                util=b.persist(st["entries.util"]),
+            ),
+            [t.name for t in store.tables],
+            store.config.max_load,
+        )
+    )
     for p in store.pools:
         g = p.plan.group
         p.arrays = PoolArrays(*(b.persist(st[f"pool_{g}.{k}"]) for k in PoolArrays._fields))

@@ -58,8 +58,11 @@ def store_stats(store) -> dict[str, Any]:
         "entry_capacity": store.entries.capacity,
         "resident_chunks": int(resident.sum()),
         "spilled_chunks": int(spilled.sum()),
-        "average_kept_dim": float(sum(resident[i].sum() * t.chunk_width for i, t in enumerate(store.tables)) / n_entries)
-        if n_entries else 0.0,
+        "average_kept_dim": float(
+            sum(resident[i].sum() * t.chunk_width for i, t in enumerate(store.tables)) / n_entries
+        )
+        if n_entries
+        else 0.0,
         "bytes": {
             "entries": entry_bytes,
             "pool_vectors": pool_vec,
@@ -81,8 +84,13 @@ def store_stats(store) -> dict[str, Any]:
         "step": store.step_count,
     }
     pools = [
-        {"chunk_width": p.chunk_width, "slots": p.slots, "used": p.n_used, "free": p.n_free,
-         "tier_slots_used": (store.tiers[p.plan.group].n_used if store.tiers[p.plan.group] is not None else 0)}
+        {
+            "chunk_width": p.chunk_width,
+            "slots": p.slots,
+            "used": p.n_used,
+            "free": p.n_free,
+            "tier_slots_used": (store.tiers[p.plan.group].n_used if store.tiers[p.plan.group] is not None else 0),
+        }
         for p in store.pools
     ]
     return {"tables": per_table, "total": total, "pools": pools, "counters": dict(vars(store.counters))}

@@ -21,14 +21,18 @@ one thread drives a store (a background thread only reads the disk tier).
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, NamedTuple, Sequence
+from typing import Any, NamedTuple
 
 import numpy as np
 
+from . import placement, residency, state_dict, tiering
 from .backend import get_backend
+from .buffers import OutputBuffers
 from .config import (
+    PoolingMode,
     PoolPlan,
     StoreConfig,
     TableConfig,
@@ -37,7 +41,6 @@ from .config import (
     planned_bytes,
 )
 from .entry_table import EntryTable
-from .kernels import cpu as host_kernels
 from .errors import (
     ConfigError,
     InputDTypeError,
@@ -48,12 +51,11 @@ from .errors import (
     StaleBatchError,
     UnknownTableError,
 )
-from .kernels.layout import INIT_CODES, OPTIMIZER_CODES, UTILITY_CODES, util_to_float
-from . import placement, residency, state_dict, tiering
-from .buffers import OutputBuffers
 from .inputs import as_ids, as_offsets, own_array, request_arrays
-from .stats import store_stats
+from .kernels import cpu as host_kernels
+from .kernels.layout import INIT_CODES, OPTIMIZER_CODES, UTILITY_CODES, util_to_float
 from .pool import ChunkPool
+from .stats import store_stats
 
 #: utilities are stored scaled by gamma**-steps; fold the scale back in before it nears float32's range
 _MAX_GROWTH = 1e18
@@ -62,9 +64,9 @@ _MAX_GROWTH = 1e18
 class Grouping(NamedTuple):
     """Occurrences of a batch grouped by entry (see ``group_occurrences``)."""
 
-    uniq: Any    # int64[U] distinct entries, first occurrence first
+    uniq: Any  # int64[U] distinct entries, first occurrence first
     counts: Any  # int64[U] occurrences of each
-    which: Any   # int64[nnz] the distinct entry of each occurrence, -1 for unknown keys
+    which: Any  # int64[nnz] the distinct entry of each occurrence, -1 for unknown keys
 
 
 @dataclass
@@ -96,9 +98,9 @@ class PooledBatch:
 class StepClock:
     """Where training stands (saved with every checkpoint and state export)."""
 
-    step_count: int = 0    # step() calls so far
+    step_count: int = 0  # step() calls so far
     scale_origin: int = 0  # the step that stored utilities are scaled from: true = stored * gamma ** (step - origin)
-    prune_round: int = 0   # prune passes so far (each pass's sample is drawn from it)
+    prune_round: int = 0  # prune passes so far (each pass's sample is drawn from it)
 
     def as_tuple(self) -> tuple[int, int, int]:
         return self.step_count, self.scale_origin, self.prune_round
@@ -123,12 +125,12 @@ class StoreCounters:
 class FeaturePlan(NamedTuple):
     """What a request's list of features decides, worked out once per list."""
 
-    feature_tables: np.ndarray      # int32[F], host: each feature's table
-    width: int                      # the output's row length (sum of dims)
-    feature_tables_d: Any           # int32[F] on the backend
-    feature_col_d: Any              # int64[F] on the backend: each feature's first output column
-    chunks_in_pool_d: dict          # pool group -> int64[F]: K of the feature's table, 0 in other pools
-    feature_rows_d: Any             # int64[F, 2] (first entry, rows) when every table is direct, else None
+    feature_tables: np.ndarray  # int32[F], host: each feature's table
+    width: int  # the output's row length (sum of dims)
+    feature_tables_d: Any  # int32[F] on the backend
+    feature_col_d: Any  # int64[F] on the backend: each feature's first output column
+    chunks_in_pool_d: dict  # pool group -> int64[F]: K of the feature's table, 0 in other pools
+    feature_rows_d: Any  # int64[F, 2] (first entry, rows) when every table is direct, else None
 
 
 class EmbeddingStore:
@@ -142,8 +144,14 @@ class EmbeddingStore:
             temporary directory that :meth:`close` removes.
     """
 
-    def __init__(self, tables: Sequence[TableConfig], config: StoreConfig | None = None, *,
-                 path: str | Path | None = None, _restore: Any = None):
+    def __init__(
+        self,
+        tables: Sequence[TableConfig],
+        config: StoreConfig | None = None,
+        *,
+        path: str | Path | None = None,
+        _restore: Any = None,
+    ):
         config = config if config is not None else StoreConfig()
         if not isinstance(config, StoreConfig):
             raise ConfigError(f"config must be a StoreConfig, got {type(config).__name__}")
@@ -207,27 +215,38 @@ class EmbeddingStore:
         need = planned_bytes(tables, self.plans, config)
         available = self.backend.memory_bytes()
         if need > available:
-            raise ConfigError(f"this configuration needs about {need:,} bytes ({need / 2**30:.1f} GiB) for its entry "
-                              f"arrays and pool, more than the {available:,} bytes of {config.device} memory; declare "
-                              f"fewer rows, use the hashed index (index='hashed'), or lower the budget")
+            raise ConfigError(
+                f"this configuration needs about {need:,} bytes ({need / 2**30:.1f} GiB) for its entry "
+                f"arrays and pool, more than the {available:,} bytes of {config.device} memory; declare "
+                f"fewer rows, use the hashed index (index='hashed'), or lower the budget"
+            )
         try:
-            self.entries = EntryTable(self.backend, [t.num_embeddings if t.direct else 0 for t in tables],
-                                      [t.name for t in tables], self.kmax, self.util_width, config.initial_capacity,
-                                      config.max_load)
+            self.entries = EntryTable(
+                self.backend,
+                [t.num_embeddings if t.direct else 0 for t in tables],
+                [t.name for t in tables],
+                self.kmax,
+                self.util_width,
+                config.initial_capacity,
+                config.max_load,
+            )
             self.pools = [ChunkPool(self.backend, plan) for plan in self.plans]
         except (MemoryError, OSError) as exc:  # the allocator said no (overcommit limits, a full device)
-            raise ConfigError(f"could not allocate the about {need:,} bytes ({need / 2**30:.1f} GiB) this "
-                              f"configuration needs: {exc}") from None
+            raise ConfigError(
+                f"could not allocate the about {need:,} bytes ({need / 2**30:.1f} GiB) this configuration needs: {exc}"
+            ) from None
         if self.path is not None:
             from .storage.checkpoint import MANIFEST, acquire_lock
 
             if (self.path / MANIFEST).exists():
-                raise ConfigError(f"{self.path} already holds a store; open it with EmbeddingStore.open({str(self.path)!r}, 'r+')")
+                raise ConfigError(
+                    f"{self.path} already holds a store; open it with EmbeddingStore.open({str(self.path)!r}, 'r+')"
+                )
             self.path.mkdir(parents=True, exist_ok=True)
             self._lock = acquire_lock(self.path)
 
     # ------------------------------------------------------------------ context
-    def __enter__(self) -> "EmbeddingStore":
+    def __enter__(self) -> EmbeddingStore:
         return self
 
     def __exit__(self, *exc) -> None:
@@ -295,12 +314,13 @@ class EmbeddingStore:
         except (KeyError, TypeError):
             raise UnknownTableError(name, list(self._table_index)) from None
 
-    def _feature_plan(self, features: str | Sequence[str]) -> "FeaturePlan":
+    def _feature_plan(self, features: str | Sequence[str]) -> FeaturePlan:
         """What a request's feature list decides (tables, column layout, per-pool chunk
         counts, the direct rows), worked out once per list: a lookup of 26 features
         spent a tenth of its time on it."""
-        key = features if isinstance(features, str) else tuple(features) if isinstance(features, (list, tuple)) \
-            else None
+        key = (
+            features if isinstance(features, str) else tuple(features) if isinstance(features, (list, tuple)) else None
+        )
         plan = self._plans.get(key) if key is not None else None
         if plan is not None:
             return plan
@@ -309,11 +329,16 @@ class EmbeddingStore:
         dims = meta["table_dim"][ft]
         rows = self.entries.table_rows[ft]
         plan = FeaturePlan(
-            feature_tables=ft, width=int(dims.sum()), feature_tables_d=b.from_host(ft),
+            feature_tables=ft,
+            width=int(dims.sum()),
+            feature_tables_d=b.from_host(ft),
             feature_col_d=b.from_host(np.concatenate([[0], np.cumsum(dims)[:-1]]).astype(np.int64)),
-            chunks_in_pool_d={p.plan.group: b.from_host(np.where(meta["table_group"][ft] == p.plan.group,
-                                                                  meta["table_chunks"][ft], 0).astype(np.int64))
-                              for p in self.pools},
+            chunks_in_pool_d={
+                p.plan.group: b.from_host(
+                    np.where(meta["table_group"][ft] == p.plan.group, meta["table_chunks"][ft], 0).astype(np.int64)
+                )
+                for p in self.pools
+            },
             feature_rows_d=b.from_host(rows) if rows[:, 1].all() else None,
         )
         if key is not None and len(self._plans) < 64:
@@ -372,9 +397,24 @@ class EmbeddingStore:
                 a = pool.arrays
                 ea = self.entries.arrays
                 n = self.k.admit_new_chunks(
-                    new, ea.row_base, ea.seen, ea.keys, ea.table_ids, ea.addr,
-                    m["table_chunks"], m["table_group"], pool.plan.group, a.vectors, a.opt_state, a.owner,
-                    a.free_stack, a.n_free, self.config.seed, m["table_init_kind"], m["table_init_scale"], self.kmax,
+                    new,
+                    ea.row_base,
+                    ea.seen,
+                    ea.keys,
+                    ea.table_ids,
+                    ea.addr,
+                    m["table_chunks"],
+                    m["table_group"],
+                    pool.plan.group,
+                    a.vectors,
+                    a.opt_state,
+                    a.owner,
+                    a.free_stack,
+                    a.n_free,
+                    self.config.seed,
+                    m["table_init_kind"],
+                    m["table_init_scale"],
+                    self.kmax,
                     pool.slots if limits is None else int(limits[pool.plan.group]),
                 )
                 self.counters.initialised_chunks += int(n)
@@ -389,7 +429,8 @@ class EmbeddingStore:
             raise MemoryBudgetError(
                 f"inserting these keys needs the hashed index grown to {capacity} slots, {grown} bytes in all, "
                 f"over the memory budget of {self.memory_budget_bytes} bytes; nothing was inserted "
-                f"({self.entries.n_hashed} live hashed keys; lower drop_floor's reach or raise the budget)")
+                f"({self.entries.n_hashed} live hashed keys; lower drop_floor's reach or raise the budget)"
+            )
 
     def memory_bytes(self) -> int:
         """The store's memory now: pool vectors, optimizer state, address manager and entry index."""
@@ -404,8 +445,16 @@ class EmbeddingStore:
         return Grouping(uniq[:u], counts[:u], which)
 
     # ------------------------------------------------------------------ lookups
-    def pooled_lookup(self, features: str | Sequence[str], ids: Any, offsets: Any, per_sample_weights: Any = None,
-                      mode: str = "sum", *, train: bool = False) -> PooledBatch:
+    def pooled_lookup(
+        self,
+        features: str | Sequence[str],
+        ids: Any,
+        offsets: Any,
+        per_sample_weights: Any = None,
+        mode: PoolingMode = "sum",
+        *,
+        train: bool = False,
+    ) -> PooledBatch:
         """Pooled lookup of one or many features (TorchRec's jagged layout).
 
         Args:
@@ -438,8 +487,9 @@ class EmbeddingStore:
         # may be a prefetched batch takes the prefetch's copies if it is, so copies later
         own = train or per_sample_weights is not None
         may_be_resolved = train and per_sample_weights is None and self.residency.has_resolved() and b.name == "cpu"
-        ids_d, offsets_d, weights_d = request_arrays(b, ids, offsets, per_sample_weights, F, mode,
-                                                     own=own and not may_be_resolved)
+        ids_d, offsets_d, weights_d = request_arrays(
+            b, ids, offsets, per_sample_weights, F, mode, own=own and not may_be_resolved
+        )
         nnz = ids_d.shape[0]
         B = (offsets_d.shape[0] - 1) // F
         if not train and weights_d.shape[0] == 0 and mode == "sum" and self.config.mode == "prune":
@@ -458,9 +508,21 @@ class EmbeddingStore:
                     self.k.expand_bags(offsets_d, B, ft_d, none, q_tables)
                     self.entries.find(q_tables, ids_d)  # raises IdOutOfRangeError naming the first
             return PooledBatch(
-                output=out, ids=ids_d, offsets=offsets_d, weights=weights_d, mean=False, bags_per_feature=B,
-                feature_tables=ft_d, feature_col=fc_d, q_tables=None, bag_of_occ=None, entries=None, grouping=None,
-                generation=self._generation, store_id=id(self), consumed=True,
+                output=out,
+                ids=ids_d,
+                offsets=offsets_d,
+                weights=weights_d,
+                mean=False,
+                bags_per_feature=B,
+                feature_tables=ft_d,
+                feature_col=fc_d,
+                q_tables=None,
+                bag_of_occ=None,
+                entries=None,
+                grouping=None,
+                generation=self._generation,
+                store_id=id(self),
+                consumed=True,
             )
         # bags of occurrences are only needed to train (or to differentiate the weights)
         new: list = []
@@ -498,29 +560,83 @@ class EmbeddingStore:
                 self._sum_forward(pool, plan, entries, ids_d, self._no_rows, offsets_d, B, out)
                 continue
             self.k.pooled_forward(
-                entries, offsets_d, weights_d, mode == "mean", B, ft_d, fc_d, self.entries.arrays.addr,
-                pool.arrays.vectors, m["table_chunks"], m["table_group"], pool.plan.group, sp_slots, sp_vectors, out,
+                entries,
+                offsets_d,
+                weights_d,
+                mode == "mean",
+                B,
+                ft_d,
+                fc_d,
+                self.entries.arrays.addr,
+                pool.arrays.vectors,
+                m["table_chunks"],
+                m["table_group"],
+                pool.plan.group,
+                sp_slots,
+                sp_vectors,
+                out,
             )
         return PooledBatch(
-            output=out, ids=ids_d, offsets=offsets_d, weights=weights_d, mean=mode == "mean", bags_per_feature=B,
-            feature_tables=ft_d, feature_col=fc_d, q_tables=q_tables, bag_of_occ=bag_of_occ, entries=entries,
-            grouping=grouping, generation=self._generation, store_id=id(self), consumed=not train,
+            output=out,
+            ids=ids_d,
+            offsets=offsets_d,
+            weights=weights_d,
+            mean=mode == "mean",
+            bags_per_feature=B,
+            feature_tables=ft_d,
+            feature_col=fc_d,
+            q_tables=q_tables,
+            bag_of_occ=bag_of_occ,
+            entries=entries,
+            grouping=grouping,
+            generation=self._generation,
+            store_id=id(self),
+            consumed=not train,
         )
 
-    def _sum_forward(self, pool: ChunkPool, plan: "FeaturePlan", entries, ids, feature_rows, offsets, B, out):
+    def _sum_forward(self, pool: ChunkPool, plan: FeaturePlan, entries, ids, feature_rows, offsets, B, out):
         """The lean pooled sum over one pool; returns how many ids were out of range (direct rows)."""
-        return int(self.k.pooled_sum_forward(
-            entries, ids, feature_rows, offsets, B, plan.chunks_in_pool_d[pool.plan.group], plan.feature_col_d,
-            self.entries.arrays.addr.reshape(-1), self.kmax, pool.arrays.vectors.reshape(-1), pool.plan.chunk_width,
-            out.reshape(-1), out.shape[1]))
+        return int(
+            self.k.pooled_sum_forward(
+                entries,
+                ids,
+                feature_rows,
+                offsets,
+                B,
+                plan.chunks_in_pool_d[pool.plan.group],
+                plan.feature_col_d,
+                self.entries.arrays.addr.reshape(-1),
+                self.kmax,
+                pool.arrays.vectors.reshape(-1),
+                pool.plan.chunk_width,
+                out.reshape(-1),
+                out.shape[1],
+            )
+        )
 
-    def _probed_sum_forward(self, pool: ChunkPool, plan: "FeaturePlan", ids, offsets, B, out):
+    def _probed_sum_forward(self, pool: ChunkPool, plan: FeaturePlan, ids, offsets, B, out):
         """The lean pooled sum over one pool, finding hashed keys as it goes."""
         ea = self.entries.arrays
-        return int(self.k.pooled_sum_forward_probed(
-            ids, plan.feature_tables_d, ea.row_base, ea.seen, ea.keys, ea.table_ids, offsets, B,
-            plan.chunks_in_pool_d[pool.plan.group], plan.feature_col_d, ea.addr.reshape(-1), self.kmax,
-            pool.arrays.vectors.reshape(-1), pool.plan.chunk_width, out.reshape(-1), out.shape[1]))
+        return int(
+            self.k.pooled_sum_forward_probed(
+                ids,
+                plan.feature_tables_d,
+                ea.row_base,
+                ea.seen,
+                ea.keys,
+                ea.table_ids,
+                offsets,
+                B,
+                plan.chunks_in_pool_d[pool.plan.group],
+                plan.feature_col_d,
+                ea.addr.reshape(-1),
+                self.kmax,
+                pool.arrays.vectors.reshape(-1),
+                pool.plan.chunk_width,
+                out.reshape(-1),
+                out.shape[1],
+            )
+        )
 
     def lookup(self, table: str, ids: Any, *, train: bool = False):
         """Rows of ``ids`` as float32[n, D], zero-padded where chunks are absent."""
@@ -588,24 +704,41 @@ class EmbeddingStore:
         split = max(1, self._threads // max(len(self.tables), 1))
         for pool in self.pools:
             self.k.accumulate_gradients(
-                grouping.which, batch.offsets, batch.weights, batch.mean, batch.bags_per_feature, batch.feature_tables,
-                batch.feature_col, g, m["table_chunks"], m["table_group"], pool.plan.group, pool.plan.chunk_width,
-                len(self.tables), split, grad_buf)
+                grouping.which,
+                batch.offsets,
+                batch.weights,
+                batch.mean,
+                batch.bags_per_feature,
+                batch.feature_tables,
+                batch.feature_col,
+                g,
+                m["table_chunks"],
+                m["table_group"],
+                pool.plan.group,
+                pool.plan.chunk_width,
+                len(self.tables),
+                split,
+                grad_buf,
+            )
         n_bad = int(self.k.count_nonfinite_rows(grad_buf, U))
-        n_bad += int(self.k.nonfinite_in_empty_bags(batch.offsets, batch.bags_per_feature, batch.feature_col,
-                                                     batch.feature_tables, m["table_dim"], g))
+        n_bad += int(
+            self.k.nonfinite_in_empty_bags(
+                batch.offsets, batch.bags_per_feature, batch.feature_col, batch.feature_tables, m["table_dim"], g
+            )
+        )
         if n_bad:
             bad = int(self.k.first_nonfinite(g))
             if bad < 0:  # finite, but an id's summed gradient squares past float32
                 host = np.abs(self.backend.to_host(g))
                 i, j = np.unravel_index(int(np.argmax(host)), host.shape)
                 raise NonFiniteGradientError(
-                    f"grad_out[{i}, {j}] = {self.backend.to_host(g[i:i + 1, j])[0]}: the gradients summed per id "
+                    f"grad_out[{i}, {j}] = {self.backend.to_host(g[i : i + 1, j])[0]}: the gradients summed per id "
                     f"overflow float32 when squared (the optimizer state and utilities would become inf); "
-                    f"nothing was updated")
+                    f"nothing was updated"
+                )
             i, j = divmod(bad, g.shape[1])
             raise NonFiniteGradientError(
-                f"grad_out[{i}, {j}] = {self.backend.to_host(g[i:i + 1, j])[0]} is not finite; nothing was updated"
+                f"grad_out[{i}, {j}] = {self.backend.to_host(g[i : i + 1, j])[0]} is not finite; nothing was updated"
             )
         # phase 2: utilities and the fused optimizer step
         self.apply_summed_gradients(grouping.uniq, grouping.counts, grad_buf)
@@ -619,15 +752,34 @@ class EmbeddingStore:
         ea = self.entries.arrays
         growth = self._growth()
         # rounding bits for the 16-bit utilities: fresh each step, the same on every backend
-        salt = np.uint64(host_kernels.mix64(np.uint64(self.config.seed)
-                                            ^ np.uint64(host_kernels.mix64(np.uint64(self.step_count + 1)))))
+        salt = np.uint64(
+            host_kernels.mix64(
+                np.uint64(self.config.seed) ^ np.uint64(host_kernels.mix64(np.uint64(self.step_count + 1)))
+            )
+        )
         for pool in self.pools:
             a = pool.arrays
             self.k.apply_gradients(
-                uniq, counts, grad_buf, ea.row_base, ea.seen, ea.keys, ea.table_ids, ea.addr,
-                ea.util, a.vectors, a.opt_state,
-                m["table_chunks"], m["table_group"], pool.plan.group, m["table_opt"], m["table_lr"], m["table_eps"],
-                self._util_code, growth, salt,
+                uniq,
+                counts,
+                grad_buf,
+                ea.row_base,
+                ea.seen,
+                ea.keys,
+                ea.table_ids,
+                ea.addr,
+                ea.util,
+                a.vectors,
+                a.opt_state,
+                m["table_chunks"],
+                m["table_group"],
+                pool.plan.group,
+                m["table_opt"],
+                m["table_lr"],
+                m["table_eps"],
+                self._util_code,
+                growth,
+                salt,
             )
 
     def per_sample_weight_grads(self, batch: PooledBatch, grad_out: Any):
@@ -638,9 +790,20 @@ class EmbeddingStore:
         ea = self.entries.arrays
         for pool in self.pools:
             self.k.per_sample_weight_grads(
-                batch.entries, batch.bag_of_occ, batch.bags_per_feature, batch.feature_col, g,
-                ea.row_base, ea.seen, ea.table_ids, ea.addr, pool.arrays.vectors, m["table_chunks"],
-                m["table_group"], pool.plan.group, out,
+                batch.entries,
+                batch.bag_of_occ,
+                batch.bags_per_feature,
+                batch.feature_col,
+                g,
+                ea.row_base,
+                ea.seen,
+                ea.table_ids,
+                ea.addr,
+                pool.arrays.vectors,
+                m["table_chunks"],
+                m["table_group"],
+                pool.plan.group,
+                out,
             )
         return out
 
@@ -663,7 +826,7 @@ class EmbeddingStore:
     def fold_utility_scale(self) -> None:
         steps = self.step_count - self.clock.scale_origin
         if steps:
-            self.k.scale_utilities(self.entries.arrays.util, self.config.gamma ** steps)
+            self.k.scale_utilities(self.entries.arrays.util, self.config.gamma**steps)
             self.clock.scale_origin = self.step_count
 
     def utilities(self, table: str, ids: Any) -> np.ndarray:
@@ -777,9 +940,19 @@ class EmbeddingStore:
         else:
             placement.allocate(self, pool, *placement.missing_chunks(self, entries, g))
         ea = self.entries.arrays
-        self.k.assign_rows(entries, b.from_host(v), ea.row_base, ea.seen, ea.table_ids, ea.addr,
-                           self.meta["table_chunks"], self.meta["table_group"], g, pool.arrays.vectors,
-                           pool.arrays.opt_state)
+        self.k.assign_rows(
+            entries,
+            b.from_host(v),
+            ea.row_base,
+            ea.seen,
+            ea.table_ids,
+            ea.addr,
+            self.meta["table_chunks"],
+            self.meta["table_group"],
+            g,
+            pool.arrays.vectors,
+            pool.arrays.opt_state,
+        )
 
     # ------------------------------------------------------------------ cache mode
     def prefetch(self, features: str | Sequence[str], ids: Any, offsets: Any = None) -> int:
@@ -791,7 +964,7 @@ class EmbeddingStore:
         (see :func:`residency.prefetch_async`); returns the chunks being read."""
         return residency.prefetch_async(self, features, ids, offsets)
 
-    def flat_keys(self, features, ids, offsets=None) -> "residency.FlatKeys":
+    def flat_keys(self, features, ids, offsets=None) -> residency.FlatKeys:
         """The keys of a request for one table, or for features laid out as in pooled_lookup
         (then with the bag of each occurrence)."""
         feats = self.feature_indices(features)
@@ -800,13 +973,15 @@ class EmbeddingStore:
         if offsets is None:
             if feats.shape[0] != 1:
                 raise InputShapeError("several features need offsets, laid out as for pooled_lookup")
-            return residency.FlatKeys(feats, b.from_host(np.full(ids.shape[0], feats[0], np.int16)),
-                                      b.from_host(ids), None, None)
+            return residency.FlatKeys(
+                feats, b.from_host(np.full(ids.shape[0], feats[0], np.int16)), b.from_host(ids), None, None
+            )
         offsets = as_offsets(offsets, ids.shape[0], feats.shape[0])
         bag_of_occ = b.empty(ids.shape[0], np.int64)
         q_tables = b.empty(ids.shape[0], np.int16)
-        self.k.expand_bags(b.from_host(offsets), (offsets.shape[0] - 1) // feats.shape[0], b.from_host(feats),
-                           bag_of_occ, q_tables)
+        self.k.expand_bags(
+            b.from_host(offsets), (offsets.shape[0] - 1) // feats.shape[0], b.from_host(feats), bag_of_occ, q_tables
+        )
         return residency.FlatKeys(feats, q_tables, b.from_host(ids), offsets, bag_of_occ)
 
     # ------------------------------------------------------------------ stats
@@ -836,8 +1011,15 @@ class EmbeddingStore:
         return ckpt
 
     @classmethod
-    def open(cls, path: str | Path, mode: str = "r", device: str | None = None, *, checkpoint: str | None = None,
-             check_listed_files: bool = True) -> "EmbeddingStore":
+    def open(
+        cls,
+        path: str | Path,
+        mode: str = "r",
+        device: str | None = None,
+        *,
+        checkpoint: str | None = None,
+        check_listed_files: bool = True,
+    ) -> EmbeddingStore:
         """Open a saved store: mode "r" (read-only) or "r+" (takes the write lock).
 
         ``checkpoint`` opens that checkpoint of the directory instead of the one its
@@ -846,5 +1028,6 @@ class EmbeddingStore:
         opens a damaged store that way, to report everything wrong with it)."""
         from .storage.checkpoint import open_store
 
-        return open_store(cls, Path(path), mode=mode, device=device, checkpoint=checkpoint,
-                          check_listed_files=check_listed_files)
+        return open_store(
+            cls, Path(path), mode=mode, device=device, checkpoint=checkpoint, check_listed_files=check_listed_files
+        )

@@ -6,8 +6,9 @@ from __future__ import annotations
 
 import shutil
 import tempfile
+from collections.abc import Iterator
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any
 
 import numpy as np
 
@@ -75,11 +76,19 @@ def tier_of(store, group: int):
         # ~32 KB chunks: restores are scattered, and a chunk is read whole for any of its rows
         block = int(max(64, TIER_CHUNK_BYTES // ((plan.chunk_width + plan.state_width) * FLOAT_BYTES)))
         if rows:
-            store.tiers[group] = StagedZarrTier(root, plan.chunk_width, plan.state_width, capacity=plan.slots,
-                                                cache_rows=rows, pinned=_pinned_host(store), block_rows=block)
+            store.tiers[group] = StagedZarrTier(
+                root,
+                plan.chunk_width,
+                plan.state_width,
+                capacity=plan.slots,
+                cache_rows=rows,
+                pinned=_pinned_host(store),
+                block_rows=block,
+            )
         else:
-            store.tiers[group] = ZarrTier(root, plan.chunk_width, plan.state_width, capacity=plan.slots,
-                                          block_rows=block)
+            store.tiers[group] = ZarrTier(
+                root, plan.chunk_width, plan.state_width, capacity=plan.slots, block_rows=block
+            )
     return store.tiers[group]
 
 

@@ -12,8 +12,8 @@ from tqdm import tqdm
 
 from . import tiering
 from .errors import CorruptStoreError, FiitedError
-from .storage.zarr_tier import storage_error
 from .kernels.layout import spilled_code, util_to_float
+from .storage.zarr_tier import storage_error
 from .store import EmbeddingStore
 from .verify import check_store
 
@@ -44,8 +44,12 @@ def _runs(free_mask: np.ndarray) -> tuple[int, int]:
 def _fragmentation(free_mask: np.ndarray) -> dict[str, Any]:
     n_free = int(free_mask.sum())
     runs, longest = _runs(free_mask)
-    return {"free": n_free, "free_runs": runs, "longest_free_run": longest,
-            "fragmentation": 0.0 if n_free == 0 else 1.0 - longest / n_free}
+    return {
+        "free": n_free,
+        "free_runs": runs,
+        "longest_free_run": longest,
+        "fragmentation": 0.0 if n_free == 0 else 1.0 - longest / n_free,
+    }
 
 
 def inspect_store(store: EmbeddingStore) -> dict[str, Any]:
@@ -68,18 +72,32 @@ def inspect_store(store: EmbeddingStore) -> dict[str, Any]:
     pools = []
     for pool, pst in zip(store.pools, st["pools"]):
         owner = b.to_host(pool.arrays.owner)
-        entry = {**pst, **_fragmentation(owner < 0), "vector_bytes": pool.vector_bytes,
-                 "optimizer_state_bytes": pool.state_bytes}
+        entry = {
+            **pst,
+            **_fragmentation(owner < 0),
+            "vector_bytes": pool.vector_bytes,
+            "optimizer_state_bytes": pool.state_bytes,
+        }
         tier = store.tiers[pool.plan.group]
         if tier is not None:
-            entry["tier"] = {"location": tier.location, "capacity": tier.capacity, "used": tier.n_used,
-                             "bytes_on_disk": tier.nbytes, **_fragmentation(tier.owner < 0)}
+            entry["tier"] = {
+                "location": tier.location,
+                "capacity": tier.capacity,
+                "used": tier.n_used,
+                "bytes_on_disk": tier.nbytes,
+                **_fragmentation(tier.owner < 0),
+            }
         pools.append(entry)
     out = {
         "path": str(store.path) if store.path else None,
-        "config": {"mode": store.config.mode, "on_evict": store.config.on_evict, "utility": store.config.utility,
-                   "gamma": store.config.gamma, "prune_period": store.config.prune_period,
-                   "pruning": repr(store.config.pruning)},
+        "config": {
+            "mode": store.config.mode,
+            "on_evict": store.config.on_evict,
+            "utility": store.config.utility,
+            "gamma": store.config.gamma,
+            "prune_period": store.config.prune_period,
+            "pruning": repr(store.config.pruning),
+        },
         "step": store.step_count,
         "tables": tables,
         "total": st["total"],
@@ -98,18 +116,28 @@ def utility_quantiles(u: np.ndarray) -> dict[str, float]:
 def table_utilities(store: EmbeddingStore) -> dict[str, np.ndarray]:
     """Per table, the true utilities of its entries' chunks, float32[entries, K or 1]."""
     util = util_to_float(store.backend.to_host(store.entries.arrays.util)) * np.float32(
-        store.config.gamma ** (store.step_count - store.clock.scale_origin))
+        store.config.gamma ** (store.step_count - store.clock.scale_origin)
+    )
     tids = store.entries.table_of_entries()
     return {t.name: util[tids == i][:, : min(t.chunks, util.shape[1])] for i, t in enumerate(store.tables)}
 
 
 def format_inspection(info: dict[str, Any]) -> str:
-    lines = [f"store {info['path']}  step {info['step']}  {info['config']['mode']} mode, utility {info['config']['utility']}, "
-             f"{info['config']['pruning']}"]
-    lines.append(f"{'table':<12} {'dim':>4} {'K':>2} {'entries':>10}  resident / spilled / absent per chunk   avg kept dim")
+    lines = [
+        f"store {info['path']}  step {info['step']}  {info['config']['mode']} mode, "
+        f"utility {info['config']['utility']}, "
+        f"{info['config']['pruning']}"
+    ]
+    lines.append(
+        f"{'table':<12} {'dim':>4} {'K':>2} {'entries':>10}  resident / spilled / absent per chunk   avg kept dim"
+    )
     for name, t in info["tables"].items():
-        per = "  ".join(f"{r}/{s}/{a}" for r, s, a in zip(t["resident_per_chunk"], t["spilled_per_chunk"], t["absent_per_chunk"]))
-        lines.append(f"{name:<12} {t['dim']:>4} {t['chunks']:>2} {t['entries']:>10}  {per:<38} {t['average_kept_dim']:.2f}")
+        per = "  ".join(
+            f"{r}/{s}/{a}" for r, s, a in zip(t["resident_per_chunk"], t["spilled_per_chunk"], t["absent_per_chunk"])
+        )
+        lines.append(
+            f"{name:<12} {t['dim']:>4} {t['chunks']:>2} {t['entries']:>10}  {per:<38} {t['average_kept_dim']:.2f}"
+        )
     lines.append("kept-dimension histogram (rows per kept dimension):")
     for name, t in info["tables"].items():
         lines.append(f"  {name:<12} " + "  ".join(f"{d}:{n}" for d, n in t["kept_dim_histogram"].items()))
@@ -120,27 +148,37 @@ def format_inspection(info: dict[str, Any]) -> str:
     lines.append("bytes: " + ", ".join(f"{k} {v:,}" for k, v in tb.items()))
     tot = info["total"]
     if tot["dense_bytes"]:
-        lines.append(f"memory / dense weights: {tot['memory_vs_dense']:.4f}   "
-                     f"memory / (dense weights + optimizer state): {tot['memory_vs_dense_with_optimizer']:.4f}")
-    lines.append(f"pool budget {tot['budget_bytes']:,} bytes, {tot['resident_vs_budget']:.1%} resident"
-                 + (f"; memory budget {tot['memory_budget_bytes']:,} bytes, {tot['memory_vs_budget']:.1%} used"
-                    if tot["memory_budget_bytes"] else ""))
+        lines.append(
+            f"memory / dense weights: {tot['memory_vs_dense']:.4f}   "
+            f"memory / (dense weights + optimizer state): {tot['memory_vs_dense_with_optimizer']:.4f}"
+        )
+    lines.append(
+        f"pool budget {tot['budget_bytes']:,} bytes, {tot['resident_vs_budget']:.1%} resident"
+        + (
+            f"; memory budget {tot['memory_budget_bytes']:,} bytes, {tot['memory_vs_budget']:.1%} used"
+            if tot["memory_budget_bytes"]
+            else ""
+        )
+    )
     for p in info["pools"]:
-        lines.append(f"pool c={p['chunk_width']}: {p['used']:,}/{p['slots']:,} slots used, {p['free_runs']} free runs, "
-                     f"longest {p['longest_free_run']:,}, fragmentation {p['fragmentation']:.3f}")
+        lines.append(
+            f"pool c={p['chunk_width']}: {p['used']:,}/{p['slots']:,} slots used, {p['free_runs']} free runs, "
+            f"longest {p['longest_free_run']:,}, fragmentation {p['fragmentation']:.3f}"
+        )
         if "tier" in p:
             t = p["tier"]
-            lines.append(f"  disk tier {t['location']}: {t['used']:,}/{t['capacity']:,} slots, {t['bytes_on_disk']:,} bytes, "
-                         f"fragmentation {t['fragmentation']:.3f}")
+            lines.append(
+                f"  disk tier {t['location']}: {t['used']:,}/{t['capacity']:,} slots, {t['bytes_on_disk']:,} bytes, "
+                f"fragmentation {t['fragmentation']:.3f}"
+            )
     return "\n".join(lines)
 
 
 def plot_inspection(store: EmbeddingStore, info: dict[str, Any], path: Path) -> dict[str, list[str]]:
     """Kept-dimension and utility histograms, one colour per table, to ``path``; returns each panel's legend."""
-    import matplotlib
+    from .plotting import pyplot
 
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    plt = pyplot()
 
     fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(11, 4))
     names = list(info["tables"])
@@ -171,8 +209,10 @@ def plot_inspection(store: EmbeddingStore, info: dict[str, Any], path: Path) -> 
     ax2.set_title("Utility distribution")
     fig.tight_layout()
     fig.savefig(path, dpi=110)
-    legends = {"kept_dim": [t.get_text() for t in ax1.get_legend().get_texts()],
-               "utility": [t.get_text() for t in ax2.get_legend().get_texts()]}
+    legends = {
+        "kept_dim": [t.get_text() for t in ax1.get_legend().get_texts()],
+        "utility": [t.get_text() for t in ax2.get_legend().get_texts()],
+    }
     plt.close(fig)
     return legends
 
@@ -208,7 +248,7 @@ def verify_store(path: Path, progress: bool = False, checkpoint: str | None = No
                 except FiitedError as exc:
                     problems.append(str(exc))
                     continue
-                used = tier.owner[lo:lo + step] >= 0
+                used = tier.owner[lo : lo + step] >= 0
                 if not np.all(np.isfinite(vec[used])):
                     problems.append(f"tier_{g}: NaN or inf in the vectors of slots {lo}..{lo + step - 1}")
                 if not np.all(np.isfinite(st[used])):
@@ -236,8 +276,13 @@ def _compact_pools(store: EmbeddingStore) -> None:
         free = np.arange(pool.slots - 1, n - 1, -1, dtype=np.int32)
         stack = np.zeros(pool.slots, np.int32)
         stack[: free.size] = free
-        pool.arrays = type(a)(b.from_host(vec), b.from_host(st), b.from_host(new_owner), b.from_host(stack),
-                              b.from_host(np.array([pool.slots - n], np.int64)))
+        pool.arrays = type(a)(
+            b.from_host(vec),
+            b.from_host(st),
+            b.from_host(new_owner),
+            b.from_host(stack),
+            b.from_host(np.array([pool.slots - n], np.int64)),
+        )
     store.entries.arrays = store.entries.arrays._replace(addr=b.from_host(addr))
 
 
@@ -253,13 +298,14 @@ def _compact_tiers(store: EmbeddingStore, progress: bool) -> None:
         root = tier.root.parent / f"{tier.root.name}.compact"
         shutil.rmtree(root, ignore_errors=True)
         try:
-            fresh = ZarrTier(root, tier.chunk_width, tier.state_width, capacity=max(used.size, 1),
-                             block_rows=tier.block_rows)
+            fresh = ZarrTier(
+                root, tier.chunk_width, tier.state_width, capacity=max(used.size, 1), block_rows=tier.block_rows
+            )
             new_slots = fresh.allocate(used.size)
             step = 16 * tier.block_rows
             for lo in tqdm(range(0, used.size, step), disable=not progress, desc=f"tier_{g}", unit="block"):
-                vec, st = tier.read(used[lo:lo + step])
-                fresh.write(new_slots[lo:lo + step], vec, st)
+                vec, st = tier.read(used[lo : lo + step])
+                fresh.write(new_slots[lo : lo + step], vec, st)
             # the packed rows sit in fresh's staging file until flushed into its Zarr chunks;
             # reopened from the files alone, unflushed rows would be gone
             fresh.flush()
@@ -280,8 +326,9 @@ def _compact_tiers(store: EmbeddingStore, progress: bool) -> None:
         store.tiers[g] = tiering.open_saved_tier(store, g, old_root, fresh.owner, read_only=False)
 
 
-def compact_store(path: Path, progress: bool = True, checkpoint: str | None = None,
-                  remove_older: bool = True) -> dict[str, Any]:
+def compact_store(
+    path: Path, progress: bool = True, checkpoint: str | None = None, remove_older: bool = True
+) -> dict[str, Any]:
     """Drop dead entries, pack the pool and the disk tier, shrink the entry table, save.
 
     ``checkpoint`` compacts that checkpoint instead of the manifest's, and
@@ -314,8 +361,14 @@ def compact_store(path: Path, progress: bool = True, checkpoint: str | None = No
         bar.update(1)
         n_after = store.entries.n_live
     bar.close()
-    return {"bytes_before": before, "bytes_after": directory_bytes(path), "entries_before": n_before,
-            "entries_after": n_after, "dropped_entries": dropped, "checkpoint": saved.name}
+    return {
+        "bytes_before": before,
+        "bytes_after": directory_bytes(path),
+        "entries_before": n_before,
+        "entries_after": n_after,
+        "dropped_entries": dropped,
+        "checkpoint": saved.name,
+    }
 
 
 EXPORT_FORMAT = "fiited-store-export"
@@ -360,7 +413,9 @@ def export_store(path: Path, out: Path, fmt: str = "dense", progress: bool = Tru
     return summary
 
 
-def _export_verified(path: Path, out: Path, tmp: Path, fmt: str, progress: bool, summary: dict[str, Any]) -> dict[str, Any]:
+def _export_verified(
+    path: Path, out: Path, tmp: Path, fmt: str, progress: bool, summary: dict[str, Any]
+) -> dict[str, Any]:
     import zarr
 
     with EmbeddingStore.open(path, "r") as store:
@@ -385,8 +440,11 @@ def _export_verified(path: Path, out: Path, tmp: Path, fmt: str, progress: bool,
                 g.create_array("chunk_mask", data=present, chunks=(max(min(ids.size, 65536), 1), t.chunks))
                 g.create_array("values", data=values, chunks=(max(min(values.shape[0], 65536), 1), t.chunk_width))
                 nbytes = present.nbytes + values.nbytes
-            summary["tables"][t.name] = {"rows": int(ids.size), "bytes": int(nbytes + ids.nbytes),
-                                         "kept_chunks": int(present.sum())}
+            summary["tables"][t.name] = {
+                "rows": int(ids.size),
+                "bytes": int(nbytes + ids.nbytes),
+                "kept_chunks": int(present.sum()),
+            }
         root.attrs.update({"format": EXPORT_FORMAT, "kind": fmt, "format_version": EXPORT_VERSION})
         tmp.rename(out)
     return summary

@@ -84,7 +84,9 @@ def check_store(store) -> list[str]:
         problems.append(f"empty or erased entries {_first(dead_addr.any(axis=1))} still hold addresses")
     util = util_to_float(util)
     if not np.all(np.isfinite(util)) or np.any(util < 0):
-        problems.append(f"utilities are negative or not finite at entries {_first(~(np.isfinite(util) & (util >= 0)).all(axis=1))}")
+        problems.append(
+            f"utilities are negative or not finite at entries {_first(~(np.isfinite(util) & (util >= 0)).all(axis=1))}"
+        )
 
     # pools: owner <-> addr, free stack (invariants 1 and 2)
     for pool in store.pools:
@@ -95,16 +97,22 @@ def check_store(store) -> list[str]:
         S = pool.plan.slots
         where = f"pool_{g}"
         if vectors.shape != (S, pool.plan.chunk_width) or vectors.dtype != np.float32:
-            problems.append(f"{where}/vectors is {vectors.dtype}{vectors.shape}, expected float32{(S, pool.plan.chunk_width)}")
+            problems.append(
+                f"{where}/vectors is {vectors.dtype}{vectors.shape}, expected float32{(S, pool.plan.chunk_width)}"
+            )
             continue
         if owner.shape != (S,) or free_stack.shape != (S,) or not 0 <= n_free <= S:
-            problems.append(f"{where}: owner {owner.shape}, free_stack {free_stack.shape}, n_free {n_free} do not fit {S} slots")
+            problems.append(
+                f"{where}: owner {owner.shape}, free_stack {free_stack.shape}, n_free {n_free} do not fit {S} slots"
+            )
             continue
         if not np.all(np.isfinite(vectors)):
             problems.append(f"{where}/vectors hold NaN or inf at slots {_first(~np.isfinite(vectors).all(axis=1))}")
         opt_state = b.to_host(pool.arrays.opt_state)
         if not np.all(np.isfinite(opt_state)):
-            problems.append(f"{where}/opt_state holds NaN or inf at slots {_first(~np.isfinite(opt_state).all(axis=1))}")
+            problems.append(
+                f"{where}/opt_state holds NaN or inf at slots {_first(~np.isfinite(opt_state).all(axis=1))}"
+            )
         stack = free_stack[:n_free].astype(np.int64)
         if stack.size and (stack.min() < 0 or stack.max() >= S):
             problems.append(f"{where}/free_stack holds slots outside [0, {S})")
@@ -142,7 +150,9 @@ def check_store(store) -> list[str]:
         re, rk = np.nonzero(res)
         rs = addr[re, rk]
         if rs.size and rs.max() >= S:
-            problems.append(f"{where}: resident addresses past the pool's {S} slots at entries {re[rs >= S][:5].tolist()}")
+            problems.append(
+                f"{where}: resident addresses past the pool's {S} slots at entries {re[rs >= S][:5].tolist()}"
+            )
         else:
             mismatch = owner[rs] != re
             if mismatch.any():
@@ -166,8 +176,10 @@ def check_store(store) -> list[str]:
                 wrong = tier.owner[ts] != se
                 if wrong.any():
                     i = int(np.argmax(wrong))
-                    problems.append(f"tier_{g}: slot {int(ts[i])} holds entry {int(se[i])} chunk {int(sk[i])} "
-                                    f"but its owner is {int(tier.owner[ts[i]])}")
+                    problems.append(
+                        f"tier_{g}: slot {int(ts[i])} holds entry {int(se[i])} chunk {int(sk[i])} "
+                        f"but its owner is {int(tier.owner[ts[i]])}"
+                    )
                 towned = np.nonzero(tier.owner >= 0)[0]
                 if towned.size != ts.size:
                     problems.append(f"tier_{g}: {towned.size} slots have owners but {ts.size} chunks are spilled")

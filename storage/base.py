@@ -136,8 +136,11 @@ class ChunkTier(ABC):
             if slots.size == 0:
                 return
             quarantine = bool(self._reader_marks)
-            bad = int(release_slots(slots, self._free, self._quarantined, self.owner, self._block_free,
-                                    self.block_rows, quarantine))
+            bad = int(
+                release_slots(
+                    slots, self._free, self._quarantined, self.owner, self._block_free, self.block_rows, quarantine
+                )
+            )
             if bad >= 0:
                 self._check_slots(slots)
                 gone = self._free[slots] | self._quarantined[slots]
@@ -159,8 +162,9 @@ class ChunkTier(ABC):
     def rebuild_free_space(self) -> None:
         """Derive the free space from ``owner`` (after loading a checkpoint)."""
         with self._lock:
-            self._quarantined = np.zeros(self.capacity, bool) if self._quarantined.shape[0] != self.capacity \
-                else self._quarantined
+            self._quarantined = (
+                np.zeros(self.capacity, bool) if self._quarantined.shape[0] != self.capacity else self._quarantined
+            )
             self._free = (self.owner < 0) & ~self._quarantined
             self._block_free = np.bincount(
                 np.nonzero(self._free)[0] // self.block_rows, minlength=self.capacity // self.block_rows
@@ -178,7 +182,8 @@ class ChunkTier(ABC):
         if vectors.shape != (slots.shape[0], self.chunk_width) or states.shape != (slots.shape[0], self.state_width):
             raise InputShapeError(
                 f"tier {self.location}: write of {slots.shape[0]} slots got vectors {vectors.shape} and states "
-                f"{states.shape}, expected ({slots.shape[0]}, {self.chunk_width}) and ({slots.shape[0]}, {self.state_width})"
+                f"{states.shape}, expected ({slots.shape[0]}, {self.chunk_width}) and "
+                f"({slots.shape[0]}, {self.state_width})"
             )
         if slots.size == 0:
             return None
@@ -283,8 +288,8 @@ class ChunkTier(ABC):
                 return
             self._reader_marks.remove(min(self._reader_marks) if mark is None else mark)
             keep_from = min(self._reader_marks) if self._reader_marks else self._log_base + len(self._release_log)
-            done = self._release_log[:keep_from - self._log_base]
-            del self._release_log[:keep_from - self._log_base]
+            done = self._release_log[: keep_from - self._log_base]
+            del self._release_log[: keep_from - self._log_base]
             self._log_base = keep_from
             for slots in done:
                 end_quarantine(slots, self._free, self._quarantined, self._block_free, self.block_rows)
@@ -305,4 +310,3 @@ class ChunkTier(ABC):
             self._executor.shutdown(wait=True)
             self._executor = None
         self.wait_for_writes()  # landed (the shutdown waited); raises a failed one's error
-

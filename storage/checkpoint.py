@@ -28,8 +28,9 @@ import json
 import os
 import shutil
 import time
+from collections.abc import Callable
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 import numpy as np
 import zarr
@@ -242,8 +243,16 @@ def _write_array(group, name: str, data: np.ndarray, fill) -> None:
     # every chunk is written, even one of fill values only, so that a missing chunk
     # file is always damage; each carries its crc32c
     chunks = (min(max(data.shape[0], 1), ROWS_PER_CHUNK),) + tuple(data.shape[1:])
-    arr = group.create_array(name, shape=data.shape, chunks=chunks, dtype=data.dtype, fill_value=fill,
-                             compressors=[Crc32cCodec()], overwrite=True, config={"write_empty_chunks": True})
+    arr = group.create_array(
+        name,
+        shape=data.shape,
+        chunks=chunks,
+        dtype=data.dtype,
+        fill_value=fill,
+        compressors=[Crc32cCodec()],
+        overwrite=True,
+        config={"write_empty_chunks": True},
+    )
     if data.size:
         arr[...] = data
 
@@ -341,21 +350,23 @@ def _save_locked(store, path: Path, remove_older: bool = True) -> Path:
             _link_tree(tier.root, partial / f"tier_{gi}" / "data")
             tiers_state.append({"capacity": tier.capacity})
             _at(f"tier-{gi}-linked")
-        root.attrs.update({
-            "format": FORMAT,
-            "format_version": FORMAT_VERSION,
-            "config": config_to_json(store.tables, store.config),
-            "files": _file_sizes(partial),
-            "state": {
-                "step_count": store.clock.step_count,
-                "scale_origin": store.clock.scale_origin,
-                "prune_round": store.clock.prune_round,
-                "counters": dataclasses.asdict(store.counters),
-                "pools": pools_state,
-                "tiers": tiers_state,
-                "saved_at": time.time(),
-            },
-        })
+        root.attrs.update(
+            {
+                "format": FORMAT,
+                "format_version": FORMAT_VERSION,
+                "config": config_to_json(store.tables, store.config),
+                "files": _file_sizes(partial),
+                "state": {
+                    "step_count": store.clock.step_count,
+                    "scale_origin": store.clock.scale_origin,
+                    "prune_round": store.clock.prune_round,
+                    "counters": dataclasses.asdict(store.counters),
+                    "pools": pools_state,
+                    "tiers": tiers_state,
+                    "saved_at": time.time(),
+                },
+            }
+        )
         _at("attrs-written")
         _fsync_tree(partial)
         _at("fsynced")
@@ -415,7 +426,9 @@ def open_checkpoint_group(path: Path, pin: CheckpointPin | None = None, checkpoi
     except Exception as exc:
         raise CorruptStoreError(f"checkpoint {ckpt} cannot be opened as a Zarr group: {exc}") from exc
     if attrs.get("format") != FORMAT or attrs.get("format_version") not in READABLE_VERSIONS:
-        raise CorruptStoreError(f"checkpoint {ckpt} carries format {attrs.get('format')!r} v{attrs.get('format_version')!r}")
+        raise CorruptStoreError(
+            f"checkpoint {ckpt} carries format {attrs.get('format')!r} v{attrs.get('format_version')!r}"
+        )
     return ckpt, root, attrs
 
 
@@ -432,8 +445,15 @@ def pin_checkpoint(path: Path, checkpoint: str) -> CheckpointPin:
     return CheckpointPin(fd, ckpt)
 
 
-def open_store(store_class, path: Path, mode: str = "r", device: str | None = None, *,
-               check_listed_files: bool = True, checkpoint: str | None = None):
+def open_store(
+    store_class,
+    path: Path,
+    mode: str = "r",
+    device: str | None = None,
+    *,
+    check_listed_files: bool = True,
+    checkpoint: str | None = None,
+):
     """Open a store directory as a ``store_class`` (see ``EmbeddingStore.open``, which passes
     itself); ``check_listed_files=False`` lets ``verify`` go past missing or resized files to
     report what else is wrong. ``checkpoint`` names the checkpoint to open instead of the one
@@ -479,7 +499,9 @@ def open_store(store_class, path: Path, mode: str = "r", device: str | None = No
             if version >= 2:
                 base = _read(entries_g, "row_base", np.int64, expect_base.shape, where)
                 if not np.array_equal(base, expect_base):
-                    raise CorruptStoreError(f"{where}/row_base is {base.tolist()}, the tables declare {expect_base.tolist()}")
+                    raise CorruptStoreError(
+                        f"{where}/row_base is {base.tolist()}, the tables declare {expect_base.tolist()}"
+                    )
                 seen = _read(entries_g, "seen", np.uint32, (max((nd + 31) // 32, 1),), where)
             else:
                 seen = np.zeros(1, np.uint32)
@@ -489,9 +511,11 @@ def open_store(store_class, path: Path, mode: str = "r", device: str | None = No
                 keys=b.persist(_read(entries_g, "keys", np.int64, (cap,), where)),
                 table_ids=b.persist(_read(entries_g, "table_ids", np.int16, (cap,), where)),
                 addr=b.persist(_read(entries_g, "addr", np.int32, (nd + cap, store.kmax), where)),
-                util=b.persist(_read(entries_g, "util", np.uint16, (nd + cap, store.util_width), where)
-                               if version >= 2 else
-                               util_from_float(_read(entries_g, "util", np.float32, (cap, store.util_width), where))),
+                util=b.persist(
+                    _read(entries_g, "util", np.uint16, (nd + cap, store.util_width), where)
+                    if version >= 2
+                    else util_from_float(_read(entries_g, "util", np.float32, (cap, store.util_width), where))
+                ),
             )
             store.entries = EntryTable.from_arrays(b, arrays, [t.name for t in tables], config.max_load)
             store.pools = []
@@ -509,7 +533,9 @@ def open_store(store_class, path: Path, mode: str = "r", device: str | None = No
                 )
                 store.pools.append(ChunkPool.from_arrays(b, plan, pa))
             if len(store.pools) != len(store.plans):
-                raise CorruptStoreError(f"{ckpt}: {len(store.plans)} pools expected, state lists {len(state.get('pools', []))}")
+                raise CorruptStoreError(
+                    f"{ckpt}: {len(store.plans)} pools expected, state lists {len(state.get('pools', []))}"
+                )
             for gi, tstate in enumerate(state.get("tiers", [])):
                 if tstate is None:
                     continue

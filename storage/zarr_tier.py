@@ -68,8 +68,16 @@ class ZarrTier(ChunkTier):
     array([[1., 1., 1., 1.]], dtype=float32)
     """
 
-    def __init__(self, root: str | os.PathLike, chunk_width: int, state_width: int, capacity: int = 0,
-                 block_rows: int = 4096, create: bool = True, read_only: bool = False):
+    def __init__(
+        self,
+        root: str | os.PathLike,
+        chunk_width: int,
+        state_width: int,
+        capacity: int = 0,
+        block_rows: int = 4096,
+        create: bool = True,
+        read_only: bool = False,
+    ):
         self.block_rows = int(block_rows)
         self.root = Path(root)
         self.read_only = read_only
@@ -79,14 +87,25 @@ class ZarrTier(ChunkTier):
                 self.root.mkdir(parents=True, exist_ok=True)
                 cap = max(self._round_capacity_static(capacity, self.block_rows), self.block_rows)
                 self._vectors = zarr.create_array(
-                    store=self._store, name="vectors", shape=(cap, chunk_width), chunks=(self.block_rows, chunk_width),
-                    dtype="float32", fill_value=0.0, compressors=[Crc32cCodec()], overwrite=True,
+                    store=self._store,
+                    name="vectors",
+                    shape=(cap, chunk_width),
+                    chunks=(self.block_rows, chunk_width),
+                    dtype="float32",
+                    fill_value=0.0,
+                    compressors=[Crc32cCodec()],
+                    overwrite=True,
                     attributes={"chunk_width": chunk_width, "state_width": state_width},
                 )
                 self._states = zarr.create_array(
-                    store=self._store, name="states", shape=(cap, max(state_width, 1)),
-                    chunks=(self.block_rows, max(state_width, 1)), dtype="float32", fill_value=0.0,
-                    compressors=[Crc32cCodec()], overwrite=True,
+                    store=self._store,
+                    name="states",
+                    shape=(cap, max(state_width, 1)),
+                    chunks=(self.block_rows, max(state_width, 1)),
+                    dtype="float32",
+                    fill_value=0.0,
+                    compressors=[Crc32cCodec()],
+                    overwrite=True,
                 )
             else:
                 mode = "r" if read_only else "r+"
@@ -122,14 +141,22 @@ class ZarrTier(ChunkTier):
         v, s = self._vectors, self._states
         expect_v = (self.capacity, self.chunk_width)
         if tuple(v.shape) != expect_v or v.dtype != np.float32:
-            raise CorruptStoreError(f"disk tier at {self.root}: vectors are {v.dtype}{tuple(v.shape)}, expected float32{expect_v}")
+            raise CorruptStoreError(
+                f"disk tier at {self.root}: vectors are {v.dtype}{tuple(v.shape)}, expected float32{expect_v}"
+            )
         if s.shape[0] != self.capacity or s.dtype != np.float32:
-            raise CorruptStoreError(f"disk tier at {self.root}: states are {s.dtype}{tuple(s.shape)}, expected float32 with {self.capacity} rows")
+            raise CorruptStoreError(
+                f"disk tier at {self.root}: states are {s.dtype}{tuple(s.shape)}, "
+                f"expected float32 with {self.capacity} rows"
+            )
         if tuple(v.chunks) != (self.block_rows, self.chunk_width):
-            raise CorruptStoreError(f"disk tier at {self.root}: vectors are chunked {v.chunks}, expected {(self.block_rows, self.chunk_width)}")
+            raise CorruptStoreError(
+                f"disk tier at {self.root}: vectors are chunked {v.chunks}, "
+                f"expected {(self.block_rows, self.chunk_width)}"
+            )
 
     @classmethod
-    def open(cls, root: str | os.PathLike, owner: np.ndarray, read_only: bool = False) -> "ZarrTier":
+    def open(cls, root: str | os.PathLike, owner: np.ndarray, read_only: bool = False) -> ZarrTier:
         """Open an existing tier whose back-pointers were saved in a checkpoint."""
         try:
             arr = zarr.open_array(zarr.storage.LocalStore(str(root), read_only=True), path="vectors", mode="r")
@@ -138,10 +165,18 @@ class ZarrTier(ChunkTier):
         attrs = dict(arr.attrs)
         if "chunk_width" not in attrs or "state_width" not in attrs:
             raise CorruptStoreError(f"disk tier at {root}: attributes chunk_width/state_width are missing")
-        tier = cls(root, int(attrs["chunk_width"]), int(attrs["state_width"]), block_rows=int(arr.chunks[0]),
-                   create=False, read_only=read_only)
+        tier = cls(
+            root,
+            int(attrs["chunk_width"]),
+            int(attrs["state_width"]),
+            block_rows=int(arr.chunks[0]),
+            create=False,
+            read_only=read_only,
+        )
         if owner.shape != (tier.capacity,):
-            raise CorruptStoreError(f"disk tier at {root}: {tier.capacity} slots but the checkpoint lists {owner.shape[0]} owners")
+            raise CorruptStoreError(
+                f"disk tier at {root}: {tier.capacity} slots but the checkpoint lists {owner.shape[0]} owners"
+            )
         tier.owner = np.array(owner, np.int32)
         tier.rebuild_free_space()
         return tier
@@ -178,7 +213,9 @@ class ZarrTier(ChunkTier):
                     os.posix_fallocate(f.fileno(), 0, size)
                 f.truncate(size)
         except OSError as exc:
-            raise storage_error(exc, f"reserving {size} bytes for the staging file of disk tier at {self.root}") from exc
+            raise storage_error(
+                exc, f"reserving {size} bytes for the staging file of disk tier at {self.root}"
+            ) from exc
         return path
 
     def _map_staging(self, capacity: int) -> None:
@@ -231,7 +268,8 @@ class ZarrTier(ChunkTier):
                 raise CorruptStoreError(
                     f"disk tier at {self.root}: Zarr chunk {name}/c/{block}/0 is missing, but it holds the owned "
                     f"slots {np.asarray(owned)[:5].tolist()} (deleted, or a writer removed the checkpoint this "
-                    f"store was opened from)") from None
+                    f"store was opened from)"
+                ) from None
             return np.zeros((self.block_rows, width), np.float32)
         except OSError as exc:
             raise storage_error(exc, f"reading Zarr chunk {name}/c/{block}/0 of disk tier at {self.root}") from exc
@@ -247,7 +285,8 @@ class ZarrTier(ChunkTier):
             if stored != computed:
                 raise CorruptStoreError(
                     f"disk tier at {self.root}: Zarr chunk {name}/c/{block}/0 fails its checksum (stored crc32c "
-                    f"{stored:#010x}, computed {computed:#010x}): the file is corrupt")
+                    f"{stored:#010x}, computed {computed:#010x}): the file is corrupt"
+                )
             raw = raw[:-4]
         return np.frombuffer(raw, dtype="<f4").reshape(self.block_rows, width).copy()
 
@@ -354,7 +393,7 @@ class ZarrTier(ChunkTier):
             r, c = self.block_rows, self.chunk_width
             try:
                 for b in np.nonzero(self._dirty)[0].tolist():
-                    rows = self._stage[b * r:(b + 1) * r]
+                    rows = self._stage[b * r : (b + 1) * r]
                     self._store_block("vectors", b, rows[:, :c])
                     if self.state_width:
                         self._store_block("states", b, rows[:, c:])
@@ -401,8 +440,16 @@ class StagedZarrTier(ZarrTier):
     tier's, so to the store this is the same tier.
     """
 
-    def __init__(self, root, chunk_width: int, state_width: int, capacity: int = 0, cache_rows: int = 1 << 16,
-                 pinned: bool = False, **kw):
+    def __init__(
+        self,
+        root,
+        chunk_width: int,
+        state_width: int,
+        capacity: int = 0,
+        cache_rows: int = 1 << 16,
+        pinned: bool = False,
+        **kw,
+    ):
         super().__init__(root, chunk_width, state_width, capacity, **kw)
         self.cache_rows = int(max(cache_rows, 1))
         alloc = _pinned if pinned else np.zeros

@@ -11,9 +11,9 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
+from fractions import Fraction
 
 import numpy as np
-from fractions import Fraction
 
 from fiited_store.config import DynamicRatio, StoreConfig, TableConfig, plan_pools
 
@@ -96,10 +96,10 @@ def fma(a, b, c) -> np.float32:
 class Row:
     table: int
     key: int
-    vec: list            # per chunk: float32[c] when resident, else None
-    state: list          # per chunk: optimizer state float32[w] when resident
-    spilled: list        # per chunk: (vec, state) kept on disk, or None
-    util: np.ndarray     # float32[U], on the store's scale
+    vec: list  # per chunk: float32[c] when resident, else None
+    state: list  # per chunk: optimizer state float32[w] when resident
+    spilled: list  # per chunk: (vec, state) kept on disk, or None
+    util: np.ndarray  # float32[U], on the store's scale
 
 
 @dataclass
@@ -154,7 +154,7 @@ class ReferenceStore:
             if v is None and self.cache and r.spilled[k] is not None:
                 v = r.spilled[k][0]
             if v is not None:
-                out[k * tc.chunk_width:(k + 1) * tc.chunk_width] = v
+                out[k * tc.chunk_width : (k + 1) * tc.chunk_width] = v
         return out
 
     # --------------------------------------------------------------- forward
@@ -212,7 +212,7 @@ class ReferenceStore:
             n = offsets[bag + 1] - offsets[bag]
             if mode == "mean" and n > 0:
                 acc = (acc / f32(n)).astype(f32)
-            out[b, cols[f]:cols[f] + tc.dim] = acc
+            out[b, cols[f] : cols[f] + tc.dim] = acc
         return RefBatch(list(feats), np.array(ids), np.array(offsets), weights, mode == "mean", B, out)
 
     # --------------------------------------------------------------- backward
@@ -226,7 +226,7 @@ class ReferenceStore:
     def fold(self) -> None:
         steps = self.step_count - self.origin
         if steps:
-            factor = self.config.gamma ** steps
+            factor = self.config.gamma**steps
             for r in self.rows.values():
                 r.util = np.array([bf16_nearest(f32(float(u) * factor)) for u in r.util], f32)
             self.origin = self.step_count
@@ -253,7 +253,7 @@ class ReferenceStore:
             for i in occs:
                 bag = bag_of[i]
                 f, b = divmod(bag, B)
-                row = grad[b, cols[f]:cols[f] + D]
+                row = grad[b, cols[f] : cols[f] + D]
                 if batch.weights is not None:
                     g = (g + f32(batch.weights[i]) * row).astype(f32)
                 elif batch.mean:
@@ -268,7 +268,7 @@ class ReferenceStore:
             salt = mix64(self.config.seed ^ mix64(self.step_count + 1))
             if mode == "gradient":
                 for k in range(tc.chunks):
-                    sq = sum(float(x) * float(x) for x in g[k * c:(k + 1) * c])
+                    sq = sum(float(x) * float(x) for x in g[k * c : (k + 1) * c])
                     r.util[k] = bf16_round(f32(r.util[k] + f32(a * math.sqrt(sq) * growth)), rand16(kh, k, salt))
             elif mode == "access":
                 r.util[0] = bf16_round(f32(r.util[0] + f32(a * growth)), rand16(kh, 0, salt))
@@ -280,7 +280,7 @@ class ReferenceStore:
                 v = r.vec[k]
                 if v is None:
                     continue
-                gk = g[k * c:(k + 1) * c]
+                gk = g[k * c : (k + 1) * c]
                 st = r.state[k]
                 if tc.optimizer == "sgd":
                     r.vec[k] = np.array([fma(lr, gk[j], v[j]) for j in range(c)], f32)
@@ -307,8 +307,10 @@ class ReferenceStore:
     # --------------------------------------------------------------- prune
     def floors(self) -> list[int]:
         small = self.config.small_table_rows
-        return [t.chunks if small and t.num_embeddings is not None and t.num_embeddings <= small else t.min_chunks
-                for t in self.tables]
+        return [
+            t.chunks if small and t.num_embeddings is not None and t.num_embeddings <= small else t.min_chunks
+            for t in self.tables
+        ]
 
     def thresholds(self, plan) -> np.ndarray:
         """float32[tables, kmax]: -inf for a table's floor chunks; per-table scales under "mean"."""
@@ -325,8 +327,10 @@ class ReferenceStore:
         K = [self.tables[t].chunks if t in plan.tables else 0 for t in range(T)]
         held = [sum(1 for r in rows if r.table == t) for t in range(T)]
         undeclared = any(self.tables[t].num_embeddings is None for t in plan.tables)
-        pop = [held[t] if undeclared or t not in plan.tables else max(held[t], self.tables[t].num_embeddings)
-               for t in range(T)]
+        pop = [
+            held[t] if undeclared or t not in plan.tables else max(held[t], self.tables[t].num_embeddings)
+            for t in range(T)
+        ]
         floors = [min(f, K[t]) for t, f in enumerate(self.floors())]
         scale = [1.0] * T
         if cfg.table_normalization == "mean":
@@ -336,7 +340,7 @@ class ReferenceStore:
                 scale[t] = m if m > 0 else 1.0
         thr = np.zeros((T, kmax), f32)
         for t in range(T):
-            thr[t, :floors[t]] = -np.inf
+            thr[t, : floors[t]] = -np.inf
 
         def value(r, k):
             u = self._util(r, k)
@@ -368,8 +372,9 @@ class ReferenceStore:
         for k in range(kmax):
             if not any(k < K[t] for t in range(T)):
                 continue
-            budget = ((1.0 - p.per_chunk[k]) * sum(pop[t] for t in range(T) if k < K[t])
-                      - sum(held[t] for t in range(T) if k < floors[t]))
+            budget = (1.0 - p.per_chunk[k]) * sum(pop[t] for t in range(T) if k < K[t]) - sum(
+                held[t] for t in range(T) if k < floors[t]
+            )
             contenders = sum(held[t] for t in range(T) if floors[t] <= k < K[t])
             values = [value(r, k) for r in sample if floors[r.table] <= k < len(r.vec)]
             q = cut(values, budget, contenders)
@@ -423,8 +428,9 @@ class ReferenceStore:
                 else:
                     self._new_chunk(r, k, readmit=True)
         floor = f32(self.config.drop_floor)
-        for key in [key for key, r in self.rows.items()
-                    if all(v is None for v in r.vec) and all(u < floor for u in r.util)]:
+        for key in [
+            key for key, r in self.rows.items() if all(v is None for v in r.vec) and all(u < floor for u in r.util)
+        ]:
             del self.rows[key]
 
     def erase(self, t: int, keys) -> None:

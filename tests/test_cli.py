@@ -15,18 +15,25 @@ from fiited_store import DynamicRatio, EmbeddingStore, ManualRatios, StoreConfig
 from fiited_store.cli import main
 from fiited_store.tools import read_export
 from fiited_store.verify import check_store
-
 from tests.helpers import train_steps
 
-TABLES = [TableConfig("user", dim=16, chunks=4, num_embeddings=400), TableConfig("item", dim=8, chunks=2, num_embeddings=400)]
+TABLES = [
+    TableConfig("user", dim=16, chunks=4, num_embeddings=400),
+    TableConfig("item", dim=8, chunks=2, num_embeddings=400),
+]
 
 
 @pytest.fixture
 def saved_store(tmp_path):
     """A prune-mode store with spilled chunks, erased keys and dead entries, saved and closed."""
     path = tmp_path / "store"
-    s = EmbeddingStore(TABLES, StoreConfig(pruning=DynamicRatio(0.8), prune_period=4, sample_size=100, on_evict="spill",
-                                           gamma=0.7, drop_floor=1e-3), path=path)
+    s = EmbeddingStore(
+        TABLES,
+        StoreConfig(
+            pruning=DynamicRatio(0.8), prune_period=4, sample_size=100, on_evict="spill", gamma=0.7, drop_floor=1e-3
+        ),
+        path=path,
+    )
     rng = np.random.default_rng(0)
     train_steps(s, TABLES, 20, rng, id_range=400)
     s.erase("user", np.arange(0, 400, 7))
@@ -87,7 +94,9 @@ def plant_slot_owned_twice(path):
 
 
 def plant_truncated_chunk(path):
-    chunk = next(p for p in (ckpt_dir(path) / "tier_0" / "data" / "vectors").rglob("*") if p.is_file() and p.name != "zarr.json")
+    chunk = next(
+        p for p in (ckpt_dir(path) / "tier_0" / "data" / "vectors").rglob("*") if p.is_file() and p.name != "zarr.json"
+    )
     chunk.write_bytes(chunk.read_bytes()[:77])
 
 
@@ -97,12 +106,15 @@ def plant_wrong_dtype(path):
     root["entries"].create_array("util", data=util.astype(np.float64), overwrite=True)
 
 
-@pytest.mark.parametrize("plant, expect", [
-    (plant_bad_owner, "names entry"),
-    (plant_slot_owned_twice, "whose owner is"),
-    (plant_truncated_chunk, "has 77 bytes, the checkpoint lists"),
-    (plant_wrong_dtype, "entries/util has dtype float64, expected uint16"),
-])
+@pytest.mark.parametrize(
+    "plant, expect",
+    [
+        (plant_bad_owner, "names entry"),
+        (plant_slot_owned_twice, "whose owner is"),
+        (plant_truncated_chunk, "has 77 bytes, the checkpoint lists"),
+        (plant_wrong_dtype, "entries/util has dtype float64, expected uint16"),
+    ],
+)
 def test_verify_catches_planted_corruption(saved_store, capsys, plant, expect):
     path, _ = saved_store
     plant(path)
@@ -132,8 +144,11 @@ def test_compact_changes_no_lookup_and_shrinks_the_files(saved_store, capsys):
 def test_compact_reports_smaller_files(tmp_path, capsys):
     path = tmp_path / "s"
     tables = [dataclasses.replace(t, index="hashed") for t in TABLES]  # the hashed index is what compact shrinks
-    s = EmbeddingStore(tables, StoreConfig(pruning=DynamicRatio(0.5), prune_period=0, on_evict="spill",
-                                           initial_capacity=1 << 14), path=path)
+    s = EmbeddingStore(
+        tables,
+        StoreConfig(pruning=DynamicRatio(0.5), prune_period=0, on_evict="spill", initial_capacity=1 << 14),
+        path=path,
+    )
     # far fewer keys than the initial 16k slots (an erase would shrink the index itself)
     train_steps(s, TABLES, 10, np.random.default_rng(1), id_range=400)
     s.save()
@@ -182,7 +197,10 @@ def test_the_compact_export_is_smaller_than_the_dense_one(saved_store, tmp_path)
     train_steps(s, tables, 8, np.random.default_rng(0), batch=2048, id_range=5000)
     s.save()
     s.close()
-    disk = {fmt: export_store(big, tmp_path / f"big-{fmt}", fmt, progress=False)["bytes_on_disk"] for fmt in ("dense", "compact")}
+    disk = {
+        fmt: export_store(big, tmp_path / f"big-{fmt}", fmt, progress=False)["bytes_on_disk"]
+        for fmt in ("dense", "compact")
+    }
     assert disk["compact"] < disk["dense"], disk
 
 
@@ -217,6 +235,7 @@ def test_train_on_the_builtin_default_prints_quality_memory_and_speed(capsys, tm
 
 # --- the command line explains itself and checks its arguments before any work ------------------------------------
 
+
 def _subparsers():
     import argparse
 
@@ -250,27 +269,35 @@ def test_version_and_a_help_that_imports_neither_torch_nor_numba(capsys):
     with pytest.raises(SystemExit) as info:
         main(["--version"])
     assert info.value.code == 0 and capsys.readouterr().out.strip() == "fiited-store 0.1.0"
-    code = ("import sys\nfrom fiited_store.cli import main\n"
-            "for argv in (['--help'], ['train', '--help'], ['bench', '--help']):\n"
-            "    try:\n        main(argv)\n    except SystemExit:\n        pass\n"
-            "print('HEAVY', sorted(m for m in ('torch', 'numba', 'zarr', 'matplotlib') if m in sys.modules))")
+    code = (
+        "import sys\nfrom fiited_store.cli import main\n"
+        "for argv in (['--help'], ['train', '--help'], ['bench', '--help']):\n"
+        "    try:\n        main(argv)\n    except SystemExit:\n        pass\n"
+        "print('HEAVY', sorted(m for m in ('torch', 'numba', 'zarr', 'matplotlib') if m in sys.modules))"
+    )
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
     assert "HEAVY []" in out
 
 
-@pytest.mark.parametrize("argv, message", [
-    (["train", "--steps", "0"], "--steps: must be a positive int, got '0'"),
-    (["train", "--batch-size", "0"], "--batch-size: must be a positive int, got '0'"),
-    (["train", "--batch-size", "-5"], "--batch-size: must be a positive int, got '-5'"),
-    (["train", "--dataset", "movielens", "--path", ".", "--epochs", "0"], "--epochs: must be a positive int, got '0'"),
-    (["train", "--ratio", "1"], "--ratio: must be a ratio in [0, 1), got '1'"),
-    (["train", "--gamma", "nan"], "--gamma: must be a number in (0, 1), got 'nan'"),
-    (["train", "--json", "/nonexistent-dir/r.json"], "--json: cannot create '/nonexistent-dir/r.json'"),
-    (["bench", "--repeats", "0"], "--repeats: must be a positive int, got '0'"),
-    (["train", "--min-chunks", "-1"], "--min-chunks: must be an int >= 0, got '-1'"),
-    (["train", "--on-evict", "keep"], "invalid choice: 'keep'"),
-    (["bench", "--peers", "faiss"], "invalid choice: 'faiss'"),
-])
+@pytest.mark.parametrize(
+    "argv, message",
+    [
+        (["train", "--steps", "0"], "--steps: must be a positive int, got '0'"),
+        (["train", "--batch-size", "0"], "--batch-size: must be a positive int, got '0'"),
+        (["train", "--batch-size", "-5"], "--batch-size: must be a positive int, got '-5'"),
+        (
+            ["train", "--dataset", "movielens", "--path", ".", "--epochs", "0"],
+            "--epochs: must be a positive int, got '0'",
+        ),
+        (["train", "--ratio", "1"], "--ratio: must be a ratio in [0, 1), got '1'"),
+        (["train", "--gamma", "nan"], "--gamma: must be a number in (0, 1), got 'nan'"),
+        (["train", "--json", "/nonexistent-dir/r.json"], "--json: cannot create '/nonexistent-dir/r.json'"),
+        (["bench", "--repeats", "0"], "--repeats: must be a positive int, got '0'"),
+        (["train", "--min-chunks", "-1"], "--min-chunks: must be an int >= 0, got '-1'"),
+        (["train", "--on-evict", "keep"], "invalid choice: 'keep'"),
+        (["bench", "--peers", "faiss"], "invalid choice: 'faiss'"),
+    ],
+)
 def test_bad_arguments_are_refused_before_any_work(argv, message, capsys):
     with pytest.raises(SystemExit) as info:
         main(argv)
@@ -288,19 +315,53 @@ def test_inconsistent_training_values_are_refused_before_any_work(capsys, monkey
     assert "the 9 dimensions above floor_dim = 1 do not split into 4 equal chunks" in capsys.readouterr().err
     assert main(["train", "--dataset", "movielens"]) == 2
     assert "needs --path" in capsys.readouterr().err
-    assert main(["train", "--method", "fiited-manual", "--chunks", "4", "--min-chunks", "2", "--ratio", "0.75",
-                 "--no-progress"]) == 2
-    assert "min_chunks 2 of 4 chunks per row is 0.5 of the dense size, more than the budget at ratio 0.75" \
+    assert (
+        main(
+            [
+                "train",
+                "--method",
+                "fiited-manual",
+                "--chunks",
+                "4",
+                "--min-chunks",
+                "2",
+                "--ratio",
+                "0.75",
+                "--no-progress",
+            ]
+        )
+        == 2
+    )
+    assert (
+        "min_chunks 2 of 4 chunks per row is 0.5 of the dense size, more than the budget at ratio 0.75"
         in capsys.readouterr().err
+    )
     assert main(["train", "--method", "fiited-manual", "--chunks", "4", "--min-chunks", "5", "--no-progress"]) == 2
     assert "min_chunks must be an int in [0, chunks = 4], got 5" in capsys.readouterr().err
     assert main(["train", "--method", "fiited-floor", "--chunks", "4", "--no-progress"]) == 2
-    assert "the 30 dimensions above floor_dim = 2 do not split into 4 equal chunks (--chunks 1, 2, 3, 5, 6, 10, 15, " \
-           "30 would)" in capsys.readouterr().err
+    assert (
+        "the 30 dimensions above floor_dim = 2 do not split into 4 equal chunks (--chunks 1, 2, 3, 5, 6, 10, 15, "
+        "30 would)" in capsys.readouterr().err
+    )
     assert main(["train", "--floor-dim", "4", "--chunks", "4", "--ratio", "0.9375", "--no-progress"]) == 2
     assert "floor_dim 4 of 32 is more than the budget" in capsys.readouterr().err
-    assert main(["train", "--method", "fiited-manual", "--chunks", "4", "--min-chunks", "1", "--floor-dim", "4",
-                 "--no-progress"]) == 2
+    assert (
+        main(
+            [
+                "train",
+                "--method",
+                "fiited-manual",
+                "--chunks",
+                "4",
+                "--min-chunks",
+                "1",
+                "--floor-dim",
+                "4",
+                "--no-progress",
+            ]
+        )
+        == 2
+    )
     assert "give floor_dim or min_chunks, not both (got 4 and 1)" in capsys.readouterr().err
     assert main(["train", "--chunks", "5", "--min-chunks", "1", "--no-progress"]) == 2
     assert "give floor_dim or min_chunks, not both (got 2 and 1)" in capsys.readouterr().err  # fiited-floor's own
@@ -318,7 +379,10 @@ def test_dense_says_it_does_not_prune_and_one_seed_shows_no_spread(capsys, tmp_p
     results = [{"method": "dense", "ratio": 0.0, "auc": 0.78}, {"method": "fiited-manual", "ratio": 0.5, "auc": 0.77}]
     table = markdown_table(results, ["dense", "fiited-manual"], [0.5])
     assert "±" not in table and "one seed" in table and "| 0.5 | 0.7700 |" in table
-    two = results + [{"method": "dense", "ratio": 0.0, "auc": 0.80}, {"method": "fiited-manual", "ratio": 0.5, "auc": 0.79}]
+    two = results + [
+        {"method": "dense", "ratio": 0.0, "auc": 0.80},
+        {"method": "fiited-manual", "ratio": 0.5, "auc": 0.79},
+    ]
     assert "0.7800 ± 0.0100" in markdown_table(two, ["dense", "fiited-manual"], [0.5])
     assert "over 2 seeds" in markdown_table(two, ["dense", "fiited-manual"], [0.5])
     assert "The store's memory" not in table  # nothing measured it
@@ -331,8 +395,11 @@ def test_inspect_into_a_closed_pipe_exits_quietly(saved_store):
     import sys
 
     path, _ = saved_store
-    proc = subprocess.Popen([sys.executable, "-m", "fiited_store.cli", "inspect", str(path), "--json"],
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "fiited_store.cli", "inspect", str(path), "--json"],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+    )
     proc.stdout.close()  # the reader is gone before the first line is written, as with `| head -0`
     err = proc.stderr.read().decode()
     assert proc.wait() == 0, err
@@ -348,6 +415,45 @@ def test_inspect_plot_labels_every_table(saved_store, tmp_path):
     assert (tmp_path / "p.png").stat().st_size > 0
     for panel in ("kept_dim", "utility"):
         assert [label.split(" ")[0] for label in legends[panel]] == ["user", "item"], legends
+
+
+def test_plots_without_matplotlib_name_the_extra(saved_store, tmp_path, capsys, monkeypatch):
+    """matplotlib is the plot extra: asked for a plot without it, the command says how to get it."""
+    import importlib.util
+
+    from fiited_store import plotting
+
+    real = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name == "matplotlib" else real(name, *a))
+    monkeypatch.setitem(__import__("sys").modules, "matplotlib", None)  # an import now fails too
+    path, _ = saved_store
+    assert main(["inspect", str(path), "--plot", str(tmp_path / "p.png")]) == 2
+    assert "pip install 'fiited-store[plot]'" in capsys.readouterr().err
+    assert not (tmp_path / "p.png").exists()
+    with pytest.raises(plotting.PlottingUnavailableError, match=r"fiited-store\[plot\]"):
+        plotting.pyplot()
+    assert (
+        main(
+            [
+                "sweep",
+                "--methods",
+                "dense",
+                "--steps",
+                "3",
+                "--batch-size",
+                "32",
+                "--seeds",
+                "0",
+                "--out",
+                str(tmp_path / "sw"),
+                "--no-progress",
+            ]
+        )
+        == 0
+    )
+    captured = capsys.readouterr()
+    assert "sweep.png will not be drawn" in captured.err and "fiited-store[plot]" in captured.err
+    assert (tmp_path / "sw" / "sweep.csv").exists() and not (tmp_path / "sw" / "sweep.png").exists()
 
 
 @pytest.mark.parametrize("array", ["pool_0/vectors", "pool_0/opt_state"])
@@ -376,7 +482,6 @@ def test_an_os_error_is_one_line_naming_the_file(saved_store, capsys):
 def test_export_onto_a_full_device_is_a_storage_full_error_and_leaves_nothing(saved_store, tmp_path):
     from fiited_store import StorageFullError
     from fiited_store.tools import export_store
-
     from tests.storage.test_tiers import file_size_limit
 
     path, _ = saved_store
@@ -405,8 +510,12 @@ def test_compact_on_a_full_device_exits_with_a_storage_error_and_loses_nothing(t
         signal.signal(signal.SIGXFSZ, signal.SIG_IGN)
         resource.setrlimit(resource.RLIMIT_FSIZE, (4096, resource.RLIM_INFINITY))
 
-    run = subprocess.run([sys.executable, "-m", "fiited_store.cli", "compact", str(path), "--no-progress"],
-                         capture_output=True, text=True, preexec_fn=limit)
+    run = subprocess.run(
+        [sys.executable, "-m", "fiited_store.cli", "compact", str(path), "--no-progress"],
+        capture_output=True,
+        text=True,
+        preexec_fn=limit,
+    )
     assert run.returncode == 2, (run.returncode, run.stderr[-2000:])
     assert "StorageFullError" in run.stderr and "Traceback" not in run.stderr
     assert not list(path.rglob("*.partial")) and not list(path.rglob("*.compact"))
@@ -416,8 +525,20 @@ def test_compact_on_a_full_device_exits_with_a_storage_error_and_loses_nothing(t
 
 
 def test_train_can_keep_pruned_chunks_in_the_disk_tier(capsys, tmp_path):
-    args = ["train", "--steps", "60", "--batch-size", "256", "--prune-period", "10", "--ratio", "0.75",
-            "--no-progress", "--json", str(tmp_path / "r.json")]
+    args = [
+        "train",
+        "--steps",
+        "60",
+        "--batch-size",
+        "256",
+        "--prune-period",
+        "10",
+        "--ratio",
+        "0.75",
+        "--no-progress",
+        "--json",
+        str(tmp_path / "r.json"),
+    ]
     assert main(args + ["--on-evict", "spill"]) == 0
     out = capsys.readouterr().out
     r = json.loads((tmp_path / "r.json").read_text())
@@ -433,8 +554,26 @@ def test_train_can_keep_pruned_chunks_in_the_disk_tier(capsys, tmp_path):
 def test_train_with_a_floor_keeps_a_chunk_of_every_row(tmp_path):
     """--min-chunks gives every table a floor: each row that has an entry keeps its
     first chunk, and the rest of the budget follows utility."""
-    args = ["train", "--method", "fiited-manual", "--steps", "60", "--batch-size", "256", "--prune-period", "10",
-            "--ratio", "0.75", "--chunks", "16", "--min-chunks", "1", "--no-progress", "--json", str(tmp_path / "r.json")]
+    args = [
+        "train",
+        "--method",
+        "fiited-manual",
+        "--steps",
+        "60",
+        "--batch-size",
+        "256",
+        "--prune-period",
+        "10",
+        "--ratio",
+        "0.75",
+        "--chunks",
+        "16",
+        "--min-chunks",
+        "1",
+        "--no-progress",
+        "--json",
+        str(tmp_path / "r.json"),
+    ]
     assert main(args) == 0
     r = json.loads((tmp_path / "r.json").read_text())
     assert r["min_chunks"] == 1 and r["bytes_vs_dense"] == pytest.approx(0.25, abs=0.01)
@@ -448,8 +587,24 @@ def test_train_with_a_floor_keeps_a_chunk_of_every_row(tmp_path):
 def test_train_with_a_floor_of_its_own_width(tmp_path):
     """fiited-floor: every row keeps D / 16 dimensions, paid first; the chunks above
     them share the rest of the budget, so the pool is the same size as without."""
-    args = ["train", "--method", "fiited-floor", "--steps", "60", "--batch-size", "256", "--prune-period", "10",
-            "--ratio", "0.75", "--chunks", "3", "--no-progress", "--json", str(tmp_path / "r.json")]
+    args = [
+        "train",
+        "--method",
+        "fiited-floor",
+        "--steps",
+        "60",
+        "--batch-size",
+        "256",
+        "--prune-period",
+        "10",
+        "--ratio",
+        "0.75",
+        "--chunks",
+        "3",
+        "--no-progress",
+        "--json",
+        str(tmp_path / "r.json"),
+    ]
     assert main(args) == 0
     r = json.loads((tmp_path / "r.json").read_text())
     assert r["method"] == "fiited-floor" and r["bytes_vs_dense"] == pytest.approx(0.25, abs=0.01)
@@ -458,7 +613,11 @@ def test_train_with_a_floor_of_its_own_width(tmp_path):
     emb = build_embeddings("fiited-floor", ["a", "b"], [50, 7], 32, 0.75, 3, 0.05)
     s = emb.store
     assert [(t.name, t.dim, t.chunks, t.min_chunks) for t in s.tables] == [
-        ("a:floor", 2, 1, 1), ("a", 30, 3, 0), ("b:floor", 2, 1, 1), ("b", 30, 3, 0)]
+        ("a:floor", 2, 1, 1),
+        ("a", 30, 3, 0),
+        ("b:floor", 2, 1, 1),
+        ("b", 30, 3, 0),
+    ]
     # 0.25 x 57 rows x 32 floats = 456: the floors' 57 x 2 first, the chunks above them the rest
     assert sorted((p.chunk_width, p.slots) for p in s.plans) == [(2, 57), (10, 34)]
     assert s.config.pruning.per_chunk == ManualRatios.linear(1 - 6 / 30, 3).per_chunk  # 6 of the 30 dims above

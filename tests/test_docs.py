@@ -22,9 +22,17 @@ def test_a_readme_example_runs(index, tmp_path, monkeypatch, capsys):
     exec(compile(BLOCKS[index], f"README.md python block {index}", "exec"), {"__name__": "__readme__"})
 
 
-@pytest.mark.parametrize("module", ["fiited_store", "fiited_store.adapters.pytorch", "fiited_store.adapters.keyed",
-                                    "fiited_store.distributed.sharded_store", "fiited_store.distributed.routing",
-                                    "fiited_store.distributed.batches"])
+@pytest.mark.parametrize(
+    "module",
+    [
+        "fiited_store",
+        "fiited_store.adapters.pytorch",
+        "fiited_store.adapters.keyed",
+        "fiited_store.distributed.sharded_store",
+        "fiited_store.distributed.routing",
+        "fiited_store.distributed.batches",
+    ],
+)
 def test_docstring_examples_run(module):
     import importlib
 

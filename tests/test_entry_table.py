@@ -7,9 +7,7 @@ import pytest
 
 from fiited_store import ConfigError, DynamicRatio, EmbeddingStore, StoreConfig, TableConfig
 from fiited_store.verify import check_store
-
 from tests.reference import key_hash
-
 
 
 def home_buckets(table: int, ids: np.ndarray, capacity: int) -> np.ndarray:
@@ -28,8 +26,10 @@ def test_vectorised_hash_matches_the_reference():
 
 
 def store_for(capacity: int, tables=("t",)):
-    return EmbeddingStore([TableConfig(n, dim=4, chunks=1) for n in tables],
-                          StoreConfig(budget_bytes=16 * 4096, prune_period=0, initial_capacity=capacity))
+    return EmbeddingStore(
+        [TableConfig(n, dim=4, chunks=1) for n in tables],
+        StoreConfig(budget_bytes=16 * 4096, prune_period=0, initial_capacity=capacity),
+    )
 
 
 def test_every_key_in_one_bucket():
@@ -75,7 +75,7 @@ def test_growth_by_rehash_keeps_every_key_and_value(rng):
     ids = rng.choice(2**40, 3000, replace=False).astype(np.int64) - 2**39
     values = rng.standard_normal((3000, 4)).astype(np.float32)
     for lo in range(0, 3000, 500):
-        s.insert_or_assign("t", ids[lo:lo + 500], values[lo:lo + 500])
+        s.insert_or_assign("t", ids[lo : lo + 500], values[lo : lo + 500])
         assert check_store(s) == []
     assert s.counters.rehashes >= 2 and s.entries.capacity >= 4096
     np.testing.assert_array_equal(s.lookup("t", ids), values)
@@ -108,7 +108,7 @@ def test_erasing_most_keys_shrinks_the_index_and_keeps_the_rest(rng):
     grown, before = s.entries.capacity, s.memory_bytes()
     assert grown >= 4096
     assert grown == 8192
-    s.erase("t", ids[2500:])     # 2500 left: a rehash would land at 8192 slots too, so it stays
+    s.erase("t", ids[2500:])  # 2500 left: a rehash would land at 8192 slots too, so it stays
     assert s.entries.capacity == grown
     s.erase("t", ids[100:2500])  # 100 left: rebuilt into 256 slots
     assert s.entries.capacity == 256 and s.memory_bytes() < before
@@ -118,8 +118,10 @@ def test_erasing_most_keys_shrinks_the_index_and_keeps_the_rest(rng):
 
 
 def test_training_across_a_rehash_applies_to_the_right_keys(rng):
-    s = EmbeddingStore([TableConfig("t", dim=4, chunks=1, optimizer="sgd", learning_rate=1.0)],
-                       StoreConfig(budget_bytes=16 * 1000, prune_period=0, initial_capacity=8))
+    s = EmbeddingStore(
+        [TableConfig("t", dim=4, chunks=1, optimizer="sgd", learning_rate=1.0)],
+        StoreConfig(budget_bytes=16 * 1000, prune_period=0, initial_capacity=8),
+    )
     first = s.pooled_lookup("t", np.arange(4), np.arange(5), train=True)
     before = s.lookup("t", np.arange(4)).copy()
     s.find_or_insert("t", np.arange(100, 600))  # rehash between this forward and its backward
@@ -132,9 +134,11 @@ def test_training_across_a_rehash_applies_to_the_right_keys(rng):
 
 
 def _stream_store(index, config):
-    tables = [TableConfig("a", dim=8, chunks=2, num_embeddings=300, index=index, optimizer="adagrad"),
-              TableConfig("b", dim=8, chunks=4, num_embeddings=77, index=index, optimizer="rowwise_adagrad"),
-              TableConfig("c", dim=4, chunks=1, num_embeddings=500, index=index, optimizer="sgd")]
+    tables = [
+        TableConfig("a", dim=8, chunks=2, num_embeddings=300, index=index, optimizer="adagrad"),
+        TableConfig("b", dim=8, chunks=4, num_embeddings=77, index=index, optimizer="rowwise_adagrad"),
+        TableConfig("c", dim=4, chunks=1, num_embeddings=500, index=index, optimizer="sgd"),
+    ]
     s = EmbeddingStore(tables, config)
     rng = np.random.default_rng(5)
     for step in range(30):
@@ -147,11 +151,15 @@ def _stream_store(index, config):
     return s
 
 
-@pytest.mark.parametrize("config", [
-    StoreConfig(pruning=DynamicRatio(0.7), prune_period=4, sample_size=64, drop_floor=1e-3, gamma=0.8),
-    StoreConfig(pruning=DynamicRatio(0.5), prune_period=5, on_evict="spill", utility="shared"),
-    StoreConfig(mode="cache", budget_fraction=0.6, prune_period=6),
-], ids=["discard", "spill", "cache"])
+@pytest.mark.parametrize(
+    "config",
+    [
+        StoreConfig(pruning=DynamicRatio(0.7), prune_period=4, sample_size=64, drop_floor=1e-3, gamma=0.8),
+        StoreConfig(pruning=DynamicRatio(0.5), prune_period=5, on_evict="spill", utility="shared"),
+        StoreConfig(mode="cache", budget_fraction=0.6, prune_period=6),
+    ],
+    ids=["discard", "spill", "cache"],
+)
 def test_direct_and_hashed_indexes_make_the_same_store(config):
     """Same stream, same decisions: samples, tie-breaks and initial values depend on keys only."""
     direct, hashed = _stream_store("direct", config), _stream_store("hashed", config)
@@ -168,24 +176,26 @@ def test_direct_and_hashed_indexes_make_the_same_store(config):
         return
     sd, sh = direct.stats(), hashed.stats()
     assert sd["tables"] == sh["tables"]
-    assert {k: v for k, v in sd["counters"].items() if k != "rehashes"} == \
-        {k: v for k, v in sh["counters"].items() if k != "rehashes"}
+    assert {k: v for k, v in sd["counters"].items() if k != "rehashes"} == {
+        k: v for k, v in sh["counters"].items() if k != "rehashes"
+    }
     assert direct.counters.prunes > 0 and direct.counters.evicted_chunks + direct.counters.spilled_chunks > 0
 
 
 @pytest.mark.parametrize("bad", [-1, 300, 2**62, -(2**63)])
 def test_an_id_outside_a_direct_table_raises_and_changes_nothing(bad):
     from fiited_store import IdOutOfRangeError
-
     from tests.helpers import assert_unchanged, snapshot
 
     s = _stream_store("direct", StoreConfig(pruning=DynamicRatio(0.5), prune_period=4))
     before = snapshot(s)
-    for call in (lambda: s.pooled_lookup(["a", "b"], np.array([1, bad, 2]), np.array([0, 2, 3]), train=True),
-                 lambda: s.lookup("a", np.array([bad])),
-                 lambda: s.insert("a", np.array([5, bad])),
-                 lambda: s.insert_or_assign("a", np.array([bad]), np.zeros((1, 8), np.float32)),
-                 lambda: s.erase("a", np.array([bad]))):
+    for call in (
+        lambda: s.pooled_lookup(["a", "b"], np.array([1, bad, 2]), np.array([0, 2, 3]), train=True),
+        lambda: s.lookup("a", np.array([bad])),
+        lambda: s.insert("a", np.array([5, bad])),
+        lambda: s.insert_or_assign("a", np.array([bad]), np.zeros((1, 8), np.float32)),
+        lambda: s.erase("a", np.array([bad])),
+    ):
         with pytest.raises(IdOutOfRangeError, match=f"id {bad} .* table 'a', which declares num_embeddings=300"):
             call()
     assert_unchanged(before, snapshot(s))
@@ -205,7 +215,10 @@ def test_direct_index_stores_no_key_and_no_probe():
 
 
 def test_a_memory_budget_covers_the_whole_store_and_the_pool_gets_the_rest():
-    tables = [TableConfig("a", dim=32, chunks=2, num_embeddings=5000), TableConfig("b", dim=32, chunks=2, num_embeddings=800)]
+    tables = [
+        TableConfig("a", dim=32, chunks=2, num_embeddings=5000),
+        TableConfig("b", dim=32, chunks=2, num_embeddings=800),
+    ]
     s = EmbeddingStore(tables, StoreConfig(memory_budget_fraction=0.3, prune_period=0))
     st = s.stats()["total"]
     dense = 5800 * 32 * 4
@@ -230,7 +243,10 @@ def test_pool_and_memory_budgets_together_are_checked_at_construction():
 
 
 def test_pool_budgets_give_each_chunk_width_its_own_pool_and_are_checked():
-    tables = [TableConfig("a", dim=8, chunks=2, num_embeddings=100), TableConfig("b", dim=16, chunks=2, num_embeddings=100)]
+    tables = [
+        TableConfig("a", dim=8, chunks=2, num_embeddings=100),
+        TableConfig("b", dim=16, chunks=2, num_embeddings=100),
+    ]
     s = EmbeddingStore(tables, StoreConfig(pool_budget_bytes=(160, 3200), prune_period=0))
     assert [(p.chunk_width, p.slots) for p in s.plans] == [(4, 10), (8, 100)]
     assert s.stats()["total"]["budget_bytes"] == 160 + 3200
@@ -244,12 +260,12 @@ def test_pool_budgets_give_each_chunk_width_its_own_pool_and_are_checked():
 
 def test_the_hashed_index_never_grows_past_the_memory_budget():
     from fiited_store import MemoryBudgetError
-
     from tests.helpers import assert_unchanged, snapshot
 
     t = [TableConfig("a", dim=16, chunks=2, num_embeddings=1000, index="hashed")]
-    s = EmbeddingStore(t, StoreConfig(budget_fraction=0.05, memory_budget_bytes=20_000, prune_period=0,
-                                      initial_capacity=64))
+    s = EmbeddingStore(
+        t, StoreConfig(budget_fraction=0.05, memory_budget_bytes=20_000, prune_period=0, initial_capacity=64)
+    )
     s.insert("a", np.arange(40))
     assert s.stats()["total"]["memory_vs_budget"] <= 1.0
     before = snapshot(s)

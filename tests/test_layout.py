@@ -12,8 +12,11 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 #: where each installed package's files live (pyproject's package-dir)
-PACKAGE_DIRS = {"fiited_store": ROOT / "fiited_store", "fiited_store.storage": ROOT / "storage",
-                "fiited_store.adapters": ROOT / "adapters"}
+PACKAGE_DIRS = {
+    "fiited_store": ROOT / "fiited_store",
+    "fiited_store.storage": ROOT / "storage",
+    "fiited_store.adapters": ROOT / "adapters",
+}
 #: NamedTuple's own API, which is public despite its underscore
 NAMEDTUPLE_API = {"_asdict", "_replace", "_fields", "_make", "_field_defaults"}
 #: reads of another module's private attributes the engine may still make (the issue's bound: 10)
@@ -132,15 +135,24 @@ def _private_names_defined(tree: ast.AST) -> set[str]:
             names.add(node.name)
         elif isinstance(node, ast.ClassDef):
             for item in node.body:
-                targets = item.targets if isinstance(item, ast.Assign) else \
-                    [item.target] if isinstance(item, ast.AnnAssign) else []
+                targets = (
+                    item.targets
+                    if isinstance(item, ast.Assign)
+                    else [item.target]
+                    if isinstance(item, ast.AnnAssign)
+                    else []
+                )
                 names.update(t.id for t in targets if isinstance(t, ast.Name) and t.id.startswith("_"))
         elif isinstance(node, (ast.Assign, ast.AnnAssign, ast.AugAssign)):
             targets = node.targets if isinstance(node, ast.Assign) else [node.target]
             for t in targets:
                 for sub in ast.walk(t):
-                    if isinstance(sub, ast.Attribute) and sub.attr.startswith("_") and isinstance(sub.value, ast.Name) \
-                            and sub.value.id == "self":
+                    if (
+                        isinstance(sub, ast.Attribute)
+                        and sub.attr.startswith("_")
+                        and isinstance(sub.value, ast.Name)
+                        and sub.value.id == "self"
+                    ):
                         names.add(sub.attr)
     return names
 
@@ -149,7 +161,7 @@ def foreign_private_reads() -> list[str]:
     """``obj._x`` in a module that does not itself define ``_x`` (not ``self``/``cls``, not a
     module's name, not NamedTuple's API, not a dunder)."""
     found = []
-    for name, f in modules().items():
+    for _name, f in modules().items():
         tree = ast.parse(f.read_text())
         own = _private_names_defined(tree)
         module_names = set()

@@ -6,10 +6,8 @@ import numpy as np
 import pytest
 
 from fiited_store import DynamicRatio, EmbeddingStore, ManualRatios, StoreConfig, TableConfig
-from fiited_store.config import plan_pools
 from fiited_store.policy import thresholds
 from fiited_store.verify import check_store
-
 from tests.helpers import train_steps
 
 
@@ -17,7 +15,11 @@ def access(store, table, ids, grad_scale=1.0, rng=None):
     """One training step in which each id is one bag; gradient of ones (times grad_scale)."""
     ids = np.asarray(ids, np.int64)
     b = store.pooled_lookup(table, ids, np.arange(ids.size + 1), train=True)
-    g = np.full(b.output.shape, grad_scale, np.float32) if rng is None else rng.standard_normal(b.output.shape).astype(np.float32)
+    g = (
+        np.full(b.output.shape, grad_scale, np.float32)
+        if rng is None
+        else rng.standard_normal(b.output.shape).astype(np.float32)
+    )
     store.backward(b, g)
     store.step()
 
@@ -30,7 +32,9 @@ def resident(store, table, ids):
 
 
 def test_new_keys_take_free_slots_then_start_absent():
-    s = EmbeddingStore([TableConfig("t", dim=8, chunks=2, num_embeddings=10)], StoreConfig(pruning=DynamicRatio(0.5), prune_period=0))
+    s = EmbeddingStore(
+        [TableConfig("t", dim=8, chunks=2, num_embeddings=10)], StoreConfig(pruning=DynamicRatio(0.5), prune_period=0)
+    )
     assert s.pools[0].slots == 10
     access(s, "t", np.arange(7))  # 14 chunks wanted, 10 slots
     res = resident(s, "t", np.arange(7))
@@ -41,8 +45,10 @@ def test_new_keys_take_free_slots_then_start_absent():
 
 def test_highest_utilities_win_when_slots_run_short():
     # access utility: u = number of accesses (gamma close to 1 over few steps); keep-all ratio
-    s = EmbeddingStore([TableConfig("t", dim=4, chunks=1, num_embeddings=40)],
-                       StoreConfig(pruning=DynamicRatio(0.0), budget_bytes=10 * 16, utility="access", prune_period=0, gamma=0.999))
+    s = EmbeddingStore(
+        [TableConfig("t", dim=4, chunks=1, num_embeddings=40)],
+        StoreConfig(pruning=DynamicRatio(0.0), budget_bytes=10 * 16, utility="access", prune_period=0, gamma=0.999),
+    )
     ids = np.arange(40)
     weights = (ids * 7919) % 40 + 1  # a shuffled access count per key, all distinct
     access(s, "t", np.repeat(ids, weights))
@@ -54,7 +60,10 @@ def test_highest_utilities_win_when_slots_run_short():
 
 
 def test_budget_holds_through_training_and_prunes(rng):
-    tables = [TableConfig("a", dim=16, chunks=4, num_embeddings=300), TableConfig("b", dim=8, chunks=2, num_embeddings=300)]
+    tables = [
+        TableConfig("a", dim=16, chunks=4, num_embeddings=300),
+        TableConfig("b", dim=8, chunks=2, num_embeddings=300),
+    ]
     s = EmbeddingStore(tables, StoreConfig(pruning=DynamicRatio(0.8), prune_period=3, sample_size=50))
     slots = [p.slots for p in s.pools]
     vectors = [id(p.arrays.vectors) for p in s.pools]
@@ -69,8 +78,10 @@ def test_budget_holds_through_training_and_prunes(rng):
 
 def test_manual_ratios_with_shared_utility_keep_a_prefix_of_chunks(rng):
     K = 4
-    s = EmbeddingStore([TableConfig("t", dim=16, chunks=K, num_embeddings=400)],
-                       StoreConfig(pruning=ManualRatios.linear(0.75, K), utility="shared", prune_period=0, sample_size=10_000))
+    s = EmbeddingStore(
+        [TableConfig("t", dim=16, chunks=K, num_embeddings=400)],
+        StoreConfig(pruning=ManualRatios.linear(0.75, K), utility="shared", prune_period=0, sample_size=10_000),
+    )
     for _ in range(10):
         access(s, "t", rng.zipf(1.3, 300) % 400, rng=rng)
     s.prune()
@@ -84,8 +95,10 @@ def test_manual_ratios_with_shared_utility_keep_a_prefix_of_chunks(rng):
 
 
 def test_dynamic_ratio_keeps_the_most_useful_chunks_across_chunk_indices(rng):
-    s = EmbeddingStore([TableConfig("t", dim=8, chunks=4, num_embeddings=50)],
-                       StoreConfig(pruning=DynamicRatio(0.5), prune_period=0, sample_size=10_000, gamma=0.999))
+    s = EmbeddingStore(
+        [TableConfig("t", dim=8, chunks=4, num_embeddings=50)],
+        StoreConfig(pruning=DynamicRatio(0.5), prune_period=0, sample_size=10_000, gamma=0.999),
+    )
     ids = np.arange(50)
     access(s, "t", ids, rng=rng)
     s.prune()
@@ -97,7 +110,9 @@ def test_dynamic_ratio_keeps_the_most_useful_chunks_across_chunk_indices(rng):
 
 
 def test_non_resident_gradient_changes_only_utility():
-    s = EmbeddingStore([TableConfig("t", dim=8, chunks=2, num_embeddings=10)], StoreConfig(pruning=DynamicRatio(0.5), prune_period=0))
+    s = EmbeddingStore(
+        [TableConfig("t", dim=8, chunks=2, num_embeddings=10)], StoreConfig(pruning=DynamicRatio(0.5), prune_period=0)
+    )
     access(s, "t", np.arange(5))  # pool full
     access(s, "t", [9])  # key 9 starts absent
     pool_before = [a.copy() for a in s.pools[0].arrays]
@@ -113,12 +128,25 @@ def test_non_resident_gradient_changes_only_utility():
 
 def test_spilled_chunk_comes_back_with_its_trained_values_and_state(rng):
     tbl = TableConfig("t", dim=8, chunks=2, num_embeddings=20, optimizer="adagrad", learning_rate=0.1)
-    s = EmbeddingStore([tbl], StoreConfig(pruning=DynamicRatio(0.0), budget_bytes=8 * 4 * 4, on_evict="spill",
-                                          utility="access", prune_period=0, gamma=0.5))
-    access(s, "t", [1, 2, 3, 4], rng=rng)   # 8 slots: all four rows resident
+    s = EmbeddingStore(
+        [tbl],
+        StoreConfig(
+            pruning=DynamicRatio(0.0),
+            budget_bytes=8 * 4 * 4,
+            on_evict="spill",
+            utility="access",
+            prune_period=0,
+            gamma=0.5,
+        ),
+    )
+    access(s, "t", [1, 2, 3, 4], rng=rng)  # 8 slots: all four rows resident
     access(s, "t", [1, 2, 3, 4], rng=rng)
     trained = s.lookup("t", [1, 2]).copy()
-    states = s.pools[0].arrays.opt_state[s.entries.arrays.addr[s.entries.find(np.zeros(2, np.int16), np.array([1, 2]))[0]].ravel()].copy()
+    states = (
+        s.pools[0]
+        .arrays.opt_state[s.entries.arrays.addr[s.entries.find(np.zeros(2, np.int16), np.array([1, 2]))[0]].ravel()]
+        .copy()
+    )
     for _ in range(4):
         access(s, "t", [5, 6, 7, 8, 3, 4], rng=rng)  # new keys start absent, then win the prune
     s.prune()
@@ -136,8 +164,10 @@ def test_spilled_chunk_comes_back_with_its_trained_values_and_state(rng):
 
 
 def test_discarded_chunk_comes_back_reinitialised(rng):
-    s = EmbeddingStore([TableConfig("t", dim=4, chunks=1, num_embeddings=10)],
-                       StoreConfig(pruning=DynamicRatio(0.0), budget_bytes=2 * 16, utility="access", prune_period=0, gamma=0.5))
+    s = EmbeddingStore(
+        [TableConfig("t", dim=4, chunks=1, num_embeddings=10)],
+        StoreConfig(pruning=DynamicRatio(0.0), budget_bytes=2 * 16, utility="access", prune_period=0, gamma=0.5),
+    )
     initial = s.find_or_insert("t", [1, 2])[:1].copy()
     access(s, "t", [1, 2], grad_scale=1.0)  # training moves row 1
     assert not np.array_equal(s.lookup("t", [1]), initial)
@@ -153,8 +183,10 @@ def test_discarded_chunk_comes_back_reinitialised(rng):
 
 def test_endless_id_stream_keeps_a_bounded_entry_table(rng):
     # an endless stream is what the hashed index is for; num_embeddings only sizes the budget
-    s = EmbeddingStore([TableConfig("t", dim=8, chunks=2, num_embeddings=1000, index="hashed")],
-                       StoreConfig(pruning=DynamicRatio(0.9), prune_period=5, gamma=0.5, drop_floor=1e-3))
+    s = EmbeddingStore(
+        [TableConfig("t", dim=8, chunks=2, num_embeddings=1000, index="hashed")],
+        StoreConfig(pruning=DynamicRatio(0.9), prune_period=5, gamma=0.5, drop_floor=1e-3),
+    )
     live = []
     for step in range(200):
         access(s, "t", np.arange(step * 50, step * 50 + 50), rng=rng)  # never the same id twice
@@ -166,8 +198,10 @@ def test_endless_id_stream_keeps_a_bounded_entry_table(rng):
 
 def test_utilities_follow_the_decay_recurrence(rng):
     gamma = 0.8
-    s = EmbeddingStore([TableConfig("t", dim=4, chunks=2, num_embeddings=10)],
-                       StoreConfig(pruning=DynamicRatio(0.0), budget_fraction=1.0, gamma=gamma, prune_period=0))
+    s = EmbeddingStore(
+        [TableConfig("t", dim=4, chunks=2, num_embeddings=10)],
+        StoreConfig(pruning=DynamicRatio(0.0), budget_fraction=1.0, gamma=gamma, prune_period=0),
+    )
     expect = np.zeros(2)
     for step in range(300):  # gamma**-300 is 1e29: the stored scale is folded back on the way
         if step % 3 == 0:
@@ -188,13 +222,15 @@ def test_sixteen_bit_utilities_keep_growing_where_rounding_to_nearest_would_stal
     Stochastic rounding keeps the expected value; each row has its own rounding bits,
     so the mean over rows is close and no row is far off."""
     gamma, steps, n = 0.999, 3000, 64
-    s = EmbeddingStore([TableConfig("t", dim=4, chunks=1, num_embeddings=n)],
-                       StoreConfig(pruning=DynamicRatio(0.0), budget_fraction=1.0, gamma=gamma, prune_period=0))
+    s = EmbeddingStore(
+        [TableConfig("t", dim=4, chunks=1, num_embeddings=n)],
+        StoreConfig(pruning=DynamicRatio(0.0), budget_fraction=1.0, gamma=gamma, prune_period=0),
+    )
     g = np.full((n, 4), 0.5, np.float32)  # ||g|| = 1 for every row, every step
     for _ in range(steps):
         s.backward(s.pooled_lookup("t", np.arange(n), np.arange(n + 1), train=True), g)
         s.step()
-    expect = gamma * (1 - gamma ** steps) / (1 - gamma)  # sum of gamma**i, i = 1..steps
+    expect = gamma * (1 - gamma**steps) / (1 - gamma)  # sum of gamma**i, i = 1..steps
     got = s.utilities("t", np.arange(n))[:, 0].astype(np.float64)
     assert abs(got.mean() - expect) / expect < 0.02, (got.mean(), expect)
     assert np.all(np.abs(got - expect) / expect < 0.2), (got.min(), got.max(), expect)
@@ -202,10 +238,13 @@ def test_sixteen_bit_utilities_keep_growing_where_rounding_to_nearest_would_stal
 
 # --- feature-aware pruning: floors and per-table normalisation ----------------------------------------------------
 
+
 def _two_tables(config_kw, small_kw=None):
     """A tiny table whose gradients are 1000x smaller than a large table's: the global threshold strips it."""
-    tables = [TableConfig("small", dim=8, chunks=4, num_embeddings=8, **(small_kw or {})),
-              TableConfig("big", dim=8, chunks=4, num_embeddings=400)]
+    tables = [
+        TableConfig("small", dim=8, chunks=4, num_embeddings=8, **(small_kw or {})),
+        TableConfig("big", dim=8, chunks=4, num_embeddings=400),
+    ]
     s = EmbeddingStore(tables, StoreConfig(pruning=DynamicRatio(0.75), prune_period=0, sample_size=10_000, **config_kw))
     rng = np.random.default_rng(0)
     for _ in range(6):
@@ -263,7 +302,7 @@ def _readmission_run(mode: str, reference: bool):
     s = ReferenceStore(tables, cfg) if reference else EmbeddingStore(tables, cfg)
     ids = np.arange(50)
     for first, scale, steps in ((0, 1.0, 3), (25, 5.0, 4)):
-        part = ids[first:first + 25]
+        part = ids[first : first + 25]
         for _ in range(steps):
             b = s.pooled_lookup([0] if reference else "a", part, np.arange(26), train=True)
             s.backward(b, np.full((25, 8), scale, np.float32))
@@ -290,8 +329,10 @@ def test_readmitted_chunks_start_as_the_option_says(mode):
 def _prune_inputs(seed=0, floor_table=True):
     """A trained store's entry arrays and thresholds that let some absent chunks qualify
     (and, with floor_table, one table's first chunk pass at -inf, as a floor does)."""
-    tables = [TableConfig("a", dim=8, chunks=4, num_embeddings=300),
-              TableConfig("b", dim=8, chunks=2, num_embeddings=300, index="hashed")]
+    tables = [
+        TableConfig("a", dim=8, chunks=4, num_embeddings=300),
+        TableConfig("b", dim=8, chunks=2, num_embeddings=300, index="hashed"),
+    ]
     s = EmbeddingStore(tables, StoreConfig(pruning=DynamicRatio(0.5), prune_period=0, seed=seed))
     train_steps(s, tables, 12, np.random.default_rng(seed), id_range=300)
     s.prune()
@@ -313,12 +354,28 @@ def test_one_pass_prune_lists_and_ranks_match_the_counting_and_listing_passes(fl
     ea, m = s.entries.arrays, s.meta
     counts = np.empty((cpu.SCAN_BLOCKS, 3), np.int64)
     keep, cand, drop, ev_e, ev_k, al_e, al_k = cpu.prune_lists(
-        ea.row_base, ea.seen, ea.table_ids, ea.addr, ea.util, m["table_chunks"], m["table_group"], 0, thr, counts)
+        ea.row_base, ea.seen, ea.table_ids, ea.addr, ea.util, m["table_chunks"], m["table_group"], 0, thr, counts
+    )
     assert cand > 0 and drop > 0 and keep > 0
     size = ea.addr.size
     ref = [np.empty(size, np.int64) for _ in range(4)] + [np.empty(size, np.uint64)]
-    n_ev, n_al = cpu.prune_select(ea.row_base, ea.seen, ea.keys, ea.table_ids, ea.addr, ea.util, m["table_chunks"],
-                                  m["table_group"], 0, thr, False, np.uint64(0), True, counts, *ref)
+    n_ev, n_al = cpu.prune_select(
+        ea.row_base,
+        ea.seen,
+        ea.keys,
+        ea.table_ids,
+        ea.addr,
+        ea.util,
+        m["table_chunks"],
+        m["table_group"],
+        0,
+        thr,
+        False,
+        np.uint64(0),
+        True,
+        counts,
+        *ref,
+    )
     assert (n_ev, n_al) == (drop, cand)
     np.testing.assert_array_equal(ev_e, ref[0][:n_ev])
     np.testing.assert_array_equal(ev_k, ref[1][:n_ev])

@@ -11,7 +11,6 @@ from hypothesis import strategies as st
 
 from fiited_store import EmbeddingStore, PoolCapacityError, StoreConfig, TableConfig
 from fiited_store.verify import check_store
-
 from tests.helpers import snapshot
 
 TABLES = [
@@ -170,7 +169,9 @@ def test_training_onto_a_full_device_raises_storage_full_and_the_store_goes_on(t
     import subprocess
     import sys
 
-    run = subprocess.run([sys.executable, "-c", FULL_DEVICE_SCRIPT, str(tmp_path / "s")], capture_output=True, text=True)
+    run = subprocess.run(
+        [sys.executable, "-c", FULL_DEVICE_SCRIPT, str(tmp_path / "s")], capture_output=True, text=True
+    )
     assert run.returncode == 0, (run.returncode, run.stdout[-1000:], run.stderr[-2000:])
     assert "FULL" in run.stdout and "the device is full" in run.stdout and run.stdout.strip().endswith("OK"), run.stdout
 
@@ -204,8 +205,9 @@ def _one_step(store, ids, offsets, grad):
     return out
 
 
-@pytest.mark.parametrize("change", ["ids refilled in place", "offsets refilled in place", "key erased",
-                                    "other features"])
+@pytest.mark.parametrize(
+    "change", ["ids refilled in place", "offsets refilled in place", "key erased", "other features"]
+)
 def test_a_prefetched_resolution_is_not_taken_for_a_changed_request(change):
     """The lookup compares what it is given with what was prefetched, and the entry
     table with what it was: a refilled array, or an entry moved by an erase (the hashed
@@ -232,8 +234,9 @@ def test_a_prefetched_resolution_is_not_taken_for_a_changed_request(change):
     np.testing.assert_array_equal(_one_step(fetched, ids, offsets, grad), _one_step(plain, ids, offsets, grad))
     assert fetched.counters.resolved_lookups == before
     for t in HASHED:
-        np.testing.assert_array_equal(fetched.lookup(t.name, np.arange(t.num_embeddings)),
-                                      plain.lookup(t.name, np.arange(t.num_embeddings)))
+        np.testing.assert_array_equal(
+            fetched.lookup(t.name, np.arange(t.num_embeddings)), plain.lookup(t.name, np.arange(t.num_embeddings))
+        )
     plain.close(), fetched.close()
 
 
@@ -282,9 +285,26 @@ def test_a_row_evicted_whole_is_given_back_as_a_run_of_adjacent_slots():
     vec = np.zeros((S, 2), np.float32)
     st = np.zeros((S, 1), np.float32)
     placed = cpu.commit_allocations(
-        np.full(K, 2, np.int64), k, np.full(K, -1, np.int64), vec[:0], st[:0], np.array([0, 3], np.int64),
-        np.full(1, 7, np.uint32), np.zeros(0, np.int64), np.zeros(0, np.int16), addr, owner, free_stack, n_free,
-        vec, st, 0, np.zeros(1, np.int8), np.ones(1, np.float32), K)
+        np.full(K, 2, np.int64),
+        k,
+        np.full(K, -1, np.int64),
+        vec[:0],
+        st[:0],
+        np.array([0, 3], np.int64),
+        np.full(1, 7, np.uint32),
+        np.zeros(0, np.int64),
+        np.zeros(0, np.int16),
+        addr,
+        owner,
+        free_stack,
+        n_free,
+        vec,
+        st,
+        0,
+        np.zeros(1, np.int8),
+        np.ones(1, np.float32),
+        K,
+    )
     assert placed == K
     np.testing.assert_array_equal(addr[2], [4, 5, 6, 7])
     np.testing.assert_array_equal(owner[4:8], [2, 2, 2, 2])
@@ -331,7 +351,7 @@ def test_a_prefetched_batch_whose_chunks_were_evicted_before_its_lookup_gets_the
         for t in TABLES:
             for lo in range(0, t.num_embeddings, 50):
                 s.prefetch(t.name, np.arange(lo, lo + 50))
-    (ids, offsets, grad), = stream(11, 1)
+    ((ids, offsets, grad),) = stream(11, 1)
     for s in (plain, fetched):
         s.prefetch(["user", "item"], ids, offsets)  # all resident: the prefetch lists no chunk
     fetched.prefetch_async(["user", "item"], ids, offsets)
@@ -344,7 +364,8 @@ def test_a_prefetched_batch_whose_chunks_were_evicted_before_its_lookup_gets_the
     np.testing.assert_array_equal(_one_step(fetched, ids, offsets, grad), _one_step(plain, ids, offsets, grad))
     assert fetched.counters.resolved_lookups == before + 1  # the resolution was taken, its list was not
     for t in TABLES:
-        np.testing.assert_array_equal(fetched.lookup(t.name, np.arange(t.num_embeddings)),
-                                      plain.lookup(t.name, np.arange(t.num_embeddings)))
+        np.testing.assert_array_equal(
+            fetched.lookup(t.name, np.arange(t.num_embeddings)), plain.lookup(t.name, np.arange(t.num_embeddings))
+        )
     assert check_store(fetched) == []
     plain.close(), fetched.close()

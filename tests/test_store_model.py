@@ -22,7 +22,6 @@ from fiited_store import (
 )
 from fiited_store.kernels.layout import util_to_float
 from fiited_store.verify import check_store
-
 from tests.helpers import assert_unchanged, snapshot
 from tests.reference import ReferenceStore
 
@@ -37,29 +36,43 @@ def setups(draw):
     tables = []
     for i in range(n_tables):
         dim = draw(st.sampled_from([d for d, k in TABLE_SHAPES if k == K] or [4 * K]))
-        tables.append(TableConfig(
-            f"t{i}", dim=dim, chunks=K, num_embeddings=draw(st.integers(12, 30)),
-            optimizer=draw(st.sampled_from(["sgd", "adagrad", "rowwise_adagrad"])),
-            learning_rate=draw(st.sampled_from([0.05, 0.5])),
-            initializer=draw(st.sampled_from(["uniform", "normal", "zeros"])),
-            index=draw(st.sampled_from(["direct", "hashed"])),
-            min_chunks=draw(st.sampled_from([0, 0, min(1, K), K])),
-        ))
+        tables.append(
+            TableConfig(
+                f"t{i}",
+                dim=dim,
+                chunks=K,
+                num_embeddings=draw(st.integers(12, 30)),
+                optimizer=draw(st.sampled_from(["sgd", "adagrad", "rowwise_adagrad"])),
+                learning_rate=draw(st.sampled_from([0.05, 0.5])),
+                initializer=draw(st.sampled_from(["uniform", "normal", "zeros"])),
+                index=draw(st.sampled_from(["direct", "hashed"])),
+                min_chunks=draw(st.sampled_from([0, 0, min(1, K), K])),
+            )
+        )
     if draw(st.booleans()):  # a floor of its own width, as adapters.floors.split_floors makes it
-        tables.append(TableConfig(
-            "floor", dim=draw(st.sampled_from([1, 2, 3])), chunks=1, min_chunks=1,
-            num_embeddings=draw(st.integers(12, 30)),
-            optimizer=draw(st.sampled_from(["sgd", "adagrad", "rowwise_adagrad"])),
-            index=draw(st.sampled_from(["direct", "hashed"])),
-        ))
+        tables.append(
+            TableConfig(
+                "floor",
+                dim=draw(st.sampled_from([1, 2, 3])),
+                chunks=1,
+                min_chunks=1,
+                num_embeddings=draw(st.integers(12, 30)),
+                optimizer=draw(st.sampled_from(["sgd", "adagrad", "rowwise_adagrad"])),
+                index=draw(st.sampled_from(["direct", "hashed"])),
+            )
+        )
     mode = draw(st.sampled_from(["prune", "prune", "cache"]))
     if draw(st.booleans()):
         pruning = DynamicRatio(draw(st.sampled_from([0.0, 0.25, 0.5, 0.75, 0.9])))
     else:
-        pruning = ManualRatios.linear(draw(st.sampled_from([0.25, 0.5, 0.75])), K, draw(st.sampled_from([0.0, 0.5, 1.0])))
+        pruning = ManualRatios.linear(
+            draw(st.sampled_from([0.25, 0.5, 0.75])), K, draw(st.sampled_from([0.0, 0.5, 1.0]))
+        )
     config = StoreConfig(
         pruning=pruning,
-        budget_fraction=draw(st.sampled_from([0.2, 0.5, 1.0])) if mode == "prune" else draw(st.sampled_from([0.6, 1.0])),
+        budget_fraction=draw(st.sampled_from([0.2, 0.5, 1.0]))
+        if mode == "prune"
+        else draw(st.sampled_from([0.6, 1.0])),
         gamma=draw(st.sampled_from([0.5, 0.9])),
         prune_period=draw(st.sampled_from([0, 2, 3])),
         sample_size=draw(st.sampled_from([3, 1000])),
@@ -102,8 +115,10 @@ class StoreVsReference(RuleBasedStateMachine):
         mode = data.draw(st.sampled_from(["sum", "mean", "weighted"]))
         weights = None
         if mode == "weighted":
-            weights = np.array(data.draw(st.lists(st.sampled_from([0.5, 1.0, 2.0, -1.5]), min_size=ids.size, max_size=ids.size)),
-                               np.float32)
+            weights = np.array(
+                data.draw(st.lists(st.sampled_from([0.5, 1.0, 2.0, -1.5]), min_size=ids.size, max_size=ids.size)),
+                np.float32,
+            )
             mode = "sum"
         return feats, ids, offsets, weights, mode
 
@@ -142,8 +157,13 @@ class StoreVsReference(RuleBasedStateMachine):
         grad = np.array(
             # no subnormal gradients: one (about 1e-45) in a row-wise Adagrad row makes the kernel
             # and the reference differ by one ulp at a later step (a known gap, README "Known limits")
-            data.draw(st.lists(st.floats(-2, 2, width=32, allow_subnormal=False), min_size=batch.output.size,
-                               max_size=batch.output.size)),
+            data.draw(
+                st.lists(
+                    st.floats(-2, 2, width=32, allow_subnormal=False),
+                    min_size=batch.output.size,
+                    max_size=batch.output.size,
+                )
+            ),
             np.float32,
         ).reshape(batch.output.shape)
         self.store.backward(batch, grad)
@@ -212,7 +232,6 @@ def test_the_reference_fma_rounds_once_as_the_kernels_do():
     from numba import njit
 
     from fiited_store.kernels.cpu import fma32
-
     from tests.reference import fma
 
     @njit
@@ -220,11 +239,16 @@ def test_the_reference_fma_rounds_once_as_the_kernels_do():
         return fma32(a, b, c)
 
     a = np.float32(1 + 2**-12)
-    cases = [(a, a, np.float32(2**-60)), (a, a, np.float32(-(2**-60))), (a, a, np.float32(0.0)),
-             (a, -a, np.float32(-(2**-60)))]
+    cases = [
+        (a, a, np.float32(2**-60)),
+        (a, a, np.float32(-(2**-60))),
+        (a, a, np.float32(0.0)),
+        (a, -a, np.float32(-(2**-60))),
+    ]
     rng = np.random.default_rng(0)
-    cases += [tuple(np.float32(x) for x in rng.standard_normal(3) * 10.0 ** rng.integers(-20, 20, 3))
-              for _ in range(2000)]
+    cases += [
+        tuple(np.float32(x) for x in rng.standard_normal(3) * 10.0 ** rng.integers(-20, 20, 3)) for _ in range(2000)
+    ]
     for x, y, z in cases:
         assert fma(x, y, z) == kernel_fma(x, y, z), (x, y, z)
     assert fma(a, a, np.float32(2**-60)) == np.float32(1 + 2**-11 + 2**-23)

@@ -25,8 +25,9 @@ from __future__ import annotations
 
 import json
 import shutil
+from collections.abc import Callable
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 import numpy as np
 
@@ -65,12 +66,15 @@ def read_sharded_manifest(path: str | Path) -> dict[str, Any]:
     if not isinstance(doc, dict) or doc.get("format") != FORMAT:
         raise CorruptStoreError(f"{f} does not describe a {FORMAT} store")
     if doc.get("format_version") != FORMAT_VERSION:
-        raise CorruptStoreError(f"{f} has format_version {doc.get('format_version')!r}; this version reads "
-                                f"{FORMAT_VERSION}")
+        raise CorruptStoreError(
+            f"{f} has format_version {doc.get('format_version')!r}; this version reads {FORMAT_VERSION}"
+        )
     shards = doc.get("shards")
     if not isinstance(shards, list) or len(shards) != doc.get("world_size"):
-        raise CorruptStoreError(f"{f} lists {len(shards) if isinstance(shards, list) else shards!r} shards for "
-                                f"world_size {doc.get('world_size')!r}")
+        raise CorruptStoreError(
+            f"{f} lists {len(shards) if isinstance(shards, list) else shards!r} shards for "
+            f"world_size {doc.get('world_size')!r}"
+        )
     slack = doc.setdefault("pool_slack", 0.0)  # manifests before it had none: shards without slack
     if isinstance(slack, bool) or not isinstance(slack, (int, float)) or not (0 <= slack < float("inf")):
         raise CorruptStoreError(f"{f} has pool_slack {slack!r}; it must be a finite number >= 0")
@@ -90,8 +94,8 @@ def _agree(exchange, error: BaseException | None, what: str) -> None:
 
 def save_sharded(store, path: str | Path | None = None) -> Path:
     """Save every shard and commit the global manifest (a collective); returns ``path``."""
-    from ..storage.checkpoint import remove_checkpoints_except, save_store, write_atomic
     from ..config import config_to_json
+    from ..storage.checkpoint import remove_checkpoints_except, save_store, write_atomic
 
     path = Path(path) if path is not None else store.path
     if path is None:
@@ -109,17 +113,30 @@ def save_sharded(store, path: str | Path | None = None) -> Path:
     if error is not None:
         raise error
     if any(n is None for n in names):
-        raise PeerRankError(f"rank(s) {[r for r, n in enumerate(names) if n is None]} failed to save their shard; "
-                            f"the previous global checkpoint stands (this is rank {rank})")
+        raise PeerRankError(
+            f"rank(s) {[r for r, n in enumerate(names) if n is None]} failed to save their shard; "
+            f"the previous global checkpoint stands (this is rank {rank})"
+        )
     error = None
     if rank == 0:
         doc = {
-            "format": FORMAT, "format_version": FORMAT_VERSION, "world_size": world,
-            "routing": store.routing.to_json(), "config": config_to_json(store.tables, store.config),
+            "format": FORMAT,
+            "format_version": FORMAT_VERSION,
+            "world_size": world,
+            "routing": store.routing.to_json(),
+            "config": config_to_json(store.tables, store.config),
             "pool_slack": store.pool_slack,
-            "step": store.shard.step_count, "prune_round": store.shard.clock.prune_round,
-            "shards": [{"rank": r, "dir": shard_dir_name(world, r), "checkpoint": names[r],
-                        **store.routing.shard_json(r, world)} for r in range(world)],
+            "step": store.shard.step_count,
+            "prune_round": store.shard.clock.prune_round,
+            "shards": [
+                {
+                    "rank": r,
+                    "dir": shard_dir_name(world, r),
+                    "checkpoint": names[r],
+                    **store.routing.shard_json(r, world),
+                }
+                for r in range(world)
+            ],
         }
         try:
             write_atomic(path / SHARDED_MANIFEST, json.dumps(doc, indent=2).encode())
@@ -199,8 +216,10 @@ def reshard(path: Path, doc: dict, tables, config, routing, rank: int, world: in
             try:
                 at = src.clock.as_tuple()
                 if counters is not None and at != counters:
-                    raise CorruptStoreError(f"shard {entry['dir']} is at (step, scale origin, prune round) {at}, "
-                                            f"another shard at {counters}")
+                    raise CorruptStoreError(
+                        f"shard {entry['dir']} is at (step, scale origin, prune round) {at}, "
+                        f"another shard at {counters}"
+                    )
                 counters = at
                 live = np.flatnonzero(src.entries.table_of_entries() >= 0)
                 t, ids = src.entries.keys_of(live)
@@ -242,7 +261,7 @@ def import_entries(dst, src, src_entries: np.ndarray) -> None:
     dst_e, _ = dst.entries.find(q, ids)
     sa, da = src.entries.arrays, dst.entries.arrays
     da.util[dst_e] = sa.util[src_entries]
-    addr = sa.addr[src_entries]                               # [n, kmax]
+    addr = sa.addr[src_entries]  # [n, kmax]
     K = np.array([tt.chunks for tt in src.tables])[t]
     group = src.host_meta["table_group"][t]
     util = util_to_float(sa.util[src_entries])
@@ -265,8 +284,8 @@ def import_entries(dst, src, src_entries: np.ndarray) -> None:
         # more resident chunks than free slots (a smaller world, or uneven buckets): the
         # most useful stay resident, the others move to the tier or are dropped
         order = np.argsort(-util[res_i, np.minimum(res_k, util.shape[1] - 1)], kind="stable")
-        fits = order[:pool.n_free]
-        over = order[pool.n_free:]
+        fits = order[: pool.n_free]
+        over = order[pool.n_free :]
         e_in, k_in = dst_e[res_i[fits]], res_k[fits]
         placed = placement.allocate(dst, pool, e_in, k_in)
         assert placed == fits.size

@@ -85,8 +85,13 @@ class TorchExchange(LocalExchange):
     def all_to_all(self, send: np.ndarray, send_counts: np.ndarray, recv_counts: np.ndarray) -> np.ndarray:
         """Rows ``send[sum(send_counts[:r]) : ...]`` go to rank r; returns the rows received, rank by rank."""
         out = np.empty((int(np.sum(recv_counts)),) + send.shape[1:], send.dtype)
-        self._dist.all_to_all_single(self._t(out), self._t(send), output_split_sizes=[int(c) for c in recv_counts],
-                                     input_split_sizes=[int(c) for c in send_counts], group=self.group)
+        self._dist.all_to_all_single(
+            self._t(out),
+            self._t(send),
+            output_split_sizes=[int(c) for c in recv_counts],
+            input_split_sizes=[int(c) for c in send_counts],
+            group=self.group,
+        )
         return out
 
     def counts(self, send_counts: np.ndarray) -> np.ndarray:
@@ -112,10 +117,10 @@ class TorchExchange(LocalExchange):
         self._gather(self._t(sizes), self._t(np.array([rows.shape[0]], np.int64)), group=self.group)
         n = int(sizes.max())
         padded = np.zeros((n,) + rows.shape[1:], rows.dtype)
-        padded[:rows.shape[0]] = rows
+        padded[: rows.shape[0]] = rows
         out = np.empty((self.world * n,) + rows.shape[1:], rows.dtype)
         self._gather(self._t(out), self._t(padded), group=self.group)
-        return np.concatenate([out[r * n:r * n + sizes[r]] for r in range(self.world)])
+        return np.concatenate([out[r * n : r * n + sizes[r]] for r in range(self.world)])
 
     def all_gather_object(self, obj: Any) -> list:
         out: list = [None] * self.world
@@ -159,7 +164,7 @@ class KeyExchange:
 
     def __init__(self) -> None:
         self.capacity = 0  # keys per rank in the fixed message; 0: the header alone
-        self.most = 0      # the most keys any rank sent any rank in the last exchange
+        self.most = 0  # the most keys any rank sent any rank in the last exchange
 
     def exchange(self, exchange: LocalExchange, keys: np.ndarray, send_counts: np.ndarray, refused: bool):
         """Send ``keys`` (int64[U, 2], grouped by destination rank, ``send_counts[r]`` for
@@ -175,7 +180,7 @@ class KeyExchange:
         msg[:, 1] = send_counts.max()
         msg[:, 2] = int(refused)
         for r in range(W):  # one slice per rank, not per key
-            msg[r, KEY_HEADER:KEY_HEADER + 2 * first[r]] = keys[starts[r]:starts[r] + first[r]].ravel()
+            msg[r, KEY_HEADER : KEY_HEADER + 2 * first[r]] = keys[starts[r] : starts[r] + first[r]].ravel()
         ones = np.ones(W, np.int64)
         got = exchange.all_to_all(msg, ones, ones)
         recv_counts = np.ascontiguousarray(got[:, 0])
@@ -186,14 +191,15 @@ class KeyExchange:
         if refused_by.size:
             return np.empty((0, 2), np.int64), recv_counts, refused_by
         recv_first = np.minimum(recv_counts, cap)
-        parts = [got[r, KEY_HEADER:KEY_HEADER + 2 * recv_first[r]].reshape(-1, 2) for r in range(W)]
+        parts = [got[r, KEY_HEADER : KEY_HEADER + 2 * recv_first[r]].reshape(-1, 2) for r in range(W)]
         if most > cap:  # every rank sees the same "most": all take this exchange, or none
-            rest = np.concatenate([keys[starts[r] + first[r]:starts[r] + send_counts[r]] for r in range(W)])
-            more = exchange.all_to_all(rest.reshape(-1, 2), send_counts - first,
-                                       recv_counts - recv_first)
+            rest = np.concatenate([keys[starts[r] + first[r] : starts[r] + send_counts[r]] for r in range(W)])
+            more = exchange.all_to_all(rest.reshape(-1, 2), send_counts - first, recv_counts - recv_first)
             more_starts = starts_of(recv_counts - recv_first)
-            parts = [np.concatenate([parts[r], more[more_starts[r]:more_starts[r] + recv_counts[r] - recv_first[r]]])
-                     for r in range(W)]
+            parts = [
+                np.concatenate([parts[r], more[more_starts[r] : more_starts[r] + recv_counts[r] - recv_first[r]]])
+                for r in range(W)
+            ]
         return np.concatenate(parts), recv_counts, refused_by
 
 

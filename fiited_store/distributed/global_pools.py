@@ -36,13 +36,13 @@ and the sharded store then differs from one store in that pool.
 
 from __future__ import annotations
 
-from typing import Callable, Sequence
+from collections.abc import Callable, Sequence
 
 import numpy as np
 
 from ..placement import local_cutoff
 
-POOL_SLACK = 1 / 16   # each shard's pool above its 1/W share (of the slots beyond its floors)
+POOL_SLACK = 1 / 16  # each shard's pool above its 1/W share (of the slots beyond its floors)
 
 # a key's place in the global batch rides in the int64 that carries its table id:
 # table (16 bits), its first feature in the sender's batch (16 bits), its index among
@@ -55,8 +55,11 @@ def pack_key_places(tables: np.ndarray, features: np.ndarray) -> np.ndarray:
     """int64[U]: each distinct key's table, its first feature (< MAX_FEATURES, checked by
     the caller) and its index (keys in first-occurrence order)."""
     index = np.arange(tables.shape[0], dtype=np.int64)
-    return (tables.astype(np.int64) & 0xFFFF) | (features.astype(np.int64) << _TABLE_BITS) \
+    return (
+        (tables.astype(np.int64) & 0xFFFF)
+        | (features.astype(np.int64) << _TABLE_BITS)
         | (index << (_TABLE_BITS + _FEATURE_BITS))
+    )
 
 
 def tables_of(packed: np.ndarray) -> np.ndarray:
@@ -84,7 +87,7 @@ def select_largest(exchange, ranks: np.ndarray, k: int) -> np.uint64:
     for shift in (48, 32, 16, 0):
         digits = ((values >> np.uint64(shift)) & np.uint64(0xFFFF)).astype(np.int64)
         hist = exchange.sum(np.bincount(digits, minlength=1 << 16).astype(np.int64))
-        above = np.cumsum(hist[::-1])   # above[j]: values whose digit >= 65535 - j
+        above = np.cumsum(hist[::-1])  # above[j]: values whose digit >= 65535 - j
         j = int(np.searchsorted(above, need))
         d = (1 << 16) - 1 - j
         need -= int(above[j - 1]) if j else 0
@@ -105,8 +108,8 @@ class GlobalPools:
     def __init__(self, exchange, global_slots: Sequence[int]):
         self.exchange = exchange
         self.global_slots = np.asarray(global_slots, np.int64)
-        self.free: np.ndarray | None = None   # int64[pools]; None: count again before admitting
-        self.exact = False                    # free is the count, not a lower bound of it
+        self.free: np.ndarray | None = None  # int64[pools]; None: count again before admitting
+        self.exact = False  # free is the count, not a lower bound of it
 
     # ------------------------------------------------------------------ prune hooks
     def sum_counts(self, counts: np.ndarray) -> np.ndarray:
@@ -135,8 +138,7 @@ class GlobalPools:
         return cutoff is not None, cutoff, bound
 
     # ------------------------------------------------------------------ admission
-    def admission(self, shard, tables: np.ndarray, ids: np.ndarray, places: Callable[[], np.ndarray],
-                  most_keys: int):
+    def admission(self, shard, tables: np.ndarray, ids: np.ndarray, places: Callable[[], np.ndarray], most_keys: int):
         """(the order to insert the received keys in, or None for as received; int64[pools]
         slots this shard may give new chunks): when the free slots run out within this
         batch, the keys in their global-batch order and this shard's part of the prefix
@@ -157,7 +159,7 @@ class GlobalPools:
         own_free = np.array([p.n_free for p in pools], np.int64)
         W = self.exchange.world
         could_want = W * W * int(most_keys) * int(shard.kmax)  # every key of every rank new, every chunk
-        for attempt in range(2):
+        for _attempt in range(2):
             if self.free is None:
                 used = np.array([p.slots for p in pools], np.int64) - own_free
                 self.free, self.exact = np.maximum(self.global_slots - self.exchange.sum(used), 0), True
@@ -190,13 +192,13 @@ class GlobalPools:
         demand = np.bincount(pool_of, weights=wants, minlength=len(pools)).astype(np.int64)
         fits = np.minimum(demand, own_free)
         totals = self.exchange.sum(np.concatenate([demand, fits]))
-        fit_all = totals[:len(pools)] <= self.free
+        fit_all = totals[: len(pools)] <= self.free
         if (fit_all | (self.free == 0)).all():
             # in every pool either every new chunk of every shard gets a slot in one
             # store, or none does: no order needed (a shard past its slack takes what
             # it holds)
             limits = np.where(fit_all, fits, 0)
-            self.free -= np.where(fit_all, totals[len(pools):], 0)
+            self.free -= np.where(fit_all, totals[len(pools) :], 0)
             return order, limits
         # the last free slots go to the first new chunks in global order: every rank
         # computes that prefix from every shard's new keys

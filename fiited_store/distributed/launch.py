@@ -9,23 +9,37 @@ from __future__ import annotations
 import os
 import tempfile
 import time
+from collections.abc import Callable
 from datetime import timedelta
-from typing import Any, Callable
+from typing import Any
 
 
 def _entry(rank: int, world: int, init_file: str, collective_timeout: float, fn: Callable, args: tuple) -> None:
     import torch.distributed as dist
 
-    dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world,
-                            timeout=timedelta(seconds=collective_timeout))
+    dist.init_process_group(
+        "gloo",
+        init_method=f"file://{init_file}",
+        rank=rank,
+        world_size=world,
+        timeout=timedelta(seconds=collective_timeout),
+    )
     try:
         fn(rank, world, *args)
     finally:
         dist.destroy_process_group()
 
 
-def spawn_world(world: int, fn: Callable, args: tuple = (), *, deadline_s: float = 600,
-                collective_timeout_s: float = 60, threads_per_rank: int = 1, debug: bool = False) -> str | None:
+def spawn_world(
+    world: int,
+    fn: Callable,
+    args: tuple = (),
+    *,
+    deadline_s: float = 600,
+    collective_timeout_s: float = 60,
+    threads_per_rank: int = 1,
+    debug: bool = False,
+) -> str | None:
     """Run ``fn(rank, world, *args)`` on ``world`` ranks (``fn`` must be importable by name).
 
     ``debug`` sets TORCH_DISTRIBUTED_DEBUG=DETAIL: ranks that call different
@@ -36,14 +50,22 @@ def spawn_world(world: int, fn: Callable, args: tuple = (), *, deadline_s: float
     import torch.multiprocessing as mp
     from torch.multiprocessing.spawn import ProcessException
 
-    env = {"NUMBA_NUM_THREADS": str(threads_per_rank), "OMP_NUM_THREADS": str(threads_per_rank),
-           "TORCH_DISTRIBUTED_DEBUG": "DETAIL" if debug else "OFF"}
+    env = {
+        "NUMBA_NUM_THREADS": str(threads_per_rank),
+        "OMP_NUM_THREADS": str(threads_per_rank),
+        "TORCH_DISTRIBUTED_DEBUG": "DETAIL" if debug else "OFF",
+    }
     saved = {k: os.environ.get(k) for k in env}
     os.environ.update(env)
     init_dir = tempfile.mkdtemp(prefix="fiited-rendezvous-")
     try:
-        ctx = mp.start_processes(_entry, args=(world, os.path.join(init_dir, "init"), collective_timeout_s, fn, args),
-                                 nprocs=world, join=False, start_method="spawn")
+        ctx = mp.start_processes(
+            _entry,
+            args=(world, os.path.join(init_dir, "init"), collective_timeout_s, fn, args),
+            nprocs=world,
+            join=False,
+            start_method="spawn",
+        )
         deadline = time.monotonic() + deadline_s
         try:
             while not ctx.join(timeout=2):

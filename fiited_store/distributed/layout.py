@@ -8,7 +8,8 @@ from __future__ import annotations
 
 import dataclasses
 import math
-from typing import Any, Sequence
+from collections.abc import Sequence
+from typing import Any
 
 import numpy as np
 
@@ -18,8 +19,14 @@ from .global_pools import POOL_SLACK
 from .routing import table_weights
 
 
-def shard_config(tables: Sequence[TableConfig], config: StoreConfig, world: int, routing: Any = None,
-                 rank: int = 0, pool_slack: float = POOL_SLACK):
+def shard_config(
+    tables: Sequence[TableConfig],
+    config: StoreConfig,
+    world: int,
+    routing: Any = None,
+    rank: int = 0,
+    pool_slack: float = POOL_SLACK,
+):
     """The tables and config of shard ``rank`` of ``world``.
 
     Row-wise, every table is on the hashed index (a shard holds a scattered subset
@@ -42,8 +49,10 @@ def shard_config(tables: Sequence[TableConfig], config: StoreConfig, world: int,
     else:
         shard_tables = tuple(t if i in owned else dataclasses.replace(t, index="hashed") for i, t in enumerate(tables))
         weight = [float(w) for w in table_weights(tables)]
-        share = [sum(weight[i] for i in p.tables if i in owned) / max(sum(weight[i] for i in p.tables), 1e-300)
-                 for p in plans]
+        share = [
+            sum(weight[i] for i in p.tables if i in owned) / max(sum(weight[i] for i in p.tables), 1e-300)
+            for p in plans
+        ]
     slots = [int(p.slots * f) for p, f in zip(plans, share)]
     if owned is None and routing is not None:
         slots = _floor_slots_by_owner(tables, config, plans, slots, routing, world, rank)

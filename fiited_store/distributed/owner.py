@@ -14,12 +14,20 @@ from ..kernels import cpu as host_kernels
 
 
 class OwnerRows(NamedTuple):
-    entries: np.ndarray     # int64[n]: the entry of each received key in the shard, -1 if unknown
-    new: np.ndarray         # int64[m]: entries this lookup inserted (erased again if a peer fails)
+    entries: np.ndarray  # int64[n]: the entry of each received key in the shard, -1 if unknown
+    new: np.ndarray  # int64[m]: entries this lookup inserted (erased again if a peer fails)
 
 
-def owner_rows(store, q_tables: np.ndarray, ids: np.ndarray, train: bool, rows: np.ndarray,
-               row_start: np.ndarray, order: np.ndarray | None = None, limits: np.ndarray | None = None) -> OwnerRows:
+def owner_rows(
+    store,
+    q_tables: np.ndarray,
+    ids: np.ndarray,
+    train: bool,
+    rows: np.ndarray,
+    row_start: np.ndarray,
+    order: np.ndarray | None = None,
+    limits: np.ndarray | None = None,
+) -> OwnerRows:
     """Find (and when training, insert) the keys, and gather their rows into
     ``rows[row_start[i] : + the key's dim]`` (float32; zeros where a chunk is absent).
 
@@ -47,9 +55,19 @@ def owner_rows(store, q_tables: np.ndarray, ids: np.ndarray, train: bool, rows: 
             sp_slots, sp_vectors = residency.read_through(store, pool, entries, q_tables)
         else:
             sp_slots, sp_vectors = np.empty(0, np.int64), np.empty((0, pool.plan.chunk_width), np.float32)
-        host_kernels.gather_entry_rows(entries, q_tables, store.entries.arrays.addr, pool.arrays.vectors,
-                                       m["table_chunks"], m["table_group"], pool.plan.group, sp_slots, sp_vectors,
-                                       row_start, rows)
+        host_kernels.gather_entry_rows(
+            entries,
+            q_tables,
+            store.entries.arrays.addr,
+            pool.arrays.vectors,
+            m["table_chunks"],
+            m["table_group"],
+            pool.plan.group,
+            sp_slots,
+            sp_vectors,
+            row_start,
+            rows,
+        )
     return OwnerRows(entries, new_entries)
 
 
@@ -68,14 +86,23 @@ def current_entries(store, entries: np.ndarray, generation: int, q_tables: np.nd
 
 
 class Gradients(NamedTuple):
-    uniq: Any        # int64[U] distinct entries
-    counts: Any      # int64[U] accesses of each, summed over every rank's batch
-    grad_buf: Any    # float32[>= U, dmax] their summed gradients
-    n_bad: int       # rows whose sums are not finite, or square past float32
+    uniq: Any  # int64[U] distinct entries
+    counts: Any  # int64[U] accesses of each, summed over every rank's batch
+    grad_buf: Any  # float32[>= U, dmax] their summed gradients
+    n_bad: int  # rows whose sums are not finite, or square past float32
 
 
-def sum_gradients(store, entries: np.ndarray, q_tables: np.ndarray, order: np.ndarray, row_key: np.ndarray,
-                  row_start: np.ndarray, row_dim: np.ndarray, rows: np.ndarray, row_count: np.ndarray) -> Gradients:
+def sum_gradients(
+    store,
+    entries: np.ndarray,
+    q_tables: np.ndarray,
+    order: np.ndarray,
+    row_key: np.ndarray,
+    row_start: np.ndarray,
+    row_dim: np.ndarray,
+    rows: np.ndarray,
+    row_count: np.ndarray,
+) -> Gradients:
     """Sum received gradient rows per entry; nothing in the shard changes.
 
     Row i belongs to received key ``row_key[i]``, holds ``row_dim[i]`` floats at
@@ -87,8 +114,11 @@ def sum_gradients(store, entries: np.ndarray, q_tables: np.ndarray, order: np.nd
     grad_buf = store.gradient_rows(U)
     which = grouping.which[row_key] if row_key.shape[0] else np.empty(0, np.int64)
     host_kernels.sum_rows_by_group(order, which, row_start, row_dim, rows, grad_buf)
-    counts = np.bincount(which[which >= 0], weights=row_count[which >= 0], minlength=U).astype(np.int64)[:U] \
-        if U else np.zeros(0, np.int64)
+    counts = (
+        np.bincount(which[which >= 0], weights=row_count[which >= 0], minlength=U).astype(np.int64)[:U]
+        if U
+        else np.zeros(0, np.int64)
+    )
     n_bad = int(host_kernels.count_nonfinite_rows(grad_buf, U))
     return Gradients(grouping.uniq, counts, grad_buf, n_bad)
 

@@ -58,16 +58,23 @@ class RowWiseRouting:
 
     def check_world(self, world: int) -> None:
         if world > self.n_buckets:
-            raise ConfigError(f"a world of {world} ranks needs at least {world} virtual buckets, "
-                              f"this store has n_buckets={self.n_buckets}")
+            raise ConfigError(
+                f"a world of {world} ranks needs at least {world} virtual buckets, "
+                f"this store has n_buckets={self.n_buckets}"
+            )
 
     def buckets(self, tables: np.ndarray, ids: np.ndarray) -> np.ndarray:
         """int64[n]: the bucket of each key (tables int16[n], ids int64[n])."""
         from ..kernels import cpu
 
         out = np.empty(ids.shape[0], np.int64)
-        cpu.key_buckets(np.ascontiguousarray(tables, np.int16), np.ascontiguousarray(ids, np.int64),
-                        np.uint64(self.salt), self.n_buckets, out)
+        cpu.key_buckets(
+            np.ascontiguousarray(tables, np.int16),
+            np.ascontiguousarray(ids, np.int64),
+            np.uint64(self.salt),
+            self.n_buckets,
+            out,
+        )
         return out
 
     def owners(self, tables: np.ndarray, ids: np.ndarray, world: int) -> np.ndarray:
@@ -107,13 +114,15 @@ class TableWiseRouting:
             raise ConfigError(f"table_bytes must be a non-empty tuple of ints >= 0, got {self.table_bytes!r}")
 
     @classmethod
-    def for_tables(cls, tables) -> "TableWiseRouting":
+    def for_tables(cls, tables) -> TableWiseRouting:
         return cls(table_weights(tables))
 
     def check_world(self, world: int) -> None:
         if world > len(self.table_bytes):
-            raise ConfigError(f"table-wise placement over {world} ranks needs at least {world} tables, "
-                              f"this store has {len(self.table_bytes)}")
+            raise ConfigError(
+                f"table-wise placement over {world} ranks needs at least {world} tables, "
+                f"this store has {len(self.table_bytes)}"
+            )
 
     def table_ranks(self, world: int) -> np.ndarray:
         """int64[T]: the rank of each table (placed once per world size, then looked up)."""

@@ -41,17 +41,16 @@ Example (one process, no process group: a world of one)::
 
 from __future__ import annotations
 
-import dataclasses
 import math
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any
 
 import numpy as np
 
 from ..buffers import OutputBuffers
-from ..store import PooledBatch
-from ..config import FLOAT_BYTES, StoreConfig, TableConfig, plan_pools
+from ..config import StoreConfig, TableConfig, plan_pools
 from ..errors import (
     ConfigError,
     FiitedError,
@@ -64,6 +63,7 @@ from ..errors import (
 )
 from ..inputs import request_arrays
 from ..kernels import cpu as host_kernels
+from ..store import PooledBatch
 from . import owner
 from .exchange import KeyExchange, exchange_for, segment_sums, starts_of
 from .global_pools import MAX_FEATURES, POOL_SLACK, GlobalPools, pack_key_places, places_of, tables_of
@@ -87,13 +87,13 @@ class ShardedBatch:
     feature_tables: np.ndarray
     feature_dim: np.ndarray
     feature_col: np.ndarray
-    key_of_occ: np.ndarray     # int64[nnz]: the distinct key of each occurrence
-    key_row: np.ndarray        # int64[U]: where each distinct key's row sits in ``rows``
-    rows: np.ndarray           # float32: the rows the owners returned, in send order
-    send_order: np.ndarray     # int64[U]: distinct keys in the order they were sent (by owner)
-    send_counts: np.ndarray    # int64[W]: keys sent to each rank
-    key_dims: np.ndarray       # int64[U]: each distinct key's width
-    occ_owner: np.ndarray      # int64[nnz]: the owner of each occurrence's key
+    key_of_occ: np.ndarray  # int64[nnz]: the distinct key of each occurrence
+    key_row: np.ndarray  # int64[U]: where each distinct key's row sits in ``rows``
+    rows: np.ndarray  # float32: the rows the owners returned, in send order
+    send_order: np.ndarray  # int64[U]: distinct keys in the order they were sent (by owner)
+    send_counts: np.ndarray  # int64[W]: keys sent to each rank
+    key_dims: np.ndarray  # int64[U]: each distinct key's width
+    occ_owner: np.ndarray  # int64[nnz]: the owner of each occurrence's key
     # the owner's side: the keys received from every rank and their entries here
     recv_counts: np.ndarray
     recv_tables: np.ndarray
@@ -128,10 +128,19 @@ class ShardedEmbeddingStore:
             store differs from one store there (a prune reports ``shard_bound``).
     """
 
-    def __init__(self, tables: Sequence[TableConfig], config: StoreConfig | None = None, *,
-                 process_group: Any = None, routing: RowWiseRouting | None = None, exact: bool = False,
-                 path: str | Path | None = None, pool_slack: float = POOL_SLACK, _shard: Any = None,
-                 _exchange: Any = None):
+    def __init__(
+        self,
+        tables: Sequence[TableConfig],
+        config: StoreConfig | None = None,
+        *,
+        process_group: Any = None,
+        routing: RowWiseRouting | None = None,
+        exact: bool = False,
+        path: str | Path | None = None,
+        pool_slack: float = POOL_SLACK,
+        _shard: Any = None,
+        _exchange: Any = None,
+    ):
         from ..store import EmbeddingStore
 
         self.config = config if config is not None else StoreConfig()
@@ -147,37 +156,47 @@ class ShardedEmbeddingStore:
         self.routing = routing
         self.routing.check_world(self.world)
         self.exact = bool(exact)
-        if isinstance(pool_slack, bool) or not isinstance(pool_slack, (int, float)) or \
-                not (math.isfinite(pool_slack) and pool_slack >= 0):
+        if (
+            isinstance(pool_slack, bool)
+            or not isinstance(pool_slack, (int, float))
+            or not (math.isfinite(pool_slack) and pool_slack >= 0)
+        ):
             raise ConfigError(f"pool_slack must be a finite number >= 0, got {pool_slack!r}")
         self.pool_slack = float(pool_slack)
         self.path = Path(path) if path is not None else None
         if _shard is not None:
             self.shard = _shard
         else:
-            shard_tables, shard_cfg = shard_config(self.tables, self.config, self.world, self.routing, self.rank,
-                                                   self.pool_slack)
+            shard_tables, shard_cfg = shard_config(
+                self.tables, self.config, self.world, self.routing, self.rank, self.pool_slack
+            )
             from .checkpoint import is_sharded, shard_dir_name
 
             if self.path is not None and is_sharded(self.path):
-                raise ConfigError(f"{self.path} already holds a sharded store; open it with "
-                                  f"ShardedEmbeddingStore.open({str(self.path)!r}, 'r+')")
-            self.shard = EmbeddingStore(shard_tables, shard_cfg, path=None if self.path is None
-                                        else self.path / shard_dir_name(self.world, self.rank))
+                raise ConfigError(
+                    f"{self.path} already holds a sharded store; open it with "
+                    f"ShardedEmbeddingStore.open({str(self.path)!r}, 'r+')"
+                )
+            self.shard = EmbeddingStore(
+                shard_tables,
+                shard_cfg,
+                path=None if self.path is None else self.path / shard_dir_name(self.world, self.rank),
+            )
         # the shards' pools act as the one pool of a single store (cutoff, admission)
         self.pools = GlobalPools(self.exchange, [p.slots for p in plan_pools(self.tables, self.config)])
         self.shard.collective = self.pools
         self._dims = np.array([t.dim for t in self.tables], np.int64)
         # ids of a declared table must lie in [0, num_embeddings), as a single store's direct index checks
-        self._id_limit = np.array([t.num_embeddings if t.direct else np.iinfo(np.int64).max for t in self.tables],
-                                  np.int64)
+        self._id_limit = np.array(
+            [t.num_embeddings if t.direct else np.iinfo(np.int64).max for t in self.tables], np.int64
+        )
         self._id_floor = np.array([0 if t.direct else np.iinfo(np.int64).min for t in self.tables], np.int64)
         self._buffers = OutputBuffers(self.shard.backend)
         self._keys = KeyExchange()  # its capacity is agreed by every rank at every lookup
         self.checkpoint: str | None = None
 
     # ------------------------------------------------------------------ context
-    def __enter__(self) -> "ShardedEmbeddingStore":
+    def __enter__(self) -> ShardedEmbeddingStore:
         return self
 
     def __exit__(self, *exc) -> None:
@@ -198,12 +217,21 @@ class ShardedEmbeddingStore:
         return self.shard.feature_indices(features)
 
     def _refused_by_peer(self, ranks: np.ndarray, what: str) -> PeerRankError:
-        return PeerRankError(f"rank(s) {ranks.tolist()} refused {what}; nothing was changed on any rank "
-                             f"(this is rank {self.rank})")
+        return PeerRankError(
+            f"rank(s) {ranks.tolist()} refused {what}; nothing was changed on any rank (this is rank {self.rank})"
+        )
 
     # ------------------------------------------------------------------ forward
-    def pooled_lookup(self, features: str | Sequence[str], ids: Any, offsets: Any, per_sample_weights: Any = None,
-                      mode: str = "sum", *, train: bool = False) -> ShardedBatch | PooledBatch:
+    def pooled_lookup(
+        self,
+        features: str | Sequence[str],
+        ids: Any,
+        offsets: Any,
+        per_sample_weights: Any = None,
+        mode: str = "sum",
+        *,
+        train: bool = False,
+    ) -> ShardedBatch | PooledBatch:
         """Pooled lookup of this rank's batch, laid out as :meth:`EmbeddingStore.pooled_lookup`
         (in a world of one, exactly that: the batch is the one shard's ``PooledBatch``).
 
@@ -221,8 +249,15 @@ class ShardedEmbeddingStore:
             F = feature_tables.shape[0]
             if F > MAX_FEATURES:  # a key's first feature travels in 16 bits (global_pools)
                 raise InputShapeError(f"a sharded lookup takes at most {MAX_FEATURES} features, got {F}")
-            ids_h, offsets_h, weights_h = request_arrays(self.shard.backend, ids, offsets, per_sample_weights, F,
-                                                         mode, own=train or per_sample_weights is not None)
+            ids_h, offsets_h, weights_h = request_arrays(
+                self.shard.backend,
+                ids,
+                offsets,
+                per_sample_weights,
+                F,
+                mode,
+                own=train or per_sample_weights is not None,
+            )
             nnz = ids_h.shape[0]
             B = (offsets_h.shape[0] - 1) // F
             q_tables = np.empty(nnz, np.int16)
@@ -269,8 +304,13 @@ class ShardedEmbeddingStore:
         back = np.empty(int(seg_rows.sum()) + W, np.float32)
         back[seg_start] = 0.0
         # a collective on every rank alike (train is agreed), so outside the try below
-        order, limits = (self.pools.admission(self.shard, recv_tables, recv_ids, lambda: places_of(recv_packed, src),
-                                              self._keys.most) if train else (None, None))
+        order, limits = (
+            self.pools.admission(
+                self.shard, recv_tables, recv_ids, lambda: places_of(recv_packed, src), self._keys.most
+            )
+            if train
+            else (None, None)
+        )
         try:
             got = owner.owner_rows(self.shard, recv_tables, recv_ids, train, back, row_start, order, limits)
         except FiitedError as exc:
@@ -296,16 +336,35 @@ class ShardedEmbeddingStore:
         dims = self._dims[feature_tables]
         feature_col = starts_of(dims)
         out = self._buffers.get((B, int(dims.sum())))
-        host_kernels.pool_key_rows(key_of_occ, offsets_h, weights_h, mode == "mean", B, dims, feature_col, rows,
-                                   key_row, out)
+        host_kernels.pool_key_rows(
+            key_of_occ, offsets_h, weights_h, mode == "mean", B, dims, feature_col, rows, key_row, out
+        )
         occ_owner = key_owner[key_of_occ] if train else np.empty(0, np.int64)
         return ShardedBatch(
-            output=out, offsets=offsets_h, weights=weights_h, mean=mode == "mean", bags_per_feature=B,
-            feature_tables=feature_tables, feature_dim=dims, feature_col=feature_col, key_of_occ=key_of_occ,
-            key_row=key_row, rows=rows, send_order=send_order, send_counts=send_counts, key_dims=key_dims,
-            occ_owner=occ_owner, recv_counts=recv_counts, recv_tables=recv_tables, recv_ids=recv_ids,
-            recv_entries=got.entries, generation=self.shard.generation, train=train, store_id=id(self),
-            consumed=not train)
+            output=out,
+            offsets=offsets_h,
+            weights=weights_h,
+            mean=mode == "mean",
+            bags_per_feature=B,
+            feature_tables=feature_tables,
+            feature_dim=dims,
+            feature_col=feature_col,
+            key_of_occ=key_of_occ,
+            key_row=key_row,
+            rows=rows,
+            send_order=send_order,
+            send_counts=send_counts,
+            key_dims=key_dims,
+            occ_owner=occ_owner,
+            recv_counts=recv_counts,
+            recv_tables=recv_tables,
+            recv_ids=recv_ids,
+            recv_entries=got.entries,
+            generation=self.shard.generation,
+            train=train,
+            store_id=id(self),
+            consumed=not train,
+        )
 
     def lookup(self, table: str, ids: Any, *, train: bool = False):
         """Rows of ``ids`` (float32[n, D]); a collective."""
@@ -335,7 +394,8 @@ class ShardedEmbeddingStore:
                 bad = int(host_kernels.first_nonfinite(g))
                 i, j = divmod(bad, g.shape[1])
                 local_error = NonFiniteGradientError(
-                    f"grad_out[{i}, {j}] = {g[i, j]} is not finite (rank {self.rank}); nothing was updated on any rank")
+                    f"grad_out[{i}, {j}] = {g[i, j]} is not finite (rank {self.rank}); nothing was updated on any rank"
+                )
                 status = _NONFINITE
         except FiitedError as exc:
             local_error, status = exc, _REFUSED
@@ -352,8 +412,18 @@ class ShardedEmbeddingStore:
             slot = np.empty(U, np.int64)
             sent_dims = batch.key_dims[batch.send_order] + 1
             slot[batch.send_order] = starts_of(sent_dims)
-            host_kernels.sum_key_gradients(batch.key_of_occ, batch.offsets, batch.weights, batch.mean,
-                                           batch.bags_per_feature, batch.feature_dim, batch.feature_col, g, slot, sums)
+            host_kernels.sum_key_gradients(
+                batch.key_of_occ,
+                batch.offsets,
+                batch.weights,
+                batch.mean,
+                batch.bags_per_feature,
+                batch.feature_dim,
+                batch.feature_col,
+                g,
+                slot,
+                sums,
+            )
             counts = np.bincount(batch.key_of_occ, minlength=U)[:U].astype(np.float32)
             sums[slot + batch.key_dims] = counts
             seg_send = segment_sums(sent_dims, batch.send_counts)
@@ -369,16 +439,28 @@ class ShardedEmbeddingStore:
             # one row per occurrence, tagged (feature, key index at its owner), so that the
             # owner adds them in the single-store order: feature, rank, bag, position
             F = batch.feature_tables.shape[0]
-            feature_of_occ = (np.repeat(np.arange(F), np.diff(batch.offsets[::batch.bags_per_feature]))
-                              if batch.bags_per_feature else np.empty(0, np.int64))
+            feature_of_occ = (
+                np.repeat(np.arange(F), np.diff(batch.offsets[:: batch.bags_per_feature]))
+                if batch.bags_per_feature
+                else np.empty(0, np.int64)
+            )
             occ_dims = batch.feature_dim[feature_of_occ]
             occ_order = np.argsort(batch.occ_owner, kind="stable")
             # each occurrence's row is written where it goes in the send buffer (owner by owner)
             occ_start = np.empty(occ_dims.shape[0], np.int64)
             occ_start[occ_order] = starts_of(occ_dims[occ_order])
             packed = np.empty(int(occ_dims.sum()), np.float32)
-            host_kernels.occurrence_gradients(batch.offsets, batch.weights, batch.mean, batch.bags_per_feature,
-                                              batch.feature_dim, batch.feature_col, g, occ_start, packed)
+            host_kernels.occurrence_gradients(
+                batch.offsets,
+                batch.weights,
+                batch.mean,
+                batch.bags_per_feature,
+                batch.feature_dim,
+                batch.feature_col,
+                g,
+                occ_start,
+                packed,
+            )
             occ_counts = np.bincount(batch.occ_owner, minlength=W).astype(np.int64)
             pos_in_send = np.empty(U, np.int64)
             pos_in_send[batch.send_order] = np.arange(U)
@@ -398,10 +480,12 @@ class ShardedEmbeddingStore:
             order = np.argsort(meta_in[:, 0], kind="stable") if meta_in.shape[0] else np.empty(0, np.int64)
         grads = None
         if status != _REFUSED:
-            entries = owner.current_entries(self.shard, batch.recv_entries, batch.generation, batch.recv_tables,
-                                            batch.recv_ids)
-            grads = owner.sum_gradients(self.shard, entries, batch.recv_tables, order, row_key, row_start, row_dim,
-                                        rows, row_count)
+            entries = owner.current_entries(
+                self.shard, batch.recv_entries, batch.generation, batch.recv_tables, batch.recv_ids
+            )
+            grads = owner.sum_gradients(
+                self.shard, entries, batch.recv_tables, order, row_key, row_start, row_dim, rows, row_count
+            )
             if grads.n_bad and status == _OK:
                 status = _OVERFLOW
         flags = np.zeros(W, np.int64)
@@ -412,12 +496,15 @@ class ShardedEmbeddingStore:
         if (flags == _REFUSED).any():
             raise self._refused_by_peer(np.flatnonzero(flags == _REFUSED), "its backward pass")
         if (flags == _NONFINITE).any():
-            raise NonFiniteGradientError(f"the gradients of rank(s) {np.flatnonzero(flags == _NONFINITE).tolist()} "
-                                         f"hold NaN or inf; nothing was updated on any rank (this is rank {self.rank})")
+            raise NonFiniteGradientError(
+                f"the gradients of rank(s) {np.flatnonzero(flags == _NONFINITE).tolist()} "
+                f"hold NaN or inf; nothing was updated on any rank (this is rank {self.rank})"
+            )
         if (flags == _OVERFLOW).any():
             raise NonFiniteGradientError(
                 f"the gradients summed per id on rank(s) {np.flatnonzero(flags == _OVERFLOW).tolist()} overflow "
-                f"float32 when squared; nothing was updated on any rank (this is rank {self.rank})")
+                f"float32 when squared; nothing was updated on any rank (this is rank {self.rank})"
+            )
         owner.apply_gradients(self.shard, grads)
         batch.consumed = True
 
@@ -433,9 +520,9 @@ class ShardedEmbeddingStore:
             if hi == lo:
                 continue
             D, col = int(batch.feature_dim[f]), int(batch.feature_col[f])
-            bag = np.repeat(np.arange(B), np.diff(batch.offsets[f * B:(f + 1) * B + 1]))
+            bag = np.repeat(np.arange(B), np.diff(batch.offsets[f * B : (f + 1) * B + 1]))
             rows = batch.rows[batch.key_row[batch.key_of_occ[lo:hi]][:, None] + np.arange(D)]
-            out[lo:hi] = (rows * g[bag, col:col + D]).sum(axis=1, dtype=np.float32)
+            out[lo:hi] = (rows * g[bag, col : col + D]).sum(axis=1, dtype=np.float32)
         return out
 
     # ------------------------------------------------------------------ steps
@@ -459,9 +546,11 @@ class ShardedEmbeddingStore:
         """Replace this rank's shard with an :meth:`export_state` of the same rank and world."""
         tag = np.asarray(arrays.get("meta.shard", [-1, -1, -1])).tolist()
         if tag != [self.rank, self.world, self.routing.n_buckets]:
-            raise ConfigError(f"this state is shard {tag[0]} of {tag[1]} ranks ({tag[2]} buckets); this store is "
-                              f"shard {self.rank} of {self.world} ({self.routing.n_buckets} buckets): reshard "
-                              f"through save() and open() instead")
+            raise ConfigError(
+                f"this state is shard {tag[0]} of {tag[1]} ranks ({tag[2]} buckets); this store is "
+                f"shard {self.rank} of {self.world} ({self.routing.n_buckets} buckets): reshard "
+                f"through save() and open() instead"
+            )
         self.shard.import_state({k: v for k, v in arrays.items() if k != "meta.shard"})
         self.pools.free = None
 
@@ -474,16 +563,18 @@ class ShardedEmbeddingStore:
         return save_sharded(self, path)
 
     @classmethod
-    def open(cls, path: str | Path, mode: str = "r", *, process_group: Any = None,
-             exact: bool = False) -> "ShardedEmbeddingStore":
+    def open(
+        cls, path: str | Path, mode: str = "r", *, process_group: Any = None, exact: bool = False
+    ) -> ShardedEmbeddingStore:
         """Open a saved sharded store on this process group (a collective): "r" or "r+".
         A world of another size than the saved one reshards by bucket ranges."""
         from .checkpoint import open_shard
 
         exchange = exchange_for(process_group)
         tables, config, routing, slack, shard = open_shard(path, mode, exchange)
-        return cls(tables, config, routing=routing, exact=exact, path=path, pool_slack=slack, _shard=shard,
-                   _exchange=exchange)
+        return cls(
+            tables, config, routing=routing, exact=exact, path=path, pool_slack=slack, _shard=shard, _exchange=exchange
+        )
 
     # ------------------------------------------------------------------ stats
     def stats(self) -> dict[str, Any]:
@@ -504,7 +595,9 @@ def merge_stats(tables: Sequence[TableConfig], shard_stats: list[dict], config: 
         n = sum(r["entries"] for r in rows)
         res = np.sum([r["resident_per_chunk"] for r in rows], axis=0)
         per_table[t.name] = {
-            "entries": n, "dim": t.dim, "chunks": t.chunks,
+            "entries": n,
+            "dim": t.dim,
+            "chunks": t.chunks,
             "resident_per_chunk": res.tolist(),
             "spilled_per_chunk": np.sum([r["spilled_per_chunk"] for r in rows], axis=0).tolist(),
             "absent_per_chunk": np.sum([r["absent_per_chunk"] for r in rows], axis=0).tolist(),
@@ -532,6 +625,15 @@ def merge_stats(tables: Sequence[TableConfig], shard_stats: list[dict], config: 
         "step": shard_stats[0]["total"]["step"],
         "world_size": len(shard_stats),
     }
-    return {"tables": per_table, "total": total,
-            "shards": [{"entries": s["total"]["entries"], "memory_total": s["total"]["bytes"]["memory_total"],
-                        "resident_chunks": s["total"]["resident_chunks"]} for s in shard_stats]}
+    return {
+        "tables": per_table,
+        "total": total,
+        "shards": [
+            {
+                "entries": s["total"]["entries"],
+                "memory_total": s["total"]["bytes"]["memory_total"],
+                "resident_chunks": s["total"]["resident_chunks"],
+            }
+            for s in shard_stats
+        ],
+    }

@@ -10,9 +10,10 @@ from __future__ import annotations
 
 import json
 import shutil
+from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 import numpy as np
 
@@ -51,30 +52,42 @@ def inspect_sharded(path: Path) -> dict[str, Any]:
         info["kept_dim_histogram"] = hist
         info["utility_quantiles"] = utility_quantiles(np.concatenate([p[1][t.name] for p in parts]))
     total = merged["total"]
-    total["resident_vs_budget"] = (sum(p[0]["total"]["resident_vs_budget"] * p[0]["total"]["budget_bytes"]
-                                       for p in parts) / max(total["budget_bytes"], 1))
+    total["resident_vs_budget"] = sum(
+        p[0]["total"]["resident_vs_budget"] * p[0]["total"]["budget_bytes"] for p in parts
+    ) / max(total["budget_bytes"], 1)
     total["memory_budget_bytes"] = None
     total["bytes"]["on_disk"] = sum(p[0]["total"]["bytes"].get("on_disk", 0) for p in parts)
     first = parts[0][0]
     return {
-        "path": str(path), "world_size": doc["world_size"], "routing": doc["routing"],
-        "config": first["config"], "step": doc["step"], "tables": merged["tables"], "total": total,
+        "path": str(path),
+        "world_size": doc["world_size"],
+        "routing": doc["routing"],
+        "config": first["config"],
+        "step": doc["step"],
+        "tables": merged["tables"],
+        "total": total,
         "pools": [dict(p, shard=r) for r, (report, _, _) in enumerate(parts) for p in report["pools"]],
         "counters": {k: sum(p[0]["counters"][k] for p in parts) for k in first["counters"]},
-        "shards": [dict(s, dir=e["dir"], checkpoint=e["checkpoint"], buckets=e["buckets"])
-                   for s, e in zip(merged["shards"], doc["shards"])],
+        "shards": [
+            dict(s, dir=e["dir"], checkpoint=e["checkpoint"], buckets=e["buckets"])
+            for s, e in zip(merged["shards"], doc["shards"])
+        ],
     }
 
 
 def format_sharded_inspection(info: dict[str, Any]) -> str:
     from ..tools import format_inspection
 
-    lines = [format_inspection(info), f"sharded row-wise over {info['world_size']} shards "
-             f"({info['routing']['n_buckets']} virtual buckets):"]
+    lines = [
+        format_inspection(info),
+        f"sharded row-wise over {info['world_size']} shards ({info['routing']['n_buckets']} virtual buckets):",
+    ]
     for s in info["shards"]:
-        lines.append(f"  {s['dir']} ({s['checkpoint']}, buckets {s['buckets'][0]}..{s['buckets'][1] - 1}): "
-                     f"{s['entries']:,} entries, {s['resident_chunks']:,} resident chunks, "
-                     f"{s['memory_total']:,} bytes in memory")
+        lines.append(
+            f"  {s['dir']} ({s['checkpoint']}, buckets {s['buckets'][0]}..{s['buckets'][1] - 1}): "
+            f"{s['entries']:,} entries, {s['resident_chunks']:,} resident chunks, "
+            f"{s['memory_total']:,} bytes in memory"
+        )
     return "\n".join(lines)
 
 
@@ -91,8 +104,10 @@ def verify_sharded(path: Path, progress: bool = False) -> list[str]:
         return [str(exc)]
 
     def one(entry):
-        problems = [f"{entry['dir']}: {p}" for p in verify_store(path / entry["dir"], progress=False,
-                                                                   checkpoint=entry["checkpoint"])]
+        problems = [
+            f"{entry['dir']}: {p}"
+            for p in verify_store(path / entry["dir"], progress=False, checkpoint=entry["checkpoint"])
+        ]
         if problems:
             return problems
         with EmbeddingStore.open(path / entry["dir"], "r", checkpoint=entry["checkpoint"]) as shard:
@@ -102,10 +117,15 @@ def verify_sharded(path: Path, progress: bool = False) -> list[str]:
             out = owner != entry["rank"]
             if out.any():
                 i = int(np.argmax(out))
-                where = (f"buckets outside its range [{entry['buckets'][0]}, {entry['buckets'][1]})"
-                         if "buckets" in entry else f"tables it does not own ({entry.get('tables')})")
-                problems.append(f"{entry['dir']}: {int(out.sum())} keys route to {where}, the first "
-                                f"(table {int(t[i])}, id {int(ids[i])}) to rank {int(owner[i])}")
+                where = (
+                    f"buckets outside its range [{entry['buckets'][0]}, {entry['buckets'][1]})"
+                    if "buckets" in entry
+                    else f"tables it does not own ({entry.get('tables')})"
+                )
+                problems.append(
+                    f"{entry['dir']}: {int(out.sum())} keys route to {where}, the first "
+                    f"(table {int(t[i])}, id {int(ids[i])}) to rank {int(owner[i])}"
+                )
         return problems
 
     found = _each_shard(doc, one)
@@ -122,8 +142,9 @@ def compact_sharded(path: Path, progress: bool = False) -> dict[str, Any]:
     from ..tools import compact_store
 
     doc = read_sharded_manifest(path)
-    results = _each_shard(doc, lambda e: compact_store(path / e["dir"], progress=False, checkpoint=e["checkpoint"],
-                                                       remove_older=False))
+    results = _each_shard(
+        doc, lambda e: compact_store(path / e["dir"], progress=False, checkpoint=e["checkpoint"], remove_older=False)
+    )
     for entry, r in zip(doc["shards"], results):
         entry["checkpoint"] = r["checkpoint"]
     write_atomic(path / SHARDED_MANIFEST, json.dumps(doc, indent=2).encode())
@@ -164,9 +185,16 @@ def reshard_offline(path: Path, world: int, progress: bool = False) -> dict[str,
     with ThreadPoolExecutor(max_workers=min(8, world)) as pool:
         made = list(pool.map(one, range(world)))
     old_dirs = [e["dir"] for e in doc["shards"]]
-    new_doc = dict(doc, format=FORMAT, format_version=FORMAT_VERSION, world_size=world, shards=[
-        {"rank": r, "dir": shard_dir_name(world, r), "checkpoint": made[r][0],
-         **routing.shard_json(r, world)} for r in range(world)])
+    new_doc = dict(
+        doc,
+        format=FORMAT,
+        format_version=FORMAT_VERSION,
+        world_size=world,
+        shards=[
+            {"rank": r, "dir": shard_dir_name(world, r), "checkpoint": made[r][0], **routing.shard_json(r, world)}
+            for r in range(world)
+        ],
+    )
     write_atomic(path / SHARDED_MANIFEST, json.dumps(new_doc, indent=2).encode())
     for d in old_dirs:
         shutil.rmtree(path / d, ignore_errors=True)

@@ -8,18 +8,42 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
+from typing import Literal, get_args
 
+from ..config import (
+    EVICT_POLICIES,
+    READMISSIONS,
+    TABLE_NORMALIZATIONS,
+    UTILITY_MODES,
+    EvictPolicy,
+    Readmission,
+    TableNormalization,
+    UtilityMode,
+)
 from ..errors import ConfigError
 
-DATASETS = ("synthetic", "mixed", "movielens", "criteo")
+Dataset = Literal["synthetic", "mixed", "movielens", "criteo"]
 #: small-dim: dense embeddings of dimension D x (1 - ratio) for every row (the uniform baseline);
 #: fiited-floor: the paper's manual ratios on the chunks above a floor that every row keeps,
 #: each feature's pooled row mapped through a learned D x D matrix
-METHODS = ("dense", "small-dim", "md", "adaembed", "fiited-manual", "fiited-dynamic", "fiited-floor")
-NORMALIZATIONS = ("none", "mean")
-READMISSIONS = ("first", "zero", "fresh")
-ON_EVICT = ("discard", "spill")
-UTILITIES = ("gradient", "access", "shared")
+Method = Literal["dense", "small-dim", "md", "adaembed", "fiited-manual", "fiited-dynamic", "fiited-floor"]
+DATASETS = get_args(Dataset)
+METHODS = get_args(Method)
+NORMALIZATIONS = TABLE_NORMALIZATIONS
+ON_EVICT = EVICT_POLICIES
+UTILITIES = UTILITY_MODES
+__all__ = [
+    "DATASETS",
+    "METHODS",
+    "NORMALIZATIONS",
+    "ON_EVICT",
+    "READMISSIONS",
+    "SWEEP_RATIOS",
+    "UTILITIES",
+    "TrainConfig",
+    "default_floor_dim",
+    "method_layout",
+]
 SWEEP_RATIOS = (0.5, 0.625, 0.75, 0.8125, 0.875, 0.9375)
 
 
@@ -53,32 +77,32 @@ class TrainConfig:
     Every value is checked here, before any data is read or any model is built.
     """
 
-    dataset: str = "synthetic"
+    dataset: Dataset = "synthetic"
     path: str | None = None
-    method: str = "fiited-floor"
+    method: Method = "fiited-floor"
     ratio: float = 0.75
     chunks: int = 2
     dim: int = 32
     batch_size: int = 512
     epochs: int = 3
-    steps: int = 300                 # synthetic stream: training steps
-    synthetic_cap: int = 20_000      # synthetic stream: rows per table at most
-    eval_samples: int = 50_000       # synthetic stream: held-out samples
+    steps: int = 300  # synthetic stream: training steps
+    synthetic_cap: int = 20_000  # synthetic stream: rows per table at most
+    eval_samples: int = 50_000  # synthetic stream: held-out samples
     lr_embedding: float = 0.05
     lr_dense: float = 1e-3
     prune_period: int = 50
     gamma: float = 0.9
     steepness: float = 1.0
-    utility: str = "gradient"
+    utility: UtilityMode = "gradient"
     criteo_limit: int | None = 1_000_000
     seed: int = 0
-    table_normalization: str = "none"   # FIITED: "none" is the paper's rule
-    small_table_rows: int = 0           # FIITED: tables of at most this many rows keep every chunk
-    min_chunks: int = 0                 # FIITED: every row of every table keeps its first min_chunks chunks
-    floor_dim: int = 0                  # FIITED: every row keeps its first floor_dim dimensions (one chunk of that width)
-    project: bool = False               # FIITED: a learned D x D map per feature on the store's output
-    readmission: str = "first"          # FIITED: a chunk winning its slot back starts at its first values
-    on_evict: str = "discard"           # FIITED: "spill" keeps pruned chunks in the disk tier (the paper discards)
+    table_normalization: TableNormalization = "none"  # FIITED: "none" is the paper's rule
+    small_table_rows: int = 0  # FIITED: tables of at most this many rows keep every chunk
+    min_chunks: int = 0  # FIITED: every row of every table keeps its first min_chunks chunks
+    floor_dim: int = 0  # FIITED: every row keeps its first floor_dim dimensions (one chunk of that width)
+    project: bool = False  # FIITED: a learned D x D map per feature on the store's output
+    readmission: Readmission = "first"  # FIITED: a chunk winning its slot back starts at its first values
+    on_evict: EvictPolicy = "discard"  # FIITED: "spill" keeps pruned chunks in the disk tier (the paper discards)
 
     def __post_init__(self) -> None:
         def check(cond: bool, message: str) -> None:
@@ -93,12 +117,18 @@ class TrainConfig:
             v = getattr(self, name)
             check(isinstance(v, int) and v > 0, f"{name} must be a positive int, got {v!r}")
         check(self.eval_samples >= 2, f"eval_samples must be at least 2, got {self.eval_samples!r}")
-        check(self.effective_floor_dim or self.dim % self.chunks == 0 or self.method in ("dense", "small-dim", "md"),
-              f"dim {self.dim} is not divisible by chunks {self.chunks}")
-        check(isinstance(self.prune_period, int) and self.prune_period >= 0,
-              f"prune_period must be an int >= 0 (0: never prune), got {self.prune_period!r}")
-        check(self.criteo_limit is None or (isinstance(self.criteo_limit, int) and self.criteo_limit > 0),
-              f"criteo_limit must be a positive int or None, got {self.criteo_limit!r}")
+        check(
+            self.effective_floor_dim or self.dim % self.chunks == 0 or self.method in ("dense", "small-dim", "md"),
+            f"dim {self.dim} is not divisible by chunks {self.chunks}",
+        )
+        check(
+            isinstance(self.prune_period, int) and self.prune_period >= 0,
+            f"prune_period must be an int >= 0 (0: never prune), got {self.prune_period!r}",
+        )
+        check(
+            self.criteo_limit is None or (isinstance(self.criteo_limit, int) and self.criteo_limit > 0),
+            f"criteo_limit must be a positive int or None, got {self.criteo_limit!r}",
+        )
         for name in ("lr_embedding", "lr_dense"):
             v = getattr(self, name)
             check(math.isfinite(v) and v > 0, f"{name} must be a finite number > 0, got {v!r}")
@@ -106,28 +136,41 @@ class TrainConfig:
         check(0.0 <= self.steepness <= 1.0, f"steepness must lie in [0, 1], got {self.steepness!r}")
         check(self.dataset in ("synthetic", "mixed") or self.path is not None, f"dataset {self.dataset!r} needs --path")
         check(self.on_evict in ON_EVICT, f"on_evict must be one of {ON_EVICT}, got {self.on_evict!r}")
-        check(self.readmission in READMISSIONS,
-              f"readmission must be one of {READMISSIONS}, got {self.readmission!r}")
-        check(self.table_normalization in NORMALIZATIONS,
-              f"table_normalization must be one of {NORMALIZATIONS}, got {self.table_normalization!r}")
-        check(isinstance(self.min_chunks, int) and 0 <= self.min_chunks <= self.chunks,
-              f"min_chunks must be an int in [0, chunks = {self.chunks}], got {self.min_chunks!r}")
-        check(self.min_chunks / self.chunks <= 1.0 - self.ratio + 1e-9 or not self.method.startswith("fiited"),
-              f"min_chunks {self.min_chunks} of {self.chunks} chunks per row is {self.min_chunks / self.chunks:.4g} of "
-              f"the dense size, more than the budget at ratio {self.ratio:g} ({1.0 - self.ratio:.4g})")
-        check(isinstance(self.floor_dim, int) and 0 <= self.floor_dim < self.dim,
-              f"floor_dim must be an int in [0, dim = {self.dim}), got {self.floor_dim!r}")
+        check(self.readmission in READMISSIONS, f"readmission must be one of {READMISSIONS}, got {self.readmission!r}")
+        check(
+            self.table_normalization in NORMALIZATIONS,
+            f"table_normalization must be one of {NORMALIZATIONS}, got {self.table_normalization!r}",
+        )
+        check(
+            isinstance(self.min_chunks, int) and 0 <= self.min_chunks <= self.chunks,
+            f"min_chunks must be an int in [0, chunks = {self.chunks}], got {self.min_chunks!r}",
+        )
+        check(
+            self.min_chunks / self.chunks <= 1.0 - self.ratio + 1e-9 or not self.method.startswith("fiited"),
+            f"min_chunks {self.min_chunks} of {self.chunks} chunks per row is {self.min_chunks / self.chunks:.4g} of "
+            f"the dense size, more than the budget at ratio {self.ratio:g} ({1.0 - self.ratio:.4g})",
+        )
+        check(
+            isinstance(self.floor_dim, int) and 0 <= self.floor_dim < self.dim,
+            f"floor_dim must be an int in [0, dim = {self.dim}), got {self.floor_dim!r}",
+        )
         f = self.effective_floor_dim
         check(not (f and self.min_chunks), f"give floor_dim or min_chunks, not both (got {f} and {self.min_chunks})")
-        check(f == 0 or (self.dim - f) % self.chunks == 0,
-              f"the {self.dim - f} dimensions above floor_dim = {f} do not split into {self.chunks} equal chunks "
-              f"(--chunks {', '.join(str(k) for k in range(1, min(self.dim - f, 64) + 1) if (self.dim - f) % k == 0)} "
-              f"would)")
-        check(f <= (1.0 - self.ratio) * self.dim + 1e-9 or not self.method.startswith("fiited"),
-              f"floor_dim {f} of {self.dim} is more than the budget at ratio {self.ratio:g} "
-              f"({(1.0 - self.ratio) * self.dim:.4g} dimensions per row)")
-        check(isinstance(self.small_table_rows, int) and self.small_table_rows >= 0,
-              f"small_table_rows must be an int >= 0, got {self.small_table_rows!r}")
+        check(
+            f == 0 or (self.dim - f) % self.chunks == 0,
+            f"the {self.dim - f} dimensions above floor_dim = {f} do not split into {self.chunks} equal chunks "
+            f"(--chunks {', '.join(str(k) for k in range(1, min(self.dim - f, 64) + 1) if (self.dim - f) % k == 0)} "
+            f"would)",
+        )
+        check(
+            f <= (1.0 - self.ratio) * self.dim + 1e-9 or not self.method.startswith("fiited"),
+            f"floor_dim {f} of {self.dim} is more than the budget at ratio {self.ratio:g} "
+            f"({(1.0 - self.ratio) * self.dim:.4g} dimensions per row)",
+        )
+        check(
+            isinstance(self.small_table_rows, int) and self.small_table_rows >= 0,
+            f"small_table_rows must be an int >= 0, got {self.small_table_rows!r}",
+        )
 
     @property
     def effective_floor_dim(self) -> int:

@@ -4,19 +4,27 @@ from __future__ import annotations
 
 import csv
 import sys
+from collections.abc import Sequence
 from dataclasses import replace
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any
 
 import numpy as np
 from tqdm import tqdm
 
+from .. import plotting
 from .config import TrainConfig
 from .train import run
 
 
-def sweep(base: TrainConfig, methods: Sequence[str], ratios: Sequence[float], seeds: Sequence[int], out_dir: Path,
-          progress: bool = True) -> list[dict[str, Any]]:
+def sweep(
+    base: TrainConfig,
+    methods: Sequence[str],
+    ratios: Sequence[float],
+    seeds: Sequence[int],
+    out_dir: Path,
+    progress: bool = True,
+) -> list[dict[str, Any]]:
     """Every method at every ratio and seed (dense once per seed); writes CSV, markdown and a plot."""
     out_dir.mkdir(parents=True, exist_ok=True)
     jobs = []
@@ -40,7 +48,8 @@ def sweep(base: TrainConfig, methods: Sequence[str], ratios: Sequence[float], se
             w.writerows(results)
     bar.close()
     (out_dir / "sweep.md").write_text(markdown_table(results, methods, ratios))
-    plot_sweep(results, methods, ratios, out_dir / "sweep.png")
+    if plotting.available():
+        plot_sweep(results, methods, ratios, out_dir / "sweep.png")
     return results
 
 
@@ -76,19 +85,26 @@ def markdown_table(results, methods, ratios) -> str:
     if stores:
         mem = ["| pruning ratio | " + " | ".join(stores) + " |", "|---|" + "---|" * len(stores)]
         for r in ratios:
-            v = [[x["store_vs_dense_with_optimizer"] for x in results if x["method"] == m and x["ratio"] == r
-                  and "store_vs_dense_with_optimizer" in x] for m in stores]
+            v = [
+                [
+                    x["store_vs_dense_with_optimizer"]
+                    for x in results
+                    if x["method"] == m and x["ratio"] == r and "store_vs_dense_with_optimizer" in x
+                ]
+                for m in stores
+            ]
             mem.append(f"| {r:g} | " + " | ".join(f"{np.mean(x):.3f}" if x else "" for x in v) + " |")
-        out += ("\nThe store's memory (pool, optimizer state, entry index) against the dense weights plus the same "
-                "optimizer's state:\n\n" + "\n".join(mem) + "\n")
+        out += (
+            "\nThe store's memory (pool, optimizer state, entry index) against the dense weights plus the same "
+            "optimizer's state:\n\n" + "\n".join(mem) + "\n"
+        )
     return out
 
 
 def plot_sweep(results, methods, ratios, path: Path) -> None:
-    import matplotlib
+    from ..plotting import pyplot
 
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    plt = pyplot()
 
     fig, ax = plt.subplots(figsize=(7, 4.5))
     dense = _stats(results, "dense", 0.0)

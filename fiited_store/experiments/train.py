@@ -13,18 +13,22 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
+from .config import TrainConfig
 from .data import Batch, TabularDataset
 from .metrics import accuracy, auc, log_loss
 from .models.dlrm import DLRM, FiitedEmbeddings, build_embeddings
-from .config import TrainConfig
+
 
 def load_dataset(cfg: TrainConfig):
     """(stream or train set, validation set, test set, feature names, cardinalities, access counts)."""
     if cfg.dataset in ("synthetic", "mixed"):
         from .data.synthetic import SyntheticClickStream, mixed_stream, scaled_cardinalities
 
-        stream = (mixed_stream(cfg.seed) if cfg.dataset == "mixed"
-                  else SyntheticClickStream(scaled_cardinalities(cap=cfg.synthetic_cap), seed=cfg.seed))
+        stream = (
+            mixed_stream(cfg.seed)
+            if cfg.dataset == "mixed"
+            else SyntheticClickStream(scaled_cardinalities(cap=cfg.synthetic_cap), seed=cfg.seed)
+        )
         val = stream.dataset(cfg.eval_samples // 2, stream_seed=1)
         test = stream.dataset(cfg.eval_samples // 2, stream_seed=2)
         counts = stream.dataset(20_000, stream_seed=3).access_counts()
@@ -71,13 +75,19 @@ def rank_slice(batch: Batch, rank: int, world: int) -> Batch:
     F = len(batch.keys)
     lengths = batch.lengths.view(F, B)
     starts = torch.cat([torch.zeros(1, dtype=torch.int64), torch.cumsum(batch.lengths, 0)]).view(-1)
-    pieces = [batch.values[starts[f * B + lo]:starts[f * B + hi]] for f in range(F)]  # F slices, not one per key
-    return Batch(dense=batch.dense[lo:hi], keys=batch.keys, values=torch.cat(pieces),
-                 lengths=lengths[:, lo:hi].reshape(-1).contiguous(), labels=batch.labels[lo:hi])
+    pieces = [batch.values[starts[f * B + lo] : starts[f * B + hi]] for f in range(F)]  # F slices, not one per key
+    return Batch(
+        dense=batch.dense[lo:hi],
+        keys=batch.keys,
+        values=torch.cat(pieces),
+        lengths=lengths[:, lo:hi].reshape(-1).contiguous(),
+        labels=batch.labels[lo:hi],
+    )
 
 
-def evaluate(model: DLRM, data: TabularDataset, batch_size: int = 4096,
-             dist_ctx: Distributed | None = None) -> dict[str, float]:
+def evaluate(
+    model: DLRM, data: TabularDataset, batch_size: int = 4096, dist_ctx: Distributed | None = None
+) -> dict[str, float]:
     """Quality on ``data``. Sharded, every rank scores an equal share (the last padded, so
     that every rank makes the same number of collective lookups) and all see every score."""
     model.eval()
@@ -97,7 +107,7 @@ def evaluate(model: DLRM, data: TabularDataset, batch_size: int = 4096,
 
         every = [torch.empty_like(p) for _ in range(dist_ctx.world)]
         dist.all_gather(every, p)
-        p = torch.cat(every)[:len(data)]
+        p = torch.cat(every)[: len(data)]
     p = p.numpy()
     return {"auc": auc(data.labels, p), "logloss": log_loss(data.labels, p), "accuracy": accuracy(data.labels, p)}
 
@@ -112,18 +122,35 @@ def run(cfg: TrainConfig, progress: bool = True, out=sys.stderr) -> dict[str, An
     if dist_ctx is not None and not cfg.method.startswith("fiited") and cfg.method != "adaembed":
         from ..errors import ConfigError
 
-        raise ConfigError(f"under torchrun only FIITED's store is sharded; method {cfg.method!r} would train a "
-                          f"separate copy per rank")
+        raise ConfigError(
+            f"under torchrun only FIITED's store is sharded; method {cfg.method!r} would train a separate copy per rank"
+        )
     progress = progress and (dist_ctx is None or dist_ctx.rank == 0)
     train, val, test, names, cards, counts = load_dataset(cfg)
     synthetic = cfg.dataset in ("synthetic", "mixed")
-    emb = build_embeddings(cfg.method, names, cards, cfg.dim, cfg.ratio, cfg.chunks, cfg.lr_embedding, counts=counts,
-                           prune_period=cfg.prune_period, gamma=cfg.gamma, seed=cfg.seed, steepness=cfg.steepness,
-                           utility=cfg.utility, table_normalization=cfg.table_normalization,
-                           small_table_rows=cfg.small_table_rows, readmission=cfg.readmission,
-                           on_evict=cfg.on_evict, min_chunks=cfg.min_chunks, floor_dim=cfg.effective_floor_dim,
-                           project=cfg.effective_project,
-                           process_group=None if dist_ctx is None else dist_ctx.group)
+    emb = build_embeddings(
+        cfg.method,
+        names,
+        cards,
+        cfg.dim,
+        cfg.ratio,
+        cfg.chunks,
+        cfg.lr_embedding,
+        counts=counts,
+        prune_period=cfg.prune_period,
+        gamma=cfg.gamma,
+        seed=cfg.seed,
+        steepness=cfg.steepness,
+        utility=cfg.utility,
+        table_normalization=cfg.table_normalization,
+        small_table_rows=cfg.small_table_rows,
+        readmission=cfg.readmission,
+        on_evict=cfg.on_evict,
+        min_chunks=cfg.min_chunks,
+        floor_dim=cfg.effective_floor_dim,
+        project=cfg.effective_project,
+        process_group=None if dist_ctx is None else dist_ctx.group,
+    )
     num_dense = test.num_dense
     model = DLRM(emb, len(names), cfg.dim, num_dense)
     # the dense part trains data-parallel: DDP averages its gradients over the ranks
@@ -140,8 +167,14 @@ def run(cfg: TrainConfig, progress: bool = True, out=sys.stderr) -> dict[str, An
     else:
         schedule = [None] * cfg.epochs
         total = cfg.epochs * train.num_batches(cfg.batch_size)
-    bar = tqdm(total=total, disable=not progress, file=out, desc=f"{cfg.method} p={cfg.ratio:g}", unit="step",
-               dynamic_ncols=True)
+    bar = tqdm(
+        total=total,
+        disable=not progress,
+        file=out,
+        desc=f"{cfg.method} p={cfg.ratio:g}",
+        unit="step",
+        dynamic_ncols=True,
+    )
     best = {"val_auc": -math.inf}
     step_time = 0.0
     steps = 0
@@ -170,7 +203,7 @@ def run(cfg: TrainConfig, progress: bool = True, out=sys.stderr) -> dict[str, An
             if sparse_opt is not None:
                 sparse_opt.zero_grad(set_to_none=True)
             loss = loss_fn(step_model(batch), batch.labels)
-            loss.backward()   # the store's fused optimizer runs inside this call
+            loss.backward()  # the store's fused optimizer runs inside this call
             dense_opt.step()
             if sparse_opt is not None:
                 sparse_opt.step()
@@ -182,18 +215,26 @@ def run(cfg: TrainConfig, progress: bool = True, out=sys.stderr) -> dict[str, An
                 bar.set_postfix(loss=f"{np.mean(losses[-20:]):.4f}")
         v = evaluate(model, val, dist_ctx=dist_ctx)
         if v["auc"] > best["val_auc"]:
-            best = {"val_auc": v["auc"], "epoch": epoch,
-                    **{f"test_{k}": x for k, x in evaluate(model, test, dist_ctx=dist_ctx).items()}}
+            best = {
+                "val_auc": v["auc"],
+                "epoch": epoch,
+                **{f"test_{k}": x for k, x in evaluate(model, test, dist_ctx=dist_ctx).items()},
+            }
     bar.close()
 
     dense_bytes = int(sum(cards) * cfg.dim * 4)
     result: dict[str, Any] = {
         **asdict(cfg),
-        "auc": best["test_auc"], "logloss": best["test_logloss"], "accuracy": best["test_accuracy"],
-        "val_auc": best["val_auc"], "best_epoch": best["epoch"],
-        "embedding_bytes": emb.weight_bytes(), "dense_embedding_bytes": dense_bytes,
+        "auc": best["test_auc"],
+        "logloss": best["test_logloss"],
+        "accuracy": best["test_accuracy"],
+        "val_auc": best["val_auc"],
+        "best_epoch": best["epoch"],
+        "embedding_bytes": emb.weight_bytes(),
+        "dense_embedding_bytes": dense_bytes,
         "bytes_vs_dense": emb.weight_bytes() / dense_bytes,
-        "step_ms": 1000.0 * step_time / max(steps, 1), "steps": steps,
+        "step_ms": 1000.0 * step_time / max(steps, 1),
+        "steps": steps,
         "train_loss_last": float(np.mean(losses[-50:])) if losses else float("nan"),
     }
     if synthetic:
@@ -202,10 +243,14 @@ def run(cfg: TrainConfig, progress: bool = True, out=sys.stderr) -> dict[str, An
     if isinstance(emb, FiitedEmbeddings):
         stats = emb.store.stats()
         st = stats["total"]
-        result.update(store_memory_bytes=st["bytes"]["memory_total"], average_kept_dim=emb.average_kept_dim(stats),
-                      entries=st["entries"], store_vs_dense=st["memory_vs_dense"],
-                      store_vs_dense_with_optimizer=st["memory_vs_dense_with_optimizer"],
-                      spilled_chunks=st["spilled_chunks"])
+        result.update(
+            store_memory_bytes=st["bytes"]["memory_total"],
+            average_kept_dim=emb.average_kept_dim(stats),
+            entries=st["entries"],
+            store_vs_dense=st["memory_vs_dense"],
+            store_vs_dense_with_optimizer=st["memory_vs_dense_with_optimizer"],
+            spilled_chunks=st["spilled_chunks"],
+        )
         if emb.projection is not None:  # a dense parameter beside the store, trained by the dense optimizer
             result["projection_bytes"] = emb.projection.numel() * 4
         emb.store.close()
@@ -216,7 +261,8 @@ def run(cfg: TrainConfig, progress: bool = True, out=sys.stderr) -> dict[str, An
 
 def format_result(r: dict[str, Any]) -> str:
     lines = [
-        f"method {r['method']}  " + ("no pruning" if r["method"] == "dense" else f"pruning ratio {r['ratio']:g}  chunks {r['chunks']}")
+        f"method {r['method']}  "
+        + ("no pruning" if r["method"] == "dense" else f"pruning ratio {r['ratio']:g}  chunks {r['chunks']}")
         + f"  dim {r['dim']}  dataset {r['dataset']}",
         f"quality   AUC {r['auc']:.4f}   log loss {r['logloss']:.4f}   accuracy {r['accuracy']:.4f}"
         + (f"   (Bayes-optimal AUC {r['bayes_auc']:.4f})" if "bayes_auc" in r else ""),
@@ -224,14 +270,21 @@ def format_result(r: dict[str, Any]) -> str:
         f"({r['dense_embedding_bytes'] / 2**20:.2f} MiB)",
     ]
     if "store_memory_bytes" in r:
-        lines.append(f"          training memory of the store (pool, optimizer state, entry index) {r['store_memory_bytes'] / 2**20:.2f} MiB"
-                     f" = {r['store_vs_dense']:.3f} x dense weights, {r['store_vs_dense_with_optimizer']:.3f} x dense weights"
-                     f" + the same optimizer's state; average kept dimension {r['average_kept_dim']:.1f} of {r['dim']}")
+        lines.append(
+            "          training memory of the store (pool, optimizer state, entry index) "
+            f"{r['store_memory_bytes'] / 2**20:.2f} MiB"
+            f" = {r['store_vs_dense']:.3f} x dense weights, {r['store_vs_dense_with_optimizer']:.3f} x dense weights"
+            f" + the same optimizer's state; average kept dimension {r['average_kept_dim']:.1f} of {r['dim']}"
+        )
         if r.get("projection_bytes"):
-            lines.append(f"          embedding weights include the learned D x D map per feature, "
-                         f"{r['projection_bytes'] / 2**10:.1f} KiB (a dense parameter beside the store)")
+            lines.append(
+                f"          embedding weights include the learned D x D map per feature, "
+                f"{r['projection_bytes'] / 2**10:.1f} KiB (a dense parameter beside the store)"
+            )
         if r.get("on_evict") == "spill":
             lines.append(f"          disk tier: {r['spilled_chunks']:,} pruned chunks kept with their trained values")
-    lines.append(f"speed     {r['step_ms']:.2f} ms per training step ({r['steps']} steps of {r['batch_size']}"
-                 + (f" shared by {r['world_size']} ranks)" if r.get("world_size", 1) > 1 else ")"))
+    lines.append(
+        f"speed     {r['step_ms']:.2f} ms per training step ({r['steps']} steps of {r['batch_size']}"
+        + (f" shared by {r['world_size']} ranks)" if r.get("world_size", 1) > 1 else ")")
+    )
     return "\n".join(lines)

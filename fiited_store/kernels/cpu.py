@@ -21,16 +21,18 @@ from numba.extending import intrinsic
 
 from .layout import (
     EMPTY,
-    FLOOR_RANK_BITS as _FLOOR_RANK_BITS,
-    OUT_OF_RANGE,
     INIT_NORMAL,
     INIT_UNIFORM,
     OPT_ADAGRAD,
     OPT_ROWWISE_ADAGRAD,
     OPT_SGD,
+    OUT_OF_RANGE,
     TOMBSTONE,
     UTIL_ACCESS,
     UTIL_GRADIENT,
+)
+from .layout import (
+    FLOOR_RANK_BITS as _FLOOR_RANK_BITS,
 )
 
 _JIT = dict(cache=True, nogil=True)
@@ -73,8 +75,9 @@ def prefetch(typingctx, arr, idx):
         ptr = cgutils.get_item_pointer(context, builder, aty, ary, index, wraparound=False)
         i8p = ir.IntType(8).as_pointer()
         i32 = ir.IntType(32)
-        fn = cgutils.get_or_insert_function(builder.module, ir.FunctionType(ir.VoidType(), [i8p, i32, i32, i32]),
-                                            "llvm.prefetch.p0i8")
+        fn = cgutils.get_or_insert_function(
+            builder.module, ir.FunctionType(ir.VoidType(), [i8p, i32, i32, i32]), "llvm.prefetch.p0i8"
+        )
         builder.call(fn, [builder.bitcast(ptr, i8p), ir.Constant(i32, 0), ir.Constant(i32, 3), ir.Constant(i32, 1)])
         return context.get_dummy_value()
 
@@ -295,8 +298,6 @@ def _set_seen(seen, e, on):
         seen[e >> 5] &= ~bit
 
 
-
-
 #: how far ahead the hash probe prefetches the home bucket of a later key
 PREFETCH_PROBE = 16
 
@@ -460,8 +461,9 @@ def chunk_at(arow, code):
 
 
 @njit(**_JIT)
-def erase_entries(entries, row_base, seen, table_ids, addr, util, owner, free_stack, n_free, table_group, group, kmax,
-                  tier_out):
+def erase_entries(
+    entries, row_base, seen, table_ids, addr, util, owner, free_stack, n_free, table_group, group, kmax, tier_out
+):
     """Tombstone the given entries (each once); a direct row loses its ``seen`` bit.
     Pool slots of ``group`` go back on the stack.
 
@@ -503,8 +505,27 @@ def erase_entries(entries, row_base, seen, table_ids, addr, util, owner, free_st
 
 
 @njit(**_JIT)
-def admit_new_chunks(new_entries, row_base, seen, keys, table_ids, addr, table_chunks, table_group, group, vectors, opt_state,
-                     owner, free_stack, n_free, seed, table_init_kind, table_init_scale, kmax, limit):
+def admit_new_chunks(
+    new_entries,
+    row_base,
+    seen,
+    keys,
+    table_ids,
+    addr,
+    table_chunks,
+    table_group,
+    group,
+    vectors,
+    opt_state,
+    owner,
+    free_stack,
+    n_free,
+    seed,
+    table_init_kind,
+    table_init_scale,
+    kmax,
+    limit,
+):
     """Give free slots to the chunks of new keys, in first-occurrence order, while any
     remain and fewer than ``limit`` were given (a shard admits its share of the
     whole store's free slots, not every slot it holds)."""
@@ -601,9 +622,27 @@ def still_missing(entries, chunks, addr, out_entries, out_chunks):
 
 
 @njit(**_PAR)
-def commit_allocations(al_entries, al_chunks, restore_index, restored_vectors, restored_state, row_base, seen, keys,
-                       table_ids, addr, owner, free_stack, n_free, vectors, opt_state, seed, table_init_kind,
-                       table_init_scale, kmax):
+def commit_allocations(
+    al_entries,
+    al_chunks,
+    restore_index,
+    restored_vectors,
+    restored_state,
+    row_base,
+    seen,
+    keys,
+    table_ids,
+    addr,
+    owner,
+    free_stack,
+    n_free,
+    vectors,
+    opt_state,
+    seed,
+    table_init_kind,
+    table_init_scale,
+    kmax,
+):
     """Give slots to chunks, in list order, while free slots remain.
 
     restore_index[i] >= 0: the chunk comes back with row restore_index[i] of the
@@ -632,8 +671,9 @@ def commit_allocations(al_entries, al_chunks, restore_index, restored_vectors, r
                 opt_state[s, j] = restored_state[r, j]
         else:
             t = entry_table(e, row_base, seen, table_ids)
-            init_chunk(v, itab[k], key_hash(t, entry_key(e, t, row_base, keys)), table_init_kind[t],
-                       table_init_scale[t])
+            init_chunk(
+                v, itab[k], key_hash(t, entry_key(e, t, row_base, keys)), table_init_kind[t], table_init_scale[t]
+            )
             opt_state[s, :] = 0.0
     n_free[0] = top - placed
     return placed
@@ -740,8 +780,23 @@ def _prefetch_bag(entry_idx, offsets, bag, addr, vectors, sp_slots, deep):
 
 
 @njit(**_PAR)
-def pooled_forward(entry_idx, offsets, weights, mean, bags_per_feature, feature_table, feature_col, addr,
-                   vectors, table_chunks, table_group, group, sp_slots, sp_vectors, out):
+def pooled_forward(
+    entry_idx,
+    offsets,
+    weights,
+    mean,
+    bags_per_feature,
+    feature_table,
+    feature_col,
+    addr,
+    vectors,
+    table_chunks,
+    table_group,
+    group,
+    sp_slots,
+    sp_vectors,
+    out,
+):
     """out[b, col_f : col_f + D] = sum (or mean) over the bag of the zero-padded rows.
 
     Bags are feature-major (bag = f * B + b); the loop runs over output rows b so
@@ -773,9 +828,9 @@ def pooled_forward(entry_idx, offsets, weights, mean, bags_per_feature, feature_
                 # one id, no weight: a copy (the common case of one-hot features)
                 arow = addr[entry_idx[lo]]
                 for k in range(K):
-                    _copy_chunk(orow[col + k * c:col + (k + 1) * c], arow[k], sp_slots, vectors, sp_vectors)
+                    _copy_chunk(orow[col + k * c : col + (k + 1) * c], arow[k], sp_slots, vectors, sp_vectors)
                 continue
-            orow[col:col + K * c] = 0.0
+            orow[col : col + K * c] = 0.0
             for i in range(lo, hi):
                 e = entry_idx[i]
                 if e < 0:
@@ -786,7 +841,7 @@ def pooled_forward(entry_idx, offsets, weights, mean, bags_per_feature, feature_
                     if where < 0:
                         continue
                     src = vectors[r] if where == 0 else sp_vectors[r]
-                    dst = orow[col + k * c:col + (k + 1) * c]
+                    dst = orow[col + k * c : col + (k + 1) * c]
                     if weighted:
                         w = weights[i]
                         for j in range(c):
@@ -797,7 +852,7 @@ def pooled_forward(entry_idx, offsets, weights, mean, bags_per_feature, feature_
             n = hi - lo
             if mean and n > 0:
                 inv = np.float32(n)
-                dst = orow[col:col + K * c]
+                dst = orow[col : col + K * c]
                 for j in range(K * c):
                     dst[j] = dst[j] / inv
 
@@ -845,8 +900,21 @@ def _add_chunks(e, K, addr_flat, ukmax, vec_flat, uc, c, out_flat, o0):
             out_flat[o + np.uint64(j)] += vec_flat[v + np.uint64(j)]
 
 
-def pooled_sum_forward(entry_idx, ids, feature_rows, offsets, bags_per_feature, feature_chunks, feature_col, addr_flat,
-                       kmax, vec_flat, c, out_flat, width):
+def pooled_sum_forward(
+    entry_idx,
+    ids,
+    feature_rows,
+    offsets,
+    bags_per_feature,
+    feature_chunks,
+    feature_col,
+    addr_flat,
+    kmax,
+    vec_flat,
+    c,
+    out_flat,
+    width,
+):
     """The common case of ``pooled_forward``, lean: unweighted sums, pool rows only.
 
     Entries come from ``entry_idx``, or, when it is empty (every feature's table has a
@@ -862,22 +930,41 @@ def pooled_sum_forward(entry_idx, ids, feature_rows, offsets, bags_per_feature, 
     """
     src = np.empty(offsets[offsets.shape[0] - 1], np.int64)
     bad = sum_sources(entry_idx, ids, feature_rows, offsets, bags_per_feature, feature_chunks, addr_flat, kmax, src)
-    sum_gather(src, offsets, bags_per_feature, feature_chunks, feature_col, vec_flat, c, addr_flat, kmax, out_flat,
-               width)
+    sum_gather(
+        src, offsets, bags_per_feature, feature_chunks, feature_col, vec_flat, c, addr_flat, kmax, out_flat, width
+    )
     return bad
 
 
-def pooled_sum_forward_probed(ids, feature_table, row_base, seen, keys, table_ids, offsets, bags_per_feature,
-                              feature_chunks, feature_col, addr_flat, kmax, vec_flat, c, out_flat, width):
+def pooled_sum_forward_probed(
+    ids,
+    feature_table,
+    row_base,
+    seen,
+    keys,
+    table_ids,
+    offsets,
+    bags_per_feature,
+    feature_chunks,
+    feature_col,
+    addr_flat,
+    kmax,
+    vec_flat,
+    c,
+    out_flat,
+    width,
+):
     """``pooled_sum_forward`` for a request with features on the hashed index, nothing to
     train: the keys are found inside the address pass (:func:`probe_sources`) instead
     of by a find pass over a per-occurrence table list first. ``seen`` is not read
     here: a direct row never seen has no chunk, so it reads as zeros either way."""
     src = np.empty(offsets[offsets.shape[0] - 1], np.int64)
-    bad = probe_sources(ids, feature_table, row_base, keys, table_ids, offsets, bags_per_feature, feature_chunks,
-                        addr_flat, kmax, src)
-    sum_gather(src, offsets, bags_per_feature, feature_chunks, feature_col, vec_flat, c, addr_flat, kmax, out_flat,
-               width)
+    bad = probe_sources(
+        ids, feature_table, row_base, keys, table_ids, offsets, bags_per_feature, feature_chunks, addr_flat, kmax, src
+    )
+    sum_gather(
+        src, offsets, bags_per_feature, feature_chunks, feature_col, vec_flat, c, addr_flat, kmax, out_flat, width
+    )
     return bad
 
 
@@ -950,8 +1037,9 @@ def _entry_of(t, key, row_base, keys, table_ids, mask, nd):
 
 
 @njit(**_PAR)
-def probe_sources(ids, feature_table, row_base, keys, table_ids, offsets, bags_per_feature, feature_chunks, addr_flat,
-                  kmax, src):
+def probe_sources(
+    ids, feature_table, row_base, keys, table_ids, offsets, bags_per_feature, feature_chunks, addr_flat, kmax, src
+):
     """``sum_sources`` that finds each key itself, three stages deep: the home bucket
     of occurrence i + PROBE_BUCKETS_AHEAD is prefetched, occurrence i + PROBE_AHEAD is
     found (its bucket in cache by then) and its address row prefetched, and
@@ -1015,8 +1103,9 @@ def probe_sources(ids, feature_table, row_base, keys, table_ids, offsets, bags_p
 
 
 @njit(**_PAR)
-def sum_gather(src, offsets, bags_per_feature, feature_chunks, feature_col, vec_flat, c, addr_flat, kmax, out_flat,
-               width):
+def sum_gather(
+    src, offsets, bags_per_feature, feature_chunks, feature_col, vec_flat, c, addr_flat, kmax, out_flat, width
+):
     """The copy pass of ``pooled_sum_forward``: every bag's rows from their sources,
     summed into out, like a dense gather, prefetching the rows of later bags."""
     B = bags_per_feature
@@ -1153,8 +1242,23 @@ def first_nonfinite(a):
 
 
 @njit(**_PAR)
-def accumulate_gradients(which, offsets, weights, mean, bags_per_feature, feature_table, feature_col, grad_out,
-                         table_chunks, table_group, group, c, n_tables, split, grad_buf):
+def accumulate_gradients(
+    which,
+    offsets,
+    weights,
+    mean,
+    bags_per_feature,
+    feature_table,
+    feature_col,
+    grad_out,
+    table_chunks,
+    table_group,
+    group,
+    c,
+    n_tables,
+    split,
+    grad_buf,
+):
     """grad_buf[u, :D] = the summed gradient of distinct entry u, occurrences in batch order.
 
     Work is split by table (an entry belongs to one table, so two tables never
@@ -1230,8 +1334,28 @@ def count_nonfinite_rows(a, n):
 
 
 @njit(**_PAR)
-def apply_gradients(uniq, counts, grad_buf, row_base, seen, keys, table_ids, addr, util, vectors, opt_state,
-                    table_chunks, table_group, group, table_opt, table_lr, table_eps, util_mode, growth, salt):
+def apply_gradients(
+    uniq,
+    counts,
+    grad_buf,
+    row_base,
+    seen,
+    keys,
+    table_ids,
+    addr,
+    util,
+    vectors,
+    opt_state,
+    table_chunks,
+    table_group,
+    group,
+    table_opt,
+    table_lr,
+    table_eps,
+    util_mode,
+    growth,
+    salt,
+):
     """Per distinct entry: update its utilities and step its resident chunks.
 
     Utilities are stored scaled by ``growth = gamma ** -(steps since the scale was
@@ -1276,8 +1400,9 @@ def apply_gradients(uniq, counts, grad_buf, row_base, seen, keys, table_ids, add
                 for j in range(uc):
                     x = np.float64(g_flat[gk + j])
                     sq += x * x
-                urow[k] = util_round(util_load(urow[k]) + np.float32(accesses * np.sqrt(sq) * growth),
-                                     util_random16(kh, k, salt))
+                urow[k] = util_round(
+                    util_load(urow[k]) + np.float32(accesses * np.sqrt(sq) * growth), util_random16(kh, k, salt)
+                )
         elif util_mode == UTIL_ACCESS:
             urow[0] = util_round(util_load(urow[0]) + np.float32(accesses * growth), util_random16(kh, 0, salt))
         else:
@@ -1285,8 +1410,9 @@ def apply_gradients(uniq, counts, grad_buf, row_base, seen, keys, table_ids, add
             for j in range(np.uint64(K) * uc):
                 x = np.float64(g_flat[g0 + j])
                 sq += x * x
-            urow[0] = util_round(util_load(urow[0]) + np.float32(accesses * np.sqrt(sq) * growth),
-                                 util_random16(kh, 0, salt))
+            urow[0] = util_round(
+                util_load(urow[0]) + np.float32(accesses * np.sqrt(sq) * growth), util_random16(kh, 0, salt)
+            )
 
         opt = table_opt[t]
         neg_lr = np.float32(-table_lr[t])
@@ -1329,7 +1455,7 @@ def nonfinite_in_empty_bags(offsets, bags_per_feature, feature_col, feature_tabl
             continue
         f = bag // bags_per_feature
         col = feature_col[f]
-        row = grad_out[bag - f * bags_per_feature, col:col + table_dim[feature_table[f]]]
+        row = grad_out[bag - f * bags_per_feature, col : col + table_dim[feature_table[f]]]
         for j in range(row.shape[0]):
             if not np.isfinite(row[j]):
                 n_bad += 1
@@ -1338,9 +1464,22 @@ def nonfinite_in_empty_bags(offsets, bags_per_feature, feature_col, feature_tabl
 
 
 @njit(**_PAR)
-def per_sample_weight_grads(entry_idx, bag_of_occ, bags_per_feature, feature_col, grad_out, row_base, seen, table_ids,
-                            addr,
-                            vectors, table_chunks, table_group, group, out):
+def per_sample_weight_grads(
+    entry_idx,
+    bag_of_occ,
+    bags_per_feature,
+    feature_col,
+    grad_out,
+    row_base,
+    seen,
+    table_ids,
+    addr,
+    vectors,
+    table_chunks,
+    table_group,
+    group,
+    out,
+):
     """d loss / d w_i = <grad_out[bag], row_i> over the resident chunks of ``group``."""
     c = vectors.shape[1]
     for i in prange(entry_idx.shape[0]):
@@ -1376,8 +1515,24 @@ def scale_utilities(util, factor):
 
 
 @njit(inline="always")
-def _sample_block(row_base, seen, keys, table_ids, util, table_chunks, table_group, group, accept_below, salt, lo, hi,
-                  write, n, out, out_tables):
+def _sample_block(
+    row_base,
+    seen,
+    keys,
+    table_ids,
+    util,
+    table_chunks,
+    table_group,
+    group,
+    accept_below,
+    salt,
+    lo,
+    hi,
+    write,
+    n,
+    out,
+    out_tables,
+):
     U = util.shape[1]
     cursor = direct_table(lo, row_base)
     for e in range(lo, hi):
@@ -1398,8 +1553,21 @@ def _sample_block(row_base, seen, keys, table_ids, util, table_chunks, table_gro
 
 
 @njit(**_PAR)
-def sample_utilities(row_base, seen, keys, table_ids, util, table_chunks, table_group, group, accept_below, seed,
-                     round_id, out, out_tables):
+def sample_utilities(
+    row_base,
+    seen,
+    keys,
+    table_ids,
+    util,
+    table_chunks,
+    table_group,
+    group,
+    accept_below,
+    seed,
+    round_id,
+    out,
+    out_tables,
+):
     """Bernoulli sample of entries of ``group`` by key hash, in entry order: rows of out get
     their utilities (NaN past the table's K), out_tables their table. Returns the number
     sampled (capped by out).
@@ -1409,14 +1577,46 @@ def sample_utilities(row_base, seen, keys, table_ids, util, table_chunks, table_
     starts = np.zeros(SCAN_BLOCKS + 1, np.int64)
     for blk in prange(SCAN_BLOCKS):
         lo, hi = _block(cap, blk)
-        starts[blk + 1] = _sample_block(row_base, seen, keys, table_ids, util, table_chunks, table_group, group,
-                                        accept_below, salt, lo, hi, False, 0, out, out_tables)
+        starts[blk + 1] = _sample_block(
+            row_base,
+            seen,
+            keys,
+            table_ids,
+            util,
+            table_chunks,
+            table_group,
+            group,
+            accept_below,
+            salt,
+            lo,
+            hi,
+            False,
+            0,
+            out,
+            out_tables,
+        )
     for blk in range(SCAN_BLOCKS):
         starts[blk + 1] += starts[blk]
     for blk in prange(SCAN_BLOCKS):
         lo, hi = _block(cap, blk)
-        _sample_block(row_base, seen, keys, table_ids, util, table_chunks, table_group, group, accept_below, salt,
-                      lo, hi, True, starts[blk], out, out_tables)
+        _sample_block(
+            row_base,
+            seen,
+            keys,
+            table_ids,
+            util,
+            table_chunks,
+            table_group,
+            group,
+            accept_below,
+            salt,
+            lo,
+            hi,
+            True,
+            starts[blk],
+            out,
+            out_tables,
+        )
     return min(starts[SCAN_BLOCKS], out.shape[0])
 
 
@@ -1464,8 +1664,9 @@ def _block(e_count, blk):
 
 
 @njit(**_PAR)
-def prune_composites(row_base, seen, keys, table_ids, addr, util, table_chunks, table_group, group, thresholds,
-                     block_counts, out):
+def prune_composites(
+    row_base, seen, keys, table_ids, addr, util, table_chunks, table_group, group, thresholds, block_counts, out
+):
     """Composite ranks of every chunk that qualifies for a slot, in entry order; returns how many."""
     cap = addr.shape[0]
     starts = np.zeros(SCAN_BLOCKS + 1, np.int64)
@@ -1488,9 +1689,31 @@ def prune_composites(row_base, seen, keys, table_ids, addr, util, table_chunks, 
 
 
 @njit(inline="always")
-def _select_block(row_base, seen, keys, table_ids, addr, util, table_chunks, table_group, group, thresholds, use_cutoff,
-                  cutoff, rank_allocations, lo, hi, write, n_ev, n_al, ev_entries, ev_chunks, al_entries, al_chunks,
-                  al_rank):
+def _select_block(
+    row_base,
+    seen,
+    keys,
+    table_ids,
+    addr,
+    util,
+    table_chunks,
+    table_group,
+    group,
+    thresholds,
+    use_cutoff,
+    cutoff,
+    rank_allocations,
+    lo,
+    hi,
+    write,
+    n_ev,
+    n_al,
+    ev_entries,
+    ev_chunks,
+    al_entries,
+    al_chunks,
+    al_rank,
+):
     cursor = direct_table(lo, row_base)
     for e in range(lo, hi):
         t, cursor = scan_table(e, cursor, row_base, seen, table_ids)
@@ -1520,8 +1743,27 @@ def _select_block(row_base, seen, keys, table_ids, addr, util, table_chunks, tab
 
 
 @njit(**_PAR)
-def prune_select(row_base, seen, keys, table_ids, addr, util, table_chunks, table_group, group, thresholds, use_cutoff,
-                 cutoff, rank_allocations, block_counts, ev_entries, ev_chunks, al_entries, al_chunks, al_rank):
+def prune_select(
+    row_base,
+    seen,
+    keys,
+    table_ids,
+    addr,
+    util,
+    table_chunks,
+    table_group,
+    group,
+    thresholds,
+    use_cutoff,
+    cutoff,
+    rank_allocations,
+    block_counts,
+    ev_entries,
+    ev_chunks,
+    al_entries,
+    al_chunks,
+    al_rank,
+):
     """List the chunks to evict and to allocate, in entry order.
 
     A chunk keeps (or wins) a slot when it passes its threshold and, when slots are
@@ -1536,10 +1778,31 @@ def prune_select(row_base, seen, keys, table_ids, addr, util, table_chunks, tabl
     for blk in prange(SCAN_BLOCKS):
         if use_cutoff:
             lo, hi = _block(cap, blk)
-            n_ev, n_al = _select_block(row_base, seen, keys, table_ids, addr, util, table_chunks, table_group, group,
-                                       thresholds, use_cutoff, cutoff, rank_allocations, lo, hi, False, 0, 0,
-                                       ev_entries, ev_chunks,
-                                       al_entries, al_chunks, al_rank)
+            n_ev, n_al = _select_block(
+                row_base,
+                seen,
+                keys,
+                table_ids,
+                addr,
+                util,
+                table_chunks,
+                table_group,
+                group,
+                thresholds,
+                use_cutoff,
+                cutoff,
+                rank_allocations,
+                lo,
+                hi,
+                False,
+                0,
+                0,
+                ev_entries,
+                ev_chunks,
+                al_entries,
+                al_chunks,
+                al_rank,
+            )
         else:
             n_ev, n_al = block_counts[blk, 2], block_counts[blk, 1]
         starts[blk + 1, 0] = n_ev
@@ -1549,16 +1812,49 @@ def prune_select(row_base, seen, keys, table_ids, addr, util, table_chunks, tabl
         starts[blk + 1, 1] += starts[blk, 1]
     for blk in prange(SCAN_BLOCKS):
         lo, hi = _block(cap, blk)
-        _select_block(row_base, seen, keys, table_ids, addr, util, table_chunks, table_group, group, thresholds,
-                      use_cutoff, cutoff, rank_allocations, lo, hi, True, starts[blk, 0], starts[blk, 1], ev_entries,
-                      ev_chunks,
-                      al_entries, al_chunks, al_rank)
+        _select_block(
+            row_base,
+            seen,
+            keys,
+            table_ids,
+            addr,
+            util,
+            table_chunks,
+            table_group,
+            group,
+            thresholds,
+            use_cutoff,
+            cutoff,
+            rank_allocations,
+            lo,
+            hi,
+            True,
+            starts[blk, 0],
+            starts[blk, 1],
+            ev_entries,
+            ev_chunks,
+            al_entries,
+            al_chunks,
+            al_rank,
+        )
     return starts[SCAN_BLOCKS, 0], starts[SCAN_BLOCKS, 1]
 
 
 @njit(**_PAR)
-def _classify_into_blocks(row_base, seen, table_ids, addr, util, table_chunks, table_group, group, thresholds,
-                          block_counts, ev_codes, al_codes):
+def _classify_into_blocks(
+    row_base,
+    seen,
+    table_ids,
+    addr,
+    util,
+    table_chunks,
+    table_group,
+    group,
+    thresholds,
+    block_counts,
+    ev_codes,
+    al_codes,
+):
     """Per block of entries: resident chunks that keep their slot, absent or spilled
     chunks that qualify for one, resident chunks that fall below their threshold
     (block_counts[blk] = keep, candidates, drops), each candidate and drop listed as
@@ -1627,8 +1923,20 @@ def prune_lists(row_base, seen, table_ids, addr, util, table_chunks, table_group
     cap, kmax = addr.shape
     ev_codes = huge_empty(max(cap * kmax, 1), np.int64)
     al_codes = huge_empty(max(cap * kmax, 1), np.int64)
-    _classify_into_blocks(row_base, seen, table_ids, addr, util, table_chunks, table_group, group, thresholds,
-                          block_counts, ev_codes, al_codes)
+    _classify_into_blocks(
+        row_base,
+        seen,
+        table_ids,
+        addr,
+        util,
+        table_chunks,
+        table_group,
+        group,
+        thresholds,
+        block_counts,
+        ev_codes,
+        al_codes,
+    )
     keep, cand, drop = (int(x) for x in block_counts.sum(axis=0))
     ev_e, ev_k = np.empty(drop, np.int64), np.empty(drop, np.int64)
     al_e, al_k = np.empty(cand, np.int64), np.empty(cand, np.int64)
@@ -1698,8 +2006,9 @@ def find_dead_entries(row_base, seen, table_ids, addr, util, floor, out):
 
 
 @njit(inline="always")
-def _missing_of_row(e, row_base, seen, table_ids, addr, table_chunks, table_group, group, write, n, out_entries,
-                    out_chunks):
+def _missing_of_row(
+    e, row_base, seen, table_ids, addr, table_chunks, table_group, group, write, n, out_entries, out_chunks
+):
     """Entry e's chunks in pool ``group`` that are not resident, listed from n (when
     ``write``); returns n past them."""
     t = entry_table(e, row_base, seen, table_ids)
@@ -1725,16 +2034,40 @@ def missing_chunks(uniq, row_base, seen, table_ids, addr, table_chunks, table_gr
     for blk in prange(nb):
         n = 0
         for i in range(blk * step, min((blk + 1) * step, n_u)):
-            n = _missing_of_row(uniq[i], row_base, seen, table_ids, addr, table_chunks, table_group, group, False, n,
-                                out_entries, out_chunks)
+            n = _missing_of_row(
+                uniq[i],
+                row_base,
+                seen,
+                table_ids,
+                addr,
+                table_chunks,
+                table_group,
+                group,
+                False,
+                n,
+                out_entries,
+                out_chunks,
+            )
         start[blk + 1] = n
     for blk in range(nb):
         start[blk + 1] += start[blk]
     for blk in prange(nb):
         n = start[blk]
         for i in range(blk * step, min((blk + 1) * step, n_u)):
-            n = _missing_of_row(uniq[i], row_base, seen, table_ids, addr, table_chunks, table_group, group, True, n,
-                                out_entries, out_chunks)
+            n = _missing_of_row(
+                uniq[i],
+                row_base,
+                seen,
+                table_ids,
+                addr,
+                table_chunks,
+                table_group,
+                group,
+                True,
+                n,
+                out_entries,
+                out_chunks,
+            )
     return start[nb]
 
 
@@ -1980,8 +2313,9 @@ def key_buckets(tables, ids, salt, n_buckets, out):
 
 
 @njit(**_PAR)
-def gather_entry_rows(entries, q_tables, addr, vectors, table_chunks, table_group, group, sp_slots, sp_vectors,
-                      row_start, out):
+def gather_entry_rows(
+    entries, q_tables, addr, vectors, table_chunks, table_group, group, sp_slots, sp_vectors, row_start, out
+):
     """out[row_start[i] : + K * c] = entry i's chunks of pool ``group``, zeros where absent.
 
     Rows are packed at each key's own width (``row_start`` from the tables' dims);
@@ -1996,14 +2330,13 @@ def gather_entry_rows(entries, q_tables, addr, vectors, table_chunks, table_grou
         e = entries[i]
         for k in range(K):
             if e < 0:
-                out[s0 + k * c:s0 + (k + 1) * c] = 0.0
+                out[s0 + k * c : s0 + (k + 1) * c] = 0.0
             else:
-                _copy_chunk(out[s0 + k * c:s0 + (k + 1) * c], addr[e, k], sp_slots, vectors, sp_vectors)
+                _copy_chunk(out[s0 + k * c : s0 + (k + 1) * c], addr[e, k], sp_slots, vectors, sp_vectors)
 
 
 @njit(**_PAR)
-def pool_key_rows(key_of_occ, offsets, weights, mean, bags_per_feature, feature_dim, feature_col, rows, row_start,
-                  out):
+def pool_key_rows(key_of_occ, offsets, weights, mean, bags_per_feature, feature_dim, feature_col, rows, row_start, out):
     """out[b, col_f : col_f + D_f] = the sum (or mean, or weighted sum) of bag (f, b)'s rows.
 
     ``rows`` holds one packed row per distinct key (``row_start[u]``); the
@@ -2050,8 +2383,9 @@ def pool_key_rows(key_of_occ, offsets, weights, mean, bags_per_feature, feature_
 
 
 @njit(**_JIT)
-def sum_key_gradients(key_of_occ, offsets, weights, mean, bags_per_feature, feature_dim, feature_col, grad_out,
-                      row_start, out):
+def sum_key_gradients(
+    key_of_occ, offsets, weights, mean, bags_per_feature, feature_dim, feature_col, grad_out, row_start, out
+):
     """out[row_start[u] : + D] += every gradient row key u's occurrences receive, in batch
     order (feature, bag, position), with accumulate_gradients' arithmetic. ``out``
     must be zero on entry."""
@@ -2100,8 +2434,7 @@ def _occurrence_gradient(g, src, weighted, w_occ, mean, inv_n, D):
 
 
 @njit(**_PAR)
-def occurrence_gradients(offsets, weights, mean, bags_per_feature, feature_dim, feature_col, grad_out, occ_start,
-                         out):
+def occurrence_gradients(offsets, weights, mean, bags_per_feature, feature_dim, feature_col, grad_out, occ_start, out):
     """out[occ_start[i] : + D] = the gradient row occurrence i contributes (weighted, or
     divided by its bag's size), for owners that sum them in the single-store order."""
     B = bags_per_feature
@@ -2114,10 +2447,10 @@ def occurrence_gradients(offsets, weights, mean, bags_per_feature, feature_dim, 
         lo = offsets[bag]
         hi = offsets[bag + 1]
         inv_n = np.float32(1.0) / np.float32(max(hi - lo, 1))
-        src = grad_out[b, col:col + D]
+        src = grad_out[b, col : col + D]
         for i in range(lo, hi):
             s = occ_start[i]
-            dst = out[s:s + D]
+            dst = out[s : s + D]
             dst[:] = 0.0
             _occurrence_gradient(dst, src, weighted, weights[i] if weighted else np.float32(0.0), mean, inv_n, D)
 

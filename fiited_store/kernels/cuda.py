@@ -35,12 +35,12 @@ from numba import cuda
 from .layout import (
     EMPTY,
     FLOOR_RANK_BITS,
-    OUT_OF_RANGE,
     INIT_NORMAL,
     INIT_UNIFORM,
     OPT_ADAGRAD,
     OPT_ROWWISE_ADAGRAD,
     OPT_SGD,
+    OUT_OF_RANGE,
     TOMBSTONE,
     UTIL_ACCESS,
     UTIL_GRADIENT,
@@ -124,6 +124,7 @@ def composite(ubits, resident, table, key, k):
 # The float32 <-> bit pattern bridge: libdevice on a GPU; the simulator runs device
 # functions as Python, where a numpy view does it.
 if SIMULATED:
+
     @cuda.jit(device=True)
     def f32_bits(x):
         return np.uint32(np.array([x], np.float32).view(np.uint32)[0])
@@ -418,8 +419,9 @@ def _dedupe_first_kernel(q_tables, q_ids, out, hslot, first_of, is_first):
 
 
 @cuda.jit(cache=True)
-def _insert_first_kernel(row_base, seen, keys, table_words, addr, util, q_tables, q_ids, is_first, rank, out,
-                         new_entries, n_hashed):
+def _insert_first_kernel(
+    row_base, seen, keys, table_words, addr, util, q_tables, q_ids, is_first, rank, out, new_entries, n_hashed
+):
     i = cuda.grid(1)
     if i >= q_ids.shape[0] or is_first[i] == 0:
         return
@@ -493,12 +495,13 @@ def insert_missing(row_base, seen, keys, table_ids, addr, util, q_tables, q_ids,
     is_first = cuda.device_array(n, np.int64)
     _dedupe_first_kernel[_grid(n)](q_tables, q_ids, out, hslot, first_of, is_first)
     rank = inclusive_scan(is_first, n)
-    n_new = int(rank[n - 1:n].copy_to_host()[0])
+    n_new = int(rank[n - 1 : n].copy_to_host()[0])
     # a 16-bit table id is claimed by a CAS on its 32-bit word; an empty table has no words
     words = table_ids.view(np.uint32) if table_ids.shape[0] else cuda.device_array(1, np.uint32)
     n_hashed = _zeros(1, np.int64)
-    _insert_first_kernel[_grid(n)](row_base, seen, keys, words, addr, util, q_tables, q_ids, is_first, rank, out,
-                                   new_entries, n_hashed)
+    _insert_first_kernel[_grid(n)](
+        row_base, seen, keys, words, addr, util, q_tables, q_ids, is_first, rank, out, new_entries, n_hashed
+    )
     _insert_copy_kernel[_grid(n)](out, first_of, is_first, was_missing)
     return n_new, _scalar(n_hashed)
 
@@ -541,12 +544,13 @@ def _rehash_kernel(nd, keys, table_ids, addr, util, new_keys, new_words, new_add
 
 
 def rehash_into(row_base, keys, table_ids, addr, util, new_keys, new_table_ids, new_addr, new_util, old_to_new):
-    nd = int(row_base[row_base.shape[0] - 1:].copy_to_host()[0])
+    nd = int(row_base[row_base.shape[0] - 1 :].copy_to_host()[0])
     if nd:
         _copy_direct_kernel[_grid(nd)](nd, addr, util, new_addr, new_util, old_to_new)
     if keys.shape[0] and new_keys.shape[0]:
-        _rehash_kernel[_grid(keys.shape[0])](nd, keys, table_ids, addr, util, new_keys, new_table_ids.view(np.uint32),
-                                             new_addr, new_util, old_to_new)
+        _rehash_kernel[_grid(keys.shape[0])](
+            nd, keys, table_ids, addr, util, new_keys, new_table_ids.view(np.uint32), new_addr, new_util, old_to_new
+        )
 
 
 @cuda.jit(cache=True)
@@ -561,8 +565,9 @@ def remap_owner(owner, old_to_new):
 
 
 @cuda.jit(cache=True)
-def _erase_kernel(entries, row_base, seen, table_ids, addr, util, owner, free_stack, n_free, table_group, group,
-                  tier_out, counts):
+def _erase_kernel(
+    entries, row_base, seen, table_ids, addr, util, owner, free_stack, n_free, table_group, group, tier_out, counts
+):
     i = cuda.grid(1)
     if i >= entries.shape[0]:
         return
@@ -591,12 +596,26 @@ def _erase_kernel(entries, row_base, seen, table_ids, addr, util, owner, free_st
     cuda.atomic.add(counts, 0, 1)
 
 
-def erase_entries(entries, row_base, seen, table_ids, addr, util, owner, free_stack, n_free, table_group, group, kmax,
-                  tier_out):
+def erase_entries(
+    entries, row_base, seen, table_ids, addr, util, owner, free_stack, n_free, table_group, group, kmax, tier_out
+):
     counts = _zeros(3, np.int64)
     if entries.shape[0]:
-        _erase_kernel[_grid(entries.shape[0])](entries, row_base, seen, table_ids, addr, util, owner, free_stack, n_free,
-                                               table_group, group, tier_out, counts)
+        _erase_kernel[_grid(entries.shape[0])](
+            entries,
+            row_base,
+            seen,
+            table_ids,
+            addr,
+            util,
+            owner,
+            free_stack,
+            n_free,
+            table_group,
+            group,
+            tier_out,
+            counts,
+        )
     c = counts.copy_to_host()
     return int(c[0]), int(c[2]), int(c[1])
 
@@ -619,8 +638,25 @@ def _group_chunks_kernel(new_entries, row_base, seen, table_ids, table_chunks, t
 
 
 @cuda.jit(cache=True)
-def _admit_kernel(new_entries, row_base, seen, keys, table_ids, addr, want, cum, top, bound, vectors, opt_state, owner, free_stack,
-                  itab, table_init_kind, table_init_scale):
+def _admit_kernel(
+    new_entries,
+    row_base,
+    seen,
+    keys,
+    table_ids,
+    addr,
+    want,
+    cum,
+    top,
+    bound,
+    vectors,
+    opt_state,
+    owner,
+    free_stack,
+    itab,
+    table_init_kind,
+    table_init_scale,
+):
     r = cuda.grid(1)
     if r >= new_entries.shape[0] or want[r] == 0:
         return
@@ -647,8 +683,27 @@ def _set_scalar_kernel(a, value):
         a[0] = value
 
 
-def admit_new_chunks(new_entries, row_base, seen, keys, table_ids, addr, table_chunks, table_group, group, vectors, opt_state,
-                     owner, free_stack, n_free, seed, table_init_kind, table_init_scale, kmax, limit):
+def admit_new_chunks(
+    new_entries,
+    row_base,
+    seen,
+    keys,
+    table_ids,
+    addr,
+    table_chunks,
+    table_group,
+    group,
+    vectors,
+    opt_state,
+    owner,
+    free_stack,
+    n_free,
+    seed,
+    table_init_kind,
+    table_init_scale,
+    kmax,
+    limit,
+):
     """First-occurrence order, entry-major, while free slots remain and fewer than
     ``limit`` were given: as on the CPU."""
     n = new_entries.shape[0]
@@ -657,12 +712,29 @@ def admit_new_chunks(new_entries, row_base, seen, keys, table_ids, addr, table_c
     want = cuda.device_array(n, np.int64)
     _group_chunks_kernel[_grid(n)](new_entries, row_base, seen, table_ids, table_chunks, table_group, group, want)
     cum = inclusive_scan(want, n)
-    total = int(cum[n - 1:n].copy_to_host()[0])
+    total = int(cum[n - 1 : n].copy_to_host()[0])
     top = _scalar(n_free)
     admitted = min(total, top, limit)
     if admitted:
-        _admit_kernel[_grid(n)](new_entries, row_base, seen, keys, table_ids, addr, want, cum, top, admitted, vectors, opt_state,
-                                owner, free_stack, _init_table(seed, kmax, vectors.shape[1]), table_init_kind, table_init_scale)
+        _admit_kernel[_grid(n)](
+            new_entries,
+            row_base,
+            seen,
+            keys,
+            table_ids,
+            addr,
+            want,
+            cum,
+            top,
+            admitted,
+            vectors,
+            opt_state,
+            owner,
+            free_stack,
+            _init_table(seed, kmax, vectors.shape[1]),
+            table_init_kind,
+            table_init_scale,
+        )
         _set_scalar_kernel[1, 1](n_free, top - admitted)
     return admitted
 
@@ -721,9 +793,27 @@ def chunk_codes(addr, entries, chunks, out):
 
 
 @cuda.jit(cache=True)
-def _allocate_kernel(al_entries, al_chunks, restore_index, restored_vectors, restored_state, row_base, seen, keys,
-                     table_ids, addr,
-                     owner, free_stack, top, placed, vectors, opt_state, itab, table_init_kind, table_init_scale):
+def _allocate_kernel(
+    al_entries,
+    al_chunks,
+    restore_index,
+    restored_vectors,
+    restored_state,
+    row_base,
+    seen,
+    keys,
+    table_ids,
+    addr,
+    owner,
+    free_stack,
+    top,
+    placed,
+    vectors,
+    opt_state,
+    itab,
+    table_init_kind,
+    table_init_scale,
+):
     i = cuda.grid(1)
     if i >= placed:
         return
@@ -747,24 +837,62 @@ def _allocate_kernel(al_entries, al_chunks, restore_index, restored_vectors, res
             opt_state[s, j] = 0.0
 
 
-def commit_allocations(al_entries, al_chunks, restore_index, restored_vectors, restored_state, row_base, seen, keys,
-                       table_ids, addr, owner, free_stack, n_free, vectors, opt_state, seed, table_init_kind,
-                       table_init_scale, kmax):
+def commit_allocations(
+    al_entries,
+    al_chunks,
+    restore_index,
+    restored_vectors,
+    restored_state,
+    row_base,
+    seen,
+    keys,
+    table_ids,
+    addr,
+    owner,
+    free_stack,
+    n_free,
+    vectors,
+    opt_state,
+    seed,
+    table_init_kind,
+    table_init_scale,
+    kmax,
+):
     n = al_entries.shape[0]
     if n == 0:
         return 0
     top = _scalar(n_free)
     placed = min(n, top)
     if placed:
-        _allocate_kernel[_grid(placed)](al_entries, al_chunks, restore_index, restored_vectors, restored_state,
-                                        row_base, seen, keys, table_ids, addr, owner, free_stack, top, placed, vectors, opt_state,
-                                        _init_table(seed, kmax, vectors.shape[1]), table_init_kind, table_init_scale)
+        _allocate_kernel[_grid(placed)](
+            al_entries,
+            al_chunks,
+            restore_index,
+            restored_vectors,
+            restored_state,
+            row_base,
+            seen,
+            keys,
+            table_ids,
+            addr,
+            owner,
+            free_stack,
+            top,
+            placed,
+            vectors,
+            opt_state,
+            _init_table(seed, kmax, vectors.shape[1]),
+            table_init_kind,
+            table_init_scale,
+        )
         _set_scalar_kernel[1, 1](n_free, top - placed)
     return placed
 
 
 @cuda.jit(cache=True)
-def _assign_kernel(entries, values, row_base, seen, table_ids, addr, table_chunks, table_group, group, vectors, opt_state):
+def _assign_kernel(
+    entries, values, row_base, seen, table_ids, addr, table_chunks, table_group, group, vectors, opt_state
+):
     i = cuda.grid(1)
     if i >= entries.shape[0]:
         return
@@ -784,8 +912,9 @@ def _assign_kernel(entries, values, row_base, seen, table_ids, addr, table_chunk
 
 def assign_rows(entries, values, row_base, seen, table_ids, addr, table_chunks, table_group, group, vectors, opt_state):
     if entries.shape[0]:
-        _assign_kernel[_grid(entries.shape[0])](entries, values, row_base, seen, table_ids, addr, table_chunks, table_group, group,
-                                                vectors, opt_state)
+        _assign_kernel[_grid(entries.shape[0])](
+            entries, values, row_base, seen, table_ids, addr, table_chunks, table_group, group, vectors, opt_state
+        )
 
 
 # --------------------------------------------------------------------------- forward
@@ -809,8 +938,24 @@ def expand_bags(offsets, bags_per_feature, feature_table, bag_of_occ, table_of_o
 
 
 @cuda.jit(cache=True)
-def _forward_kernel(entry_idx, offsets, weights, mean, B, feature_table, feature_col, addr, vectors, table_chunks,
-                    table_group, group, sp_slots, sp_vectors, out, dmax):
+def _forward_kernel(
+    entry_idx,
+    offsets,
+    weights,
+    mean,
+    B,
+    feature_table,
+    feature_col,
+    addr,
+    vectors,
+    table_chunks,
+    table_group,
+    group,
+    sp_slots,
+    sp_vectors,
+    out,
+    dmax,
+):
     """One thread per output element (bag, column): the bag's ids summed in order."""
     g = cuda.grid(1)
     n_bags = offsets.shape[0] - 1
@@ -850,20 +995,65 @@ def _forward_kernel(entry_idx, offsets, weights, mean, B, feature_table, feature
     out[b, feature_col[f] + j] = acc
 
 
-def pooled_forward(entry_idx, offsets, weights, mean, bags_per_feature, feature_table, feature_col, addr, vectors,
-                   table_chunks, table_group, group, sp_slots, sp_vectors, out):
+def pooled_forward(
+    entry_idx,
+    offsets,
+    weights,
+    mean,
+    bags_per_feature,
+    feature_table,
+    feature_col,
+    addr,
+    vectors,
+    table_chunks,
+    table_group,
+    group,
+    sp_slots,
+    sp_vectors,
+    out,
+):
     n_bags = offsets.shape[0] - 1
     # one thread per element of the widest row; threads past a narrower feature return at once
     width = int(table_chunks.copy_to_host().max()) * int(vectors.shape[1])
     if n_bags:
-        _forward_kernel[_grid(n_bags * width)](entry_idx, offsets, weights, mean, bags_per_feature, feature_table,
-                                                feature_col, addr, vectors, table_chunks, table_group, group, sp_slots,
-                                                sp_vectors, out, width)
+        _forward_kernel[_grid(n_bags * width)](
+            entry_idx,
+            offsets,
+            weights,
+            mean,
+            bags_per_feature,
+            feature_table,
+            feature_col,
+            addr,
+            vectors,
+            table_chunks,
+            table_group,
+            group,
+            sp_slots,
+            sp_vectors,
+            out,
+            width,
+        )
 
 
 @cuda.jit(cache=True)
-def _sum_forward_kernel(entry_idx, ids, feature_rows, offsets, B, feature_chunks, feature_col, addr_flat, kmax,
-                        vec_flat, c, out_flat, width, dmax, bad):
+def _sum_forward_kernel(
+    entry_idx,
+    ids,
+    feature_rows,
+    offsets,
+    B,
+    feature_chunks,
+    feature_col,
+    addr_flat,
+    kmax,
+    vec_flat,
+    c,
+    out_flat,
+    width,
+    dmax,
+    bad,
+):
     g = cuda.grid(1)
     n_bags = offsets.shape[0] - 1
     if g >= n_bags * dmax:
@@ -897,20 +1087,63 @@ def _sum_forward_kernel(entry_idx, ids, feature_rows, offsets, B, feature_chunks
     out_flat[b * width + feature_col[f] + j] = acc
 
 
-def pooled_sum_forward(entry_idx, ids, feature_rows, offsets, bags_per_feature, feature_chunks, feature_col, addr_flat,
-                       kmax, vec_flat, c, out_flat, width):
+def pooled_sum_forward(
+    entry_idx,
+    ids,
+    feature_rows,
+    offsets,
+    bags_per_feature,
+    feature_chunks,
+    feature_col,
+    addr_flat,
+    kmax,
+    vec_flat,
+    c,
+    out_flat,
+    width,
+):
     n_bags = offsets.shape[0] - 1
     dmax = int(feature_chunks.copy_to_host().max()) * int(c)
     bad = _zeros(1, np.int64)
     if n_bags and dmax:
-        _sum_forward_kernel[_grid(n_bags * dmax)](entry_idx, ids, feature_rows, offsets, bags_per_feature,
-                                                   feature_chunks, feature_col, addr_flat, kmax, vec_flat, c, out_flat,
-                                                   width, dmax, bad)
+        _sum_forward_kernel[_grid(n_bags * dmax)](
+            entry_idx,
+            ids,
+            feature_rows,
+            offsets,
+            bags_per_feature,
+            feature_chunks,
+            feature_col,
+            addr_flat,
+            kmax,
+            vec_flat,
+            c,
+            out_flat,
+            width,
+            dmax,
+            bad,
+        )
     return _scalar(bad)
 
 
-def pooled_sum_forward_probed(ids, feature_table, row_base, seen, keys, table_ids, offsets, bags_per_feature,
-                              feature_chunks, feature_col, addr_flat, kmax, vec_flat, c, out_flat, width):
+def pooled_sum_forward_probed(
+    ids,
+    feature_table,
+    row_base,
+    seen,
+    keys,
+    table_ids,
+    offsets,
+    bags_per_feature,
+    feature_chunks,
+    feature_col,
+    addr_flat,
+    kmax,
+    vec_flat,
+    c,
+    out_flat,
+    width,
+):
     """The CPU twin finds keys inside its address pass; here a thread per occurrence
     finds them first (the GPU hides a probe's latency behind its other threads)."""
     nnz = ids.shape[0]
@@ -918,8 +1151,21 @@ def pooled_sum_forward_probed(ids, feature_table, row_base, seen, keys, table_id
     expand_bags(offsets, bags_per_feature, feature_table, cuda.device_array(0, np.int64), q_tables)
     entries = cuda.device_array(max(nnz, 1), np.int64)[:nnz]
     _, _, n_bad = find_entries(row_base, seen, keys, table_ids, q_tables, ids, entries)
-    pooled_sum_forward(entries, ids, cuda.device_array((1, 2), np.int64), offsets, bags_per_feature, feature_chunks,
-                       feature_col, addr_flat, kmax, vec_flat, c, out_flat, width)
+    pooled_sum_forward(
+        entries,
+        ids,
+        cuda.device_array((1, 2), np.int64),
+        offsets,
+        bags_per_feature,
+        feature_chunks,
+        feature_col,
+        addr_flat,
+        kmax,
+        vec_flat,
+        c,
+        out_flat,
+        width,
+    )
     return n_bad
 
 
@@ -1008,11 +1254,11 @@ def first_nonfinite(a):
 # needs widening, one checks every rule, and five integers cross back.
 
 #: status words of check_request
-REQ_UINT64_OVER = 0   # first id of a uint64 request above int64's range (nnz if none)
-REQ_DECREASE = 1      # first i with offsets[i] > offsets[i + 1] (len(offsets) if none)
-REQ_NONFINITE = 2     # first non-finite per-sample weight (nnz if none)
-REQ_FIRST = 3         # offsets[0]
-REQ_LAST = 4          # offsets[-1]
+REQ_UINT64_OVER = 0  # first id of a uint64 request above int64's range (nnz if none)
+REQ_DECREASE = 1  # first i with offsets[i] > offsets[i + 1] (len(offsets) if none)
+REQ_NONFINITE = 2  # first non-finite per-sample weight (nnz if none)
+REQ_FIRST = 3  # offsets[0]
+REQ_LAST = 4  # offsets[-1]
 
 
 @cuda.jit(cache=True)
@@ -1057,8 +1303,23 @@ def check_request(ids, unsigned64, offsets, weights):
 
 
 @cuda.jit(cache=True)
-def _accumulate_kernel(which, offsets, weights, mean, B, feature_table, feature_col, grad_out, table_chunks,
-                       table_group, group, c, n_tables, split, grad_buf):
+def _accumulate_kernel(
+    which,
+    offsets,
+    weights,
+    mean,
+    B,
+    feature_table,
+    feature_col,
+    grad_out,
+    table_chunks,
+    table_group,
+    group,
+    c,
+    n_tables,
+    split,
+    grad_buf,
+):
     """Thread (table, part, column): walks the batch in order, adding its column into
     the rows of the entries it owns (u % split == part): sums in batch order."""
     g = cuda.grid(1)
@@ -1093,14 +1354,43 @@ def _accumulate_kernel(which, offsets, weights, mean, B, feature_table, feature_
                     grad_buf[u, j] += x
 
 
-def accumulate_gradients(which, offsets, weights, mean, bags_per_feature, feature_table, feature_col, grad_out,
-                         table_chunks, table_group, group, c, n_tables, split, grad_buf):
+def accumulate_gradients(
+    which,
+    offsets,
+    weights,
+    mean,
+    bags_per_feature,
+    feature_table,
+    feature_col,
+    grad_out,
+    table_chunks,
+    table_group,
+    group,
+    c,
+    n_tables,
+    split,
+    grad_buf,
+):
     dmax = grad_buf.shape[1]
     # enough independent columns to fill the device; the sum order stays the batch order
     split = max(1, (1 << 16) // max(n_tables * dmax, 1)) if not SIMULATED else 1
-    _accumulate_kernel[_grid(n_tables * split * dmax)](which, offsets, weights, mean, bags_per_feature, feature_table,
-                                                        feature_col, grad_out, table_chunks, table_group, group, c,
-                                                        n_tables, split, grad_buf)
+    _accumulate_kernel[_grid(n_tables * split * dmax)](
+        which,
+        offsets,
+        weights,
+        mean,
+        bags_per_feature,
+        feature_table,
+        feature_col,
+        grad_out,
+        table_chunks,
+        table_group,
+        group,
+        c,
+        n_tables,
+        split,
+        grad_buf,
+    )
 
 
 @cuda.jit(cache=True)
@@ -1149,14 +1439,35 @@ def _empty_bags_kernel(offsets, B, feature_col, feature_table, table_dim, grad_o
 def nonfinite_in_empty_bags(offsets, bags_per_feature, feature_col, feature_table, table_dim, grad_out):
     bad = _zeros(1, np.int64)
     if offsets.shape[0] > 1:
-        _empty_bags_kernel[_grid(offsets.shape[0] - 1)](offsets, bags_per_feature, feature_col, feature_table, table_dim,
-                                                         grad_out, bad)
+        _empty_bags_kernel[_grid(offsets.shape[0] - 1)](
+            offsets, bags_per_feature, feature_col, feature_table, table_dim, grad_out, bad
+        )
     return _scalar(bad)
 
 
 @cuda.jit(cache=True)
-def _apply_kernel(uniq, counts, grad_buf, row_base, seen, keys, table_ids, addr, util, vectors, opt_state, table_chunks,
-                  table_group, group, table_opt, table_lr, table_eps, util_mode, growth, salt):
+def _apply_kernel(
+    uniq,
+    counts,
+    grad_buf,
+    row_base,
+    seen,
+    keys,
+    table_ids,
+    addr,
+    util,
+    vectors,
+    opt_state,
+    table_chunks,
+    table_group,
+    group,
+    table_opt,
+    table_lr,
+    table_eps,
+    util_mode,
+    growth,
+    salt,
+):
     u = cuda.grid(1)
     if u >= uniq.shape[0]:
         return
@@ -1173,16 +1484,18 @@ def _apply_kernel(uniq, counts, grad_buf, row_base, seen, keys, table_ids, addr,
             sq = 0.0
             for j in range(k * c, (k + 1) * c):
                 sq += np.float64(grad_buf[u, j]) * np.float64(grad_buf[u, j])
-            util[e, k] = util_round(util_load(util[e, k]) + np.float32(accesses * math.sqrt(sq) * growth),
-                                    util_random16(kh, k, salt))
+            util[e, k] = util_round(
+                util_load(util[e, k]) + np.float32(accesses * math.sqrt(sq) * growth), util_random16(kh, k, salt)
+            )
     elif util_mode == UTIL_ACCESS:
         util[e, 0] = util_round(util_load(util[e, 0]) + np.float32(accesses * growth), util_random16(kh, 0, salt))
     else:
         sq = 0.0
         for j in range(K * c):
             sq += np.float64(grad_buf[u, j]) * np.float64(grad_buf[u, j])
-        util[e, 0] = util_round(util_load(util[e, 0]) + np.float32(accesses * math.sqrt(sq) * growth),
-                                util_random16(kh, 0, salt))
+        util[e, 0] = util_round(
+            util_load(util[e, 0]) + np.float32(accesses * math.sqrt(sq) * growth), util_random16(kh, 0, salt)
+        )
     opt = table_opt[t]
     neg_lr = np.float32(-table_lr[t])
     eps = np.float32(table_eps[t])
@@ -1211,17 +1524,70 @@ def _apply_kernel(uniq, counts, grad_buf, row_base, seen, keys, table_ids, addr,
                 vectors[s, j] = cuda.fma(mult, grad_buf[u, base + j], vectors[s, j])
 
 
-def apply_gradients(uniq, counts, grad_buf, row_base, seen, keys, table_ids, addr, util, vectors, opt_state,
-                    table_chunks, table_group, group, table_opt, table_lr, table_eps, util_mode, growth, salt):
+def apply_gradients(
+    uniq,
+    counts,
+    grad_buf,
+    row_base,
+    seen,
+    keys,
+    table_ids,
+    addr,
+    util,
+    vectors,
+    opt_state,
+    table_chunks,
+    table_group,
+    group,
+    table_opt,
+    table_lr,
+    table_eps,
+    util_mode,
+    growth,
+    salt,
+):
     if uniq.shape[0]:
-        _apply_kernel[_grid(uniq.shape[0])](uniq, counts, grad_buf, row_base, seen, keys, table_ids, addr, util, vectors,
-                                            opt_state, table_chunks, table_group, group, table_opt, table_lr, table_eps,
-                                            util_mode, growth, np.uint64(salt))
+        _apply_kernel[_grid(uniq.shape[0])](
+            uniq,
+            counts,
+            grad_buf,
+            row_base,
+            seen,
+            keys,
+            table_ids,
+            addr,
+            util,
+            vectors,
+            opt_state,
+            table_chunks,
+            table_group,
+            group,
+            table_opt,
+            table_lr,
+            table_eps,
+            util_mode,
+            growth,
+            np.uint64(salt),
+        )
 
 
 @cuda.jit(cache=True)
-def _psw_kernel(entry_idx, bag_of_occ, B, feature_col, grad_out, row_base, seen, table_ids, addr, vectors, table_chunks, table_group,
-                group, out):
+def _psw_kernel(
+    entry_idx,
+    bag_of_occ,
+    B,
+    feature_col,
+    grad_out,
+    row_base,
+    seen,
+    table_ids,
+    addr,
+    vectors,
+    table_chunks,
+    table_group,
+    group,
+    out,
+):
     i = cuda.grid(1)
     if i >= entry_idx.shape[0]:
         return
@@ -1245,11 +1611,39 @@ def _psw_kernel(entry_idx, bag_of_occ, B, feature_col, grad_out, row_base, seen,
     out[i] = acc
 
 
-def per_sample_weight_grads(entry_idx, bag_of_occ, bags_per_feature, feature_col, grad_out, row_base, seen, table_ids,
-                            addr, vectors, table_chunks, table_group, group, out):
+def per_sample_weight_grads(
+    entry_idx,
+    bag_of_occ,
+    bags_per_feature,
+    feature_col,
+    grad_out,
+    row_base,
+    seen,
+    table_ids,
+    addr,
+    vectors,
+    table_chunks,
+    table_group,
+    group,
+    out,
+):
     if entry_idx.shape[0]:
-        _psw_kernel[_grid(entry_idx.shape[0])](entry_idx, bag_of_occ, bags_per_feature, feature_col, grad_out,
-                                               row_base, seen, table_ids, addr, vectors, table_chunks, table_group, group, out)
+        _psw_kernel[_grid(entry_idx.shape[0])](
+            entry_idx,
+            bag_of_occ,
+            bags_per_feature,
+            feature_col,
+            grad_out,
+            row_base,
+            seen,
+            table_ids,
+            addr,
+            vectors,
+            table_chunks,
+            table_group,
+            group,
+            out,
+        )
 
 
 @cuda.jit(cache=True)
@@ -1269,8 +1663,21 @@ def scale_utilities(util, factor):
 
 
 @cuda.jit(cache=True)
-def _sample_kernel(row_base, seen, keys, table_ids, util, table_chunks, table_group, group, accept_below, salt, out,
-                   out_tables, counter):
+def _sample_kernel(
+    row_base,
+    seen,
+    keys,
+    table_ids,
+    util,
+    table_chunks,
+    table_group,
+    group,
+    accept_below,
+    salt,
+    out,
+    out_tables,
+    counter,
+):
     e = cuda.grid(1)
     if e >= util.shape[0]:
         return
@@ -1290,14 +1697,40 @@ def _sample_kernel(row_base, seen, keys, table_ids, util, table_chunks, table_gr
             out[n, k] = np.nan
 
 
-def sample_utilities(row_base, seen, keys, table_ids, util, table_chunks, table_group, group, accept_below, seed, round_id, out,
-                     out_tables):
+def sample_utilities(
+    row_base,
+    seen,
+    keys,
+    table_ids,
+    util,
+    table_chunks,
+    table_group,
+    group,
+    accept_below,
+    seed,
+    round_id,
+    out,
+    out_tables,
+):
     from .cpu import mix64 as host_mix64
 
     salt = host_mix64(np.uint64(seed) ^ host_mix64(np.uint64(round_id) + np.uint64(0x9E3779B97F4A7C15)))
     counter = _zeros(1, np.int64)
-    _sample_kernel[_grid(util.shape[0])](row_base, seen, keys, table_ids, util, table_chunks, table_group, group,
-                                         np.uint64(accept_below), np.uint64(salt), out, out_tables, counter)
+    _sample_kernel[_grid(util.shape[0])](
+        row_base,
+        seen,
+        keys,
+        table_ids,
+        util,
+        table_chunks,
+        table_group,
+        group,
+        np.uint64(accept_below),
+        np.uint64(salt),
+        out,
+        out_tables,
+        counter,
+    )
     return min(_scalar(counter), out.shape[0])
 
 
@@ -1318,18 +1751,19 @@ def _prune_count_kernel(row_base, seen, table_ids, addr, util, table_chunks, tab
             cuda.atomic.add(totals, 2, 1)
 
 
-def prune_count(row_base, seen, table_ids, addr, util, table_chunks, table_group, group, thresholds,
-                block_counts):
+def prune_count(row_base, seen, table_ids, addr, util, table_chunks, table_group, group, thresholds, block_counts):
     totals = _zeros(3, np.int64)
-    _prune_count_kernel[_grid(addr.shape[0])](row_base, seen, table_ids, addr, util, table_chunks, table_group, group, thresholds,
-                                                   totals)
+    _prune_count_kernel[_grid(addr.shape[0])](
+        row_base, seen, table_ids, addr, util, table_chunks, table_group, group, thresholds, totals
+    )
     t = totals.copy_to_host()
     return int(t[0]), int(t[1]), int(t[2])
 
 
 @cuda.jit(cache=True)
-def _composites_kernel(row_base, seen, keys, table_ids, addr, util, table_chunks, table_group, group,
-                       thresholds, out, counter):
+def _composites_kernel(
+    row_base, seen, keys, table_ids, addr, util, table_chunks, table_group, group, thresholds, out, counter
+):
     e = cuda.grid(1)
     if e >= addr.shape[0]:
         return
@@ -1344,17 +1778,38 @@ def _composites_kernel(row_base, seen, keys, table_ids, addr, util, table_chunks
             out[n] = composite(bits, resident, t, entry_key(e, t, row_base, keys), k)
 
 
-def prune_composites(row_base, seen, keys, table_ids, addr, util, table_chunks, table_group, group,
-                     thresholds, block_counts, out):
+def prune_composites(
+    row_base, seen, keys, table_ids, addr, util, table_chunks, table_group, group, thresholds, block_counts, out
+):
     counter = _zeros(1, np.int64)
-    _composites_kernel[_grid(addr.shape[0])](row_base, seen, keys, table_ids, addr, util, table_chunks, table_group,
-                                                  group, thresholds, out, counter)
+    _composites_kernel[_grid(addr.shape[0])](
+        row_base, seen, keys, table_ids, addr, util, table_chunks, table_group, group, thresholds, out, counter
+    )
     return _scalar(counter)
 
 
 @cuda.jit(cache=True)
-def _select_kernel(row_base, seen, keys, table_ids, addr, util, table_chunks, table_group, group, thresholds,
-                   use_cutoff, cutoff, rank_allocations, ev_entries, ev_chunks, al_entries, al_chunks, al_rank, counters):
+def _select_kernel(
+    row_base,
+    seen,
+    keys,
+    table_ids,
+    addr,
+    util,
+    table_chunks,
+    table_group,
+    group,
+    thresholds,
+    use_cutoff,
+    cutoff,
+    rank_allocations,
+    ev_entries,
+    ev_chunks,
+    al_entries,
+    al_chunks,
+    al_rank,
+    counters,
+):
     e = cuda.grid(1)
     if e >= addr.shape[0]:
         return
@@ -1382,14 +1837,49 @@ def _select_kernel(row_base, seen, keys, table_ids, addr, util, table_chunks, ta
             al_rank[n] = rank
 
 
-def prune_select(row_base, seen, keys, table_ids, addr, util, table_chunks, table_group, group, thresholds,
-                 use_cutoff, cutoff, rank_allocations, block_counts, ev_entries, ev_chunks, al_entries, al_chunks,
-                 al_rank):
+def prune_select(
+    row_base,
+    seen,
+    keys,
+    table_ids,
+    addr,
+    util,
+    table_chunks,
+    table_group,
+    group,
+    thresholds,
+    use_cutoff,
+    cutoff,
+    rank_allocations,
+    block_counts,
+    ev_entries,
+    ev_chunks,
+    al_entries,
+    al_chunks,
+    al_rank,
+):
     counters = _zeros(2, np.int64)
-    _select_kernel[_grid(addr.shape[0])](row_base, seen, keys, table_ids, addr, util, table_chunks, table_group, group,
-                                              thresholds, bool(use_cutoff), np.uint64(cutoff), bool(rank_allocations),
-                                              ev_entries, ev_chunks,
-                                              al_entries, al_chunks, al_rank, counters)
+    _select_kernel[_grid(addr.shape[0])](
+        row_base,
+        seen,
+        keys,
+        table_ids,
+        addr,
+        util,
+        table_chunks,
+        table_group,
+        group,
+        thresholds,
+        bool(use_cutoff),
+        np.uint64(cutoff),
+        bool(rank_allocations),
+        ev_entries,
+        ev_chunks,
+        al_entries,
+        al_chunks,
+        al_rank,
+        counters,
+    )
     c = counters.copy_to_host()
     return int(c[0]), int(c[1])
 
@@ -1397,14 +1887,34 @@ def prune_select(row_base, seen, keys, table_ids, addr, util, table_chunks, tabl
 def prune_lists(row_base, seen, table_ids, addr, util, table_chunks, table_group, group, thresholds, block_counts):
     """(keep, candidates, drops, evictions, allocations) of a prune without a cutoff, as
     on the CPU: a counting pass, then the listing pass into arrays of those sizes."""
-    keep, cand, drop = prune_count(row_base, seen, table_ids, addr, util, table_chunks, table_group, group,
-                                   thresholds, block_counts)
+    keep, cand, drop = prune_count(
+        row_base, seen, table_ids, addr, util, table_chunks, table_group, group, thresholds, block_counts
+    )
     ev_e, ev_k = cuda.device_array(max(drop, 1), np.int64), cuda.device_array(max(drop, 1), np.int64)
     al_e, al_k = cuda.device_array(max(cand, 1), np.int64), cuda.device_array(max(cand, 1), np.int64)
     al_r = cuda.device_array(max(cand, 1), np.uint64)
     # the listing pass needs keys only for ranks, which it is not asked for
-    prune_select(row_base, seen, _zeros(1, np.int64), table_ids, addr, util, table_chunks, table_group, group,
-                 thresholds, False, 0, False, block_counts, ev_e, ev_k, al_e, al_k, al_r)
+    prune_select(
+        row_base,
+        seen,
+        _zeros(1, np.int64),
+        table_ids,
+        addr,
+        util,
+        table_chunks,
+        table_group,
+        group,
+        thresholds,
+        False,
+        0,
+        False,
+        block_counts,
+        ev_e,
+        ev_k,
+        al_e,
+        al_k,
+        al_r,
+    )
     return keep, cand, drop, ev_e[:drop], ev_k[:drop], al_e[:cand], al_k[:cand]
 
 
@@ -1421,8 +1931,9 @@ def _allocation_ranks_kernel(row_base, seen, keys, table_ids, util, thresholds, 
 
 def allocation_ranks(row_base, seen, keys, table_ids, util, thresholds, al_entries, al_chunks, out):
     if al_entries.shape[0]:
-        _allocation_ranks_kernel[_grid(al_entries.shape[0])](row_base, seen, keys, table_ids, util, thresholds,
-                                                             al_entries, al_chunks, out)
+        _allocation_ranks_kernel[_grid(al_entries.shape[0])](
+            row_base, seen, keys, table_ids, util, thresholds, al_entries, al_chunks, out
+        )
 
 
 @cuda.jit(cache=True)
@@ -1449,7 +1960,9 @@ def find_dead_entries(row_base, seen, table_ids, addr, util, floor, out):
 
 
 @cuda.jit(cache=True)
-def _missing_kernel(uniq, row_base, seen, table_ids, addr, table_chunks, table_group, group, out_entries, out_chunks, counter):
+def _missing_kernel(
+    uniq, row_base, seen, table_ids, addr, table_chunks, table_group, group, out_entries, out_chunks, counter
+):
     i = cuda.grid(1)
     if i >= uniq.shape[0]:
         return
@@ -1467,8 +1980,9 @@ def _missing_kernel(uniq, row_base, seen, table_ids, addr, table_chunks, table_g
 def missing_chunks(uniq, row_base, seen, table_ids, addr, table_chunks, table_group, group, out_entries, out_chunks):
     counter = _zeros(1, np.int64)
     if uniq.shape[0]:
-        _missing_kernel[_grid(uniq.shape[0])](uniq, row_base, seen, table_ids, addr, table_chunks, table_group, group, out_entries,
-                                              out_chunks, counter)
+        _missing_kernel[_grid(uniq.shape[0])](
+            uniq, row_base, seen, table_ids, addr, table_chunks, table_group, group, out_entries, out_chunks, counter
+        )
     return _scalar(counter)
 
 
@@ -1533,7 +2047,7 @@ def pick_victims(owner, addr, util, pinned, threshold, start, out_entries, out_c
     flags = cuda.device_array(S, np.int64)
     _victim_flags_kernel[_grid(S)](owner, addr, util, bits, np.float32(threshold), int(start), flags)
     rank = inclusive_scan(flags, S)
-    total = int(rank[S - 1:S].copy_to_host()[0])
+    total = int(rank[S - 1 : S].copy_to_host()[0])
     last = _zeros(1, np.int64)
     _victim_take_kernel[_grid(S)](owner, addr, int(start), flags, rank, limit, out_entries, out_chunks, last)
     n = min(total, limit)

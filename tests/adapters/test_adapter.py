@@ -18,7 +18,6 @@ from fiited_store import (
     UnknownTableError,
 )
 from fiited_store.adapters import FiitedEmbeddingBag, FiitedEmbeddingBagCollection, JaggedFeatures
-
 from tests.helpers import assert_unchanged, snapshot
 
 N, D = 40, 16
@@ -28,10 +27,15 @@ FULL = StoreConfig(pruning=DynamicRatio(0.0), budget_fraction=1.0, prune_period=
 def twin(mode="sum", optimizer="sgd", lr=0.1, **kw):
     torch.manual_seed(0)
     ref = torch.nn.EmbeddingBag(N, D, mode=mode, sparse=True, **kw)
-    ours = FiitedEmbeddingBag(N, D, chunks=4, mode=mode, optimizer=optimizer, learning_rate=lr, eps=1e-10,
-                              store_config=FULL, **kw)
+    ours = FiitedEmbeddingBag(
+        N, D, chunks=4, mode=mode, optimizer=optimizer, learning_rate=lr, eps=1e-10, store_config=FULL, **kw
+    )
     ours.store.insert_or_assign("table", np.arange(N), ref.weight.detach().numpy().copy())
-    opt = torch.optim.SGD(ref.parameters(), lr=lr) if optimizer == "sgd" else torch.optim.Adagrad(ref.parameters(), lr=lr, eps=1e-10)
+    opt = (
+        torch.optim.SGD(ref.parameters(), lr=lr)
+        if optimizer == "sgd"
+        else torch.optim.Adagrad(ref.parameters(), lr=lr, eps=1e-10)
+    )
     return ref, ours, opt
 
 
@@ -48,7 +52,7 @@ def rows(module):
 @pytest.mark.parametrize("optimizer", ["sgd", "adagrad"])
 def test_forward_backward_and_steps_equal_torch(mode, optimizer, rng):
     ref, ours, opt = twin(mode, optimizer)
-    for step in range(5):
+    for _step in range(5):
         ids = torch.from_numpy(rng.permutation(N)[:18])  # unique ids: torch's duplicate order is its own
         offsets = torch.tensor([0, 3, 3, 9, 10, 15])
         target = torch.randn(6, D)
@@ -127,16 +131,23 @@ def test_an_id_out_of_range_raises_like_torch_and_changes_nothing(bad):
     assert_unchanged(before, snapshot(ours.store))
 
 
-@pytest.mark.parametrize("call, exc, match", [
-    (lambda m: m(torch.tensor([1.0, 2.0]), torch.tensor([0])), InputDTypeError, "torch.float32"),
-    (lambda m: m(torch.tensor([1, 2, 3]), torch.tensor([0, 2, 1])), InputShapeError, "must not decrease"),
-    (lambda m: m(torch.tensor([1, 2, 3]), torch.tensor([0, 5])), InputShapeError, "must not decrease"),
-    (lambda m: m(torch.tensor([1, 2, 3]), torch.tensor([1, 2])), InputShapeError, r"offsets\[0\] = 1"),
-    (lambda m: m(torch.tensor([1, 2, 3]), torch.tensor([0.0, 1.0])), InputDTypeError, "offsets"),
-    (lambda m: m(torch.tensor([1, 2, 3]), torch.tensor([0, 1]), per_sample_weights=torch.ones(2)), InputShapeError, r"\(3,\)"),
-    (lambda m: m(torch.tensor([1, 2, 3])), InputShapeError, "offsets are required"),
-    (lambda m: m(torch.tensor([[[1]]])), InputShapeError, "1-D or 2-D"),
-])
+@pytest.mark.parametrize(
+    "call, exc, match",
+    [
+        (lambda m: m(torch.tensor([1.0, 2.0]), torch.tensor([0])), InputDTypeError, "torch.float32"),
+        (lambda m: m(torch.tensor([1, 2, 3]), torch.tensor([0, 2, 1])), InputShapeError, "must not decrease"),
+        (lambda m: m(torch.tensor([1, 2, 3]), torch.tensor([0, 5])), InputShapeError, "must not decrease"),
+        (lambda m: m(torch.tensor([1, 2, 3]), torch.tensor([1, 2])), InputShapeError, r"offsets\[0\] = 1"),
+        (lambda m: m(torch.tensor([1, 2, 3]), torch.tensor([0.0, 1.0])), InputDTypeError, "offsets"),
+        (
+            lambda m: m(torch.tensor([1, 2, 3]), torch.tensor([0, 1]), per_sample_weights=torch.ones(2)),
+            InputShapeError,
+            r"\(3,\)",
+        ),
+        (lambda m: m(torch.tensor([1, 2, 3])), InputShapeError, "offsets are required"),
+        (lambda m: m(torch.tensor([[[1]]])), InputShapeError, "1-D or 2-D"),
+    ],
+)
 def test_bad_input_is_named(call, exc, match):
     _, ours, _ = twin()
     with pytest.raises(exc, match=match):
@@ -150,7 +161,9 @@ def test_state_dict_round_trip_through_torch_save(rng):
         ours(ids, torch.tensor([0, 5])).pow(2).sum().backward()
     buf = io.BytesIO()
     torch.save(ours.state_dict(), buf)
-    fresh = FiitedEmbeddingBag(N, D, chunks=4, mode="sum", optimizer="adagrad", learning_rate=0.1, eps=1e-10, store_config=FULL)
+    fresh = FiitedEmbeddingBag(
+        N, D, chunks=4, mode="sum", optimizer="adagrad", learning_rate=0.1, eps=1e-10, store_config=FULL
+    )
     fresh.load_state_dict(torch.load(io.BytesIO(buf.getvalue())))
     ids = torch.arange(N)
     ours.eval(), fresh.eval()
@@ -172,8 +185,10 @@ def test_state_dict_of_another_configuration_is_refused():
 
 
 def make_collection(**kw):
-    tables = [TableConfig("user", dim=8, chunks=2, num_embeddings=30, optimizer="sgd", learning_rate=0.1),
-              TableConfig("item", dim=4, chunks=1, num_embeddings=30, optimizer="sgd", learning_rate=0.1)]
+    tables = [
+        TableConfig("user", dim=8, chunks=2, num_embeddings=30, optimizer="sgd", learning_rate=0.1),
+        TableConfig("item", dim=4, chunks=1, num_embeddings=30, optimizer="sgd", learning_rate=0.1),
+    ]
     return FiitedEmbeddingBagCollection(tables, store_config=FULL, **kw), tables
 
 

@@ -14,8 +14,10 @@ import torch
 from fiited_store import EmbeddingStore, StoreConfig, TableConfig
 from fiited_store.verify import check_store
 
-TABLES = [TableConfig("a", dim=8, chunks=2, num_embeddings=50, optimizer="adagrad", learning_rate=0.1),
-          TableConfig("h", dim=8, chunks=2, optimizer="sgd", learning_rate=0.1, index="hashed")]
+TABLES = [
+    TableConfig("a", dim=8, chunks=2, num_embeddings=50, optimizer="adagrad", learning_rate=0.1),
+    TableConfig("h", dim=8, chunks=2, optimizer="sgd", learning_rate=0.1, index="hashed"),
+]
 NAMES = ["a", "h"]
 
 
@@ -36,7 +38,7 @@ def request(rng, batch=6):
 def test_refilling_the_callers_buffers_before_backward_changes_nothing(as_tensor):
     mine, ref = twins()
     rng = np.random.default_rng(0)
-    for step in range(6):
+    for _step in range(6):
         ids, offsets, weights = request(rng)
         grad = rng.standard_normal((6, 16)).astype(np.float32)
         fed = [torch.from_numpy(x) for x in (ids, offsets, weights)] if as_tensor else [ids, offsets, weights]
@@ -48,7 +50,9 @@ def test_refilling_the_callers_buffers_before_backward_changes_nothing(as_tensor
         offsets *= 7
         weights[:] = np.nan
         psw = mine.per_sample_weight_grads(b, grad)
-        np.testing.assert_array_equal(mine.backend.to_host(psw), ref.backend.to_host(ref.per_sample_weight_grads(r, grad)))
+        np.testing.assert_array_equal(
+            mine.backend.to_host(psw), ref.backend.to_host(ref.per_sample_weight_grads(r, grad))
+        )
         mine.backward(b, grad)
         ref.backward(r, grad)
         mine.step()
@@ -61,8 +65,18 @@ def test_refilling_the_callers_buffers_before_backward_changes_nothing(as_tensor
 def test_the_adapter_backward_uses_the_offsets_of_its_forward():
     from fiited_store.adapters import FiitedEmbeddingBag
 
-    mods = [FiitedEmbeddingBag(30, 8, chunks=2, mode="sum", optimizer="sgd", learning_rate=0.1,
-                               store_config=StoreConfig(budget_fraction=1.0, prune_period=0)) for _ in range(2)]
+    mods = [
+        FiitedEmbeddingBag(
+            30,
+            8,
+            chunks=2,
+            mode="sum",
+            optimizer="sgd",
+            learning_rate=0.1,
+            store_config=StoreConfig(budget_fraction=1.0, prune_period=0),
+        )
+        for _ in range(2)
+    ]
     ids = torch.tensor([1, 2, 3, 4, 5, 6])
     for i, m in enumerate(mods):
         offsets = torch.tensor([0, 2, 5])
@@ -70,15 +84,18 @@ def test_the_adapter_backward_uses_the_offsets_of_its_forward():
         if i == 0:
             offsets.mul_(2)  # torch.nn.EmbeddingBag would refuse this; the store kept its own copy
         (out * torch.arange(24.0).view(3, 8)).sum().backward()
-    np.testing.assert_array_equal(mods[0].store.lookup("table", np.arange(30)), mods[1].store.lookup("table", np.arange(30)))
+    np.testing.assert_array_equal(
+        mods[0].store.lookup("table", np.arange(30)), mods[1].store.lookup("table", np.arange(30))
+    )
 
 
 # 16384 rows x 64 floats is 4 MiB: the output comes from a huge-page buffer whose
 # slices reference the buffer's memory, not the output array
 @pytest.mark.parametrize("bags", [8, 16384])
 def test_a_kept_slice_of_an_output_is_never_overwritten(bags):
-    s = EmbeddingStore([TableConfig("t", dim=64, chunks=4, num_embeddings=1000)],
-                       StoreConfig(budget_fraction=1.0, prune_period=0))
+    s = EmbeddingStore(
+        [TableConfig("t", dim=64, chunks=4, num_embeddings=1000)], StoreConfig(budget_fraction=1.0, prune_period=0)
+    )
     rng = np.random.default_rng(1)
     s.lookup("t", np.arange(1000), train=True)
     bag_starts = np.arange(bags + 1)
@@ -96,8 +113,9 @@ def test_a_kept_slice_of_an_output_is_never_overwritten(bags):
 
 @pytest.mark.parametrize("bags", [8, 16384])
 def test_an_output_nobody_holds_is_reused(bags):
-    s = EmbeddingStore([TableConfig("t", dim=64, chunks=4, num_embeddings=1000)],
-                       StoreConfig(budget_fraction=1.0, prune_period=0))
+    s = EmbeddingStore(
+        [TableConfig("t", dim=64, chunks=4, num_embeddings=1000)], StoreConfig(budget_fraction=1.0, prune_period=0)
+    )
     bag_starts = np.arange(bags + 1)
     first = s.pooled_lookup("t", np.zeros(bags, np.int64), bag_starts).output
     address = first.__array_interface__["data"][0]

@@ -16,7 +16,6 @@ from fiited_store.adapters.floors import repeat_keys, split_floors
 from fiited_store.config import plan_pools
 from fiited_store.errors import InputShapeError
 from fiited_store.verify import check_store
-
 from tests.test_prune import resident
 
 
@@ -39,16 +38,22 @@ def test_split_floors_keeps_the_rows_initial_scale_and_the_column_order():
     assert [x.name for x in tables] == ["a", "user:floor", "user"] and parts == [[0], [1, 2]]
     floor, rest = tables[1], tables[2]
     assert (floor.dim, floor.chunks, floor.min_chunks, rest.dim, rest.chunks) == (2, 1, 1, 30, 3)
-    assert floor.init_scale == rest.init_scale == pytest.approx(32 ** -0.5)
+    assert floor.init_scale == rest.init_scale == pytest.approx(32**-0.5)
     assert floor.optimizer == rest.optimizer == "adagrad" and floor.floor_dim == rest.floor_dim == 0
 
 
-@pytest.mark.parametrize("kw, message", [
-    (dict(dim=8, chunks=2, floor_dim=8, num_embeddings=4), "floor_dim must be an int in [0, dim=8), got 8"),
-    (dict(dim=8, chunks=4, floor_dim=2, num_embeddings=4), "the 6 dimensions above floor_dim=2 do not split into chunks=4"),
-    (dict(dim=8, chunks=2, floor_dim=2), "floor_dim=2 needs num_embeddings"),
-    (dict(dim=8, chunks=2, floor_dim=2, num_embeddings=4, min_chunks=1), "give floor_dim or min_chunks, not both"),
-])
+@pytest.mark.parametrize(
+    "kw, message",
+    [
+        (dict(dim=8, chunks=2, floor_dim=8, num_embeddings=4), "floor_dim must be an int in [0, dim=8), got 8"),
+        (
+            dict(dim=8, chunks=4, floor_dim=2, num_embeddings=4),
+            "the 6 dimensions above floor_dim=2 do not split into chunks=4",
+        ),
+        (dict(dim=8, chunks=2, floor_dim=2), "floor_dim=2 needs num_embeddings"),
+        (dict(dim=8, chunks=2, floor_dim=2, num_embeddings=4, min_chunks=1), "give floor_dim or min_chunks, not both"),
+    ],
+)
 def test_a_bad_floor_is_refused_with_its_value(kw, message):
     with pytest.raises(ConfigError) as e:
         TableConfig("t", **kw)
@@ -84,8 +89,12 @@ def test_repeat_keys_gives_each_keys_bags_again_in_place(data):
     values = list(range(100, 100 + offsets[-1]))
     weights = [float(v) / 7 for v in values]
     repeats = data.draw(st.lists(st.integers(1, 3), min_size=F, max_size=F))
-    v, o, w = repeat_keys(torch.tensor(values, dtype=torch.int64), torch.tensor(offsets, dtype=torch.int64),
-                          torch.tensor(weights), repeats)
+    v, o, w = repeat_keys(
+        torch.tensor(values, dtype=torch.int64),
+        torch.tensor(offsets, dtype=torch.int64),
+        torch.tensor(weights),
+        repeats,
+    )
     ev, eo, ew = _plain_repeat(values, offsets, weights, repeats)
     assert v.tolist() == ev and o.tolist() == eo and w.tolist() == pytest.approx(ew)
 
@@ -98,19 +107,24 @@ def test_repeat_keys_refuses_offsets_that_do_not_fit_the_keys():
 def _batch(rng, B=6):
     user = torch.from_numpy(rng.integers(0, 8, B)).long()
     item = torch.from_numpy(rng.integers(0, 40, 2 * B)).long()
-    return JaggedFeatures(["user", "item"], torch.cat([user, item]),
-                          torch.cat([torch.ones(B, dtype=torch.int64), torch.full((B,), 2, dtype=torch.int64)]))
+    return JaggedFeatures(
+        ["user", "item"],
+        torch.cat([user, item]),
+        torch.cat([torch.ones(B, dtype=torch.int64), torch.full((B,), 2, dtype=torch.int64)]),
+    )
 
 
 def test_a_collection_with_floors_is_the_store_of_its_parts_fed_each_keys_ids_twice():
-    tables = [TableConfig("user", dim=10, chunks=2, floor_dim=2, num_embeddings=8, optimizer="adagrad"),
-              TableConfig("item", dim=8, chunks=2, num_embeddings=40)]
+    tables = [
+        TableConfig("user", dim=10, chunks=2, floor_dim=2, num_embeddings=8, optimizer="adagrad"),
+        TableConfig("item", dim=8, chunks=2, num_embeddings=40),
+    ]
     cfg = StoreConfig(pruning=DynamicRatio(0.5), prune_period=3, budget_fraction=0.5)
     ebc = FiitedEmbeddingBagCollection(tables, store_config=cfg, output="concat", mode="mean")
     parts, _ = split_floors(tables)
     plain = EmbeddingStore(parts, cfg)
     rng = np.random.default_rng(1)
-    for step in range(7):
+    for _step in range(7):
         kjt = _batch(rng)
         out = ebc(kjt)
         assert out.shape == (6, 18)
@@ -132,10 +146,17 @@ def test_a_collection_with_floors_is_the_store_of_its_parts_fed_each_keys_ids_tw
 
 
 def test_every_row_keeps_its_floor_under_a_global_threshold_that_strips_the_rest():
-    tables = [TableConfig("small", dim=10, chunks=2, floor_dim=2, num_embeddings=8),
-              TableConfig("big", dim=10, chunks=2, floor_dim=2, num_embeddings=400)]
-    ebc = FiitedEmbeddingBagCollection(tables, store_config=StoreConfig(
-        pruning=ManualRatios((0.8, 1.0)), budget_fraction=0.3, prune_period=0, sample_size=10_000), output="dict")
+    tables = [
+        TableConfig("small", dim=10, chunks=2, floor_dim=2, num_embeddings=8),
+        TableConfig("big", dim=10, chunks=2, floor_dim=2, num_embeddings=400),
+    ]
+    ebc = FiitedEmbeddingBagCollection(
+        tables,
+        store_config=StoreConfig(
+            pruning=ManualRatios((0.8, 1.0)), budget_fraction=0.3, prune_period=0, sample_size=10_000
+        ),
+        output="dict",
+    )
     rng = np.random.default_rng(0)
     for _ in range(6):
         small = torch.from_numpy(np.repeat(np.arange(8), np.arange(1, 9))).long()
@@ -146,10 +167,10 @@ def test_every_row_keeps_its_floor_under_a_global_threshold_that_strips_the_rest
     ebc.prune()
     s = ebc.store
     assert check_store(s) == []
-    assert resident(s, "small:floor", np.arange(8))[:, 0].all()   # every row keeps its floor ...
-    assert not resident(s, "small", np.arange(8)).any()            # ... and nothing above it
+    assert resident(s, "small:floor", np.arange(8))[:, 0].all()  # every row keeps its floor ...
+    assert not resident(s, "small", np.arange(8)).any()  # ... and nothing above it
     held = resident(s, "big", np.arange(400))
-    assert held[:, 0].any() and not held[:, 1].any()               # the big table's best rows keep chunk 0
+    assert held[:, 0].any() and not held[:, 1].any()  # the big table's best rows keep chunk 0
     floor_pool = s.pools[s.plans[0].group]
     assert floor_pool.chunk_width == 2 and floor_pool.slots == 408  # every declared row's floor, paid first
 
@@ -158,11 +179,15 @@ def test_every_row_keeps_its_floor_under_a_global_threshold_that_strips_the_rest
 def test_each_shard_holds_the_floors_of_the_rows_it_owns(world):
     """Row-wise, rows hash unevenly over the ranks: each shard's pool of floors is
     sized to its own declared rows, so every row keeps its floor as in one store."""
-    from fiited_store.distributed.routing import RowWiseRouting
     from fiited_store.distributed.layout import shard_config
+    from fiited_store.distributed.routing import RowWiseRouting
 
-    tables, _ = split_floors([TableConfig("u", dim=10, chunks=2, floor_dim=2, num_embeddings=101),
-                              TableConfig("i", dim=10, chunks=2, floor_dim=2, num_embeddings=37)])
+    tables, _ = split_floors(
+        [
+            TableConfig("u", dim=10, chunks=2, floor_dim=2, num_embeddings=101),
+            TableConfig("i", dim=10, chunks=2, floor_dim=2, num_embeddings=37),
+        ]
+    )
     cfg = StoreConfig(budget_fraction=0.5)
     routing = RowWiseRouting()
     whole = {p.chunk_width: p.slots for p in plan_pools(tables, cfg)}
@@ -172,8 +197,10 @@ def test_each_shard_holds_the_floors_of_the_rows_it_owns(world):
         _, slack = shard_config(tables, cfg, world, routing, rank)  # the default: 1/16 more, for the global cutoff
         for width, plain, more in zip((2 * 4, 4 * 4), shard.pool_budget_bytes, slack.pool_budget_bytes):
             assert more // width == plain // width + math.ceil(plain // width / 16)
-        owned = sum(int(np.count_nonzero(routing.owners(np.full(n, t, np.int16), np.arange(n), world) == rank))
-                    for t, n in ((0, 101), (2, 37)))  # the floor tables' indices in the store
+        owned = sum(
+            int(np.count_nonzero(routing.owners(np.full(n, t, np.int16), np.arange(n), world) == rank))
+            for t, n in ((0, 101), (2, 37))
+        )  # the floor tables' indices in the store
         floor_slots.append(shard.pool_budget_bytes[0] // (2 * 4))
         rest_slots.append(shard.pool_budget_bytes[1] // (4 * 4))
         assert floor_slots[-1] == owned
@@ -185,7 +212,9 @@ def test_a_compiled_collection_with_floors_trains_like_the_eager_one():
     def make():
         return FiitedEmbeddingBagCollection(
             [TableConfig("u", 10, chunks=2, floor_dim=2, num_embeddings=50), TableConfig("i", 8, chunks=2)],
-            store_config=StoreConfig(pruning=DynamicRatio(0.5), budget_bytes=600, prune_period=2), output="keyed")
+            store_config=StoreConfig(pruning=DynamicRatio(0.5), budget_bytes=600, prune_period=2),
+            output="keyed",
+        )
 
     eager, compiled = make(), make()
     run = torch.compile(compiled)  # the floor's id repetition runs behind a graph break
@@ -199,4 +228,6 @@ def test_a_compiled_collection_with_floors_trains_like_the_eager_one():
         a.values().backward(g)
         b.values().backward(g)
     for name in ("u:floor", "u", "i"):
-        np.testing.assert_array_equal(eager.store.lookup(name, np.arange(50)), compiled.store.lookup(name, np.arange(50)))
+        np.testing.assert_array_equal(
+            eager.store.lookup(name, np.arange(50)), compiled.store.lookup(name, np.arange(50))
+        )

@@ -32,8 +32,9 @@ def index_kind(request):
 def make(optimizer: str, K: int, lr: float = 0.05, eps: float = 1e-10):
     torch.manual_seed(0)
     bag = torch.nn.EmbeddingBag(N, D, mode="sum", sparse=True)
-    table = TableConfig("t", dim=D, chunks=K, num_embeddings=N, optimizer=optimizer, learning_rate=lr, eps=eps,
-                        index=INDEX["kind"])
+    table = TableConfig(
+        "t", dim=D, chunks=K, num_embeddings=N, optimizer=optimizer, learning_rate=lr, eps=eps, index=INDEX["kind"]
+    )
     store = EmbeddingStore([table], StoreConfig(pruning=DynamicRatio(0.0), budget_fraction=1.0, prune_period=0))
     store.insert_or_assign("t", np.arange(N), bag.weight.detach().numpy().copy())
     return bag, store
@@ -64,7 +65,9 @@ def test_pooled_lookup_equals_embedding_bag(mode, K, rng):
     bag, store = make("sgd", K)
     for _ in range(5):
         ids, offsets, full_offsets = batch(rng, 20, 5, unique=False)
-        expect = torch.nn.functional.embedding_bag(torch.from_numpy(ids), bag.weight, torch.from_numpy(offsets), mode=mode)
+        expect = torch.nn.functional.embedding_bag(
+            torch.from_numpy(ids), bag.weight, torch.from_numpy(offsets), mode=mode
+        )
         got = store.pooled_lookup("t", ids, full_offsets, mode=mode).output
         np.testing.assert_array_equal(got, expect.detach().numpy())
 
@@ -73,8 +76,9 @@ def test_weighted_lookup_equals_embedding_bag(rng):
     bag, store = make("sgd", 4)
     ids, offsets, full_offsets = batch(rng, 30, 4, unique=False)
     w = rng.standard_normal(ids.size).astype(np.float32)
-    expect = torch.nn.functional.embedding_bag(torch.from_numpy(ids), bag.weight, torch.from_numpy(offsets), mode="sum",
-                                               per_sample_weights=torch.from_numpy(w))
+    expect = torch.nn.functional.embedding_bag(
+        torch.from_numpy(ids), bag.weight, torch.from_numpy(offsets), mode="sum", per_sample_weights=torch.from_numpy(w)
+    )
     got = store.pooled_lookup("t", ids, full_offsets, per_sample_weights=w).output
     np.testing.assert_array_equal(got, expect.detach().numpy())
 
@@ -91,17 +95,25 @@ def test_unpooled_lookup_is_the_rows(rng):
 @pytest.mark.parametrize("K", [1, 4])
 def test_training_steps_equal_torch(optimizer, mode, K, rng):
     bag, store = make(optimizer, K)
-    opt = (torch.optim.SGD(bag.parameters(), lr=0.05) if optimizer == "sgd"
-           else torch.optim.Adagrad(bag.parameters(), lr=0.05, eps=1e-10))
+    opt = (
+        torch.optim.SGD(bag.parameters(), lr=0.05)
+        if optimizer == "sgd"
+        else torch.optim.Adagrad(bag.parameters(), lr=0.05, eps=1e-10)
+    )
     for step in range(6):
         # unique ids per step: torch coalesces duplicates in its own order, ours is batch order
         ids, offsets, full_offsets = batch(rng, 12, 3, unique=True)
         w = rng.standard_normal(ids.size).astype(np.float32) if mode == "weighted" else None
         tmode = "sum" if mode == "weighted" else mode
         opt.zero_grad()
-        out = torch.nn.functional.embedding_bag(torch.from_numpy(ids), bag.weight, torch.from_numpy(offsets), mode=tmode,
-                                                per_sample_weights=None if w is None else torch.from_numpy(w),
-                                                sparse=True)
+        out = torch.nn.functional.embedding_bag(
+            torch.from_numpy(ids),
+            bag.weight,
+            torch.from_numpy(offsets),
+            mode=tmode,
+            per_sample_weights=None if w is None else torch.from_numpy(w),
+            sparse=True,
+        )
         b = store.pooled_lookup("t", ids, full_offsets, per_sample_weights=w, mode=tmode, train=True)
         assert_same(b.output, out.detach().numpy(), optimizer)
         grad = torch.randn(out.shape)
@@ -116,13 +128,17 @@ def test_training_steps_equal_torch(optimizer, mode, K, rng):
 @pytest.mark.parametrize("optimizer", ["sgd", "adagrad"])
 def test_duplicates_in_a_batch_are_summed_first(optimizer, rng):
     bag, store = make(optimizer, 2)
-    opt = (torch.optim.SGD(bag.parameters(), lr=0.05) if optimizer == "sgd"
-           else torch.optim.Adagrad(bag.parameters(), lr=0.05, eps=1e-10))
+    opt = (
+        torch.optim.SGD(bag.parameters(), lr=0.05)
+        if optimizer == "sgd"
+        else torch.optim.Adagrad(bag.parameters(), lr=0.05, eps=1e-10)
+    )
     for _ in range(4):
         ids, offsets, full_offsets = batch(rng, 16, 4, unique=False)
         opt.zero_grad()
-        out = torch.nn.functional.embedding_bag(torch.from_numpy(ids), bag.weight, torch.from_numpy(offsets), mode="sum",
-                                                sparse=True)
+        out = torch.nn.functional.embedding_bag(
+            torch.from_numpy(ids), bag.weight, torch.from_numpy(offsets), mode="sum", sparse=True
+        )
         b = store.pooled_lookup("t", ids, full_offsets, train=True)
         grad = torch.randn(out.shape)
         out.backward(grad)
@@ -154,8 +170,10 @@ def test_rowwise_adagrad_is_fbgemm_rule_per_chunk(rng):
 
 
 def test_multi_feature_output_is_embedding_bag_collection_layout(rng):
-    tables = [TableConfig("a", dim=8, chunks=2, num_embeddings=20, index=INDEX["kind"]),
-              TableConfig("b", dim=4, chunks=1, num_embeddings=20, index=INDEX["kind"])]
+    tables = [
+        TableConfig("a", dim=8, chunks=2, num_embeddings=20, index=INDEX["kind"]),
+        TableConfig("b", dim=4, chunks=1, num_embeddings=20, index=INDEX["kind"]),
+    ]
     store = EmbeddingStore(tables, StoreConfig(budget_fraction=1.0, prune_period=0))
     wa = rng.standard_normal((20, 8)).astype(np.float32)
     wb = rng.standard_normal((20, 4)).astype(np.float32)
@@ -167,10 +185,10 @@ def test_multi_feature_output_is_embedding_bag_collection_layout(rng):
     offsets = np.concatenate([[0], np.cumsum(lengths)])
     out = store.pooled_lookup(["a", "b", "a"], ids, offsets).output
     assert out.shape == (B, 8 + 4 + 8)
-    for f, (name, w, col) in enumerate([("a", wa, 0), ("b", wb, 8), ("a", wa, 12)]):
+    for f, (_name, w, col) in enumerate([("a", wa, 0), ("b", wb, 8), ("a", wa, 12)]):
         for b_ in range(B):
-            sl = ids[offsets[f * B + b_]: offsets[f * B + b_ + 1]]
-            np.testing.assert_allclose(out[b_, col:col + w.shape[1]], w[sl].sum(axis=0), rtol=1e-6, atol=1e-6)
+            sl = ids[offsets[f * B + b_] : offsets[f * B + b_ + 1]]
+            np.testing.assert_allclose(out[b_, col : col + w.shape[1]], w[sl].sum(axis=0), rtol=1e-6, atol=1e-6)
 
 
 @settings(max_examples=40, deadline=None)
@@ -178,8 +196,10 @@ def test_multi_feature_output_is_embedding_bag_collection_layout(rng):
 def test_pooled_sums_over_two_pools_with_empty_features_equal_row_sums(data):
     """Features of tables in two pools (chunk widths 4 and 3), any of them with every bag
     empty (several in a row too), and bags of any lengths: each bag is the sum of its rows."""
-    tables = [TableConfig("a", dim=8, chunks=2, num_embeddings=30, index=INDEX["kind"]),
-              TableConfig("b", dim=6, chunks=2, num_embeddings=40, index=INDEX["kind"])]
+    tables = [
+        TableConfig("a", dim=8, chunks=2, num_embeddings=30, index=INDEX["kind"]),
+        TableConfig("b", dim=6, chunks=2, num_embeddings=40, index=INDEX["kind"]),
+    ]
     store = EmbeddingStore(tables, StoreConfig(budget_fraction=1.0, prune_period=0))
     rng = np.random.default_rng(data.draw(st.integers(0, 2**32 - 1)))
     w = {"a": rng.standard_normal((30, 8)).astype(np.float32), "b": rng.standard_normal((40, 6)).astype(np.float32)}
@@ -187,19 +207,22 @@ def test_pooled_sums_over_two_pools_with_empty_features_equal_row_sums(data):
         store.insert_or_assign(name, np.arange(rows.shape[0]), rows)
     features = data.draw(st.lists(st.sampled_from(["a", "b"]), min_size=1, max_size=4))
     B = data.draw(st.integers(1, 120))  # past 64 occurrences, so the kernel's blocks walk across features
-    lengths = np.array([0 if data.draw(st.booleans()) else data.draw(st.integers(0, 3)) for _ in range(len(features) * B)])
+    lengths = np.array(
+        [0 if data.draw(st.booleans()) else data.draw(st.integers(0, 3)) for _ in range(len(features) * B)]
+    )
     for f in data.draw(st.sets(st.integers(0, len(features) - 1))):  # features with every bag empty
-        lengths[f * B:(f + 1) * B] = 0
+        lengths[f * B : (f + 1) * B] = 0
     offsets = np.concatenate([[0], np.cumsum(lengths)]).astype(np.int64)
-    ids = np.concatenate([rng.integers(0, w[f].shape[0], int(lengths[i * B:(i + 1) * B].sum()))
-                          for i, f in enumerate(features)]).astype(np.int64)
+    ids = np.concatenate(
+        [rng.integers(0, w[f].shape[0], int(lengths[i * B : (i + 1) * B].sum())) for i, f in enumerate(features)]
+    ).astype(np.int64)
     out = store.pooled_lookup(features, ids, offsets).output
     col = 0
     for i, f in enumerate(features):
         d = w[f].shape[1]
         for b_ in range(B):
-            rows = ids[offsets[i * B + b_]:offsets[i * B + b_ + 1]]
-            np.testing.assert_allclose(out[b_, col:col + d], w[f][rows].sum(axis=0), rtol=1e-6, atol=1e-6)
+            rows = ids[offsets[i * B + b_] : offsets[i * B + b_ + 1]]
+            np.testing.assert_allclose(out[b_, col : col + d], w[f][rows].sum(axis=0), rtol=1e-6, atol=1e-6)
         col += d
 
 
@@ -208,8 +231,10 @@ def test_pooled_sums_over_two_pools_with_empty_features_equal_row_sums(data):
 def test_a_feature_after_empty_features_reads_its_own_rows(features, B):
     """One id per bag, every middle feature empty: the kernel's blocks walk from one
     feature straight past the empty ones into the next (B not a multiple of a block)."""
-    tables = [TableConfig("a", dim=8, chunks=2, num_embeddings=30, index=INDEX["kind"]),
-              TableConfig("b", dim=6, chunks=2, num_embeddings=40, index=INDEX["kind"])]
+    tables = [
+        TableConfig("a", dim=8, chunks=2, num_embeddings=30, index=INDEX["kind"]),
+        TableConfig("b", dim=6, chunks=2, num_embeddings=40, index=INDEX["kind"]),
+    ]
     store = EmbeddingStore(tables, StoreConfig(budget_fraction=1.0, prune_period=0))
     rng = np.random.default_rng(B)
     w = {"a": rng.standard_normal((30, 8)).astype(np.float32), "b": rng.standard_normal((40, 6)).astype(np.float32)}
@@ -217,12 +242,13 @@ def test_a_feature_after_empty_features_reads_its_own_rows(features, B):
         store.insert_or_assign(name, np.arange(rows.shape[0]), rows)
     F = len(features)
     lengths = np.ones(F * B, np.int64)
-    lengths[B:(F - 1) * B] = 0
+    lengths[B : (F - 1) * B] = 0
     offsets = np.concatenate([[0], np.cumsum(lengths)]).astype(np.int64)
-    ids = np.concatenate([rng.integers(0, w[features[0]].shape[0], B),
-                          rng.integers(0, w[features[-1]].shape[0], B)]).astype(np.int64)
+    ids = np.concatenate(
+        [rng.integers(0, w[features[0]].shape[0], B), rng.integers(0, w[features[-1]].shape[0], B)]
+    ).astype(np.int64)
     out = store.pooled_lookup(features, ids, offsets).output
     d_first, d_last = w[features[0]].shape[1], w[features[-1]].shape[1]
     np.testing.assert_array_equal(out[:, :d_first], w[features[0]][ids[:B]])
-    np.testing.assert_array_equal(out[:, out.shape[1] - d_last:], w[features[-1]][ids[B:]])
-    assert not out[:, d_first:out.shape[1] - d_last].any()
+    np.testing.assert_array_equal(out[:, out.shape[1] - d_last :], w[features[-1]][ids[B:]])
+    assert not out[:, d_first : out.shape[1] - d_last].any()

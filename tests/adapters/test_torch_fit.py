@@ -20,7 +20,6 @@ from fiited_store import (
     UnsupportedAutogradError,
 )
 from fiited_store.adapters import FiitedEmbeddingBag, FiitedEmbeddingBagCollection, JaggedFeatures, KeyedTensor
-
 from tests.helpers import assert_unchanged, snapshot
 
 N, D = 40, 8
@@ -31,33 +30,53 @@ HAS_TORCHREC = importlib.util.find_spec("torchrec") is not None
 def twin(mode="sum", **kw):
     torch.manual_seed(0)
     ref = torch.nn.EmbeddingBag(N, D, mode=mode, **kw)
-    ours = FiitedEmbeddingBag(N, D, mode=mode, chunks=2, optimizer="sgd", learning_rate=0.1, store_config=FULL,
-                              _weight=ref.weight.detach().clone(), **kw)
+    ours = FiitedEmbeddingBag(
+        N,
+        D,
+        mode=mode,
+        chunks=2,
+        optimizer="sgd",
+        learning_rate=0.1,
+        store_config=FULL,
+        _weight=ref.weight.detach().clone(),
+        **kw,
+    )
     return ref, ours
 
 
 # --- signatures -------------------------------------------------------------------------------------------------
 
+
 def test_shared_arguments_take_torchs_positions_and_defaults():
-    theirs = [p for p in inspect.signature(torch.nn.EmbeddingBag.__init__).parameters.values()
-              if p.name != "self" and p.kind is p.POSITIONAL_OR_KEYWORD]
-    ours = [p for p in inspect.signature(FiitedEmbeddingBag.__init__).parameters.values()
-            if p.name != "self" and p.kind is p.POSITIONAL_OR_KEYWORD]
+    theirs = [
+        p
+        for p in inspect.signature(torch.nn.EmbeddingBag.__init__).parameters.values()
+        if p.name != "self" and p.kind is p.POSITIONAL_OR_KEYWORD
+    ]
+    ours = [
+        p
+        for p in inspect.signature(FiitedEmbeddingBag.__init__).parameters.values()
+        if p.name != "self" and p.kind is p.POSITIONAL_OR_KEYWORD
+    ]
     assert [p.name for p in ours] == [p.name for p in theirs]
     assert [p.default for p in ours] == [p.default for p in theirs]
-    fiited_only = [p.name for p in inspect.signature(FiitedEmbeddingBag.__init__).parameters.values()
-                   if p.kind is p.KEYWORD_ONLY]
+    fiited_only = [
+        p.name for p in inspect.signature(FiitedEmbeddingBag.__init__).parameters.values() if p.kind is p.KEYWORD_ONLY
+    ]
     assert {"chunks", "store_config", "optimizer"} <= set(fiited_only)
 
 
-@pytest.mark.parametrize("args, kwargs, match", [
-    ((1000, 16, 2.0), {}, "max_norm=2.0"),
-    ((1000, 16), {"scale_grad_by_freq": True}, "scale_grad_by_freq"),
-    ((1000, 16), {"mode": "max"}, "'max'"),
-    ((1000, 16), {"dtype": torch.float64}, "torch.float64"),
-    ((1000, 16), {"padding_idx": 1000}, "padding_idx"),
-    ((1000, 16), {"device": "cuda", "store_config": StoreConfig()}, "device='cuda'"),
-])
+@pytest.mark.parametrize(
+    "args, kwargs, match",
+    [
+        ((1000, 16, 2.0), {}, "max_norm=2.0"),
+        ((1000, 16), {"scale_grad_by_freq": True}, "scale_grad_by_freq"),
+        ((1000, 16), {"mode": "max"}, "'max'"),
+        ((1000, 16), {"dtype": torch.float64}, "torch.float64"),
+        ((1000, 16), {"padding_idx": 1000}, "padding_idx"),
+        ((1000, 16), {"device": "cuda", "store_config": StoreConfig()}, "device='cuda'"),
+    ],
+)
 def test_unsupported_torch_arguments_are_refused_by_name(args, kwargs, match):
     with pytest.raises(ConfigError, match=match):
         FiitedEmbeddingBag(*args, **kwargs)
@@ -91,10 +110,20 @@ def test_padding_idx_and_initial_weight_equal_torch(mode, padding_idx, rng):
 def test_repr_names_tables_dims_chunks_budget_and_mode():
     bag = FiitedEmbeddingBag(1000, 16, mode="sum", chunks=4, store_config=StoreConfig(budget_fraction=0.25))
     text = repr(bag)
-    for part in ("1000, 16", "mode='sum'", "chunks=4", "budget 15.6 KiB", "0.25 x dense", "store_mode='prune'", ".store"):
+    for part in (
+        "1000, 16",
+        "mode='sum'",
+        "chunks=4",
+        "budget 15.6 KiB",
+        "0.25 x dense",
+        "store_mode='prune'",
+        ".store",
+    ):
         assert part in text, (part, text)
-    ebc = FiitedEmbeddingBagCollection([TableConfig("user", 16, chunks=4, num_embeddings=100),
-                                        TableConfig("item", 8, chunks=2)], store_config=StoreConfig(budget_bytes=4096))
+    ebc = FiitedEmbeddingBagCollection(
+        [TableConfig("user", 16, chunks=4, num_embeddings=100), TableConfig("item", 8, chunks=2)],
+        store_config=StoreConfig(budget_bytes=4096),
+    )
     text = repr(ebc)
     for part in ("user: 100 rows x 16, chunks=4", "item: any int64 id x 8, chunks=2", "mode='sum'", "4.0 KiB"):
         assert part in text, (part, text)
@@ -107,10 +136,11 @@ def test_the_embeddings_are_in_the_state_dict_and_weight_reads_them(rng):
     torch.testing.assert_close(ours.weight, ref.weight.detach(), rtol=0, atol=0)
     hashed = FiitedEmbeddingBag(None, D, chunks=2, store_config=StoreConfig(budget_bytes=4096))
     with pytest.raises(ConfigError, match="no num_embeddings"):
-        hashed.weight
+        _ = hashed.weight
 
 
 # --- autograd semantics -----------------------------------------------------------------------------------------
+
 
 def test_autograd_grad_returns_weight_gradients_and_updates_nothing_until_backward(rng):
     ref, ours = twin()
@@ -151,6 +181,7 @@ def test_a_forward_without_backward_leaves_nothing_pending():
 
 # --- torch.compile ----------------------------------------------------------------------------------------------
 
+
 class Tower(torch.nn.Module):
     """A model whose embeddings are a FIITED store, optionally with a graph break after the lookup."""
 
@@ -186,10 +217,14 @@ def _train(model, batches, compiled: bool):
 
 
 def _bag(path=None, cache=False):
-    cfg = (StoreConfig(mode="cache", budget_fraction=0.5, prune_period=2, sample_size=64) if cache
-           else StoreConfig(pruning=DynamicRatio(0.5), prune_period=2, sample_size=64))
-    return FiitedEmbeddingBag(60, 8, mode="mean", chunks=2, optimizer="adagrad", learning_rate=0.2,
-                              store_config=cfg, path=path)
+    cfg = (
+        StoreConfig(mode="cache", budget_fraction=0.5, prune_period=2, sample_size=64)
+        if cache
+        else StoreConfig(pruning=DynamicRatio(0.5), prune_period=2, sample_size=64)
+    )
+    return FiitedEmbeddingBag(
+        60, 8, mode="mean", chunks=2, optimizer="adagrad", learning_rate=0.2, store_config=cfg, path=path
+    )
 
 
 @pytest.mark.slow
@@ -216,23 +251,36 @@ def test_a_compiled_model_trains_like_the_eager_one(graph_break, tier, tmp_path,
 def test_a_compiled_collection_with_weights_trains_like_the_eager_one(rng):
     def ebc():
         return FiitedEmbeddingBagCollection(
-            [TableConfig("user", 8, chunks=2, num_embeddings=30, optimizer="sgd", learning_rate=0.1),
-             TableConfig("item", 4, chunks=1, num_embeddings=20, optimizer="sgd", learning_rate=0.1)],
-            is_weighted=True, store_config=FULL, output="dict")
+            [
+                TableConfig("user", 8, chunks=2, num_embeddings=30, optimizer="sgd", learning_rate=0.1),
+                TableConfig("item", 4, chunks=1, num_embeddings=20, optimizer="sgd", learning_rate=0.1),
+            ],
+            is_weighted=True,
+            store_config=FULL,
+            output="dict",
+        )
+
     batches = []
     for _ in range(3):
         lengths = torch.from_numpy(rng.integers(1, 3, 8))
         n = int(lengths.sum())
         values = torch.from_numpy(rng.integers(0, 20, n))
-        batches.append((JaggedFeatures(["user", "item"], values, lengths, torch.rand(n)),
-                        torch.from_numpy(rng.random(4) < 0.5).float()))
+        batches.append(
+            (
+                JaggedFeatures(["user", "item"], values, lengths, torch.rand(n)),
+                torch.from_numpy(rng.random(4) < 0.5).float(),
+            )
+        )
     eager, compiled = Tower(ebc(), 12, False), Tower(ebc(), 12, False)
     assert _train(compiled, batches, compiled=True) == pytest.approx(_train(eager, batches, compiled=False), abs=1e-6)
     for t in ("user", "item"):
-        np.testing.assert_array_equal(eager.emb.store.lookup(t, np.arange(20)), compiled.emb.store.lookup(t, np.arange(20)))
+        np.testing.assert_array_equal(
+            eager.emb.store.lookup(t, np.arange(20)), compiled.emb.store.lookup(t, np.arange(20))
+        )
 
 
 # --- TorchRec's shapes ------------------------------------------------------------------------------------------
+
 
 def test_keyed_output_lists_features_in_table_order_like_torchrec():
     tables = [TableConfig("user", 4, chunks=1, num_embeddings=10), TableConfig("item", 2, chunks=1, num_embeddings=10)]
@@ -257,9 +305,17 @@ def test_our_keyed_tensor_has_torchrecs_methods():
 
 
 def test_torchrec_style_configs_are_accepted_without_torchrec():
-    cfg = types.SimpleNamespace(name="t_user", embedding_dim=8, num_embeddings=50, feature_names=["user", "friend"],
-                                pooling=types.SimpleNamespace(name="MEAN"), init_fn=None, data_type="FP32",
-                                weight_init_min=-0.1, weight_init_max=0.1)
+    cfg = types.SimpleNamespace(
+        name="t_user",
+        embedding_dim=8,
+        num_embeddings=50,
+        feature_names=["user", "friend"],
+        pooling=types.SimpleNamespace(name="MEAN"),
+        init_fn=None,
+        data_type="FP32",
+        weight_init_min=-0.1,
+        weight_init_max=0.1,
+    )
     ebc = FiitedEmbeddingBagCollection([cfg], chunks=2)
     assert ebc.mode == "mean" and ebc.tables[0].chunks == 2 and ebc.tables[0].init_scale == 0.1
     assert ebc.embedding_names() == ["user", "friend"]
@@ -275,17 +331,22 @@ def test_torchrec_keyed_jagged_tensor_in_and_keyed_tensor_out_equal_torchrecs_co
     from torchrec.sparse.jagged_tensor import KeyedJaggedTensor
     from torchrec.sparse.jagged_tensor import KeyedTensor as TorchRecKeyedTensor
 
-    configs = [EmbeddingBagConfig(num_embeddings=30, embedding_dim=8, name="t_user", feature_names=["user"],
-                                  pooling=PoolingType.MEAN),
-               EmbeddingBagConfig(num_embeddings=20, embedding_dim=4, name="t_item", feature_names=["item", "seen"],
-                                  pooling=PoolingType.MEAN)]
+    configs = [
+        EmbeddingBagConfig(
+            num_embeddings=30, embedding_dim=8, name="t_user", feature_names=["user"], pooling=PoolingType.MEAN
+        ),
+        EmbeddingBagConfig(
+            num_embeddings=20, embedding_dim=4, name="t_item", feature_names=["item", "seen"], pooling=PoolingType.MEAN
+        ),
+    ]
     theirs = EmbeddingBagCollection(configs)
     ours = FiitedEmbeddingBagCollection(configs, store_config=FULL, chunks={"t_user": 2, "t_item": 1})
     for name, weight in theirs.state_dict().items():
         ours.store.insert_or_assign(name.split(".")[1], np.arange(weight.shape[0]), weight.numpy().copy())
     lengths = torch.from_numpy(rng.integers(0, 3, 12))
-    kjt = KeyedJaggedTensor(keys=["seen", "user", "item"], values=torch.from_numpy(rng.integers(0, 20, int(lengths.sum()))),
-                            lengths=lengths)
+    kjt = KeyedJaggedTensor(
+        keys=["seen", "user", "item"], values=torch.from_numpy(rng.integers(0, 20, int(lengths.sum()))), lengths=lengths
+    )
     kt, ref = ours(kjt), theirs(kjt)
     assert isinstance(kt, TorchRecKeyedTensor)
     assert kt.keys() == ref.keys() == ["user", "item", "seen"] and kt.length_per_key() == ref.length_per_key()

@@ -39,13 +39,15 @@ def _run_scenarios(rank: int, world: int, workdir: str, scenarios: list[str], mo
         dist.barrier()
 
 
-def run_world(world: int, scenarios: list[str], module: str, workdir: Path,
-              collective_timeout: float = COLLECTIVE_TIMEOUT) -> dict[str, str | None]:
+def run_world(
+    world: int, scenarios: list[str], module: str, workdir: Path, collective_timeout: float = COLLECTIVE_TIMEOUT
+) -> dict[str, str | None]:
     """Run ``module.<scenario>(rank, world, scratch_dir)`` for each scenario on ``world`` ranks.
 
     Returns scenario -> None (passed on every rank) or the failing ranks' tracebacks."""
-    crash = spawn_world(world, _run_scenarios, (str(workdir), scenarios, module),
-                        collective_timeout_s=collective_timeout, debug=True)
+    crash = spawn_world(
+        world, _run_scenarios, (str(workdir), scenarios, module), collective_timeout_s=collective_timeout, debug=True
+    )
     out: dict[str, str | None] = {}
     files = [workdir / f"results-{r}.json" for r in range(world)]
     per_rank = [json.loads(f.read_text()) if f.exists() else {} for f in files]

@@ -12,9 +12,9 @@ from pathlib import Path
 import numpy as np
 
 from fiited_store import DynamicRatio, EmbeddingStore, StoreConfig, TableConfig
-from fiited_store.errors import IdOutOfRangeError, NonFiniteGradientError, PeerRankError
 from fiited_store.distributed import ShardedEmbeddingStore
 from fiited_store.distributed.batches import while_every_rank_has
+from fiited_store.errors import IdOutOfRangeError, NonFiniteGradientError, PeerRankError
 
 TABLES = [
     TableConfig("user", dim=8, chunks=2, num_embeddings=40, optimizer="adagrad", learning_rate=0.05),
@@ -23,7 +23,7 @@ TABLES = [
 ]
 FEATURES = ["user", "item", "item", "tag"]  # "item" serves two features
 DIMS = np.array([8, 16, 16, 16])
-TAG_IDS = np.random.default_rng(99).integers(-2**62, 2**62, size=150)
+TAG_IDS = np.random.default_rng(99).integers(-(2**62), 2**62, size=150)
 
 
 def config(**kw) -> StoreConfig:
@@ -66,8 +66,8 @@ def global_batch(parts):
         for lens, pid, pw, _ in parts:
             start = int(lens[:f].sum())
             n = int(lens[f].sum())
-            ids.append(pid[start:start + n])
-            weights.append(pw[start:start + n])
+            ids.append(pid[start : start + n])
+            weights.append(pw[start : start + n])
     grad = np.concatenate([p[3] for p in parts], axis=0)
     return lengths, np.concatenate(ids), np.concatenate(weights), grad
 
@@ -89,8 +89,16 @@ def check_same(a, b, exact: bool, what: str):
         np.testing.assert_allclose(a, b, rtol=2e-5, atol=2e-6, err_msg=what)
 
 
-def _train_and_compare(rank, world, exact: bool, steps: int = 8, routing: str = "row", cfg: StoreConfig | None = None,
-                       on_step=None, pool_slack: float | None = None):
+def _train_and_compare(
+    rank,
+    world,
+    exact: bool,
+    steps: int = 8,
+    routing: str = "row",
+    cfg: StoreConfig | None = None,
+    on_step=None,
+    pool_slack: float | None = None,
+):
     cfg = cfg if cfg is not None else config()
     single = EmbeddingStore(TABLES, cfg)
     slack = {} if pool_slack is None else {"pool_slack": pool_slack}
@@ -109,14 +117,17 @@ def _train_and_compare(rank, world, exact: bool, steps: int = 8, routing: str = 
         mine = sharded.pooled_lookup(FEATURES, ids, offsets_of(lengths), w_local, mode, train=True)
         ref = single.pooled_lookup(FEATURES, g_ids, offsets_of(g_len), w_global, mode, train=True)
         start = sum(bags_of(step, r) for r in range(rank))
-        check_same(mine.output, ref.output[start:start + lengths.shape[1]], exact, f"forward, step {step}")
+        check_same(mine.output, ref.output[start : start + lengths.shape[1]], exact, f"forward, step {step}")
         if kind == "weighted":
             wg_mine = sharded.per_sample_weight_grads(mine, grad)
             wg_ref = single.per_sample_weight_grads(ref, g_grad)
             # this rank's occurrences sit, feature by feature, after the earlier ranks' ones
-            pos = np.concatenate([
-                int(g_len[f, :start].sum()) + int(g_len[:f].sum()) + np.arange(int(lengths[f].sum()))
-                for f in range(len(FEATURES))]).astype(np.int64)
+            pos = np.concatenate(
+                [
+                    int(g_len[f, :start].sum()) + int(g_len[:f].sum()) + np.arange(int(lengths[f].sum()))
+                    for f in range(len(FEATURES))
+                ]
+            ).astype(np.int64)
             np.testing.assert_allclose(wg_mine, wg_ref[pos], rtol=1e-5, atol=1e-6)
         sharded.backward(mine, grad)
         single.backward(ref, g_grad)
@@ -132,8 +143,9 @@ def _compare_state(single, sharded, rank, world, exact):
     for name, ids in keys.items():
         check_same(sharded.lookup(name, ids), single.lookup(name, ids), exact, f"rows of {name}")
         mine = sharded.routing.owners(np.full(ids.size, sharded.table_index(name), np.int16), ids, world) == rank
-        check_same(sharded.shard.utilities(name, ids[mine]), single.utilities(name, ids[mine]), exact,
-                   f"utilities of {name}")
+        check_same(
+            sharded.shard.utilities(name, ids[mine]), single.utilities(name, ids[mine]), exact, f"utilities of {name}"
+        )
     s_stats, r_stats = sharded.stats(), single.stats()
     for name in keys:
         for field in ("entries", "resident_per_chunk", "spilled_per_chunk"):
@@ -222,8 +234,9 @@ def scenario_collection_divides_gradients_as_ddp(rank, world, scratch: Path):
     keys = ["user", "item"]
 
     def make(group):
-        return FiitedEmbeddingBagCollection(tables, store_config=config(), output="concat",
-                                            process_group=group, exact=True)
+        return FiitedEmbeddingBagCollection(
+            tables, store_config=config(), output="concat", process_group=group, exact=True
+        )
 
     sharded, single = make(torch.distributed.group.WORLD), make(None)
     w = torch.linspace(-1, 1, 24)
@@ -233,10 +246,11 @@ def scenario_collection_divides_gradients_as_ddp(rank, world, scratch: Path):
         lengths = rng.integers(1, 3, size=(2, per * world))
         ids = [rng.integers(0, 40 if f == 0 else 300, int(lengths[f].sum())) for f in range(2)]
 
-        def features(lo, hi):
-            vals = [ids[f][int(lengths[f, :lo].sum()):int(lengths[f, :hi].sum())] for f in range(2)]
-            return JaggedFeatures(keys, torch.from_numpy(np.concatenate(vals)),
-                                  torch.from_numpy(lengths[:, lo:hi].reshape(-1).copy()))
+        def features(lo, hi, ids=ids, lengths=lengths):
+            vals = [ids[f][int(lengths[f, :lo].sum()) : int(lengths[f, :hi].sum())] for f in range(2)]
+            return JaggedFeatures(
+                keys, torch.from_numpy(np.concatenate(vals)), torch.from_numpy(lengths[:, lo:hi].reshape(-1).copy())
+            )
 
         ((sharded(features(rank * per, (rank + 1) * per)) * w).sum(1) ** 2).mean().backward()
         ((single(features(0, per * world)) * w).sum(1) ** 2).mean().backward()
@@ -324,7 +338,7 @@ def scenario_shard_without_entries_prunes(rank, world, scratch: Path):
         ids = owned_by_0 if rank == 0 else np.empty(0, np.int64)
         g = np.random.default_rng(step).normal(size=(owned_by_0.size, 16)).astype(np.float32)
         b = sharded.pooled_lookup("item", ids, np.arange(ids.size + 1), train=True)
-        sharded.backward(b, g[:ids.size])
+        sharded.backward(b, g[: ids.size])
         r = single.pooled_lookup("item", owned_by_0, np.arange(owned_by_0.size + 1), train=True)
         single.backward(r, g)
         sharded.step()
@@ -347,7 +361,7 @@ def scenario_cache_mode_spills_per_shard(rank, world, scratch: Path):
         mine = sharded.pooled_lookup(FEATURES, ids, offsets_of(lengths), train=True)
         ref = single.pooled_lookup(FEATURES, g_ids, offsets_of(g_len), train=True)
         start = sum(bags_of(step, r) for r in range(rank))
-        np.testing.assert_array_equal(mine.output, ref.output[start:start + lengths.shape[1]])
+        np.testing.assert_array_equal(mine.output, ref.output[start : start + lengths.shape[1]])
         sharded.backward(mine, grad)
         single.backward(ref, g_grad)
         sharded.step()
@@ -371,7 +385,6 @@ def scenario_uneven_batch_counts_stop_together(rank, world, scratch: Path):
         steps += 1
     assert steps == 2
     assert sharded.step_count == 2
-
 
 
 # ---------------------------------------------------------------------- checkpoints
@@ -464,6 +477,15 @@ def scenario_killed_before_manifest_commit(rank, world, scratch: Path):
 
 
 #: what the worlds of test_scenario run; the checkpoint scenarios have tests of their own
-SCENARIOS = [name for name in dir() if name.startswith("scenario_") and name not in (
-    "scenario_train_and_save", "scenario_train_and_save_table_wise", "scenario_reopen_and_train",
-    "scenario_killed_before_manifest_commit")]
+SCENARIOS = [
+    name
+    for name in dir()
+    if name.startswith("scenario_")
+    and name
+    not in (
+        "scenario_train_and_save",
+        "scenario_train_and_save_table_wise",
+        "scenario_reopen_and_train",
+        "scenario_killed_before_manifest_commit",
+    )
+]

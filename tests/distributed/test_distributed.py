@@ -2,11 +2,10 @@
 
 from __future__ import annotations
 
-import pytest
-
 import json
 
 import numpy as np
+import pytest
 
 from tests.distributed import dist_scenarios
 from tests.distributed.dist_harness import run_world
@@ -17,7 +16,9 @@ WORLDS = (1, 2, 3)
 @pytest.fixture(scope="module", params=WORLDS, ids=lambda w: f"world{w}")
 def world_results(request, tmp_path_factory):
     world = request.param
-    return world, run_world(world, dist_scenarios.SCENARIOS, "tests.distributed.dist_scenarios", tmp_path_factory.mktemp(f"w{world}"))
+    return world, run_world(
+        world, dist_scenarios.SCENARIOS, "tests.distributed.dist_scenarios", tmp_path_factory.mktemp(f"w{world}")
+    )
 
 
 @pytest.mark.parametrize("scenario", dist_scenarios.SCENARIOS)
@@ -27,8 +28,9 @@ def test_scenario(world_results, scenario):
         pytest.fail(f"{scenario} failed in a world of {world}:\n{results[scenario]}")
 
 
-@pytest.mark.parametrize("save", ["scenario_train_and_save", "scenario_train_and_save_table_wise"],
-                         ids=["row-wise", "table-wise"])
+@pytest.mark.parametrize(
+    "save", ["scenario_train_and_save", "scenario_train_and_save_table_wise"], ids=["row-wise", "table-wise"]
+)
 def test_save_at_two_ranks_reopen_at_one_two_three(tmp_path, save):
     """A sharded store saved by 2 ranks reopens at 1, 2 and 3 ranks (resharding by bucket
     ranges, or by table placement) with every row, utility and optimizer state in
@@ -36,16 +38,22 @@ def test_save_at_two_ranks_reopen_at_one_two_three(tmp_path, save):
     saved = run_world(2, [save], "tests.distributed.dist_scenarios", _workdir(tmp_path, "save"))
     assert saved[save] is None, saved[save]
     for world in (1, 2, 3):
-        got = run_world(world, ["scenario_reopen_and_train"], "tests.distributed.dist_scenarios",
-                        _workdir(tmp_path, f"open{world}"))
+        got = run_world(
+            world, ["scenario_reopen_and_train"], "tests.distributed.dist_scenarios", _workdir(tmp_path, f"open{world}")
+        )
         assert got["scenario_reopen_and_train"] is None, f"world {world}:\n{got['scenario_reopen_and_train']}"
 
 
 def test_rank_killed_before_manifest_commit_leaves_previous_checkpoint(tmp_path):
     from fiited_store.distributed import ShardedEmbeddingStore
 
-    run_world(2, ["scenario_killed_before_manifest_commit"], "tests.distributed.dist_scenarios", _workdir(tmp_path, "kill"),
-              collective_timeout=20)
+    run_world(
+        2,
+        ["scenario_killed_before_manifest_commit"],
+        "tests.distributed.dist_scenarios",
+        _workdir(tmp_path, "kill"),
+        collective_timeout=20,
+    )
     path = tmp_path / "sharded-store"
     # rank 1 saved its shard's second checkpoint; the global manifest still names the first
     assert (path / "w0002-shard-00001" / "ckpt-00000002").is_dir()
@@ -74,9 +82,20 @@ def test_example_trains_under_torchrun(tmp_path):
 
     repo = Path(__file__).resolve().parents[2]
     env = dict(os.environ, OMP_NUM_THREADS="1", NUMBA_NUM_THREADS="1")
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
-           str(repo / "examples" / "train_distributed.py"), "--steps", "12", "--batch-size", "64",
-           "--save", str(tmp_path / "store")]
+    cmd = [
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        "--standalone",
+        "--nproc_per_node=2",
+        str(repo / "examples" / "train_distributed.py"),
+        "--steps",
+        "12",
+        "--batch-size",
+        "64",
+        "--save",
+        str(tmp_path / "store"),
+    ]
     done = subprocess.run(cmd, capture_output=True, text=True, timeout=300, env=env, cwd=tmp_path)
     assert done.returncode == 0, done.stdout + done.stderr
     assert "12 steps on each of 2 ranks" in done.stdout, done.stdout

@@ -63,8 +63,10 @@ def test_select_largest_is_the_kth_largest_of_every_rank_together(parts, data):
     assert np.count_nonzero(allv >= want) >= k > np.count_nonzero(allv > want)
 
 
-@given(st.lists(st.tuples(st.integers(0, 2**15 - 1), st.integers(0, 2**16 - 2)), min_size=1, max_size=40),
-       st.integers(0, 7))
+@given(
+    st.lists(st.tuples(st.integers(0, 2**15 - 1), st.integers(0, 2**16 - 2)), min_size=1, max_size=40),
+    st.integers(0, 7),
+)
 def test_key_places_sort_as_feature_then_rank_then_position(keys, source):
     tables = np.array([t for t, _ in keys], np.int16)
     features = np.array(sorted(f for _, f in keys), np.int64)  # a rank's distinct keys: features ascending

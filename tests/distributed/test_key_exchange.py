@@ -38,7 +38,7 @@ class ThreadExchange:
         for src in range(self.world):
             s_send, s_starts, s_counts = sh.boxes[src]
             assert s_send.shape[1:] == send.shape[1:], "ranks took different collectives"
-            parts.append(s_send[s_starts[self.rank]:s_starts[self.rank] + s_counts[self.rank]])
+            parts.append(s_send[s_starts[self.rank] : s_starts[self.rank] + s_counts[self.rank]])
         got = np.concatenate(parts)
         assert got.shape[0] == int(np.sum(recv_counts)), "a receiver's sizes disagree with the senders'"
         sh.barrier.wait()  # nobody refills a box before everyone has read it
@@ -99,7 +99,7 @@ def test_keys_reach_their_owners_in_rank_order_whether_or_not_they_fit(data, wor
             assert capacity == results[0][i][4]
             if refused.any():
                 continue
-            want = [step[src][0][starts_of(step[src][1])[r]:][:step[src][1][r]] for src in range(world)]
+            want = [step[src][0][starts_of(step[src][1])[r] :][: step[src][1][r]] for src in range(world)]
             np.testing.assert_array_equal(recv_counts, [step[src][1][r] for src in range(world)])
             np.testing.assert_array_equal(got.reshape(-1, 2), np.concatenate(want).reshape(-1, 2))
             # one collective when every load fitted the capacity agreed at the step before

@@ -17,23 +17,51 @@ SHARED_ML100K = Path(__file__).resolve().parents[3] / "shared" / "data" / "ml-10
 
 RATINGS = [(1, 10, 5), (1, 20, 3), (2, 10, 4), (3, 30, 1), (2, 30, 4), (3, 10, 2)]
 USERS = {1: (24, "M", "technician", "85711"), 2: (53, "F", "other", "94043"), 3: (24, "M", "writer", "32067")}
-ITEMS = {10: ("Toy Story", 1995, ["Animation", "Comedy"]), 20: ("GoldenEye", 1995, ["Action"]),
-         30: ("Heat", 1996, ["Crime", "Drama", "Thriller"])}
+ITEMS = {
+    10: ("Toy Story", 1995, ["Animation", "Comedy"]),
+    20: ("GoldenEye", 1995, ["Action"]),
+    30: ("Heat", 1996, ["Crime", "Drama", "Thriller"]),
+}
 
 
 def write_atomic(d: Path) -> Path:
     d.mkdir()
-    (d / "x.inter").write_text("user_id:token\titem_id:token\trating:float\ttimestamp:float\n"
-                               + "".join(f"{u}\t{i}\t{r}\t88000{k}\n" for k, (u, i, r) in enumerate(RATINGS)))
-    (d / "x.user").write_text("user_id:token\tage:token\tgender:token\toccupation:token\tzip_code:token\n"
-                              + "".join(f"{u}\t{a}\t{g}\t{o}\t{z}\n" for u, (a, g, o, z) in USERS.items()))
-    (d / "x.item").write_text("item_id:token\tmovie_title:token_seq\trelease_year:token\tclass:token_seq\n"
-                              + "".join(f"{i}\t{t}\t{y}\t{' '.join(g)}\n" for i, (t, y, g) in ITEMS.items()))
+    (d / "x.inter").write_text(
+        "user_id:token\titem_id:token\trating:float\ttimestamp:float\n"
+        + "".join(f"{u}\t{i}\t{r}\t88000{k}\n" for k, (u, i, r) in enumerate(RATINGS))
+    )
+    (d / "x.user").write_text(
+        "user_id:token\tage:token\tgender:token\toccupation:token\tzip_code:token\n"
+        + "".join(f"{u}\t{a}\t{g}\t{o}\t{z}\n" for u, (a, g, o, z) in USERS.items())
+    )
+    (d / "x.item").write_text(
+        "item_id:token\tmovie_title:token_seq\trelease_year:token\tclass:token_seq\n"
+        + "".join(f"{i}\t{t}\t{y}\t{' '.join(g)}\n" for i, (t, y, g) in ITEMS.items())
+    )
     return d
 
 
-GENRES = ["unknown", "Action", "Adventure", "Animation", "Children's", "Comedy", "Crime", "Documentary", "Drama",
-          "Fantasy", "Film-Noir", "Horror", "Musical", "Mystery", "Romance", "Sci-Fi", "Thriller", "War", "Western"]
+GENRES = [
+    "unknown",
+    "Action",
+    "Adventure",
+    "Animation",
+    "Children's",
+    "Comedy",
+    "Crime",
+    "Documentary",
+    "Drama",
+    "Fantasy",
+    "Film-Noir",
+    "Horror",
+    "Musical",
+    "Mystery",
+    "Romance",
+    "Sci-Fi",
+    "Thriller",
+    "War",
+    "Western",
+]
 
 
 def write_original(d: Path) -> Path:
@@ -142,12 +170,18 @@ def real_ml100k_slice(tmp_path: Path) -> Path:
     u = rng.integers(1, users + 1, 20_000)
     i = rng.zipf(1.2, 20_000) % items + 1
     r = np.clip(np.round(3 + taste[u - 1, i - 1]), 1, 5).astype(int)
-    (d / "m.inter").write_text("user_id:token\titem_id:token\trating:float\ttimestamp:float\n"
-                               + "".join(f"{a}\t{b}\t{c}\t0\n" for a, b, c in zip(u, i, r)))
-    (d / "m.user").write_text("user_id:token\tage:token\tgender:token\toccupation:token\tzip_code:token\n"
-                              + "".join(f"{k}\t{20 + k % 40}\t{'MF'[k % 2]}\tx{k % 9}\t{k % 50:05d}\n" for k in range(1, users + 1)))
-    (d / "m.item").write_text("item_id:token\tmovie_title:token_seq\trelease_year:token\tclass:token_seq\n"
-                              + "".join(f"{k}\tT{k}\t{1990 + k % 10}\tG{k % 5} G{k % 3}\n" for k in range(1, items + 1)))
+    (d / "m.inter").write_text(
+        "user_id:token\titem_id:token\trating:float\ttimestamp:float\n"
+        + "".join(f"{a}\t{b}\t{c}\t0\n" for a, b, c in zip(u, i, r))
+    )
+    (d / "m.user").write_text(
+        "user_id:token\tage:token\tgender:token\toccupation:token\tzip_code:token\n"
+        + "".join(f"{k}\t{20 + k % 40}\t{'MF'[k % 2]}\tx{k % 9}\t{k % 50:05d}\n" for k in range(1, users + 1))
+    )
+    (d / "m.item").write_text(
+        "item_id:token\tmovie_title:token_seq\trelease_year:token\tclass:token_seq\n"
+        + "".join(f"{k}\tT{k}\t{1990 + k % 10}\tG{k % 5} G{k % 3}\n" for k in range(1, items + 1))
+    )
     return d
 
 
@@ -163,8 +197,18 @@ def test_a_short_training_run_on_movielens_improves_auc(tmp_path):
     data = data.subset(np.arange(min(len(data), 30_000)), "slice")
     train, val, test = data.split(seed=0)
     torch.manual_seed(0)
-    emb = build_embeddings("fiited-manual", data.feature_names, data.cardinalities, 16, 0.75, 4, 0.05,
-                           counts=train.access_counts(), prune_period=20, gamma=0.9)
+    emb = build_embeddings(
+        "fiited-manual",
+        data.feature_names,
+        data.cardinalities,
+        16,
+        0.75,
+        4,
+        0.05,
+        counts=train.access_counts(),
+        prune_period=20,
+        gamma=0.9,
+    )
     model = DLRM(emb, len(data.feature_names), 16, 0)
     opt = torch.optim.Adam([p for p in model.parameters()], lr=1e-3)
     start = evaluate(model, test)["auc"]

@@ -13,17 +13,26 @@ import numpy as np
 import pytest
 import torch
 
-from fiited_store import (DynamicRatio, EmbeddingStore, InputDTypeError, InputShapeError, ManualRatios,
-                          NonFiniteGradientError, StoreConfig, TableConfig)
+from fiited_store import (
+    DynamicRatio,
+    EmbeddingStore,
+    InputDTypeError,
+    InputShapeError,
+    ManualRatios,
+    NonFiniteGradientError,
+    StoreConfig,
+    TableConfig,
+)
 from fiited_store.verify import check_store
-
 from tests.helpers import assert_unchanged, snapshot
 
 pytestmark = [pytest.mark.cuda, pytest.mark.filterwarnings("ignore::RuntimeWarning")]
 
-TABLES = [TableConfig("a", dim=8, chunks=2, num_embeddings=24, optimizer="adagrad", learning_rate=0.1),
-          TableConfig("b", dim=4, chunks=1, num_embeddings=24, optimizer="rowwise_adagrad", learning_rate=0.1),
-          TableConfig("c", dim=8, chunks=4, num_embeddings=24, optimizer="sgd", learning_rate=0.1)]
+TABLES = [
+    TableConfig("a", dim=8, chunks=2, num_embeddings=24, optimizer="adagrad", learning_rate=0.1),
+    TableConfig("b", dim=4, chunks=1, num_embeddings=24, optimizer="rowwise_adagrad", learning_rate=0.1),
+    TableConfig("c", dim=8, chunks=4, num_embeddings=24, optimizer="sgd", learning_rate=0.1),
+]
 
 # bitwise on a real GPU but for the fused multiply-adds the compiler may form; the
 # simulator emulates fma in two roundings
@@ -64,8 +73,9 @@ def assert_same(cpu, gpu, residency=True):
         np.testing.assert_allclose(gpu.utilities(t.name, ids), cpu.utilities(t.name, ids), **TOL)
         if residency:
             ec, _ = cpu.entries.find(np.full(24, cpu.table_index(t.name), np.int16), ids)
-            eg, _ = gpu.entries.find(gpu.backend.from_host(np.full(24, gpu.table_index(t.name), np.int16)),
-                                     gpu.backend.from_host(ids))
+            eg, _ = gpu.entries.find(
+                gpu.backend.from_host(np.full(24, gpu.table_index(t.name), np.int16)), gpu.backend.from_host(ids)
+            )
             eg = gpu.backend.to_host(eg)
             np.testing.assert_array_equal(ec >= 0, eg >= 0)
             ac = cpu.entries.arrays.addr[ec[ec >= 0]] >= 0
@@ -76,13 +86,33 @@ def assert_same(cpu, gpu, residency=True):
 
 
 @pytest.mark.parametrize("index", ["direct", "hashed"])
-@pytest.mark.parametrize("name, config", [
-    ("prune-discard", StoreConfig(pruning=DynamicRatio(0.6), prune_period=3, sample_size=1000, initial_capacity=16)),
-    ("prune-manual-spill", StoreConfig(pruning=ManualRatios((0.3, 0.9)), budget_fraction=0.4, prune_period=2,
-                                       sample_size=1000, on_evict="spill", utility="shared", initial_capacity=16)),
-    ("prune-fresh-readmission", StoreConfig(pruning=DynamicRatio(0.6), prune_period=2, sample_size=1000,
-                                            initial_capacity=16, readmission="fresh")),
-])
+@pytest.mark.parametrize(
+    "name, config",
+    [
+        (
+            "prune-discard",
+            StoreConfig(pruning=DynamicRatio(0.6), prune_period=3, sample_size=1000, initial_capacity=16),
+        ),
+        (
+            "prune-manual-spill",
+            StoreConfig(
+                pruning=ManualRatios((0.3, 0.9)),
+                budget_fraction=0.4,
+                prune_period=2,
+                sample_size=1000,
+                on_evict="spill",
+                utility="shared",
+                initial_capacity=16,
+            ),
+        ),
+        (
+            "prune-fresh-readmission",
+            StoreConfig(
+                pruning=DynamicRatio(0.6), prune_period=2, sample_size=1000, initial_capacity=16, readmission="fresh"
+            ),
+        ),
+    ],
+)
 def test_prune_mode_matches_the_cpu(name, config, index):
     tables = TWO_CHUNKS if "manual" in name else TABLES
     cpu, gpu = pair(config, tables, index)
@@ -119,8 +149,9 @@ def test_insert_dedupes_and_survives_one_bucket():
 
 @pytest.mark.parametrize("index", ["direct", "hashed"])
 def test_erase_weights_and_dead_entries_match_the_cpu(index):
-    cfg = StoreConfig(pruning=DynamicRatio(0.8), budget_bytes=64, prune_period=0, gamma=0.5, drop_floor=0.2,
-                      initial_capacity=64)
+    cfg = StoreConfig(
+        pruning=DynamicRatio(0.8), budget_bytes=64, prune_period=0, gamma=0.5, drop_floor=0.2, initial_capacity=64
+    )
     cpu, gpu = pair(cfg, TABLES[:1], index)
     ids = np.array([1, 2, 3, 4, 5, 6, 7, 1])
     w = np.linspace(0.5, 2.0, 8).astype(np.float32)
@@ -176,8 +207,11 @@ def test_a_gradient_whose_square_overflows_changes_nothing_on_the_gpu():
 
 
 def test_a_checkpoint_written_on_the_gpu_opens_on_the_cpu(tmp_path):
-    gpu = EmbeddingStore(TABLES, StoreConfig(pruning=DynamicRatio(0.5), prune_period=3, device="cuda", on_evict="spill",
-                                             initial_capacity=64), path=tmp_path / "s")
+    gpu = EmbeddingStore(
+        TABLES,
+        StoreConfig(pruning=DynamicRatio(0.5), prune_period=3, device="cuda", on_evict="spill", initial_capacity=64),
+        path=tmp_path / "s",
+    )
     same_stream([gpu], 4, prune_at=(2,))
     expect = {t.name: gpu.backend.to_host(gpu.lookup(t.name, np.arange(24))) for t in TABLES}
     gpu.save()
@@ -191,9 +225,18 @@ def test_a_checkpoint_written_on_the_gpu_opens_on_the_cpu(tmp_path):
 def test_adapter_on_the_cuda_backend_matches_the_cpu_module():
     from fiited_store.adapters import FiitedEmbeddingBag
 
-    mods = [FiitedEmbeddingBag(24, 8, chunks=2, mode="sum", optimizer="sgd", learning_rate=0.1,
-                               store_config=StoreConfig(budget_fraction=1.0, prune_period=0, device=dev,
-                                                        initial_capacity=64)) for dev in ("cpu", "cuda")]
+    mods = [
+        FiitedEmbeddingBag(
+            24,
+            8,
+            chunks=2,
+            mode="sum",
+            optimizer="sgd",
+            learning_rate=0.1,
+            store_config=StoreConfig(budget_fraction=1.0, prune_period=0, device=dev, initial_capacity=64),
+        )
+        for dev in ("cpu", "cuda")
+    ]
     rng = np.random.default_rng(0)
     for _ in range(3):
         ids = torch.from_numpy(rng.integers(0, 24, 10))
@@ -211,6 +254,7 @@ def test_adapter_on_the_cuda_backend_matches_the_cpu_module():
 
 # ------------------------------------------------------------------ requests checked on the device
 
+
 def _device_kinds():
     from fiited_store.kernels.cuda import SIMULATED
 
@@ -221,7 +265,9 @@ def _device_kinds():
 def to_device(a, kind):
     from numba import cuda
 
-    return cuda.to_device(np.ascontiguousarray(a)) if kind == "numba" else torch.from_numpy(np.ascontiguousarray(a)).cuda()
+    return (
+        cuda.to_device(np.ascontiguousarray(a)) if kind == "numba" else torch.from_numpy(np.ascontiguousarray(a)).cuda()
+    )
 
 
 @pytest.fixture
@@ -243,7 +289,7 @@ def test_device_inputs_are_checked_on_the_device_and_train_like_host_inputs(kind
     fed_host, fed_device = (EmbeddingStore(TABLES, cfg) for _ in range(2))
     names = [t.name for t in TABLES]
     rng = np.random.default_rng(3)
-    for step in range(4):
+    for _step in range(4):
         lengths = rng.integers(0, 3, len(names) * 4)
         ids = rng.integers(0, 24, int(lengths.sum()))
         offsets = np.concatenate([[0], np.cumsum(lengths)])
@@ -251,8 +297,13 @@ def test_device_inputs_are_checked_on_the_device_and_train_like_host_inputs(kind
         grad = rng.standard_normal((4, 20)).astype(np.float32)
         a = fed_host.pooled_lookup(names, ids, offsets, weights.astype(np.float32), train=True)
         # int32 ids and int32 offsets and float64 weights: widened on the device
-        b = fed_device.pooled_lookup(names, to_device(ids.astype(np.int32), kind),
-                                     to_device(offsets.astype(np.int32), kind), to_device(weights, kind), train=True)
+        b = fed_device.pooled_lookup(
+            names,
+            to_device(ids.astype(np.int32), kind),
+            to_device(offsets.astype(np.int32), kind),
+            to_device(weights, kind),
+            train=True,
+        )
         np.testing.assert_array_equal(fed_device.backend.to_host(b.output), fed_host.backend.to_host(a.output))
         fed_host.backward(a, grad)
         fed_device.backward(b, grad)
@@ -260,11 +311,16 @@ def test_device_inputs_are_checked_on_the_device_and_train_like_host_inputs(kind
         fed_device.step()
         # the direct-index fast path (no training, plain sum) takes device ids too
         np.testing.assert_array_equal(
-            fed_device.backend.to_host(fed_device.pooled_lookup(names, to_device(ids, kind), to_device(offsets, kind)).output),
-            fed_host.backend.to_host(fed_host.pooled_lookup(names, ids, offsets).output))
+            fed_device.backend.to_host(
+                fed_device.pooled_lookup(names, to_device(ids, kind), to_device(offsets, kind)).output
+            ),
+            fed_host.backend.to_host(fed_host.pooled_lookup(names, ids, offsets).output),
+        )
     for t in TABLES:
-        np.testing.assert_array_equal(fed_device.backend.to_host(fed_device.lookup(t.name, np.arange(24))),
-                                      fed_host.backend.to_host(fed_host.lookup(t.name, np.arange(24))))
+        np.testing.assert_array_equal(
+            fed_device.backend.to_host(fed_device.lookup(t.name, np.arange(24))),
+            fed_host.backend.to_host(fed_host.lookup(t.name, np.arange(24))),
+        )
 
 
 BAD_REQUESTS = {
@@ -282,8 +338,15 @@ BAD_REQUESTS = {
 }
 
 
-@pytest.mark.parametrize("case, kind", [(c, k) for c in sorted(BAD_REQUESTS) for k in _device_kinds()
-                                          if not (k == "torch" and BAD_REQUESTS[c][0].dtype == np.uint64)])
+@pytest.mark.parametrize(
+    "case, kind",
+    [
+        (c, k)
+        for c in sorted(BAD_REQUESTS)
+        for k in _device_kinds()
+        if not (k == "torch" and BAD_REQUESTS[c][0].dtype == np.uint64)
+    ],
+)
 def test_bad_device_requests_raise_the_host_error_and_change_nothing(case, kind, no_host_copies):
     ids, offsets, weights = BAD_REQUESTS[case]
     gpu = EmbeddingStore(TABLES, StoreConfig(budget_fraction=0.5, prune_period=0, device="cuda", initial_capacity=64))
@@ -320,12 +383,14 @@ def test_victims_with_pins_in_any_order_and_free_slot_order_match_the_cpu():
         b = get_backend(name)
         d_owner, d_addr = b.from_host(owner.copy()), b.from_host(addr.copy())
         out_e, out_k = b.empty(12, np.int64), b.empty(12, np.int64)
-        n, nxt = b.k.pick_victims(d_owner, d_addr, b.from_host(util), b.from_host(pinned), np.float32(3.0), 5,
-                                  out_e, out_k)
+        n, nxt = b.k.pick_victims(
+            d_owner, d_addr, b.from_host(util), b.from_host(pinned), np.float32(3.0), 5, out_e, out_k
+        )
         ev_e, ev_k = b.to_host(out_e)[:n], b.to_host(out_k)[:n]
         stack, n_free = b.from_host(np.zeros(S, np.int64)), b.from_host(np.zeros(1, np.int64))
-        b.k.commit_evictions(b.from_host(ev_e), b.from_host(ev_k), b.empty(0, np.int64), d_addr, d_owner, stack,
-                             n_free, K)
+        b.k.commit_evictions(
+            b.from_host(ev_e), b.from_host(ev_k), b.empty(0, np.int64), d_addr, d_owner, stack, n_free, K
+        )
         results.append((int(n), int(nxt), ev_e, ev_k, b.to_host(stack)[: int(b.to_host(n_free)[0])]))
     (n, nxt, ev_e, ev_k, stack), gpu = results
     assert n > 0 and not np.isin(ev_e, pinned).any()
@@ -339,18 +404,37 @@ def test_victims_with_pins_in_any_order_and_free_slot_order_match_the_cpu():
 def test_prune_lists_and_allocation_ranks_match_the_cpu():
     from fiited_store.backend import get_backend
     from fiited_store.kernels import cpu
-
     from tests.test_prune import _prune_inputs
 
     s, thr = _prune_inputs()
     ea, m = s.entries.arrays, s.meta
-    host = cpu.prune_lists(ea.row_base, ea.seen, ea.table_ids, ea.addr, ea.util, m["table_chunks"],
-                           m["table_group"], 0, thr, np.empty((cpu.SCAN_BLOCKS, 3), np.int64))
+    host = cpu.prune_lists(
+        ea.row_base,
+        ea.seen,
+        ea.table_ids,
+        ea.addr,
+        ea.util,
+        m["table_chunks"],
+        m["table_group"],
+        0,
+        thr,
+        np.empty((cpu.SCAN_BLOCKS, 3), np.int64),
+    )
     g = get_backend("cuda")
     d = {k: g.from_host(np.asarray(v)) for k, v in ea._asdict().items()}
     tc, tg, dthr = g.from_host(m["table_chunks"]), g.from_host(m["table_group"]), g.from_host(thr)
-    dev = g.k.prune_lists(d["row_base"], d["seen"], d["table_ids"], d["addr"], d["util"], tc, tg, 0, dthr,
-                          g.empty((cpu.SCAN_BLOCKS, 3), np.int64))
+    dev = g.k.prune_lists(
+        d["row_base"],
+        d["seen"],
+        d["table_ids"],
+        d["addr"],
+        d["util"],
+        tc,
+        tg,
+        0,
+        dthr,
+        g.empty((cpu.SCAN_BLOCKS, 3), np.int64),
+    )
     assert dev[:3] == host[:3]
     # the GPU lists in any order: compare as sets of (entry, chunk)
     for (he, hk), (de, dk) in (((host[3], host[4]), dev[3:5]), ((host[5], host[6]), dev[5:7])):
@@ -360,7 +444,8 @@ def test_prune_lists_and_allocation_ranks_match_the_cpu():
     want = np.empty(al_e.shape[0], np.uint64)
     cpu.allocation_ranks(ea.row_base, ea.seen, ea.keys, ea.table_ids, ea.util, thr, al_e, al_k, want)
     out = g.empty(al_e.shape[0], np.uint64)
-    g.k.allocation_ranks(d["row_base"], d["seen"], d["keys"], d["table_ids"], d["util"], dthr, g.from_host(al_e),
-                         g.from_host(al_k), out)
+    g.k.allocation_ranks(
+        d["row_base"], d["seen"], d["keys"], d["table_ids"], d["util"], dthr, g.from_host(al_e), g.from_host(al_k), out
+    )
     np.testing.assert_array_equal(g.to_host(out), want)
     s.close()

@@ -20,14 +20,19 @@ def probed_and_general(seed: int, kinds: list[str], feature_tables: list[int], B
     with EmbeddingStore(tables, StoreConfig(pruning=DynamicRatio(0.5), budget_fraction=0.6, seed=seed)) as store:
         for _ in range(2):
             lengths = rng.integers(0, 4, len(features) * B)
-            store.pooled_lookup(features, rng.integers(0, N // 2, int(lengths.sum())),
-                                np.concatenate([[0], np.cumsum(lengths)]), train=True)
+            store.pooled_lookup(
+                features,
+                rng.integers(0, N // 2, int(lengths.sum())),
+                np.concatenate([[0], np.cumsum(lengths)]),
+                train=True,
+            )
         lengths = rng.integers(0, 6, len(features) * B)
         ids = rng.integers(0, N, int(lengths.sum()))  # the upper half never seen
         offsets = np.concatenate([[0], np.cumsum(lengths)])
         probed = np.array(store.pooled_lookup(features, ids, offsets).output)
-        general = np.array(store.pooled_lookup(features, ids, offsets,
-                                               per_sample_weights=np.ones(ids.size, np.float32)).output)
+        general = np.array(
+            store.pooled_lookup(features, ids, offsets, per_sample_weights=np.ones(ids.size, np.float32)).output
+        )
     return probed, general
 
 
@@ -40,8 +45,12 @@ def test_lookup_that_probes_inside_the_gather_equals_the_general_path(data):
     must give the sums of the general path."""
     kinds = data.draw(st.lists(st.sampled_from(["hashed", "direct"]), min_size=1, max_size=4), label="index kinds")
     feature_tables = data.draw(st.lists(st.integers(0, len(kinds) - 1), min_size=1, max_size=5), label="features")
-    probed, general = probed_and_general(data.draw(st.integers(0, 2**16), label="seed"), kinds, feature_tables,
-                                         data.draw(st.integers(1, 200), label="bags per feature"))
+    probed, general = probed_and_general(
+        data.draw(st.integers(0, 2**16), label="seed"),
+        kinds,
+        feature_tables,
+        data.draw(st.integers(1, 200), label="bags per feature"),
+    )
     np.testing.assert_array_equal(probed, general)
 
 

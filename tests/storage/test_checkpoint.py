@@ -27,11 +27,12 @@ from fiited_store import (
 )
 from fiited_store.storage import checkpoint
 from fiited_store.verify import check_store
-
 from tests.helpers import assert_unchanged, snapshot, train_steps
 
-TABLES = [TableConfig("a", dim=8, chunks=2, num_embeddings=300, optimizer="adagrad"),
-          TableConfig("b", dim=16, chunks=4, num_embeddings=300)]
+TABLES = [
+    TableConfig("a", dim=8, chunks=2, num_embeddings=300, optimizer="adagrad"),
+    TableConfig("b", dim=16, chunks=4, num_embeddings=300),
+]
 
 CONFIGS = {
     "prune-discard": StoreConfig(pruning=DynamicRatio(0.75), prune_period=4, sample_size=64),
@@ -136,12 +137,16 @@ def test_a_deleted_tier_chunk_file_is_named_not_read_as_zeros(tmp_path):
     saved_after_training(tmp_path / "s", CONFIGS["cache"], 10, np.random.default_rng(1))
     chunk = sorted((tmp_path / "s").glob("ckpt-*/tier_*/data/vectors/c/*/0"))[0]
     chunk.unlink()
-    with pytest.raises(CorruptStoreError, match=rf"vectors/c/{chunk.parent.name}/0 is missing \(the checkpoint lists it\)"):
+    with pytest.raises(
+        CorruptStoreError, match=rf"vectors/c/{chunk.parent.name}/0 is missing \(the checkpoint lists it\)"
+    ):
         EmbeddingStore.open(tmp_path / "s", "r")
 
 
-@pytest.mark.parametrize("victim", ["pool_*/vectors/c/0/0", "entries/addr/c/0/0", "entries/util/c/0/0",
-                                    "pool_*/opt_state/c/0/0", "tier_*/owner/c/0"])
+@pytest.mark.parametrize(
+    "victim",
+    ["pool_*/vectors/c/0/0", "entries/addr/c/0/0", "entries/util/c/0/0", "pool_*/opt_state/c/0/0", "tier_*/owner/c/0"],
+)
 def test_a_deleted_or_truncated_array_chunk_file_is_named_on_open(tmp_path, victim):
     from fiited_store import CorruptStoreError
     from fiited_store.tools import verify_store
@@ -177,8 +182,13 @@ def test_a_read_only_handle_refuses_writes(tmp_path):
     saved_after_training(tmp_path / "s", CONFIGS["prune-discard"], 3, rng)
     with EmbeddingStore.open(tmp_path / "s", "r") as r:
         before = snapshot(r)
-        for fn in (lambda: r.pooled_lookup("a", np.arange(3), np.arange(4), train=True), r.step, r.prune,
-                   lambda: r.insert_or_assign("a", np.arange(1), np.ones((1, 8), np.float32)), lambda: r.save()):
+        for fn in (
+            lambda: r.pooled_lookup("a", np.arange(3), np.arange(4), train=True),
+            r.step,
+            r.prune,
+            lambda: r.insert_or_assign("a", np.arange(1), np.ones((1, 8), np.float32)),
+            lambda: r.save(),
+        ):
             with pytest.raises(StoreReadOnlyError):
                 fn()
         assert_unchanged(before, snapshot(r))
@@ -198,7 +208,8 @@ CRASH_SCRIPT = textwrap.dedent("""
     from fiited_store import EmbeddingStore, StoreConfig, TableConfig, DynamicRatio
     from fiited_store.storage import checkpoint
     path, point, out = sys.argv[1], sys.argv[2], sys.argv[3]
-    tables = [TableConfig("a", dim=8, chunks=2, num_embeddings=300), TableConfig("b", dim=16, chunks=4, num_embeddings=300)]
+    tables = [TableConfig("a", dim=8, chunks=2, num_embeddings=300),
+              TableConfig("b", dim=16, chunks=4, num_embeddings=300)]
     s = EmbeddingStore(tables, StoreConfig(mode="cache", budget_fraction=0.3, prune_period=4), path=path)
     rng = np.random.default_rng(0)
     def steps(n):
@@ -219,14 +230,26 @@ CRASH_SCRIPT = textwrap.dedent("""
     print("save finished without reaching", point)
 """)
 
-SAVE_POINTS = ["group-created", "entries-written", "pool-0-written", "tier-0-linked", "attrs-written", "fsynced",
-               "renamed", "manifest-replaced"]
+SAVE_POINTS = [
+    "group-created",
+    "entries-written",
+    "pool-0-written",
+    "tier-0-linked",
+    "attrs-written",
+    "fsynced",
+    "renamed",
+    "manifest-replaced",
+]
 
 
 @pytest.mark.parametrize("point", SAVE_POINTS)
 def test_sigkill_during_save_leaves_a_whole_checkpoint(tmp_path, point):
-    proc = subprocess.run([sys.executable, "-c", CRASH_SCRIPT, str(tmp_path / "s"), point, str(tmp_path)],
-                          capture_output=True, text=True, timeout=300)
+    proc = subprocess.run(
+        [sys.executable, "-c", CRASH_SCRIPT, str(tmp_path / "s"), point, str(tmp_path)],
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     assert proc.returncode == -signal.SIGKILL, proc.stdout + proc.stderr
     expect = np.load(tmp_path / ("second.npz" if point == "manifest-replaced" else "first.npz"))
     with EmbeddingStore.open(tmp_path / "s", "r+") as s:  # the dead writer's lock died with it
@@ -348,12 +371,12 @@ def _run_on_read_only_directory(store_dir: Path) -> subprocess.CompletedProcess 
     mount in a private mount namespace. None when neither is possible here."""
     cmd = [sys.executable, "-c", READ_ONLY_SCRIPT, str(store_dir)]
     if os.geteuid() != 0:
-        for root, dirs, files in os.walk(store_dir):
+        for root, _dirs, _files in os.walk(store_dir):
             os.chmod(root, 0o555)
         try:
             return subprocess.run(cmd, capture_output=True, text=True, timeout=300)
         finally:
-            for root, dirs, files in os.walk(store_dir):
+            for root, _dirs, _files in os.walk(store_dir):
                 os.chmod(root, 0o755)
     if shutil.which("unshare") is None:
         return None
@@ -485,8 +508,12 @@ def test_readers_open_and_read_consistently_while_another_process_saves(tmp_path
     expected = tmp_path / "expected"
     expected.mkdir()
     root = str(Path(__file__).resolve().parents[2])
-    writer = subprocess.Popen([sys.executable, "-c", WRITER.format(root=root), str(tmp_path / "s"), str(expected), "6"],
-                              stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    writer = subprocess.Popen(
+        [sys.executable, "-c", WRITER.format(root=root), str(tmp_path / "s"), str(expected), "6"],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
     opened, held, errors, observed = 0, [], [], []
     try:
         while writer.poll() is None:
@@ -507,7 +534,7 @@ def test_readers_open_and_read_consistently_while_another_process_saves(tmp_path
         out, err = writer.communicate(timeout=60)
     assert writer.returncode == 0, err
     assert errors == [] and opened > 10, (errors[:3], opened, out)
-    for r, name, seen in held:
+    for r, _name, seen in held:
         assert_lookups_equal(seen, all_lookups(r))
         r.close()
     checked = 0

@@ -79,10 +79,10 @@ class TierTests:
         tier = self.make(tmp_path, capacity=4 * 4096)
         r = tier.block_rows
         slots = tier.allocate(4 * r)
-        tier.release(slots[:r // 2])          # block 0 half empty
-        tier.release(slots[2 * r:3 * r])      # block 2 entirely empty
+        tier.release(slots[: r // 2])  # block 0 half empty
+        tier.release(slots[2 * r : 3 * r])  # block 2 entirely empty
         got = tier.allocate(r)
-        assert np.all(got // r == 2)          # one whole block: a whole-chunk write
+        assert np.all(got // r == 2)  # one whole block: a whole-chunk write
 
     def test_out_of_range_slots_are_refused(self, tmp_path):
         tier = self.make(tmp_path)
@@ -141,9 +141,9 @@ class TierTests:
         tier.write(slots, *self.rows(rng, 400))
         pending = []
         for step in range(40):
-            fut, mark = tier.read_async(slots[step * 10:step * 10 + 10])
+            fut, mark = tier.read_async(slots[step * 10 : step * 10 + 10])
             pending.append((fut, mark))
-            tier.release(slots[step * 10:step * 10 + 5])
+            tier.release(slots[step * 10 : step * 10 + 5])
             if len(pending) > 2:
                 old_fut, old_mark = pending.pop(0)
                 old_fut.result(timeout=30)
@@ -222,7 +222,6 @@ class TestZarrTier(TierTests):
                 tier.flush()
         np.testing.assert_array_equal(tier.read(slots)[0], vec)
         assert not list(tmp_path.rglob("*.partial"))  # no temporary file left behind
-
 
     def test_a_device_too_full_to_reserve_the_staging_file_raises_and_changes_nothing(self, tmp_path, rng, monkeypatch):
         import errno
@@ -366,8 +365,7 @@ class TierVsModel(RuleBasedStateMachine):
     @rule(data=st.data())
     def read_in_background(self, data):
         """A prefetch's read, queued behind the background writes before it."""
-        slots = np.array(data.draw(st.lists(st.sampled_from(sorted(self.model)), min_size=1, max_size=60,
-                                            unique=True)))
+        slots = np.array(data.draw(st.lists(st.sampled_from(sorted(self.model)), min_size=1, max_size=60, unique=True)))
         future, mark = self.tier.read_async(slots)
         vec, sts = future.result()
         self.tier.end_read(mark)
@@ -394,8 +392,11 @@ class TierVsModel(RuleBasedStateMachine):
         owner = self.tier.owner.copy()
         self.tier.close()
         cls = type(self.tier)
-        self.tier = (cls.open(f"{self.dir}/t", owner, cache_rows=40) if cls is StagedZarrTier
-                     else cls.open(f"{self.dir}/t", owner))
+        self.tier = (
+            cls.open(f"{self.dir}/t", owner, cache_rows=40)
+            if cls is StagedZarrTier
+            else cls.open(f"{self.dir}/t", owner)
+        )
 
     @invariant()
     def counts_agree(self):
@@ -463,6 +464,7 @@ def test_a_failed_background_write_is_raised_by_the_next_wait_and_only_once():
         def _deferred_write(self, slots, vectors, states):
             def job():
                 raise OSError(28, "No space left on device")
+
             return job
 
     tier = FailingWrites(2, 1)

@@ -15,8 +15,9 @@ import gc
 import math
 import platform
 import time
+from collections.abc import Callable
 from dataclasses import asdict, dataclass
-from typing import Any, Callable
+from typing import Any
 
 import numpy as np
 from numba import njit, prange
@@ -24,8 +25,8 @@ from tqdm import tqdm
 
 from ...config import DynamicRatio, ManualRatios, StoreConfig, TableConfig
 from ...kernels.layout import util_from_float
-from ..data.synthetic import ZipfIds, scaled_cardinalities
 from ...store import EmbeddingStore
+from ..data.synthetic import ZipfIds, scaled_cardinalities
 
 
 @dataclass(frozen=True)
@@ -38,7 +39,7 @@ class BenchConfig:
     zipf_s: float = 1.1
     repeats: int = 20
     warmup: int = 5
-    train_warmup: int = 20         # training steps (with prunes) before the store's timings
+    train_warmup: int = 20  # training steps (with prunes) before the store's timings
     peers: tuple[str, ...] = ("torch", "gather", "torch-sparse", "fbgemm")
     prune_entries: int = 10_000_000
     seed: int = 0
@@ -60,7 +61,12 @@ def _timeit(fn: Callable[[int], Any], warmup: int, repeats: int) -> dict[str, fl
         fn(warmup + i)
         times.append(time.perf_counter() - t0)
     t = np.array(times) * 1000.0
-    return {"median_ms": float(np.median(t)), "mean_ms": float(t.mean()), "min_ms": float(t.min()), "max_ms": float(t.max())}
+    return {
+        "median_ms": float(np.median(t)),
+        "mean_ms": float(t.mean()),
+        "min_ms": float(t.min()),
+        "max_ms": float(t.max()),
+    }
 
 
 class Workload:
@@ -74,7 +80,7 @@ class Workload:
         rng = np.random.default_rng(cfg.seed)
         self.zipfs = [ZipfIds(n, cfg.zipf_s, salt=i * 104729 + 17) for i, n in enumerate(self.cards)]
         B = self.batch_size = cfg.batch_size
-        self.ids = []      # int64[26 * B]: per batch, table after table
+        self.ids = []  # int64[26 * B]: per batch, table after table
         for _ in range(n_batches):
             self.ids.append(self.sample(rng))
         table_of = np.repeat(np.arange(len(self.cards)), B)
@@ -99,7 +105,7 @@ class Workload:
         """The state of a store deep into training: the globally most popular keys have entries."""
         for name, ids in zip(self.names, most_popular_ids(self.zipfs, rows)):
             for lo in range(0, ids.shape[0], 1 << 20):
-                store.insert(name, ids[lo:lo + (1 << 20)])
+                store.insert(name, ids[lo : lo + (1 << 20)])
 
 
 def _dense_weights(rows: int, dim: int, seed: int):
@@ -140,8 +146,13 @@ BLOCK_BATCHES = 6
 BLOCK_ROUNDS = 8
 
 
-def _timeit_blocks(fn: Callable[[int], Any], peer: Callable[[int], Any], warmup: int,
-                   rounds: int = BLOCK_ROUNDS, block: int = BLOCK_BATCHES) -> dict[str, float]:
+def _timeit_blocks(
+    fn: Callable[[int], Any],
+    peer: Callable[[int], Any],
+    warmup: int,
+    rounds: int = BLOCK_ROUNDS,
+    block: int = BLOCK_BATCHES,
+) -> dict[str, float]:
     """fn and peer in alternating blocks of batches, the order of each pair of blocks
     alternating: the median, over the rounds, of fn's median time in its block over
     peer's in the block beside it.
@@ -169,8 +180,12 @@ def _timeit_blocks(fn: Callable[[int], Any], peer: Callable[[int], Any], warmup:
             medians[which] = float(np.median(block_t))
         ratios.append(medians[fn] / medians[peer])
         i += block
-    return {"median_ms": float(np.median(t_fn) * 1000.0), "peer_median_ms": float(np.median(t_peer) * 1000.0),
-            "ratio_median": float(np.median(ratios)), "round_ratios": [float(x) for x in ratios]}
+    return {
+        "median_ms": float(np.median(t_fn) * 1000.0),
+        "peer_median_ms": float(np.median(t_peer) * 1000.0),
+        "ratio_median": float(np.median(ratios)),
+        "round_ratios": [float(x) for x in ratios],
+    }
 
 
 def bench_torch_and_gather(cfg: BenchConfig, w: Workload, out: dict, bar) -> DensePeer | None:
@@ -203,9 +218,11 @@ def bench_fbgemm(cfg: BenchConfig, w: Workload, out: dict, bar) -> None:
         from fbgemm_gpu.split_table_batched_embeddings_ops_common import EmbeddingLocation, PoolingMode
         from fbgemm_gpu.split_table_batched_embeddings_ops_training import (
             ComputeDevice,
-            EmbeddingLocation as _EL,  # noqa: F401  (older releases export it here)
             OptimType,
             SplitTableBatchedEmbeddingBagsCodegen,
+        )
+        from fbgemm_gpu.split_table_batched_embeddings_ops_training import (
+            EmbeddingLocation as _EL,  # noqa: F401  (older releases export it here)
         )
     except ImportError:
         try:
@@ -221,8 +238,9 @@ def bench_fbgemm(cfg: BenchConfig, w: Workload, out: dict, bar) -> None:
             bar.update(2)
             return
     specs = [(n, cfg.dim, EmbeddingLocation.HOST, ComputeDevice.CPU) for n in w.cards]
-    tbe = SplitTableBatchedEmbeddingBagsCodegen(specs, optimizer=OptimType.EXACT_ROWWISE_ADAGRAD, learning_rate=0.01,
-                                                eps=1e-8, pooling_mode=PoolingMode.SUM)
+    tbe = SplitTableBatchedEmbeddingBagsCodegen(
+        specs, optimizer=OptimType.EXACT_ROWWISE_ADAGRAD, learning_rate=0.01, eps=1e-8, pooling_mode=PoolingMode.SUM
+    )
     B, T = cfg.batch_size, len(w.cards)
     ids_t = [torch.from_numpy(ids) for ids in w.ids]
     off_t = torch.arange(0, T * B + 1, dtype=torch.int64)
@@ -238,12 +256,13 @@ def bench_fbgemm(cfg: BenchConfig, w: Workload, out: dict, bar) -> None:
 
     out["fbgemm_rowwise_adagrad_step"] = _timeit(step, cfg.warmup, cfg.repeats)
     bar.update(1)
-    del tbe
+    tbe = None  # frees the tables (the closures above hold the cell, not the object)
     gc.collect()
 
 
 def most_popular_ids(zipfs: list[ZipfIds], n_rows: int) -> list[np.ndarray]:
     """Per table, the ids of the globally n_rows most probable keys (ranks above one threshold)."""
+
     def counts(tau: float) -> list[int]:
         # rank r of table t is kept when its probability exceeds tau
         out = []
@@ -264,14 +283,29 @@ INDEXES = ("direct", "hashed")
 
 
 def make_store(cfg: BenchConfig, w: Workload, budget_fraction: float, pruning, index: str = "direct") -> EmbeddingStore:
-    tables = [TableConfig(name, dim=cfg.dim, chunks=cfg.chunks, num_embeddings=n, optimizer="rowwise_adagrad",
-                          learning_rate=0.01, index=index) for name, n in zip(w.names, w.cards)]
-    return EmbeddingStore(tables, StoreConfig(pruning=pruning, budget_fraction=budget_fraction, prune_period=0,
-                                              seed=cfg.seed, initial_capacity=1 << 16))
+    tables = [
+        TableConfig(
+            name,
+            dim=cfg.dim,
+            chunks=cfg.chunks,
+            num_embeddings=n,
+            optimizer="rowwise_adagrad",
+            learning_rate=0.01,
+            index=index,
+        )
+        for name, n in zip(w.names, w.cards)
+    ]
+    return EmbeddingStore(
+        tables,
+        StoreConfig(
+            pruning=pruning, budget_fraction=budget_fraction, prune_period=0, seed=cfg.seed, initial_capacity=1 << 16
+        ),
+    )
 
 
-def bench_store(cfg: BenchConfig, w: Workload, out: dict, bar, index: str = "direct",
-                peer: DensePeer | None = None) -> None:
+def bench_store(
+    cfg: BenchConfig, w: Workload, out: dict, bar, index: str = "direct", peer: DensePeer | None = None
+) -> None:
     """Lookup and training step of the store with the given index; keys ``store_*`` (direct)
     or ``store_hashed_*``. With torch's ``peer``, each is also timed in alternating
     blocks with torch's (``*_blocks``)."""
@@ -282,12 +316,16 @@ def bench_store(cfg: BenchConfig, w: Workload, out: dict, bar, index: str = "dir
     # converges to that), so timings see a full pool and an entry table of millions
     # of keys, not a warm, nearly empty one
     w.prefill(store, store.pools[0].slots // cfg.chunks)
-    out[f"{key}_prefill"] = {"entries": store.entries.n_live, "pool_used": store.pools[0].n_used,
-                             "pool_slots": store.pools[0].slots}
+    out[f"{key}_prefill"] = {
+        "entries": store.entries.n_live,
+        "pool_used": store.pools[0].n_used,
+        "pool_slots": store.pools[0].slots,
+    }
     w.train(store, np.random.default_rng(cfg.seed + 1), cfg.train_warmup)
     bar.update(1)
-    out[f"{key}_lookup"] = _timeit(lambda i: store.pooled_lookup(w.names, w.ids[i % n], w.offsets), cfg.warmup,
-                                   cfg.repeats)
+    out[f"{key}_lookup"] = _timeit(
+        lambda i: store.pooled_lookup(w.names, w.ids[i % n], w.offsets), cfg.warmup, cfg.repeats
+    )
     bar.update(1)
 
     def step(i):
@@ -298,7 +336,8 @@ def bench_store(cfg: BenchConfig, w: Workload, out: dict, bar, index: str = "dir
     out[f"{key}_train_step"] = _timeit(step, cfg.warmup, cfg.repeats)
     if peer is not None and "torch" in cfg.peers:
         out[f"{key}_lookup_blocks"] = _timeit_blocks(
-            lambda i: store.pooled_lookup(w.names, w.ids[i % n], w.offsets), peer.lookup, cfg.warmup)
+            lambda i: store.pooled_lookup(w.names, w.ids[i % n], w.offsets), peer.lookup, cfg.warmup
+        )
     if peer is not None and "torch-sparse" in cfg.peers:
         out[f"{key}_train_step_blocks"] = _timeit_blocks(step, peer.step, cfg.warmup)
     # the parts of a step, for the README's breakdown
@@ -330,8 +369,13 @@ def bench_memory(cfg: BenchConfig, w: Workload, out: dict, bar) -> None:
         dense = st["dense_bytes"]
         res["dense_bytes"] = dense
         res["dense_with_optimizer_bytes"] = st["dense_with_optimizer_bytes"]
-        entry = {"steps": steps, "entries": st["entries"], "bytes": st["bytes"], "vs_dense": st["memory_vs_dense"],
-                 "vs_dense_with_optimizer": st["memory_vs_dense_with_optimizer"]}
+        entry = {
+            "steps": steps,
+            "entries": st["entries"],
+            "bytes": st["bytes"],
+            "vs_dense": st["memory_vs_dense"],
+            "vs_dense_with_optimizer": st["memory_vs_dense_with_optimizer"],
+        }
         if index == "hashed":
             pool_side = st["bytes"]["pool_vectors"] + st["bytes"]["optimizer_state"] + st["bytes"]["address_manager"]
             # an entry for every declared row, at the load the table settles at after growth
@@ -351,19 +395,24 @@ def bench_prune(cfg: BenchConfig, out: dict, bar) -> None:
     n = cfg.prune_entries
     K = cfg.chunks
     table = TableConfig("t", dim=cfg.dim, chunks=K, num_embeddings=n)  # the direct index
-    store = EmbeddingStore([table], StoreConfig(pruning=DynamicRatio(0.75), budget_fraction=0.25, prune_period=0,
-                                                seed=cfg.seed))
+    store = EmbeddingStore(
+        [table], StoreConfig(pruning=DynamicRatio(0.75), budget_fraction=0.25, prune_period=0, seed=cfg.seed)
+    )
     ids = np.arange(n, dtype=np.int64)
     for lo in range(0, n, 1 << 20):
-        store.lookup("t", ids[lo:lo + (1 << 20)], train=True)
+        store.lookup("t", ids[lo : lo + (1 << 20)], train=True)
     rng = np.random.default_rng(cfg.seed)
     ea = store.entries.arrays
     live = store.entries.table_of_entries() >= 0
     ea.util[live] = util_from_float(rng.pareto(1.1, (int(live.sum()), ea.util.shape[1])))
     t0 = time.perf_counter()
     report = store.prune()
-    out["prune_pass"] = {"entries": n, "seconds": time.perf_counter() - t0,
-                         "evicted": report["pools"][0]["evicted"], "allocated": report["pools"][0]["allocated"]}
+    out["prune_pass"] = {
+        "entries": n,
+        "seconds": time.perf_counter() - t0,
+        "evicted": report["pools"][0]["evicted"],
+        "allocated": report["pools"][0]["allocated"],
+    }
     t0 = time.perf_counter()
     report = store.prune()
     out["prune_pass"]["second_pass_seconds"] = time.perf_counter() - t0
@@ -374,14 +423,26 @@ def bench_prune(cfg: BenchConfig, out: dict, bar) -> None:
 
 def run_bench(cfg: BenchConfig, progress: bool = True) -> dict[str, Any]:
     n_batches = cfg.warmup + cfg.repeats
-    stages = 3 * len(INDEXES) + ("gather" in cfg.peers) + ("torch" in cfg.peers) + ("torch-sparse" in cfg.peers) \
-        + 2 * ("fbgemm" in cfg.peers) + 1 + (cfg.prune_entries > 0) + 1
+    stages = (
+        3 * len(INDEXES)
+        + ("gather" in cfg.peers)
+        + ("torch" in cfg.peers)
+        + ("torch-sparse" in cfg.peers)
+        + 2 * ("fbgemm" in cfg.peers)
+        + 1
+        + (cfg.prune_entries > 0)
+        + 1
+    )
     bar = tqdm(total=stages, disable=not progress, desc="bench", unit="stage")
     w = Workload(cfg, n_batches)
     bar.update(1)
-    out: dict[str, Any] = {"config": asdict(cfg), "rows": w.total_rows,
-                           "dense_gb": w.total_rows * cfg.dim * 4 / 1e9, "lookups_per_batch": int(w.ids[0].shape[0]),
-                           "machine": {"cpus": __import__("os").cpu_count(), "python": platform.python_version()}}
+    out: dict[str, Any] = {
+        "config": asdict(cfg),
+        "rows": w.total_rows,
+        "dense_gb": w.total_rows * cfg.dim * 4 / 1e9,
+        "lookups_per_batch": int(w.ids[0].shape[0]),
+        "machine": {"cpus": __import__("os").cpu_count(), "python": platform.python_version()},
+    }
     if "fbgemm" in cfg.peers:  # first: its tables and torch's would not both fit beside a store
         bench_fbgemm(cfg, w, out, bar)
     peer = None
@@ -404,9 +465,17 @@ def ratios(out: dict[str, Any]) -> dict[str, float]:
         return out[k]["median_ms"] if k in out else None
 
     r = {}
-    pairs = [(f"{s}_{a}", b) for s in ("store", "store_hashed") for a, b in (
-        ("lookup", "torch_embedding_bag"), ("lookup", "gather_lookup"), ("lookup", "fbgemm_forward"),
-        ("train_step", "fbgemm_rowwise_adagrad_step"), ("train_step", "torch_sparse_sgd_step"))]
+    pairs = [
+        (f"{s}_{a}", b)
+        for s in ("store", "store_hashed")
+        for a, b in (
+            ("lookup", "torch_embedding_bag"),
+            ("lookup", "gather_lookup"),
+            ("lookup", "fbgemm_forward"),
+            ("train_step", "fbgemm_rowwise_adagrad_step"),
+            ("train_step", "torch_sparse_sgd_step"),
+        )
+    ]
     for a, b in pairs:
         if med(a) is not None and med(b) is not None:
             r[f"{a} / {b}"] = med(a) / med(b)
@@ -418,15 +487,21 @@ def ratios(out: dict[str, Any]) -> dict[str, float]:
 
 
 def format_report(out: dict[str, Any]) -> str:
-    lines = [f"{out['rows']:,} rows ({out['dense_gb']:.2f} GB dense at D={out['config']['dim']}), "
-             f"{out['lookups_per_batch']:,} lookups per batch, median of {out['config']['repeats']} batches"]
-    names = [("gather_lookup", "raw njit gather (memory floor)"), ("torch_embedding_bag", "torch embedding_bag, sum"),
-             ("fbgemm_forward", "FBGEMM CPU TBE forward"), ("store_lookup", "fiited-store pooled lookup, direct index"),
-             ("store_hashed_lookup", "fiited-store pooled lookup, hashed index"),
-             ("torch_sparse_sgd_step", "torch EmbeddingBag(sparse) + SGD step"),
-             ("fbgemm_rowwise_adagrad_step", "FBGEMM TBE fwd+bwd, row-wise Adagrad"),
-             ("store_train_step", "fiited-store step, direct index (lookup, backward, Adagrad, utilities)"),
-             ("store_hashed_train_step", "fiited-store step, hashed index")]
+    lines = [
+        f"{out['rows']:,} rows ({out['dense_gb']:.2f} GB dense at D={out['config']['dim']}), "
+        f"{out['lookups_per_batch']:,} lookups per batch, median of {out['config']['repeats']} batches"
+    ]
+    names = [
+        ("gather_lookup", "raw njit gather (memory floor)"),
+        ("torch_embedding_bag", "torch embedding_bag, sum"),
+        ("fbgemm_forward", "FBGEMM CPU TBE forward"),
+        ("store_lookup", "fiited-store pooled lookup, direct index"),
+        ("store_hashed_lookup", "fiited-store pooled lookup, hashed index"),
+        ("torch_sparse_sgd_step", "torch EmbeddingBag(sparse) + SGD step"),
+        ("fbgemm_rowwise_adagrad_step", "FBGEMM TBE fwd+bwd, row-wise Adagrad"),
+        ("store_train_step", "fiited-store step, direct index (lookup, backward, Adagrad, utilities)"),
+        ("store_hashed_train_step", "fiited-store step, hashed index"),
+    ]
     for key, label in names:
         if key in out:
             lines.append(f"  {label:<58} {out[key]['median_ms']:8.2f} ms")
@@ -436,13 +511,22 @@ def format_report(out: dict[str, Any]) -> str:
         lines.append(f"  ratio {k:<60} {v:6.3f}")
     if "prune_pass" in out:
         p = out["prune_pass"]
-        lines.append(f"  prune pass over {p['entries']:,} entries: {p['seconds']:.2f} s (second pass {p['second_pass_seconds']:.2f} s)")
+        lines.append(
+            f"  prune pass over {p['entries']:,} entries: {p['seconds']:.2f} s "
+            f"(second pass {p['second_pass_seconds']:.2f} s)"
+        )
     m = out.get("memory_at_93.75")
     if m:
         d, h = m["direct"], m["hashed"]
-        lines.append(f"  store memory at 93.75% pruning / dense weights (paper's formula {m['paper_formula_vs_dense']:.4f}):")
-        lines.append(f"    direct index, every declared row: {d['vs_dense']:.4f} ({d['vs_dense_with_optimizer']:.4f} of dense "
-                     f"weights + row-wise Adagrad state)")
-        lines.append(f"    hashed index: {h['vs_dense']:.4f} after {h['steps']} steps ({h['entries']:,} entries); "
-                     f"{h['every_row']['vs_dense']:.4f} with every declared row")
+        lines.append(
+            f"  store memory at 93.75% pruning / dense weights (paper's formula {m['paper_formula_vs_dense']:.4f}):"
+        )
+        lines.append(
+            f"    direct index, every declared row: {d['vs_dense']:.4f} ({d['vs_dense_with_optimizer']:.4f} of dense "
+            f"weights + row-wise Adagrad state)"
+        )
+        lines.append(
+            f"    hashed index: {h['vs_dense']:.4f} after {h['steps']} steps ({h['entries']:,} entries); "
+            f"{h['every_row']['vs_dense']:.4f} with every declared row"
+        )
     return "\n".join(lines)

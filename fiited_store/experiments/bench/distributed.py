@@ -30,7 +30,7 @@ FLOOR_KEY_BYTES = 8
 class DistBenchConfig:
     worlds: tuple[int, ...] = (1, 2, 4)
     scale: float = 0.05
-    batch_size: int = 4096         # the global batch, split over the ranks
+    batch_size: int = 4096  # the global batch, split over the ranks
     dim: int = 64
     chunks: int = 4
     budget_fraction: float = 0.25
@@ -83,17 +83,21 @@ def _bench_rank(rank: int, world: int, cfg_json: str, out_file: str) -> None:
     import torch.distributed as dist
 
     from ...config import DynamicRatio, StoreConfig, TableConfig
-    from ..data.synthetic import ZipfIds, scaled_cardinalities
-    from ...store import EmbeddingStore
     from ...distributed.exchange import TorchExchange
     from ...distributed.sharded_store import ShardedEmbeddingStore
+    from ...store import EmbeddingStore
+    from ..data.synthetic import ZipfIds, scaled_cardinalities
 
     cfg = DistBenchConfig(**{**json.loads(cfg_json), "worlds": ()})
     cards = scaled_cardinalities(cfg.scale)
     names = [f"C{i + 1}" for i in range(len(cards))]
     tables = [TableConfig(n, cfg.dim, chunks=cfg.chunks, num_embeddings=c) for n, c in zip(names, cards)]
-    store_cfg = StoreConfig(pruning=DynamicRatio(1.0 - cfg.budget_fraction), budget_fraction=cfg.budget_fraction,
-                            prune_period=0, seed=cfg.seed)
+    store_cfg = StoreConfig(
+        pruning=DynamicRatio(1.0 - cfg.budget_fraction),
+        budget_fraction=cfg.budget_fraction,
+        prune_period=0,
+        seed=cfg.seed,
+    )
     metered = MeteredExchange(TorchExchange())
     store = ShardedEmbeddingStore(tables, store_cfg, _exchange=metered)
     B = cfg.batch_size // world
@@ -117,7 +121,7 @@ def _bench_rank(rank: int, world: int, cfg_json: str, out_file: str) -> None:
             step_ms.append(1000 * (t1 - t0))
             fwd_exchange_ms.append(1000 * fwd_s)
             sent.append(metered.bytes)
-            U = sum(np.unique(ids[f * B:(f + 1) * B]).size for f in range(F))  # distinct keys (one table per feature)
+            U = sum(np.unique(ids[f * B : (f + 1) * B]).size for f in range(F))  # distinct keys (one table per feature)
             floor.append(2 * U * (4 * cfg.dim + FLOOR_KEY_BYTES))
     # the peer's output exchange: every rank's partial pooled sums for every bag, reduce-scattered
     reduce_scatter = getattr(dist, "reduce_scatter_single", None) or dist.reduce_scatter_tensor  # renamed in torch 2.13
@@ -142,14 +146,19 @@ def _bench_rank(rank: int, world: int, cfg_json: str, out_file: str) -> None:
                 if i >= cfg.warmup:
                     times.append(1000 * (time.perf_counter() - t0))
             single_ms = float(np.median(times))
-    mine_stats = {"step_ms": float(np.median(step_ms)), "forward_exchange_ms": float(np.median(fwd_exchange_ms)),
-                  "reduce_scatter_ms": float(np.median(rs_ms)), "bytes_sent": float(np.mean(sent)),
-                  "floor_bytes": float(np.mean(floor))}
+    mine_stats = {
+        "step_ms": float(np.median(step_ms)),
+        "forward_exchange_ms": float(np.median(fwd_exchange_ms)),
+        "reduce_scatter_ms": float(np.median(rs_ms)),
+        "bytes_sent": float(np.mean(sent)),
+        "floor_bytes": float(np.mean(floor)),
+    }
     every = metered.all_gather_object(mine_stats)
     store.close()
     if rank == 0:
         out = {
-            "world_size": world, "batch_per_rank": B,
+            "world_size": world,
+            "batch_per_rank": B,
             "step_ms": max(s["step_ms"] for s in every),
             "forward_exchange_ms": max(s["forward_exchange_ms"] for s in every),
             "reduce_scatter_ms": max(s["reduce_scatter_ms"] for s in every),
@@ -174,23 +183,30 @@ def run_distributed_bench(cfg: DistBenchConfig, progress: bool = True) -> dict[s
         for world in bar:
             bar.set_postfix(ranks=world)
             out_file = str(Path(tmp) / f"w{world}.json")
-            spawn_world_or_raise(world, _bench_rank, (json.dumps(asdict(cfg)), out_file), deadline_s=1800,
-                                 collective_timeout_s=600)
+            spawn_world_or_raise(
+                world, _bench_rank, (json.dumps(asdict(cfg)), out_file), deadline_s=1800, collective_timeout_s=600
+            )
             results.append(json.loads(Path(out_file).read_text()))
     return {"config": asdict(cfg), "worlds": results}
 
 
 def format_distributed_report(report: dict[str, Any]) -> str:
     c = report["config"]
-    lines = [f"sharded store, Criteo cardinalities x {c['scale']}, global batch {c['batch_size']}, D={c['dim']}, "
-             f"K={c['chunks']}, budget {c['budget_fraction']:g} of dense (medians of {c['steps']} steps)",
-             f"{'ranks':>5} {'step ms':>9} {'fwd exchange ms':>16} {'reduce-scatter ms':>18} {'exch/RS':>8} "
-             f"{'MB sent/step':>13} {'x floor':>8}"]
+    lines = [
+        f"sharded store, Criteo cardinalities x {c['scale']}, global batch {c['batch_size']}, D={c['dim']}, "
+        f"K={c['chunks']}, budget {c['budget_fraction']:g} of dense (medians of {c['steps']} steps)",
+        f"{'ranks':>5} {'step ms':>9} {'fwd exchange ms':>16} {'reduce-scatter ms':>18} {'exch/RS':>8} "
+        f"{'MB sent/step':>13} {'x floor':>8}",
+    ]
     for w in report["worlds"]:
-        lines.append(f"{w['world_size']:>5} {w['step_ms']:>9.1f} {w['forward_exchange_ms']:>16.2f} "
-                     f"{w['reduce_scatter_ms']:>18.2f} {w['exchange_vs_reduce_scatter']:>8.3f} "
-                     f"{w['bytes_sent_per_step'] / 1e6:>13.2f} {w['bytes_vs_floor']:>8.3f}")
+        lines.append(
+            f"{w['world_size']:>5} {w['step_ms']:>9.1f} {w['forward_exchange_ms']:>16.2f} "
+            f"{w['reduce_scatter_ms']:>18.2f} {w['exchange_vs_reduce_scatter']:>8.3f} "
+            f"{w['bytes_sent_per_step'] / 1e6:>13.2f} {w['bytes_vs_floor']:>8.3f}"
+        )
         if w.get("single_store_step_ms"):
-            lines.append(f"      one plain EmbeddingStore on the same batches: {w['single_store_step_ms']:.1f} ms per "
-                         f"step (sharded front at one rank: {w['step_ms'] / w['single_store_step_ms']:.2f}x)")
+            lines.append(
+                f"      one plain EmbeddingStore on the same batches: {w['single_store_step_ms']:.1f} ms per "
+                f"step (sharded front at one rank: {w['step_ms'] / w['single_store_step_ms']:.2f}x)"
+            )
     return "\n".join(lines)

@@ -8,8 +8,8 @@ after feature, with bag offsets.
 
 from __future__ import annotations
 
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
-from typing import Iterator, Sequence
 
 import numpy as np
 import torch
@@ -17,11 +17,11 @@ import torch
 
 @dataclass
 class Batch:
-    dense: torch.Tensor          # float32[B, n_dense]
-    keys: list[str]              # sparse feature names
-    values: torch.Tensor         # int64[nnz], feature after feature
-    lengths: torch.Tensor        # int64[F * B], bag sizes, feature-major
-    labels: torch.Tensor         # float32[B]
+    dense: torch.Tensor  # float32[B, n_dense]
+    keys: list[str]  # sparse feature names
+    values: torch.Tensor  # int64[nnz], feature after feature
+    lengths: torch.Tensor  # int64[F * B], bag sizes, feature-major
+    labels: torch.Tensor  # float32[B]
 
     @property
     def size(self) -> int:
@@ -55,10 +55,10 @@ class TabularDataset:
     name: str
     feature_names: list[str]
     cardinalities: list[int]
-    values: list[np.ndarray]     # per feature: int64[nnz_f]
-    offsets: list[np.ndarray]    # per feature: int64[N + 1]
-    dense: np.ndarray            # float32[N, n_dense]
-    labels: np.ndarray           # float32[N]
+    values: list[np.ndarray]  # per feature: int64[nnz_f]
+    offsets: list[np.ndarray]  # per feature: int64[N + 1]
+    dense: np.ndarray  # float32[N, n_dense]
+    labels: np.ndarray  # float32[N]
     meta: dict = field(default_factory=dict)
 
     def __len__(self) -> int:
@@ -68,16 +68,24 @@ class TabularDataset:
     def num_dense(self) -> int:
         return int(self.dense.shape[1])
 
-    def subset(self, rows: np.ndarray, name: str) -> "TabularDataset":
+    def subset(self, rows: np.ndarray, name: str) -> TabularDataset:
         values, offsets = [], []
         for v, o in zip(self.values, self.offsets):
             vals, lengths = _gather_jagged(v, o, rows)
             values.append(vals)
             offsets.append(np.concatenate([[0], np.cumsum(lengths)]).astype(np.int64))
-        return TabularDataset(name, self.feature_names, self.cardinalities, values, offsets, self.dense[rows],
-                              self.labels[rows], dict(self.meta))
+        return TabularDataset(
+            name,
+            self.feature_names,
+            self.cardinalities,
+            values,
+            offsets,
+            self.dense[rows],
+            self.labels[rows],
+            dict(self.meta),
+        )
 
-    def split(self, seed: int, fractions: Sequence[float] = (0.8, 0.1, 0.1)) -> list["TabularDataset"]:
+    def split(self, seed: int, fractions: Sequence[float] = (0.8, 0.1, 0.1)) -> list[TabularDataset]:
         """A seeded random split (80/10/10 by default)."""
         perm = np.random.default_rng(seed).permutation(len(self))
         bounds = np.round(np.cumsum([0.0, *fractions]) * len(self)).astype(int)
@@ -88,10 +96,12 @@ class TabularDataset:
         """Per feature, how often each id occurs (for Mixed-Dimension embeddings)."""
         return [np.bincount(v, minlength=c) for v, c in zip(self.values, self.cardinalities)]
 
-    def batches(self, batch_size: int, shuffle: bool = False, seed: int = 0, drop_last: bool = False) -> Iterator[Batch]:
+    def batches(
+        self, batch_size: int, shuffle: bool = False, seed: int = 0, drop_last: bool = False
+    ) -> Iterator[Batch]:
         order = np.random.default_rng(seed).permutation(len(self)) if shuffle else np.arange(len(self))
         for lo in range(0, len(self), batch_size):
-            rows = order[lo:lo + batch_size]
+            rows = order[lo : lo + batch_size]
             if drop_last and rows.shape[0] < batch_size:
                 return
             yield self.batch(rows)

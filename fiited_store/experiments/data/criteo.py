@@ -17,8 +17,34 @@ from .movielens import DatasetError
 
 N_DENSE, N_SPARSE = 13, 26
 #: Criteo Kaggle cardinalities (the paper's and DLRM's hash sizes)
-KAGGLE_CARDINALITIES = [1460, 583, 10131227, 2202608, 305, 24, 12517, 633, 3, 93145, 5683, 8351593, 3194, 27, 14992,
-                        5461306, 10, 5652, 2173, 4, 7046547, 18, 15, 286181, 105, 142572]
+KAGGLE_CARDINALITIES = [
+    1460,
+    583,
+    10131227,
+    2202608,
+    305,
+    24,
+    12517,
+    633,
+    3,
+    93145,
+    5683,
+    8351593,
+    3194,
+    27,
+    14992,
+    5461306,
+    10,
+    5652,
+    2173,
+    4,
+    7046547,
+    18,
+    15,
+    286181,
+    105,
+    142572,
+]
 
 
 def load_criteo_tsv(path: str | Path, limit: int | None = None, hash_sizes: list[int] | None = None) -> TabularDataset:
@@ -35,10 +61,12 @@ def load_criteo_tsv(path: str | Path, limit: int | None = None, hash_sizes: list
             for line_no, line in enumerate(fh, 1):
                 parts = line.rstrip("\n").split("\t")
                 if len(parts) != 1 + N_DENSE + N_SPARSE:
-                    raise DatasetError(f"{f}: line {line_no} has {len(parts)} fields, expected {1 + N_DENSE + N_SPARSE}")
+                    raise DatasetError(
+                        f"{f}: line {line_no} has {len(parts)} fields, expected {1 + N_DENSE + N_SPARSE}"
+                    )
                 labels.append(parts[0] == "1")
-                dense.append([int(x) if x else 0 for x in parts[1:1 + N_DENSE]])
-                sparse.append([int(x, 16) if x else -1 for x in parts[1 + N_DENSE:]])
+                dense.append([int(x) if x else 0 for x in parts[1 : 1 + N_DENSE]])
+                sparse.append([int(x, 16) if x else -1 for x in parts[1 + N_DENSE :]])
                 n += 1
                 if limit is not None and n >= limit:
                     break
@@ -48,5 +76,13 @@ def load_criteo_tsv(path: str | Path, limit: int | None = None, hash_sizes: list
     s = np.array(sparse, np.int64)
     values = [np.mod(s[:, j], sizes[j]) for j in range(N_SPARSE)]
     offsets = [np.arange(n + 1, dtype=np.int64)] * N_SPARSE
-    return TabularDataset("criteo", [f"C{j + 1}" for j in range(N_SPARSE)], list(sizes), values, offsets, d,
-                          np.array(labels, np.float32), {"source": str(path)})
+    return TabularDataset(
+        "criteo",
+        [f"C{j + 1}" for j in range(N_SPARSE)],
+        list(sizes),
+        values,
+        offsets,
+        d,
+        np.array(labels, np.float32),
+        {"source": str(path)},
+    )

@@ -18,9 +18,27 @@ from . import TabularDataset, encode
 
 FEATURES = ["user", "item", "age", "gender", "occupation", "zip", "year", "genres"]
 
-ORIGINAL_GENRES = ["unknown", "Action", "Adventure", "Animation", "Children's", "Comedy", "Crime", "Documentary",
-                   "Drama", "Fantasy", "Film-Noir", "Horror", "Musical", "Mystery", "Romance", "Sci-Fi", "Thriller",
-                   "War", "Western"]
+ORIGINAL_GENRES = [
+    "unknown",
+    "Action",
+    "Adventure",
+    "Animation",
+    "Children's",
+    "Comedy",
+    "Crime",
+    "Documentary",
+    "Drama",
+    "Fantasy",
+    "Film-Noir",
+    "Horror",
+    "Musical",
+    "Mystery",
+    "Romance",
+    "Sci-Fi",
+    "Thriller",
+    "War",
+    "Western",
+]
 
 
 class DatasetError(CorruptStoreError):
@@ -48,7 +66,10 @@ def _atomic(directory: Path):
     if inter is None or user is None or item is None:
         raise DatasetError(f"{directory}: RecBole atomic files *.inter, *.user and *.item are needed")
     ic, uc, tc = _read_atomic(inter), _read_atomic(user), _read_atomic(item)
-    users = {u: (a, g, o, z) for u, a, g, o, z in zip(uc["user_id"], uc["age"], uc["gender"], uc["occupation"], uc["zip_code"])}
+    users = {
+        u: (a, g, o, z)
+        for u, a, g, o, z in zip(uc["user_id"], uc["age"], uc["gender"], uc["occupation"], uc["zip_code"])
+    }
     items = {i: (y, c.split()) for i, y, c in zip(tc["item_id"], tc["release_year"], tc["class"])}
     ratings = np.array(ic["rating"], np.float64)
     return ic["user_id"], ic["item_id"], ratings, users, items
@@ -70,7 +91,7 @@ def _original(directory: Path):
         if line:
             parts = line.split("|")
             year = parts[2][-4:] if parts[2] else ""
-            flags = parts[5:5 + len(ORIGINAL_GENRES)]
+            flags = parts[5 : 5 + len(ORIGINAL_GENRES)]
             items[parts[0]] = (year, [g for g, f in zip(ORIGINAL_GENRES, flags) if f == "1"])
     return uid, iid, rating, users, items
 
@@ -86,9 +107,12 @@ def load_movielens(path: str | Path) -> TabularDataset:
     if missing_u or missing_i:
         raise DatasetError(f"{directory}: ratings name users {missing_u} / items {missing_i} with no profile")
     cols = {
-        "user": np.array(uid), "item": np.array(iid),
-        "age": np.array([users[u][0] for u in uid]), "gender": np.array([users[u][1] for u in uid]),
-        "occupation": np.array([users[u][2] for u in uid]), "zip": np.array([users[u][3] for u in uid]),
+        "user": np.array(uid),
+        "item": np.array(iid),
+        "age": np.array([users[u][0] for u in uid]),
+        "gender": np.array([users[u][1] for u in uid]),
+        "occupation": np.array([users[u][2] for u in uid]),
+        "zip": np.array([users[u][3] for u in uid]),
         "year": np.array([items[i][0] for i in iid]),
     }
     n = len(uid)
@@ -105,5 +129,13 @@ def load_movielens(path: str | Path) -> TabularDataset:
     offsets.append(np.concatenate([[0], np.cumsum(lengths)]).astype(np.int64))
     cards.append(max(len(genre_vocab), 1))
     labels = (ratings >= 4).astype(np.float32)
-    return TabularDataset("movielens", list(FEATURES), cards, values, offsets, np.zeros((n, 0), np.float32), labels,
-                          {"source": str(directory)})
+    return TabularDataset(
+        "movielens",
+        list(FEATURES),
+        cards,
+        values,
+        offsets,
+        np.zeros((n, 0), np.float32),
+        labels,
+        {"source": str(directory)},
+    )

@@ -71,8 +71,16 @@ class SyntheticClickStream:
     (torch.Size([208]), torch.Size([8]))
     """
 
-    def __init__(self, cardinalities: list[int], zipf_s: float = 1.1, n_dense: int = 13, seed: int = 0,
-                 strength: float = 0.6, strengths: list[float] | None = None, feature_names: list[str] | None = None):
+    def __init__(
+        self,
+        cardinalities: list[int],
+        zipf_s: float = 1.1,
+        n_dense: int = 13,
+        seed: int = 0,
+        strength: float = 0.6,
+        strengths: list[float] | None = None,
+        feature_names: list[str] | None = None,
+    ):
         self.cardinalities = list(cardinalities)
         self.feature_names = list(feature_names) if feature_names else [f"C{i + 1}" for i in range(len(cardinalities))]
         self.n_dense = n_dense
@@ -80,16 +88,22 @@ class SyntheticClickStream:
         self.ids = [ZipfIds(n, zipf_s, salt=seed * 7919 + i * 104729) for i, n in enumerate(cardinalities)]
         rng = np.random.default_rng([seed, 99])
         # a few strong features, many weak ones, as in real click logs (or the caller's strengths)
-        self.strength = (np.asarray(strengths, np.float64) if strengths is not None
-                         else strength * rng.permutation(np.geomspace(1.0, 0.05, len(cardinalities))))
+        self.strength = (
+            np.asarray(strengths, np.float64)
+            if strengths is not None
+            else strength * rng.permutation(np.geomspace(1.0, 0.05, len(cardinalities)))
+        )
         self.dense_weights = rng.normal(0, 0.3, n_dense).astype(np.float32)
         self.bias = 0.0
         probe = self._logits(rng, 20_000)[0]
         self.bias = float(-np.quantile(probe, 0.72))  # about 28% positives
 
     def hidden_weight(self, feature: int, ids: np.ndarray) -> np.ndarray:
-        h1 = _mix(ids.astype(np.uint64) ^ np.uint64((self.seed + 1) * 0x9E3779B97F4A7C15 % 2**64)
-                  ^ np.uint64((feature + 1) * 0xD6E8FEB86659FD93 % 2**64))
+        h1 = _mix(
+            ids.astype(np.uint64)
+            ^ np.uint64((self.seed + 1) * 0x9E3779B97F4A7C15 % 2**64)
+            ^ np.uint64((feature + 1) * 0xD6E8FEB86659FD93 % 2**64)
+        )
         h2 = _mix(h1 ^ np.uint64(0x632BE59BD9B4E019))
         u1 = ((h1 >> np.uint64(11)).astype(np.float64) + 0.5) / 2.0**53
         u2 = (h2 >> np.uint64(11)).astype(np.float64) / 2.0**53
@@ -107,8 +121,13 @@ class SyntheticClickStream:
         rng = np.random.default_rng([self.seed, step])
         logit, ids, dense = self._logits(rng, batch_size)
         labels = (rng.random(batch_size) < 1.0 / (1.0 + np.exp(-logit))).astype(np.float32)
-        return Batch(torch.from_numpy(dense), list(self.feature_names), torch.from_numpy(np.concatenate(ids)),
-                     torch.ones(len(ids) * batch_size, dtype=torch.int64), torch.from_numpy(labels))
+        return Batch(
+            torch.from_numpy(dense),
+            list(self.feature_names),
+            torch.from_numpy(np.concatenate(ids)),
+            torch.ones(len(ids) * batch_size, dtype=torch.int64),
+            torch.from_numpy(labels),
+        )
 
     def dataset(self, n: int, stream_seed: int) -> TabularDataset:
         """n samples materialised (a held-out set when stream_seed differs from the training steps)."""
@@ -116,8 +135,16 @@ class SyntheticClickStream:
         logit, ids, dense = self._logits(rng, n)
         labels = (rng.random(n) < 1.0 / (1.0 + np.exp(-logit))).astype(np.float32)
         offsets = [np.arange(n + 1, dtype=np.int64)] * len(ids)
-        return TabularDataset("synthetic", list(self.feature_names), list(self.cardinalities), ids, offsets, dense,
-                              labels, {"bayes_logits": logit})
+        return TabularDataset(
+            "synthetic",
+            list(self.feature_names),
+            list(self.cardinalities),
+            ids,
+            offsets,
+            dense,
+            labels,
+            {"bayes_logits": logit},
+        )
 
 
 #: the mixed stream: small features that carry most of the signal, long-tailed ones that carry little per id
@@ -139,5 +166,6 @@ def mixed_stream(seed: int = 0) -> SyntheticClickStream:
     """
     names = [f"S{i + 1}" for i in range(len(MIXED_SMALL))] + [f"L{i + 1}" for i in range(len(MIXED_LONG))]
     strengths = [0.8] * len(MIXED_SMALL) + list(0.6 * np.geomspace(1.0, 0.2, len(MIXED_LONG)))
-    return SyntheticClickStream(MIXED_SMALL + MIXED_LONG, zipf_s=1.1, seed=seed, strengths=strengths,
-                                feature_names=names)
+    return SyntheticClickStream(
+        MIXED_SMALL + MIXED_LONG, zipf_s=1.1, seed=seed, strengths=strengths, feature_names=names
+    )

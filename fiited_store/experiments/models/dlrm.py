@@ -14,7 +14,7 @@ Methods, all returning float32[B, F * D] (features side by side):
 
 from __future__ import annotations
 
-from typing import Sequence
+from collections.abc import Sequence
 
 import numpy as np
 import torch
@@ -23,7 +23,6 @@ from torch import nn
 from ...adapters import FiitedEmbeddingBagCollection
 from ...config import DynamicRatio, ManualRatios, StoreConfig, TableConfig
 from ..config import METHODS, method_layout
-
 
 
 def mlp(sizes: Sequence[int], last_activation: bool) -> nn.Sequential:
@@ -45,13 +44,21 @@ class DLRM(nn.Module):
     >>> emb = DenseEmbeddings([10, 20], dim=4)
     >>> model = DLRM(emb, num_features=2, dim=4, num_dense=3)
     >>> from fiited_store.experiments.data import Batch
-    >>> b = Batch(torch.zeros(5, 3), ["a", "b"], torch.zeros(10, dtype=torch.int64), torch.ones(10, dtype=torch.int64), torch.zeros(5))
+    >>> b = Batch(torch.zeros(5, 3), ["a", "b"], torch.zeros(10, dtype=torch.int64),
+    ...           torch.ones(10, dtype=torch.int64), torch.zeros(5))
     >>> model(b).shape
     torch.Size([5])
     """
 
-    def __init__(self, embeddings: nn.Module, num_features: int, dim: int, num_dense: int,
-                 bottom: Sequence[int] = (64,), top: Sequence[int] = (128, 64)):
+    def __init__(
+        self,
+        embeddings: nn.Module,
+        num_features: int,
+        dim: int,
+        num_dense: int,
+        bottom: Sequence[int] = (64,),
+        top: Sequence[int] = (128, 64),
+    ):
         super().__init__()
         self.embeddings = embeddings
         self.num_features = num_features
@@ -91,8 +98,9 @@ class DenseEmbeddings(nn.Module):
         return sum(b.weight.numel() * 4 for b in self.bags)
 
 
-def md_dims(counts: Sequence[np.ndarray], cardinalities: Sequence[int], dim: int, budget_fraction: float,
-            alpha: float = 0.3) -> list[int]:
+def md_dims(
+    counts: Sequence[np.ndarray], cardinalities: Sequence[int], dim: int, budget_fraction: float, alpha: float = 0.3
+) -> list[int]:
     """Per-feature dimensions by the power-law rule of Ginart et al.
 
     A feature whose rows are accessed with average probability p gets
@@ -106,7 +114,7 @@ def md_dims(counts: Sequence[np.ndarray], cardinalities: Sequence[int], dim: int
     budget = budget_fraction * float(n.sum()) * dim
 
     def size(lam: float) -> tuple[float, np.ndarray]:
-        d = np.clip(np.round(lam * p ** alpha), 1, dim)
+        d = np.clip(np.round(lam * p**alpha), 1, dim)
         proj = np.where(d < dim, d * dim, 0)
         return float((n * d).sum() + proj.sum()), d
 
@@ -125,14 +133,17 @@ class MixedDimEmbeddings(nn.Module):
     def __init__(self, cardinalities: Sequence[int], dims: Sequence[int], dim: int, init_scale: float | None = None):
         super().__init__()
         self.dims = list(dims)
-        self.bags = nn.ModuleList(nn.EmbeddingBag(int(n), int(d), mode="sum", sparse=True)
-                                  for n, d in zip(cardinalities, dims))
+        self.bags = nn.ModuleList(
+            nn.EmbeddingBag(int(n), int(d), mode="sum", sparse=True) for n, d in zip(cardinalities, dims)
+        )
         for b, d in zip(self.bags, dims):
             nn.init.uniform_(b.weight, -1.0 / np.sqrt(d), 1.0 / np.sqrt(d))
         self.proj = nn.ModuleList(nn.Identity() if d == dim else nn.Linear(int(d), dim, bias=False) for d in dims)
 
     def forward(self, batch) -> torch.Tensor:
-        return torch.cat([p(bag(ids, offs[:-1])) for bag, p, (ids, offs) in zip(self.bags, self.proj, batch.per_feature())], 1)
+        return torch.cat(
+            [p(bag(ids, offs[:-1])) for bag, p, (ids, offs) in zip(self.bags, self.proj, batch.per_feature())], 1
+        )
 
     def sparse_parameters(self):
         return list(self.bags.parameters())
@@ -149,20 +160,47 @@ class FiitedEmbeddings(nn.Module):
     embeddings map each table's rows to D: rows that keep only a few dimensions then
     reach every coordinate of the interaction, not only their own."""
 
-    def __init__(self, feature_names: Sequence[str], cardinalities: Sequence[int], dim: int, store_config: StoreConfig,
-                 chunks: int, optimizer: str, learning_rate: float, init_scale: float | None = None, path=None,
-                 process_group=None, min_chunks: int = 0, floor_dim: int = 0, project: bool = False):
+    def __init__(
+        self,
+        feature_names: Sequence[str],
+        cardinalities: Sequence[int],
+        dim: int,
+        store_config: StoreConfig,
+        chunks: int,
+        optimizer: str,
+        learning_rate: float,
+        init_scale: float | None = None,
+        path=None,
+        process_group=None,
+        min_chunks: int = 0,
+        floor_dim: int = 0,
+        project: bool = False,
+    ):
         super().__init__()
         self.num_features, self.dim = len(feature_names), dim
         # torch.nn.Linear's initial range, one D x D matrix per feature
-        self.projection = nn.Parameter(torch.empty(len(feature_names), dim, dim).uniform_(
-            -1.0 / np.sqrt(dim), 1.0 / np.sqrt(dim))) if project else None
-        tables = [TableConfig(f, dim=dim, chunks=chunks, num_embeddings=int(n), optimizer=optimizer,
-                              learning_rate=learning_rate, init_scale=init_scale, min_chunks=min_chunks,
-                              floor_dim=floor_dim)
-                  for f, n in zip(feature_names, cardinalities)]
-        self.collection = FiitedEmbeddingBagCollection(tables, store_config=store_config, output="concat", path=path,
-                                                       process_group=process_group)
+        self.projection = (
+            nn.Parameter(torch.empty(len(feature_names), dim, dim).uniform_(-1.0 / np.sqrt(dim), 1.0 / np.sqrt(dim)))
+            if project
+            else None
+        )
+        tables = [
+            TableConfig(
+                f,
+                dim=dim,
+                chunks=chunks,
+                num_embeddings=int(n),
+                optimizer=optimizer,
+                learning_rate=learning_rate,
+                init_scale=init_scale,
+                min_chunks=min_chunks,
+                floor_dim=floor_dim,
+            )
+            for f, n in zip(feature_names, cardinalities)
+        ]
+        self.collection = FiitedEmbeddingBagCollection(
+            tables, store_config=store_config, output="concat", path=path, process_group=process_group
+        )
 
     @property
     def store(self):
@@ -194,14 +232,33 @@ class FiitedEmbeddings(nn.Module):
         return sum(p.vector_bytes for p in self.store.pools) + extra
 
 
-def build_embeddings(method: str, feature_names: Sequence[str], cardinalities: Sequence[int], dim: int, ratio: float,
-                     chunks: int, learning_rate: float, counts: Sequence[np.ndarray] | None = None,
-                     prune_period: int = 100, gamma: float = 0.99, sample_size: int = 100_000, seed: int = 0,
-                     steepness: float = 1.0, utility: str = "gradient", optimizer: str = "adagrad",
-                     mode: str = "prune", path=None, table_normalization: str = "none",
-                     small_table_rows: int = 0, process_group=None, readmission: str = "first",
-                     on_evict: str | None = None, min_chunks: int = 0, floor_dim: int = 0,
-                     project: bool = False) -> nn.Module:
+def build_embeddings(
+    method: str,
+    feature_names: Sequence[str],
+    cardinalities: Sequence[int],
+    dim: int,
+    ratio: float,
+    chunks: int,
+    learning_rate: float,
+    counts: Sequence[np.ndarray] | None = None,
+    prune_period: int = 100,
+    gamma: float = 0.99,
+    sample_size: int = 100_000,
+    seed: int = 0,
+    steepness: float = 1.0,
+    utility: str = "gradient",
+    optimizer: str = "adagrad",
+    mode: str = "prune",
+    path=None,
+    table_normalization: str = "none",
+    small_table_rows: int = 0,
+    process_group=None,
+    readmission: str = "first",
+    on_evict: str | None = None,
+    min_chunks: int = 0,
+    floor_dim: int = 0,
+    project: bool = False,
+) -> nn.Module:
     """The embedding module of one method at one pruning ratio (fraction of the dense size removed);
     with ``process_group``, FIITED's store is sharded over its ranks."""
     if method == "dense":
@@ -224,10 +281,31 @@ def build_embeddings(method: str, feature_names: Sequence[str], cardinalities: S
         pruning = DynamicRatio(wide)
     else:
         raise ValueError(f"method must be one of {METHODS}, got {method!r}")
-    cfg = StoreConfig(pruning=pruning, budget_fraction=max(1.0 - ratio, 1e-6), prune_period=prune_period, gamma=gamma,
-                      sample_size=sample_size, seed=seed, utility=utility, mode=mode,
-                      table_normalization=table_normalization, small_table_rows=small_table_rows,
-                      readmission=readmission, on_evict=on_evict)
-    return FiitedEmbeddings(feature_names, cardinalities, dim, cfg, chunks, optimizer, learning_rate, path=path,
-                            process_group=process_group, min_chunks=min_chunks if method != "adaembed" else 0,
-                            floor_dim=floor_dim, project=project)
+    cfg = StoreConfig(
+        pruning=pruning,
+        budget_fraction=max(1.0 - ratio, 1e-6),
+        prune_period=prune_period,
+        gamma=gamma,
+        sample_size=sample_size,
+        seed=seed,
+        utility=utility,
+        mode=mode,
+        table_normalization=table_normalization,
+        small_table_rows=small_table_rows,
+        readmission=readmission,
+        on_evict=on_evict,
+    )
+    return FiitedEmbeddings(
+        feature_names,
+        cardinalities,
+        dim,
+        cfg,
+        chunks,
+        optimizer,
+        learning_rate,
+        path=path,
+        process_group=process_group,
+        min_chunks=min_chunks if method != "adaembed" else 0,
+        floor_dim=floor_dim,
+        project=project,
+    )
