@@ -24,7 +24,7 @@ from typing import Any, Literal
 import numpy as np
 import torch
 
-from ..config import IndexKind, Initializer, Optimizer, PoolingMode, StoreConfig, TableConfig
+from ..config import FloorRatios, IndexKind, Initializer, Optimizer, PoolingMode, StoreConfig, TableConfig
 from ..errors import ConfigError, InputDTypeError, InputShapeError, UnknownTableError
 from ..store import EmbeddingStore
 from . import ops
@@ -65,6 +65,39 @@ class _StoreModule(torch.nn.Module):
         self._handle = ops.register(self)
         # what the store's update multiplies grad_out by (1/W for a sharded collection that divides)
         self._grad_scale = 1.0
+
+    def _init_projection(self, features: int, dims: Sequence[int], project: bool) -> None:
+        """``project``: one learned D x D map per feature on the store's output, a dense parameter
+        (torch.nn.Linear's initial range) that the model's own optimizer trains. Features of one
+        width share one float32[F, D, D] parameter, ``projection``; otherwise each has its own."""
+        self.projection: torch.nn.Parameter | None = None
+        self.projections: torch.nn.ParameterList | None = None
+        if not project:
+            return
+        if len(set(dims)) == 1:
+            D = dims[0]
+            bound = 1.0 / float(np.sqrt(D))
+            self.projection = torch.nn.Parameter(torch.empty(features, D, D).uniform_(-bound, bound))
+        else:
+            self.projections = torch.nn.ParameterList(
+                torch.nn.Parameter(torch.empty(d, d).uniform_(-1.0 / float(np.sqrt(d)), 1.0 / float(np.sqrt(d))))
+                for d in dims
+            )
+
+    def _project(self, out: torch.Tensor, positions: list[int], dims: list[int]) -> torch.Tensor:
+        """The store's output, float32[B, sum of dims] (features at ``positions`` side by side),
+        through each feature's map: row x of feature f becomes x @ P_f^T."""
+        B = out.shape[0]
+        if self.projection is not None:
+            P = self.projection if positions == list(range(self.projection.shape[0])) else self.projection[positions]
+            return torch.einsum("bfd,fed->bfe", out.view(B, len(positions), dims[0]), P).reshape(B, -1)
+        parts = torch.split(out, dims, dim=1)
+        return torch.cat([x @ self.projections[f].T for x, f in zip(parts, positions)], dim=1)
+
+    def projection_bytes(self) -> int:
+        """Bytes of the learned maps (0 without ``project``)."""
+        params = [self.projection] if self.projection is not None else list(self.projections or [])
+        return sum(p.numel() * p.element_size() for p in params)
 
     # what the operators (:mod:`.ops`) ask of the module
     def hold_batch(self, key: int, batch: Any, token: torch.Tensor) -> None:
@@ -220,6 +253,11 @@ class FiitedEmbeddingBag(_StoreModule):
         store_config: the :class:`StoreConfig` (budget, pruning, utility ...).
         path: directory for the disk tier and checkpoints.
         auto_step: call ``store.step()`` after every backward pass.
+        project: pass the pooled row through a learned D x D matrix (``self.projection``,
+            a dense parameter for the model's optimizer), so that a row that keeps few
+            dimensions still reaches every output coordinate. With
+            ``store_config=StoreConfig(pruning=FloorRatios(r))`` this is the store's
+            recommended default (every row keeps a floor, see :class:`FloorRatios`).
 
     The embeddings live in ``self.store`` and are not torch parameters: ``state_dict()``
     carries every array of the store (keys ``store.*``), and :attr:`weight` gives the
@@ -266,6 +304,7 @@ class FiitedEmbeddingBag(_StoreModule):
         path: Any = None,
         auto_step: bool = True,
         name: str = "table",
+        project: bool = False,
     ):
         if max_norm is not None:
             raise ConfigError(
@@ -305,8 +344,14 @@ class FiitedEmbeddingBag(_StoreModule):
             init_scale=init_scale,
             index=index,
         )
-        super().__init__(EmbeddingStore([table], _store_config_on(store_config, device), path=path), auto_step)
+        cfg = _store_config_on(store_config, device)
+        if cfg is not None and isinstance(cfg.pruning, FloorRatios):  # the floor: a store table of its own
+            (table,), cfg = cfg.pruning.resolve([table], cfg)
+        store_tables, parts = split_floors([table])
+        super().__init__(EmbeddingStore(store_tables, cfg, path=path), auto_step)
         self.table = table
+        self._parts = parts[0]
+        self._init_projection(1, [embedding_dim], project)
         self.mode = mode
         self.sparse = sparse
         self.include_last_offset = include_last_offset
@@ -320,7 +365,13 @@ class FiitedEmbeddingBag(_StoreModule):
                 raise InputShapeError(
                     f"_weight must have shape ({num_embeddings}, {embedding_dim}), got {tuple(_weight.shape)}"
                 )
-            self.store.insert_or_assign(name, np.arange(num_embeddings), _weight.detach().cpu().numpy())
+            rows, col = _weight.detach().cpu().numpy(), 0
+            for i in self._parts:  # the floor's columns first, then the chunks above it
+                t = self.store.tables[i]
+                self.store.insert_or_assign(
+                    t.name, np.arange(num_embeddings), np.ascontiguousarray(rows[:, col : col + t.dim])
+                )
+                col += t.dim
 
     @property
     def num_embeddings(self) -> int | None:
@@ -342,8 +393,11 @@ class FiitedEmbeddingBag(_StoreModule):
                 f"table {self.table.name!r} declares no num_embeddings, so it has no dense weight; "
                 f"read rows with store.find"
             )
-        rows = self.store.lookup(self.table.name, np.arange(self.table.num_embeddings, dtype=np.int64))
-        return torch.from_numpy(np.array(self.store.backend.to_host(rows)))
+        ids = np.arange(self.table.num_embeddings, dtype=np.int64)
+        parts = [
+            np.array(self.store.backend.to_host(self.store.lookup(self.store.tables[i].name, ids))) for i in self._parts
+        ]
+        return torch.from_numpy(np.concatenate(parts, axis=1) if len(parts) > 1 else parts[0])
 
     def extra_repr(self) -> str:
         t = self.table
@@ -384,7 +438,10 @@ class FiitedEmbeddingBag(_StoreModule):
             raise InputShapeError(f"input must be 1-D or 2-D, got shape {tuple(input.shape)}")
         if self.padding_idx is not None:
             input, offsets, per_sample_weights = _drop_padding(input, offsets, per_sample_weights, self.padding_idx)
-        return self._lookup([0], input, offsets, per_sample_weights, self.mode)
+        if len(self._parts) > 1:  # a floor: the ids go to both of the table's parts
+            input, offsets, per_sample_weights = repeat_keys(input, offsets.to(torch.int64), per_sample_weights, [2])
+        out = self._lookup(self._parts, input, offsets, per_sample_weights, self.mode)
+        return out if self.projection is None else self._project(out, [0], [self.table.dim])
 
 
 def _drop_padding(ids: torch.Tensor, offsets: torch.Tensor, weights: torch.Tensor | None, padding_idx: int):
@@ -434,6 +491,15 @@ class FiitedEmbeddingBagCollection(_StoreModule):
             up, W times those of one process.
         exact: with ``process_group``, send one gradient row per occurrence so that
             the result equals one store fed the global batch, bit for bit.
+        project: pass each feature's pooled row through a learned D x D matrix of its own
+            (``self.projection``, float32[features, D, D] when every feature has one width;
+            a dense parameter for the model's optimizer), as Mixed-Dimension embeddings
+            map each table. The output is then a new tensor, not the store's buffer.
+
+    The store's recommended default is ``store_config=StoreConfig(pruning=FloorRatios(r))``
+    with ``project=True``: every declared row keeps a floor of D / 16 dimensions, the
+    paper's manual ratios decide the K chunks above it, and the map lets rows that keep
+    few dimensions reach every coordinate (:class:`~fiited_store.FloorRatios`).
 
     ``output="concat"`` and a "keyed" output whose input keys are already in the
     tables' order share memory with the store's output buffer; a "keyed" output that
@@ -472,6 +538,7 @@ class FiitedEmbeddingBagCollection(_StoreModule):
         process_group: Any = None,
         exact: bool = False,
         gradient_division: bool = True,
+        project: bool = False,
     ):
         if isinstance(is_weighted, StoreConfig):
             raise ConfigError(
@@ -497,20 +564,18 @@ class FiitedEmbeddingBagCollection(_StoreModule):
             raise ConfigError(f"mode must be 'sum' or 'mean', got {mode!r}")
         if output not in ("keyed", "concat", "dict"):
             raise ConfigError(f"output must be 'keyed', 'concat' or 'dict', got {output!r}")
+        cfg = _store_config_on(store_config, device)
+        if cfg is not None and isinstance(cfg.pruning, FloorRatios):  # every table gets its floor
+            configs, cfg = cfg.pruning.resolve(configs, cfg)
+            configs = list(configs)
         # a table with floor_dim is two tables of the store (:mod:`.floors`)
         store_tables, self._parts = split_floors(configs)
         if process_group is not None:
             from ..distributed import ShardedEmbeddingStore
 
-            store = ShardedEmbeddingStore(
-                store_tables,
-                _store_config_on(store_config, device),
-                process_group=process_group,
-                exact=exact,
-                path=path,
-            )
+            store = ShardedEmbeddingStore(store_tables, cfg, process_group=process_group, exact=exact, path=path)
         else:
-            store = EmbeddingStore(store_tables, _store_config_on(store_config, device), path=path)
+            store = EmbeddingStore(store_tables, cfg, path=path)
         super().__init__(store, auto_step)
         if process_group is not None and gradient_division:
             self._grad_scale = 1.0 / store.world
@@ -525,6 +590,8 @@ class FiitedEmbeddingBagCollection(_StoreModule):
         self._dims = {f: configs[self._table_index[t]].dim for f, t in self.feature_to_table.items()}
         # TorchRec's output order: table after table, each table's features in order
         self._embedding_names = sorted(self.feature_to_table, key=lambda f: self._table_index[self.feature_to_table[f]])
+        self._feature_position = {f: i for i, f in enumerate(self.feature_to_table)}
+        self._init_projection(len(self._dims), [self._dims[f] for f in self.feature_to_table], project)
 
     def embedding_names(self) -> list[str]:
         """The features, in the order a keyed output lists them."""
@@ -556,6 +623,8 @@ class FiitedEmbeddingBagCollection(_StoreModule):
             values, offsets, weights = repeat_keys(values, offsets, weights, [len(p) for p in parts])
         out = self._lookup([i for p in parts for i in p], values, offsets, weights, self.mode)
         dims = [self._dims[k] for k in keys]
+        if self.projection is not None or self.projections is not None:
+            out = self._project(out, [self._feature_position[k] for k in keys], dims)
         if self.output == "concat":
             return out
         if self.output == "dict":

@@ -3,7 +3,7 @@
 >>> from fiited_store import EmbeddingStore, TableConfig, StoreConfig, ManualRatios
 """
 
-from .config import DynamicRatio, ManualRatios, StoreConfig, TableConfig
+from .config import DynamicRatio, FloorRatios, ManualRatios, StoreConfig, TableConfig
 from .errors import (
     ConfigError,
     CorruptStoreError,
@@ -41,6 +41,7 @@ __all__ = [
     "ConfigError",
     "CorruptStoreError",
     "DynamicRatio",
+    "FloorRatios",
     "EmbeddingStore",
     "FiitedError",
     "IdOutOfRangeError",

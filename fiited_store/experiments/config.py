@@ -19,6 +19,7 @@ from ..config import (
     Readmission,
     TableNormalization,
     UtilityMode,
+    default_floor_dim,
 )
 from ..errors import ConfigError
 
@@ -45,11 +46,6 @@ __all__ = [
     "method_layout",
 ]
 SWEEP_RATIOS = (0.5, 0.625, 0.75, 0.8125, 0.875, 0.9375)
-
-
-def default_floor_dim(dim: int) -> int:
-    """fiited-floor's floor when none is given: D / 16 dimensions (2 of 32), at least one."""
-    return max(1, dim // 16)
 
 
 def method_layout(method: str, dim: int, floor_dim: int, project: bool) -> tuple[int, bool]:

@@ -21,7 +21,7 @@ import torch
 from torch import nn
 
 from ...adapters import FiitedEmbeddingBagCollection
-from ...config import DynamicRatio, ManualRatios, StoreConfig, TableConfig
+from ...config import DynamicRatio, FloorRatios, ManualRatios, StoreConfig, TableConfig, floor_budget_ratio
 from ..config import METHODS, method_layout
 
 
@@ -178,12 +178,6 @@ class FiitedEmbeddings(nn.Module):
     ):
         super().__init__()
         self.num_features, self.dim = len(feature_names), dim
-        # torch.nn.Linear's initial range, one D x D matrix per feature
-        self.projection = (
-            nn.Parameter(torch.empty(len(feature_names), dim, dim).uniform_(-1.0 / np.sqrt(dim), 1.0 / np.sqrt(dim)))
-            if project
-            else None
-        )
         tables = [
             TableConfig(
                 f,
@@ -198,20 +192,22 @@ class FiitedEmbeddings(nn.Module):
             )
             for f, n in zip(feature_names, cardinalities)
         ]
+        # the map per feature is the collection's own (project=True), as a user's model would have it
         self.collection = FiitedEmbeddingBagCollection(
-            tables, store_config=store_config, output="concat", path=path, process_group=process_group
+            tables, store_config=store_config, output="concat", path=path, process_group=process_group, project=project
         )
 
     @property
     def store(self):
         return self.collection.store
 
+    @property
+    def projection(self):
+        """The learned D x D map per feature, float32[F, D, D], or None."""
+        return self.collection.projection
+
     def forward(self, batch) -> torch.Tensor:
-        out = self.collection(batch.features())
-        if self.projection is None:
-            return out
-        B = out.shape[0]
-        return torch.einsum("bfd,fed->bfe", out.view(B, self.num_features, self.dim), self.projection).reshape(B, -1)
+        return self.collection(batch.features())
 
     def sparse_parameters(self):
         return []
@@ -226,7 +222,7 @@ class FiitedEmbeddings(nn.Module):
     def weight_bytes(self) -> int:
         """The pool's bytes (every shard's, for a sharded store: then a collective), and the
         projection's (as Mixed-Dimension embeddings count theirs)."""
-        extra = 0 if self.projection is None else self.projection.numel() * 4
+        extra = self.collection.projection_bytes()
         if hasattr(self.store, "shard"):
             return int(self.store.stats()["total"]["bytes"]["pool_vectors"]) + extra
         return sum(p.vector_bytes for p in self.store.pools) + extra
@@ -270,15 +266,17 @@ def build_embeddings(
             raise ValueError("Mixed-Dimension embeddings need access counts")
         return MixedDimEmbeddings(cardinalities, md_dims(counts, cardinalities, dim, 1.0 - ratio), dim)
     floor_dim, project = method_layout(method, dim, floor_dim, project)
-    # with a floor, the ratios apply to the D - f dimensions that compete: the floor takes
-    # f of the (1 - ratio) D per row that the budget allows, and they share the rest
-    wide = ratio if not floor_dim else 1.0 - max((1.0 - ratio) * dim - floor_dim, 0.0) / (dim - floor_dim)
     if method == "adaembed":
         chunks, pruning = 1, DynamicRatio(ratio)
-    elif method in ("fiited-manual", "fiited-floor"):
-        pruning = ManualRatios.linear(wide, chunks, steepness)
+    elif method in ("fiited-manual", "fiited-floor") and floor_dim:
+        # the library's default policy: the floor, and the manual ratios above it (the tables
+        # carry the floor too, so that a K that divides D - f but not D is accepted)
+        pruning = FloorRatios(ratio, floor_dim, steepness)
+    elif method == "fiited-manual":
+        pruning = ManualRatios.linear(ratio, chunks, steepness)
     elif method == "fiited-dynamic":
-        pruning = DynamicRatio(wide)
+        # with a floor, one ratio for the D - f dimensions that compete for the rest of the budget
+        pruning = DynamicRatio(floor_budget_ratio(ratio, dim, floor_dim) if floor_dim else ratio)
     else:
         raise ValueError(f"method must be one of {METHODS}, got {method!r}")
     cfg = StoreConfig(
