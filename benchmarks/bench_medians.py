@@ -3,8 +3,8 @@
 Each ratio is measured inside one run (store and peer on the same machine state);
 the README reports the median of the per-run ratios, and keeps every run's ratios.
 
-    python benchmarks/bench_medians.py --runs 3 --out docs/bench_cpu_medians.json \\
-        --last-run docs/bench_cpu.json
+    python benchmarks/bench_medians.py --runs 3 --out docs/results/bench_cpu_medians.json \\
+        --last-run docs/results/bench_cpu.json
 
 This machine is shared and noisy: single runs of one ratio have differed by 1.7x.
 """
@@ -55,7 +55,7 @@ def medians(runs: list[dict]) -> dict:
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--runs", type=int, default=3)
-    p.add_argument("--out", default="docs/bench_cpu_medians.json")
+    p.add_argument("--out", default="docs/results/bench_cpu_medians.json")
     p.add_argument("--last-run", default=None, help="also keep the last run's whole report here")
     p.add_argument("--from-json", nargs="*", default=None, help="take the medians of these reports instead of running")
     args = p.parse_args()

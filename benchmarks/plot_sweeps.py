@@ -1,7 +1,7 @@
 """One plot and one table from several sweeps of the same dataset (``fiited-store sweep`` outputs).
 
-    python benchmarks/plot_sweeps.py docs/sweep_ml100k docs/sweep_ml100k_fiited_floor \
-        --ratios 0.5 0.75 0.8125 0.875 0.9375 --out docs/quality_ml100k.png
+    python benchmarks/plot_sweeps.py docs/results/sweep_ml100k docs/results/sweep_ml100k_fiited_floor \
+        --ratios 0.5 0.75 0.8125 0.875 0.9375 --out docs/results/quality_ml100k.png
 
 Each directory's ``sweep.csv`` is read; a method measured in two of them is taken
 from the later one. Prints the merged markdown table (AUC and the store's memory).

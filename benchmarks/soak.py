@@ -1,6 +1,6 @@
 """Soak: a writer trains and saves in a loop while readers open, hold and read the store.
 
-    python benchmarks/soak.py --minutes 10 --json docs/soak.json
+    python benchmarks/soak.py --minutes 10 --json docs/results/soak.json
 
 The writer trains a prune-mode store with a disk tier (``on_evict="spill"``) on an
 endless id stream (ids keep arriving; dead entries are dropped), saves every

@@ -215,12 +215,27 @@ def _config_from(args, **override) -> TrainConfig:
     )
 
 
-def cmd_train(args) -> int:
-    from .experiments.train import format_result, run
+def _start_compiling():
+    """The store's kernels compiled before the first step, in forked processes while this one
+    reads the data and builds the model (a fresh install only: numba caches them), so that no
+    step time measures the compiler. Under torchrun every rank would compile the same
+    kernels at once: the ranks compile lazily there. Returns what to call before the first step."""
+    if int(os.environ.get("WORLD_SIZE", "1")) > 1:
+        return None
+    from .kernels.warmup import KernelCompilation
 
+    # this process first imports torch, makes the data and builds the model: a few seconds
+    return KernelCompilation(out=sys.stderr, head_start=5.0).finish
+
+
+def cmd_train(args) -> int:
     # dense does not prune: its ratio is 0 whatever --ratio says
     ratio = 0.0 if args.method == "dense" else args.ratio
-    result = run(_config_from(args, method=args.method, ratio=ratio, seed=args.seed), progress=not args.no_progress)
+    cfg = _config_from(args, method=args.method, ratio=ratio, seed=args.seed)  # checked before any work
+    compiled = _start_compiling()
+    from .experiments.train import format_result, run  # torch: after the fork of the compilers
+
+    result = run(cfg, progress=not args.no_progress, before_training=compiled)
     if result.get("world_size", 1) > 1:
         import torch.distributed as dist
 
@@ -237,7 +252,6 @@ def cmd_train(args) -> int:
 def cmd_sweep(args) -> int:
     from dataclasses import replace
 
-    from .experiments.sweep import markdown_table, sweep
     from .plotting import INSTALL_HINT, available
 
     base = _config_from(args, method=args.methods[0])
@@ -245,6 +259,12 @@ def cmd_sweep(args) -> int:
         for r in args.ratios:
             replace(base, method=m, ratio=r)
     plots = available()
+    compiled = _start_compiling()
+    from .experiments.sweep import markdown_table, sweep  # torch: after the fork of the compilers
+
+    if compiled is not None:
+        compiled()
+
     if not plots:
         print(f"fiited-store sweep: sweep.png will not be drawn ({INSTALL_HINT})", file=sys.stderr)
     results = sweep(base, args.methods, args.ratios, args.seeds, Path(args.out), progress=not args.no_progress)

@@ -203,7 +203,7 @@ def bench_cache_mode_step(
             paired = np.array(times[label][cfg.warmup :]) / np.array(times[baseline][cfg.warmup :])
             results[f"{label}_vs_{baseline}_paired_median"] = float(np.median(paired))
     if "cache_25" in results and baseline == "in_memory":
-        # the names the CPU report and docs/bench_tiers.json have always used
+        # the names the CPU report and docs/results/bench_tiers.json have always used
         results["cache_vs_in_memory"] = results["cache_25_vs_in_memory"]
         results["cache_vs_in_memory_mean"] = results["cache_25"]["mean_ms"] / results["in_memory"]["mean_ms"]
     results["model_rows"] = int(sum(cards))
