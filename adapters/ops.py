@@ -16,7 +16,7 @@ integer ``handle``. A training forward keeps its :class:`PooledBatch` under the
 ``token`` it returns (an int64[1] tensor saved for backward); the batch is forgotten
 when its backward has run or when autograd frees the token, whichever comes first.
 
-Autograd semantics (see the README):
+Autograd semantics (see docs/user-guide.md):
 
 - the store updates itself only from a backward pass that would also accumulate into
   leaves (``loss.backward()``); ``torch.autograd.grad(loss, [per_sample_weights])``

@@ -1,7 +1,7 @@
-"""The README's CPU figures: ``fiited-store bench`` run several times, medians taken.
+"""The CPU figures of docs/benchmarks.md: ``fiited-store bench`` run several times, medians taken.
 
 Each ratio is measured inside one run (store and peer on the same machine state);
-the README reports the median of the per-run ratios, and keeps every run's ratios.
+docs/benchmarks.md reports the median of the per-run ratios, and keeps every run's ratios.
 
     python benchmarks/bench_medians.py --runs 3 --out docs/results/bench_cpu_medians.json \\
         --last-run docs/results/bench_cpu.json

@@ -2,7 +2,7 @@
 
 FIITED_BENCH_SCALE multiplies the Criteo Kaggle cardinalities (default 0.02, a
 173 MB dense table, so that a run takes a minute); ``fiited-store bench`` runs the
-README's full-scale comparison in one process and reports ratios.
+full-scale comparison of docs/benchmarks.md in one process and reports ratios.
 """
 
 import os

@@ -3,7 +3,7 @@
 In one run, on one card, every store fed torch CUDA tensors (checked on the device,
 nothing but the output and gradients crossing):
 
-- lookup: the README's bench shape (26 features, one id per bag, D = 64, K = 4, pool
+- lookup: the CPU bench's shape (26 features, one id per bag, D = 64, K = 4, pool
   at 25% of the dense size, Zipf(1.1) ids) and the same with a batch 16 times larger,
   against ``torch.nn.functional.embedding_bag`` on a dense table on the same card;
   lookups per second and the bandwidth they imply against the card's;

@@ -4,7 +4,7 @@
 #   bash benchmarks/gpu_check.sh [OUTDIR]
 # Needs numba-cuda with the CUDA toolkit, torch with CUDA, zarr and tqdm. Wheels for
 # the missing ones can sit in .whl/ (zarr, numcodecs, donfig, google-crc32c for a
-# machine with none; see the README) and are installed into a scratch directory, never
+# machine with none; see docs/benchmarks.md) and are installed into a scratch directory, never
 # over the machine's own packages.
 #
 # To check the script itself without a GPU (slow: numba's simulator runs the kernels):

@@ -1,4 +1,4 @@
-"""Checks of every invariant in DESIGN.md over a store's arrays (host-side, vectorised).
+"""Checks of every invariant in docs/design.md over a store's arrays (host-side, vectorised).
 
 ``check_store(store)`` returns a list of problems, each a sentence naming the
 array and the position that is wrong; an empty list means the store is sound.

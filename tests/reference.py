@@ -1,6 +1,6 @@
 """A slow, obviously-correct model of the store: a dict of rows, plain Python loops.
 
-It follows the semantics written in DESIGN.md and the docstrings, with the same
+It follows the semantics written in docs/design.md and the docstrings, with the same
 float32 arithmetic in the same order as the kernels (gradient sums in batch order,
 fused multiply-adds where torch's optimizers use them, utilities kept on the same
 gamma**-steps scale), so the two can be compared for exact equality. It shares no

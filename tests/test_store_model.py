@@ -1,7 +1,7 @@
 """The store against the reference model: random sequences of operations (hypothesis).
 
 Every step compares outputs, residency and utilities exactly, and checks every
-invariant of DESIGN.md with ``verify.check_store``.
+invariant of docs/design.md with ``verify.check_store``.
 """
 
 from __future__ import annotations
@@ -156,7 +156,7 @@ class StoreVsReference(RuleBasedStateMachine):
         np.testing.assert_array_equal(batch.output, rb.output)
         grad = np.array(
             # no subnormal gradients: one (about 1e-45) in a row-wise Adagrad row makes the kernel
-            # and the reference differ by one ulp at a later step (a known gap, README "Known limits")
+            # and the reference differ by one ulp at a later step (a known gap, docs/limits.md)
             data.draw(
                 st.lists(
                     st.floats(-2, 2, width=32, allow_subnormal=False),

@@ -69,7 +69,7 @@ class TrainConfig:
     through a learned matrix: on ML-100K and both built-in streams it is at or above
     the better of a uniformly smaller dimension and Mixed-Dimension embeddings at
     every ratio measured, where the paper's rule falls up to 0.032 AUC short on
-    ML-100K (README, "Feature-aware pruning").
+    ML-100K (docs/quality.md).
     Every value is checked here, before any data is read or any model is built.
     """
 

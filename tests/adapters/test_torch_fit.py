@@ -325,7 +325,7 @@ def test_torchrec_style_configs_are_accepted_without_torchrec():
         FiitedEmbeddingBagCollection([types.SimpleNamespace(**{**vars(cfg), "init_fn": abs})])
 
 
-@pytest.mark.skipif(not HAS_TORCHREC, reason="torchrec is not installed (.ci/run installs it as DESIGN.md describes)")
+@pytest.mark.skipif(not HAS_TORCHREC, reason="torchrec is not installed (docs/testing.md: how CI installs it)")
 def test_torchrec_keyed_jagged_tensor_in_and_keyed_tensor_out_equal_torchrecs_collection(rng):
     from torchrec import EmbeddingBagCollection, EmbeddingBagConfig, PoolingType
     from torchrec.sparse.jagged_tensor import KeyedJaggedTensor

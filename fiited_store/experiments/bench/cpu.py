@@ -1,4 +1,4 @@
-"""``fiited-store bench``: the store against its peers on the README's shape, in one run.
+"""``fiited-store bench``: the store against its peers on the bench shape (docs/benchmarks.md), in one run.
 
 Shape: batch 4096 x 26 features, one id per bag, D = 64, K = 4, Zipf(1.1) ids over
 the Criteo Kaggle cardinalities (33.8M rows, an 8.6 GB dense table at scale 1),
@@ -340,7 +340,7 @@ def bench_store(
         )
     if peer is not None and "torch-sparse" in cfg.peers:
         out[f"{key}_train_step_blocks"] = _timeit_blocks(step, peer.step, cfg.warmup)
-    # the parts of a step, for the README's breakdown
+    # the parts of a step, for the benchmarks' breakdown
     b = store.pooled_lookup(w.names, w.ids[0], w.offsets, train=True)
     t0 = time.perf_counter()
     store.backward(b, w.grads[0])
