@@ -446,6 +446,15 @@ class StoreConfig:
             function of seed, table, id and chunk), "zero", or "fresh" (drawn anew,
             from the seed and the prune round). New keys always start at their
             first values.
+        prefetch_depth: how many batches ahead a caller prefetches (``prefetch_async``
+            of batch i + n before the lookup of batch i): the store keeps that many
+            batches' background reads and spares their entries from eviction.
+        tier_max_garbage: the share of a disk tier's written slots that may be dead
+            before the store moves the live rows of its emptiest segments elsewhere and
+            drops them (after a step, and before a checkpoint): what bounds the disk the
+            tier takes beyond its live rows.
+        tier_segment_slots: slots per segment of the disk tier (None: about 64 MiB of
+            rows); a checkpoint keeps sealed segments by hard links.
     """
 
     pruning: PruningPolicy = field(default_factory=lambda: DynamicRatio(0.75))
@@ -469,6 +478,9 @@ class StoreConfig:
     table_normalization: TableNormalization = "none"
     small_table_rows: int = 0
     readmission: Readmission = "first"
+    prefetch_depth: int = 1
+    tier_max_garbage: float = 0.15
+    tier_segment_slots: int | None = None
 
     def __post_init__(self) -> None:
         _check(
@@ -550,6 +562,20 @@ class StoreConfig:
         _check(
             _is_int(self.small_table_rows) and self.small_table_rows >= 0,
             f"small_table_rows must be an int >= 0, got {self.small_table_rows!r}",
+        )
+        _check(
+            _is_int(self.prefetch_depth) and 1 <= self.prefetch_depth <= 64,
+            f"prefetch_depth must be an int in [1, 64], got {self.prefetch_depth!r}",
+        )
+        _check(
+            not isinstance(self.tier_max_garbage, bool)
+            and isinstance(self.tier_max_garbage, (int, float))
+            and 0.0 < self.tier_max_garbage < 1.0,
+            f"tier_max_garbage must lie in (0, 1), got {self.tier_max_garbage!r}",
+        )
+        _check(
+            self.tier_segment_slots is None or (_is_int(self.tier_segment_slots) and self.tier_segment_slots >= 1),
+            f"tier_segment_slots must be a positive int or None, got {self.tier_segment_slots!r}",
         )
         _check(
             self.host_cache_bytes is None or (_is_int(self.host_cache_bytes) and self.host_cache_bytes >= 0),

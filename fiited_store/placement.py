@@ -228,12 +228,16 @@ def evict(store, pool: ChunkPool, ev_e, ev_k, *, spares_upcoming: bool = False) 
     b, a = store.backend, pool.arrays
     g = pool.plan.group
     if store.config.spills:
+        tier = tiering.tier_of(store, g)
+        if not tier.keeps_owners and b.name == "cpu":
+            # a log's slots go out in order: a row's chunks, listed together, sit side by side
+            order = np.lexsort((b.to_host(ev_k), b.to_host(ev_e)))
+            ev_e, ev_k = b.from_host(b.to_host(ev_e)[order]), b.from_host(b.to_host(ev_k)[order])
         codes = b.empty(n, np.int32)
         store.k.chunk_codes(store.entries.arrays.addr, ev_e, ev_k, codes)
         vec = b.empty((n, pool.plan.chunk_width), np.float32)
         st = b.empty((n, pool.plan.state_width), np.float32)
         store.k.gather_slots(codes, a.vectors, a.opt_state, vec, st)
-        tier = tiering.tier_of(store, g)
         tslots = tier.allocate(n)
         try:
             # on the tier's thread: a restore reads after it (the thread's queue, or a wait)
@@ -244,7 +248,8 @@ def evict(store, pool: ChunkPool, ev_e, ev_k, *, spares_upcoming: bool = False) 
         store.k.commit_evictions(
             ev_e, ev_k, b.from_host(tslots), store.entries.arrays.addr, a.owner, a.free_stack, a.n_free, store.kmax
         )
-        tier.owner[tslots] = b.to_host(ev_e)
+        if tier.keeps_owners:
+            tier.owner[tslots] = b.to_host(ev_e)
         store.counters.spilled_chunks += n
     else:
         store.k.commit_evictions(

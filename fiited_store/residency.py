@@ -18,7 +18,7 @@ from typing import Any, NamedTuple
 
 import numpy as np
 
-from . import placement
+from . import placement, tiering
 from .errors import PoolCapacityError
 from .kernels import cpu as host_kernels
 from .pool import ChunkPool
@@ -59,22 +59,49 @@ class Staged:
 
 
 class Residency:
-    """What cache mode keeps between calls of one store.
+    """What cache mode keeps between calls of one store, prefetching ``depth`` batches ahead.
 
     - ``staged``: per pool, the background reads of coming batches, newest last: one for
-      the next batch and one for the batch after it (a prefetch one batch ahead is
-      usually called before the forward);
-    - ``upcoming``: the entries of the batch being prefetched, which evictions spare
-      when they can;
-    - ``resolved``: the last two prefetched batches, resolved, for their training lookups;
-    - ``clock``: per pool, where the victim scan stopped.
+      each of the ``depth`` batches ahead and one for the batch about to be looked up (a
+      prefetch is usually called before the forward);
+    - ``upcoming``: the entries of the last ``depth`` prefetched batches, which evictions
+      spare when they can;
+    - ``resolved``: the last ``depth + 1`` prefetched batches, resolved, for their
+      training lookups;
+    - ``clock``: per pool, where the victim scan stopped;
+    - ``needed`` and ``missed``: per table, the chunks training lookups needed resident,
+      and those that were not (the pool's hit rate is one minus their ratio).
     """
 
-    def __init__(self, n_pools: int):
+    def __init__(self, n_pools: int, n_tables: int = 0, depth: int = 1):
+        self.depth = int(depth)
         self.staged: dict[int, list[Staged]] = {}
-        self.upcoming = np.empty(0, np.int64)
+        self.upcoming_batches: list[np.ndarray] = []
         self.resolved: list[Resolved] = []
         self.clock = [0] * n_pools
+        self.needed = np.zeros(n_tables, np.int64)
+        self.missed = np.zeros(n_tables, np.int64)
+
+    @property
+    def upcoming(self) -> np.ndarray:
+        """Entries of the batches prefetched and not looked up yet (repeats allowed)."""
+        if not self.upcoming_batches:
+            return np.empty(0, np.int64)
+        if len(self.upcoming_batches) == 1:
+            return self.upcoming_batches[0]
+        return np.concatenate(self.upcoming_batches)
+
+    def prefetched(self, uniq: np.ndarray) -> None:
+        """A batch's entries were prefetched: spared from eviction for the next ``depth`` batches."""
+        self.upcoming_batches.append(uniq)
+        del self.upcoming_batches[: -self.depth]
+
+    def hit_rates(self, table_names) -> dict[str, float | None]:
+        """Per table, the share of chunks training lookups found resident (None before any)."""
+        return {
+            name: (1.0 - float(self.missed[i]) / float(self.needed[i])) if self.needed[i] else None
+            for i, name in enumerate(table_names)
+        }
 
     def has_resolved(self) -> bool:
         return bool(self.resolved)
@@ -90,7 +117,7 @@ class Residency:
         """An eviction ran: the prefetched batches' lists of missing chunks no longer hold,
         but the latest one's when the eviction spared its entries."""
         for r in self.resolved:
-            if not (spares_upcoming and r.grouping.uniq is self.upcoming):
+            if not (spares_upcoming and any(r.grouping.uniq is u for u in self.upcoming_batches)):
                 r.missing = None
 
     def drop_reads(self) -> None:
@@ -138,12 +165,19 @@ def make_resident(store, uniq, missing: dict | None = None) -> None:
     b = store.backend
     if uniq.shape[0] == 0:
         return
+    state = store.residency
+    ea, m = store.entries.arrays, store.host_meta
+    host_index = (b.to_host(ea.row_base), b.to_host(ea.seen), b.to_host(ea.table_ids))
+    host_kernels.count_by_table(b.to_host(uniq), *host_index, len(store.tables), m["table_chunks"], True, state.needed)
     for pool in store.pools:
         g = pool.plan.group
         miss_e, miss_k = placement.missing_chunks(store, uniq, g, None if missing is None else missing.get(g))
         n = int(miss_e.shape[0])
         if n == 0:
             continue
+        host_kernels.count_by_table(
+            b.to_host(miss_e), *host_index, len(store.tables), m["table_chunks"], False, state.missed
+        )
         if n > pool.n_free:
             tids, _ = store.entries.keys_of(b.to_host(uniq))
             in_group = store.host_meta["table_group"][tids] == g
@@ -196,13 +230,41 @@ def evict_for(store, pool: ChunkPool, batch: np.ndarray, need: int, target: int)
                 pool.arrays.owner, ea.addr, ea.util, pinned, np.float32(threshold), state.clock[g], out_e, out_k
             )
         )
-        placement.evict(store, pool, out_e[:n], out_k[:n], spares_upcoming=attempt < 2)
+        ev_e, ev_k = out_e[:n], out_k[:n]
+        if n and tiering.whole_rows(store, g):
+            ev_e, ev_k = _whole_rows(store, g, ev_e)
+            n = int(ev_e.shape[0])
+        placement.evict(store, pool, ev_e, ev_k, spares_upcoming=attempt < 2)
         done += n
         if done >= need:
             return
         threshold = np.inf
         target = max(target, need)
     raise PoolCapacityError(f"could not free {need} slots of width {pool.chunk_width} (found {done})")
+
+
+def _whole_rows(store, group: int, victims: np.ndarray):
+    """Every resident chunk of the victims' rows: a row leaves the pool in one piece, so that
+    it comes back in one read."""
+    entries = np.unique(victims)
+    ea, m = store.entries.arrays, store.host_meta
+    size = entries.shape[0] * store.kmax
+    out_e, out_k = np.empty(size, np.int64), np.empty(size, np.int64)
+    n = int(
+        host_kernels.resident_chunks(
+            entries,
+            ea.row_base,
+            ea.seen,
+            ea.table_ids,
+            ea.addr,
+            m["table_chunks"],
+            m["table_group"],
+            group,
+            out_e,
+            out_k,
+        )
+    )
+    return out_e[:n], out_k[:n]
 
 
 def prefetch(store, features: str | Sequence[str], ids: Any, offsets: Any = None) -> int:
@@ -246,8 +308,8 @@ def prefetch_async(store, features: str | Sequence[str], ids: Any, offsets: Any 
         if state.resolved and state.resolved[0].version != _resolution_version(store):
             state.resolved.clear()
         state.resolved.append(Resolved(owned, entries, grouping, _resolution_version(store), missing))
-        del state.resolved[:-2]
-    state.upcoming = b.to_host(uniq)
+        del state.resolved[: -(state.depth + 1)]
+    state.prefetched(b.to_host(uniq))
     total = 0
     for pool in store.pools:
         g = pool.plan.group
@@ -260,7 +322,7 @@ def prefetch_async(store, features: str | Sequence[str], ids: Any, offsets: Any 
             continue
         tier = store.tiers[g]
         reads = state.staged.setdefault(g, [])
-        while len(reads) >= 2:
+        while len(reads) >= state.depth + 1:
             old = reads.pop(0)
             old.future.cancel()
             tier.end_read(old.mark)

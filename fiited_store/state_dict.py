@@ -33,10 +33,11 @@ def export_state(store) -> dict[str, np.ndarray]:
     for g, tier in enumerate(store.tiers):
         if tier is None:
             continue
-        used = np.nonzero(tier.owner >= 0)[0]
+        # the spilled chunks, read off the addresses (a segment tier keeps no owners)
+        owner, _, used = tiering.spilled_chunks(store, g)
         vec, st = tier.read(used)
         out[f"tier_{g}.slots"] = used
-        out[f"tier_{g}.owner"] = tier.owner[used].copy()
+        out[f"tier_{g}.owner"] = owner
         out[f"tier_{g}.vectors"], out[f"tier_{g}.states"] = vec, st
     out["meta.counters"] = np.array(store.clock.as_tuple(), np.int64)
     out["meta.config"] = np.frombuffer(json.dumps(config_to_json(store.tables, store.config)).encode(), np.uint8).copy()
@@ -102,15 +103,15 @@ def import_state(store, state: dict[str, Any]) -> None:
     for g in range(len(store.plans)):
         if f"tier_{g}.slots" not in st:
             continue
-        plan = store.plans[g]
-        from .storage.zarr_tier import ZarrTier
-
         root = tiering.tier_root(store) / f"tier_{g}.import"
-        tier = ZarrTier(root, plan.chunk_width, plan.state_width, capacity=st[f"tier_{g}.slots"].shape[0])
+        shutil.rmtree(root, ignore_errors=True)
+        tier = tiering.new_tier(store, g, root, capacity=st[f"tier_{g}.slots"].shape[0])
         new_slots = tier.allocate(st[f"tier_{g}.slots"].shape[0])
         tier.write(new_slots, st[f"tier_{g}.vectors"], st[f"tier_{g}.states"])
         owner = st[f"tier_{g}.owner"]
-        tier.owner[new_slots] = owner
+        if tier.keeps_owners:
+            tier.owner[new_slots] = owner
+        tier.flush()  # every row in the tier's files before it is reopened from them below
         # the rows moved: point their chunks at the new slots
         k_of = np.argmax(addr[owner] == (-2 - st[f"tier_{g}.slots"])[:, None], axis=1)
         addr[owner, k_of] = -2 - new_slots
@@ -140,8 +141,12 @@ def import_state(store, state: dict[str, Any]) -> None:
         if tier is not None:
             final = tiering.tier_root(store) / f"tier_{g}"
             shutil.rmtree(final, ignore_errors=True)
+            tier.close()
             tier.root.rename(final)
-            store.tiers[g] = tiering.open_saved_tier(store, g, final, tier.owner, read_only=False)
+            if tier.keeps_owners:
+                store.tiers[g] = tiering.open_saved_tier(store, g, final, tier.owner, read_only=False)
+            else:
+                store.tiers[g] = tiering.open_segment_tier(store, g, final, tier.describe(), read_only=False)
         else:
             store.tiers[g] = None
     clock = store.clock

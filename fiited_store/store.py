@@ -28,7 +28,7 @@ from typing import Any, NamedTuple
 
 import numpy as np
 
-from . import placement, residency, state_dict, tiering
+from . import compaction, placement, residency, state_dict, tiering
 from .backend import get_backend
 from .buffers import OutputBuffers
 from .config import (
@@ -120,6 +120,8 @@ class StoreCounters:
     dropped_entries: int = 0
     #: training lookups that took a prefetched batch's entries and grouping (no second find)
     resolved_lookups: int = 0
+    #: live chunks a segment tier moved out of mostly dead segments (compaction)
+    compacted_chunks: int = 0
 
 
 class FeaturePlan(NamedTuple):
@@ -200,7 +202,7 @@ class EmbeddingStore:
         self._threads = numba.get_num_threads()
         self._grad_buf = None
         #: cache mode's state between calls: background reads, the prefetched batches
-        self.residency = residency.Residency(len(self.plans))
+        self.residency = residency.Residency(len(self.plans), len(tables), config.prefetch_depth)
         self.path = Path(path) if path is not None else None
         self._lock = None
         self._pin = None  # a read-only handle's shared lock on the checkpoint it reads
@@ -369,7 +371,7 @@ class EmbeddingStore:
             self.k.remap_owner(pool.arrays.owner, old_to_new)
         host_map = None
         for tier in self.tiers:
-            if tier is not None:
+            if tier is not None and tier.keeps_owners:
                 # tier back-pointers live on the host whatever the device
                 if host_map is None:
                     host_map = self.backend.to_host(old_to_new)
@@ -853,6 +855,7 @@ class EmbeddingStore:
         T = self.config.prune_period
         if T and self.step_count % T == 0:
             self.prune()
+        compaction.after_step(self)
 
     # ------------------------------------------------------------------ prune
     def prune(self) -> dict[str, Any]:

@@ -65,30 +65,35 @@ def host_cache_rows(store, group: int) -> int:
     return int(share // row)
 
 
-def tier_of(store, group: int):
-    """Pool ``group``'s tier, made on first use."""
-    if store.tiers[group] is None:
-        from .storage.zarr_tier import StagedZarrTier, ZarrTier
+def new_tier(store, group: int, root: Path, capacity: int = 0):
+    """A new, empty tier for pool ``group`` at ``root``, of the kind the store's
+    configuration asks for (see :func:`tier_of`)."""
+    from .storage.segment_tier import SegmentTier
+    from .storage.zarr_tier import StagedZarrTier
 
-        plan = store.plans[group]
-        root = tier_root(store) / f"tier_{group}"
-        rows = host_cache_rows(store, group)
-        # ~32 KB chunks: restores are scattered, and a chunk is read whole for any of its rows
-        block = int(max(64, TIER_CHUNK_BYTES // ((plan.chunk_width + plan.state_width) * FLOAT_BYTES)))
-        if rows:
-            store.tiers[group] = StagedZarrTier(
-                root,
-                plan.chunk_width,
-                plan.state_width,
-                capacity=plan.slots,
-                cache_rows=rows,
-                pinned=_pinned_host(store),
-                block_rows=block,
-            )
-        else:
-            store.tiers[group] = ZarrTier(
-                root, plan.chunk_width, plan.state_width, capacity=plan.slots, block_rows=block
-            )
+    plan = store.plans[group]
+    rows = host_cache_rows(store, group)
+    if not rows:
+        return SegmentTier(root, plan.chunk_width, plan.state_width, segment_slots=store.config.tier_segment_slots)
+    # ~32 KB chunks: restores are scattered, and a chunk is read whole for any of its rows
+    block = int(max(64, TIER_CHUNK_BYTES // ((plan.chunk_width + plan.state_width) * FLOAT_BYTES)))
+    return StagedZarrTier(
+        root,
+        plan.chunk_width,
+        plan.state_width,
+        capacity=max(capacity, plan.slots),
+        cache_rows=rows,
+        pinned=_pinned_host(store),
+        block_rows=block,
+    )
+
+
+def tier_of(store, group: int):
+    """Pool ``group``'s tier, made on first use: an append-only log of segments
+    (:class:`~fiited_store.storage.segment_tier.SegmentTier`), or, behind a host cache (a
+    GPU store's pinned memory, or ``host_cache_bytes``), the block-allocated Zarr tier."""
+    if store.tiers[group] is None:
+        store.tiers[group] = new_tier(store, group, tier_root(store) / f"tier_{group}")
     return store.tiers[group]
 
 
@@ -113,3 +118,52 @@ def open_saved_tier(store, group: int, root: Path, owner: np.ndarray, read_only:
 def tier_root(store) -> Path:
     """Where the store's live tiers go: its directory, or a temporary one that close() removes."""
     return store.tiers.root(store.path)
+
+
+def open_segment_tier(store, group: int, root: Path, description: dict, read_only: bool):
+    """A saved segment tier, its live slots read off the store's addresses (call after the
+    entries are in place)."""
+    from .storage.segment_tier import SegmentTier
+
+    tier = SegmentTier.open(root, description["segments"], read_only=read_only)
+    _, _, slots = spilled_chunks(store, group, tier)
+    tier.mark_live(slots)
+    return tier
+
+
+def spilled_chunks(store, group: int, tier=None, segments: np.ndarray | None = None):
+    """(entries, chunks, tier slots) of pool ``group``'s spilled chunks, in entry order, read
+    off the addresses; ``segments`` (uint8 per segment id) keeps those whose slot lies in a
+    flagged segment of a segment tier."""
+    from .kernels import cpu as host_kernels
+
+    tier = store.tiers[group] if tier is None else tier
+    b, m, ea = store.backend, store.host_meta, store.entries.arrays
+    seg_slots = getattr(tier, "segment_slots", max(tier.capacity, 1)) if tier is not None else 1
+    if segments is None:
+        segments = np.ones(max(tier.capacity // seg_slots, 1) if tier is not None else 1, np.uint8)
+    addr = b.to_host(ea.addr)
+    args = (
+        b.to_host(ea.row_base),
+        b.to_host(ea.seen),
+        b.to_host(ea.table_ids),
+        addr,
+        m["table_chunks"],
+        m["table_group"],
+        group,
+        seg_slots,
+        segments,
+    )
+    n = int(host_kernels.list_spilled(*args, *(np.empty(0, np.int64) for _ in range(3))))
+    out = [np.empty(n, np.int64) for _ in range(3)]
+    host_kernels.list_spilled(*args, *out)
+    return out[0], out[1], out[2]
+
+
+def whole_rows(store, group: int) -> bool:
+    """Whether cache mode evicts pool ``group``'s rows whole: when they go to a segment tier,
+    which keeps a row's chunks side by side only if they leave together."""
+    if store.backend.name != "cpu":
+        return False
+    tier = store.tiers[group]
+    return (not tier.keeps_owners) if tier is not None else host_cache_rows(store, group) == 0

@@ -10,7 +10,7 @@ from typing import Any
 import numpy as np
 from tqdm import tqdm
 
-from . import tiering
+from . import compaction, tiering
 from .errors import CorruptStoreError, FiitedError
 from .kernels.layout import spilled_code, util_to_float
 from .storage.zarr_tier import storage_error
@@ -85,7 +85,16 @@ def inspect_store(store: EmbeddingStore) -> dict[str, Any]:
                 "capacity": tier.capacity,
                 "used": tier.n_used,
                 "bytes_on_disk": tier.nbytes,
-                **_fragmentation(tier.owner < 0),
+                **(
+                    _fragmentation(tier.owner < 0)
+                    if tier.keeps_owners
+                    else {
+                        "kind": "segments",
+                        "segments": len(tier.segments()),
+                        "live_bytes": tier.live_bytes,
+                        "garbage_fraction": tier.garbage_fraction(),
+                    }
+                ),
             }
         pools.append(entry)
     out = {
@@ -165,7 +174,13 @@ def format_inspection(info: dict[str, Any]) -> str:
             f"pool c={p['chunk_width']}: {p['used']:,}/{p['slots']:,} slots used, {p['free_runs']} free runs, "
             f"longest {p['longest_free_run']:,}, fragmentation {p['fragmentation']:.3f}"
         )
-        if "tier" in p:
+        if "tier" in p and "segments" in p["tier"]:
+            t = p["tier"]
+            lines.append(
+                f"  disk tier {t['location']}: {t['used']:,} live slots ({t['live_bytes']:,} bytes) in "
+                f"{t['segments']} segments, {t['bytes_on_disk']:,} bytes on disk, garbage {t['garbage_fraction']:.1%}"
+            )
+        elif "tier" in p:
             t = p["tier"]
             lines.append(
                 f"  disk tier {t['location']}: {t['used']:,}/{t['capacity']:,} slots, {t['bytes_on_disk']:,} bytes, "
@@ -241,6 +256,9 @@ def verify_store(path: Path, progress: bool = False, checkpoint: str | None = No
         for g, tier in enumerate(store.tiers):
             if tier is None:
                 continue
+            if not tier.keeps_owners:
+                problems += _verify_segments(g, tier, progress)
+                continue
             step = tier.block_rows
             for lo in tqdm(range(0, tier.capacity, step), disable=not progress, desc=f"tier_{g}", unit="block"):
                 try:
@@ -253,6 +271,31 @@ def verify_store(path: Path, progress: bool = False, checkpoint: str | None = No
                     problems.append(f"tier_{g}: NaN or inf in the vectors of slots {lo}..{lo + step - 1}")
                 if not np.all(np.isfinite(st[used])):
                     problems.append(f"tier_{g}: NaN or inf in the optimizer state of slots {lo}..{lo + step - 1}")
+    return problems
+
+
+def _verify_segments(g: int, tier, progress: bool) -> list[str]:
+    """Every written slot of every segment read (every inner chunk's crc32c checked), and
+    the live rows' values finite."""
+    problems = []
+    for seg in tqdm(tier.segments(), disable=not progress, desc=f"tier_{g}", unit="segment"):
+        file_problems = tier.check_segment(seg["id"])
+        problems += file_problems
+        if file_problems:
+            continue
+        slots = seg["id"] * tier.segment_slots + np.arange(seg["written"], dtype=np.int64)
+        try:
+            vec, st = tier.read(slots)
+        except FiitedError as exc:
+            problems.append(str(exc))
+            continue
+        live = ~tier.is_free(slots)
+        for what, rows in (("vectors", vec), ("optimizer state", st)):
+            bad = ~np.all(np.isfinite(rows), axis=1) & live
+            if bad.any():
+                problems.append(
+                    f"tier_{g}: NaN or inf in the {what} of slots {slots[bad][:5].tolist()} (segment {seg['id']})"
+                )
     return problems
 
 
@@ -293,6 +336,9 @@ def _compact_tiers(store: EmbeddingStore, progress: bool) -> None:
     b = store.backend
     for g, tier in enumerate(store.tiers):
         if tier is None:
+            continue
+        if not tier.keeps_owners:  # every segment with a dead slot moves its live rows and goes
+            compaction.compact(store, g, target=0.0)
             continue
         used = np.nonzero(tier.owner >= 0)[0]
         root = tier.root.parent / f"{tier.root.name}.compact"

@@ -172,6 +172,8 @@ def check_store(store) -> list[str]:
             ts = -2 - addr[se, sk].astype(np.int64)
             if ts.size and ts.max() >= tier.capacity:
                 problems.append(f"tier_{g}: spilled chunks point past its {tier.capacity} slots")
+            elif not tier.keeps_owners:
+                problems += _check_segment_tier(g, tier, se, sk, ts)
             else:
                 wrong = tier.owner[ts] != se
                 if wrong.any():
@@ -186,4 +188,28 @@ def check_store(store) -> list[str]:
                 marked = tier.is_free(towned)
                 if np.any(marked):
                     problems.append(f"tier_{g}: owned slots {towned[marked][:5].tolist()} are marked free")
+    return problems
+
+
+def _check_segment_tier(g: int, tier, se: np.ndarray, sk: np.ndarray, ts: np.ndarray) -> list[str]:
+    """A segment tier keeps no owners: each spilled chunk's slot must be handed out, live,
+    and held by that chunk alone, and the tier must count exactly those slots live."""
+    problems = []
+    uniq, first, counts = np.unique(ts, return_index=True, return_counts=True)
+    if np.any(counts > 1):
+        s = int(uniq[np.argmax(counts > 1)])
+        holders = np.nonzero(ts == s)[0][:2]
+        problems.append(
+            f"tier_{g}: slot {s} holds both entry {int(se[holders[0]])} chunk {int(sk[holders[0]])} "
+            f"and entry {int(se[holders[1]])} chunk {int(sk[holders[1]])}"
+        )
+    try:
+        free = tier.is_free(uniq)
+    except Exception as exc:  # noqa: BLE001 - a slot the tier never handed out
+        return problems + [f"tier_{g}: {exc}"]
+    if np.any(free):
+        bad = uniq[free][:5].tolist()
+        problems.append(f"tier_{g}: spilled chunks point at slots {bad}, which hold nothing live")
+    if tier.n_used != uniq.size:
+        problems.append(f"tier_{g}: {tier.n_used} slots are live but {uniq.size} chunks are spilled")
     return problems

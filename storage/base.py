@@ -32,6 +32,8 @@ class ChunkTier(ABC):
 
     #: rows per allocation block (a Zarr chunk for the disk tier)
     block_rows: int = 4096
+    #: the tier keeps the entry of each slot in ``owner`` (the store keeps it up to date)
+    keeps_owners = True
 
     def __init__(self, chunk_width: int, state_width: int, capacity: int = 0):
         self.chunk_width = int(chunk_width)

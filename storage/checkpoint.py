@@ -36,7 +36,7 @@ import numpy as np
 import zarr
 from zarr.codecs import Crc32cCodec
 
-from .. import tiering
+from .. import compaction, tiering
 from ..config import config_from_json, config_to_json
 from ..entry_table import EntryArrays, EntryTable, row_bases
 from ..errors import ConfigError, CorruptStoreError, StoreLockedError, StoreReadOnlyError
@@ -51,8 +51,11 @@ FORMAT = "fiited-store"
 #: 3: every array carries crc32c checksums (Zarr's codec, the disk tier's chunk files
 #: too), every chunk is written even when it holds only fill values, and the root
 #: attributes list every file of the checkpoint with its size.
-FORMAT_VERSION = 3
-READABLE_VERSIONS = (1, 2, 3)
+#: 4: a CPU store's disk tier is an append-only log of segments (``storage/segment_tier.py``),
+#: each a sealed Zarr shard the checkpoint keeps by a hard link; the state names each
+#: tier's kind ("segments", or "blocks" for the block-allocated tier of formats 1 to 3).
+FORMAT_VERSION = 4
+READABLE_VERSIONS = (1, 2, 3, 4)
 MANIFEST = "fiited.json"
 LOCK = ".lock"
 ROWS_PER_CHUNK = 65536
@@ -215,7 +218,8 @@ def write_atomic(target: Path, data: bytes) -> None:
 
 
 def _link_tree(src: Path, dst: Path) -> None:
-    """Hard-link every file of src under dst (copying across file systems)."""
+    """Hard-link every file of src under dst (copying across file systems). Metadata
+    documents are copied: zarr rewrites them in place, and a checkpoint's must not move."""
     for dirpath, _dirs, files in os.walk(src):
         rel = Path(dirpath).relative_to(src)
         (dst / rel).mkdir(parents=True, exist_ok=True)
@@ -223,6 +227,9 @@ def _link_tree(src: Path, dst: Path) -> None:
             if name.endswith(".partial") or name == "staging.f32":
                 continue  # a write that never finished, or a tier's scratch staging map
             s, d = Path(dirpath) / name, dst / rel / name
+            if name == "zarr.json":
+                shutil.copy2(s, d)
+                continue
             try:
                 os.link(s, d)
             except OSError as exc:
@@ -317,6 +324,12 @@ def _save_locked(store, path: Path, remove_older: bool = True) -> Path:
     partial = path / f"{name}.partial"
     final = path / name
     shutil.rmtree(partial, ignore_errors=True)
+    # a segment tier's garbage under its bound and its rows in sealed files first: what the
+    # entries written below point at is then what the checkpoint links
+    compaction.before_checkpoint(store)
+    for tier in store.tiers:
+        if tier is not None and not tier.keeps_owners:
+            tier.seal()
     try:
         root = zarr.open_group(zarr.storage.LocalStore(str(partial)), mode="w")
         _at("group-created")
@@ -345,10 +358,14 @@ def _save_locked(store, path: Path, remove_older: bool = True) -> Path:
                 tiers_state.append(None)
                 continue
             tg = root.create_group(f"tier_{gi}")
-            _write_array(tg, "owner", tier.owner, -1)
-            tier.flush()
-            _link_tree(tier.root, partial / f"tier_{gi}" / "data")
-            tiers_state.append({"capacity": tier.capacity})
+            if tier.keeps_owners:
+                _write_array(tg, "owner", tier.owner, -1)
+                tier.flush()
+                _link_tree(tier.root, partial / f"tier_{gi}" / "data")
+                tiers_state.append({"kind": "blocks", "capacity": tier.capacity})
+            else:
+                _link_tree(tier.root, partial / f"tier_{gi}" / "data")  # sealed segments: links, no copy
+                tiers_state.append(tier.describe())
             _at(f"tier-{gi}-linked")
         root.attrs.update(
             {
@@ -540,8 +557,17 @@ def open_store(
                 if tstate is None:
                     continue
                 where = f"{ckpt}/tier_{gi}"
-                owner = _read(root[f"tier_{gi}"], "owner", np.int32, (int(tstate["capacity"]),), where)
                 snapshot = ckpt / f"tier_{gi}" / "data"
+                if tstate.get("kind") == "segments":
+                    if mode == "r":
+                        store.tiers[gi] = tiering.open_segment_tier(store, gi, snapshot, tstate, read_only=True)
+                    else:
+                        live = path / "live" / f"tier_{gi}"
+                        shutil.rmtree(live, ignore_errors=True)
+                        _link_tree(snapshot, live)
+                        store.tiers[gi] = tiering.open_segment_tier(store, gi, live, tstate, read_only=False)
+                    continue
+                owner = _read(root[f"tier_{gi}"], "owner", np.int32, (int(tstate["capacity"]),), where)
                 if mode == "r":
                     store.tiers[gi] = tiering.open_saved_tier(store, gi, snapshot, owner, read_only=True)
                 else:

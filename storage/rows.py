@@ -1,4 +1,4 @@
-"""Moving chunk rows between a tier's staging map and a batch, in one pass each way.
+"""Moving chunk rows between a tier's files or staging map and a batch, in one pass each way.
 
 A staged row is ``c`` vector floats then ``w`` optimizer-state floats; a batch keeps
 them as two arrays. numpy's fancy indexing would copy the rows twice (a temporary,
@@ -130,3 +130,125 @@ def sorted_unique(a):
     keep[0] = True
     np.not_equal(a[1:], a[:-1], out=keep[1:])
     return a[keep]
+
+
+# ----------------------------------------------------------------------------- the segment tier's rows
+# Checksums are crc32c (Castagnoli), the one Zarr's ``crc32c`` codec writes; a segment's
+# inner chunk is G rows of bytes followed by the crc32c of them.
+def _crc_table() -> np.ndarray:
+    poly = np.uint32(0x82F63B78)  # Castagnoli, reflected
+    table = np.zeros((8, 256), np.uint32)
+    for i in range(256):
+        c = np.uint32(i)
+        for _ in range(8):
+            c = (c >> np.uint32(1)) ^ poly if c & np.uint32(1) else c >> np.uint32(1)
+        table[0, i] = c
+    for i in range(256):
+        c = table[0, i]
+        for k in range(1, 8):
+            c = table[0, c & np.uint32(0xFF)] ^ (c >> np.uint32(8))
+            table[k, i] = c
+    return table
+
+
+CRC_TABLE = _crc_table()
+
+
+@njit(cache=True, nogil=True)
+def _crc32c_range(table, buf, start, length):
+    crc = np.uint32(0xFFFFFFFF)
+    i = start
+    end = start + length
+    while i + 8 <= end:  # slicing by 8
+        lo = (
+            np.uint32(buf[i])
+            | (np.uint32(buf[i + 1]) << np.uint32(8))
+            | (np.uint32(buf[i + 2]) << np.uint32(16))
+            | (np.uint32(buf[i + 3]) << np.uint32(24))
+        ) ^ crc
+        crc = (
+            table[7, lo & np.uint32(0xFF)]
+            ^ table[6, (lo >> np.uint32(8)) & np.uint32(0xFF)]
+            ^ table[5, (lo >> np.uint32(16)) & np.uint32(0xFF)]
+            ^ table[4, lo >> np.uint32(24)]
+            ^ table[3, buf[i + 4]]
+            ^ table[2, buf[i + 5]]
+            ^ table[1, buf[i + 6]]
+            ^ table[0, buf[i + 7]]
+        )
+        i += 8
+    while i < end:
+        crc = table[0, (crc ^ np.uint32(buf[i])) & np.uint32(0xFF)] ^ (crc >> np.uint32(8))
+        i += 1
+    return crc ^ np.uint32(0xFFFFFFFF)
+
+
+@njit(cache=True, nogil=True)
+def _crc32c_many(table, buf, starts, lengths, out):
+    for j in range(starts.shape[0]):
+        out[j] = _crc32c_range(table, buf, starts[j], lengths[j])
+
+
+def crc32c(buf: np.ndarray, starts: np.ndarray, lengths: np.ndarray) -> np.ndarray:
+    """uint32[n]: the crc32c of ``buf[starts[j] : starts[j] + lengths[j]]`` for each j."""
+    out = np.empty(len(starts), np.uint32)
+    _crc32c_many(CRC_TABLE, buf, np.asarray(starts, np.int64), np.asarray(lengths, np.int64), out)
+    return out
+
+
+@njit(cache=True, nogil=True)
+def place_rows(table, buf, base, rows, first, g, inner_bytes):
+    """Write byte rows (uint8[n, rec]) as slots ``first, first + 1, ...`` of a segment whose
+    inner chunk j starts at byte ``j * inner_bytes - base`` of ``buf``; each inner chunk
+    that the rows complete gets its crc32c after it. Returns the end of what was written
+    in ``buf``."""
+    rec = rows.shape[1]
+    end = 0
+    for i in range(rows.shape[0]):
+        p = first + i
+        j = p // g
+        at = j * inner_bytes - base + (p - j * g) * rec
+        for b in range(rec):
+            buf[at + b] = rows[i, b]
+        end = at + rec
+        if (p + 1) % g == 0:
+            lo = j * inner_bytes - base
+            crc = _crc32c_range(table, buf, lo, g * rec)
+            for b in range(4):
+                buf[end + b] = np.uint8((crc >> np.uint32(8 * b)) & np.uint32(0xFF))
+            end += 4
+    return end
+
+
+@njit(cache=True, nogil=True)
+def check_inner_chunks(table, buf, starts, body, bad):
+    """Each inner chunk at ``buf[starts[j]:]`` against its stored crc32c: the index of the
+    first that fails (its stored and computed sums in ``bad``), or -1."""
+    for j in range(starts.shape[0]):
+        s = starts[j]
+        stored = (
+            np.uint32(buf[s + body])
+            | (np.uint32(buf[s + body + 1]) << np.uint32(8))
+            | (np.uint32(buf[s + body + 2]) << np.uint32(16))
+            | (np.uint32(buf[s + body + 3]) << np.uint32(24))
+        )
+        computed = _crc32c_range(table, buf, s, body)
+        if stored != computed:
+            bad[0] = stored
+            bad[1] = computed
+            return j
+    return -1
+
+
+@njit(cache=True, nogil=True)
+def copy_rows(buf, wbuf, src, from_wbuf, out):
+    """out[i] = the row of bytes at src[i] of wbuf (from_wbuf[i]) or of buf."""
+    rec = out.shape[1]
+    for i in range(src.shape[0]):
+        s = src[i]
+        if from_wbuf[i]:
+            for b in range(rec):
+                out[i, b] = wbuf[s + b]
+        else:
+            for b in range(rec):
+                out[i, b] = buf[s + b]

@@ -13,10 +13,19 @@ def snapshot(store) -> dict:
         for k, v in p.arrays._asdict().items():
             snap[f"pool{p.plan.group}.{k}"] = np.array(b.to_host(v))
     for g, t in enumerate(store.tiers):
-        if t is not None:
+        if t is not None and t.keeps_owners:
             snap[f"tier{g}.owner"] = t.owner.copy()
             vec, st = t.read(np.arange(t.capacity))
             snap[f"tier{g}.vectors"], snap[f"tier{g}.states"] = vec, st
+        elif t is not None:  # a segment tier: its live slots, read off the addresses
+            from fiited_store import tiering
+
+            # what is stored, not where: a save may seal and compact segments, moving slots
+            entries, chunks, slots = tiering.spilled_chunks(store, g)
+            snap[f"tier{g}.spilled"] = np.stack([entries, chunks])
+            snap[f"tier{g}.vectors"], snap[f"tier{g}.states"] = t.read(slots)
+            addr = snap["entries.addr"]
+            addr[addr <= -2] = -2
     snap["counters"] = dict(vars(store.counters))
     snap["step"] = store.step_count
     snap["n_live"] = store.entries.n_live

@@ -138,7 +138,9 @@ import resource, signal, sys
 import numpy as np
 from fiited_store import EmbeddingStore, StorageFullError, StoreConfig, TableConfig
 tables = [TableConfig("t", 16, chunks=4, num_embeddings=20_000)]
-s = EmbeddingStore(tables, StoreConfig(mode="cache", budget_fraction=0.05, prune_period=0), path=sys.argv[1])
+# segments of 16,384 slots (330 KB): the tier reserves its next one mid-loop, past the limit below
+s = EmbeddingStore(tables, StoreConfig(mode="cache", budget_fraction=0.05, prune_period=0, tier_segment_slots=16384),
+                   path=sys.argv[1])
 rng = np.random.default_rng(0)
 def step(lo, hi):
     ids = rng.integers(lo, hi, 512)
@@ -148,7 +150,7 @@ for _ in range(4):
     step(0, 2000)  # the tier holds what these spilled
 before = s.lookup("t", np.arange(2000)).copy()
 signal.signal(signal.SIGXFSZ, signal.SIG_IGN)
-resource.setrlimit(resource.RLIMIT_FSIZE, (1 << 20, resource.RLIM_INFINITY))  # the device is now full
+resource.setrlimit(resource.RLIMIT_FSIZE, (256 << 10, resource.RLIM_INFINITY))  # the device is now full
 try:
     for i in range(200):  # new ids keep spilling until the tier must grow
         step(2000 + 512 * i, 2000 + 512 * (i + 1))

@@ -301,4 +301,5 @@ def import_entries(dst, src, src_entries: np.ndarray) -> None:
             tslots = tier.allocate(to_tier_e.size)
             tier.write(tslots, vec_t, st_t)
             da.addr[to_tier_e, to_tier_k] = (-2 - tslots).astype(np.int32)
-            tier.owner[tslots] = to_tier_e
+            if tier.keeps_owners:
+                tier.owner[tslots] = to_tier_e

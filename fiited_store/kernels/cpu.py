@@ -2467,3 +2467,90 @@ def sum_rows_by_group(order, group_of, row_start, row_dim, rows, grad_buf):
         g = grad_buf[u]
         for j in range(row_dim[i]):
             g[j] += rows[s + j]
+
+
+# --------------------------------------------------------------------------- the segment tier
+# A segment tier keeps no owner per slot: which chunk a tier slot holds is read off the
+# addresses. These list spilled chunks by the segment their slot lies in (compaction,
+# export, verify) and a row's resident chunks (cache mode evicts whole rows, so that a
+# row comes back in one read).
+
+
+@njit(**_JIT)
+def list_spilled(
+    row_base,
+    seen,
+    table_ids,
+    addr,
+    table_chunks,
+    table_group,
+    group,
+    segment_slots,
+    segments,
+    out_entries,
+    out_chunks,
+    out_slots,
+):
+    """(entry, chunk, tier slot) of every spilled chunk of pool ``group`` whose slot lies in a
+    segment flagged in ``segments`` (uint8 per segment id; all ones: every spilled chunk), in
+    entry order then chunk order. Returns how many (at most the outputs' length)."""
+    n = 0
+    limit = out_entries.shape[0]
+    cursor = direct_table(0, row_base)
+    n_seg = segments.shape[0]
+    for e in range(addr.shape[0]):
+        t, cursor = scan_table(e, cursor, row_base, seen, table_ids)
+        if t < 0 or table_group[t] != group:
+            continue
+        for k in range(table_chunks[t]):
+            a = addr[e, k]
+            if a <= -2:
+                s = np.int64(-2) - np.int64(a)
+                seg = s // segment_slots
+                if seg < n_seg and segments[seg]:
+                    if n < limit:
+                        out_entries[n] = e
+                        out_chunks[n] = k
+                        out_slots[n] = s
+                    n += 1
+    return n
+
+
+@njit(**_JIT)
+def move_spilled(entries, chunks, new_slots, addr):
+    """addr[entries[i], chunks[i]] = the spilled code of new_slots[i] (a compaction's move)."""
+    for i in range(entries.shape[0]):
+        addr[entries[i], chunks[i]] = np.int32(-2 - new_slots[i])
+
+
+@njit(**_JIT)
+def resident_chunks(
+    entries, row_base, seen, table_ids, addr, table_chunks, table_group, group, out_entries, out_chunks
+):
+    """Every resident chunk in pool ``group`` of these entries, entry by entry (each entry
+    once, however often it is listed). Returns how many."""
+    n = 0
+    last = -1
+    for i in range(entries.shape[0]):
+        e = entries[i]
+        if e == last:
+            continue
+        last = e
+        t = entry_table(e, row_base, seen, table_ids)
+        if t < 0 or table_group[t] != group:
+            continue
+        for k in range(table_chunks[t]):
+            if addr[e, k] >= 0 and n < out_entries.shape[0]:
+                out_entries[n] = e
+                out_chunks[n] = k
+                n += 1
+    return n
+
+
+@njit(**_JIT)
+def count_by_table(entries, row_base, seen, table_ids, n_tables, table_chunks, per_chunk, out):
+    """out[t] += entries of table t (times its chunks when ``per_chunk``)."""
+    for i in range(entries.shape[0]):
+        t = entry_table(entries[i], row_base, seen, table_ids)
+        if t >= 0:
+            out[t] += table_chunks[t] if per_chunk else 1

@@ -126,7 +126,7 @@ def test_a_reader_of_a_vanished_checkpoint_raises_instead_of_reading_zeros(tmp_p
         for _ in range(2):
             train_steps(w, TABLES, 3, rng, id_range=300)
             w.save()
-    with pytest.raises(CorruptStoreError, match=r"Zarr chunk vectors/c/\d+/0 is missing, but it holds the owned"):
+    with pytest.raises(CorruptStoreError, match=r"segment file \S+/chunks/c/\d+/0 is missing"):
         all_lookups(reader)
     reader.close()
 
@@ -135,17 +135,23 @@ def test_a_deleted_tier_chunk_file_is_named_not_read_as_zeros(tmp_path):
     from fiited_store import CorruptStoreError
 
     saved_after_training(tmp_path / "s", CONFIGS["cache"], 10, np.random.default_rng(1))
-    chunk = sorted((tmp_path / "s").glob("ckpt-*/tier_*/data/vectors/c/*/0"))[0]
+    chunk = sorted((tmp_path / "s").glob("ckpt-*/tier_*/data/chunks/c/*/0"))[0]
     chunk.unlink()
     with pytest.raises(
-        CorruptStoreError, match=rf"vectors/c/{chunk.parent.name}/0 is missing \(the checkpoint lists it\)"
+        CorruptStoreError, match=rf"chunks/c/{chunk.parent.name}/0 is missing \(the checkpoint lists it\)"
     ):
         EmbeddingStore.open(tmp_path / "s", "r")
 
 
 @pytest.mark.parametrize(
     "victim",
-    ["pool_*/vectors/c/0/0", "entries/addr/c/0/0", "entries/util/c/0/0", "pool_*/opt_state/c/0/0", "tier_*/owner/c/0"],
+    [
+        "pool_*/vectors/c/0/0",
+        "entries/addr/c/0/0",
+        "entries/util/c/0/0",
+        "pool_*/opt_state/c/0/0",
+        "tier_*/data/chunks/c/*/0",
+    ],
 )
 def test_a_deleted_or_truncated_array_chunk_file_is_named_on_open(tmp_path, victim):
     from fiited_store import CorruptStoreError
@@ -343,10 +349,10 @@ def test_a_flipped_bit_in_a_tier_chunk_is_found_by_verify_and_refused_by_export(
     from fiited_store.tools import export_store, verify_store
 
     saved_after_training(tmp_path / "s", CONFIGS["cache"], 10, np.random.default_rng(1))
-    chunk = sorted((tmp_path / "s").glob("ckpt-*/tier_*/data/vectors/c/*/0"))[0]
+    chunk = sorted((tmp_path / "s").glob("ckpt-*/tier_*/data/chunks/c/*/0"))[0]
     _flip_one_bit(chunk)
     problems = verify_store(tmp_path / "s")
-    assert any("fails its checksum" in p and "vectors/c/" in p for p in problems), problems
+    assert any("fails its checksum" in p and "chunks/c/" in p for p in problems), problems
     with pytest.raises(CorruptStoreError, match="fails its checksum"):
         export_store(tmp_path / "s", tmp_path / "out", progress=False)
     assert not (tmp_path / "out").exists() and not list(tmp_path.glob(".out*"))
@@ -471,7 +477,7 @@ def test_a_version_1_store_saved_again_is_the_current_version_and_reads_the_same
     with EmbeddingStore.open(path, "r+") as s:
         assert all(t.index == "hashed" for t in s.tables)  # version 1 had only the hashed index
         s.save()
-    assert json.loads((path / "fiited.json").read_text())["format_version"] == checkpoint.FORMAT_VERSION == 3
+    assert json.loads((path / "fiited.json").read_text())["format_version"] == checkpoint.FORMAT_VERSION == 4
     with EmbeddingStore.open(path, "r") as s:
         assert check_store(s) == []
         for name, rows in expected["lookups"].items():
