@@ -19,7 +19,7 @@ import numpy as np
 from tqdm import tqdm
 
 from fiited_store import DynamicRatio, EmbeddingStore, StoreConfig, TableConfig
-from fiited_store.experiments.data.synthetic import ZipfIds
+from fiited_store.experiments.workloads import ZipfIds
 
 
 def run(rows: int, steps: int, gamma: float, batch: int, dim: int, chunks: int, seed: int, progress: bool) -> dict:

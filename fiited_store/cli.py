@@ -274,10 +274,37 @@ def cmd_sweep(args) -> int:
 
 
 def cmd_bench(args) -> int:
-    from .experiments.bench.cpu import BenchConfig, format_report, run_bench
-    from .experiments.bench.tiers import TierBenchConfig, format_tier_report, run_tier_bench
+    if args.suite != "larger-than-memory":  # the other suites' shape
+        args.dim = 64 if args.dim is None else args.dim
+        args.budget = 0.25 if args.budget is None else args.budget
+        args.repeats = 20 if args.repeats is None else args.repeats
 
-    if args.suite == "distributed":
+    if args.suite == "larger-than-memory":
+        from .experiments.bench.larger_than_memory import (
+            LargerThanMemoryConfig,
+            format_larger_than_memory_report,
+            run_larger_than_memory_bench,
+        )
+
+        d = LargerThanMemoryConfig()
+        report = run_larger_than_memory_bench(
+            LargerThanMemoryConfig(
+                scale=args.scale,
+                dim=args.dim if args.dim is not None else d.dim,
+                chunks=args.chunks,
+                budget_fraction=args.budget if args.budget is not None else d.budget_fraction,
+                batch_size=args.batch_size,
+                steps=args.repeats if args.repeats is not None else d.steps,
+                warmup=args.warmup,
+                prefetch_depth=args.prefetch_depth,
+                peer_steps=args.peer_steps,
+                directory=args.directory,
+                seed=args.seed,
+            ),
+            progress=not args.no_progress,
+        )
+        print(format_larger_than_memory_report(report))
+    elif args.suite == "distributed":
         from .experiments.bench.distributed import DistBenchConfig, format_distributed_report, run_distributed_bench
 
         report = run_distributed_bench(
@@ -296,6 +323,8 @@ def cmd_bench(args) -> int:
         )
         print(format_distributed_report(report))
     elif args.suite == "tiers":
+        from .experiments.bench.tiers import TierBenchConfig, format_tier_report, run_tier_bench
+
         report = run_tier_bench(
             TierBenchConfig(
                 scale=args.scale if args.scale != 1.0 else TierBenchConfig.scale,
@@ -310,6 +339,8 @@ def cmd_bench(args) -> int:
         )
         print(format_tier_report(report))
     else:
+        from .experiments.bench.cpu import BenchConfig, format_report, run_bench
+
         report = run_bench(
             BenchConfig(
                 scale=args.scale,
@@ -465,10 +496,11 @@ def build_parser() -> argparse.ArgumentParser:
     p = command("bench", "lookup and training-step throughput against the peers, in one run")
     p.add_argument(
         "--suite",
-        choices=("embeddings", "tiers", "distributed"),
+        choices=("embeddings", "tiers", "distributed", "larger-than-memory"),
         default="embeddings",
         help="embeddings: lookup, step, prune, memory against the peers; tiers: disk tier and cache mode; "
-        "distributed: the sharded store at several world sizes (gloo processes on this machine)",
+        "distributed: the sharded store at several world sizes (gloo processes on this machine); "
+        "larger-than-memory: a cache-mode model bigger than RAM trained from disk (about 50 GB free at scale 1)",
     )
     p.add_argument(
         "--worlds", nargs="+", type=positive_int, default=[1, 2, 4], help="distributed suite: the world sizes to run"
@@ -476,20 +508,35 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument(
         "--directory",
         type=_writable_dir,
-        help="tiers suite: where the disk tier is written (default: a temporary directory)",
+        help="tiers and larger-than-memory suites: where the disk tier is written (default: a temporary directory)",
     )
     p.add_argument(
         "--scale",
         type=positive_float,
         default=1.0,
         help="multiply the Criteo Kaggle cardinalities (1.0 = 33.8M rows; the tiers and distributed "
-        "suites default to 0.05)",
+        "suites default to 0.05; larger-than-memory at 1.0 is a 34.6 GB model, 0.05 a quick run)",
     )
     p.add_argument("--batch-size", type=positive_int, default=4096, help="samples per batch")
-    p.add_argument("--dim", type=positive_int, default=64, help="D, embedding dimension")
+    p.add_argument("--dim", type=positive_int, help="D, embedding dimension (64; larger-than-memory: 256)")
     p.add_argument("--chunks", type=positive_int, default=4, help="K, chunks per row")
-    p.add_argument("--budget", type=fraction, default=0.25, help="pool budget as a fraction of the dense size")
-    p.add_argument("--repeats", type=positive_int, default=20, help="timed repetitions of each measurement")
+    p.add_argument(
+        "--budget", type=fraction, help="pool budget as a fraction of the dense size (0.25; larger-than-memory: 0.1)"
+    )
+    p.add_argument(
+        "--repeats",
+        type=positive_int,
+        help="timed repetitions of each measurement (20; larger-than-memory: 30 training steps)",
+    )
+    p.add_argument(
+        "--prefetch-depth", type=positive_int, default=2, help="larger-than-memory suite: batches prefetched ahead"
+    )
+    p.add_argument(
+        "--peer-steps",
+        type=positive_int,
+        default=3,
+        help="larger-than-memory suite: timed steps of the numpy.memmap peer",
+    )
     p.add_argument("--warmup", type=nonnegative_int, default=5, help="untimed repetitions before them")
     p.add_argument(
         "--prune-entries", type=positive_int, default=10_000_000, help="entries for the prune-pass measurement"

@@ -69,8 +69,9 @@ class Residency:
     - ``resolved``: the last ``depth + 1`` prefetched batches, resolved, for their
       training lookups;
     - ``clock``: per pool, where the victim scan stopped;
-    - ``needed`` and ``missed``: per table, the chunks training lookups needed resident,
-      and those that were not (the pool's hit rate is one minus their ratio).
+    - ``needed`` and ``missed``: per table, the chunks each ``prefetch`` and training lookup
+      needed resident, and those the pool did not hold at that call (installed from a
+      background read or the disk, or new); the pool's hit rate is one minus their ratio.
     """
 
     def __init__(self, n_pools: int, n_tables: int = 0, depth: int = 1):
@@ -102,6 +103,18 @@ class Residency:
             name: (1.0 - float(self.missed[i]) / float(self.needed[i])) if self.needed[i] else None
             for i, name in enumerate(table_names)
         }
+
+    def hit_counts(self) -> dict[str, list[int]]:
+        """The counters behind :meth:`hit_rates`, as a checkpoint keeps them."""
+        return {"needed": self.needed.tolist(), "missed": self.missed.tolist()}
+
+    def restore_hit_counts(self, counts: dict[str, list[int]]) -> None:
+        """Counters a checkpoint kept (absent in stores saved before they existed: zeros)."""
+        for name in ("needed", "missed"):
+            saved = np.asarray(counts.get(name, []), np.int64)
+            into = getattr(self, name)
+            into[:] = 0
+            into[: min(saved.size, into.size)] = saved[: into.size]
 
     def has_resolved(self) -> bool:
         return bool(self.resolved)

@@ -27,6 +27,8 @@ def store_stats(store) -> dict[str, Any]:
     the store's memory against its budget and against the dense weights (with and
     without the same optimizer's state), and its counters."""
     entries, resident, spilled = chunk_counts(store)
+    hit_rates = store.residency.hit_rates([t.name for t in store.tables])
+    needed = int(store.residency.needed.sum())
     per_table = {}
     for i, t in enumerate(store.tables):
         n = int(entries[i])
@@ -41,6 +43,8 @@ def store_stats(store) -> dict[str, Any]:
             "absent_per_chunk": (n - res - spilled[i, : t.chunks]).tolist(),
             "average_kept_dim": kept,
             "dense_bytes": t.dense_bytes,
+            # cache mode: chunks training lookups found resident, against those they needed
+            "hit_rate": hit_rates[t.name],
         }
     pool_vec = sum(p.vector_bytes for p in store.pools)
     pool_state = sum(p.state_bytes for p in store.pools)
@@ -82,6 +86,7 @@ def store_stats(store) -> dict[str, Any]:
         "memory_vs_dense": (total_bytes / dense) if dense else None,
         "memory_vs_dense_with_optimizer": (total_bytes / dense_with_opt) if dense_with_opt else None,
         "step": store.step_count,
+        "hit_rate": (1.0 - int(store.residency.missed.sum()) / needed) if needed else None,
     }
     pools = [
         {

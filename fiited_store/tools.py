@@ -139,13 +139,16 @@ def format_inspection(info: dict[str, Any]) -> str:
     ]
     lines.append(
         f"{'table':<12} {'dim':>4} {'K':>2} {'entries':>10}  resident / spilled / absent per chunk   avg kept dim"
+        "  hit rate"
     )
     for name, t in info["tables"].items():
         per = "  ".join(
             f"{r}/{s}/{a}" for r, s, a in zip(t["resident_per_chunk"], t["spilled_per_chunk"], t["absent_per_chunk"])
         )
+        hit = "-" if t.get("hit_rate") is None else f"{t['hit_rate']:.1%}"
         lines.append(
-            f"{name:<12} {t['dim']:>4} {t['chunks']:>2} {t['entries']:>10}  {per:<38} {t['average_kept_dim']:.2f}"
+            f"{name:<12} {t['dim']:>4} {t['chunks']:>2} {t['entries']:>10}  {per:<38} "
+            f"{t['average_kept_dim']:>12.2f}  {hit:>8}"
         )
     lines.append("kept-dimension histogram (rows per kept dimension):")
     for name, t in info["tables"].items():

@@ -378,6 +378,7 @@ def _save_locked(store, path: Path, remove_older: bool = True) -> Path:
                     "scale_origin": store.clock.scale_origin,
                     "prune_round": store.clock.prune_round,
                     "counters": dataclasses.asdict(store.counters),
+                    "hit_counts": store.residency.hit_counts(),
                     "pools": pools_state,
                     "tiers": tiers_state,
                     "saved_at": time.time(),
@@ -581,6 +582,7 @@ def open_store(
             for k, v in state.get("counters", {}).items():
                 if hasattr(store.counters, k):
                     setattr(store.counters, k, int(v))
+            store.residency.restore_hit_counts(state.get("hit_counts", {}))
             store.path = path
             store.read_only = mode == "r"
             store.hold(lock=lock, pin=pin)

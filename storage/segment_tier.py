@@ -54,6 +54,8 @@ SEGMENT_BYTES = 64 << 20
 #: bytes of one inner chunk at most (a row of a few slots then spans one or two of them)
 INNER_BYTES = 2048
 _EMPTY = np.uint64(0xFFFFFFFFFFFFFFFF)
+#: bytes of rows the writer may have queued before write_async waits for it
+_MAX_PENDING_WRITE_BYTES = 256 << 20
 #: open read descriptors kept at most (the rest are reopened when needed)
 _MAX_FDS = 1024
 
@@ -133,7 +135,7 @@ class SegmentTier:
         self._fds: dict[int, int] = {}
         self._io = IOPool(io_threads) if io_threads else IOPool()
         self._executor: ThreadPoolExecutor | None = None
-        self._writes: list[Future] = []
+        self._writes: list[tuple[Future, int]] = []  # pending writes and the bytes each holds
         self._pending_reads: dict[int, int] = {}  # mark -> outstanding
         self._next_mark = 0
         self._ids = 0  # segment ids the Zarr array's shape covers
@@ -464,8 +466,10 @@ class SegmentTier:
         job = self._write_job(slots, vectors, states)
         if job is None:
             return
-        self._writes = [f for f in self._writes if not f.done() or f.exception() is not None]
-        self._writes.append(self._thread().submit(self._locked, job))
+        self._writes = [(f, n) for f, n in self._writes if not f.done() or f.exception() is not None]
+        if sum(n for _, n in self._writes) > _MAX_PENDING_WRITE_BYTES:
+            self.wait_for_writes()  # the writer is behind: wait rather than queue more memory
+        self._writes.append((self._thread().submit(self._locked, job), int(slots.size) * self.record))
 
     def _locked(self, job):
         with self._lock:
@@ -757,7 +761,7 @@ class SegmentTier:
         """Block until every write handed to the tier's thread has landed (raising the first
         failure's error once)."""
         writes, self._writes = self._writes, []
-        failed = [e for e in (f.exception() for f in writes) if e is not None]
+        failed = [e for e in (f.exception() for f, _ in writes) if e is not None]
         if failed:
             raise failed[0]
 

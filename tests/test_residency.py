@@ -110,6 +110,27 @@ def test_prefetch_makes_the_next_batch_resident():
     s.close()
 
 
+def test_hit_rate_counts_the_chunks_asked_for_and_those_not_resident(tmp_path):
+    s = EmbeddingStore(TABLES, StoreConfig(mode="cache", budget_fraction=0.5), path=tmp_path / "s")
+    assert s.stats()["total"]["hit_rate"] is None  # nothing asked for yet
+    ids = np.arange(40)
+    s.prefetch("user", ids)  # 40 new rows: none of their 4 chunks resident
+    assert s.stats()["tables"]["user"]["hit_rate"] == 0.0
+    b = s.pooled_lookup("user", ids, np.arange(41), train=True)
+    s.backward(b, np.ones(b.output.shape, np.float32))
+    s.step()
+    s.prefetch("user", ids[:20])  # resident now: 80 chunks found
+    st = s.stats()
+    # asked: 160 chunks by the first prefetch, 160 by the lookup, 80 by the second prefetch
+    assert st["tables"]["user"]["hit_rate"] == pytest.approx(1 - 160 / 400)
+    assert st["tables"]["item"]["hit_rate"] is None
+    assert st["total"]["hit_rate"] == pytest.approx(1 - 160 / 400)
+    s.save()
+    s.close()
+    with EmbeddingStore.open(tmp_path / "s", "r") as r:  # the counters are part of the checkpoint
+        assert r.stats()["tables"]["user"]["hit_rate"] == pytest.approx(1 - 160 / 400)
+
+
 def test_prefetch_is_a_no_op_in_prune_mode():
     s = EmbeddingStore(TABLES, StoreConfig(budget_fraction=0.25))
     assert s.prefetch("user", np.arange(10)) == 0

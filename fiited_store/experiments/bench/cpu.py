@@ -26,7 +26,7 @@ from tqdm import tqdm
 from ...config import DynamicRatio, ManualRatios, StoreConfig, TableConfig
 from ...kernels.layout import util_from_float
 from ...store import EmbeddingStore
-from ..data.synthetic import ZipfIds, scaled_cardinalities
+from ..workloads import ZipfIds, scaled_cardinalities
 
 
 @dataclass(frozen=True)

@@ -86,7 +86,7 @@ def _bench_rank(rank: int, world: int, cfg_json: str, out_file: str) -> None:
     from ...distributed.exchange import TorchExchange
     from ...distributed.sharded_store import ShardedEmbeddingStore
     from ...store import EmbeddingStore
-    from ..data.synthetic import ZipfIds, scaled_cardinalities
+    from ..workloads import ZipfIds, scaled_cardinalities
 
     cfg = DistBenchConfig(**{**json.loads(cfg_json), "worlds": ()})
     cards = scaled_cardinalities(cfg.scale)

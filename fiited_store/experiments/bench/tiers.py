@@ -18,7 +18,7 @@ from tqdm import tqdm
 
 from ...config import StoreConfig, TableConfig
 from ...store import EmbeddingStore
-from ..data.synthetic import ZipfIds, scaled_cardinalities
+from ..workloads import ZipfIds, scaled_cardinalities
 
 
 @dataclass(frozen=True)

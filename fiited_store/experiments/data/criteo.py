@@ -12,39 +12,11 @@ from pathlib import Path
 
 import numpy as np
 
+from ..workloads import KAGGLE_CARDINALITIES
 from . import TabularDataset
 from .movielens import DatasetError
 
 N_DENSE, N_SPARSE = 13, 26
-#: Criteo Kaggle cardinalities (the paper's and DLRM's hash sizes)
-KAGGLE_CARDINALITIES = [
-    1460,
-    583,
-    10131227,
-    2202608,
-    305,
-    24,
-    12517,
-    633,
-    3,
-    93145,
-    5683,
-    8351593,
-    3194,
-    27,
-    14992,
-    5461306,
-    10,
-    5652,
-    2173,
-    4,
-    7046547,
-    18,
-    15,
-    286181,
-    105,
-    142572,
-]
 
 
 def load_criteo_tsv(path: str | Path, limit: int | None = None, hash_sizes: list[int] | None = None) -> TabularDataset:

@@ -11,13 +11,11 @@ long tail carries little signal, which is exactly what pruning should exploit.
 
 from __future__ import annotations
 
-import math
-
 import numpy as np
 import torch
 
+from ..workloads import KAGGLE_CARDINALITIES, ZipfIds, scaled_cardinalities, zipf_cdf  # noqa: F401
 from . import Batch, TabularDataset
-from .criteo import KAGGLE_CARDINALITIES
 
 
 def _mix(z: np.ndarray) -> np.ndarray:
@@ -25,41 +23,6 @@ def _mix(z: np.ndarray) -> np.ndarray:
         z = (z ^ (z >> np.uint64(30))) * np.uint64(0xBF58476D1CE4E5B9)
         z = (z ^ (z >> np.uint64(27))) * np.uint64(0x94D049BB133111EB)
         return z ^ (z >> np.uint64(31))
-
-
-def zipf_cdf(n: int, s: float) -> np.ndarray:
-    """CDF of the bounded Zipf distribution over ranks 1..n."""
-    w = np.arange(1, n + 1, dtype=np.float64) ** -s
-    cdf = np.cumsum(w)
-    return cdf / cdf[-1]
-
-
-def _coprime_multiplier(n: int) -> int:
-    a = 2654435761 % max(n, 2) or 1
-    while math.gcd(a, n) != 1:
-        a += 1
-    return a
-
-
-class ZipfIds:
-    """Bounded Zipf ids over [0, n), scattered by a bijection."""
-
-    def __init__(self, n: int, s: float, salt: int):
-        self.n = n
-        self.cdf = zipf_cdf(n, s)
-        self.a = _coprime_multiplier(n)
-        self.b = salt % n
-
-    def sample(self, rng: np.random.Generator, size: int) -> np.ndarray:
-        rank = np.searchsorted(self.cdf, rng.random(size), side="right").astype(np.int64)
-        rank = np.minimum(rank, self.n - 1)
-        return (rank * self.a + self.b) % self.n
-
-
-def scaled_cardinalities(scale: float = 1.0, cap: int | None = None) -> list[int]:
-    """Criteo Kaggle's cardinalities, scaled and capped (at least 2 rows each)."""
-    out = [max(2, int(c * scale)) for c in KAGGLE_CARDINALITIES]
-    return [min(c, cap) for c in out] if cap else out
 
 
 class SyntheticClickStream:
