@@ -56,6 +56,7 @@ from .kernels import cpu as host_kernels
 from .kernels.layout import INIT_CODES, OPTIMIZER_CODES, UTILITY_CODES, util_to_float
 from .pool import ChunkPool
 from .stats import store_stats
+from .storage.increments import SaveHistory
 
 #: utilities are stored scaled by gamma**-steps; fold the scale back in before it nears float32's range
 _MAX_GROWTH = 1e18
@@ -208,6 +209,8 @@ class EmbeddingStore:
         self._pin = None  # a read-only handle's shared lock on the checkpoint it reads
         #: the checkpoint this handle was opened from, or last saved to its own directory
         self.checkpoint: str | None = None
+        #: the arrays of that checkpoint, hashed block by block: a save writes what changed
+        self.save_history = SaveHistory()
         self.read_only = False
         #: each pool's disk tier (None until the pool's first spill)
         self.tiers = tiering.Tiers(len(self.plans))

@@ -406,7 +406,7 @@ def compact_store(
         problems = check_store(store)
         if problems:
             raise CorruptStoreError("compaction produced an unsound store, nothing was saved: " + "; ".join(problems))
-        saved = save_store(store, Path(path), remove_older=remove_older)
+        saved = save_store(store, Path(path), remove_older=remove_older, whole=True)
         bar.update(1)
         n_after = store.entries.n_live
     bar.close()

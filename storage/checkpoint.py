@@ -42,6 +42,7 @@ from ..entry_table import EntryArrays, EntryTable, row_bases
 from ..errors import ConfigError, CorruptStoreError, StoreLockedError, StoreReadOnlyError
 from ..kernels.layout import util_from_float
 from ..pool import ChunkPool, PoolArrays
+from . import increments
 from .zarr_tier import storage_error
 
 FORMAT = "fiited-store"
@@ -264,6 +265,55 @@ def _write_array(group, name: str, data: np.ndarray, fill) -> None:
         arr[...] = data
 
 
+class _Saving:
+    """One save's arrays: where it writes, the checkpoint it may build on, and what each
+    array holds once it is written (the store's history becomes that when the save lands)."""
+
+    def __init__(self, history: increments.SaveHistory | None, previous: Path | None, partial: Path):
+        self.history = history
+        self.previous = previous if history is not None and history.describes(previous) else None
+        self.partial = partial
+        self.written: dict[str, increments.SavedArray] = {}
+
+    def save(self, group, gpath: str, name: str, data: np.ndarray, fill) -> None:
+        key = f"{gpath}/{name}"
+        if self.history is None:
+            _write_array(group, name, data, fill)
+            return
+        hashes = increments.hashes_of(data)
+        inc = self.history.plan(key, data, hashes, self.previous)
+        if inc.whole:
+            _write_array(group, name, data, fill)
+        else:
+            prev = inc.previous
+            _link_tree(self.previous / gpath / name, self.partial / gpath / name)  # the base
+            deltas_dir = f"{name}.deltas"
+            if prev.deltas:
+                _link_tree(self.previous / gpath / deltas_dir, self.partial / gpath / deltas_dir)
+            if inc.changed.size:
+                self._write_delta(group.require_group(deltas_dir).create_group(f"{prev.deltas:04d}"), data, inc)
+        self.written[key] = self.history.written(data, hashes, inc)
+
+    @staticmethod
+    def _write_delta(dg, data: np.ndarray, inc: increments.Increment) -> None:
+        _write_array(dg, "blocks", inc.changed, 0)
+        arr = dg.create_array(
+            "data",
+            shape=(inc.changed.size, increments.BLOCK_BYTES),
+            chunks=(max(1, min(inc.changed.size, increments.DELTA_CHUNK_BLOCKS)), increments.BLOCK_BYTES),
+            dtype=np.uint8,
+            fill_value=0,
+            compressors=[Crc32cCodec()],
+            config={"write_empty_chunks": True},
+        )
+        step = increments.DELTA_CHUNK_BLOCKS * 8  # gathered a few chunks at a time: memory stays small
+        for lo in range(0, inc.changed.size, step):
+            arr[lo : lo + step] = increments.gather_blocks(data, inc.changed[lo : lo + step])
+
+    def described(self) -> dict[str, dict[str, int]]:
+        return {k: increments.SaveHistory.describe(v) for k, v in self.written.items() if v.deltas}
+
+
 def _file_sizes(root: Path) -> dict[str, int]:
     """{path relative to root: bytes} of every file under root, but root's own zarr.json."""
     out = {}
@@ -292,12 +342,14 @@ def check_files(ckpt: Path, files: dict[str, int]) -> list[str]:
     return problems
 
 
-def save_store(store, path: Path | None, *, remove_older: bool = True) -> Path:
+def save_store(store, path: Path | None, *, remove_older: bool = True, whole: bool = False) -> Path:
     """Write ``store`` to ``path`` (its own directory when None); returns the checkpoint directory.
 
-    ``remove_older=False`` keeps the older checkpoints: a sharded store removes them
-    only once its global manifest names the new ones (see
-    :mod:`fiited_store.distributed.checkpoint`)."""
+    Into its own directory, an array is saved as the blocks that changed since the last
+    checkpoint there (:mod:`fiited_store.storage.increments`); ``whole=True`` writes
+    every array whole (a compacted store carries no deltas). ``remove_older=False``
+    keeps the older checkpoints: a sharded store removes them only once its global
+    manifest names the new ones (see :mod:`fiited_store.distributed.checkpoint`)."""
     if path is None:
         raise ConfigError("this store has no directory: pass save(path)")
     path = Path(path)
@@ -310,13 +362,13 @@ def save_store(store, path: Path | None, *, remove_older: bool = True) -> Path:
         raise storage_error(exc, f"creating store directory {path}") from exc
     lock = None if own else acquire_lock(path)
     try:
-        return _save_locked(store, path, remove_older)
+        return _save_locked(store, path, remove_older, incremental=own and not whole)
     finally:
         if lock is not None:
             lock.release()
 
 
-def _save_locked(store, path: Path, remove_older: bool = True) -> Path:
+def _save_locked(store, path: Path, remove_older: bool = True, incremental: bool = False) -> Path:
     b = store.backend
     existing = [p.name for p in path.iterdir() if p.name.startswith("ckpt-") and not p.name.endswith(".partial")]
     number = max([_checkpoint_number(n) for n in existing] + [0]) + 1
@@ -330,26 +382,29 @@ def _save_locked(store, path: Path, remove_older: bool = True) -> Path:
     for tier in store.tiers:
         if tier is not None and not tier.keeps_owners:
             tier.seal()
+    previous = path / store.checkpoint if store.checkpoint else None
+    saving = _Saving(store.save_history if incremental else None, previous, partial)
     try:
         root = zarr.open_group(zarr.storage.LocalStore(str(partial)), mode="w")
         _at("group-created")
         ea = store.entries.arrays
         entries = root.create_group("entries")
-        _write_array(entries, "row_base", b.to_host(ea.row_base), 0)
-        _write_array(entries, "seen", b.to_host(ea.seen), 0)
-        _write_array(entries, "keys", b.to_host(ea.keys), 0)
-        _write_array(entries, "table_ids", b.to_host(ea.table_ids), -1)
-        _write_array(entries, "addr", b.to_host(ea.addr), -1)
-        _write_array(entries, "util", b.to_host(ea.util), 0)
+        saving.save(entries, "entries", "row_base", b.to_host(ea.row_base), 0)
+        saving.save(entries, "entries", "seen", b.to_host(ea.seen), 0)
+        saving.save(entries, "entries", "keys", b.to_host(ea.keys), 0)
+        saving.save(entries, "entries", "table_ids", b.to_host(ea.table_ids), -1)
+        saving.save(entries, "entries", "addr", b.to_host(ea.addr), -1)
+        saving.save(entries, "entries", "util", b.to_host(ea.util), 0)
         _at("entries-written")
         pools_state = []
         for pool in store.pools:
             pa = pool.arrays
-            g = root.create_group(f"pool_{pool.plan.group}")
-            _write_array(g, "vectors", b.to_host(pa.vectors), 0.0)
-            _write_array(g, "opt_state", b.to_host(pa.opt_state), 0.0)
-            _write_array(g, "owner", b.to_host(pa.owner), -1)
-            _write_array(g, "free_stack", b.to_host(pa.free_stack), 0)
+            gpath = f"pool_{pool.plan.group}"
+            g = root.create_group(gpath)
+            saving.save(g, gpath, "vectors", b.to_host(pa.vectors), 0.0)
+            saving.save(g, gpath, "opt_state", b.to_host(pa.opt_state), 0.0)
+            saving.save(g, gpath, "owner", b.to_host(pa.owner), -1)
+            saving.save(g, gpath, "free_stack", b.to_host(pa.free_stack), 0)
             pools_state.append({"n_free": pool.n_free})
             _at(f"pool-{pool.plan.group}-written")
         tiers_state = []
@@ -359,7 +414,7 @@ def _save_locked(store, path: Path, remove_older: bool = True) -> Path:
                 continue
             tg = root.create_group(f"tier_{gi}")
             if tier.keeps_owners:
-                _write_array(tg, "owner", tier.owner, -1)
+                saving.save(tg, f"tier_{gi}", "owner", tier.owner, -1)
                 tier.flush()
                 _link_tree(tier.root, partial / f"tier_{gi}" / "data")
                 tiers_state.append({"kind": "blocks", "capacity": tier.capacity})
@@ -381,6 +436,7 @@ def _save_locked(store, path: Path, remove_older: bool = True) -> Path:
                     "hit_counts": store.residency.hit_counts(),
                     "pools": pools_state,
                     "tiers": tiers_state,
+                    "increments": saving.described(),
                     "saved_at": time.time(),
                 },
             }
@@ -394,6 +450,8 @@ def _save_locked(store, path: Path, remove_older: bool = True) -> Path:
         manifest = {"format": FORMAT, "format_version": FORMAT_VERSION, "checkpoint": name}
         write_atomic(path / MANIFEST, json.dumps(manifest, indent=2).encode())
         _at("manifest-replaced")
+        if saving.history is not None:
+            saving.history.commit(final, saving.written)
     except OSError as exc:
         shutil.rmtree(partial, ignore_errors=True)
         raise storage_error(exc, f"saving checkpoint {name} in {path}") from exc
@@ -417,6 +475,51 @@ def remove_checkpoints_except(path: Path, keep: str) -> None:
 
 # ------------------------------------------------------------------------ open
 def _read(group, name: str, dtype, shape: tuple[int, ...], where: str) -> np.ndarray:
+    return _decode(_read_node(group, name, dtype, shape, where), Ellipsis, where, name)
+
+
+class _Opening:
+    """One open's arrays: each read with the deltas the checkpoint's state counts for it
+    applied in order, and hashed into the store's history when it is opened for writing."""
+
+    def __init__(self, ckpt: Path, root, state: dict, history: increments.SaveHistory | None):
+        self.ckpt, self.root, self.history = ckpt, root, history
+        self.increments = state.get("increments", {}) or {}
+
+    def read(self, group, gpath: str, name: str, dtype, shape: tuple[int, ...]) -> np.ndarray:
+        where = f"{self.ckpt}/{gpath}"
+        data = _read(group, name, dtype, shape, where)
+        described = self.increments.get(f"{gpath}/{name}")
+        deltas = int(described["deltas"]) if described else 0
+        if deltas:
+            if f"{name}.deltas" not in group:
+                raise CorruptStoreError(f"{where}/{name}.deltas is missing (the checkpoint counts {deltas} deltas)")
+            dg = group[f"{name}.deltas"]
+            nblocks = increments.n_blocks(data.nbytes)
+            for k in range(deltas):
+                at = f"{where}/{name}.deltas/{k:04d}"
+                if f"{k:04d}" not in dg:
+                    raise CorruptStoreError(f"{at} is missing (the checkpoint counts {deltas} deltas)")
+                d = dg[f"{k:04d}"]
+                n = int(d["blocks"].shape[0]) if "blocks" in d else 0
+                blocks = _read(d, "blocks", np.int64, (n,), at)
+                if n and (blocks[0] < 0 or blocks[-1] >= nblocks or np.any(np.diff(blocks) <= 0)):
+                    raise CorruptStoreError(
+                        f"{at}/blocks must be ascending block numbers below {nblocks}, got {blocks[:5].tolist()}..."
+                    )
+                step = increments.DELTA_CHUNK_BLOCKS * 8
+                arr = _read_node(d, "data", np.uint8, (n, increments.BLOCK_BYTES), at)
+                for lo in range(0, n, step):
+                    increments.apply_blocks(
+                        data, blocks[lo : lo + step], _decode(arr, slice(lo, lo + step), at, "data")
+                    )
+        if self.history is not None:
+            self.history.opened(self.ckpt, f"{gpath}/{name}", data, described)
+        return data
+
+
+def _read_node(group, name: str, dtype, shape: tuple[int, ...], where: str):
+    """The Zarr array ``name`` of ``group``, its dtype and shape checked, not read."""
     try:
         arr = group[name]
     except KeyError:
@@ -425,8 +528,12 @@ def _read(group, name: str, dtype, shape: tuple[int, ...], where: str) -> np.nda
         raise CorruptStoreError(f"{where}/{name} has dtype {arr.dtype}, expected {np.dtype(dtype)}")
     if tuple(arr.shape) != tuple(shape):
         raise CorruptStoreError(f"{where}/{name} has shape {tuple(arr.shape)}, expected {tuple(shape)}")
+    return arr
+
+
+def _decode(arr, selection, where: str, name: str) -> np.ndarray:
     try:
-        return np.ascontiguousarray(arr[...])
+        return np.ascontiguousarray(arr[selection])
     except OSError as exc:
         raise storage_error(exc, f"reading {where}/{name}") from exc
     except Exception as exc:  # a codec error on a truncated or corrupt chunk file
@@ -503,6 +610,9 @@ def open_store(
 
         def restore(store) -> None:
             b = store.backend
+            # opened for writing at the manifest's format, the next save builds on this checkpoint
+            history = store.save_history if mode == "r+" and version == FORMAT_VERSION else None
+            opening = _Opening(ckpt, root, state, history)
             entries_g = root["entries"] if "entries" in root else None
             if entries_g is None:
                 raise CorruptStoreError(f"{ckpt}/entries is missing")
@@ -515,22 +625,22 @@ def open_store(
             expect_base = row_bases([t.num_embeddings if t.direct else 0 for t in tables])
             nd = int(expect_base[-1])
             if version >= 2:
-                base = _read(entries_g, "row_base", np.int64, expect_base.shape, where)
+                base = opening.read(entries_g, "entries", "row_base", np.int64, expect_base.shape)
                 if not np.array_equal(base, expect_base):
                     raise CorruptStoreError(
                         f"{where}/row_base is {base.tolist()}, the tables declare {expect_base.tolist()}"
                     )
-                seen = _read(entries_g, "seen", np.uint32, (max((nd + 31) // 32, 1),), where)
+                seen = opening.read(entries_g, "entries", "seen", np.uint32, (max((nd + 31) // 32, 1),))
             else:
                 seen = np.zeros(1, np.uint32)
             arrays = EntryArrays(
                 row_base=b.from_host(expect_base),
                 seen=b.persist(seen),
-                keys=b.persist(_read(entries_g, "keys", np.int64, (cap,), where)),
-                table_ids=b.persist(_read(entries_g, "table_ids", np.int16, (cap,), where)),
-                addr=b.persist(_read(entries_g, "addr", np.int32, (nd + cap, store.kmax), where)),
+                keys=b.persist(opening.read(entries_g, "entries", "keys", np.int64, (cap,))),
+                table_ids=b.persist(opening.read(entries_g, "entries", "table_ids", np.int16, (cap,))),
+                addr=b.persist(opening.read(entries_g, "entries", "addr", np.int32, (nd + cap, store.kmax))),
                 util=b.persist(
-                    _read(entries_g, "util", np.uint16, (nd + cap, store.util_width), where)
+                    opening.read(entries_g, "entries", "util", np.uint16, (nd + cap, store.util_width))
                     if version >= 2
                     else util_from_float(_read(entries_g, "util", np.float32, (cap, store.util_width), where))
                 ),
@@ -541,12 +651,15 @@ def open_store(
                 where = f"{ckpt}/pool_{plan.group}"
                 if f"pool_{plan.group}" not in root:
                     raise CorruptStoreError(f"{where} is missing")
-                pg = root[f"pool_{plan.group}"]
+                gpath = f"pool_{plan.group}"
+                pg = root[gpath]
                 pa = PoolArrays(
-                    vectors=b.persist(_read(pg, "vectors", np.float32, (plan.slots, plan.chunk_width), where)),
-                    opt_state=b.persist(_read(pg, "opt_state", np.float32, (plan.slots, plan.state_width), where)),
-                    owner=b.persist(_read(pg, "owner", np.int32, (plan.slots,), where)),
-                    free_stack=b.persist(_read(pg, "free_stack", np.int32, (plan.slots,), where)),
+                    vectors=b.persist(opening.read(pg, gpath, "vectors", np.float32, (plan.slots, plan.chunk_width))),
+                    opt_state=b.persist(
+                        opening.read(pg, gpath, "opt_state", np.float32, (plan.slots, plan.state_width))
+                    ),
+                    owner=b.persist(opening.read(pg, gpath, "owner", np.int32, (plan.slots,))),
+                    free_stack=b.persist(opening.read(pg, gpath, "free_stack", np.int32, (plan.slots,))),
                     n_free=b.from_host(np.array([int(pstate["n_free"])], np.int64)),
                 )
                 store.pools.append(ChunkPool.from_arrays(b, plan, pa))
@@ -568,7 +681,7 @@ def open_store(
                         _link_tree(snapshot, live)
                         store.tiers[gi] = tiering.open_segment_tier(store, gi, live, tstate, read_only=False)
                     continue
-                owner = _read(root[f"tier_{gi}"], "owner", np.int32, (int(tstate["capacity"]),), where)
+                owner = opening.read(root[f"tier_{gi}"], f"tier_{gi}", "owner", np.int32, (int(tstate["capacity"]),))
                 if mode == "r":
                     store.tiers[gi] = tiering.open_saved_tier(store, gi, snapshot, owner, read_only=True)
                 else:
