@@ -1,4 +1,5 @@
-"""The one interface every tier below the pool implements.
+"""The one interface every tier below the pool implements (:class:`Tier`), and the
+block tiers' shared implementation (:class:`ChunkTier`).
 
 A tier keeps chunk vectors, with their optimizer state, in numbered slots. It owns
 its free space: :meth:`ChunkTier.allocate` hands out slots and
@@ -23,8 +24,93 @@ from ..errors import InputShapeError
 from .rows import end_quarantine, release_slots, take_free_slots
 
 
-class ChunkTier(ABC):
-    """Batched slot storage for chunks that left the pool.
+class Tier(ABC):
+    """What the store asks of any tier below the pool: numbered slots, each one chunk's
+    vector and optimizer state, handed out and taken back by the tier, moved in batches.
+
+    Shapes: ``slots`` int64[n]; ``vectors`` float32[n, chunk_width];
+    ``states`` float32[n, state_width]. Every verb checks its slots first and raises
+    :class:`~fiited_store.errors.InputShapeError` naming the tier and the slots.
+    """
+
+    chunk_width: int
+    state_width: int
+    #: whether the tier keeps the entry of each slot in ``owner`` (the store keeps it up to date)
+    keeps_owners: bool
+
+    @property
+    @abstractmethod
+    def location(self) -> str:
+        """Where the tier lives, for error messages."""
+
+    @property
+    @abstractmethod
+    def capacity(self) -> int:
+        """Slot numbers the tier may hand out now."""
+
+    @property
+    @abstractmethod
+    def n_used(self) -> int:
+        """Slots holding a live chunk."""
+
+    @property
+    @abstractmethod
+    def n_free(self) -> int:
+        """``capacity - n_used``."""
+
+    @property
+    @abstractmethod
+    def nbytes(self) -> int:
+        """Bytes the tier takes (memory, or disk blocks)."""
+
+    @abstractmethod
+    def is_free(self, slots: np.ndarray) -> np.ndarray:
+        """bool[n]: whether each slot holds nothing live."""
+
+    @abstractmethod
+    def allocate(self, n: int) -> np.ndarray:
+        """int64[n]: new slots, ascending; a full device raises here with nothing changed."""
+
+    @abstractmethod
+    def release(self, slots: np.ndarray) -> None:
+        """These slots hold nothing any more (refused whole if any is already free)."""
+
+    @abstractmethod
+    def write(self, slots: np.ndarray, vectors: np.ndarray, states: np.ndarray) -> None:
+        """Write rows of allocated slots."""
+
+    @abstractmethod
+    def write_async(self, slots: np.ndarray, vectors: np.ndarray, states: np.ndarray) -> None:
+        """The same on the tier's thread; reads and writes after this call see the rows."""
+
+    @abstractmethod
+    def read(self, slots: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """(vectors, states) of ``slots``, any order, repeats allowed."""
+
+    @abstractmethod
+    def read_async(self, slots: np.ndarray) -> tuple[Future, int]:
+        """A background read: its future and a mark for :meth:`end_read`."""
+
+    @abstractmethod
+    def end_read(self, mark: int | None = None) -> None:
+        """The background read ``mark`` (the oldest when None) is done with."""
+
+    @abstractmethod
+    def wait_for_writes(self) -> None:
+        """Block until background writes landed; raise the first failure's error once."""
+
+    @abstractmethod
+    def flush(self) -> None:
+        """Make what was written durable (a checkpoint calls it before linking files)."""
+
+    @abstractmethod
+    def close(self) -> None:
+        """Finish background work and release files."""
+
+
+class ChunkTier(Tier):
+    """Batched slot storage in blocks, for chunks that left the pool: freed slots are
+    reused, emptiest block first.
 
     Shapes: ``slots`` int64[n]; ``vectors`` float32[n, chunk_width];
     ``states`` float32[n, state_width].

@@ -43,6 +43,7 @@ import zarr
 from zarr.codecs import Crc32cCodec
 
 from ..errors import CorruptStoreError, InputShapeError, StoreReadOnlyError
+from .base import Tier
 from .io import ALIGN, IOPool, aligned_buffer, open_file, round_down, round_up, storage_error, write_all
 from .rows import CRC_TABLE, check_inner_chunks, copy_rows, crc32c, place_rows
 
@@ -84,7 +85,7 @@ class _Segment:
         self.padding = 0  # zero rows that closed the last inner chunk (never handed out)
 
 
-class SegmentTier:
+class SegmentTier(Tier):
     """Chunk slots in an append-only log of Zarr shards (see the module's docstring).
 
     Shapes: ``slots`` int64[n]; ``vectors`` float32[n, chunk_width]; ``states``
@@ -499,7 +500,9 @@ class SegmentTier:
         start = 0
         while start < slots.size:
             sid = int(seg_ids[start])
-            end = start + int(np.searchsorted(seg_ids[start:], sid, side="right"))
+            # segment ids need not ascend: a dropped segment's id is handed out again
+            other = np.flatnonzero(seg_ids[start:] != sid)
+            end = start + int(other[0]) if other.size else slots.size
             seg = self._unsealed[0] if self._unsealed else None
             if seg is None or seg.id != sid or pos[start] != seg.written or np.any(np.diff(pos[start:end]) != 1):
                 want = "none" if seg is None else f"segment {seg.id} slot {seg.written}"

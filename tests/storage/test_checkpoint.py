@@ -212,11 +212,13 @@ CRASH_SCRIPT = textwrap.dedent("""
     import os, signal, sys
     import numpy as np
     from fiited_store import EmbeddingStore, StoreConfig, TableConfig, DynamicRatio
-    from fiited_store.storage import checkpoint
+    from fiited_store.storage import checkpoint, increments
     path, point, out = sys.argv[1], sys.argv[2], sys.argv[3]
+    increments.WHOLE_BELOW_BYTES = 0  # so that the second save is an incremental one, as a big store's is
     tables = [TableConfig("a", dim=8, chunks=2, num_embeddings=300),
               TableConfig("b", dim=16, chunks=4, num_embeddings=300)]
-    s = EmbeddingStore(tables, StoreConfig(mode="cache", budget_fraction=0.3, prune_period=4), path=path)
+    config = StoreConfig(mode="cache", budget_fraction=0.3, prune_period=4, tier_segment_slots=64)
+    s = EmbeddingStore(tables, config, path=path)
     rng = np.random.default_rng(0)
     def steps(n):
         for _ in range(n):
@@ -232,6 +234,17 @@ CRASH_SCRIPT = textwrap.dedent("""
         if p == point:
             os.kill(os.getpid(), signal.SIGKILL)
     checkpoint._save_hook = hook
+    if point.startswith("compaction"):  # killed once a segment is dropped, after a step or before a save
+        from fiited_store.storage.segment_tier import SegmentTier
+        real = SegmentTier.drop_segments
+        def drop_then_die(self, seg_ids):
+            real(self, seg_ids)
+            os.kill(os.getpid(), signal.SIGKILL)
+        SegmentTier.drop_segments = drop_then_die
+        import dataclasses
+        s.config = dataclasses.replace(config, tier_max_garbage=0.01)
+        if point == "compaction-after-step":
+            steps(4)
     s.save()
     print("save finished without reaching", point)
 """)
@@ -245,6 +258,8 @@ SAVE_POINTS = [
     "fsynced",
     "renamed",
     "manifest-replaced",
+    "compaction-after-step",
+    "compaction-before-checkpoint",
 ]
 
 

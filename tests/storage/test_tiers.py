@@ -27,8 +27,9 @@ def file_size_limit(nbytes: int):
         signal.signal(signal.SIGXFSZ, previous)
 
 
-class TierTests:
-    """Subclasses define ``make(tmp_path, capacity=0) -> ChunkTier``."""
+class ChunkTierTests:
+    """What every tier does, the segment log included. Subclasses define
+    ``make(tmp_path, capacity=0) -> ChunkTier``."""
 
     C, W = 4, 1
 
@@ -43,6 +44,71 @@ class TierTests:
         assert np.intersect1d(a, b).size == 0
         assert tier.n_used == 150
 
+    def test_rows_written_in_allocation_order_read_back_in_any_order_with_repeats(self, tmp_path, rng):
+        tier = self.make(tmp_path)
+        first, second = tier.allocate(170), tier.allocate(130)
+        vec, st = self.rows(rng, 300)
+        tier.write(first, vec[:170], st[:170])
+        tier.write(second, vec[170:], st[170:])
+        slots = np.concatenate([first, second])
+        q = rng.integers(0, 300, 400)  # repeats included
+        got_v, got_s = tier.read(slots[q])
+        np.testing.assert_array_equal(got_v, vec[q])
+        np.testing.assert_array_equal(got_s, st[q])
+        tier.close()
+
+    def test_capacity_grows_and_keeps_what_was_written(self, tmp_path, rng):
+        tier = self.make(tmp_path)
+        first = tier.allocate(10)
+        vec, st = self.rows(rng, 10)
+        tier.write(first, vec, st)
+        cap = tier.capacity
+        more = tier.allocate(cap + 5)
+        assert tier.capacity > cap
+        assert np.intersect1d(first, more).size == 0
+        np.testing.assert_array_equal(tier.read(first)[0], vec)
+        tier.close()
+
+    def test_a_double_release_is_refused_and_changes_nothing(self, tmp_path):
+        tier = self.make(tmp_path)
+        slots = tier.allocate(20)
+        tier.release(slots[:10])
+        assert tier.n_used == 10
+        with pytest.raises(InputShapeError, match="already free"):
+            tier.release(slots[[12, 3]])
+        assert tier.n_used == 10 and not tier.is_free(slots[12:13])[0]
+        tier.close()
+
+    def test_out_of_range_slots_are_refused(self, tmp_path):
+        tier = self.make(tmp_path)
+        with pytest.raises(InputShapeError, match=r"\[-1\]"):
+            tier.read(np.array([-1]))
+        with pytest.raises(InputShapeError, match="outside"):
+            tier.write(np.array([tier.capacity]), np.zeros((1, self.C), np.float32), np.zeros((1, self.W), np.float32))
+
+    def test_wrong_row_shape_is_refused(self, tmp_path):
+        tier = self.make(tmp_path)
+        s = tier.allocate(2)
+        with pytest.raises(InputShapeError, match=r"\(2, 3\)"):
+            tier.write(s, np.zeros((2, 3), np.float32), np.zeros((2, self.W), np.float32))
+
+    def test_a_background_write_then_read_equals_the_synchronous_ones(self, tmp_path, rng):
+        tier = self.make(tmp_path)
+        slots = tier.allocate(250)
+        vec, st = self.rows(rng, 250)
+        tier.write_async(slots, vec, st)  # a spill: the read after it sees it
+        fut, mark = tier.read_async(slots[::-3])
+        v, s = fut.result(timeout=30)
+        tier.end_read(mark)
+        np.testing.assert_array_equal(v, vec[::-3])
+        np.testing.assert_array_equal(s, st[::-3])
+        np.testing.assert_array_equal(tier.read(slots[::-3])[0], v)
+        tier.close()
+
+
+class TierTests(ChunkTierTests):
+    """Tiers of blocks that reuse freed slots and keep an owner per slot."""
+
     def test_write_then_read_in_any_order(self, tmp_path, rng):
         tier = self.make(tmp_path)
         slots = tier.allocate(300)
@@ -53,17 +119,6 @@ class TierTests:
         got_v, got_s = tier.read(slots[q])
         np.testing.assert_array_equal(got_v, vec[q])
         np.testing.assert_array_equal(got_s, st[q])
-
-    def test_growth_keeps_what_was_written(self, tmp_path, rng):
-        tier = self.make(tmp_path)
-        first = tier.allocate(10)
-        vec, st = self.rows(rng, 10)
-        tier.write(first, vec, st)
-        cap = tier.capacity
-        more = tier.allocate(cap + 5)
-        assert tier.capacity > cap
-        assert np.intersect1d(first, more).size == 0
-        np.testing.assert_array_equal(tier.read(first)[0], vec)
 
     def test_release_makes_slots_reusable_and_refuses_double_release(self, tmp_path):
         tier = self.make(tmp_path)
@@ -83,19 +138,6 @@ class TierTests:
         tier.release(slots[2 * r : 3 * r])  # block 2 entirely empty
         got = tier.allocate(r)
         assert np.all(got // r == 2)  # one whole block: a whole-chunk write
-
-    def test_out_of_range_slots_are_refused(self, tmp_path):
-        tier = self.make(tmp_path)
-        with pytest.raises(InputShapeError, match=r"\[-1\]"):
-            tier.read(np.array([-1]))
-        with pytest.raises(InputShapeError, match="outside"):
-            tier.write(np.array([tier.capacity]), np.zeros((1, self.C), np.float32), np.zeros((1, self.W), np.float32))
-
-    def test_wrong_row_shape_is_refused(self, tmp_path):
-        tier = self.make(tmp_path)
-        s = tier.allocate(2)
-        with pytest.raises(InputShapeError, match=r"\(2, 3\)"):
-            tier.write(s, np.zeros((2, 3), np.float32), np.zeros((2, self.W), np.float32))
 
     def test_background_read_equals_read(self, tmp_path, rng):
         tier = self.make(tmp_path)
