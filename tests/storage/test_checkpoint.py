@@ -567,3 +567,27 @@ def test_readers_open_and_read_consistently_while_another_process_saves(tmp_path
             checked += 1
     assert checked > 5, (checked, opened)
     assert int(out.split()[-1]) > 3, out
+
+
+FIXTURE_V4 = Path(__file__).parents[1] / "fixtures" / "store_v4"
+
+
+def test_committed_format_v4_fixture_still_decodes_and_verifies():
+    """Format version 4 (the disk tier as sealed segments, arrays as a base plus deltas)
+    must open, read and verify the same forever."""
+    from fiited_store.tools import verify_store
+
+    expected = json.loads((FIXTURE_V4.parent / "store_v4_expected.json").read_text())
+    ckpt = FIXTURE_V4 / json.loads((FIXTURE_V4 / "fiited.json").read_text())["checkpoint"]
+    state = json.loads((ckpt / "zarr.json").read_text())["attributes"]["state"]
+    assert json.loads((FIXTURE_V4 / "fiited.json").read_text())["format_version"] == 4
+    assert state["increments"] and any(len(t["segments"]) > 1 for t in state["tiers"] if t)  # what it must cover
+    with EmbeddingStore.open(FIXTURE_V4, "r") as s:
+        assert check_store(s) == []
+        for name, rows in expected["lookups"].items():
+            ids = np.array(expected["ids"][name], np.int64)
+            np.testing.assert_array_equal(s.lookup(name, ids), np.array(rows, np.float32))
+        assert s.step_count == expected["step_count"]
+        assert s.stats()["total"]["entries"] == expected["entries"]
+        assert s.stats()["total"]["spilled_chunks"] == expected["spilled_chunks"] > 0
+    assert verify_store(FIXTURE_V4) == []
