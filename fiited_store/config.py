@@ -455,6 +455,12 @@ class StoreConfig:
             tier takes beyond its live rows.
         tier_segment_slots: slots per segment of the disk tier (None: about 64 MiB of
             rows); a checkpoint keeps sealed segments by hard links.
+        tier_page_cache_bytes: how much of the page cache the disk tiers may use, in
+            whole segments (split between pools as their rows are): segments within it
+            are read and written through the page cache, the rest around it
+            (O_DIRECT). A model whose tier fits is then served from memory after its
+            first read; one that does not still takes no more than this. None: a
+            quarter of the machine's memory; 0: never the page cache.
     """
 
     pruning: PruningPolicy = field(default_factory=lambda: DynamicRatio(0.75))
@@ -481,6 +487,7 @@ class StoreConfig:
     prefetch_depth: int = 1
     tier_max_garbage: float = 0.15
     tier_segment_slots: int | None = None
+    tier_page_cache_bytes: int | None = None
 
     def __post_init__(self) -> None:
         _check(
@@ -576,6 +583,11 @@ class StoreConfig:
         _check(
             self.tier_segment_slots is None or (_is_int(self.tier_segment_slots) and self.tier_segment_slots >= 1),
             f"tier_segment_slots must be a positive int or None, got {self.tier_segment_slots!r}",
+        )
+        _check(
+            self.tier_page_cache_bytes is None
+            or (_is_int(self.tier_page_cache_bytes) and self.tier_page_cache_bytes >= 0),
+            f"tier_page_cache_bytes must be an int >= 0 or None, got {self.tier_page_cache_bytes!r}",
         )
         _check(
             self.host_cache_bytes is None or (_is_int(self.host_cache_bytes) and self.host_cache_bytes >= 0),

@@ -204,6 +204,8 @@ class EmbeddingStore:
         self._grad_buf = None
         #: cache mode's state between calls: background reads, the prefetched batches
         self.residency = residency.Residency(len(self.plans), len(tables), config.prefetch_depth)
+        #: the segment each disk tier is emptying, a slice after each step
+        self.compactor = compaction.Compactor(len(self.plans))
         self.path = Path(path) if path is not None else None
         self._lock = None
         self._pin = None  # a read-only handle's shared lock on the checkpoint it reads

@@ -65,6 +65,17 @@ def host_cache_rows(store, group: int) -> int:
     return int(share // row)
 
 
+def page_cache_bytes(store, group: int) -> int:
+    """Pool ``group``'s share of the page cache its segment tier may use (see
+    ``StoreConfig.tier_page_cache_bytes``), split between pools as their rows are."""
+    from .hostmem import host_memory_bytes
+
+    total = store.config.tier_page_cache_bytes
+    if total is None:
+        total = host_memory_bytes() // 4
+    return int(total * store.plans[group].vector_bytes / sum(p.vector_bytes for p in store.plans))
+
+
 def new_tier(store, group: int, root: Path, capacity: int = 0):
     """A new, empty tier for pool ``group`` at ``root``, of the kind the store's
     configuration asks for (see :func:`tier_of`)."""
@@ -74,7 +85,13 @@ def new_tier(store, group: int, root: Path, capacity: int = 0):
     plan = store.plans[group]
     rows = host_cache_rows(store, group)
     if not rows:
-        return SegmentTier(root, plan.chunk_width, plan.state_width, segment_slots=store.config.tier_segment_slots)
+        return SegmentTier(
+            root,
+            plan.chunk_width,
+            plan.state_width,
+            segment_slots=store.config.tier_segment_slots,
+            page_cache_bytes=page_cache_bytes(store, group),
+        )
     # ~32 KB chunks: restores are scattered, and a chunk is read whole for any of its rows
     block = int(max(64, TIER_CHUNK_BYTES // ((plan.chunk_width + plan.state_width) * FLOAT_BYTES)))
     return StagedZarrTier(
@@ -125,7 +142,9 @@ def open_segment_tier(store, group: int, root: Path, description: dict, read_onl
     entries are in place)."""
     from .storage.segment_tier import SegmentTier
 
-    tier = SegmentTier.open(root, description["segments"], read_only=read_only)
+    tier = SegmentTier.open(
+        root, description["segments"], read_only=read_only, page_cache_bytes=page_cache_bytes(store, group)
+    )
     _, _, slots = spilled_chunks(store, group, tier)
     tier.mark_live(slots)
     return tier

@@ -1,13 +1,15 @@
 """Positional reads and writes in the units the store moves, many in flight, around the page cache.
 
 The disk tier reads a row where it lies: one request per run of adjacent slots, issued
-by a pool of threads so that the device sees the queue depth it needs (``os.preadv``
-releases the GIL for the system call). Files are opened with ``O_DIRECT`` where the
+by a pool of threads so that the device sees the queue depth it needs, each thread
+issuing its whole share from a kernel that calls ``pread`` without the GIL. Files are opened with ``O_DIRECT`` where the
 file system allows it, so the page cache neither amplifies a scattered read (no
 readahead of a block around one row) nor fills memory with rows the store holds
 itself; a direct request's offset, length and buffer are multiples of
 :data:`ALIGN`, so every buffer here comes from :func:`aligned_buffer`. Where ``O_DIRECT``
-is refused (tmpfs), the file is read through the page cache with readahead off.
+is refused (tmpfs), the file is read through the page cache with readahead off; a
+tier may also ask for the page cache on purpose, for files whose total it bounds
+(:class:`~fiited_store.storage.segment_tier.SegmentTier`'s ``page_cache_bytes``).
 
 """
 
@@ -22,6 +24,7 @@ from collections.abc import Sequence
 from concurrent.futures import ThreadPoolExecutor
 
 import numpy as np
+from numba import njit, types
 
 from ..errors import StorageError, StorageFullError, StoreReadOnlyError
 
@@ -57,10 +60,12 @@ def round_up(x: int, a: int = ALIGN) -> int:
     return -(-x // a) * a
 
 
-def open_file(path: str, write: bool) -> tuple[int, bool]:
-    """(descriptor, whether it is O_DIRECT) for ``path``; created when ``write``."""
+def open_file(path: str, write: bool, direct: bool = True) -> tuple[int, bool]:
+    """(descriptor, whether it is O_DIRECT) for ``path``; created when ``write``. With
+    ``direct`` False (or where the file system refuses O_DIRECT) the file goes through
+    the page cache, with readahead off."""
     flags = (os.O_RDWR | os.O_CREAT) if write else os.O_RDONLY
-    direct = getattr(os, "O_DIRECT", 0)
+    direct = getattr(os, "O_DIRECT", 0) if direct else 0
     if direct:
         try:
             return os.open(path, flags | direct, 0o644), True
@@ -81,6 +86,28 @@ def write_all(fd: int, data: memoryview, offset: int) -> None:
         if n <= 0:
             raise OSError(errno.EIO, "pwrite wrote nothing")
         done += n
+
+
+#: libc's pread, called from a kernel: a thread issues its whole share of requests without
+#: the GIL (a Python loop per request would fight the training thread for it on every call)
+_pread = types.ExternalFunction("pread", types.int64(types.int32, types.uintp, types.uintp, types.int64))
+
+
+@njit(cache=True, nogil=True)
+def pread_ranges(fds, offsets, lengths, base, out_offsets, lo, hi):
+    """Read request i of [lo, hi) (``lengths[i]`` bytes of ``fds[i]`` at ``offsets[i]``) to the
+    address ``base + out_offsets[i]``, continuing short reads; returns the first request
+    that failed or met the end of its file, or -1."""
+    for i in range(lo, hi):
+        want, at, dst = lengths[i], offsets[i], out_offsets[i]
+        while want > 0:
+            r = _pread(np.int32(fds[i]), base + np.uint64(dst), np.uint64(want), at)
+            if r <= 0:
+                return i
+            want -= r
+            at += r
+            dst += r
+    return -1
 
 
 class IOPool:
@@ -115,21 +142,27 @@ class IOPool:
         n = len(offsets)
         if n == 0:
             return
-        view = memoryview(out)
-        offs, lens, outs = offsets.tolist(), lengths.tolist(), out_offsets.tolist()
-        fds = list(fds)
+        if out.dtype != np.uint8 or not out.flags.c_contiguous or out.flags.writeable is False:
+            raise TypeError(f"read_ranges needs a writable contiguous uint8 buffer, got {out.dtype} {out.flags}")
+        fd_arr = np.asarray(fds, np.int64)
+        offs = np.ascontiguousarray(offsets, np.int64)
+        lens = np.ascontiguousarray(lengths, np.int64)
+        dsts = np.ascontiguousarray(out_offsets, np.int64)
+        if (dsts < 0).any() or (dsts + lens > out.size).any():
+            raise ValueError(f"read_ranges: a request lands outside the {out.size}-byte buffer")
+        base = np.uint64(out.ctypes.data)
 
-        def share(lo: int, hi: int) -> int:
-            got = 0
-            for i in range(lo, hi):
-                want, at, dst = lens[i], offs[i], outs[i]
+        def share(lo: int, hi: int) -> None:
+            failed = int(pread_ranges(fd_arr, offs, lens, base, dsts, lo, hi))
+            if failed >= 0:  # again in Python, for the errno (or the short file) in the error
+                view = memoryview(out)
+                want, at, dst = int(lens[failed]), int(offs[failed]), int(dsts[failed])
                 while want > 0:
-                    r = os.preadv(fds[i], [view[dst : dst + want]], at)
+                    r = os.preadv(int(fd_arr[failed]), [view[dst : dst + want]], at)
                     if r <= 0:  # past the end: the file is shorter than the tier says
                         raise OSError(errno.EIO, f"read of {want} bytes at offset {at} returned {r}")
                     want, at, dst = want - r, at + r, dst + r
-                got += 1
-            return got
+                share(failed + 1, hi)
 
         parts = min(self.threads, n)
         if parts == 1:

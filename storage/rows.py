@@ -241,14 +241,11 @@ def check_inner_chunks(table, buf, starts, body, bad):
 
 
 @njit(cache=True, nogil=True)
-def copy_rows(buf, wbuf, src, from_wbuf, out):
-    """out[i] = the row of bytes at src[i] of wbuf (from_wbuf[i]) or of buf."""
+def copy_rows(buf, src, take, out):
+    """out[i] = the row of bytes at src[i] of buf, for each i with take[i]."""
     rec = out.shape[1]
     for i in range(src.shape[0]):
-        s = src[i]
-        if from_wbuf[i]:
-            for b in range(rec):
-                out[i, b] = wbuf[s + b]
-        else:
+        if take[i]:
+            s = src[i]
             for b in range(rec):
                 out[i, b] = buf[s + b]

@@ -10,7 +10,8 @@ its crc32c, and at the end the shard's index of (offset, size) per inner chunk, 
 its own crc32c. Any zarr reader opens the array; the tier reads byte ranges itself.
 
 - **Writes** append to the open segment through an aligned buffer, in whole 4 KiB
-  blocks (O_DIRECT where the file system allows it). The open segment's file is
+  blocks (O_DIRECT where the file system allows it, or through the page cache for the
+  segments that ``page_cache_bytes`` admits, below). The open segment's file is
   reserved in full when it is started, so an append cannot fail for space: a full
   device is a :class:`~fiited_store.StorageFullError` at :meth:`allocate`, before
   anything changes.
@@ -20,6 +21,12 @@ its own crc32c. Any zarr reader opens the array; the tier reads byte ranges itse
 - **Sealing** (:meth:`seal`, which a checkpoint calls) pads the last inner chunk,
   writes the index, syncs and renames the file into place; a sealed segment never
   changes, so a checkpoint keeps it by a hard link: no second copy of the rows.
+- **The page cache** holds no segment unless ``page_cache_bytes`` admits it: segments
+  are admitted, as they are started or opened, while the files admitted so far and
+  this one fit within that many bytes, and are written and read through the page
+  cache (readahead off); the rest go around it (O_DIRECT). A tier that fits the bound
+  is then served from memory after its first read, as a memory map would serve it,
+  and one that does not takes no more than the bound of page cache, by construction.
 - **Releasing** a slot only counts it dead: a released slot is never written again.
   Garbage is reclaimed segment by segment: the store moves a segment's live slots to
   the open segment (:mod:`fiited_store.compaction`) and the tier drops the file
@@ -36,7 +43,7 @@ import os
 import threading
 from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
-from typing import Any
+from typing import Any, NamedTuple
 
 import numpy as np
 import zarr
@@ -52,19 +59,24 @@ FORMAT_VERSION = 1
 ARRAY = "chunks"
 #: a segment's target size: large enough for few files, small enough that moving one is quick
 SEGMENT_BYTES = 64 << 20
-#: bytes of one inner chunk at most (a row of a few slots then spans one or two of them)
-INNER_BYTES = 2048
+#: bytes of one inner chunk at most: a row of a few slots spans one or two of them, and a
+#: read checks the crc32c of every inner chunk it touches (a tier keeps the size it was made with)
+INNER_BYTES = 1024
 _EMPTY = np.uint64(0xFFFFFFFFFFFFFFFF)
 #: bytes of rows the writer may have queued before write_async waits for it
 _MAX_PENDING_WRITE_BYTES = 256 << 20
+#: a thread's read buffer kept between reads at most
+_MAX_KEPT_READ_BYTES = 64 << 20
 #: open read descriptors kept at most (the rest are reopened when needed)
 _MAX_FDS = 1024
 
 
-def layout(chunk_width: int, state_width: int, segment_slots: int | None = None) -> tuple[int, int]:
+def layout(
+    chunk_width: int, state_width: int, segment_slots: int | None = None, inner_slots: int | None = None
+) -> tuple[int, int]:
     """(slots per inner chunk G, slots per segment S) for rows of ``c + w`` floats."""
     record = (chunk_width + state_width) * 4
-    g = max(1, INNER_BYTES // record)
+    g = max(1, INNER_BYTES // record) if inner_slots is None else int(inner_slots)
     if segment_slots is None:
         segment_slots = g * max(1, SEGMENT_BYTES // (g * record + 4))
     segment_slots = max(g, (int(segment_slots) + g - 1) // g * g)
@@ -72,9 +84,10 @@ def layout(chunk_width: int, state_width: int, segment_slots: int | None = None)
 
 
 class _Segment:
-    __slots__ = ("id", "allocated", "written", "live", "sealed", "bits", "fd", "padding")
+    __slots__ = ("id", "allocated", "written", "live", "sealed", "bits", "fd", "padding", "cached")
 
     def __init__(self, seg_id: int, slots: int, sealed: bool = False, written: int = 0):
+        self.cached = False  # written and read through the page cache (admitted by page_cache_bytes)
         self.id = seg_id
         self.allocated = written
         self.written = written
@@ -83,6 +96,19 @@ class _Segment:
         self.bits = np.zeros((slots + 7) // 8, np.uint8)  # live slots
         self.fd: int | None = None  # the writer's descriptor while unsealed
         self.padding = 0  # zero rows that closed the last inner chunk (never handed out)
+
+
+class _GatherPlan(NamedTuple):
+    """A read's inner chunks on disk and where each asked slot's row lies in them."""
+
+    disk: np.ndarray  # int64[m]: inner chunks to read, ascending, numbered across segments
+    runs: tuple  # (segment, first, end) per run of adjacent ones
+    fds: list  # a descriptor of the read's own per segment it reads
+    run_fd: np.ndarray  # int64[runs]: each run's descriptor in fds
+    cached: np.ndarray  # bool[runs]: whether each run's segment goes through the page cache
+    at: np.ndarray  # int64[n]: each slot's inner chunk's index in disk
+    on_disk: np.ndarray  # bool[n]: whether each slot is read from disk (else it was copied from the buffer)
+    within: np.ndarray  # int64[n]: each slot's byte offset within its inner chunk
 
 
 class SegmentTier(Tier):
@@ -113,13 +139,17 @@ class SegmentTier(Tier):
         read_only: bool = False,
         _create: bool = True,
         io_threads: int | None = None,
+        page_cache_bytes: int = 0,
+        _inner_slots: int | None = None,
     ):
         self.root = Path(root)
+        self.page_cache_bytes = int(page_cache_bytes)
+        self._cached_bytes = 0  # file bytes of the segments admitted to the page cache
         self.chunk_width = int(chunk_width)
         self.state_width = int(state_width)
         self.width = self.chunk_width + self.state_width
         self.record = self.width * 4
-        self.group, self.segment_slots = layout(self.chunk_width, self.state_width, segment_slots)
+        self.group, self.segment_slots = layout(self.chunk_width, self.state_width, segment_slots, _inner_slots)
         self.inner_bytes = self.group * self.record + 4
         self.inner_per_segment = self.segment_slots // self.group
         self.index_bytes = self.inner_per_segment * 16 + 4
@@ -134,6 +164,7 @@ class SegmentTier(Tier):
         self._wbuf_start = 0  # file offset of _wbuf[0] (aligned)
         self._wbuf_len = 0  # bytes of _wbuf in use
         self._fds: dict[int, int] = {}
+        self._read_bufs = threading.local()
         self._io = IOPool(io_threads) if io_threads else IOPool()
         self._executor: ThreadPoolExecutor | None = None
         self._writes: list[tuple[Future, int]] = []  # pending writes and the bytes each holds
@@ -209,6 +240,7 @@ class SegmentTier(Tier):
         *,
         read_only: bool = False,
         io_threads: int | None = None,
+        page_cache_bytes: int = 0,
     ) -> SegmentTier:
         """A tier whose sealed segments ``[[id, slots written, padding], ...]`` a checkpoint listed.
         The store marks the live slots afterwards (:meth:`mark_live`), from its addresses."""
@@ -220,16 +252,26 @@ class SegmentTier(Tier):
             raise CorruptStoreError(f"disk tier at {root} cannot be opened: {exc}") from exc
         if attrs.get("format") != FORMAT or attrs.get("format_version") != FORMAT_VERSION:
             raise CorruptStoreError(f"disk tier at {root} is not a {FORMAT} v{FORMAT_VERSION}: {attrs}")
-        tier = cls(
-            root,
-            int(attrs["chunk_width"]),
-            int(attrs["state_width"]),
-            int(attrs["segment_slots"]),
-            read_only=read_only,
-            _create=False,
-            io_threads=io_threads,
-        )
-        if tier.group != int(attrs["inner_slots"]) or tuple(arr.shape[1:]) != (tier.width,):
+        try:
+            tier = cls(
+                root,
+                int(attrs["chunk_width"]),
+                int(attrs["state_width"]),
+                int(attrs["segment_slots"]),
+                read_only=read_only,
+                _create=False,
+                io_threads=io_threads,
+                page_cache_bytes=page_cache_bytes,
+                _inner_slots=int(attrs["inner_slots"]),
+            )
+        except (KeyError, TypeError, ValueError) as exc:
+            raise CorruptStoreError(f"disk tier at {root}: layout attributes {attrs} are not valid: {exc!r}") from exc
+        shards = getattr(arr, "shards", None) or arr.chunks
+        if (
+            tier.group != int(arr.chunks[0])
+            or tier.segment_slots != int(shards[0])
+            or tuple(arr.shape[1:]) != (tier.width,)
+        ):
             raise CorruptStoreError(f"disk tier at {root}: its layout {attrs} does not match its array {arr.shape}")
         tier._ids = int(arr.shape[0]) // tier.segment_slots
         for entry in segments:
@@ -247,6 +289,7 @@ class SegmentTier(Tier):
                 )
             seg = tier._segments[seg_id] = _Segment(seg_id, tier.segment_slots, sealed=True, written=written)
             seg.padding = int(entry[2]) if len(entry) > 2 else 0
+            tier._admit(seg)
         used = set(tier._segments)
         tier._free_ids = sorted(set(range(tier._ids)) - used, reverse=True)
         return tier
@@ -256,6 +299,24 @@ class SegmentTier(Tier):
         n_inner = -(-written // self.group)
         return round_up(n_inner * self.inner_bytes) + self.index_bytes
 
+    def _admit(self, seg: _Segment) -> None:
+        """Admit ``seg`` to the page cache if its whole file still fits ``page_cache_bytes``."""
+        size = self.data_bytes + round_up(self.index_bytes)
+        if self._cached_bytes + size <= self.page_cache_bytes:
+            seg.cached = True
+            self._cached_bytes += size
+
+    def _forget(self, seg: _Segment) -> None:
+        if seg.cached:
+            self._cached_bytes -= self.data_bytes + round_up(self.index_bytes)
+            seg.cached = False
+
+    @property
+    def page_cached_bytes(self) -> int:
+        """File bytes of the segments read and written through the page cache (at most
+        ``page_cache_bytes``): what the tier may hold of the page cache."""
+        return self._cached_bytes
+
     def _read_fd(self, seg_id: int) -> int:
         fd = self._fds.get(seg_id)
         if fd is not None:
@@ -263,7 +324,7 @@ class SegmentTier(Tier):
         seg = self._segments[seg_id]
         path = self._segment_path(seg_id, partial=not seg.sealed)
         try:
-            fd, _ = open_file(str(path), write=False)
+            fd, _ = open_file(str(path), write=False, direct=not seg.cached)
         except FileNotFoundError:
             raise CorruptStoreError(f"disk tier at {self.root}: segment file {path} is missing") from None
         except OSError as exc:
@@ -306,6 +367,11 @@ class SegmentTier(Tier):
         given = sum(s.written - s.padding for s in self._segments.values() if s.sealed)
         live = sum(s.live for s in self._segments.values() if s.sealed)
         return 1.0 - live / given if given else 0.0
+
+    def segment_live(self, seg_id: int) -> int:
+        """Live slots of segment ``seg_id`` (0 for one the tier does not have)."""
+        seg = self._segments.get(int(seg_id))
+        return 0 if seg is None else seg.live
 
     def segments(self) -> list[dict[str, int]]:
         """Every segment: id, slots written, live slots, sealed."""
@@ -418,6 +484,7 @@ class SegmentTier(Tier):
             self._unsealed.remove(seg)
             os.close(seg.fd)
             self._segment_path(seg.id, partial=True).unlink(missing_ok=True)
+            self._forget(seg)
             del self._segments[seg.id]
             self._free_ids.append(seg.id)
         self._alloc_seg = self._unsealed[-1] if self._unsealed else None
@@ -431,7 +498,13 @@ class SegmentTier(Tier):
             self._cover_ids(max(self._ids, seg_id + 1))
             path = self._segment_path(seg_id, partial=True)
             path.parent.mkdir(parents=True, exist_ok=True)
-            fd, _ = open_file(str(path), write=True)
+            seg = _Segment(seg_id, self.segment_slots)
+            self._admit(seg)
+            try:
+                fd, _ = open_file(str(path), write=True, direct=not seg.cached)
+            except BaseException:
+                self._forget(seg)
+                raise
             try:
                 os.ftruncate(fd, 0)
                 if hasattr(os, "posix_fallocate"):
@@ -439,12 +512,12 @@ class SegmentTier(Tier):
             except BaseException:
                 os.close(fd)
                 path.unlink(missing_ok=True)
+                self._forget(seg)
                 raise
         except OSError as exc:
             self._free_ids.append(seg_id)
             self._free_ids.sort(reverse=True)
             raise storage_error(exc, f"reserving segment {seg_id} of disk tier at {self.root}") from exc
-        seg = _Segment(seg_id, self.segment_slots)
         seg.fd = fd
         self._segments[seg_id] = seg
         self._unsealed.append(seg)
@@ -653,64 +726,91 @@ class SegmentTier(Tier):
         slots = np.asarray(slots, np.int64)
         out = np.empty((slots.shape[0], self.width), np.float32)
         if slots.size:
+            rows = out.view(np.uint8).reshape(slots.size, self.record)
+            # the lock covers the plan and the rows still in the write buffer, not the disk:
+            # a background read must not hold up the releases and allocations of a step
             with self._lock:
                 self._check_slots(slots)
-                self._gather(slots, out)
+                plan = self._plan_gather(slots, rows)
+            try:
+                self._gather_from_disk(plan, rows)
+            finally:
+                for fd in plan.fds:
+                    os.close(fd)
+            with self._lock:
+                self.slots_read += slots.size
         return np.ascontiguousarray(out[:, : self.chunk_width]), np.ascontiguousarray(out[:, self.chunk_width :])
 
-    def _gather(self, slots: np.ndarray, out: np.ndarray) -> None:
+    def _plan_gather(self, slots: np.ndarray, rows: np.ndarray) -> _GatherPlan:
+        """Under the lock: copy the slots' rows still in the write buffer into ``rows``; the
+        inner chunks to read for the others, with descriptors of their own (a segment
+        sealed or dropped meanwhile closes the tier's, not these)."""
         g, rec, ib, per = self.group, self.record, self.inner_bytes, self.inner_per_segment
         seg_ids, pos = self._split(slots)
         inner = seg_ids * per + pos // g  # each slot's inner chunk, numbered across segments
         chunks = np.unique(inner)
-        # the open segment's inner chunks from the buffer's start on are read from memory
         in_buf = np.zeros(chunks.size, bool)
         if self._unsealed:
             in_buf = (chunks // per == self._unsealed[0].id) & ((chunks % per) * ib >= self._wbuf_start)
         disk = chunks[~in_buf]
-        buf = aligned_buffer(0)
-        c_off = np.empty(0, np.int64)
-        if disk.size:
-            c_off, buf = self._read_inner_chunks(disk)
-        # each slot's row: at its inner chunk's place in buf, or in the write buffer
         at = np.searchsorted(disk, inner)
         on_disk = at < disk.size
         on_disk[on_disk] = disk[at[on_disk]] == inner[on_disk]
         within = (pos % g) * rec
-        src = (
-            np.where(
-                on_disk,
-                c_off[np.minimum(at, max(disk.size - 1, 0))] if disk.size else 0,
-                (inner % per) * ib - self._wbuf_start,
-            )
-            + within
-        )
-        copy_rows(buf, self._wbuf, src.astype(np.int64), ~on_disk, out.view(np.uint8).reshape(slots.size, rec))
-        self.slots_read += slots.size
+        if not on_disk.all():
+            src = ((inner % per) * ib - self._wbuf_start + within).astype(np.int64)
+            copy_rows(self._wbuf, src, ~on_disk, rows)
+        runs = self._runs(disk)
+        segs, run_fd = np.unique(runs[0], return_inverse=True)
+        cached = np.array([self._segments[sid].cached for sid in segs.tolist()], bool)[run_fd]
+        fds: list[int] = []
+        mine = self._fds_for(segs.tolist())  # a missing file is a CorruptStoreError here
+        try:
+            for fd in mine:
+                fds.append(os.dup(fd))
+        except OSError as exc:
+            for fd in fds:
+                os.close(fd)
+            raise storage_error(exc, f"reading disk tier at {self.root}") from exc
+        return _GatherPlan(disk, runs, fds, run_fd, cached, at, on_disk, within)
 
-    def _read_inner_chunks(self, disk: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-        """Read the inner chunks ``disk`` (ascending, numbered across segments), one request
-        per run of adjacent ones, and check each against its crc32c: (where each landed, the buffer)."""
-        ib, per = self.inner_bytes, self.inner_per_segment
-        brk = np.nonzero(np.diff(disk) != 1)[0] + 1
+    def _gather_from_disk(self, plan: _GatherPlan, rows: np.ndarray) -> None:
+        if not plan.disk.size:
+            return
+        c_off, buf = self._read_inner_chunks(
+            plan.disk, plan.runs, [plan.fds[i] for i in plan.run_fd.tolist()], plan.cached
+        )
+        src = (c_off[np.minimum(plan.at, plan.disk.size - 1)] + plan.within).astype(np.int64)
+        copy_rows(buf, src, plan.on_disk, rows)
+
+    def _runs(self, disk: np.ndarray):
+        """(segment, first, last + 1) of each run of adjacent inner chunks in ``disk``
+        (ascending, numbered across segments); a run never crosses segments."""
+        per = self.inner_per_segment
+        brk = np.nonzero((np.diff(disk) != 1) | (np.diff(disk // per) != 0))[0] + 1
         starts = np.concatenate([[0], brk]).astype(np.int64)
         ends = np.concatenate([brk, [disk.size]]).astype(np.int64)
-        r_seg = disk[starts] // per
-        # a run never crosses segments: adjacent numbers of two segments are split here
-        cross = np.nonzero(disk[ends - 1] // per != r_seg)[0]
-        if cross.size:
-            seg_all = disk // per
-            brk = np.nonzero((np.diff(disk) != 1) | (np.diff(seg_all) != 0))[0] + 1
-            starts = np.concatenate([[0], brk]).astype(np.int64)
-            ends = np.concatenate([brk, [disk.size]]).astype(np.int64)
-            r_seg = disk[starts] // per
+        return disk[starts] // per if disk.size else np.empty(0, np.int64), starts, ends
+
+    def _read_inner_chunks(
+        self, disk: np.ndarray, runs, fds: list[int], cached: np.ndarray
+    ) -> tuple[np.ndarray, np.ndarray]:
+        """Read the inner chunks ``disk`` (ascending, numbered across segments), one request
+        per run of adjacent ones (``runs``, on descriptors ``fds``; ``cached`` runs through
+        the page cache, exactly their bytes, the others in aligned blocks), and check each
+        against its crc32c: (where each landed, the buffer)."""
+        ib, per = self.inner_bytes, self.inner_per_segment
+        r_seg, starts, ends = runs
         lo = (disk[starts] % per) * ib
         hi = (disk[ends - 1] % per + 1) * ib
-        a_lo = lo - lo % ALIGN
-        a_len = -(-hi // ALIGN) * ALIGN - a_lo
-        dst = np.concatenate([[0], np.cumsum(a_len)[:-1]]).astype(np.int64)
-        buf = aligned_buffer(int(a_len.sum()))
-        fds = self._fds_for(r_seg.tolist())
+        align = np.where(cached, 1, ALIGN).astype(np.int64)
+        a_lo = lo - lo % align
+        a_len = -(-hi // align) * align - a_lo
+        # direct runs first, so that each lands at an aligned place in the buffer
+        order = np.argsort(cached, kind="stable")
+        dst = np.empty(a_len.size, np.int64)
+        dst[order] = np.concatenate([[0], np.cumsum(a_len[order])[:-1]])
+        buf = self._read_buffer(int(a_len.sum()))
         self._io.read_ranges(
             fds,
             a_lo.astype(np.int64),
@@ -719,8 +819,9 @@ class SegmentTier(Tier):
             dst,
             f"reading {disk.size} inner chunks from disk tier at {self.root}",
         )
-        self.read_requests += len(fds)
-        self.bytes_read += int(a_len.sum())
+        with self._lock:
+            self.read_requests += len(fds)
+            self.bytes_read += int(a_len.sum())
         run_of = np.repeat(np.arange(starts.size), ends - starts)
         c_off = (dst[run_of] + (disk % per) * ib - a_lo[run_of]).astype(np.int64)
         sums = np.zeros(2, np.uint32)
@@ -732,6 +833,17 @@ class SegmentTier(Tier):
                 f"checksum (stored crc32c {int(sums[0]):#010x}, computed {int(sums[1]):#010x}): the file is corrupt"
             )
         return c_off, buf
+
+    def _read_buffer(self, nbytes: int) -> np.ndarray:
+        """An aligned buffer of the calling thread's for one read: kept between reads up to
+        _MAX_KEPT_READ_BYTES (a new map per read would fault in every page again)."""
+        buf = getattr(self._read_bufs, "buf", None)
+        if buf is not None and buf.size >= nbytes:
+            return buf[:nbytes]
+        buf = aligned_buffer(round_up(nbytes + nbytes // 4))
+        if buf.size <= _MAX_KEPT_READ_BYTES:
+            self._read_bufs.buf = buf
+        return buf[:nbytes]
 
     def _fds_for(self, seg_ids: list[int]) -> list[int]:
         """A read descriptor per segment id, keeping at most _MAX_FDS open (never one this call uses)."""
@@ -841,6 +953,7 @@ class SegmentTier(Tier):
                 if fd is not None:
                     os.close(fd)
                 self._segment_path(sid).unlink(missing_ok=True)
+                self._forget(s)
                 del self._segments[sid]
                 self._free_ids.append(sid)
             self._free_ids.sort(reverse=True)

@@ -467,13 +467,14 @@ def test_committed_format_v2_fixture_still_decodes():
 FIXTURE_V3 = Path(__file__).parents[1] / "fixtures" / "store_v3"
 
 
-def test_committed_format_v3_fixture_still_decodes_and_verifies():
-    """Format version 3 (checksums, every chunk written, the file list) must open, read and verify the same forever."""
+def check_fixture_reads_as_recorded(fixture: Path, version: int) -> None:
+    """A committed store of format ``version`` opens, passes the invariants, reads the rows,
+    counts and spilled chunks recorded beside it, and verifies."""
     from fiited_store.tools import verify_store
 
-    expected = json.loads((FIXTURE_V3.parent / "store_v3_expected.json").read_text())
-    assert json.loads((FIXTURE_V3 / "fiited.json").read_text())["format_version"] == 3
-    with EmbeddingStore.open(FIXTURE_V3, "r") as s:
+    expected = json.loads((fixture.parent / f"{fixture.name}_expected.json").read_text())
+    assert json.loads((fixture / "fiited.json").read_text())["format_version"] == version
+    with EmbeddingStore.open(fixture, "r") as s:
         assert check_store(s) == []
         assert [t.direct for t in s.tables] == [True, False]
         for name, rows in expected["lookups"].items():
@@ -482,7 +483,12 @@ def test_committed_format_v3_fixture_still_decodes_and_verifies():
         assert s.step_count == expected["step_count"]
         assert s.stats()["total"]["entries"] == expected["entries"]
         assert s.stats()["total"]["spilled_chunks"] == expected["spilled_chunks"] > 0
-    assert verify_store(FIXTURE_V3) == []
+    assert verify_store(fixture) == []
+
+
+def test_committed_format_v3_fixture_still_decodes_and_verifies():
+    """Format version 3 (checksums, every chunk written, the file list) must open, read and verify the same forever."""
+    check_fixture_reads_as_recorded(FIXTURE_V3, 3)
 
 
 def test_a_version_1_store_saved_again_is_the_current_version_and_reads_the_same(tmp_path):
@@ -575,19 +581,7 @@ FIXTURE_V4 = Path(__file__).parents[1] / "fixtures" / "store_v4"
 def test_committed_format_v4_fixture_still_decodes_and_verifies():
     """Format version 4 (the disk tier as sealed segments, arrays as a base plus deltas)
     must open, read and verify the same forever."""
-    from fiited_store.tools import verify_store
-
-    expected = json.loads((FIXTURE_V4.parent / "store_v4_expected.json").read_text())
     ckpt = FIXTURE_V4 / json.loads((FIXTURE_V4 / "fiited.json").read_text())["checkpoint"]
     state = json.loads((ckpt / "zarr.json").read_text())["attributes"]["state"]
-    assert json.loads((FIXTURE_V4 / "fiited.json").read_text())["format_version"] == 4
     assert state["increments"] and any(len(t["segments"]) > 1 for t in state["tiers"] if t)  # what it must cover
-    with EmbeddingStore.open(FIXTURE_V4, "r") as s:
-        assert check_store(s) == []
-        for name, rows in expected["lookups"].items():
-            ids = np.array(expected["ids"][name], np.int64)
-            np.testing.assert_array_equal(s.lookup(name, ids), np.array(rows, np.float32))
-        assert s.step_count == expected["step_count"]
-        assert s.stats()["total"]["entries"] == expected["entries"]
-        assert s.stats()["total"]["spilled_chunks"] == expected["spilled_chunks"] > 0
-    assert verify_store(FIXTURE_V4) == []
+    check_fixture_reads_as_recorded(FIXTURE_V4, 4)

@@ -171,6 +171,51 @@ class TestSegmentTier(ChunkTierTests):
         tier.seal()
         tier.close()
 
+    def test_the_page_cache_holds_whole_segments_up_to_its_bound(self, tmp_path, rng):
+        from fiited_store.storage.io import round_up
+
+        probe = self.make(tmp_path / "probe")
+        per = probe.data_bytes + round_up(probe.index_bytes)  # one segment's file
+        probe.close()
+        s = tier_slots(self)
+        tier = SegmentTier(tmp_path / "tier", self.C, self.W, segment_slots=SEGMENT, page_cache_bytes=2 * per + 1)
+        slots = tier.allocate(5 * s)
+        vec, st_ = self.rows(rng, slots.size)
+        tier.write(slots, vec, st_)
+        assert tier.page_cached_bytes == 2 * per  # two of five segments admitted, no part of a third
+        tier.seal()
+        np.testing.assert_array_equal(tier.read(slots)[0], vec)  # both kinds read back the same
+        np.testing.assert_array_equal(tier.read(slots[::7])[1], st_[::7])
+        tier.release(slots[:s])
+        tier.drop_segments([0])  # an admitted segment goes: its share comes back
+        assert tier.page_cached_bytes == per
+        more = tier.allocate(s)  # and the next segment takes it
+        tier.write(more, *self.rows(rng, s))
+        assert tier.page_cached_bytes == 2 * per
+        desc = tier.describe()
+        tier.close()
+        again = SegmentTier.open(tier.root, desc["segments"], page_cache_bytes=per)
+        again.mark_live(np.concatenate([slots[s:], more]))
+        assert again.page_cached_bytes == per
+        np.testing.assert_array_equal(again.read(slots[s:])[0], vec[s:])
+        again.close()
+
+    def test_a_tier_keeps_the_inner_chunk_size_it_was_made_with(self, tmp_path, rng, monkeypatch):
+        from fiited_store.storage import segment_tier
+
+        monkeypatch.setattr(segment_tier, "INNER_BYTES", 4 * segment_tier.INNER_BYTES)
+        tier, slots, vec, _ = self.written(tmp_path, rng, 3 * SEGMENT)
+        group = tier.group
+        tier.seal()
+        desc = tier.describe()
+        tier.close()
+        monkeypatch.undo()
+        again = SegmentTier.open(tmp_path / "tier", desc["segments"])
+        again.mark_live(slots)
+        assert again.group == group != segment_tier.layout(self.C, self.W)[0]
+        np.testing.assert_array_equal(again.read(slots)[0], vec)
+        again.close()
+
 
 def tier_slots(tests: TestSegmentTier) -> int:
     """Slots per segment the tier's layout gives the tests' row width."""
@@ -187,7 +232,9 @@ class SegmentTierVsModel(RuleBasedStateMachine):
     def __init__(self):
         super().__init__()
         self.dir = tempfile.mkdtemp()
-        self.tier = SegmentTier(f"{self.dir}/t", self.C, self.W, segment_slots=40)
+        # a third of the segments go through the page cache, the rest around it
+        self.cache = 2 * (SegmentTier(f"{self.dir}/probe", self.C, self.W, segment_slots=40).data_bytes + 4096)
+        self.tier = SegmentTier(f"{self.dir}/t", self.C, self.W, segment_slots=40, page_cache_bytes=self.cache)
         self.model: dict[int, tuple[np.ndarray, np.ndarray]] = {}
 
     def teardown(self):
@@ -241,12 +288,13 @@ class SegmentTierVsModel(RuleBasedStateMachine):
         self.tier.seal()
         desc = self.tier.describe()
         self.tier.close()
-        self.tier = SegmentTier.open(f"{self.dir}/t", desc["segments"])
+        self.tier = SegmentTier.open(f"{self.dir}/t", desc["segments"], page_cache_bytes=self.cache)
         self.tier.mark_live(np.array(sorted(self.model), np.int64))
 
     @invariant()
     def counts_agree(self):
         assert self.tier.n_used == len(self.model)
+        assert self.tier.page_cached_bytes <= self.cache
         live = np.array(sorted(self.model), np.int64)
         assert not self.tier.is_free(live).any()
 

@@ -49,6 +49,9 @@ class LargerThanMemoryConfig:
     steps: int = 30  # timed training steps
     warmup: int = 5  # steps before timing
     prefetch_depth: int = 2  # batches read ahead
+    # the tier's page-cache bound (StoreConfig.tier_page_cache_bytes): none, so that every
+    # read reaches the device and the step compares with the device's own IO floor
+    page_cache_bytes: int = 0
     peer_steps: int = 3  # timed steps of the memmap peer (after one untimed)
     materialize_rows: int = 262_144  # rows made resident per call while materialising
     device_seconds: float = 3.0  # how long the random-read measurement runs
@@ -132,7 +135,12 @@ def _bench_store(
     store_dir = root / "store"
     store = EmbeddingStore(
         tables,
-        StoreConfig(mode="cache", budget_fraction=cfg.budget_fraction, prefetch_depth=cfg.prefetch_depth),
+        StoreConfig(
+            mode="cache",
+            budget_fraction=cfg.budget_fraction,
+            prefetch_depth=cfg.prefetch_depth,
+            tier_page_cache_bytes=cfg.page_cache_bytes,
+        ),
         path=store_dir,
     )
     try:
