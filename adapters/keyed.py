@@ -16,7 +16,10 @@ from dataclasses import dataclass
 
 import torch
 
-from ..errors import InputShapeError
+from ..errors import InputDTypeError, InputShapeError
+
+#: the id and offset dtypes torch.nn.EmbeddingBag takes
+INDEX_DTYPES = (torch.int64, torch.int32)
 
 
 @dataclass
@@ -72,6 +75,12 @@ class JaggedFeatures:
         keys, values, lengths = [], [], []
         B = None
         for k, (ids, offs) in features.items():
+            for what, t in (("ids", ids), ("offsets", offs)):
+                if not isinstance(t, torch.Tensor) or t.dtype not in INDEX_DTYPES:
+                    raise InputDTypeError(
+                        f"feature {k!r}: {what} must be an int64 or int32 tensor, got "
+                        f"{getattr(t, 'dtype', type(t).__name__)}"
+                    )
             offs = offs.to(torch.int64)
             if offs.numel() == 0 or offs[-1] != ids.numel():
                 offs = torch.cat([offs, torch.tensor([ids.numel()])])

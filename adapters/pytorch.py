@@ -25,11 +25,11 @@ import numpy as np
 import torch
 
 from ..config import FloorRatios, IndexKind, Initializer, Optimizer, PoolingMode, StoreConfig, TableConfig
-from ..errors import ConfigError, InputDTypeError, InputShapeError, UnknownTableError
+from ..errors import ConfigError, InputDTypeError, InputShapeError, StoreCopyError, UnknownTableError
 from ..store import EmbeddingStore
 from . import ops
 from .floors import repeat_keys, split_floors
-from .keyed import JaggedFeatures, KeyedTensor, keyed_tensor_class
+from .keyed import INDEX_DTYPES, JaggedFeatures, KeyedTensor, keyed_tensor_class
 from .ops import from_numpy, share_output, to_numpy  # noqa: F401 - the adapter's public bridges
 
 __all__ = [
@@ -42,7 +42,6 @@ __all__ = [
     "to_numpy",
 ]
 
-_INDEX_DTYPES = (torch.int64, torch.int32)
 #: what a collection returns: TorchRec's KeyedTensor, one tensor, or a dict by feature
 CollectionOutput = Literal["keyed", "concat", "dict"]
 
@@ -65,6 +64,13 @@ class _StoreModule(torch.nn.Module):
         self._handle = ops.register(self)
         # what the store's update multiplies grad_out by (1/W for a sharded collection that divides)
         self._grad_scale = 1.0
+
+    def __deepcopy__(self, memo):
+        raise StoreCopyError(
+            f"{type(self).__name__} cannot be deep-copied: it holds a store (its pool, its disk tier's files "
+            "and, with a path, the directory's write lock), which one module owns. Build a second module with "
+            "the same tables and load_state_dict(module.state_dict()) into it"
+        )
 
     def _init_projection(self, features: int, dims: Sequence[int], project: bool) -> None:
         """``project``: one learned D x D map per feature on the store's output, a dense parameter
@@ -212,7 +218,7 @@ def _mib(n: int) -> str:
 def _check_index(t: Any, what: str) -> None:
     if not isinstance(t, torch.Tensor):
         raise InputDTypeError(f"{what} must be a torch.Tensor, got {type(t).__name__}")
-    if t.dtype not in _INDEX_DTYPES:
+    if t.dtype not in INDEX_DTYPES:
         raise InputDTypeError(f"{what} must be int64 or int32 (as torch.nn.EmbeddingBag requires), got {t.dtype}")
 
 
@@ -430,7 +436,7 @@ class FiitedEmbeddingBag(_StoreModule):
                 raise InputDTypeError(f"offsets must be a torch.Tensor, got {type(offsets).__name__}")
             if offsets.dim() != 1:
                 raise InputShapeError(f"offsets must be 1-D, got shape {tuple(offsets.shape)}")
-            if offsets.dtype not in _INDEX_DTYPES:
+            if offsets.dtype not in INDEX_DTYPES:
                 raise InputDTypeError(f"offsets must be int64 or int32, got {offsets.dtype}")
             if not self.include_last_offset:
                 offsets = torch.cat([offsets.to(torch.int64), offsets.new_tensor([input.shape[0]], dtype=torch.int64)])
@@ -549,11 +555,21 @@ class FiitedEmbeddingBagCollection(_StoreModule):
         for t in tables:
             if isinstance(t, TableConfig):
                 configs.append(t)
-                features.setdefault(t.name, t.name)
+                if features.get(t.name, t.name) != t.name:
+                    raise ConfigError(
+                        f"feature {t.name!r} is named by table {features[t.name]!r} and is table {t.name!r}; "
+                        "each feature reads one table"
+                    )
+                features[t.name] = t.name
             else:
                 cfg, feats, pooling = _from_torchrec(t, chunks)
                 configs.append(cfg)
                 for f in feats:
+                    if f in features:
+                        raise ConfigError(
+                            f"feature {f!r} is named by table {features[f]!r} and by table {cfg.name!r}; "
+                            "each feature reads one table"
+                        )
                     features[f] = cfg.name
                 poolings.add(pooling)
         if len(poolings) > 1:
@@ -609,6 +625,9 @@ class FiitedEmbeddingBagCollection(_StoreModule):
         if isinstance(features, Mapping):
             features = JaggedFeatures.from_dict(features)
         keys = list(features.keys())
+        if len(set(keys)) != len(keys):
+            twice = next(k for i, k in enumerate(keys) if k in keys[:i])
+            raise InputShapeError(f"feature {twice!r} appears {keys.count(twice)} times in one batch; each key once")
         unknown = [k for k in keys if k not in self.feature_to_table]
         if unknown:
             raise UnknownTableError(unknown[0], list(self.feature_to_table))

@@ -67,6 +67,10 @@ class UnsupportedAutogradError(FiitedError, RuntimeError):
     """An autograd request the store cannot honour (double backward); nothing was updated."""
 
 
+class StoreCopyError(FiitedError, TypeError):
+    """A module or store that owns a store's memory and files cannot be copied implicitly."""
+
+
 class PoolCapacityError(FiitedError, RuntimeError):
     """The operation needs more resident slots than the pool has."""
 

@@ -25,15 +25,21 @@ def as_host(x: Any) -> np.ndarray:
     return np.asarray(x)
 
 
+def _integer(dtype: np.dtype) -> bool:
+    """Signed or unsigned integers only: numpy counts bool, and timedelta64 among its
+    integer subtypes, and neither is an id."""
+    return np.dtype(dtype).kind in "iu"
+
+
 def _check_ids_meta(dtype: np.dtype, shape: tuple, what: str) -> None:
-    if dtype == np.bool_ or not np.issubdtype(dtype, np.integer):
+    if not _integer(dtype):
         raise InputDTypeError(f"{what} must be an integer array (int64 or int32), got dtype {dtype}")
     if len(shape) != 1:
         raise InputShapeError(f"{what} must be 1-D, got shape {tuple(shape)}")
 
 
 def _check_offsets_meta(dtype: np.dtype, shape: tuple, n_features: int) -> None:
-    if dtype == np.bool_ or not np.issubdtype(dtype, np.integer):
+    if not _integer(dtype):
         raise InputDTypeError(f"offsets must be an integer array, got dtype {dtype}")
     if len(shape) != 1 or shape[0] < 1:
         raise InputShapeError(f"offsets must be 1-D with at least one element, got shape {tuple(shape)}")
@@ -84,6 +90,9 @@ def as_ids(ids: Any, what: str = "ids") -> np.ndarray:
 def as_offsets(offsets: Any, nnz: int, n_features: int) -> np.ndarray:
     a = as_host(offsets)
     _check_offsets_meta(a.dtype, a.shape, n_features)
+    if a.dtype == np.uint64 and a.size and a.max() > np.iinfo(np.int64).max:
+        i = int(np.argmax(a > np.iinfo(np.int64).max))
+        raise InputShapeError(f"offsets[{i}] = {int(a[i])} (uint64) is past any number of ids")
     a = np.ascontiguousarray(a, np.int64)
     _check_offsets_values(
         int(a[0]), int(a[-1]), nnz, int(host_kernels.first_decrease(a)), lambda i: (int(a[i]), int(a[i + 1]))

@@ -172,6 +172,31 @@ def take_resolved(store, feature_tables: np.ndarray, ids, offsets) -> Resolved |
     return None
 
 
+def check_batch_fits(store, q_tables, ids) -> None:
+    """Cache mode, before a request inserts anything: refuse one whose distinct keys need
+    more resident chunks in some pool than the pool has slots (the refusal would otherwise
+    come after its new keys were inserted). Counting distinct keys costs a sort, so it runs
+    only when the request's occurrences could be too many."""
+    if int(q_tables.shape[0]) * store.kmax <= min(p.slots for p in store.pools):
+        return  # every occurrence a new key with every chunk would still fit: the usual case
+    b = store.backend
+    m = store.host_meta
+    q = b.to_host(q_tables)
+    for pool in store.pools:
+        g = pool.plan.group
+        in_group = m["table_group"][q] == g
+        bound = int(m["table_chunks"][q[in_group]].sum())
+        if bound <= pool.slots:
+            continue
+        keys = np.unique(np.stack([q[in_group].astype(np.int64), b.to_host(ids)[in_group]]), axis=1)
+        need = int(m["table_chunks"][keys[0]].sum())
+        if need > pool.slots:
+            raise PoolCapacityError(
+                f"a batch needs {need} resident chunks of width {pool.chunk_width} but the pool has "
+                f"{pool.slots} slots; raise the budget or shrink the batch; nothing was changed"
+            )
+
+
 def make_resident(store, uniq, missing: dict | None = None) -> None:
     """Cache mode: every chunk of these entries into the pool (evicting others to disk).
     ``missing``: the prefetch's lists of their chunks that were not resident."""
@@ -290,6 +315,7 @@ def prefetch(store, features: str | Sequence[str], ids: Any, offsets: Any = None
     if store.config.mode != "cache":
         return 0
     keys = store.flat_keys(features, ids, offsets)
+    check_batch_fits(store, keys.q_tables, keys.ids)
     entries = store.resolve(keys.q_tables, keys.ids, insert=True)
     before = store.counters.restored_chunks + store.counters.initialised_chunks
     make_resident(store, store.group_occurrences(entries, keys.q_tables).uniq)

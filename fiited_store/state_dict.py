@@ -1,20 +1,23 @@
 """The store as a flat dict of host arrays and back (what ``state_dict`` carries).
 
 :func:`export_state` copies every array, tier rows included; :func:`import_state`
-checks a dict against the store's configuration and layout before it replaces
-anything.
+checks a dict against the store's configuration and layout, and every invariant the
+verifier knows (:func:`~fiited_store.verify.check_store`, run over the dict's arrays
+before they become the store's), before it replaces anything: a state that would
+crash a kernel or read wrong values later is refused with nothing changed.
 """
 
 from __future__ import annotations
 
 import shutil
+from types import SimpleNamespace
 from typing import Any
 
 import numpy as np
 
 from . import tiering
 from .entry_table import EntryTable
-from .errors import ConfigError, InputShapeError
+from .errors import ConfigError, CorruptStoreError, InputShapeError
 
 
 def export_state(store) -> dict[str, np.ndarray]:
@@ -42,6 +45,77 @@ def export_state(store) -> dict[str, np.ndarray]:
     out["meta.counters"] = np.array(store.clock.as_tuple(), np.int64)
     out["meta.config"] = np.frombuffer(json.dumps(config_to_json(store.tables, store.config)).encode(), np.uint8).copy()
     return out
+
+
+class _ListedTier:
+    """A state's tier rows as the verifier sees a tier: which entry each listed slot holds."""
+
+    keeps_owners = True
+
+    def __init__(self, slots: np.ndarray, owner: np.ndarray):
+        self.capacity = int(slots.max()) + 1 if slots.size else 0
+        self.owner = np.full(self.capacity, -1, np.int64)
+        self.owner[slots] = owner
+
+    def is_free(self, slots: np.ndarray) -> np.ndarray:
+        return self.owner[slots] < 0
+
+
+def state_problems(store, st: dict[str, np.ndarray]) -> list[str]:
+    """What is wrong with a state of this store's layout (shapes and dtypes already checked):
+    the verifier's invariants over its arrays, and its tier rows' slots, owners and values."""
+    from .backend import get_backend
+    from .entry_table import EntryArrays
+    from .pool import PoolArrays
+    from .verify import check_store
+
+    problems: list[str] = []
+    tiers: list[Any] = []
+    n_all = st["entries.addr"].shape[0]
+    for g in range(len(store.plans)):
+        if f"tier_{g}.slots" not in st:
+            tiers.append(None)
+            continue
+        slots, owner = st[f"tier_{g}.slots"], st[f"tier_{g}.owner"]
+        where = f"tier_{g}"
+        if slots.size and (slots.min() < 0 or np.unique(slots).size != slots.size):
+            problems.append(f"{where}.slots are negative or listed twice")
+        elif owner.size and (owner.min() < 0 or owner.max() >= n_all):
+            problems.append(f"{where}.owner names entries outside [0, {n_all})")
+        else:
+            tiers.append(_ListedTier(slots, owner))
+        for k in ("vectors", "states"):
+            bad = ~np.isfinite(st[f"{where}.{k}"]).all(axis=1)
+            if bad.any():
+                problems.append(f"{where}.{k} hold NaN or inf at rows {np.nonzero(bad)[0][:5].tolist()}")
+    if problems:
+        return problems
+    cpu = get_backend("cpu")
+    entries = EntryTable.from_arrays(
+        cpu,
+        EntryArrays(*(np.ascontiguousarray(st[f"entries.{k}"]) for k in EntryArrays._fields)),
+        [t.name for t in store.tables],
+        store.config.max_load,
+    )
+    pools = [
+        SimpleNamespace(plan=p.plan, arrays=PoolArrays(*(st[f"pool_{p.plan.group}.{k}"] for k in PoolArrays._fields)))
+        for p in store.pools
+    ]
+    view = SimpleNamespace(
+        backend=cpu,
+        entries=entries,
+        tables=store.tables,
+        kmax=store.kmax,
+        util_width=store.util_width,
+        host_meta=store.host_meta,
+        pools=pools,
+        tiers=tiers,
+    )
+    problems = check_store(view)
+    steps, _, rounds = (int(x) for x in st["meta.counters"])
+    if steps < 0 or rounds < 0:
+        problems.append(f"meta.counters {st['meta.counters'].tolist()} are negative")
+    return problems
 
 
 def import_state(store, state: dict[str, Any]) -> None:
@@ -92,11 +166,30 @@ def import_state(store, state: dict[str, Any]) -> None:
                 f"pool_{g}.n_free": ((1,), np.int64),
             }
         )
+    expect["meta.counters"] = ((3,), np.int64)
+    if "meta.counters" not in st:
+        raise InputShapeError("state lacks arrays ['meta.counters']")
+    for g, p in enumerate(store.plans):
+        if f"tier_{g}.slots" not in st:
+            continue
+        n = st[f"tier_{g}.slots"].shape[0] if st[f"tier_{g}.slots"].ndim == 1 else -1
+        for k, shape, dtype in (
+            ("slots", (n,), np.int64),
+            ("owner", (n,), np.int64),
+            ("vectors", (n, p.chunk_width), np.float32),
+            ("states", (n, p.state_width), np.float32),
+        ):
+            if f"tier_{g}.{k}" not in st:
+                raise InputShapeError(f"state lacks arrays ['tier_{g}.{k}']")
+            expect[f"tier_{g}.{k}"] = (shape, dtype)
     for k, (shape, dtype) in expect.items():
         if st[k].shape != shape or st[k].dtype != dtype:
             raise InputShapeError(f"state array {k} is {st[k].dtype}{st[k].shape}, expected {np.dtype(dtype)}{shape}")
     if not np.array_equal(st["entries.row_base"], store.backend.to_host(store.entries.arrays.row_base)):
         raise InputShapeError(f"state's direct index rows {st['entries.row_base'].tolist()} differ from this store's")
+    problems = state_problems(store, st)
+    if problems:
+        raise CorruptStoreError("state is not a sound store, nothing was changed: " + "; ".join(problems[:5]))
     b = store.backend
     addr = st["entries.addr"].copy()
     new_tiers: list[Any] = [None] * len(store.plans)

@@ -213,6 +213,8 @@ class EmbeddingStore:
         self.checkpoint: str | None = None
         #: the arrays of that checkpoint, hashed block by block: a save writes what changed
         self.save_history = SaveHistory()
+        #: directories this handle saved to (a save refuses to replace any other store)
+        self.saved_to: set[Path] = set()
         self.read_only = False
         #: each pool's disk tier (None until the pool's first spill)
         self.tiers = tiering.Tiers(len(self.plans))
@@ -546,6 +548,8 @@ class EmbeddingStore:
             bag_of_occ = b.empty(nnz if train or weights_d.shape[0] else 0, np.int64)
             q_tables = b.empty(nnz, np.int16)
             self.k.expand_bags(offsets_d, B, ft_d, bag_of_occ, q_tables)
+            if train and self.config.mode == "cache":
+                residency.check_batch_fits(self, q_tables, ids_d)
             entries = self.resolve(q_tables, ids_d, insert=train, new_out=new)
             grouping = self.group_occurrences(entries, q_tables) if train else None
         if self.config.mode == "cache" and train:
@@ -692,6 +696,11 @@ class EmbeddingStore:
         changes.
         """
         self.check_writable()
+        if not isinstance(batch, PooledBatch):
+            raise InputDTypeError(
+                f"backward takes the PooledBatch that pooled_lookup(..., train=True) returned, got "
+                f"{type(batch).__name__}"
+            )
         if batch.store_id != id(self):
             raise StaleBatchError("this batch was produced by another store")
         if batch.consumed:
@@ -942,6 +951,8 @@ class EmbeddingStore:
                     f"insert_or_assign into {table!r} needs {needed} free slots of width {pool.chunk_width}, "
                     f"the pool has {pool.n_free} free of {pool.slots}; nothing was changed"
                 )
+        if self.config.mode == "cache":
+            residency.check_batch_fits(self, q, ids_d)
         entries = self.resolve(q, ids_d, insert=True)
         if self.config.mode == "cache":
             residency.make_resident(self, entries)

@@ -9,7 +9,7 @@ Layout of a store directory::
         entries/ pool_0/ tier_0/owner
         tier_0/data/       a snapshot of the disk tier: hard links to its chunk files
       live/tier_0/         the disk tier the open store writes to
-      .lock                held (flock) by the one handle open for writing
+      .lock                the writer's pid; the lock is a flock on PATH itself, held by the one writer
 
 A save writes ``ckpt-N.partial``, fsyncs it, renames it to ``ckpt-N`` and only then
 replaces the manifest (temporary file, fsync, ``os.replace``); older checkpoints
@@ -39,10 +39,10 @@ from zarr.codecs import Crc32cCodec
 from .. import compaction, tiering
 from ..config import config_from_json, config_to_json
 from ..entry_table import EntryArrays, EntryTable, row_bases
-from ..errors import ConfigError, CorruptStoreError, StoreLockedError, StoreReadOnlyError
+from ..errors import ConfigError, CorruptStoreError, StorageError, StoreLockedError, StoreReadOnlyError
 from ..kernels.layout import util_from_float
 from ..pool import ChunkPool, PoolArrays
-from . import increments
+from . import digests, increments
 from .zarr_tier import storage_error
 
 FORMAT = "fiited-store"
@@ -55,8 +55,8 @@ FORMAT = "fiited-store"
 #: 4: a CPU store's disk tier is an append-only log of segments (``storage/segment_tier.py``),
 #: each a sealed Zarr shard the checkpoint keeps by a hard link; the state names each
 #: tier's kind ("segments", or "blocks" for the block-allocated tier of formats 1 to 3).
-FORMAT_VERSION = 4
-READABLE_VERSIONS = (1, 2, 3, 4)
+FORMAT_VERSION = 5
+READABLE_VERSIONS = (1, 2, 3, 4, 5)
 MANIFEST = "fiited.json"
 LOCK = ".lock"
 ROWS_PER_CHUNK = 65536
@@ -72,32 +72,51 @@ def _at(point: str) -> None:
 
 # ------------------------------------------------------------------------ lock
 class StoreLock:
-    """An exclusive ``flock`` on PATH/.lock, held while a store is open for writing."""
+    """An exclusive ``flock`` on the store's directory itself, held while a store is open
+    for writing: deleting or replacing a file cannot let a second writer in.
+
+    ``PATH/.lock`` is still opened (created) first: it proves the directory writable
+    before anything else happens, and holds the writer's pid for a person to read. A
+    lock taken on a directory that holds no store (a refused open, a refused compact)
+    leaves no file behind when it is released.
+    """
 
     def __init__(self, path: Path):
         self.path = path
         lock_file = path / LOCK
+        self._created = not lock_file.exists()
         try:
             self._fd = os.open(lock_file, os.O_RDWR | os.O_CREAT, 0o644)
         except OSError as exc:
             raise storage_error(exc, f"cannot open store at {path} for writing") from exc
         try:
-            fcntl.flock(self._fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            self._dir_fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY)
         except OSError as exc:
             os.close(self._fd)
+            raise storage_error(exc, f"cannot open store at {path} for writing") from exc
+        try:
+            fcntl.flock(self._dir_fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError as exc:
+            os.close(self._fd)
+            os.close(self._dir_fd)
+            self._fd = self._dir_fd = None
             if exc.errno in (errno.EWOULDBLOCK, errno.EAGAIN, errno.EACCES):
                 raise StoreLockedError(
-                    exc.errno, f"store at {path} is already open for writing (lock {lock_file} is held)"
+                    exc.errno, f"store at {path} is already open for writing (its directory is locked)"
                 ) from None
             raise storage_error(exc, f"locking store at {path}") from exc
         os.ftruncate(self._fd, 0)
         os.write(self._fd, f"{os.getpid()}\n".encode())
 
     def release(self) -> None:
-        if self._fd is not None:
-            fcntl.flock(self._fd, fcntl.LOCK_UN)
-            os.close(self._fd)
-            self._fd = None
+        if self._dir_fd is None:
+            return
+        if self._created and not (self.path / MANIFEST).exists():
+            (self.path / LOCK).unlink(missing_ok=True)  # nothing was stored here: leave nothing
+        os.close(self._fd)
+        fcntl.flock(self._dir_fd, fcntl.LOCK_UN)
+        os.close(self._dir_fd)
+        self._fd = self._dir_fd = None
 
 
 def acquire_lock(path: Path) -> StoreLock:
@@ -188,6 +207,7 @@ def read_manifest(path: Path, check_checkpoint: bool = True) -> dict[str, Any]:
         raise CorruptStoreError(
             f"{f} has format_version {doc.get('format_version')!r}; this version reads {list(READABLE_VERSIONS)}"
         )
+    digests.check_manifest(f, doc)
     if not isinstance(doc.get("checkpoint"), str) or (check_checkpoint and not (path / doc["checkpoint"]).is_dir()):
         raise CorruptStoreError(f"{f} names checkpoint {doc.get('checkpoint')!r}, which does not exist in {path}")
     return doc
@@ -362,7 +382,15 @@ def save_store(store, path: Path | None, *, remove_older: bool = True, whole: bo
         raise storage_error(exc, f"creating store directory {path}") from exc
     lock = None if own else acquire_lock(path)
     try:
-        return _save_locked(store, path, remove_older, incremental=own and not whole)
+        if not own and (path / MANIFEST).exists() and path.resolve() not in store.saved_to:
+            raise StorageError(
+                errno.EEXIST,
+                f"save({str(path)!r}): that directory holds another store; nothing was changed. Save to a new or "
+                "empty directory, or remove that store first",
+            )
+        saved = _save_locked(store, path, remove_older, incremental=own and not whole)
+        store.saved_to.add(path.resolve())
+        return saved
     finally:
         if lock is not None:
             lock.release()
@@ -442,13 +470,13 @@ def _save_locked(store, path: Path, remove_older: bool = True, incremental: bool
             }
         )
         _at("attrs-written")
+        digests_sha256 = digests.write_digests(partial)  # after the last zarr.json
         _fsync_tree(partial)
         _at("fsynced")
         os.rename(partial, final)
         _fsync_path(path, directory=True)
         _at("renamed")
-        manifest = {"format": FORMAT, "format_version": FORMAT_VERSION, "checkpoint": name}
-        write_atomic(path / MANIFEST, json.dumps(manifest, indent=2).encode())
+        write_atomic(path / MANIFEST, manifest_bytes(name, FORMAT_VERSION, digests_sha256))
         _at("manifest-replaced")
         if saving.history is not None:
             saving.history.commit(final, saving.written)
@@ -540,19 +568,50 @@ def _decode(arr, selection, where: str, name: str) -> np.ndarray:
         raise CorruptStoreError(f"{where}/{name} cannot be decoded (truncated or corrupt chunk): {exc}") from exc
 
 
+def manifest_bytes(checkpoint: str, version: int, digests_sha256: str | None) -> bytes:
+    """The manifest naming ``checkpoint`` of format ``version`` (with its digests from format 5 on)."""
+    doc: dict[str, Any] = {"format": FORMAT, "format_version": int(version), "checkpoint": checkpoint}
+    if version >= digests.SINCE_VERSION:
+        doc = digests.seal_manifest({**doc, "digests_sha256": digests_sha256})
+    return json.dumps(doc, indent=2).encode()
+
+
 def open_checkpoint_group(path: Path, pin: CheckpointPin | None = None, checkpoint: str | None = None):
+    """(checkpoint directory, its root group, its attributes), its metadata checked first."""
+    doc = read_manifest(path, check_checkpoint=pin is None and checkpoint is None)
     if pin is not None:
         ckpt = pin.checkpoint
     else:
-        ckpt = path / (checkpoint if checkpoint is not None else read_manifest(path)["checkpoint"])
+        ckpt = path / (checkpoint if checkpoint is not None else doc["checkpoint"])
+    # the manifest's digest of digests.json holds for the checkpoint it names (a pinned one
+    # may be older); any checkpoint with digests.json has each zarr.json checked against it
+    named = ckpt.name == doc["checkpoint"]
+    checked = (named and doc["format_version"] >= digests.SINCE_VERSION) or (ckpt / digests.DIGESTS).exists()
+    if checked:
+        digests.check_metadata(ckpt, doc.get("digests_sha256") if named else None)
+    else:  # an older format: at least every metadata file is JSON, or the one that is not is named
+        bad = digests.first_unreadable_metadata(ckpt)
+        if bad:
+            raise CorruptStoreError(bad)
     try:
         root = zarr.open_group(zarr.storage.LocalStore(str(ckpt), read_only=True), mode="r")
         attrs = dict(root.attrs)
     except Exception as exc:
         raise CorruptStoreError(f"checkpoint {ckpt} cannot be opened as a Zarr group: {exc}") from exc
-    if attrs.get("format") != FORMAT or attrs.get("format_version") not in READABLE_VERSIONS:
+    version = attrs.get("format_version")
+    if attrs.get("format") != FORMAT or version not in READABLE_VERSIONS:
+        raise CorruptStoreError(f"checkpoint {ckpt} carries format {attrs.get('format')!r} v{version!r}")
+    if named and version != doc["format_version"]:
         raise CorruptStoreError(
-            f"checkpoint {ckpt} carries format {attrs.get('format')!r} v{attrs.get('format_version')!r}"
+            f"{path / MANIFEST} says format_version {doc['format_version']} but its checkpoint {ckpt.name} is "
+            f"format {version}"
+        )
+    if version >= digests.SINCE_VERSION and not checked:
+        raise CorruptStoreError(f"{ckpt / digests.DIGESTS} is missing: a checkpoint of format {version} keeps one")
+    if version < digests.SINCE_VERSION and checked:
+        raise CorruptStoreError(
+            f"checkpoint {ckpt} says format_version {version} but holds {digests.DIGESTS}, which format "
+            f"{digests.SINCE_VERSION} introduced: its version was changed"
         )
     return ckpt, root, attrs
 
@@ -701,8 +760,7 @@ def open_store(
             store.hold(lock=lock, pin=pin)
             store.checkpoint = ckpt.name
             if mode == "r+" and checkpoint is not None and read_manifest(path, False)["checkpoint"] != checkpoint:
-                manifest = {"format": FORMAT, "format_version": FORMAT_VERSION, "checkpoint": checkpoint}
-                write_atomic(path / MANIFEST, json.dumps(manifest, indent=2).encode())
+                write_atomic(path / MANIFEST, manifest_bytes(checkpoint, version, digests.digests_sha256(ckpt)))
 
         return store_class(tables, config, _restore=restore)
     except BaseException:

@@ -52,3 +52,19 @@ def train_steps(store, tables, steps: int, rng, batch: int = 32, id_range: int =
         store.step()
         if prune_every and (i + 1) % prune_every == 0:
             store.prune()
+
+
+def reseal(path) -> None:
+    """Recompute the digests of ``path``'s current checkpoint and its manifest, as if the
+    store had been written this way (a writer's bug rather than an edit afterwards), so
+    that a test reaches the checks behind the digests."""
+    import json
+    from pathlib import Path
+
+    from fiited_store.storage import checkpoint, digests
+
+    path = Path(path)
+    doc = json.loads((path / checkpoint.MANIFEST).read_text())
+    ckpt = path / doc["checkpoint"]
+    sha = digests.write_digests(ckpt)
+    (path / checkpoint.MANIFEST).write_bytes(checkpoint.manifest_bytes(doc["checkpoint"], doc["format_version"], sha))

@@ -103,6 +103,18 @@ OFF = np.array([0, 1, 2, 3], np.int64)
         (lambda s: s.find("user", 5), InputShapeError, "the scalar 5"),
         (lambda s: s.lookup("user", 5), InputShapeError, "the scalar 5"),
         (lambda s: s.contains("user", 5), InputShapeError, "the scalar 5"),
+        (lambda s: s.lookup("user", IDS.astype("timedelta64[s]")), InputDTypeError, "timedelta64"),
+        (
+            lambda s: s.pooled_lookup("user", IDS, OFF.astype("timedelta64[s]"), train=True),
+            InputDTypeError,
+            "offsets .* timedelta64",
+        ),
+        (
+            lambda s: s.pooled_lookup("user", IDS, np.array([0, 1, 2, 2**64 - 1], np.uint64), train=True),
+            InputShapeError,
+            r"offsets\[3\] = 18446744073709551615",
+        ),
+        (lambda s: s.backward(object(), np.ones((1, 8), np.float32)), InputDTypeError, "got object"),
     ],
 )
 def test_bad_request_is_named_and_changes_nothing(store, fn, exc, match):

@@ -15,7 +15,7 @@ from fiited_store import DynamicRatio, EmbeddingStore, ManualRatios, StoreConfig
 from fiited_store.cli import main
 from fiited_store.tools import read_export
 from fiited_store.verify import check_store
-from tests.helpers import train_steps
+from tests.helpers import reseal, train_steps
 
 TABLES = [
     TableConfig("user", dim=16, chunks=4, num_embeddings=400),
@@ -104,6 +104,7 @@ def plant_wrong_dtype(path):
     root = zarr.open_group(zarr.storage.LocalStore(str(ckpt_dir(path))), mode="r+")
     util = root["entries/util"][...]
     root["entries"].create_array("util", data=util.astype(np.float64), overwrite=True)
+    reseal(path)  # as a writer with a bug would have saved it (an edit afterwards fails its digest)
 
 
 @pytest.mark.parametrize(

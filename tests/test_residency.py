@@ -11,7 +11,7 @@ from hypothesis import strategies as st
 
 from fiited_store import EmbeddingStore, PoolCapacityError, StoreConfig, TableConfig
 from fiited_store.verify import check_store
-from tests.helpers import snapshot
+from tests.helpers import assert_unchanged, snapshot
 
 TABLES = [
     TableConfig("user", dim=16, chunks=4, num_embeddings=400, optimizer="adagrad", learning_rate=0.05),
@@ -434,3 +434,22 @@ def test_a_prefetched_batch_whose_chunks_were_evicted_before_its_lookup_gets_the
         )
     assert check_store(fetched) == []
     plain.close(), fetched.close()
+
+
+@pytest.mark.parametrize("index", ["auto", "hashed"])
+@pytest.mark.parametrize("verb", ["pooled_lookup", "prefetch", "insert_or_assign"])
+def test_a_batch_too_big_for_the_pool_is_refused_before_it_inserts_a_key(index, verb):
+    tables = [dataclasses.replace(t, index=index) for t in TABLES]
+    s = EmbeddingStore(tables, StoreConfig(mode="cache", budget_fraction=0.15, prune_period=0))
+    train(s, 3, 3)
+    before = snapshot(s)
+    ids = np.arange(300)  # 300 rows x 4 chunks > 420 slots
+    call = {
+        "pooled_lookup": lambda: s.pooled_lookup("user", ids, np.arange(301), train=True),
+        "prefetch": lambda: s.prefetch("user", ids),
+        "insert_or_assign": lambda: s.insert_or_assign("user", ids, np.ones((300, 16), np.float32)),
+    }[verb]
+    with pytest.raises(PoolCapacityError, match="needs 1200 resident chunks .* nothing was changed"):
+        call()
+    assert_unchanged(before, snapshot(s))  # entries too: no key was inserted, none erased
+    s.close()

@@ -13,6 +13,7 @@ import torch
 from fiited_store import (
     ConfigError,
     DynamicRatio,
+    InputDTypeError,
     InputShapeError,
     StaleBatchError,
     StoreConfig,
@@ -351,3 +352,66 @@ def test_torchrec_keyed_jagged_tensor_in_and_keyed_tensor_out_equal_torchrecs_co
     assert isinstance(kt, TorchRecKeyedTensor)
     assert kt.keys() == ref.keys() == ["user", "item", "seen"] and kt.length_per_key() == ref.length_per_key()
     torch.testing.assert_close(kt.values(), ref.values().detach(), rtol=1e-6, atol=1e-7)
+
+
+def _torchrec_like(name, features):
+    return types.SimpleNamespace(
+        name=name,
+        embedding_dim=4,
+        num_embeddings=20,
+        feature_names=features,
+        pooling=types.SimpleNamespace(name="SUM"),
+        init_fn=None,
+        data_type="FP32",
+        weight_init_min=-0.1,
+        weight_init_max=0.1,
+    )
+
+
+def test_a_feature_named_by_two_tables_is_refused_by_name():
+    with pytest.raises(ConfigError, match="feature 'user' is named by table 't_a' and by table 't_b'"):
+        FiitedEmbeddingBagCollection([_torchrec_like("t_a", ["user"]), _torchrec_like("t_b", ["user", "x"])])
+    with pytest.raises(ConfigError, match="feature 'item' is named by table 't_a' and is table 'item'"):
+        FiitedEmbeddingBagCollection(
+            [_torchrec_like("t_a", ["item"]), TableConfig("item", 4, chunks=1, num_embeddings=20)]
+        )
+
+
+def test_a_batch_naming_a_feature_twice_is_refused_and_changes_nothing():
+    ebc = FiitedEmbeddingBagCollection([_torchrec_like("t_a", ["user", "friend"])])
+    before = snapshot(ebc.store)
+    with pytest.raises(InputShapeError, match="feature 'user' appears 2 times in one batch"):
+        ebc(JaggedFeatures(["user", "user"], torch.tensor([1, 2, 3]), torch.tensor([1, 1, 1, 0])))
+    assert_unchanged(before, snapshot(ebc.store))
+
+
+@pytest.mark.parametrize("compiled", [False, True], ids=["eager", "compiled"])
+def test_a_dict_input_of_float_ids_is_refused_by_feature_and_dtype(compiled):
+    ebc = FiitedEmbeddingBagCollection([_torchrec_like("t_a", ["user", "friend"])])
+    run = torch.compile(ebc) if compiled else ebc
+    good = {
+        "user": (torch.tensor([1, 2]), torch.tensor([0, 1])),
+        "friend": (torch.tensor([3, 4]), torch.tensor([0, 1])),
+    }
+    assert run(good).values().shape == (2, 8)
+    bad = dict(good, friend=(torch.tensor([3.0, 4.0]), torch.tensor([0, 1])))
+    with pytest.raises(
+        InputDTypeError, match="feature 'friend': ids must be an int64 or int32 tensor, got torch.float32"
+    ):
+        run(bad)
+    values = torch.tensor([1.0, 2.0, 3.0])  # a jagged batch of floats, eager and compiled alike
+    with pytest.raises(InputDTypeError, match="input must be int64 or int32 .* got torch.float32"):
+        run(JaggedFeatures(["user", "friend"], values, torch.tensor([1, 1, 1, 0])))
+
+
+def test_a_module_holding_a_store_says_why_it_is_not_deep_copied_and_how_to_copy_it():
+    import copy
+
+    from fiited_store import StoreCopyError
+
+    ebc = FiitedEmbeddingBagCollection([_torchrec_like("t_a", ["user"])])
+    with pytest.raises(StoreCopyError, match="cannot be deep-copied: it holds a store .* load_state_dict"):
+        copy.deepcopy(ebc)
+    bag = FiitedEmbeddingBag(20, 4, chunks=1)
+    with pytest.raises(StoreCopyError, match="FiitedEmbeddingBag cannot be deep-copied"):
+        copy.deepcopy(bag)

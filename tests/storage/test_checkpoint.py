@@ -27,7 +27,7 @@ from fiited_store import (
 )
 from fiited_store.storage import checkpoint
 from fiited_store.verify import check_store
-from tests.helpers import assert_unchanged, snapshot, train_steps
+from tests.helpers import assert_unchanged, reseal, snapshot, train_steps
 
 TABLES = [
     TableConfig("a", dim=8, chunks=2, num_embeddings=300, optimizer="adagrad"),
@@ -183,6 +183,48 @@ def test_one_writer_at_a_time(tmp_path):
         assert again.stats()["total"]["entries"] == 0
 
 
+def test_deleting_the_lock_file_does_not_let_a_second_writer_in(tmp_path):
+    s = EmbeddingStore(TABLES, CONFIGS["prune-spill"], path=tmp_path / "s")
+    s.save()
+    (tmp_path / "s" / ".lock").unlink()
+    with pytest.raises(StoreLockedError, match="already open for writing"):
+        EmbeddingStore.open(tmp_path / "s", "r+")
+    s.close()
+    with EmbeddingStore.open(tmp_path / "s", "r+"):
+        pass  # the first writer gone, the next gets in
+
+
+def test_a_save_refuses_to_replace_another_store_and_changes_nothing(tmp_path, rng):
+    from fiited_store import StorageError
+
+    saved_after_training(tmp_path / "other", CONFIGS["prune-discard"], 3, rng)
+    other_files = sorted((p.relative_to(tmp_path), p.stat().st_size) for p in (tmp_path / "other").rglob("*"))
+    with EmbeddingStore.open(tmp_path / "other", "r") as r:
+        before = snapshot(r)
+    s = EmbeddingStore(TABLES, CONFIGS["prune-spill"])
+    train_steps(s, TABLES, 2, rng, id_range=300)
+    with pytest.raises(StorageError, match="holds another store; nothing was changed") as info:
+        s.save(tmp_path / "other")
+    assert info.value.errno == errno.EEXIST
+    assert sorted((p.relative_to(tmp_path), p.stat().st_size) for p in (tmp_path / "other").rglob("*")) == other_files
+    with EmbeddingStore.open(tmp_path / "other", "r") as r:
+        assert_unchanged(before, snapshot(r))
+    s.save(tmp_path / "mine")
+    s.save(tmp_path / "mine")  # its own earlier save it may replace
+    s.close()
+
+
+def test_a_refused_open_or_compact_of_a_directory_without_a_store_leaves_nothing_behind(tmp_path):
+    from fiited_store.tools import compact_store
+
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(CorruptStoreError):
+        EmbeddingStore.open(tmp_path / "empty", "r+")
+    with pytest.raises(CorruptStoreError):
+        compact_store(tmp_path / "empty", progress=False)
+    assert list((tmp_path / "empty").iterdir()) == []
+
+
 def test_a_read_only_handle_refuses_writes(tmp_path):
     rng = np.random.default_rng(2)
     saved_after_training(tmp_path / "s", CONFIGS["prune-discard"], 3, rng)
@@ -329,10 +371,14 @@ def test_corrupt_manifest_and_metadata_are_reported(tmp_path):
     doc = json.loads(meta.read_text())
     doc["attributes"]["config"]["tables"][0]["dim"] = 7
     meta.write_text(json.dumps(doc))
+    with pytest.raises(CorruptStoreError, match="zarr.json was changed since it was saved"):
+        EmbeddingStore.open(tmp_path / "s")  # an edit: the digests name it
+    reseal(tmp_path / "s")  # as a writer with a bug would have saved it: the checks behind the digests
     with pytest.raises(CorruptStoreError, match="configuration is not valid"):
         EmbeddingStore.open(tmp_path / "s")
     doc["attributes"]["config"]["tables"][0]["dim"] = 16  # valid, but the arrays disagree
     meta.write_text(json.dumps(doc))
+    reseal(tmp_path / "s")
     with pytest.raises(CorruptStoreError, match="shape"):
         EmbeddingStore.open(tmp_path / "s")
     with pytest.raises(CorruptStoreError, match="not a fiited-store store"):
@@ -498,7 +544,7 @@ def test_a_version_1_store_saved_again_is_the_current_version_and_reads_the_same
     with EmbeddingStore.open(path, "r+") as s:
         assert all(t.index == "hashed" for t in s.tables)  # version 1 had only the hashed index
         s.save()
-    assert json.loads((path / "fiited.json").read_text())["format_version"] == checkpoint.FORMAT_VERSION == 4
+    assert json.loads((path / "fiited.json").read_text())["format_version"] == checkpoint.FORMAT_VERSION == 5
     with EmbeddingStore.open(path, "r") as s:
         assert check_store(s) == []
         for name, rows in expected["lookups"].items():
@@ -585,3 +631,17 @@ def test_committed_format_v4_fixture_still_decodes_and_verifies():
     state = json.loads((ckpt / "zarr.json").read_text())["attributes"]["state"]
     assert state["increments"] and any(len(t["segments"]) > 1 for t in state["tiers"] if t)  # what it must cover
     check_fixture_reads_as_recorded(FIXTURE_V4, 4)
+
+
+FIXTURE_V5 = Path(__file__).parents[1] / "fixtures" / "store_v5"
+
+
+def test_committed_format_v5_fixture_still_decodes_and_verifies():
+    """Format version 5 (digests of every metadata file and of the manifest) must open, read
+    and verify the same forever, its digests checked."""
+    from fiited_store.storage import digests
+
+    ckpt = FIXTURE_V5 / json.loads((FIXTURE_V5 / "fiited.json").read_text())["checkpoint"]
+    listed = json.loads((ckpt / digests.DIGESTS).read_text())["files"]
+    assert "zarr.json" in listed and len(listed) == len(digests.metadata_files(ckpt)) > 10
+    check_fixture_reads_as_recorded(FIXTURE_V5, 5)
