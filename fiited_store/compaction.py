@@ -20,12 +20,14 @@ the last checkpoint's own links when the store is opened again.
 
 from __future__ import annotations
 
+import warnings
 from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
 
 from . import tiering
+from .errors import StorageFullError
 from .kernels import cpu as host_kernels
 
 
@@ -154,10 +156,17 @@ def after_step(store) -> None:
     bound = store.config.tier_max_garbage
     for g, tier in segment_tiers(store):
         garbage, high = tier.garbage_fraction(), min(2 * bound, (1 + bound) / 2)
-        if garbage > high:  # fallen behind: whole segments until back under twice the bound
-            compact(store, g, target=high)
-        elif garbage > bound or c.drains[g] is not None:
-            drain_step(store, g, max(DRAIN_MIN_CHUNKS, DRAIN_PER_SPILLED * spilled))
+        try:
+            if garbage > high:  # fallen behind: whole segments until back under twice the bound
+                compact(store, g, target=high)
+            elif garbage > bound or c.drains[g] is not None:
+                drain_step(store, g, max(DRAIN_MIN_CHUNKS, DRAIN_PER_SPILLED * spilled))
+        except StorageFullError as exc:
+            # reclaiming is housekeeping: a full device stops it (each move allocates before
+            # it changes anything) without failing the step that was taken; the next spill,
+            # which needs the space, raises
+            warnings.warn(f"compaction of tier {g} deferred: {exc}", RuntimeWarning, stacklevel=2)
+            c.forget(g)
 
 
 def before_checkpoint(store) -> None:

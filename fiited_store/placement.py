@@ -11,7 +11,8 @@ they act on; the store's verbs call them.
 from __future__ import annotations
 
 import math
-from typing import Any
+from concurrent.futures import wait
+from typing import Any, NamedTuple
 
 import numpy as np
 
@@ -202,16 +203,19 @@ def prune_pool(store, pool: ChunkPool, entries_per_table: np.ndarray) -> dict[st
         # allocations may outnumber the free slots: they are placed best-first, by rank
         al_r = b.empty(max(cand, 1), np.uint64)
         k.allocation_ranks(ea.row_base, ea.seen, ea.keys, ea.table_ids, ea.util, thr_d, al_e, al_k, al_r)
+    al_e, al_k = al_e[:n_al], al_k[:n_al]
+    if n_al > pool.n_free + n_ev:
+        # only when composite ties let more chunks qualify than there are slots (the
+        # evictions below free n_ev): place the best first
+        order = np.argsort(b.to_host(al_r[:n_al]), kind="stable")[::-1].copy()
+        al_e = b.from_host(b.to_host(al_e)[order])
+        al_k = b.from_host(b.to_host(al_k)[order])
+    # the rows to restore are read (and checked) before any chunk leaves: a corrupt tier
+    # file refuses the pass with nothing moved
+    restores = read_restores(store, pool, al_e, al_k)
     evict(store, pool, ev_e[:n_ev], ev_k[:n_ev])
     if n_al:
-        al_e, al_k = al_e[:n_al], al_k[:n_al]
-        if n_al > pool.n_free:
-            # only when composite ties let more chunks qualify than there are slots:
-            # place the best first
-            order = np.argsort(b.to_host(al_r[:n_al]), kind="stable")[::-1].copy()
-            al_e = b.from_host(b.to_host(al_e)[order])
-            al_k = b.from_host(b.to_host(al_k)[order])
-        allocate(store, pool, al_e, al_k, readmit=True)
+        allocate(store, pool, al_e, al_k, readmit=True, restores=restores)
     info.update(evicted=n_ev, allocated=n_al, oversubscribed=bool(use_cutoff))
     return info
 
@@ -275,18 +279,27 @@ def readmission_init(store):
     return store.config.seed, m["table_init_kind"]
 
 
-def allocate(store, pool: ChunkPool, al_e, al_k, *, fetch_counter: str = "", readmit: bool = False) -> int:
-    """Give slots to chunks in list order; spilled ones come back from the tier, the others
-    start at their first values (or, with ``readmit``, as ``StoreConfig.readmission`` says)."""
+class Restores(NamedTuple):
+    """The tier rows a list of chunks to allocate will take, read before anything moves."""
+
+    restore_index: np.ndarray  # int64[n]: each chunk's row in vec/st, or -1 (starts anew)
+    tslots: np.ndarray  # int64[n_sp]: the tier slots read
+    vec: np.ndarray  # float32[n_sp, c]
+    st: np.ndarray  # float32[n_sp, w]
+    n_staged: int  # of them, taken from a background read
+
+
+def read_restores(store, pool: ChunkPool, al_e, al_k) -> Restores:
+    """Read (and check) the tier rows of the spilled chunks among these, changing nothing:
+    a caller that evicts to make room reads first, so that a corrupt tier file is raised
+    before any chunk moved."""
     n = int(al_e.shape[0])
-    if n == 0:
-        return 0
-    b, a, m, ea = store.backend, pool.arrays, store.meta, store.entries.arrays
+    b = store.backend
     g = pool.plan.group
     c, w = pool.plan.chunk_width, pool.plan.state_width
     vec = np.empty((0, c), np.float32)
     st = np.empty((0, w), np.float32)
-    if store.tiers[g] is None:
+    if n == 0 or store.tiers[g] is None:
         # no tier, so no chunk of this pool is spilled: every one starts anew (an empty
         # restore_index says so, and a prune pass saves a pass over its allocations)
         n_sp = 0
@@ -297,11 +310,37 @@ def allocate(store, pool: ChunkPool, al_e, al_k, *, fetch_counter: str = "", rea
         restore_index, all_tslots = np.empty(n, np.int64), np.empty(n, np.int64)
         n_sp = int(host_kernels.restore_plan(b.to_host(codes_d), restore_index, all_tslots))
     tslots = all_tslots[:n_sp] if n_sp else np.empty(0, np.int64)
+    n_staged = 0
     if n_sp:
         vec, st, n_staged = read_tier(store, g, tslots)
-        if fetch_counter:
-            store.counters.prefetched_chunks += n_staged
-            setattr(store.counters, fetch_counter, getattr(store.counters, fetch_counter) + n_sp - n_staged)
+    return Restores(restore_index, tslots, vec, st, n_staged)
+
+
+def allocate(
+    store,
+    pool: ChunkPool,
+    al_e,
+    al_k,
+    *,
+    fetch_counter: str = "",
+    readmit: bool = False,
+    restores: Restores | None = None,
+) -> int:
+    """Give slots to chunks in list order; spilled ones come back from the tier (from
+    ``restores`` when the caller read them first), the others start at their first values
+    (or, with ``readmit``, as ``StoreConfig.readmission`` says)."""
+    n = int(al_e.shape[0])
+    if n == 0:
+        return 0
+    b, a, m, ea = store.backend, pool.arrays, store.meta, store.entries.arrays
+    g = pool.plan.group
+    restore_index, tslots, vec, st, n_staged = (
+        restores if restores is not None else read_restores(store, pool, al_e, al_k)
+    )
+    n_sp = int(tslots.shape[0])
+    if n_sp and fetch_counter:
+        store.counters.prefetched_chunks += n_staged
+        setattr(store.counters, fetch_counter, getattr(store.counters, fetch_counter) + n_sp - n_staged)
     seed, init_kind = readmission_init(store) if readmit else (store.config.seed, m["table_init_kind"])
     placed = int(
         store.k.commit_allocations(
@@ -345,8 +384,14 @@ def read_tier(store, group: int, tslots: np.ndarray):
     for staged in store.residency.staged_reads(group):
         if n_hit == tslots.shape[0]:
             break
-        # a read still in flight is for a later batch: never wait for it here
-        if not staged.future.done() or staged.future.exception() is not None or staged.slots.size == 0:
+        if staged.slots.size == 0:
+            continue
+        # a read still in flight is waited for only when it holds rows needed now (it is this
+        # batch's, running late on a busy machine): reading them again here would double the IO
+        if not staged.future.done() and not np.isin(tslots[~hit], staged.slots).any():
+            continue
+        wait([staged.future])
+        if staged.future.exception() is not None:
             continue
         s_vec, s_st = staged.future.result()
         # a slot released since the read began is not handed out again before the read

@@ -216,7 +216,10 @@ def make_resident(store, uniq, missing: dict | None = None) -> None:
         host_kernels.count_by_table(
             b.to_host(miss_e), *host_index, len(store.tables), m["table_chunks"], False, state.missed
         )
+        restores = None
         if n > pool.n_free:
+            # the rows to restore are read (and checked) before any chunk leaves for them
+            restores = placement.read_restores(store, pool, miss_e, miss_k)
             tids, _ = store.entries.keys_of(b.to_host(uniq))
             in_group = store.host_meta["table_group"][tids] == g
             batch_chunks = int(store.host_meta["table_chunks"][tids[in_group]].sum())
@@ -229,7 +232,7 @@ def make_resident(store, uniq, missing: dict | None = None) -> None:
             evictable = pool.n_used - (batch_chunks - n)
             batch = b.to_host(uniq)
             evict_for(store, pool, batch, need, min(evictable, need + pool.slots // 32))
-        placement.allocate(store, pool, miss_e, miss_k, fetch_counter="sync_fetched_chunks")
+        placement.allocate(store, pool, miss_e, miss_k, fetch_counter="sync_fetched_chunks", restores=restores)
 
 
 def evict_for(store, pool: ChunkPool, batch: np.ndarray, need: int, target: int) -> None:

@@ -48,14 +48,15 @@ def export_state(store) -> dict[str, np.ndarray]:
 
 
 class _ListedTier:
-    """A state's tier rows as the verifier sees a tier: which entry each listed slot holds."""
+    """A state's tier rows as the verifier sees a tier: which entry each listed row holds,
+    the rows numbered 0..n-1 in the order of their slots (the addresses are renumbered to
+    match, so a slot number of any size costs nothing here)."""
 
     keeps_owners = True
 
-    def __init__(self, slots: np.ndarray, owner: np.ndarray):
-        self.capacity = int(slots.max()) + 1 if slots.size else 0
-        self.owner = np.full(self.capacity, -1, np.int64)
-        self.owner[slots] = owner
+    def __init__(self, owner: np.ndarray):
+        self.capacity = int(owner.shape[0])
+        self.owner = np.asarray(owner, np.int64)
 
     def is_free(self, slots: np.ndarray) -> np.ndarray:
         return self.owner[slots] < 0
@@ -83,7 +84,8 @@ def state_problems(store, st: dict[str, np.ndarray]) -> list[str]:
         elif owner.size and (owner.min() < 0 or owner.max() >= n_all):
             problems.append(f"{where}.owner names entries outside [0, {n_all})")
         else:
-            tiers.append(_ListedTier(slots, owner))
+            order = np.argsort(slots, kind="stable")
+            tiers.append((slots[order], _ListedTier(owner[order])))
         for k in ("vectors", "states"):
             bad = ~np.isfinite(st[f"{where}.{k}"]).all(axis=1)
             if bad.any():
@@ -91,12 +93,23 @@ def state_problems(store, st: dict[str, np.ndarray]) -> list[str]:
     if problems:
         return problems
     cpu = get_backend("cpu")
-    entries = EntryTable.from_arrays(
-        cpu,
-        EntryArrays(*(np.ascontiguousarray(st[f"entries.{k}"]) for k in EntryArrays._fields)),
-        [t.name for t in store.tables],
-        store.config.max_load,
-    )
+    arrays = EntryArrays(*(np.array(st[f"entries.{k}"]) for k in EntryArrays._fields))
+    entries = EntryTable.from_arrays(cpu, arrays, [t.name for t in store.tables], store.config.max_load)
+    # spilled addresses renumbered as the listed rows are (one not listed points past them)
+    addr = arrays.addr
+    tids = entries.table_of_entries()
+    groups = store.host_meta["table_group"][np.maximum(tids, 0)]
+    for g, listed in enumerate(tiers):
+        if listed is None:
+            continue
+        sorted_slots, tier = listed
+        e, k = np.nonzero((addr <= -2) & ((tids >= 0) & (groups == g))[:, None])
+        slot = -2 - addr[e, k].astype(np.int64)
+        pos = np.searchsorted(sorted_slots, slot)
+        found = pos < sorted_slots.size
+        found[found] = sorted_slots[pos[found]] == slot[found]
+        addr[e, k] = (-2 - np.where(found, pos, sorted_slots.size)).astype(np.int32)
+        tiers[g] = tier
     pools = [
         SimpleNamespace(plan=p.plan, arrays=PoolArrays(*(st[f"pool_{p.plan.group}.{k}"] for k in PoolArrays._fields)))
         for p in store.pools

@@ -28,7 +28,7 @@ from typing import Any, NamedTuple
 
 import numpy as np
 
-from . import compaction, placement, residency, state_dict, tiering
+from . import compaction, placement, refusals, residency, state_dict, tiering
 from .backend import get_backend
 from .buffers import OutputBuffers
 from .config import (
@@ -49,6 +49,7 @@ from .errors import (
     NonFiniteGradientError,
     PoolCapacityError,
     StaleBatchError,
+    StorageError,
     UnknownTableError,
 )
 from .inputs import as_ids, as_offsets, own_array, request_arrays
@@ -862,13 +863,24 @@ class EmbeddingStore:
         return out
 
     def step(self) -> None:
-        """End a training step: utilities decay by gamma; every T steps a prune pass runs."""
+        """End a training step: utilities decay by gamma; every T steps a prune pass runs.
+
+        A prune pass refused before it moved a chunk (a full device, a corrupt tier file)
+        leaves the store as it was, this step uncounted (:mod:`.refusals`)."""
         self.check_writable()
+        T = self.config.prune_period
+        due = bool(T) and (self.step_count + 1) % T == 0
+        # only a pass that moves chunks to or from a tier can be refused part-way
+        undo = refusals.StepUndo(self, with_utilities=True) if due and self.config.spills else None
         self.clock.step_count += 1
         self.counters.steps += 1
-        T = self.config.prune_period
-        if T and self.step_count % T == 0:
-            self.prune()
+        if due:
+            try:
+                self.prune()
+            except (StorageError, PoolCapacityError) as exc:
+                if undo is None or not undo.restore(self):
+                    exc.add_note("the prune pass had moved chunks before this; the store is sound, the step counted")
+                raise
         compaction.after_step(self)
 
     # ------------------------------------------------------------------ prune

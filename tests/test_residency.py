@@ -453,3 +453,113 @@ def test_a_batch_too_big_for_the_pool_is_refused_before_it_inserts_a_key(index, 
         call()
     assert_unchanged(before, snapshot(s))  # entries too: no key was inserted, none erased
     s.close()
+
+
+def _device_full(*args, **kwargs):
+    import errno
+
+    from fiited_store import StorageFullError
+
+    raise StorageFullError(errno.ENOSPC, "disk tier: the device is full (injected); nothing was changed")
+
+
+@pytest.mark.parametrize("mode", ["cache", "prune"])
+def test_a_prune_step_refused_by_a_full_device_changes_nothing(monkeypatch, mode):
+    from fiited_store import StorageFullError
+    from fiited_store.storage import SegmentTier
+
+    config = StoreConfig(mode=mode, budget_fraction=0.25, prune_period=5, on_evict="spill" if mode == "prune" else None)
+    s = EmbeddingStore(TABLES, config)
+    train(s, 1, 14)  # the pass at step 15 is next; the tier exists and holds chunks
+    assert s.tiers[0] is not None
+    ids, offsets, grad = next(stream(2, 1))
+    b = s.pooled_lookup(["user", "item"], ids, offsets, train=True)
+    s.backward(b, grad)
+    before = snapshot(s)
+    clock = s.clock.as_tuple()
+    monkeypatch.setattr(SegmentTier, "allocate", _device_full)
+    with pytest.raises(StorageFullError, match="injected"):
+        s.step()  # step 15: its prune pass spills, and the device refuses before a chunk moves
+    assert_unchanged(before, snapshot(s))
+    assert s.clock.as_tuple() == clock
+    monkeypatch.undo()
+    s.step()  # room again: the same step is taken, its pass with it
+    assert s.step_count == 15 and s.counters.prunes == before["counters"]["prunes"] + 1
+    assert check_store(s) == []
+    s.close()
+
+
+def test_compaction_on_a_full_device_is_deferred_with_a_warning_and_the_step_stands(monkeypatch):
+    from fiited_store import compaction
+
+    s = EmbeddingStore(
+        TABLES,
+        StoreConfig(mode="cache", budget_fraction=0.25, prune_period=5, tier_segment_slots=256, tier_max_garbage=0.1),
+    )
+    train(s, 0, 40)
+    assert max(t.garbage_fraction() for t in s.tiers if t is not None) > 0.05
+    monkeypatch.setattr(compaction, "drain_step", _device_full)
+    monkeypatch.setattr(compaction, "compact", _device_full)
+    steps = s.step_count
+    with pytest.warns(RuntimeWarning, match="compaction of tier 0 deferred: .*injected"):
+        for ids, offsets, grad in stream(5, 20):
+            b = s.pooled_lookup(["user", "item"], ids, offsets, train=True)
+            s.backward(b, grad)
+            s.step()
+    assert s.step_count == steps + 20 and check_store(s) == []
+    s.close()
+
+
+def _corrupt_read(*args, **kwargs):
+    from fiited_store import CorruptStoreError
+
+    raise CorruptStoreError("disk tier: inner chunk 3 of segment file X fails its checksum (injected)")
+
+
+@pytest.mark.parametrize("index", ["auto", "hashed"])
+def test_a_corrupt_tier_file_met_by_a_prune_pass_refuses_it_before_any_chunk_moves(monkeypatch, index):
+    from fiited_store import CorruptStoreError, placement
+
+    tables = [dataclasses.replace(t, index=index) for t in TABLES]
+    s = EmbeddingStore(tables, StoreConfig(mode="cache", budget_fraction=0.25, prune_period=5))
+    train(s, 1, 14)  # the rebalance at step 15 is next, and it restores chunks from the tier
+    ids, offsets, grad = next(stream(2, 1))
+    b = s.pooled_lookup(["user", "item"], ids, offsets, train=True)
+    s.backward(b, grad)
+    before = snapshot(s)
+    monkeypatch.setattr(placement, "read_tier", _corrupt_read)
+    with pytest.raises(CorruptStoreError, match="injected"):
+        s.step()
+    assert_unchanged(before, snapshot(s))
+    monkeypatch.undo()
+    s.step()
+    assert s.step_count == 15 and check_store(s) == []
+    s.close()
+
+
+def test_a_lookup_waits_for_its_own_background_read_running_late_instead_of_reading_again(monkeypatch):
+    import threading
+    import time
+
+    from fiited_store.storage import SegmentTier
+
+    config = StoreConfig(mode="cache", budget_fraction=0.25, prune_period=0)
+    on_time, late = EmbeddingStore(TABLES, config), EmbeddingStore(TABLES, config)
+    train(on_time, 1, 12, prefetch=True)
+    read = SegmentTier._read
+
+    def slow(self, slots):  # a background read on a busy machine: slower than the step
+        if threading.current_thread() is not threading.main_thread():
+            time.sleep(0.05)
+        return read(self, slots)
+
+    monkeypatch.setattr(SegmentTier, "_read", slow)
+    train(late, 1, 12, prefetch=True)
+    assert late.counters.prefetched_chunks == on_time.counters.prefetched_chunks > 0
+    # the same rows came from the reads begun for them: none was read again synchronously
+    assert late.counters.sync_fetched_chunks == on_time.counters.sync_fetched_chunks
+    for t in TABLES:
+        ids = np.arange(t.num_embeddings)
+        np.testing.assert_array_equal(late.lookup(t.name, ids), on_time.lookup(t.name, ids))
+    on_time.close()
+    late.close()

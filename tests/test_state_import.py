@@ -5,6 +5,8 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
 
 from fiited_store import CorruptStoreError, EmbeddingStore, InputShapeError, StoreConfig, TableConfig
 from fiited_store.verify import check_store
@@ -123,3 +125,31 @@ def test_a_state_with_a_tier_array_missing_or_misshapen_is_refused(trained):
     wrong = dict(state, **{"tier_0.vectors": state["tier_0.vectors"][:, :2].copy()})
     with pytest.raises(InputShapeError, match="tier_0.vectors is float32"):
         b.import_state(wrong)
+
+
+@settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(data=st.data())
+def test_a_randomly_damaged_state_is_refused_or_imports_sound_and_never_crashes(trained, data):
+    """Any one value of any array changed to a drawn bad value: the import either refuses it
+    by name with nothing changed, or (the value was harmless) leaves a sound store."""
+    state, b = trained
+    state = {k: np.array(v) for k, v in state.items()}
+    key = data.draw(st.sampled_from(sorted(k for k in state if k != "meta.config" and state[k].size)))
+    arr = state[key]
+    at = data.draw(st.integers(0, arr.size - 1))
+    if arr.dtype.kind == "f":
+        value = data.draw(st.sampled_from([np.nan, np.inf, -np.inf, 1e38, 0.0]))
+    else:
+        info = np.iinfo(arr.dtype)
+        value = data.draw(st.sampled_from([info.min, info.max, -1, -2, 0, 1, 1 << min(info.bits - 2, 30)]))
+        value = np.array(value).astype(arr.dtype)  # wrapped as the array's type would hold it
+    arr.reshape(-1)[at] = value
+    before = snapshot(b)
+    try:
+        b.import_state(state)
+    except (CorruptStoreError, InputShapeError):
+        assert_unchanged(before, snapshot(b))
+    else:
+        assert check_store(b) == []
+        for t in b.tables:
+            assert np.isfinite(b.lookup(t.name, np.arange(t.num_embeddings))).all()

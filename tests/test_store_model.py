@@ -7,14 +7,18 @@ invariant of docs/design.md with ``verify.check_store``.
 from __future__ import annotations
 
 import numpy as np
+import pytest
 from hypothesis import settings
 from hypothesis import strategies as st
 from hypothesis.stateful import RuleBasedStateMachine, initialize, invariant, rule
 
 from fiited_store import (
+    CorruptStoreError,
     DynamicRatio,
     EmbeddingStore,
     IdOutOfRangeError,
+    InputDTypeError,
+    InputShapeError,
     ManualRatios,
     PoolCapacityError,
     StoreConfig,
@@ -144,13 +148,62 @@ class StoreVsReference(RuleBasedStateMachine):
         assert_unchanged(before, snapshot(self.store))
 
     @rule(data=st.data())
+    def bad_request(self, data):
+        """One of the adversarial trial's bad inputs, drawn at random: refused by name, nothing changed."""
+        t = data.draw(st.integers(0, len(self.tables) - 1))
+        name = self.tables[t].name
+        ids = np.array(self._valid_ids(t)[:2], np.int64)
+        kind = data.draw(st.sampled_from(["float ids", "timedelta ids", "bool ids", "huge offset", "not a batch"]))
+        call, exc = {
+            "float ids": (
+                lambda: self.store.pooled_lookup(name, ids.astype(np.float32), np.array([0, 2]), train=True),
+                InputDTypeError,
+            ),
+            "timedelta ids": (lambda: self.store.lookup(name, ids.astype("timedelta64[s]")), InputDTypeError),
+            "bool ids": (lambda: self.store.find(name, ids.astype(bool)), InputDTypeError),
+            "huge offset": (
+                lambda: self.store.pooled_lookup(name, ids, np.array([0, 2**64 - 1], np.uint64), train=True),
+                InputShapeError,
+            ),
+            "not a batch": (lambda: self.store.backward(object(), np.zeros((1, 1), np.float32)), InputDTypeError),
+        }[kind]
+        before = snapshot(self.store)
+        with pytest.raises(exc):
+            call()
+        assert_unchanged(before, snapshot(self.store))
+
+    @rule(data=st.data())
+    def import_damaged_state(self, data):
+        """A state with one drawn unsound value is refused with nothing changed; the store's own
+        state imports back to the same rows."""
+        state = self.store.export_state()
+        before = snapshot(self.store)
+        if data.draw(st.booleans()):
+            self.store.import_state(state)
+            assert check_store(self.store) == []
+            return
+        damaged = {k: np.array(v) for k, v in state.items()}
+        kind = data.draw(st.sampled_from(["NaN vector", "address past the pool", "negative step"]))
+        if kind == "NaN vector":
+            damaged["pool_0.vectors"][data.draw(st.integers(0, damaged["pool_0.vectors"].shape[0] - 1)), 0] = np.nan
+        elif kind == "address past the pool":
+            damaged["entries.addr"][data.draw(st.integers(0, damaged["entries.addr"].shape[0] - 1)), 0] = 1 << 30
+        else:
+            damaged["meta.counters"][0] = -1
+        with pytest.raises(CorruptStoreError, match="not a sound store"):
+            self.store.import_state(damaged)
+        assert_unchanged(before, snapshot(self.store))
+
+    @rule(data=st.data())
     def train_step(self, data):
         feats, ids, offsets, weights, mode = self._draw_batch(data)
         names = [self.tables[f].name for f in feats]
+        before = snapshot(self.store) if self.config.mode == "cache" else None
         try:
             batch = self.store.pooled_lookup(names, ids, offsets, weights, mode, train=True)
         except PoolCapacityError:
             assert self.config.mode == "cache"
+            assert_unchanged(before, snapshot(self.store))  # refused before it inserted a key
             return
         rb = self.ref.pooled_lookup(feats, ids, offsets, weights, mode, train=True)
         np.testing.assert_array_equal(batch.output, rb.output)

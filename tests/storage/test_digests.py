@@ -11,6 +11,8 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
 
 from fiited_store import CorruptStoreError, EmbeddingStore, StoreConfig, TableConfig
 from fiited_store.storage import digests
@@ -146,3 +148,21 @@ def test_a_resave_of_an_older_store_writes_the_current_format_with_its_digests(t
     doc = json.loads((path / "fiited.json").read_text())
     assert doc["format_version"] == 5 and (checkpoint_of(path) / digests.DIGESTS).exists()
     assert verify_store(path) == []
+
+
+@settings(max_examples=25, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(data=st.data())
+def test_any_byte_of_any_metadata_file_changed_is_refused_by_name(saved, tmp_path_factory, data):
+    path = tmp_path_factory.mktemp("edit") / "s"
+    shutil.copytree(saved, path)
+    ckpt = checkpoint_of(path)
+    files = [ckpt / rel for rel in digests.metadata_files(ckpt)] + [ckpt / digests.DIGESTS, path / "fiited.json"]
+    f = data.draw(st.sampled_from(files))
+    raw = bytearray(f.read_bytes())
+    at = data.draw(st.integers(0, len(raw) - 1))
+    new = data.draw(st.integers(0, 255).filter(lambda v: v != raw[at]))
+    raw[at] = new
+    f.write_bytes(bytes(raw))
+    with pytest.raises(CorruptStoreError, match=re.escape(f.name)):
+        EmbeddingStore.open(path, "r")
+    assert verify_store(path)
