@@ -62,10 +62,35 @@ def local_cutoff(ranks: np.ndarray, slots: int) -> np.uint64:
     return np.partition(ranks, n - slots)[n - slots]
 
 
+class PrunePlan(NamedTuple):
+    """What a prune pass will do to one pool, decided before anything moves."""
+
+    pool: ChunkPool
+    ev_e: Any  # int64[n_ev]: chunks to evict (entry, chunk)
+    ev_k: Any
+    al_e: Any  # int64[n_al]: chunks to give a slot, best first when they outnumber the slots
+    al_k: Any
+    info: dict
+
+
 def prune_pool(store, pool: ChunkPool, entries_per_table: np.ndarray) -> dict[str, Any]:
-    """Algorithm 1 over one pool. ``entries_per_table`` counts the whole store's entries
-    (every shard's, for a shard of a sharded store), so every early return below is
-    taken by all shards alike."""
+    """Algorithm 1 over one pool: :func:`plan_prune`, then :func:`apply_prune`."""
+    plan = plan_prune(store, pool, entries_per_table)
+    return apply_prune(store, plan, read_restores(store, pool, plan.al_e, plan.al_k))
+
+
+def apply_prune(store, plan: PrunePlan, restores: Restores) -> dict[str, Any]:
+    """Move a pool's chunks as ``plan`` says, restoring from rows already read."""
+    evict(store, plan.pool, plan.ev_e, plan.ev_k)
+    if int(plan.al_e.shape[0]):
+        allocate(store, plan.pool, plan.al_e, plan.al_k, readmit=True, restores=restores)
+    return plan.info
+
+
+def plan_prune(store, pool: ChunkPool, entries_per_table: np.ndarray) -> PrunePlan:
+    """Algorithm 1's decisions for one pool, nothing moved. ``entries_per_table`` counts the
+    whole store's entries (every shard's, for a shard of a sharded store), so every early
+    return below is taken by all shards alike."""
     plan = pool.plan
     g = plan.group
     b, k, m = store.backend, store.k, store.meta
@@ -73,7 +98,8 @@ def prune_pool(store, pool: ChunkPool, entries_per_table: np.ndarray) -> dict[st
     n_group = int(sum(entries_per_table[t] for t in plan.tables))
     info: dict[str, Any] = {"chunk_width": plan.chunk_width, "evicted": 0, "allocated": 0}
     if n_group == 0:
-        return info
+        none = b.empty(0, np.int64)
+        return PrunePlan(pool, none, none, none, none, info)
     T = len(store.tables)
     if store.config.mode == "cache":
         thr = np.zeros((T, store.kmax), np.float32)
@@ -210,14 +236,8 @@ def prune_pool(store, pool: ChunkPool, entries_per_table: np.ndarray) -> dict[st
         order = np.argsort(b.to_host(al_r[:n_al]), kind="stable")[::-1].copy()
         al_e = b.from_host(b.to_host(al_e)[order])
         al_k = b.from_host(b.to_host(al_k)[order])
-    # the rows to restore are read (and checked) before any chunk leaves: a corrupt tier
-    # file refuses the pass with nothing moved
-    restores = read_restores(store, pool, al_e, al_k)
-    evict(store, pool, ev_e[:n_ev], ev_k[:n_ev])
-    if n_al:
-        allocate(store, pool, al_e, al_k, readmit=True, restores=restores)
     info.update(evicted=n_ev, allocated=n_al, oversubscribed=bool(use_cutoff))
-    return info
+    return PrunePlan(pool, ev_e[:n_ev], ev_k[:n_ev], al_e, al_k, info)
 
 
 def evict(store, pool: ChunkPool, ev_e, ev_k, *, spares_upcoming: bool = False) -> None:

@@ -11,6 +11,7 @@ moving anything.
 
 from __future__ import annotations
 
+import shutil
 from collections.abc import Sequence
 from concurrent.futures import wait
 from dataclasses import dataclass
@@ -197,11 +198,12 @@ def check_batch_fits(store, q_tables, ids) -> None:
             )
 
 
-def make_resident(store, uniq, missing: dict | None = None) -> None:
+def make_resident(store, uniq, missing: dict | None = None, room_for: np.ndarray | None = None) -> None:
     """Cache mode: every chunk of these entries into the pool (evicting others to disk).
-    ``missing``: the prefetch's lists of their chunks that were not resident."""
+    ``missing``: the prefetch's lists of their chunks that were not resident. ``room_for``:
+    per pool, free slots to leave beyond them (for the chunks of keys about to be inserted)."""
     b = store.backend
-    if uniq.shape[0] == 0:
+    if uniq.shape[0] == 0 and room_for is None:
         return
     state = store.residency
     ea, m = store.entries.arrays, store.host_meta
@@ -209,30 +211,89 @@ def make_resident(store, uniq, missing: dict | None = None) -> None:
     host_kernels.count_by_table(b.to_host(uniq), *host_index, len(store.tables), m["table_chunks"], True, state.needed)
     for pool in store.pools:
         g = pool.plan.group
-        miss_e, miss_k = placement.missing_chunks(store, uniq, g, None if missing is None else missing.get(g))
+        extra = 0 if room_for is None else int(room_for[g])
+        if uniq.shape[0]:
+            miss_e, miss_k = placement.missing_chunks(store, uniq, g, None if missing is None else missing.get(g))
+        else:
+            miss_e = miss_k = b.empty(0, np.int64)
         n = int(miss_e.shape[0])
-        if n == 0:
+        if n + extra == 0:
             continue
-        host_kernels.count_by_table(
-            b.to_host(miss_e), *host_index, len(store.tables), m["table_chunks"], False, state.missed
-        )
+        if n:
+            host_kernels.count_by_table(
+                b.to_host(miss_e), *host_index, len(store.tables), m["table_chunks"], False, state.missed
+            )
         restores = None
-        if n > pool.n_free:
+        if n + extra > pool.n_free:
             # the rows to restore are read (and checked) before any chunk leaves for them
             restores = placement.read_restores(store, pool, miss_e, miss_k)
             tids, _ = store.entries.keys_of(b.to_host(uniq))
             in_group = store.host_meta["table_group"][tids] == g
             batch_chunks = int(store.host_meta["table_chunks"][tids[in_group]].sum())
-            if batch_chunks > pool.slots:
+            if batch_chunks + extra > pool.slots:
                 raise PoolCapacityError(
-                    f"a batch needs {batch_chunks} resident chunks of width {pool.chunk_width} but the pool has "
-                    f"{pool.slots} slots; raise the budget or shrink the batch"
+                    f"a batch needs {batch_chunks + extra} resident chunks of width {pool.chunk_width} but the pool "
+                    f"has {pool.slots} slots; raise the budget or shrink the batch"
                 )
-            need = n - pool.n_free
+            need = n + extra - pool.n_free
             evictable = pool.n_used - (batch_chunks - n)
             batch = b.to_host(uniq)
-            evict_for(store, pool, batch, need, min(evictable, need + pool.slots // 32))
-        placement.allocate(store, pool, miss_e, miss_k, fetch_counter="sync_fetched_chunks", restores=restores)
+            target = min(evictable, need + pool.slots // 32)
+            # the tier space of every eviction round at once: a full device refuses here
+            reserve_spills(store, g, max(target, need) * (store.kmax if tiering.whole_rows(store, g) else 1))
+            evict_for(store, pool, batch, need, target)
+        if n:
+            placement.allocate(store, pool, miss_e, miss_k, fetch_counter="sync_fetched_chunks", restores=restores)
+
+
+def resolve_resident(store, q_tables, ids, new_out: list | None = None):
+    """Cache mode, training: (the entries of these keys, unseen ones inserted, and their
+    grouping when no key was new, else None), every chunk resident.
+
+    Room is made first (evictions to the tier, the rows to restore read and checked),
+    then the new keys are inserted and their chunks placed in the room left for them: a
+    full device or a corrupt tier file refuses the request before a key is added."""
+    b = store.backend
+    entries, n_missing, n_hashed = store.entries.find_counted(q_tables, ids)
+    if n_missing and store.entries.needs_rehash(n_hashed):
+        capacity = store.entries.rehash_capacity(n_hashed)
+        store.check_memory_budget(capacity)
+        store.rehash(capacity)
+        entries, n_missing, n_hashed = store.entries.find_counted(q_tables, ids)
+    grouping = store.group_occurrences(entries, q_tables)  # the found entries (unknown keys left out)
+    room = None
+    if n_missing:
+        m = store.host_meta
+        e_h, q_h, id_h = b.to_host(entries), b.to_host(q_tables), b.to_host(ids)
+        unseen = e_h < 0
+        keys = np.unique(np.stack([q_h[unseen].astype(np.int64), id_h[unseen]]), axis=1)
+        room = np.zeros(len(store.pools), np.int64)
+        np.add.at(room, m["table_group"][keys[0]], m["table_chunks"][keys[0]])
+    make_resident(store, grouping.uniq, room_for=room)
+    if not n_missing:
+        return entries, grouping
+    new = store.entries.insert_missing(q_tables, ids, entries)
+    if new_out is not None:
+        new_out.append(new)
+    make_resident(store, new)  # into the room left for them: nothing leaves the pool
+    return entries, None
+
+
+def reserve_spills(store, group: int, n: int) -> None:
+    """Make room in pool ``group``'s tier for ``n`` spills before any is made; a tier made
+    for this and refused goes again, so that the refusal leaves the store as it was."""
+    if n <= 0 or not store.config.spills:
+        return
+    made = store.tiers[group] is None
+    tier = tiering.tier_of(store, group)
+    try:
+        tier.reserve(n)
+    except BaseException:
+        if made:
+            tier.close()
+            store.tiers[group] = None
+            shutil.rmtree(tier.location, ignore_errors=True)
+        raise
 
 
 def evict_for(store, pool: ChunkPool, batch: np.ndarray, need: int, target: int) -> None:
@@ -319,9 +380,8 @@ def prefetch(store, features: str | Sequence[str], ids: Any, offsets: Any = None
         return 0
     keys = store.flat_keys(features, ids, offsets)
     check_batch_fits(store, keys.q_tables, keys.ids)
-    entries = store.resolve(keys.q_tables, keys.ids, insert=True)
     before = store.counters.restored_chunks + store.counters.initialised_chunks
-    make_resident(store, store.group_occurrences(entries, keys.q_tables).uniq)
+    resolve_resident(store, keys.q_tables, keys.ids)
     return store.counters.restored_chunks + store.counters.initialised_chunks - before
 
 

@@ -551,15 +551,15 @@ class EmbeddingStore:
             self.k.expand_bags(offsets_d, B, ft_d, bag_of_occ, q_tables)
             if train and self.config.mode == "cache":
                 residency.check_batch_fits(self, q_tables, ids_d)
-            entries = self.resolve(q_tables, ids_d, insert=train, new_out=new)
-            grouping = self.group_occurrences(entries, q_tables) if train else None
+                # room first, then the new keys: a refusal adds none
+                entries, grouping = residency.resolve_resident(self, q_tables, ids_d, new)
+            else:
+                entries, grouping = self.resolve(q_tables, ids_d, insert=train, new_out=new), None
+            if train and grouping is None:
+                grouping = self.group_occurrences(entries, q_tables)
         if self.config.mode == "cache" and train:
-            try:
+            if resolved is not None:
                 residency.make_resident(self, grouping.uniq, missing)
-            except PoolCapacityError:
-                if new and new[0].shape[0]:
-                    placement.erase_entries(self, new[0])  # the batch did not happen: forget the keys it added
-                raise
             self.counters.resolved_lookups += resolved is not None
         out = self._buffers.get((B, plan.width))
         m = self.meta
@@ -901,9 +901,13 @@ class EmbeddingStore:
         if self.collective is not None:
             # every shard takes part, with or without entries: the thresholds are global
             entries_per_table = self.collective.sum_counts(entries_per_table)
-        report: dict[str, Any] = {"pools": []}
-        for pool in self.pools:
-            report["pools"].append(placement.prune_pool(self, pool, entries_per_table))
+        # every pool's decisions, then the tier space and the rows to restore, then the
+        # moves: a full device or a corrupt tier file refuses the pass before a chunk moves
+        plans = [placement.plan_prune(self, pool, entries_per_table) for pool in self.pools]
+        for p in plans:
+            residency.reserve_spills(self, p.pool.plan.group, int(p.ev_e.shape[0]))
+        restores = [placement.read_restores(self, p.pool, p.al_e, p.al_k) for p in plans]
+        report: dict[str, Any] = {"pools": [placement.apply_prune(self, p, r) for p, r in zip(plans, restores)]}
         if self.config.mode == "prune":
             report["dropped_entries"] = self.drop_dead_entries()
         return report
@@ -965,10 +969,9 @@ class EmbeddingStore:
                 )
         if self.config.mode == "cache":
             residency.check_batch_fits(self, q, ids_d)
-        entries = self.resolve(q, ids_d, insert=True)
-        if self.config.mode == "cache":
-            residency.make_resident(self, entries)
+            entries, _ = residency.resolve_resident(self, q, ids_d)
         else:
+            entries = self.resolve(q, ids_d, insert=True)
             placement.allocate(self, pool, *placement.missing_chunks(self, entries, g))
         ea = self.entries.arrays
         self.k.assign_rows(

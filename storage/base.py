@@ -72,6 +72,12 @@ class Tier(ABC):
         """int64[n]: new slots, ascending; a full device raises here with nothing changed."""
 
     @abstractmethod
+    def reserve(self, n: int) -> None:
+        """Make the space of the next ``n`` allocated slots certain now, so that those
+        allocations cannot fail for space (a full device is a StorageFullError here, with
+        nothing changed). A caller that will allocate in several rounds reserves first."""
+
+    @abstractmethod
     def release(self, slots: np.ndarray) -> None:
         """These slots hold nothing any more (refused whole if any is already free)."""
 
@@ -215,6 +221,15 @@ class ChunkTier(Tier):
             got = int(take_free_slots(self._free, self._block_free, self.block_rows, slots))
             assert got == n, (got, n)  # the free counts said there were n
             return slots
+
+    def reserve(self, n: int) -> None:
+        """Grow now, as the next allocations of ``n`` slots would (a full device raises here)."""
+        n = int(n)
+        if n > self.n_free:
+            self.wait_for_writes()  # growing remaps the storage that pending writes go to
+        with self._lock:
+            if n > self.n_free:
+                self._grow(max(2 * self.capacity, self.capacity + n))
 
     def release(self, slots: np.ndarray) -> None:
         """Return slots to the free space, or to quarantine while a background read is

@@ -160,6 +160,7 @@ class SegmentTier(Tier):
         self._free_ids: list[int] = []
         self._alloc_seg: _Segment | None = None  # handing out slots
         self._unsealed: list[_Segment] = []  # given slots, not sealed yet, oldest first (the writer's)
+        self._reserved: list[_Segment] = []  # files reserved by reserve(), not handed out from yet
         self._wbuf = aligned_buffer(min(self.data_bytes, 8 << 20) + ALIGN)
         self._wbuf_start = 0  # file offset of _wbuf[0] (aligned)
         self._wbuf_len = 0  # bytes of _wbuf in use
@@ -490,9 +491,54 @@ class SegmentTier(Tier):
         self._alloc_seg = self._unsealed[-1] if self._unsealed else None
         self._free_ids.sort(reverse=True)
 
+    def reserve(self, n: int) -> None:
+        """Make the next ``n`` slots' space certain now: segments are started (their files
+        reserved in full) until the open one and those set aside hold ``n`` free slots, so
+        that the allocations which follow cannot fail for space. A full device is a
+        StorageFullError here, with nothing changed."""
+        if self.read_only:
+            raise StoreReadOnlyError(30, f"disk tier at {self.root} is open read-only")
+        with self._lock:
+            seg = self._alloc_seg
+            room = (self.segment_slots - seg.allocated if seg is not None else 0) + len(self._reserved) * (
+                self.segment_slots
+            )
+            made: list[_Segment] = []
+            try:
+                while room < int(n):
+                    made.append(self._new_segment())
+                    room += self.segment_slots
+            except BaseException:
+                for seg in made:
+                    self._discard(seg)
+                raise
+            self._reserved.extend(made)
+
+    def _discard(self, seg: _Segment) -> None:
+        """Give back a segment set aside and never handed out: its file and its id."""
+        os.close(seg.fd)
+        seg.fd = None
+        self._segment_path(seg.id, partial=True).unlink(missing_ok=True)
+        self._forget(seg)
+        self._free_ids.append(seg.id)
+        self._free_ids.sort(reverse=True)
+
+    def _release_reserved(self) -> None:
+        for seg in self._reserved:
+            self._discard(seg)
+        self._reserved = []
+
     def _start_segment(self) -> _Segment:
-        """A new segment open for allocation, its file reserved in full (a full device
-        raises here)."""
+        """A new segment open for allocation (one set aside by :meth:`reserve` first), its
+        file reserved in full (a full device raises here)."""
+        seg = self._reserved.pop(0) if self._reserved else self._new_segment()
+        self._segments[seg.id] = seg
+        self._unsealed.append(seg)
+        self._alloc_seg = seg
+        return seg
+
+    def _new_segment(self) -> _Segment:
+        """A segment with its file reserved in full, not yet handed out from."""
         seg_id = self._free_ids.pop() if self._free_ids else self._ids
         try:
             self._cover_ids(max(self._ids, seg_id + 1))
@@ -519,9 +565,6 @@ class SegmentTier(Tier):
             self._free_ids.sort(reverse=True)
             raise storage_error(exc, f"reserving segment {seg_id} of disk tier at {self.root}") from exc
         seg.fd = fd
-        self._segments[seg_id] = seg
-        self._unsealed.append(seg)
-        self._alloc_seg = seg
         return seg
 
     # ------------------------------------------------------------------ writes
@@ -689,6 +732,7 @@ class SegmentTier(Tier):
                 else:
                     self._seal_segment(seg)
             self._alloc_seg = None
+            self._release_reserved()  # a checkpoint's directory holds no empty reservations
             self._sync_dir()
 
     def _sync_dir(self) -> None:
@@ -973,6 +1017,7 @@ class SegmentTier(Tier):
                 if seg.fd is not None:
                     os.close(seg.fd)
                     seg.fd = None
+            self._release_reserved()
 
     def describe(self) -> dict[str, Any]:
         """What a checkpoint records of the tier: its layout and its sealed segments."""

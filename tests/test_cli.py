@@ -653,3 +653,24 @@ def test_the_projection_is_fiited_floors_and_on_request_any_fiited_methods():
     assert not TrainConfig(method="md", project=True).effective_project  # md maps its tables already
     assert TrainConfig(method="fiited-floor", chunks=3).effective_floor_dim == 2
     assert TrainConfig(method="fiited-floor", chunks=2, floor_dim=4).effective_floor_dim == 4
+
+
+@pytest.mark.parametrize("verb", ["inspect", "verify", "compact", "export"])
+def test_every_verb_names_an_edited_metadata_file_instead_of_a_json_traceback(saved_store, tmp_path, capsys, verb):
+    path, _ = saved_store
+    f = ckpt_dir(path) / "entries" / "zarr.json"
+    raw = bytearray(f.read_bytes())
+    raw[0] = ord("x")  # not JSON any more, and the same size
+    f.write_bytes(bytes(raw))
+    args = {
+        "inspect": ["inspect", str(path)],
+        "verify": ["verify", str(path), "--no-progress"],
+        "compact": ["compact", str(path), "--no-progress"],
+        "export": ["export", str(path), str(tmp_path / "out.npz"), "--no-progress"],
+    }[verb]
+    code = main(args)
+    captured = capsys.readouterr()
+    text = captured.out + captured.err
+    assert code == (1 if verb == "verify" else 2), text
+    assert f"metadata file {f} was changed since it was saved" in text and "Traceback" not in text
+    assert f.read_bytes() == bytes(raw)  # nothing was rewritten

@@ -517,11 +517,13 @@ def _corrupt_read(*args, **kwargs):
 
 
 @pytest.mark.parametrize("index", ["auto", "hashed"])
-def test_a_corrupt_tier_file_met_by_a_prune_pass_refuses_it_before_any_chunk_moves(monkeypatch, index):
+@pytest.mark.parametrize("mode", ["cache", "prune"])
+def test_a_corrupt_tier_file_met_by_a_prune_pass_refuses_it_before_any_chunk_moves(monkeypatch, index, mode):
     from fiited_store import CorruptStoreError, placement
 
     tables = [dataclasses.replace(t, index=index) for t in TABLES]
-    s = EmbeddingStore(tables, StoreConfig(mode="cache", budget_fraction=0.25, prune_period=5))
+    spill = {"on_evict": "spill"} if mode == "prune" else {}
+    s = EmbeddingStore(tables, StoreConfig(mode=mode, budget_fraction=0.25, prune_period=5, **spill))
     train(s, 1, 14)  # the rebalance at step 15 is next, and it restores chunks from the tier
     ids, offsets, grad = next(stream(2, 1))
     b = s.pooled_lookup(["user", "item"], ids, offsets, train=True)
@@ -563,3 +565,79 @@ def test_a_lookup_waits_for_its_own_background_read_running_late_instead_of_read
         np.testing.assert_array_equal(late.lookup(t.name, ids), on_time.lookup(t.name, ids))
     on_time.close()
     late.close()
+
+
+@pytest.mark.parametrize("index", ["auto", "hashed"])
+@pytest.mark.parametrize("failure", ["full device", "no room for a segment", "corrupt tier file"])
+@pytest.mark.parametrize("verb", ["pooled_lookup", "prefetch", "insert_or_assign"])
+def test_a_request_refused_by_the_tier_adds_no_key_and_moves_no_chunk(monkeypatch, index, failure, verb):
+    from fiited_store import CorruptStoreError, StorageFullError, placement
+    from fiited_store.storage import SegmentTier
+
+    tables = [dataclasses.replace(t, index=index) for t in TABLES]
+    # small segments: a request's evictions need new ones, whose files the device must hold
+    s = EmbeddingStore(tables, StoreConfig(mode="cache", budget_fraction=0.25, prune_period=0, tier_segment_slots=64))
+    train(s, 1, 12)  # the pool is full, a quarter of the model on the tier
+    known = np.arange(400)
+    e, _ = s.entries.find(np.zeros(400, np.int16), known)
+    on_disk = known[(e >= 0) & (s.entries.arrays.addr[np.maximum(e, 0), :4] <= -2).any(axis=1)]
+    unseen = known[e < 0][:10]
+    # rows to restore and unseen ones: more evictions than a 64-slot segment holds
+    ids = np.concatenate([on_disk[:90], unseen])
+    assert on_disk.size >= 30 and unseen.size > 0
+    before = snapshot(s)
+    if failure == "full device":
+        monkeypatch.setattr(SegmentTier, "allocate", _device_full)
+        exc = StorageFullError
+    elif failure == "no room for a segment":  # where a real device runs out: a new segment's file
+        monkeypatch.setattr(SegmentTier, "_new_segment", _device_full)
+        exc = StorageFullError
+    else:
+        monkeypatch.setattr(placement, "read_tier", _corrupt_read)
+        exc = CorruptStoreError
+    call = {
+        "pooled_lookup": lambda: s.pooled_lookup("user", ids, np.arange(ids.size + 1), train=True),
+        "prefetch": lambda: s.prefetch("user", ids),
+        "insert_or_assign": lambda: s.insert_or_assign("user", ids, np.ones((ids.size, 16), np.float32)),
+    }[verb]
+    with pytest.raises(exc, match="injected"):
+        call()
+    assert_unchanged(before, snapshot(s))
+    monkeypatch.undo()
+    call()  # the tier works again: so does the request
+    assert check_store(s) == []
+    s.close()
+
+
+def test_a_prune_pass_over_two_pools_refused_on_the_second_moves_nothing_in_the_first(monkeypatch):
+    from fiited_store import StorageFullError
+    from fiited_store.storage import SegmentTier
+
+    tables = [
+        TableConfig("user", dim=16, chunks=4, num_embeddings=400, optimizer="adagrad", learning_rate=0.05),
+        TableConfig("item", dim=16, chunks=2, num_embeddings=600, optimizer="rowwise_adagrad", learning_rate=0.1),
+    ]
+    s = EmbeddingStore(tables, StoreConfig(mode="cache", budget_fraction=0.25, prune_period=5))
+    assert len(s.pools) == 2  # chunks of 4 and of 8 floats
+    rng = np.random.default_rng(3)
+    for i in range(15):
+        ids = np.concatenate([rng.zipf(1.2, 48) % 400, rng.zipf(1.2, 48) % 600]).astype(np.int64)
+        b = s.pooled_lookup(["user", "item"], ids, np.arange(97), train=True)
+        s.backward(b, rng.standard_normal(b.output.shape).astype(np.float32))
+        if i < 14:
+            s.step()
+    assert s.tiers[0] is not None and s.tiers[1] is not None
+    before = snapshot(s)
+    reserve = SegmentTier.reserve
+
+    def full_for_wide_chunks(self, n):
+        if self.chunk_width == 8:
+            _device_full()
+        return reserve(self, n)
+
+    monkeypatch.setattr(SegmentTier, "reserve", full_for_wide_chunks)
+    with pytest.raises(StorageFullError, match="injected"):
+        s.step()  # step 15: the pass plans both pools, and the second's tier has no room
+    assert_unchanged(before, snapshot(s))
+    assert s.step_count == 14
+    s.close()

@@ -216,6 +216,32 @@ class TestSegmentTier(ChunkTierTests):
         np.testing.assert_array_equal(again.read(slots)[0], vec)
         again.close()
 
+    def test_reserved_space_makes_the_allocations_after_it_certain_and_a_seal_gives_it_back(
+        self, tmp_path, rng, monkeypatch
+    ):
+        s = tier_slots(self)
+        tier = self.make(tmp_path)
+        first = tier.allocate(s // 2)
+        tier.write(first, *self.rows(rng, first.size))
+        tier.reserve(3 * s)  # the rest of segment 0, then three more set aside
+        files = sorted((tmp_path / "tier" / "chunks" / "c").rglob("*"))
+
+        def full(*args, **kwargs):
+            raise AssertionError("a segment was started after the reservation")
+
+        monkeypatch.setattr(SegmentTier, "_new_segment", full)
+        more = tier.allocate(3 * s)  # crosses into the reserved segments only
+        vec, st_ = self.rows(rng, more.size)
+        tier.write(more, vec, st_)
+        np.testing.assert_array_equal(tier.read(more)[0], vec)
+        monkeypatch.undo()
+        tier.reserve(2 * s)
+        tier.seal()  # the reservation not handed out goes: no empty file in what a checkpoint links
+        sealed = {p.name for p in (tmp_path / "tier" / "chunks" / "c").rglob("*") if p.is_file()}
+        assert not any(n.endswith(".partial") for n in sealed), sealed
+        assert sum(p.name == "0.partial" for p in files) >= 4  # the open segment and three set aside
+        tier.close()
+
 
 def tier_slots(tests: TestSegmentTier) -> int:
     """Slots per segment the tier's layout gives the tests' row width."""
