@@ -115,13 +115,19 @@ def test_a_second_save_writes_deltas_of_the_blocks_that_changed(tmp_path, every_
     assert verify_store(path) == []
 
 
+def saved_twice(path, seed: int, table: str, rows: np.ndarray):
+    """A store trained five steps and saved, then ``table``'s first rows set to ``rows`` and
+    saved again (the second save writes deltas); returns the store and that checkpoint."""
+    s = EmbeddingStore(TABLES, CACHE, path=path)
+    train_steps(s, TABLES, 5, np.random.default_rng(seed), id_range=3000)
+    s.save()
+    s.insert_or_assign(table, np.arange(rows.shape[0]), rows)
+    return s, s.save()
+
+
 def test_an_unchanged_save_links_everything_and_reads_the_same(tmp_path, every_array_incremental):
     path = tmp_path / "s"
-    s = EmbeddingStore(TABLES, CACHE, path=path)
-    train_steps(s, TABLES, 5, np.random.default_rng(2), id_range=3000)
-    s.save()
-    s.insert_or_assign("b", np.arange(5), np.ones((5, 16), np.float32))
-    second = s.save()
+    s, second = saved_twice(path, 2, "b", np.ones((5, 16), np.float32))
     before, linked = described(path), inodes(second)
     third = s.save()  # nothing changed since
     assert described(path) == before
@@ -153,11 +159,7 @@ def test_reopened_for_writing_the_next_save_is_incremental_and_exact(tmp_path, e
 
 def test_a_save_elsewhere_is_whole_and_compaction_leaves_no_deltas(tmp_path, every_array_incremental):
     path = tmp_path / "s"
-    s = EmbeddingStore(TABLES, CACHE, path=path)
-    train_steps(s, TABLES, 5, np.random.default_rng(4), id_range=3000)
-    s.save()
-    s.insert_or_assign("a", np.arange(10), np.full((10, 8), 3.0, np.float32))
-    s.save()
+    s, _ = saved_twice(path, 4, "a", np.full((10, 8), 3.0, np.float32))
     other = tmp_path / "copy"
     s.save(other)
     expect = lookups(s)

@@ -9,12 +9,12 @@ import pytest
 import zarr
 from hypothesis import settings
 from hypothesis import strategies as st
-from hypothesis.stateful import RuleBasedStateMachine, invariant, precondition, rule
+from hypothesis.stateful import invariant, rule
 
 from fiited_store import CorruptStoreError, StorageFullError
 from fiited_store.errors import InputShapeError
 from fiited_store.storage import SegmentTier
-from tests.storage.test_tiers import ChunkTierTests, file_size_limit
+from tests.storage.test_tiers import ChunkTierTests, DictModelRules, file_size_limit
 
 SEGMENT = 250  # slots asked per segment: the tier rounds it to whole inner chunks (3 of 102 slots here)
 
@@ -250,10 +250,8 @@ def tier_slots(tests: TestSegmentTier) -> int:
     return layout(tests.C, tests.W, SEGMENT)[1]
 
 
-class SegmentTierVsModel(RuleBasedStateMachine):
+class SegmentTierVsModel(DictModelRules):
     """Random allocate+write / release / read / seal / drop empty segments / reopen against a dict."""
-
-    C, W = 3, 2
 
     def __init__(self):
         super().__init__()
@@ -266,10 +264,6 @@ class SegmentTierVsModel(RuleBasedStateMachine):
     def teardown(self):
         self.tier.close()
 
-    @staticmethod
-    def rows(seed, n, w):
-        return np.random.default_rng(seed).standard_normal((n, w)).astype(np.float32)
-
     @rule(n=st.integers(1, 130), seed=st.integers(0, 2**16), background=st.booleans())
     def allocate_and_write(self, n, seed, background):
         slots = self.tier.allocate(n)
@@ -278,27 +272,6 @@ class SegmentTierVsModel(RuleBasedStateMachine):
         (self.tier.write_async if background else self.tier.write)(slots, vec, sts)
         for s, v, t in zip(slots.tolist(), vec, sts):
             self.model[s] = (v, t)
-
-    @precondition(lambda self: self.model)
-    @rule(data=st.data(), background=st.booleans())
-    def read(self, data, background):
-        slots = np.array(data.draw(st.lists(st.sampled_from(sorted(self.model)), min_size=1, max_size=60)))
-        if background:
-            fut, mark = self.tier.read_async(slots)
-            vec, sts = fut.result(timeout=30)
-            self.tier.end_read(mark)
-        else:
-            vec, sts = self.tier.read(slots)
-        np.testing.assert_array_equal(vec, np.stack([self.model[s][0] for s in slots.tolist()]))
-        np.testing.assert_array_equal(sts, np.stack([self.model[s][1] for s in slots.tolist()]))
-
-    @precondition(lambda self: self.model)
-    @rule(data=st.data())
-    def release(self, data):
-        slots = np.array(data.draw(st.lists(st.sampled_from(sorted(self.model)), min_size=1, max_size=60, unique=True)))
-        self.tier.release(slots)
-        for s in slots.tolist():
-            del self.model[s]
 
     @rule()
     def seal(self):

@@ -348,10 +348,58 @@ from hypothesis import strategies as st  # noqa: E402
 from hypothesis.stateful import RuleBasedStateMachine, invariant, precondition, rule  # noqa: E402
 
 
-class TierVsModel(RuleBasedStateMachine):
-    """Random allocate / write / overwrite / read / release / flush / reopen against a dict."""
+class DictModelRules(RuleBasedStateMachine):
+    """The rules every tier's state machine shares: reads (now, or on the tier's thread
+    behind its queued writes) and releases of slots a dict says are held. A subclass
+    makes ``self.tier`` and ``self.model`` and says what else a release must do."""
 
     C, W = 3, 2
+
+    @staticmethod
+    def rows(seed, n, w):
+        return np.random.default_rng(seed).standard_normal((n, w)).astype(np.float32)
+
+    def _held(self, data, max_size: int, unique: bool) -> np.ndarray:
+        return np.array(
+            data.draw(st.lists(st.sampled_from(sorted(self.model)), min_size=1, max_size=max_size, unique=unique))
+        )
+
+    def _as_modelled(self, slots: np.ndarray, vec: np.ndarray, sts: np.ndarray) -> None:
+        np.testing.assert_array_equal(vec, np.stack([self.model[s][0] for s in slots.tolist()]))
+        np.testing.assert_array_equal(sts, np.stack([self.model[s][1] for s in slots.tolist()]))
+
+    @precondition(lambda self: self.model)
+    @rule(data=st.data())
+    def read(self, data):
+        slots = self._held(data, 60, unique=False)
+        self._as_modelled(slots, *self.tier.read(slots))
+
+    @precondition(lambda self: self.model)
+    @rule(data=st.data())
+    def read_in_background(self, data):
+        """A prefetch's read, queued behind the background writes before it."""
+        slots = self._held(data, 60, unique=True)
+        future, mark = self.tier.read_async(slots)
+        vec, sts = future.result(timeout=30)
+        self.tier.end_read(mark)
+        self._as_modelled(slots, vec, sts)
+
+    def before_release(self, slots: np.ndarray) -> None:
+        """What a tier's owner does before it releases slots (nothing by default)."""
+
+    @precondition(lambda self: self.model)
+    @rule(data=st.data())
+    def release(self, data):
+        slots = self._held(data, 60, unique=True)
+        self.before_release(slots)
+        self.tier.release(slots)
+        for s in slots.tolist():
+            del self.model[s]
+
+
+class TierVsModel(DictModelRules):
+    """Random allocate / write / overwrite / read / release / flush / reopen against a dict."""
+
     kind = "zarr"
 
     def __init__(self):
@@ -369,10 +417,6 @@ class TierVsModel(RuleBasedStateMachine):
 
     def teardown(self):
         self.tier.close()
-
-    @staticmethod
-    def rows(seed, n, w):
-        return np.random.default_rng(seed).standard_normal((n, w)).astype(np.float32)
 
     @rule(n=st.integers(1, 150), seed=st.integers(0, 2**16), background=st.booleans())
     def allocate_and_write(self, n, seed, background):
@@ -395,33 +439,8 @@ class TierVsModel(RuleBasedStateMachine):
         for s, v, t in zip(slots.tolist(), vec, sts):
             self.model[s] = (v, t)
 
-    @precondition(lambda self: self.model)
-    @rule(data=st.data())
-    def read(self, data):
-        slots = np.array(data.draw(st.lists(st.sampled_from(sorted(self.model)), min_size=1, max_size=60)))
-        vec, sts = self.tier.read(slots)
-        np.testing.assert_array_equal(vec, np.stack([self.model[s][0] for s in slots.tolist()]))
-        np.testing.assert_array_equal(sts, np.stack([self.model[s][1] for s in slots.tolist()]))
-
-    @precondition(lambda self: self.model)
-    @rule(data=st.data())
-    def read_in_background(self, data):
-        """A prefetch's read, queued behind the background writes before it."""
-        slots = np.array(data.draw(st.lists(st.sampled_from(sorted(self.model)), min_size=1, max_size=60, unique=True)))
-        future, mark = self.tier.read_async(slots)
-        vec, sts = future.result()
-        self.tier.end_read(mark)
-        np.testing.assert_array_equal(vec, np.stack([self.model[s][0] for s in slots.tolist()]))
-        np.testing.assert_array_equal(sts, np.stack([self.model[s][1] for s in slots.tolist()]))
-
-    @precondition(lambda self: self.model)
-    @rule(data=st.data())
-    def release(self, data):
-        slots = np.array(data.draw(st.lists(st.sampled_from(sorted(self.model)), min_size=1, max_size=60, unique=True)))
-        self.tier.owner[slots] = -1
-        self.tier.release(slots)
-        for s in slots.tolist():
-            del self.model[s]
+    def before_release(self, slots: np.ndarray) -> None:
+        self.tier.owner[slots] = -1  # the block tiers keep an owner per slot
 
     @rule()
     def flush(self):
