@@ -1,6 +1,6 @@
 """Applying a prune: which chunks lose their slot and which win one, and moving them.
 
-Algorithm 1 over one pool (:func:`prune_pool`): sampled utilities give thresholds
+Algorithm 1 over the pools (:func:`prune_pools`): sampled utilities give thresholds
 (:mod:`fiited_store.policy`), the kernels classify every chunk, and the chunks that
 change place are evicted (discarded, or spilled to the disk tier) and allocated
 (re-initialised, or restored from the tier). The same moves serve cache mode
@@ -11,6 +11,7 @@ they act on; the store's verbs call them.
 from __future__ import annotations
 
 import math
+import shutil
 from concurrent.futures import wait
 from typing import Any, NamedTuple
 
@@ -73,10 +74,15 @@ class PrunePlan(NamedTuple):
     info: dict
 
 
-def prune_pool(store, pool: ChunkPool, entries_per_table: np.ndarray) -> dict[str, Any]:
-    """Algorithm 1 over one pool: :func:`plan_prune`, then :func:`apply_prune`."""
-    plan = plan_prune(store, pool, entries_per_table)
-    return apply_prune(store, plan, read_restores(store, pool, plan.al_e, plan.al_k))
+def prune_pools(store, entries_per_table: np.ndarray) -> list[dict[str, Any]]:
+    """Algorithm 1 over every pool: every pool's decisions, then the tier space of their
+    evictions and the rows they restore, then the moves, so that a full device or a
+    corrupt tier file refuses the pass before a chunk moves. Returns each pool's report."""
+    plans = [plan_prune(store, pool, entries_per_table) for pool in store.pools]
+    for p in plans:
+        reserve_spills(store, p.pool.plan.group, int(p.ev_e.shape[0]))
+    restores = [read_restores(store, p.pool, p.al_e, p.al_k) for p in plans]
+    return [apply_prune(store, p, r) for p, r in zip(plans, restores)]
 
 
 def apply_prune(store, plan: PrunePlan, restores: Restores) -> dict[str, Any]:
@@ -238,6 +244,23 @@ def plan_prune(store, pool: ChunkPool, entries_per_table: np.ndarray) -> PrunePl
         al_k = b.from_host(b.to_host(al_k)[order])
     info.update(evicted=n_ev, allocated=n_al, oversubscribed=bool(use_cutoff))
     return PrunePlan(pool, ev_e[:n_ev], ev_k[:n_ev], al_e, al_k, info)
+
+
+def reserve_spills(store, group: int, n: int) -> None:
+    """Make room in pool ``group``'s tier for ``n`` spills before any is made; a tier made
+    for this and refused goes again, so that the refusal leaves the store as it was."""
+    if n <= 0 or not store.config.spills:
+        return
+    made = store.tiers[group] is None
+    tier = tiering.tier_of(store, group)
+    try:
+        tier.reserve(n)
+    except BaseException:
+        if made:
+            tier.close()
+            store.tiers[group] = None
+            shutil.rmtree(tier.location, ignore_errors=True)
+        raise
 
 
 def evict(store, pool: ChunkPool, ev_e, ev_k, *, spares_upcoming: bool = False) -> None:

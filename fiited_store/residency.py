@@ -11,7 +11,6 @@ moving anything.
 
 from __future__ import annotations
 
-import shutil
 from collections.abc import Sequence
 from concurrent.futures import wait
 from dataclasses import dataclass
@@ -173,6 +172,13 @@ def take_resolved(store, feature_tables: np.ndarray, ids, offsets) -> Resolved |
     return None
 
 
+def _batch_too_big(need: int, pool: ChunkPool) -> PoolCapacityError:
+    return PoolCapacityError(
+        f"a batch needs {need} resident chunks of width {pool.chunk_width} but the pool has {pool.slots} slots; "
+        "raise the budget or shrink the batch; nothing was changed"
+    )
+
+
 def check_batch_fits(store, q_tables, ids) -> None:
     """Cache mode, before a request inserts anything: refuse one whose distinct keys need
     more resident chunks in some pool than the pool has slots (the refusal would otherwise
@@ -192,10 +198,7 @@ def check_batch_fits(store, q_tables, ids) -> None:
         keys = np.unique(np.stack([q[in_group].astype(np.int64), b.to_host(ids)[in_group]]), axis=1)
         need = int(m["table_chunks"][keys[0]].sum())
         if need > pool.slots:
-            raise PoolCapacityError(
-                f"a batch needs {need} resident chunks of width {pool.chunk_width} but the pool has "
-                f"{pool.slots} slots; raise the budget or shrink the batch; nothing was changed"
-            )
+            raise _batch_too_big(need, pool)
 
 
 def make_resident(store, uniq, missing: dict | None = None, room_for: np.ndarray | None = None) -> None:
@@ -231,16 +234,13 @@ def make_resident(store, uniq, missing: dict | None = None, room_for: np.ndarray
             in_group = store.host_meta["table_group"][tids] == g
             batch_chunks = int(store.host_meta["table_chunks"][tids[in_group]].sum())
             if batch_chunks + extra > pool.slots:
-                raise PoolCapacityError(
-                    f"a batch needs {batch_chunks + extra} resident chunks of width {pool.chunk_width} but the pool "
-                    f"has {pool.slots} slots; raise the budget or shrink the batch"
-                )
+                raise _batch_too_big(batch_chunks + extra, pool)
             need = n + extra - pool.n_free
             evictable = pool.n_used - (batch_chunks - n)
             batch = b.to_host(uniq)
             target = min(evictable, need + pool.slots // 32)
             # the tier space of every eviction round at once: a full device refuses here
-            reserve_spills(store, g, max(target, need) * (store.kmax if tiering.whole_rows(store, g) else 1))
+            placement.reserve_spills(store, g, max(target, need) * (store.kmax if tiering.whole_rows(store, g) else 1))
             evict_for(store, pool, batch, need, target)
         if n:
             placement.allocate(store, pool, miss_e, miss_k, fetch_counter="sync_fetched_chunks", restores=restores)
@@ -277,23 +277,6 @@ def resolve_resident(store, q_tables, ids, new_out: list | None = None):
         new_out.append(new)
     make_resident(store, new)  # into the room left for them: nothing leaves the pool
     return entries, None
-
-
-def reserve_spills(store, group: int, n: int) -> None:
-    """Make room in pool ``group``'s tier for ``n`` spills before any is made; a tier made
-    for this and refused goes again, so that the refusal leaves the store as it was."""
-    if n <= 0 or not store.config.spills:
-        return
-    made = store.tiers[group] is None
-    tier = tiering.tier_of(store, group)
-    try:
-        tier.reserve(n)
-    except BaseException:
-        if made:
-            tier.close()
-            store.tiers[group] = None
-            shutil.rmtree(tier.location, ignore_errors=True)
-        raise
 
 
 def evict_for(store, pool: ChunkPool, batch: np.ndarray, need: int, target: int) -> None:

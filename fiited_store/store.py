@@ -901,13 +901,7 @@ class EmbeddingStore:
         if self.collective is not None:
             # every shard takes part, with or without entries: the thresholds are global
             entries_per_table = self.collective.sum_counts(entries_per_table)
-        # every pool's decisions, then the tier space and the rows to restore, then the
-        # moves: a full device or a corrupt tier file refuses the pass before a chunk moves
-        plans = [placement.plan_prune(self, pool, entries_per_table) for pool in self.pools]
-        for p in plans:
-            residency.reserve_spills(self, p.pool.plan.group, int(p.ev_e.shape[0]))
-        restores = [placement.read_restores(self, p.pool, p.al_e, p.al_k) for p in plans]
-        report: dict[str, Any] = {"pools": [placement.apply_prune(self, p, r) for p, r in zip(plans, restores)]}
+        report: dict[str, Any] = {"pools": placement.prune_pools(self, entries_per_table)}
         if self.config.mode == "prune":
             report["dropped_entries"] = self.drop_dead_entries()
         return report

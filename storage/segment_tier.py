@@ -483,13 +483,9 @@ class SegmentTier(Tier):
             self._segments[int(slots[0] // self.segment_slots)].allocated -= slots.size
         for seg in started:  # reserved by this call, never written: their files go
             self._unsealed.remove(seg)
-            os.close(seg.fd)
-            self._segment_path(seg.id, partial=True).unlink(missing_ok=True)
-            self._forget(seg)
             del self._segments[seg.id]
-            self._free_ids.append(seg.id)
+            self._discard(seg)
         self._alloc_seg = self._unsealed[-1] if self._unsealed else None
-        self._free_ids.sort(reverse=True)
 
     def reserve(self, n: int) -> None:
         """Make the next ``n`` slots' space certain now: segments are started (their files
@@ -515,7 +511,7 @@ class SegmentTier(Tier):
             self._reserved.extend(made)
 
     def _discard(self, seg: _Segment) -> None:
-        """Give back a segment set aside and never handed out: its file and its id."""
+        """Give back a segment never written to: its file, its page-cache share and its id."""
         os.close(seg.fd)
         seg.fd = None
         self._segment_path(seg.id, partial=True).unlink(missing_ok=True)
