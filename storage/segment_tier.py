@@ -50,6 +50,7 @@ import zarr
 from zarr.codecs import Crc32cCodec
 
 from ..errors import CorruptStoreError, InputShapeError, StoreReadOnlyError
+from . import liveness
 from .base import Tier
 from .io import ALIGN, IOPool, aligned_buffer, open_file, round_down, round_up, storage_error, write_all
 from .rows import CRC_TABLE, check_inner_chunks, copy_rows, crc32c, place_rows
@@ -84,16 +85,14 @@ def layout(
 
 
 class _Segment:
-    __slots__ = ("id", "allocated", "written", "live", "sealed", "bits", "fd", "padding", "cached")
+    __slots__ = ("id", "allocated", "written", "sealed", "fd", "padding", "cached")
 
-    def __init__(self, seg_id: int, slots: int, sealed: bool = False, written: int = 0):
+    def __init__(self, seg_id: int, sealed: bool = False, written: int = 0):
         self.cached = False  # written and read through the page cache (admitted by page_cache_bytes)
         self.id = seg_id
         self.allocated = written
         self.written = written
-        self.live = 0
         self.sealed = sealed
-        self.bits = np.zeros((slots + 7) // 8, np.uint8)  # live slots
         self.fd: int | None = None  # the writer's descriptor while unsealed
         self.padding = 0  # zero rows that closed the last inner chunk (never handed out)
 
@@ -172,6 +171,9 @@ class SegmentTier(Tier):
         self._pending_reads: dict[int, int] = {}  # mark -> outstanding
         self._next_mark = 0
         self._ids = 0  # segment ids the Zarr array's shape covers
+        # which slots are live, and how many per segment (storage/liveness.py)
+        self._bits = np.zeros(0, np.uint8)
+        self._live = np.zeros(0, np.int64)
         #: counters of what moved, for the benchmarks and stats
         self.bytes_read = 0
         self.bytes_written = 0
@@ -217,7 +219,7 @@ class SegmentTier(Tier):
                 compressors=[Crc32cCodec()],
                 overwrite=True,
             )
-            self._ids = 1
+            self._set_ids(1)
             self._free_ids = [0]
         except OSError as exc:
             raise storage_error(exc, f"creating disk tier at {self.root}") from exc
@@ -231,7 +233,11 @@ class SegmentTier(Tier):
             arr.resize((n_ids * self.segment_slots, self.width))
         except OSError as exc:
             raise storage_error(exc, f"growing disk tier at {self.root}") from exc
-        self._ids = n_ids
+        self._set_ids(n_ids)
+
+    def _set_ids(self, n_ids: int) -> None:
+        self._ids = int(n_ids)
+        self._bits, self._live = liveness.grown(self._bits, self._live, self._ids * self.segment_slots, self._ids)
 
     @classmethod
     def open(
@@ -274,7 +280,7 @@ class SegmentTier(Tier):
             or tuple(arr.shape[1:]) != (tier.width,)
         ):
             raise CorruptStoreError(f"disk tier at {root}: its layout {attrs} does not match its array {arr.shape}")
-        tier._ids = int(arr.shape[0]) // tier.segment_slots
+        tier._set_ids(int(arr.shape[0]) // tier.segment_slots)
         for entry in segments:
             seg_id, written = int(entry[0]), int(entry[1])
             path = tier._segment_path(seg_id)
@@ -288,7 +294,7 @@ class SegmentTier(Tier):
                     f"disk tier at {root}: segment file {path} has {size} bytes, expected {expect} (truncated or "
                     f"rewritten)"
                 )
-            seg = tier._segments[seg_id] = _Segment(seg_id, tier.segment_slots, sealed=True, written=written)
+            seg = tier._segments[seg_id] = _Segment(seg_id, sealed=True, written=written)
             seg.padding = int(entry[2]) if len(entry) > 2 else 0
             tier._admit(seg)
         used = set(tier._segments)
@@ -341,7 +347,7 @@ class SegmentTier(Tier):
 
     @property
     def n_used(self) -> int:
-        return int(sum(s.live for s in self._segments.values()))
+        return int(self._live.sum())
 
     @property
     def n_free(self) -> int:
@@ -366,18 +372,18 @@ class SegmentTier(Tier):
     def garbage_fraction(self) -> float:
         """Dead slots among those handed out in sealed segments (what compaction could reclaim)."""
         given = sum(s.written - s.padding for s in self._segments.values() if s.sealed)
-        live = sum(s.live for s in self._segments.values() if s.sealed)
+        live = sum(int(self._live[s.id]) for s in self._segments.values() if s.sealed)
         return 1.0 - live / given if given else 0.0
 
     def segment_live(self, seg_id: int) -> int:
         """Live slots of segment ``seg_id`` (0 for one the tier does not have)."""
         seg = self._segments.get(int(seg_id))
-        return 0 if seg is None else seg.live
+        return 0 if seg is None else int(self._live[seg.id])
 
     def segments(self) -> list[dict[str, int]]:
         """Every segment: id, slots written, live slots, sealed."""
         return [
-            {"id": s.id, "written": s.written, "live": s.live, "sealed": s.sealed}
+            {"id": s.id, "written": s.written, "live": int(self._live[s.id]), "sealed": s.sealed}
             for s in sorted(self._segments.values(), key=lambda x: x.id)
         ]
 
@@ -389,59 +395,42 @@ class SegmentTier(Tier):
         if slots.size and (slots.min() < 0 or slots.max() >= self.capacity):
             bad = slots[(slots < 0) | (slots >= self.capacity)][:5]
             raise InputShapeError(f"tier {self.location}: slots {bad.tolist()} are outside [0, {self.capacity})")
-        seg, pos = self._split(slots)
-        for sid in np.unique(seg).tolist():
-            s = self._segments.get(sid)
-            if s is None or pos[seg == sid].max() >= s.allocated:
-                raise InputShapeError(f"tier {self.location}: slots of segment {sid} were never handed out")
+        allocated = np.zeros(self._ids, np.int64)
+        for seg in self._segments.values():
+            allocated[seg.id] = seg.allocated
+        i = liveness.first_outside(slots, allocated, self.segment_slots)
+        if i >= 0:
+            sid = int(slots[i]) // self.segment_slots
+            raise InputShapeError(f"tier {self.location}: slots of segment {sid} were never handed out")
 
     def is_free(self, slots: np.ndarray) -> np.ndarray:
         """bool[n]: whether each slot holds nothing live."""
-        slots = np.asarray(slots, np.int64)
-        out = np.ones(slots.shape[0], bool)
-        seg, pos = self._split(slots)
-        for sid in np.unique(seg).tolist():
-            s = self._segments.get(sid)
-            if s is None:
-                continue
-            m = seg == sid
-            out[m] = ((s.bits[pos[m] >> 3] >> (pos[m] & 7).astype(np.uint8)) & 1) == 0
-        return out
+        return liveness.free_mask(self._bits, np.ascontiguousarray(slots, np.int64))
 
     def _set_bits(self, slots: np.ndarray, on: bool) -> None:
-        seg, pos = self._split(slots)
-        for sid in np.unique(seg).tolist():
-            s = self._segments[sid]
-            p = pos[seg == sid]
-            mask = (np.uint8(1) << (p & 7).astype(np.uint8)).astype(np.uint8)
-            if on:
-                np.bitwise_or.at(s.bits, p >> 3, mask)
-            else:
-                np.bitwise_and.at(s.bits, p >> 3, ~mask)
-            s.live += p.size if on else -p.size
+        i = liveness.mark(self._bits, self._live, slots, self.segment_slots, on)
+        if i >= 0:
+            state = "live" if on else "free"
+            raise InputShapeError(f"tier {self.location}: slots {[int(slots[i])]} are already {state}")
 
     def mark_live(self, slots: np.ndarray) -> None:
         """After opening from a checkpoint: these slots hold live chunks (the store's addresses say so)."""
         slots = np.unique(np.asarray(slots, np.int64))
         with self._lock:
             self._check_slots(slots)
-            for s in self._segments.values():
-                s.bits[:] = 0
-                s.live = 0
+            self._bits[:] = 0
+            self._live[:] = 0
             self._set_bits(slots, True)
 
     def release(self, slots: np.ndarray) -> None:
         """These slots hold nothing any more (their rows stay where they are until the
-        segment is compacted away)."""
+        segment is compacted away). A slot already free, or one given twice, is an
+        InputShapeError with nothing changed."""
         slots = np.ascontiguousarray(slots, np.int64)
         if slots.size == 0:
             return
         with self._lock:
             self._check_slots(slots)
-            free = self.is_free(slots)
-            if free.any() or np.unique(slots).size != slots.size:
-                bad = slots[free][:5].tolist() if free.any() else slots[:5].tolist()
-                raise InputShapeError(f"tier {self.location}: slots {bad} are already free")
             self._set_bits(slots, False)
 
     # ------------------------------------------------------------------ allocation
@@ -540,7 +529,7 @@ class SegmentTier(Tier):
             self._cover_ids(max(self._ids, seg_id + 1))
             path = self._segment_path(seg_id, partial=True)
             path.parent.mkdir(parents=True, exist_ok=True)
-            seg = _Segment(seg_id, self.segment_slots)
+            seg = _Segment(seg_id)
             self._admit(seg)
             try:
                 fd, _ = open_file(str(path), write=True, direct=not seg.cached)
@@ -973,7 +962,7 @@ class SegmentTier(Tier):
     def compaction_candidates(self, max_live: float) -> list[int]:
         """Sealed segments whose live share is at most ``max_live``, emptiest first."""
         segs = [s for s in self._segments.values() if s.sealed and s.written > s.padding]
-        share = {s.id: s.live / (s.written - s.padding) for s in segs}
+        share = {s.id: int(self._live[s.id]) / (s.written - s.padding) for s in segs}
         return [s.id for s in sorted(segs, key=lambda s: (share[s.id], s.id)) if share[s.id] <= max_live]
 
     def drop_segments(self, seg_ids: list[int]) -> None:
@@ -985,8 +974,10 @@ class SegmentTier(Tier):
         with self._lock:
             for sid in seg_ids:
                 s = self._segments[sid]
-                if s.live:
-                    raise InputShapeError(f"tier {self.location}: segment {sid} still holds {s.live} live slots")
+                if self._live[sid]:
+                    raise InputShapeError(
+                        f"tier {self.location}: segment {sid} still holds {int(self._live[sid])} live slots"
+                    )
                 if not s.sealed:
                     raise InputShapeError(f"tier {self.location}: segment {sid} is not sealed")
                 fd = self._fds.pop(sid, None)
