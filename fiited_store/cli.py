@@ -21,7 +21,7 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 
 from . import __version__
-from .errors import FiitedError
+from .errors import ConfigError, FiitedError
 from .experiments.config import (
     DATASETS,
     METHODS,
@@ -255,6 +255,8 @@ def cmd_sweep(args) -> int:
     from .plotting import INSTALL_HINT, available
 
     base = _config_from(args, method=args.methods[0])
+    if args.equal_memory and args.equal_memory not in args.methods:
+        raise ConfigError(f"--equal-memory {args.equal_memory!r} is not among --methods {args.methods}")
     for m in args.methods:  # every run's values checked before the first run
         for r in args.ratios:
             replace(base, method=m, ratio=r)
@@ -267,8 +269,16 @@ def cmd_sweep(args) -> int:
 
     if not plots:
         print(f"fiited-store sweep: sweep.png will not be drawn ({INSTALL_HINT})", file=sys.stderr)
-    results = sweep(base, args.methods, args.ratios, args.seeds, Path(args.out), progress=not args.no_progress)
-    print(markdown_table(results, args.methods, args.ratios))
+    results = sweep(
+        base,
+        args.methods,
+        args.ratios,
+        args.seeds,
+        Path(args.out),
+        progress=not args.no_progress,
+        equal_memory=args.equal_memory,
+    )
+    print(markdown_table(results, args.methods, args.ratios, args.equal_memory))
     print(f"wrote {args.out}/sweep.csv, sweep.md" + (" and sweep.png" if plots else ""))
     return 0
 
@@ -488,6 +498,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--methods", nargs="+", choices=METHODS, default=list(METHODS), help="methods to compare")
     p.add_argument("--ratios", nargs="+", type=pruning_ratio, default=list(SWEEP_RATIOS), help="pruning ratios")
     p.add_argument("--seeds", nargs="+", type=int, default=[0, 1, 2], help="one run per seed at every point")
+    p.add_argument(
+        "--equal-memory",
+        choices=METHODS,
+        metavar="METHOD",
+        help="give small-dim, md, hashing and qr the training memory this method's run took at each ratio and "
+        "seed, instead of the nominal ratio",
+    )
     p.add_argument(
         "--out", type=_writable_dir, default="results/sweep", help="directory for sweep.csv, sweep.md and sweep.png"
     )

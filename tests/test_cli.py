@@ -674,3 +674,25 @@ def test_every_verb_names_an_edited_metadata_file_instead_of_a_json_traceback(sa
     assert code == (1 if verb == "verify" else 2), text
     assert f"metadata file {f} was changed since it was saved" in text and "Traceback" not in text
     assert f.read_bytes() == bytes(raw)  # nothing was rewritten
+
+
+def test_an_equal_memory_sweep_gives_the_peers_the_reference_runs_training_memory(tmp_path, capsys):
+    from fiited_store.experiments.config import TrainConfig
+    from fiited_store.experiments.sweep import sweep
+
+    base = TrainConfig(steps=3, batch_size=32, synthetic_cap=2000, eval_samples=500, method="fiited-manual")
+    results = sweep(
+        base, ["fiited-manual", "hashing", "qr"], [0.75], [0], tmp_path / "sw", progress=False,
+        equal_memory="fiited-manual",
+    )  # fmt: skip
+    ref, hashing, qr = results
+    assert ref["method"] == "fiited-manual" and "memory_matched_ratio" not in ref
+    for peer in (hashing, qr):
+        assert peer["ratio"] == 0.75  # the nominal cell it is compared in
+        assert peer["memory_matched_ratio"] == pytest.approx(1.0 - ref["training_vs_dense"])
+    # the hashing trick's training memory is its rows' share: the reference's, up to rounding rows
+    assert hashing["training_vs_dense"] == pytest.approx(ref["training_vs_dense"], rel=0.02)
+    table = (tmp_path / "sw" / "sweep.md").read_text()
+    assert "At equal training memory: hashing, qr" in table and "Each method's whole training memory" in table
+    assert main(["sweep", "--methods", "hashing", "--equal-memory", "fiited-manual", "--out", str(tmp_path)]) == 2
+    assert "--equal-memory 'fiited-manual' is not among --methods" in capsys.readouterr().err

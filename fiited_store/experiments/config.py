@@ -26,8 +26,11 @@ from ..errors import ConfigError
 Dataset = Literal["synthetic", "mixed", "movielens", "criteo"]
 #: small-dim: dense embeddings of dimension D x (1 - ratio) for every row (the uniform baseline);
 #: fiited-floor: the paper's manual ratios on the chunks above a floor that every row keeps,
-#: each feature's pooled row mapped through a learned D x D matrix
-Method = Literal["dense", "small-dim", "md", "adaembed", "fiited-manual", "fiited-dynamic", "fiited-floor"]
+#: each feature's pooled row mapped through a learned D x D matrix;
+#: hashing / qr: full-width rows shared between ids (the hashing trick, quotient-remainder)
+Method = Literal[
+    "dense", "small-dim", "md", "hashing", "qr", "adaembed", "fiited-manual", "fiited-dynamic", "fiited-floor"
+]
 DATASETS = get_args(Dataset)
 METHODS = get_args(Method)
 NORMALIZATIONS = TABLE_NORMALIZATIONS
@@ -114,7 +117,9 @@ class TrainConfig:
             check(isinstance(v, int) and v > 0, f"{name} must be a positive int, got {v!r}")
         check(self.eval_samples >= 2, f"eval_samples must be at least 2, got {self.eval_samples!r}")
         check(
-            self.effective_floor_dim or self.dim % self.chunks == 0 or self.method in ("dense", "small-dim", "md"),
+            self.effective_floor_dim
+            or self.dim % self.chunks == 0
+            or self.method in ("dense", "small-dim", "md", "hashing", "qr"),
             f"dim {self.dim} is not divisible by chunks {self.chunks}",
         )
         check(

@@ -241,6 +241,9 @@ def run(
         "embedding_bytes": emb.weight_bytes(),
         "dense_embedding_bytes": dense_bytes,
         "bytes_vs_dense": emb.weight_bytes() / dense_bytes,
+        # every method's whole training memory (weights, optimizer state, index, maps)
+        # against dense weights with Adagrad's state, the baseline's optimizer
+        "dense_training_bytes": 2 * dense_bytes,
         "step_ms": 1000.0 * step_time / max(steps, 1),
         "steps": steps,
         "train_loss_last": float(np.mean(losses[-50:])) if losses else float("nan"),
@@ -248,8 +251,12 @@ def run(
     if synthetic:
         bayes = 1 / (1 + np.exp(-test.meta["bayes_logits"]))
         result["bayes_auc"] = auc(test.labels, bayes)
+    stats = emb.store.stats() if isinstance(emb, FiitedEmbeddings) else None
+    result["training_bytes"] = emb.training_bytes(stats) if stats is not None else emb.training_bytes()
+    result["training_vs_dense"] = result["training_bytes"] / result["dense_training_bytes"]
+    if hasattr(emb, "meets_ratio"):  # quotient-remainder: two tables cannot go below 2 sqrt(n) rows
+        result["ratio_met"] = bool(all(emb.meets_ratio))
     if isinstance(emb, FiitedEmbeddings):
-        stats = emb.store.stats()
         st = stats["total"]
         result.update(
             store_memory_bytes=st["bytes"]["memory_total"],
@@ -276,7 +283,14 @@ def format_result(r: dict[str, Any]) -> str:
         + (f"   (Bayes-optimal AUC {r['bayes_auc']:.4f})" if "bayes_auc" in r else ""),
         f"memory    embedding weights {r['embedding_bytes'] / 2**20:.2f} MiB = {r['bytes_vs_dense']:.3f} x dense "
         f"({r['dense_embedding_bytes'] / 2**20:.2f} MiB)",
+        f"          training memory (weights, optimizer state, index, maps) {r['training_bytes'] / 2**20:.2f} MiB"
+        f" = {r['training_vs_dense']:.4f} x dense weights + Adagrad's state",
     ]
+    if r.get("ratio_met") is False:
+        lines.append(
+            "          the ratio is out of reach for some tables: quotient and remainder tables take at least "
+            "2 sqrt(rows) rows, which those tables keep"
+        )
     if "store_memory_bytes" in r:
         lines.append(
             "          training memory of the store (pool, optimizer state, entry index) "

@@ -5,6 +5,8 @@ Methods, all returning float32[B, F * D] (features side by side):
 - ``dense``: one ``torch.nn.EmbeddingBag`` per feature, unpruned (the baseline);
 - ``md``: Mixed-Dimension embeddings (Ginart et al.): per-feature dimensions from
   access frequency by the power-law rule, projected to D by a linear map;
+- ``hashing`` / ``qr``: full-width rows shared between ids, the hashing trick and
+  quotient-remainder embeddings (:mod:`.compressed`);
 - ``adaembed``: FIITED with K = 1 (whole rows pruned, AdaEmbed);
 - ``fiited-manual``: FIITED with per-chunk ratios linear in the chunk index;
 - ``fiited-dynamic``: FIITED with one global ratio;
@@ -23,6 +25,10 @@ from torch import nn
 from ...adapters import FiitedEmbeddingBagCollection
 from ...config import DynamicRatio, FloorRatios, ManualRatios, StoreConfig, TableConfig, floor_budget_ratio
 from ..config import METHODS, method_layout
+from .compressed import HashedEmbeddings, QREmbeddings
+
+#: bytes per weight of the dense parameters' optimizer (Adam: two moments) on top of the weight
+ADAM_STATE_FLOATS = 2
 
 
 def mlp(sizes: Sequence[int], last_activation: bool) -> nn.Sequential:
@@ -97,6 +103,10 @@ class DenseEmbeddings(nn.Module):
     def weight_bytes(self) -> int:
         return sum(b.weight.numel() * 4 for b in self.bags)
 
+    def training_bytes(self) -> int:
+        """Weights and Adagrad's state (one float per weight)."""
+        return 2 * self.weight_bytes()
+
 
 def md_dims(
     counts: Sequence[np.ndarray], cardinalities: Sequence[int], dim: int, budget_fraction: float, alpha: float = 0.3
@@ -150,6 +160,11 @@ class MixedDimEmbeddings(nn.Module):
 
     def weight_bytes(self) -> int:
         return sum(p.numel() * 4 for p in self.parameters())
+
+    def training_bytes(self) -> int:
+        """The tables with Adagrad's state, the projections with Adam's."""
+        tables = sum(p.numel() * 4 for p in self.bags.parameters())
+        return 2 * tables + (1 + ADAM_STATE_FLOATS) * (self.weight_bytes() - tables)
 
 
 class FiitedEmbeddings(nn.Module):
@@ -227,6 +242,14 @@ class FiitedEmbeddings(nn.Module):
             return int(self.store.stats()["total"]["bytes"]["pool_vectors"]) + extra
         return sum(p.vector_bytes for p in self.store.pools) + extra
 
+    def training_bytes(self, stats: dict | None = None) -> int:
+        """The store's whole memory (pool, optimizer state, entry index) and the projection
+        with Adam's state."""
+        stats = self.store.stats() if stats is None else stats
+        return (
+            int(stats["total"]["bytes"]["memory_total"]) + (1 + ADAM_STATE_FLOATS) * self.collection.projection_bytes()
+        )
+
 
 def build_embeddings(
     method: str,
@@ -261,6 +284,10 @@ def build_embeddings(
         return DenseEmbeddings(cardinalities, dim)
     if method == "small-dim":  # every row gets D x (1 - ratio) dimensions, projected to D
         return MixedDimEmbeddings(cardinalities, [max(1, round(dim * (1.0 - ratio)))] * len(cardinalities), dim)
+    if method == "hashing":
+        return HashedEmbeddings(cardinalities, dim, ratio)
+    if method == "qr":
+        return QREmbeddings(cardinalities, dim, ratio)
     if method == "md":
         if counts is None:
             raise ValueError("Mixed-Dimension embeddings need access counts")
