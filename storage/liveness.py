@@ -41,16 +41,14 @@ def free_mask(bits, slots):
     return out
 
 
-@njit(cache=True, nogil=True)
-def _flip(bits, live, slots, segment_slots, on, upto):
-    for j in range(upto):
-        s = slots[j]
-        if on:
-            bits[s >> 3] |= np.uint8(1 << (s & 7))
-            live[s // segment_slots] += 1
-        else:
-            bits[s >> 3] &= np.uint8(~(1 << (s & 7)) & 0xFF)
-            live[s // segment_slots] -= 1
+@njit(inline="always")
+def _set(bits, live, s, segment_slots, on):
+    if on:
+        bits[s >> 3] |= np.uint8(1 << (s & 7))
+        live[s // segment_slots] += 1
+    else:
+        bits[s >> 3] &= np.uint8(~(1 << (s & 7)) & 0xFF)
+        live[s // segment_slots] -= 1
 
 
 @njit(cache=True, nogil=True)
@@ -60,14 +58,10 @@ def mark(bits, live, slots, segment_slots, on):
     for i in range(slots.shape[0]):
         s = slots[i]
         if ((bits[s >> 3] >> (s & 7)) & 1 == 1) == on:
-            _flip(bits, live, slots, segment_slots, not on, i)  # put back what this call changed
+            for j in range(i):  # put back what this call changed
+                _set(bits, live, slots[j], segment_slots, not on)
             return i
-        if on:
-            bits[s >> 3] |= np.uint8(1 << (s & 7))
-            live[s // segment_slots] += 1
-        else:
-            bits[s >> 3] &= np.uint8(~(1 << (s & 7)) & 0xFF)
-            live[s // segment_slots] -= 1
+        _set(bits, live, s, segment_slots, on)
     return -1
 
 
