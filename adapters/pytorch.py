@@ -28,7 +28,7 @@ from ..config import FloorRatios, IndexKind, Initializer, Optimizer, PoolingMode
 from ..errors import ConfigError, InputDTypeError, InputShapeError, StoreCopyError, UnknownTableError
 from ..store import EmbeddingStore
 from . import ops
-from .floors import repeat_keys, split_floors
+from .floors import hash_ids, part_ids, repeat_keys, split_floors
 from .keyed import INDEX_DTYPES, JaggedFeatures, KeyedTensor, keyed_tensor_class
 from .ops import from_numpy, share_output, to_numpy  # noqa: F401 - the adapter's public bridges
 
@@ -372,11 +372,20 @@ class FiitedEmbeddingBag(_StoreModule):
                     f"_weight must have shape ({num_embeddings}, {embedding_dim}), got {tuple(_weight.shape)}"
                 )
             rows, col = _weight.detach().cpu().numpy(), 0
-            for i in self._parts:  # the floor's columns first, then the chunks above it
+            ids = torch.arange(num_embeddings)
+            for i, m in zip(self._parts, part_ids(table)):  # the floor's columns first, then the chunks above it
                 t = self.store.tables[i]
-                self.store.insert_or_assign(
-                    t.name, np.arange(num_embeddings), np.ascontiguousarray(rows[:, col : col + t.dim])
-                )
+                part = np.ascontiguousarray(rows[:, col : col + t.dim])
+                if m:  # a shared floor row starts as the mean of the rows that share it
+                    shared = hash_ids(ids, m).numpy()
+                    sums = np.zeros((m, t.dim), np.float64)
+                    np.add.at(sums, shared, part)
+                    counts = np.bincount(shared, minlength=m)
+                    held = np.flatnonzero(counts)
+                    part = (sums[held] / counts[held, None]).astype(np.float32)
+                    self.store.insert_or_assign(t.name, held, part)
+                else:
+                    self.store.insert_or_assign(t.name, ids.numpy(), part)
                 col += t.dim
 
     @property
@@ -399,9 +408,14 @@ class FiitedEmbeddingBag(_StoreModule):
                 f"table {self.table.name!r} declares no num_embeddings, so it has no dense weight; "
                 f"read rows with store.find"
             )
-        ids = np.arange(self.table.num_embeddings, dtype=np.int64)
+        ids = torch.arange(self.table.num_embeddings, dtype=torch.int64)
         parts = [
-            np.array(self.store.backend.to_host(self.store.lookup(self.store.tables[i].name, ids))) for i in self._parts
+            np.array(
+                self.store.backend.to_host(
+                    self.store.lookup(self.store.tables[i].name, (hash_ids(ids, m) if m else ids).numpy())
+                )
+            )
+            for i, m in zip(self._parts, part_ids(self.table))
         ]
         return torch.from_numpy(np.concatenate(parts, axis=1) if len(parts) > 1 else parts[0])
 
@@ -445,7 +459,9 @@ class FiitedEmbeddingBag(_StoreModule):
         if self.padding_idx is not None:
             input, offsets, per_sample_weights = _drop_padding(input, offsets, per_sample_weights, self.padding_idx)
         if len(self._parts) > 1:  # a floor: the ids go to both of the table's parts
-            input, offsets, per_sample_weights = repeat_keys(input, offsets.to(torch.int64), per_sample_weights, [2])
+            input, offsets, per_sample_weights = repeat_keys(
+                input, offsets.to(torch.int64), per_sample_weights, [part_ids(self.table)]
+            )
         out = self._lookup(self._parts, input, offsets, per_sample_weights, self.mode)
         return out if self.projection is None else self._project(out, [0], [self.table.dim])
 
@@ -639,7 +655,8 @@ class FiitedEmbeddingBagCollection(_StoreModule):
         parts = [self._parts[self._table_index[self.feature_to_table[k]]] for k in keys]
         values, offsets = features.values(), features.offsets()
         if any(len(p) > 1 for p in parts):  # tables with a floor: their ids go to both parts
-            values, offsets, weights = repeat_keys(values, offsets, weights, [len(p) for p in parts])
+            copies = [part_ids(self.tables[self._table_index[self.feature_to_table[k]]]) for k in keys]
+            values, offsets, weights = repeat_keys(values, offsets, weights, copies)
         out = self._lookup([i for p in parts for i in p], values, offsets, weights, self.mode)
         dims = [self._dims[k] for k in keys]
         if self.projection is not None or self.projections is not None:

@@ -179,6 +179,13 @@ def _train_args(p: argparse.ArgumentParser) -> None:
         "D - F are split into K chunks that utility decides (0: the paper's layout)",
     )
     p.add_argument(
+        "--shared-floor",
+        type=fraction,
+        default=d.shared_floor,
+        help="FIITED: past the ratio where every row's floor fits the budget, the floor is shared "
+        "through a hash and takes this share of the budget",
+    )
+    p.add_argument(
         "--on-evict",
         choices=ON_EVICT,
         default=d.on_evict,
@@ -210,6 +217,7 @@ def _config_from(args, **override) -> TrainConfig:
         on_evict=args.on_evict,
         min_chunks=args.min_chunks,
         floor_dim=args.floor_dim,
+        shared_floor=args.shared_floor,
         project=args.project,
         **override,
     )

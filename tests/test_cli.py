@@ -345,8 +345,13 @@ def test_inconsistent_training_values_are_refused_before_any_work(capsys, monkey
         "the 30 dimensions above floor_dim = 2 do not split into 4 equal chunks (--chunks 1, 2, 3, 5, 6, 10, 15, "
         "30 would)" in capsys.readouterr().err
     )
-    assert main(["train", "--floor-dim", "4", "--chunks", "4", "--ratio", "0.9375", "--no-progress"]) == 2
+    # the default shares a floor that does not fit; fiited-dynamic gives every row its own
+    dynamic = ["train", "--method", "fiited-dynamic", "--floor-dim", "4", "--chunks", "4", "--ratio", "0.9375"]
+    assert main([*dynamic, "--no-progress"]) == 2
     assert "floor_dim 4 of 32 is more than the budget" in capsys.readouterr().err
+    with pytest.raises(SystemExit):
+        main(["train", "--shared-floor", "0", "--no-progress"])
+    assert "--shared-floor: must be a fraction in (0, 1], got '0'" in capsys.readouterr().err
     assert (
         main(
             [

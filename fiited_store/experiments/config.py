@@ -99,6 +99,7 @@ class TrainConfig:
     small_table_rows: int = 0  # FIITED: tables of at most this many rows keep every chunk
     min_chunks: int = 0  # FIITED: every row of every table keeps its first min_chunks chunks
     floor_dim: int = 0  # FIITED: every row keeps its first floor_dim dimensions (one chunk of that width)
+    shared_floor: float = 0.1  # FIITED: share of the budget the floor takes where a floor per row does not fit
     project: bool = False  # FIITED: a learned D x D map per feature on the store's output
     readmission: Readmission = "first"  # FIITED: a chunk winning its slot back starts at its first values
     on_evict: EvictPolicy = "discard"  # FIITED: "spill" keeps pruned chunks in the disk tier (the paper discards)
@@ -164,10 +165,12 @@ class TrainConfig:
             f"would)",
         )
         check(
-            f <= (1.0 - self.ratio) * self.dim + 1e-9 or not self.method.startswith("fiited"),
+            # FloorRatios (fiited-floor, fiited-manual with a floor) shares a floor that does not fit
+            f <= (1.0 - self.ratio) * self.dim + 1e-9 or self.method != "fiited-dynamic",
             f"floor_dim {f} of {self.dim} is more than the budget at ratio {self.ratio:g} "
-            f"({(1.0 - self.ratio) * self.dim:.4g} dimensions per row)",
+            f"({(1.0 - self.ratio) * self.dim:.4g} dimensions per row); fiited-dynamic gives every row its floor",
         )
+        check(0.0 < self.shared_floor <= 1.0, f"shared_floor must lie in (0, 1], got {self.shared_floor!r}")
         check(
             isinstance(self.small_table_rows, int) and self.small_table_rows >= 0,
             f"small_table_rows must be an int >= 0, got {self.small_table_rows!r}",

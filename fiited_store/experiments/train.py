@@ -155,6 +155,7 @@ def run(
         min_chunks=cfg.min_chunks,
         floor_dim=cfg.effective_floor_dim,
         project=cfg.effective_project,
+        shared_floor=cfg.shared_floor,
         process_group=None if dist_ctx is None else dist_ctx.group,
     )
     num_dense = test.num_dense

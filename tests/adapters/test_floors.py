@@ -65,18 +65,23 @@ def test_the_store_refuses_a_floor_it_would_not_serve():
         EmbeddingStore([TableConfig("t", dim=10, chunks=2, floor_dim=2, num_embeddings=4)], StoreConfig())
 
 
-def _plain_repeat(values, offsets, weights, repeats):
-    F = len(repeats)
+def _plain_repeat(values, offsets, weights, copies):
+    F = len(copies)
     B = (len(offsets) - 1) // F
     vs, ls, ws = [], [], []
     for f in range(F):
-        for _ in range(repeats[f]):
+        for m in copies[f]:
             for b in range(B):
                 lo, hi = offsets[f * B + b], offsets[f * B + b + 1]
-                vs += values[lo:hi]
+                vs += [_plain_hash(v, m) if m else v for v in values[lo:hi]]
                 ws += weights[lo:hi]
                 ls.append(hi - lo)
     return vs, [0] + np.cumsum(ls).tolist(), ws
+
+
+def _plain_hash(i, rows):
+    mixed = (i % 2**31) * 2654435761
+    return (mixed ^ (mixed >> 16)) % rows
 
 
 @settings(max_examples=60, deadline=None)
@@ -88,20 +93,23 @@ def test_repeat_keys_gives_each_keys_bags_again_in_place(data):
     offsets = [0] + np.cumsum(lengths).tolist() if lengths else [0]
     values = list(range(100, 100 + offsets[-1]))
     weights = [float(v) / 7 for v in values]
-    repeats = data.draw(st.lists(st.integers(1, 3), min_size=F, max_size=F))
+    # a copy 0 is the ids as given, a copy m > 0 the ids hashed into m rows (a shared floor)
+    copies = data.draw(
+        st.lists(st.lists(st.sampled_from([0, 0, 1, 5, 97]), min_size=1, max_size=3), min_size=F, max_size=F)
+    )
     v, o, w = repeat_keys(
         torch.tensor(values, dtype=torch.int64),
         torch.tensor(offsets, dtype=torch.int64),
         torch.tensor(weights),
-        repeats,
+        copies,
     )
-    ev, eo, ew = _plain_repeat(values, offsets, weights, repeats)
+    ev, eo, ew = _plain_repeat(values, offsets, weights, copies)
     assert v.tolist() == ev and o.tolist() == eo and w.tolist() == pytest.approx(ew)
 
 
 def test_repeat_keys_refuses_offsets_that_do_not_fit_the_keys():
     with pytest.raises(InputShapeError, match=r"B \+ 1] for F = 2 keys, got shape \(4,\)"):
-        repeat_keys(torch.tensor([1, 2, 3]), torch.tensor([0, 1, 2, 3]), None, [2, 1])
+        repeat_keys(torch.tensor([1, 2, 3]), torch.tensor([0, 1, 2, 3]), None, [[0, 0], [0]])
 
 
 def _batch(rng, B=6):

@@ -11,14 +11,9 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from fiited_store.adapters.floors import hash_ids
 from fiited_store.experiments.data import Batch
-from fiited_store.experiments.models.compressed import (
-    HashedEmbeddings,
-    QREmbeddings,
-    hash_ids,
-    hashed_rows,
-    qr_collisions,
-)
+from fiited_store.experiments.models.compressed import HashedEmbeddings, QREmbeddings, hashed_rows, qr_collisions
 from fiited_store.experiments.models.dlrm import DenseEmbeddings, MixedDimEmbeddings
 
 CARDS = [50, 7, 1000]

@@ -22,19 +22,13 @@ import numpy as np
 import torch
 from torch import nn
 
-#: odd 32-bit multiplier of the hash (Knuth's): products stay within int64 for ids below 2**31
-_HASH_MULTIPLIER = 2654435761
+# the hash that shares a floor's rows (ids below 2**31 keep their products within int64)
+from ...adapters.floors import hash_ids
 
 
 def hashed_rows(cardinality: int, ratio: float) -> int:
     """Rows a feature of ``cardinality`` ids keeps under the hashing trick at ``ratio``."""
     return max(1, min(int(cardinality), round((1.0 - ratio) * int(cardinality))))
-
-
-def hash_ids(ids: torch.Tensor, rows: int, salt: int) -> torch.Tensor:
-    """int64[n]: each id's row among ``rows`` (a multiplicative hash, salted per feature)."""
-    mixed = (ids.to(torch.int64) % (1 << 31)) * _HASH_MULTIPLIER + salt
-    return torch.remainder(mixed ^ (mixed >> 16), rows)
 
 
 def qr_collisions(cardinality: int, ratio: float) -> tuple[int, bool]:

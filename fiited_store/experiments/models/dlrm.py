@@ -277,6 +277,7 @@ def build_embeddings(
     min_chunks: int = 0,
     floor_dim: int = 0,
     project: bool = False,
+    shared_floor: float = 0.1,
 ) -> nn.Module:
     """The embedding module of one method at one pruning ratio (fraction of the dense size removed);
     with ``process_group``, FIITED's store is sharded over its ranks."""
@@ -298,7 +299,7 @@ def build_embeddings(
     elif method in ("fiited-manual", "fiited-floor") and floor_dim:
         # the library's default policy: the floor, and the manual ratios above it (the tables
         # carry the floor too, so that a K that divides D - f but not D is accepted)
-        pruning = FloorRatios(ratio, floor_dim, steepness)
+        pruning = FloorRatios(ratio, floor_dim, steepness, shared_floor)
     elif method == "fiited-manual":
         pruning = ManualRatios.linear(ratio, chunks, steepness)
     elif method == "fiited-dynamic":
