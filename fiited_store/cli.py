@@ -24,6 +24,7 @@ from . import __version__
 from .errors import ConfigError, FiitedError
 from .experiments.config import (
     DATASETS,
+    EMBEDDING_OPTIMIZERS,
     METHODS,
     NORMALIZATIONS,
     ON_EVICT,
@@ -124,6 +125,14 @@ def _train_args(p: argparse.ArgumentParser) -> None:
         default=d.prune_period,
         help="T, steps between prune passes (0: never prune)",
     )
+    p.add_argument(
+        "--optimizer",
+        choices=EMBEDDING_OPTIMIZERS,
+        default=d.optimizer,
+        help="every method's embedding optimizer: Adagrad with one accumulator per weight, or "
+        "row-wise (one per row, per chunk in the store, as FBGEMM's); memory is reported against "
+        "dense weights with element-wise Adagrad's state either way",
+    )
     p.add_argument("--gamma", type=open_unit, default=d.gamma, help="utility decay per step")
     p.add_argument(
         "--steepness",
@@ -206,6 +215,7 @@ def _config_from(args, **override) -> TrainConfig:
         steps=args.steps,
         lr_embedding=args.lr_embedding,
         lr_dense=args.lr_dense,
+        optimizer=args.optimizer,
         prune_period=args.prune_period,
         gamma=args.gamma,
         steepness=args.steepness,

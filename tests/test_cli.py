@@ -701,3 +701,24 @@ def test_an_equal_memory_sweep_gives_the_peers_the_reference_runs_training_memor
     assert "At equal training memory: hashing, qr" in table and "Each method's whole training memory" in table
     assert main(["sweep", "--methods", "hashing", "--equal-memory", "fiited-manual", "--out", str(tmp_path)]) == 2
     assert "--equal-memory 'fiited-manual' is not among --methods" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("method", ["fiited-floor", "hashing"])
+def test_train_with_rowwise_adagrad_holds_one_accumulator_a_row(tmp_path, method):
+    """--optimizer rowwise_adagrad trains every method with one accumulator per row (per
+    chunk in the store): less memory than element-wise Adagrad, on the same yardstick."""
+    held = {}
+    for optimizer in ("adagrad", "rowwise_adagrad"):
+        out = tmp_path / f"{optimizer}.json"
+        args = ["train", "--method", method, "--steps", "30", "--batch-size", "128", "--prune-period", "10"]
+        assert main([*args, "--optimizer", optimizer, "--no-progress", "--json", str(out)]) == 0
+        r = json.loads(out.read_text())
+        assert r["optimizer"] == optimizer and r["dense_training_bytes"] == 2 * r["dense_embedding_bytes"]
+        assert 0.5 < r["auc"] < 1.0
+        held[optimizer] = r
+    a, rw = held["adagrad"], held["rowwise_adagrad"]
+    if method == "hashing":  # a float per row of 32 instead of one per weight
+        assert rw["training_bytes"] == pytest.approx(a["training_bytes"] * (1 + 1 / 32) / 2)
+    else:  # the pool's state: a float per chunk (of 2 or 15 dimensions) instead of one per dimension
+        pool = a["embedding_bytes"] - a["projection_bytes"]
+        assert a["store_memory_bytes"] - rw["store_memory_bytes"] > 0.5 * pool

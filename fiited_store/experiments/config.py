@@ -31,13 +31,18 @@ Dataset = Literal["synthetic", "mixed", "movielens", "criteo"]
 Method = Literal[
     "dense", "small-dim", "md", "hashing", "qr", "adaembed", "fiited-manual", "fiited-dynamic", "fiited-floor"
 ]
+#: the embeddings' optimizer, for every method: Adagrad element-wise (torch's) or row-wise
+#: (FBGEMM's, one accumulator per row; per chunk in the store)
+EmbeddingOptimizer = Literal["adagrad", "rowwise_adagrad"]
 DATASETS = get_args(Dataset)
+EMBEDDING_OPTIMIZERS = get_args(EmbeddingOptimizer)
 METHODS = get_args(Method)
 NORMALIZATIONS = TABLE_NORMALIZATIONS
 ON_EVICT = EVICT_POLICIES
 UTILITIES = UTILITY_MODES
 __all__ = [
     "DATASETS",
+    "EMBEDDING_OPTIMIZERS",
     "METHODS",
     "NORMALIZATIONS",
     "ON_EVICT",
@@ -88,6 +93,7 @@ class TrainConfig:
     synthetic_cap: int = 20_000  # synthetic stream: rows per table at most
     eval_samples: int = 50_000  # synthetic stream: held-out samples
     lr_embedding: float = 0.05
+    optimizer: EmbeddingOptimizer = "adagrad"  # every method's embeddings, the store's too
     lr_dense: float = 1e-3
     prune_period: int = 50
     gamma: float = 0.9
@@ -111,6 +117,10 @@ class TrainConfig:
 
         check(self.dataset in DATASETS, f"dataset must be one of {DATASETS}, got {self.dataset!r}")
         check(self.method in METHODS, f"method must be one of {METHODS}, got {self.method!r}")
+        check(
+            self.optimizer in EMBEDDING_OPTIMIZERS,
+            f"optimizer must be one of {EMBEDDING_OPTIMIZERS}, got {self.optimizer!r}",
+        )
         check(self.utility in UTILITIES, f"utility must be one of {UTILITIES}, got {self.utility!r}")
         check(0.0 <= self.ratio < 1.0, f"ratio must lie in [0, 1), got {self.ratio!r}")
         for name in ("chunks", "dim", "batch_size", "epochs", "steps", "synthetic_cap", "eval_samples"):

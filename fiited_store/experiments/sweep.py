@@ -33,10 +33,9 @@ def sweep(
 
     With ``equal_memory`` (a method), the methods of :data:`MEMORY_MATCHED` are given, at
     each ratio and seed, the training memory that method's run took there instead of the
-    nominal ratio: they run at ``1 - training_vs_dense`` of it (their training memory is
-    their weights and Adagrad's state, so that is their share of the dense baseline's, the
-    projections aside), and the row keeps the nominal ratio in ``ratio`` and the one run in
-    ``memory_matched_ratio``."""
+    nominal ratio: they run at the ratio whose weights and optimizer state are that share of
+    the dense baseline's (:func:`memory_matched_ratio`, the projections aside), and the row
+    keeps the nominal ratio in ``ratio`` and the one run in ``memory_matched_ratio``."""
     out_dir.mkdir(parents=True, exist_ok=True)
     matched = [m for m in methods if equal_memory and m in MEMORY_MATCHED and m != equal_memory]
     jobs: list[tuple[TrainConfig, float | None]] = []  # (run, nominal ratio when memory-matched)
@@ -55,7 +54,7 @@ def sweep(
     csv_path = out_dir / "sweep.csv"
     for job, nominal in jobs:
         if nominal is not None:
-            job = replace(job, ratio=min(max(1.0 - reference[(job.seed, nominal)], 0.0), 1.0 - 1e-9))
+            job = replace(job, ratio=memory_matched_ratio(reference[(job.seed, nominal)], job))
         result = run(job, progress=False)
         if nominal is not None:
             result["memory_matched_ratio"], result["ratio"] = job.ratio, nominal
@@ -74,6 +73,15 @@ def sweep(
     if plotting.available():
         plot_sweep(results, methods, ratios, out_dir / "sweep.png")
     return results
+
+
+def memory_matched_ratio(training_vs_dense: float, cfg: TrainConfig) -> float:
+    """The ratio at which a torch peer's tables and their state take ``training_vs_dense``
+    of dense weights with element-wise Adagrad's state: 1 - m with element-wise Adagrad
+    (a float of state per weight, as the baseline), 1 - 2m / (1 + 1/D) row-wise (a float
+    per row of D)."""
+    per_weight = 2.0 if cfg.optimizer == "adagrad" else 1.0 + 1.0 / cfg.dim
+    return min(max(1.0 - 2.0 * training_vs_dense / per_weight, 0.0), 1.0 - 1e-9)
 
 
 def _stats(results, method, ratio):

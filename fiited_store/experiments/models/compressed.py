@@ -24,6 +24,7 @@ from torch import nn
 
 # the hash that shares a floor's rows (ids below 2**31 keep their products within int64)
 from ...adapters.floors import hash_ids
+from .optim import table_training_bytes
 
 
 def hashed_rows(cardinality: int, ratio: float) -> int:
@@ -83,9 +84,9 @@ class HashedEmbeddings(nn.Module):
     def weight_bytes(self) -> int:
         return sum(b.weight.numel() * 4 for b in self.bags)
 
-    def training_bytes(self) -> int:
-        """Weights and Adagrad's state (one float per weight)."""
-        return 2 * self.weight_bytes()
+    def training_bytes(self, optimizer: str = "adagrad") -> int:
+        """Weights and the optimizer's state (:func:`~.optim.table_training_bytes`)."""
+        return table_training_bytes(self.parameters(), optimizer)
 
 
 class QREmbeddings(nn.Module):
@@ -131,6 +132,6 @@ class QREmbeddings(nn.Module):
     def weight_bytes(self) -> int:
         return sum(p.numel() * 4 for p in self.parameters())
 
-    def training_bytes(self) -> int:
-        """Weights and Adagrad's state (one float per weight)."""
-        return 2 * self.weight_bytes()
+    def training_bytes(self, optimizer: str = "adagrad") -> int:
+        """Weights and the optimizer's state (:func:`~.optim.table_training_bytes`)."""
+        return table_training_bytes(self.parameters(), optimizer)

@@ -26,6 +26,7 @@ from ...adapters import FiitedEmbeddingBagCollection
 from ...config import DynamicRatio, FloorRatios, ManualRatios, StoreConfig, TableConfig, floor_budget_ratio
 from ..config import METHODS, method_layout
 from .compressed import HashedEmbeddings, QREmbeddings
+from .optim import table_training_bytes
 
 #: bytes per weight of the dense parameters' optimizer (Adam: two moments) on top of the weight
 ADAM_STATE_FLOATS = 2
@@ -103,9 +104,9 @@ class DenseEmbeddings(nn.Module):
     def weight_bytes(self) -> int:
         return sum(b.weight.numel() * 4 for b in self.bags)
 
-    def training_bytes(self) -> int:
-        """Weights and Adagrad's state (one float per weight)."""
-        return 2 * self.weight_bytes()
+    def training_bytes(self, optimizer: str = "adagrad") -> int:
+        """Weights and the optimizer's state (:func:`~.optim.table_training_bytes`)."""
+        return table_training_bytes(self.parameters(), optimizer)
 
 
 def md_dims(
@@ -161,10 +162,11 @@ class MixedDimEmbeddings(nn.Module):
     def weight_bytes(self) -> int:
         return sum(p.numel() * 4 for p in self.parameters())
 
-    def training_bytes(self) -> int:
-        """The tables with Adagrad's state, the projections with Adam's."""
+    def training_bytes(self, optimizer: str = "adagrad") -> int:
+        """The tables with the embedding optimizer's state, the projections with Adam's."""
         tables = sum(p.numel() * 4 for p in self.bags.parameters())
-        return 2 * tables + (1 + ADAM_STATE_FLOATS) * (self.weight_bytes() - tables)
+        projections = (1 + ADAM_STATE_FLOATS) * (self.weight_bytes() - tables)
+        return table_training_bytes(self.bags.parameters(), optimizer) + projections
 
 
 class FiitedEmbeddings(nn.Module):
