@@ -15,7 +15,7 @@ from pathlib import Path
 
 from fiited_store.experiments.sweep import markdown_table, plot_sweep
 
-NUMERIC = ("ratio", "auc", "store_vs_dense_with_optimizer")
+NUMERIC = ("ratio", "auc", "store_vs_dense_with_optimizer", "training_vs_dense")
 
 
 def read(directory: Path) -> list[dict]:

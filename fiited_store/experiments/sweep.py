@@ -76,12 +76,19 @@ def sweep(
 
 
 def memory_matched_ratio(training_vs_dense: float, cfg: TrainConfig) -> float:
-    """The ratio at which a torch peer's tables and their state take ``training_vs_dense``
-    of dense weights with element-wise Adagrad's state: 1 - m with element-wise Adagrad
-    (a float of state per weight, as the baseline), 1 - 2m / (1 + 1/D) row-wise (a float
-    per row of D)."""
-    per_weight = 2.0 if cfg.optimizer == "adagrad" else 1.0 + 1.0 / cfg.dim
-    return min(max(1.0 - 2.0 * training_vs_dense / per_weight, 0.0), 1.0 - 1e-9)
+    """The ratio at which ``cfg.method``'s torch tables and their state take m =
+    ``training_vs_dense`` of dense weights with element-wise Adagrad's state (projections
+    aside): 1 - m with element-wise Adagrad (a float of state per weight, as the
+    baseline); row-wise, a float per row: 1 - 2m / (1 + 1/D) for rows of D (hashing, qr,
+    md's widest), 1 - 2m + 1/D for small-dim's rows of D (1 - r)."""
+    m = training_vs_dense
+    if cfg.optimizer == "adagrad":
+        kept = m
+    elif cfg.method == "small-dim":
+        kept = 2.0 * m - 1.0 / cfg.dim
+    else:
+        kept = 2.0 * m / (1.0 + 1.0 / cfg.dim)
+    return min(max(1.0 - kept, 0.0), 1.0 - 1e-9)
 
 
 def _stats(results, method, ratio):

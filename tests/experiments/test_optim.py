@@ -11,7 +11,7 @@ from fiited_store.adapters import FiitedEmbeddingBag
 from fiited_store.errors import ConfigError
 from fiited_store.experiments.config import TrainConfig
 from fiited_store.experiments.models.compressed import HashedEmbeddings
-from fiited_store.experiments.models.dlrm import DenseEmbeddings
+from fiited_store.experiments.models.dlrm import DenseEmbeddings, MixedDimEmbeddings
 from fiited_store.experiments.models.optim import RowWiseAdagrad, sparse_optimizer, table_training_bytes
 from fiited_store.experiments.sweep import memory_matched_ratio
 
@@ -87,10 +87,16 @@ def test_a_peer_at_the_memory_matched_ratio_holds_that_memory():
     cards, dim = [20_000, 5_000], 32
     dense_training = 2 * sum(cards) * dim * 4
     for optimizer in ("adagrad", "rowwise_adagrad"):
-        cfg = TrainConfig(dim=dim, optimizer=optimizer)
+        cfg = TrainConfig(dim=dim, optimizer=optimizer, method="hashing")
         r = memory_matched_ratio(0.05, cfg)
         held = HashedEmbeddings(cards, dim, r).training_bytes(optimizer) / dense_training
         assert held == pytest.approx(0.05, rel=1e-3), optimizer
+    # small-dim's rows are D (1 - r) wide: a row-wise accumulator is a larger share of them
+    # (m = 4 / 64: three dimensions and their accumulator, of 32 and 32)
+    r = memory_matched_ratio(0.0625, TrainConfig(dim=dim, optimizer="rowwise_adagrad", method="small-dim"))
+    d = round(dim * (1 - r))
+    tables = MixedDimEmbeddings(cards, [d, d], dim).bags.parameters()
+    assert d == 3 and table_training_bytes(tables, "rowwise_adagrad") / dense_training == pytest.approx(0.0625)
     assert memory_matched_ratio(0.05, TrainConfig(dim=dim)) == pytest.approx(0.95)
     assert memory_matched_ratio(0.9, TrainConfig(dim=dim)) == pytest.approx(0.1)
     # more than a dense table with its state: the peer runs dense
