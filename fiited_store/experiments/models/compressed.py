@@ -24,6 +24,7 @@ from torch import nn
 
 # the hash that shares a floor's rows (ids below 2**31 keep their products within int64)
 from ...adapters.floors import hash_ids
+from .dense import DenseEmbeddings
 from .optim import table_training_bytes
 
 
@@ -55,7 +56,7 @@ def _bags(offsets: torch.Tensor) -> torch.Tensor:
     return torch.repeat_interleave(torch.arange(lengths.shape[0], device=offsets.device), lengths)
 
 
-class HashedEmbeddings(nn.Module):
+class HashedEmbeddings(DenseEmbeddings):
     """The hashing trick: each feature's ids share ``hashed_rows(n_f, ratio)`` full-width rows.
 
     >>> import torch
@@ -65,28 +66,15 @@ class HashedEmbeddings(nn.Module):
     """
 
     def __init__(self, cardinalities: Sequence[int], dim: int, ratio: float, init_scale: float | None = None):
-        super().__init__()
-        scale = init_scale if init_scale is not None else 1.0 / np.sqrt(dim)
-        self.rows = [hashed_rows(n, ratio) for n in cardinalities]
-        self.bags = nn.ModuleList(nn.EmbeddingBag(r, dim, mode="sum", sparse=True) for r in self.rows)
-        for b in self.bags:
-            nn.init.uniform_(b.weight, -scale, scale)
+        rows = [hashed_rows(n, ratio) for n in cardinalities]
+        super().__init__(rows, dim, init_scale)
+        self.rows = rows
 
     def forward(self, batch) -> torch.Tensor:
         out = []
         for f, (bag, (ids, offs)) in enumerate(zip(self.bags, batch.per_feature())):
             out.append(bag(hash_ids(ids, self.rows[f], salt=f * 104729 + 1), offs[:-1]))
         return torch.cat(out, dim=1)
-
-    def sparse_parameters(self):
-        return list(self.parameters())
-
-    def weight_bytes(self) -> int:
-        return sum(b.weight.numel() * 4 for b in self.bags)
-
-    def training_bytes(self, optimizer: str = "adagrad") -> int:
-        """Weights and the optimizer's state (:func:`~.optim.table_training_bytes`)."""
-        return table_training_bytes(self.parameters(), optimizer)
 
 
 class QREmbeddings(nn.Module):

@@ -26,6 +26,7 @@ from ...adapters import FiitedEmbeddingBagCollection
 from ...config import DynamicRatio, FloorRatios, ManualRatios, StoreConfig, TableConfig, floor_budget_ratio
 from ..config import METHODS, method_layout
 from .compressed import HashedEmbeddings, QREmbeddings
+from .dense import DenseEmbeddings
 from .optim import table_training_bytes
 
 #: bytes per weight of the dense parameters' optimizer (Adam: two moments) on top of the weight
@@ -83,30 +84,6 @@ class DLRM(nn.Module):
         z = torch.cat([x.unsqueeze(1), emb], dim=1)
         dots = torch.bmm(z, z.transpose(1, 2))[:, self.pairs[0], self.pairs[1]]
         return self.top(torch.cat([x, dots], dim=1)).squeeze(1)
-
-
-class DenseEmbeddings(nn.Module):
-    """One ``torch.nn.EmbeddingBag`` (sparse gradients) per feature: the unpruned baseline."""
-
-    def __init__(self, cardinalities: Sequence[int], dim: int, init_scale: float | None = None):
-        super().__init__()
-        scale = init_scale if init_scale is not None else 1.0 / np.sqrt(dim)
-        self.bags = nn.ModuleList(nn.EmbeddingBag(int(n), dim, mode="sum", sparse=True) for n in cardinalities)
-        for b in self.bags:
-            nn.init.uniform_(b.weight, -scale, scale)
-
-    def forward(self, batch) -> torch.Tensor:
-        return torch.cat([bag(ids, offs[:-1]) for bag, (ids, offs) in zip(self.bags, batch.per_feature())], dim=1)
-
-    def sparse_parameters(self):
-        return list(self.parameters())
-
-    def weight_bytes(self) -> int:
-        return sum(b.weight.numel() * 4 for b in self.bags)
-
-    def training_bytes(self, optimizer: str = "adagrad") -> int:
-        """Weights and the optimizer's state (:func:`~.optim.table_training_bytes`)."""
-        return table_training_bytes(self.parameters(), optimizer)
 
 
 def md_dims(
