@@ -520,8 +520,8 @@ def build_parser() -> argparse.ArgumentParser:
         "--equal-memory",
         choices=METHODS,
         metavar="METHOD",
-        help="give small-dim, md, hashing and qr the training memory this method's run took at each ratio and "
-        "seed, instead of the nominal ratio",
+        help="give small-dim, md, hashing, qr and adaembed the training memory this method's run took at each "
+        "ratio and seed, instead of the nominal ratio",
     )
     p.add_argument(
         "--out", type=_writable_dir, default="results/sweep", help="directory for sweep.csv, sweep.md and sweep.png"

@@ -14,10 +14,12 @@ from tqdm import tqdm
 
 from .. import plotting
 from .config import TrainConfig
-from .train import run
+from .train import embeddings_of, load_dataset, run
 
 #: methods whose size follows one number, so that they can be given a training memory
 MEMORY_MATCHED = ("small-dim", "md", "hashing", "qr")
+#: store methods --equal-memory also matches (:func:`store_matched_ratio`)
+STORE_MATCHED = ("adaembed",)
 
 
 def sweep(
@@ -31,13 +33,15 @@ def sweep(
 ) -> list[dict[str, Any]]:
     """Every method at every ratio and seed (dense once per seed); writes CSV, markdown and a plot.
 
-    With ``equal_memory`` (a method), the methods of :data:`MEMORY_MATCHED` are given, at
+    With ``equal_memory`` (a method), the methods of :data:`MEMORY_MATCHED` and
+    :data:`STORE_MATCHED` are given, at
     each ratio and seed, the training memory that method's run took there instead of the
     nominal ratio: they run at the ratio whose weights and optimizer state are that share of
     the dense baseline's (:func:`memory_matched_ratio`, the projections aside), and the row
-    keeps the nominal ratio in ``ratio`` and the one run in ``memory_matched_ratio``."""
+    keeps the nominal ratio in ``ratio`` and the one run in ``memory_matched_ratio``; a store
+    method runs at :func:`store_matched_ratio`."""
     out_dir.mkdir(parents=True, exist_ok=True)
-    matched = [m for m in methods if equal_memory and m in MEMORY_MATCHED and m != equal_memory]
+    matched = [m for m in methods if equal_memory and m in MEMORY_MATCHED + STORE_MATCHED and m != equal_memory]
     jobs: list[tuple[TrainConfig, float | None]] = []  # (run, nominal ratio when memory-matched)
     for seed in seeds:
         if "dense" in methods:
@@ -54,7 +58,9 @@ def sweep(
     csv_path = out_dir / "sweep.csv"
     for job, nominal in jobs:
         if nominal is not None:
-            job = replace(job, ratio=memory_matched_ratio(reference[(job.seed, nominal)], job))
+            given = reference[(job.seed, nominal)]
+            matching = store_matched_ratio if job.method in STORE_MATCHED else memory_matched_ratio
+            job = replace(job, ratio=matching(given, job))
         result = run(job, progress=False)
         if nominal is not None:
             result["memory_matched_ratio"], result["ratio"] = job.ratio, nominal
@@ -91,6 +97,21 @@ def memory_matched_ratio(training_vs_dense: float, cfg: TrainConfig) -> float:
     return min(max(1.0 - kept, 0.0), 1.0 - 1e-9)
 
 
+def store_matched_ratio(training_vs_dense: float, cfg: TrainConfig) -> float:
+    """The ratio at which the store method ``cfg.method`` takes m = ``training_vs_dense``
+    of dense weights with element-wise Adagrad's state. The pool, its optimizer state and
+    its slots' cells grow with the kept fraction and the entries of the declared rows do
+    not, so two stores built untrained, at 50% and 90%, give the line."""
+    _, _, _, names, cards, counts = load_dataset(cfg)
+    yardstick = 2 * sum(cards) * cfg.dim * 4
+    (x0, y0), (x1, y1) = [
+        (1.0 - r, embeddings_of(replace(cfg, ratio=r), names, cards, counts).training_bytes() / yardstick)
+        for r in (0.5, 0.9)
+    ]
+    kept = x0 + (training_vs_dense - y0) * (x1 - x0) / (y1 - y0)
+    return min(max(1.0 - kept, 0.0), 1.0 - 1e-6)
+
+
 def _stats(results, method, ratio):
     v = [r["auc"] for r in results if r["method"] == method and (method == "dense" or r["ratio"] == ratio)]
     return (float(np.mean(v)), float(np.std(v)), len(v)) if v else None
@@ -112,7 +133,7 @@ def markdown_table(results, methods, ratios, equal_memory: str | None = None) ->
     pruned = [m for m in methods if m != "dense"]
     lines = []
     if equal_memory:
-        given = ", ".join(m for m in pruned if m in MEMORY_MATCHED and m != equal_memory)
+        given = ", ".join(m for m in pruned if m in MEMORY_MATCHED + STORE_MATCHED and m != equal_memory)
         lines.append(
             f"At equal training memory: {given} are given, at each ratio and seed, the training memory "
             f"{equal_memory}'s run took there (the rows name the nominal ratio).\n"

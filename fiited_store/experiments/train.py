@@ -114,28 +114,9 @@ def evaluate(
     return {"auc": auc(data.labels, p), "logloss": log_loss(data.labels, p), "accuracy": accuracy(data.labels, p)}
 
 
-def run(
-    cfg: TrainConfig, progress: bool = True, out=sys.stderr, before_training: Callable[[], Any] | None = None
-) -> dict[str, Any]:
-    """Train one model; returns quality on the test set, memory and speed.
-
-    ``before_training`` runs once the model is built, before the first timed step (the CLI
-    finishes compiling the store's kernels there)."""
-    torch.manual_seed(cfg.seed)
-    np.random.seed(cfg.seed)
-    # torch's sparse Adagrad warns on every step about invariant checks it skips
-    warnings.filterwarnings("ignore", message="Sparse invariant checks")
-    dist_ctx = distributed_context()
-    if dist_ctx is not None and not cfg.method.startswith("fiited") and cfg.method != "adaembed":
-        from ..errors import ConfigError
-
-        raise ConfigError(
-            f"under torchrun only FIITED's store is sharded; method {cfg.method!r} would train a separate copy per rank"
-        )
-    progress = progress and (dist_ctx is None or dist_ctx.rank == 0)
-    train, val, test, names, cards, counts = load_dataset(cfg)
-    synthetic = cfg.dataset in ("synthetic", "mixed")
-    emb = build_embeddings(
+def embeddings_of(cfg: TrainConfig, names, cards, counts, process_group=None) -> torch.nn.Module:
+    """The embedding module of ``cfg``'s method over the dataset's features."""
+    return build_embeddings(
         cfg.method,
         names,
         cards,
@@ -158,8 +139,32 @@ def run(
         floor_dim=cfg.effective_floor_dim,
         project=cfg.effective_project,
         shared_floor=cfg.shared_floor,
-        process_group=None if dist_ctx is None else dist_ctx.group,
+        process_group=process_group,
     )
+
+
+def run(
+    cfg: TrainConfig, progress: bool = True, out=sys.stderr, before_training: Callable[[], Any] | None = None
+) -> dict[str, Any]:
+    """Train one model; returns quality on the test set, memory and speed.
+
+    ``before_training`` runs once the model is built, before the first timed step (the CLI
+    finishes compiling the store's kernels there)."""
+    torch.manual_seed(cfg.seed)
+    np.random.seed(cfg.seed)
+    # torch's sparse Adagrad warns on every step about invariant checks it skips
+    warnings.filterwarnings("ignore", message="Sparse invariant checks")
+    dist_ctx = distributed_context()
+    if dist_ctx is not None and not cfg.method.startswith("fiited") and cfg.method != "adaembed":
+        from ..errors import ConfigError
+
+        raise ConfigError(
+            f"under torchrun only FIITED's store is sharded; method {cfg.method!r} would train a separate copy per rank"
+        )
+    progress = progress and (dist_ctx is None or dist_ctx.rank == 0)
+    train, val, test, names, cards, counts = load_dataset(cfg)
+    synthetic = cfg.dataset in ("synthetic", "mixed")
+    emb = embeddings_of(cfg, names, cards, counts, None if dist_ctx is None else dist_ctx.group)
     num_dense = test.num_dense
     model = DLRM(emb, len(names), cfg.dim, num_dense)
     # the dense part trains data-parallel: DDP averages its gradients over the ranks

@@ -1,6 +1,8 @@
 """The peers' embedding optimizers (``experiments/models/optim.py``): row-wise Adagrad
 against a slow reference and against the store's own row-wise rule, and the memory each
-optimizer is charged."""
+optimizer is charged, and the ratio each peer is given at equal memory."""
+
+from dataclasses import replace
 
 import numpy as np
 import pytest
@@ -117,3 +119,18 @@ def test_bad_optimizer_names_and_shapes_are_refused_by_value():
     with pytest.raises(ValueError, match="lr must be > 0, got 0"):
         RowWiseAdagrad(p, lr=0)
     assert isinstance(sparse_optimizer("adagrad", p, 0.1), torch.optim.Adagrad)
+
+
+def test_adaembed_at_the_store_matched_ratio_holds_that_memory():
+    from fiited_store.experiments.sweep import store_matched_ratio
+    from fiited_store.experiments.train import embeddings_of, load_dataset
+
+    cfg = TrainConfig(method="adaembed", synthetic_cap=2_000, eval_samples=100, steps=1)
+    _, _, _, names, cards, counts = load_dataset(cfg)
+    yardstick = 2 * sum(cards) * cfg.dim * 4
+    for target in (0.06, 0.2):
+        r = store_matched_ratio(target, cfg)
+        emb = embeddings_of(replace(cfg, ratio=r), names, cards, counts)
+        assert emb.training_bytes() / yardstick == pytest.approx(target, rel=0.02), (target, r)
+    # less than the entries alone: the store cannot be given it, and runs at its smallest pool
+    assert store_matched_ratio(0.001, cfg) == pytest.approx(1 - 1e-6)
