@@ -90,9 +90,15 @@ def test_qr_tables_fit_the_ratio_whenever_two_tables_can(n, ratio):
         # no fewer collisions would fit
         if m > 2:
             assert math.ceil(n / (m - 1)) + m - 1 > budget
-    else:
-        assert budget < 2 * math.sqrt(n)
+    else:  # no pair of tables fits: the smallest pair
+        assert all(math.ceil(n / k) + k > budget for k in range(2, int(2 * math.sqrt(n)) + 3))
         assert m == math.ceil(math.sqrt(n))
+
+
+def test_qr_collisions_end_where_only_the_real_valued_sizes_fit():
+    """n = 17 at 50%: 8.5 rows, above 2 sqrt(17) = 8.25, but every m gives 9 or more (this looped forever)."""
+    assert qr_collisions(17, 0.5) == (5, False)
+    assert qr_collisions(16, 0.5) == (4, True)
 
 
 def test_qr_and_hashing_train_with_sparse_adagrad():

@@ -41,13 +41,16 @@ def qr_collisions(cardinality: int, ratio: float) -> tuple[int, bool]:
     budget = (1.0 - ratio) * n
     if n <= budget:
         return 1, True
+    smallest = max(1, math.ceil(math.sqrt(n)))
     if budget < 2.0 * math.sqrt(n):  # past the smallest pair of tables
-        return max(1, math.ceil(math.sqrt(n))), False
-    # the smaller root of m^2 - budget * m + n = 0, then the first m that fits
-    m = max(2, int((budget - math.sqrt(max(budget * budget - 4.0 * n, 0.0))) / 2.0))
-    while math.ceil(n / m) + m > budget:
-        m += 1
-    return m, True
+        return smallest, False
+    # between the roots of m^2 - budget * m + n = 0 the real-valued sizes fit; the first
+    # m there whose rounded-up quotient table fits too, if any does (near 2 sqrt(n) none may)
+    root = math.sqrt(max(budget * budget - 4.0 * n, 0.0))
+    for m in range(max(2, int((budget - root) / 2.0)), int((budget + root) / 2.0) + 2):
+        if math.ceil(n / m) + m <= budget:
+            return m, True
+    return smallest, False
 
 
 def _bags(offsets: torch.Tensor) -> torch.Tensor:
