@@ -357,6 +357,7 @@ class FiitedEmbeddingBag(_StoreModule):
         super().__init__(EmbeddingStore(store_tables, cfg, path=path), auto_step)
         self.table = table
         self._parts = parts[0]
+        self._copies = part_ids(table)  # what repeat_keys gives each part
         self._init_projection(1, [embedding_dim], project)
         self.mode = mode
         self.sparse = sparse
@@ -415,7 +416,7 @@ class FiitedEmbeddingBag(_StoreModule):
                     self.store.lookup(self.store.tables[i].name, (hash_ids(ids, m) if m else ids).numpy())
                 )
             )
-            for i, m in zip(self._parts, part_ids(self.table))
+            for i, m in zip(self._parts, self._copies)
         ]
         return torch.from_numpy(np.concatenate(parts, axis=1) if len(parts) > 1 else parts[0])
 
@@ -460,7 +461,7 @@ class FiitedEmbeddingBag(_StoreModule):
             input, offsets, per_sample_weights = _drop_padding(input, offsets, per_sample_weights, self.padding_idx)
         if len(self._parts) > 1:  # a floor: the ids go to both of the table's parts
             input, offsets, per_sample_weights = repeat_keys(
-                input, offsets.to(torch.int64), per_sample_weights, [part_ids(self.table)]
+                input, offsets.to(torch.int64), per_sample_weights, [self._copies]
             )
         out = self._lookup(self._parts, input, offsets, per_sample_weights, self.mode)
         return out if self.projection is None else self._project(out, [0], [self.table.dim])
@@ -602,6 +603,7 @@ class FiitedEmbeddingBagCollection(_StoreModule):
             configs = list(configs)
         # a table with floor_dim is two tables of the store (:mod:`.floors`)
         store_tables, self._parts = split_floors(configs)
+        self._copies = [part_ids(t) for t in configs]  # per table: what repeat_keys gives each part
         if process_group is not None:
             from ..distributed import ShardedEmbeddingStore
 
@@ -655,7 +657,7 @@ class FiitedEmbeddingBagCollection(_StoreModule):
         parts = [self._parts[self._table_index[self.feature_to_table[k]]] for k in keys]
         values, offsets = features.values(), features.offsets()
         if any(len(p) > 1 for p in parts):  # tables with a floor: their ids go to both parts
-            copies = [part_ids(self.tables[self._table_index[self.feature_to_table[k]]]) for k in keys]
+            copies = [self._copies[self._table_index[self.feature_to_table[k]]] for k in keys]
             values, offsets, weights = repeat_keys(values, offsets, weights, copies)
         out = self._lookup([i for p in parts for i in p], values, offsets, weights, self.mode)
         dims = [self._dims[k] for k in keys]
